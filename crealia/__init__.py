@@ -1,0 +1,58 @@
+"""crealia: the real-time collaboration layer for a creative timeline editor, on Trio."""
+
+from ._auth import ROLES, Role, TokenAuthority, User
+from ._backplane import Backplane, ChangeOutcome, Conflict, DurableEvent, Ephemeral, Listener
+from ._config import Config
+from ._errors import (
+    BadRequest,
+    ConfigurationError,
+    CrealiaError,
+    Forbidden,
+    InternalError,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    RateLimited,
+    RoomError,
+    StorageError,
+    TooLarge,
+    TransportError,
+    Unauthorized,
+)
+from ._server import Server, open_server, serve
+from ._session import Connection, ConnectionClosed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ROLES",
+    "BadRequest",
+    "Backplane",
+    "ChangeOutcome",
+    "ConfigurationError",
+    "Config",
+    "Conflict",
+    "Connection",
+    "ConnectionClosed",
+    "CrealiaError",
+    "DurableEvent",
+    "Ephemeral",
+    "Forbidden",
+    "InternalError",
+    "Listener",
+    "NotFound",
+    "Overloaded",
+    "ProtocolError",
+    "RateLimited",
+    "Role",
+    "RoomError",
+    "Server",
+    "StorageError",
+    "TokenAuthority",
+    "TooLarge",
+    "TransportError",
+    "Unauthorized",
+    "User",
+    "open_server",
+    "serve",
+]

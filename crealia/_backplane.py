@@ -1,0 +1,207 @@
+"""The backplane contract: how rooms sequence durable events and share ephemeral ones.
+
+A backplane owns each project's ordered, durable history. Rooms hand it changes, comments and
+conflict resolutions; it checks them against the document, gives accepted ones the next ``seq``,
+makes them durable, and only then tells every subscribed room, in ``seq`` order, on every node.
+Ephemeral traffic (cursors, typing, membership) goes through :meth:`Backplane.publish` and is
+never stored. The in-memory backplane (``crealia.transports.memory``) serves one process; a
+cluster backplane serves many processes from one shared store.
+"""
+
+from __future__ import annotations
+
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol
+
+import attrs
+
+from . import _wire
+from ._auth import User
+
+DurableKind = Literal["timeline_change", "comment_add", "conflict_resolved"]
+
+
+@attrs.frozen(kw_only=True)
+class DurableEvent:
+    """One sequenced, durable event of a project."""
+
+    project_id: str
+    seq: int
+    kind: DurableKind
+    user_id: str
+    at: int
+    #: What clients see as ``payload`` (or, for ``conflict_resolved``, the push's data).
+    payload: dict[str, Any]
+    #: The document operations this event applied (wire form, optionally with ``writer``).
+    effects: list[dict[str, Any]] = attrs.Factory(list)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The server envelope clients receive for this event, live and on replay."""
+        if self.kind == "conflict_resolved":
+            return {"type": "conflict_resolved", "data": self.payload}
+        return {
+            "type": "collaboration_event",
+            "data": {
+                "kind": self.kind,
+                "user_id": self.user_id,
+                "at": self.at,
+                "seq": self.seq,
+                "payload": self.payload,
+            },
+        }
+
+    @functools.cached_property
+    def encoded(self) -> bytes:
+        """:meth:`to_wire`, encoded once and shared by every connection."""
+        return _wire.dumps(self.to_wire())
+
+
+@attrs.frozen(kw_only=True)
+class Conflict:
+    """A conflict of PROTOCOL.md §5, with what the server needs to settle it."""
+
+    id: str
+    project_id: str
+    element_id: str
+    prop: str | None
+    op: Literal["set", "delete"]
+    base: int | None
+    base_value: Any
+    current: dict[str, Any]
+    incoming: dict[str, Any]
+    strategy: str
+    status: Literal["pending", "resolved"] = "pending"
+    created_at: int = 0
+    resolution: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The conflict object clients see."""
+        return {
+            "id": self.id,
+            "element_id": self.element_id,
+            "prop": self.prop,
+            "base_value": self.base_value,
+            "current": self.current,
+            "incoming": self.incoming,
+            "strategy": self.strategy,
+            "status": self.status,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class ChangeOutcome:
+    """What happened to a ``timeline_change``: the data of its ack."""
+
+    change_id: str
+    seq: int | None
+    status: Literal["applied", "partial", "conflict", "duplicate"]
+    conflicts: list[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "change_id": self.change_id,
+            "seq": self.seq,
+            "status": self.status,
+            "conflicts": self.conflicts,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class Ephemeral:
+    """An ephemeral message for a project's members: never stored, may be dropped.
+
+    ``key`` coalesces: of messages with the same key within one fan-out tick only the latest
+    is delivered (``None``: never coalesced). ``origin`` is the connection that sent it, which
+    does not receive it back.
+    """
+
+    project_id: str
+    encoded: bytes
+    origin: str | None = None
+    key: tuple[str, str] | None = None
+
+
+class Listener(Protocol):
+    """What a backplane calls on a subscribed room. Calls are synchronous and must not block."""
+
+    def on_durable(self, event: DurableEvent) -> None: ...
+
+    def on_conflicts(self, conflicts: list[Conflict]) -> None: ...
+
+    def on_ephemeral(self, message: Ephemeral) -> None: ...
+
+
+class Backplane(ABC):
+    """Sequencing, durable history and fan-out between rooms, for every project.
+
+    Every method may be called concurrently from many tasks. Durable methods return only once
+    the event is durable *and* has been handed to every subscribed listener, so an ack sent after
+    they return never overtakes the event. Cancelling a durable call never leaves half an event:
+    either it is sequenced and stored, or nothing is.
+    """
+
+    @abstractmethod
+    async def commit_change(self, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+        """Check, sequence and store a ``timeline_change``.
+
+        Raises:
+            BadRequest, NotFound: the change contradicts the document; nothing is recorded.
+            Overloaded: the store cannot take the write now; nothing is recorded.
+        """
+
+    @abstractmethod
+    async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
+        """Sequence and store a comment; returns ``(seq, duplicate)``.
+
+        A comment id already stored in the project is a duplicate: its first ``seq`` comes back.
+
+        Raises:
+            Overloaded: the store cannot take the write now.
+        """
+
+    @abstractmethod
+    async def resolve_conflict(
+        self, user: User, conflict_id: str, choice: str, value: Any, explanation: str
+    ) -> int:
+        """Settle a pending conflict by hand; returns the resolution's ``seq``.
+
+        Raises:
+            NotFound: no pending conflict with that id in the user's project.
+            Overloaded: the store cannot take the write now.
+        """
+
+    @abstractmethod
+    async def snapshot(self, project_id: str) -> dict[str, Any]:
+        """The project's document as a wire snapshot (PROTOCOL.md §5)."""
+
+    @abstractmethod
+    async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
+        """Every durable event after ``seq``, in order, or ``None`` if some are no longer kept."""
+
+    @abstractmethod
+    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
+        """The project's conflicts still waiting for a resolution."""
+
+    @abstractmethod
+    def subscribe(
+        self, project_id: str, listener: Listener
+    ) -> AbstractAsyncContextManager[None]:
+        """Deliver the project's durable events, conflicts and ephemeral messages to
+        ``listener`` while the context is open."""
+
+    @abstractmethod
+    async def publish(self, message: Ephemeral) -> None:
+        """Send an ephemeral message to every subscribed listener of its project."""
+
+    @abstractmethod
+    async def check(self) -> None:
+        """Prove the backplane is usable (for ``/readyz``).
+
+        Raises:
+            TransportError: it is not.
+        """
+
+

@@ -1,0 +1,97 @@
+"""The ``crealia`` command: ``serve`` and ``token``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from ._auth import ROLES, TokenAuthority, load_or_create_secret
+from ._config import Config
+from ._errors import CrealiaError
+from ._server import open_server
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crealia", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (default 3000)")
+    serve.add_argument("--ws-port", type=int, default=None,
+                       help="fast-path WebSocket port (default 3001)")
+    serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
+    serve.add_argument("--redis", default=None, help="join a cluster on this Redis URL")
+    serve.add_argument("--jwt-secret", default=None)
+    serve.add_argument("--dev", action="store_true", default=None)
+    serve.add_argument("--tick-ms", type=float, default=None,
+                       help="outbound batching tick in ms (0: batching off)")
+    serve.add_argument("--history", type=int, default=None,
+                       help="durable events kept per project for resume (default 10000)")
+
+    token = commands.add_parser("token", help="print a token for a user")
+    token.add_argument("--user", required=True)
+    token.add_argument("--project", required=True)
+    token.add_argument("--role", required=True, choices=ROLES)
+    token.add_argument("--name", default=None)
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument("--jwt-secret", default=None)
+    token.add_argument("--data-dir", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "token":
+            return _token(args)
+        config = Config.from_env(
+            host=args.host,
+            port=args.port,
+            ws_port=args.ws_port,
+            data_dir=args.data_dir,
+            redis_url=args.redis,
+            jwt_secret=args.jwt_secret,
+            dev=args.dev,
+            tick_ms=args.tick_ms,
+            history_limit=args.history,
+        )
+        logging.basicConfig(
+            level=logging.DEBUG if config.dev else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+        if config.redis_url:
+            print("crealia: the Redis cluster backplane is not available in this version; "
+                  "run without --redis/REDIS_URL", file=sys.stderr)
+            return 2
+        trio.run(_serve, config)
+    except CrealiaError as exc:
+        print(f"crealia: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"crealia: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    config = Config.from_env(jwt_secret=args.jwt_secret, data_dir=args.data_dir)
+    secret = config.jwt_secret or load_or_create_secret(Path(config.data_dir))
+    print(TokenAuthority(secret).issue(user_id=args.user, project_id=args.project,
+                                       role=args.role, name=args.name, ttl=args.ttl))
+    return 0
+
+
+async def _serve(config: Config) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_server(config) as server:
+            print(f"crealia listening http={server.http_port} ws={server.ws_port}", flush=True)
+            async for _signum in signals:
+                break
+        # Leaving the block closed every connection with 1001 and flushed the store.

@@ -1,0 +1,112 @@
+"""Server configuration: one frozen object built from defaults, the environment and flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._errors import ConfigurationError
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything a crealia server can be told.
+
+    Durations that are configuration live here, in seconds unless the name says otherwise.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    ws_port: int = 3001
+    data_dir: Path = Path("./crealia-data")
+    redis_url: str | None = None
+    jwt_secret: str | None = None
+    dev: bool = False
+
+    #: Outbound batching tick in milliseconds; 0 turns batching off (one frame per message).
+    tick_ms: float = 20.0
+    #: Largest client frame, after decompression (PROTOCOL.md §2).
+    max_frame_bytes: int = 64 * 1024
+    #: Seconds a new connection has to send ``hello``.
+    hello_timeout: float = 10.0
+    #: Frames a connection may have queued before it is closed as a slow consumer (4409).
+    outbox_frames: int = 512
+    #: Bytes a connection may have queued before it is closed as a slow consumer (4409).
+    outbox_bytes: int = 8 * 1024 * 1024
+    #: Durable events kept per project for resume (at least 1,000).
+    history_limit: int = attrs.field(default=10_000)
+    #: Seconds a room stays open after its last member leaves.
+    room_grace: float = 5.0
+    #: A snapshot is stored every this many durable events.
+    snapshot_every: int = 500
+    #: Longest comment text, in characters.
+    comment_max_chars: int = 10_000
+    #: Seconds to wait for connections to close on shutdown before forcing them.
+    shutdown_grace: float = 5.0
+    #: Allowed JWT clock skew, seconds.
+    jwt_leeway: float = 5.0
+    rate_limit_window_ms: int = 60_000
+    metrics_retention_days: int = 30
+    audit_log_retention_days: int = 90
+
+    @history_limit.validator
+    def _check_history(self, _attr: object, value: int) -> None:
+        if value < 1000:
+            raise ConfigurationError(f"history_limit must be at least 1000, got {value}")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Config:
+        """Build a config from environment variables, then ``overrides`` (flags win).
+
+        Overrides whose value is ``None`` are ignored, so unset flags fall through.
+
+        Raises:
+            ConfigurationError: a variable or override has an unusable value.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field, kind in _ENV:
+            if name in env and field not in values:
+                raw = env[name]
+                try:
+                    values[field] = kind(raw)
+                except ValueError as exc:
+                    raise ConfigurationError(f"{name}={raw!r}: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigurationError(str(exc)) from exc
+
+
+def _flag(raw: str) -> bool:
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+_ENV: list[tuple[str, str, Any]] = [
+    ("CREALIA_HOST", "host", str),
+    ("HOST", "host", str),
+    ("PORT", "port", int),
+    ("CREALIA_PORT", "port", int),
+    ("WS_PORT", "ws_port", int),
+    ("CREALIA_WS_PORT", "ws_port", int),
+    ("CREALIA_DATA_DIR", "data_dir", str),
+    ("REDIS_URL", "redis_url", str),
+    ("CREALIA_JWT_SECRET", "jwt_secret", str),
+    ("JWT_SECRET", "jwt_secret", str),
+    ("CREALIA_TICK_MS", "tick_ms", float),
+    ("CREALIA_HISTORY_LIMIT", "history_limit", int),
+    ("CREALIA_MAX_FRAME_BYTES", "max_frame_bytes", int),
+    ("RATE_LIMIT_WINDOW_MS", "rate_limit_window_ms", int),
+    ("METRICS_RETENTION_DAYS", "metrics_retention_days", int),
+    ("AUDIT_LOG_RETENTION_DAYS", "audit_log_retention_days", int),
+    ("CREALIA_DEV", "dev", _flag),
+]

@@ -1,0 +1,345 @@
+"""Rooms: one per project, holding its members, presence and outbound fan-out.
+
+A room is opened by the :class:`RoomManager` when the first connection of a project arrives; its
+background tasks (the fan-out ticker, the idle watcher) run in the room's own nursery, itself a
+task of the manager's nursery. When the last member leaves, the room waits ``room_grace`` and then
+closes, unless someone joins again. Nothing crosses rooms: a room only hears its own project from
+the backplane, and only writes to its own members' outboxes.
+
+Fan-out is batched: durable events, conflict pushes and membership changes are appended to an
+ordered list, and presence updates are coalesced per user and kind (latest wins). Every tick the
+ticker turns those into one outbox item per member (one frame), each event encoded once and the
+shared batch joined once; only members that sent something this tick get a frame of their own
+with their own ephemeral updates left out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from . import _wire
+from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
+from ._config import Config
+from ._errors import CrealiaError, Overloaded
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+
+@attrs.define(eq=False)
+class Member:
+    """A user present in a room through one or more connections."""
+
+    user_id: str
+    name: str
+    role: str
+    connections: set[str] = attrs.Factory(set)
+    cursor: dict[str, Any] | None = None
+    active_element: dict[str, Any] | None = None
+    typing: str | bool | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "name": self.name,
+            "role": self.role,
+            "connections": len(self.connections),
+            "cursor": self.cursor,
+            "active_element": self.active_element,
+            "typing": self.typing,
+        }
+
+
+@attrs.define(eq=False)
+class _Joining:
+    """What a joining session missed while its welcome was being prepared."""
+
+    session: Session
+    durable: list[DurableEvent] = attrs.Factory(list)
+    other: list[tuple[int, bytes]] = attrs.Factory(list)  # (seq it follows, frame)
+
+
+@attrs.define(eq=False)
+class Room:
+    """The live state of one project on this node."""
+
+    project_id: str
+    backplane: Backplane
+    config: Config
+    manager: RoomManager
+    sessions: dict[str, Session] = attrs.Factory(dict)
+    members: dict[str, Member] = attrs.Factory(dict)
+    ready: trio.Event = attrs.Factory(trio.Event)
+    failure: CrealiaError | None = None
+    closed: bool = False
+    #: Highest durable seq handed to this room.
+    seq: int = 0
+    _joining: dict[str, _Joining] = attrs.Factory(dict)
+    _ordered: list[tuple[bytes, str | None]] = attrs.Factory(list)
+    _coalesced: dict[tuple[str, str], tuple[bytes, str | None]] = attrs.Factory(dict)
+    _dirty: trio.Event = attrs.Factory(trio.Event)
+    _occupied: trio.Event = attrs.Factory(trio.Event)
+    _emptied: trio.Event = attrs.Factory(trio.Event)
+    _cancel: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: Counters for metrics and benchmarks.
+    frames_out: int = 0
+    flushes: int = 0
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Subscribe to the project and run the room's tasks until it closes.
+
+        Never raises a crealia error: a room that cannot open records ``failure`` and closes, and
+        joiners waiting on ``ready`` see it.
+        """
+        try:
+            with self._cancel:
+                async with self.backplane.subscribe(self.project_id, self):
+                    self.ready.set()
+                    async with trio.open_nursery() as nursery:
+                        if self.config.tick_ms > 0:
+                            nursery.start_soon(self._ticker)
+                        nursery.start_soon(self._idle_watch, nursery.cancel_scope)
+        except CrealiaError as exc:
+            self.failure = exc
+        finally:
+            self.closed = True
+            self.ready.set()
+            self.manager._forget(self)
+            for session in list(self.sessions.values()) + [j.session for j in self._joining.values()]:
+                session.kill(1011, "room closed")
+
+    def close(self) -> None:
+        """Close the room now (its sessions are closed with 1011)."""
+        self._cancel.cancel()
+
+    async def _idle_watch(self, scope: trio.CancelScope) -> None:
+        while True:
+            if not self.sessions and not self._joining:
+                with trio.move_on_after(self.config.room_grace):
+                    await self._occupied.wait()
+                if not self.sessions and not self._joining:
+                    self.closed = True  # no new joiner may enter from here on
+                    scope.cancel()
+                    return
+            self._occupied = trio.Event()
+            await self._wait_empty()
+
+    async def _wait_empty(self) -> None:
+        while self.sessions or self._joining:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def add_joining(self, session: Session) -> None:
+        """Start buffering what ``session`` must see once its welcome is sent."""
+        self._joining[session.id] = _Joining(session)
+        self._occupied.set()
+
+    def activate(self, session: Session, after_seq: int) -> list[bytes]:
+        """Make a joining session a member and return what it missed after ``after_seq``.
+
+        Synchronous on purpose: nothing may be delivered between taking the missed frames and
+        the switch to live delivery. The caller sends the frames right after its welcome.
+        """
+        joining = self._joining.pop(session.id)
+        frames = [e.encoded for e in joining.durable if e.seq > after_seq]
+        frames += [frame for _seq, frame in joining.other]
+        user = session.user
+        member = self.members.get(user.id)
+        first = member is None
+        if member is None:
+            member = self.members[user.id] = Member(user_id=user.id, name=user.name,
+                                                    role=user.role)
+        member.connections.add(session.id)
+        self.sessions[session.id] = session
+        if first:
+            self._announce("user_joined", member, origin=session.id)
+        return frames
+
+    def remove(self, session: Session) -> None:
+        """Take a session out of the room (joining or member); the last one out leaves."""
+        self._joining.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is not None:
+            member = self.members.get(session.user.id)
+            if member is not None:
+                member.connections.discard(session.id)
+                if not member.connections:
+                    del self.members[session.user.id]
+                    self._announce("user_left", member, origin=None)
+        if not self.sessions and not self._joining:
+            self._emptied.set()
+
+    def users(self) -> list[dict[str, Any]]:
+        return [m.to_wire() for m in self.members.values()]
+
+    def _announce(self, kind: str, member: Member, origin: str | None) -> None:
+        frame = _wire.envelope(
+            "collaboration_event",
+            {
+                "kind": kind,
+                "user_id": member.user_id,
+                "at": _now_ms(),
+                "payload": {"user_id": member.user_id, "name": member.name,
+                            "role": member.role},
+            },
+        )
+        self._enqueue(frame, origin, None, to_joining=False)
+
+    # -- presence -----------------------------------------------------------------------------
+
+    async def publish_presence(
+        self, session: Session, kind: str, payload: dict[str, Any], slot: str
+    ) -> None:
+        """Update the sender's presence and send it to the others, coalesced per user."""
+        member = self.members.get(session.user.id)
+        if member is not None:
+            if slot == "cursor":
+                member.cursor = payload.get("position")
+            elif slot == "active":
+                member.active_element = payload if payload.get("element_id") else None
+            elif slot == "typing":
+                member.typing = (payload.get("element_id") or True) if kind == "typing_start" \
+                    else None
+        frame = _wire.envelope(
+            "collaboration_event",
+            {"kind": kind, "user_id": session.user.id, "at": _now_ms(), "payload": payload},
+        )
+        await self.backplane.publish(
+            Ephemeral(project_id=self.project_id, encoded=frame, origin=session.id,
+                      key=(session.user.id, slot))
+        )
+
+    # -- backplane listener -------------------------------------------------------------------
+
+    def on_durable(self, event: DurableEvent) -> None:
+        if event.seq > self.seq:
+            self.seq = event.seq
+        for joining in self._joining.values():
+            joining.durable.append(event)
+        self._enqueue(event.encoded, None, None, to_joining=False)
+
+    def on_conflicts(self, conflicts: list[Conflict]) -> None:
+        frame = _wire.envelope("conflict_detected", {"conflicts": [c.to_wire() for c in conflicts]})
+        self._enqueue(frame, None, None)
+
+    def on_ephemeral(self, message: Ephemeral) -> None:
+        self._enqueue(message.encoded, message.origin, message.key, to_joining=False)
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    def _enqueue(
+        self,
+        frame: bytes,
+        origin: str | None,
+        key: tuple[str, str] | None,
+        *,
+        to_joining: bool = True,
+    ) -> None:
+        if to_joining:
+            for joining in self._joining.values():
+                joining.other.append((self.seq, frame))
+        if self.config.tick_ms <= 0:
+            # Batching off: every message is its own frame, sent at once.
+            for sid, session in list(self.sessions.items()):
+                if sid != origin:
+                    session.push(1, frame)
+            return
+        if key is None:
+            self._ordered.append((frame, origin))
+        else:
+            self._coalesced[key] = (frame, origin)
+        self._dirty.set()
+
+    async def _ticker(self) -> None:
+        tick = self.config.tick_ms / 1000
+        last = -math.inf
+        while True:
+            await self._dirty.wait()
+            await trio.sleep_until(last + tick)
+            last = trio.current_time()
+            self._dirty = trio.Event()
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything queued since the last tick: one outbox item per member."""
+        ordered, self._ordered = self._ordered, []
+        coalesced, self._coalesced = self._coalesced, {}
+        items = ordered + list(coalesced.values())
+        if not items:
+            return
+        self.flushes += 1
+        origins = {origin for _frame, origin in items if origin is not None}
+        shared: bytes | None = None
+        for sid, session in list(self.sessions.items()):
+            if sid in origins:
+                own = [frame for frame, origin in items if origin != sid]
+                if own:
+                    session.push(len(own), b",".join(own))
+                continue
+            if shared is None:
+                shared = b",".join(frame for frame, _origin in items)
+            session.push(len(items), shared)
+        self.frames_out += len(self.sessions)
+
+
+@attrs.define(eq=False)
+class RoomManager:
+    """Opens rooms on demand in its own nursery and forgets them when they close."""
+
+    backplane: Backplane
+    config: Config
+    rooms: dict[str, Room] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the rooms' nursery until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def join(self, project_id: str) -> Room:
+        """The open room of ``project_id``, opening it if needed.
+
+        Raises:
+            Overloaded: the room could not open (storage or backplane unavailable).
+        """
+        while True:
+            room = self.rooms.get(project_id)
+            if room is None or room.closed:
+                if self._nursery is None:
+                    raise Overloaded("server is not accepting connections")
+                room = Room(project_id=project_id, backplane=self.backplane, config=self.config,
+                            manager=self)
+                self.rooms[project_id] = room
+                self._nursery.start_soon(room.run)
+            await room.ready.wait()
+            if room.failure is not None:
+                raise Overloaded(f"cannot open project {project_id!r}: {room.failure}")
+            if not room.closed:
+                return room
+
+    def _forget(self, room: Room) -> None:
+        if self.rooms.get(room.project_id) is room:
+            del self.rooms[room.project_id]
+        release = getattr(self.backplane, "release", None)
+        if release is not None and room.project_id not in self.rooms:
+            release(room.project_id)
+
+    def all_sessions(self) -> Iterable[Session]:
+        for room in list(self.rooms.values()):
+            yield from list(room.sessions.values())
+            yield from [j.session for j in room._joining.values()]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,128 @@
+"""The server: one nursery holding the store, the backplane, the rooms and both transports."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from ._auth import TokenAuthority, load_or_create_secret
+from ._config import Config
+from ._http import create_app
+from ._room import RoomManager
+from ._session import Hub
+from ._storage import Store, open_store
+from .transports._trio_ws import serve_trio_websocket
+from .transports.memory import MemoryBackplane
+
+log = logging.getLogger("crealia")
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running crealia server. Get one from :func:`open_server`."""
+
+    config: Config
+    hub: Hub
+    store: Store
+    http_port: int
+    ws_port: int
+    _stop_http: trio.Event
+    _cancel: trio.CancelScope
+
+    @property
+    def ws_url(self) -> str:
+        """The fast-path WebSocket URL."""
+        return f"ws://{self.config.host}:{self.ws_port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.http_port}"
+
+    def issue_token(self, user_id: str, project_id: str, role: str = "editor",
+                    name: str | None = None, ttl: float = 3600.0) -> str:
+        """A token this server accepts (for embedding programs and tests)."""
+        return self.hub.auth.issue(user_id=user_id, project_id=project_id,
+                                   role=role, name=name, ttl=ttl)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        """Graceful stop: refuse new connections, close open ones with 1001, stop serving.
+
+        Bounded by ``config.shutdown_grace``; safe to call more than once and when cancelled.
+        """
+        with trio.CancelScope(shield=True):
+            await self.hub.shutdown()
+            self._stop_http.set()
+            self._cancel.cancel()
+
+
+@asynccontextmanager
+async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
+    """Run a crealia server for the duration of the ``async with`` block.
+
+    The block starts once both ports accept connections. Leaving it (or cancelling it) shuts the
+    server down gracefully, then flushes and closes the store.
+
+    Raises:
+        ConfigurationError: unusable configuration or data dir.
+        StorageError: the store cannot be opened.
+        OSError: a port cannot be bound.
+    """
+    config = config or Config()
+    secret = config.jwt_secret or load_or_create_secret(config.data_dir)
+    async with open_store(config.data_dir) as store:
+        backplane = MemoryBackplane(
+            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every
+        )
+        async with trio.open_nursery() as nursery:
+            rooms = RoomManager(backplane, config)
+            await nursery.start(rooms.run)
+            hub = Hub(
+                config=config,
+                auth=TokenAuthority(secret, leeway=config.jwt_leeway),
+                backplane=backplane,
+                rooms=rooms,
+            )
+            ws_port = await nursery.start(serve_trio_websocket, hub, config.host, config.ws_port)
+            stop_http = trio.Event()
+            hconfig = hypercorn.config.Config()
+            hconfig.bind = [f"{config.host}:{config.port}"]
+            hconfig.websocket_max_message_size = config.max_frame_bytes
+            hconfig.graceful_timeout = 2.0
+            hconfig.accesslog = None
+            hconfig.errorlog = logging.getLogger("crealia.http")
+            _install_http_deflate(config.max_frame_bytes)
+            binds = await nursery.start(
+                partial(hypercorn.trio.serve, create_app(hub), hconfig,
+                        shutdown_trigger=stop_http.wait)
+            )
+            http_port = int(binds[0].rsplit(":", 1)[1])
+            server = Server(config=config, hub=hub, store=store, http_port=http_port,
+                            ws_port=ws_port, stop_http=stop_http, cancel=nursery.cancel_scope)
+            try:
+                yield server
+            finally:
+                await server.aclose()
+
+
+def _install_http_deflate(max_frame_bytes: int) -> None:
+    try:
+        from .transports._deflate import install_hypercorn_deflate
+    except ImportError:  # pragma: no cover - the deflate module ships with crealia
+        return
+    install_hypercorn_deflate(max_frame_bytes)
+
+
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a server until cancelled; reports the running :class:`Server` via ``task_status``."""
+    async with open_server(config) as server:
+        task_status.started(server)
+        await trio.sleep_forever()

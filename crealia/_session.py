@@ -1,0 +1,367 @@
+"""The session core: one WebSocket connection from handshake to close, whatever its transport.
+
+Transports (the trio-websocket fast path, the ASGI route on hypercorn) wrap their socket in a
+:class:`Connection` and hand it to :meth:`Hub.serve_connection`. A session lives exactly as long
+as that call: a reader task decodes, checks and handles client messages one at a time, and a
+writer task drains the session's bounded outbox into frames. A full outbox means the client
+cannot keep up: the session is closed with 4409 and the room never waits for it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Any
+
+import attrs
+import trio
+
+from . import _wire
+from ._auth import TokenAuthority, User, require
+from ._backplane import Backplane
+from ._config import Config
+from ._errors import (
+    BadRequest,
+    CrealiaError,
+    InternalError,
+    NotFound,
+    ProtocolError,
+    TooLarge,
+    TransportError,
+    Unauthorized,
+)
+from ._room import Room, RoomManager
+
+#: Largest frame the writer builds by merging queued outbox items.
+_MAX_MERGED_FRAME = 256 * 1024
+
+
+class ConnectionClosed(TransportError):
+    """The peer closed the connection or it broke; ``code`` is the close code if known."""
+
+    def __init__(self, code: int | None = None, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code}) {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class Connection(ABC):
+    """A client WebSocket as the session core sees it. Implemented by each transport adapter.
+
+    The adapter enforces the frame size limit (close 1009) and UTF-8 validity of text frames
+    (close 1007) itself; the core sees only whole messages.
+    """
+
+    #: Remote address, for logs and audit.
+    remote: str = ""
+
+    @abstractmethod
+    async def receive(self) -> str | bytes:
+        """The next whole message: ``str`` for a text frame, ``bytes`` for a binary one.
+
+        Raises:
+            ConnectionClosed: the peer closed or the connection broke.
+        """
+
+    @abstractmethod
+    async def send(self, frame: bytes) -> None:
+        """Send one text frame holding ``frame`` (UTF-8 JSON).
+
+        Raises:
+            ConnectionClosed: the connection is gone.
+        """
+
+    @abstractmethod
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close with ``code``; never raises, returns once the close is sent or the peer gone."""
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class Session:
+    """One authenticated connection in a room."""
+
+    id: str
+    user: User
+    conn: Connection
+    config: Config
+    _send: trio.MemorySendChannel[tuple[int, bytes]]
+    _recv: trio.MemoryReceiveChannel[tuple[int, bytes]]
+    queued_bytes: int = 0
+    close_code: int | None = None
+    close_reason: str = ""
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+
+    @classmethod
+    def create(cls, user: User, conn: Connection, config: Config) -> Session:
+        send, recv = trio.open_memory_channel[tuple[int, bytes]](config.outbox_frames)
+        return cls(id=uuid.uuid4().hex, user=user, conn=conn, config=config, send=send,
+                   recv=recv)
+
+    def push(self, count: int, body: bytes) -> None:
+        """Queue ``count`` comma-joined envelopes for the writer, never blocking.
+
+        A full outbox closes the session as a slow consumer (4409).
+        """
+        if self.close_code is not None:
+            return
+        self.queued_bytes += len(body)
+        if self.queued_bytes > self.config.outbox_bytes:
+            self.kill(4409, "slow consumer: too far behind, reconnect and resume")
+            return
+        try:
+            self._send.send_nowait((count, body))
+        except trio.WouldBlock:
+            self.kill(4409, "slow consumer: too far behind, reconnect and resume")
+
+    def reply(self, frame: bytes) -> None:
+        self.push(1, frame)
+
+    def kill(self, code: int, reason: str) -> None:
+        """End the session with close ``code`` (its tasks are cancelled; the close is sent)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        self.scope.cancel()
+
+    async def writer(self) -> None:
+        batching = self.config.tick_ms > 0
+        async for count, body in self._recv:
+            parts, total, size = [body], count, len(body)
+            while batching and size < _MAX_MERGED_FRAME:
+                try:
+                    more_count, more = self._recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                parts.append(more)
+                total += more_count
+                size += len(more)
+            self.queued_bytes -= size
+            frame = parts[0] if total == 1 else b"[" + b",".join(parts) + b"]"
+            await self.conn.send(frame)
+
+
+@attrs.define(eq=False)
+class Hub:
+    """What every connection shares: config, tokens, rooms and the backplane."""
+
+    config: Config
+    auth: TokenAuthority
+    backplane: Backplane
+    rooms: RoomManager
+    accepting: bool = True
+    #: Every live connection (also before ``hello``), for shutdown.
+    live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
+    _drained: trio.Event = attrs.Factory(trio.Event)
+    connections_total: int = 0
+
+    async def serve_connection(self, conn: Connection) -> None:
+        """Run one client connection to its end. Never raises but for cancellation."""
+        key = id(conn)
+        self.live[key] = (conn, None)
+        self.connections_total += 1
+        code, reason = 1000, ""
+        session: Session | None = None
+        room: Room | None = None
+        try:
+            if not self.accepting:
+                raise _Close(1001, "server shutting down")
+            user, hello, ref = await self._handshake(conn)
+            session = Session.create(user, conn, self.config)
+            self.live[key] = (conn, session)
+            room = await self.rooms.join(user.project_id)
+            with session.scope:
+                room.add_joining(session)
+                await self._welcome(session, room, hello, ref)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(session.writer)
+                        nursery.start_soon(self._reader, session, room)
+                except* ConnectionClosed:
+                    code = -1  # the peer is gone: nothing to close
+        except _Close as exc:
+            code, reason = exc.code, exc.reason
+        except ConnectionClosed:
+            code = -1
+        except ProtocolError as exc:
+            # The room could not open (overloaded): tell the client, then close.
+            with trio.move_on_after(1):
+                await _send_quietly(conn, _wire.error_envelope(exc))
+            code, reason = 1013, exc.message
+        finally:
+            if room is not None and session is not None:
+                room.remove(session)
+            self.live.pop(key, None)
+            if session is not None and session.close_code is not None:
+                code, reason = session.close_code, session.close_reason
+            if code != -1:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await conn.close(code, reason)
+            if not self.live:
+                self._drained.set()
+
+    async def _handshake(self, conn: Connection) -> tuple[User, _wire.Hello, int | None]:
+        with trio.move_on_after(self.config.hello_timeout):
+            frame = await conn.receive()
+            try:
+                envelope = _wire.decode_client_frame(frame)
+            except ProtocolError as exc:
+                await conn.send(_wire.error_envelope(exc, _wire.error_ref(exc)))
+                raise _Close(4400, "expected hello") from None
+            if envelope.type != "hello":
+                exc = BadRequest(f"type: expected hello first, got {envelope.type}")
+                await conn.send(_wire.error_envelope(exc, envelope.ref))
+                raise _Close(4400, "expected hello")
+            hello: _wire.Hello = envelope.data
+            try:
+                user = self.auth.verify(hello.token, hello.project_id)
+            except Unauthorized as exc:
+                await conn.send(_wire.error_envelope(exc, envelope.ref))
+                raise _Close(4401, "unauthorized") from None
+            return user, hello, envelope.ref
+        raise _Close(4408, "no hello in time")
+
+    async def _welcome(
+        self, session: Session, room: Room, hello: _wire.Hello, ref: int | None
+    ) -> None:
+        backplane, project_id = self.backplane, session.user.project_id
+        conflicts = await backplane.pending_conflicts(project_id)
+        events = None
+        if hello.resume is not None:
+            events = await backplane.events_since(project_id, hello.resume.seq)
+        data: dict[str, Any] = {
+            "session_id": session.id,
+            "user": session.user.to_wire(),
+            "project_id": project_id,
+        }
+        if events is None:
+            snapshot = await backplane.snapshot(project_id)
+            seq = snapshot["seq"]
+        else:
+            assert hello.resume is not None
+            seq = events[-1].seq if events else hello.resume.seq
+        # From here to the last push nothing awaits: the replay and the live stream meet exactly.
+        missed = room.activate(session, seq)
+        data["seq"] = seq
+        data["users"] = room.users()
+        data["pending_conflicts"] = [c.to_wire() for c in conflicts if c.status == "pending"]
+        if events is None:
+            data["snapshot"] = snapshot
+        else:
+            data["replayed"] = len(events)
+        session.push(1, _wire.envelope("welcome", data, ref))
+        for chunk in _chunks([e.encoded for e in events or ()] + missed):
+            session.push(len(chunk), b",".join(chunk))
+
+    async def _reader(self, session: Session, room: Room) -> None:
+        conn = session.conn
+        while True:
+            frame = await conn.receive()
+            ref = None
+            try:
+                envelope = _wire.decode_client_frame(frame)
+                ref = envelope.ref
+                reply = await self._handle(session, room, envelope)
+            except ProtocolError as exc:
+                session.reply(_wire.error_envelope(exc, ref if ref else _wire.error_ref(exc)))
+                continue
+            except CrealiaError as exc:
+                error = InternalError(f"{type(exc).__name__}: {exc}")
+                session.reply(_wire.error_envelope(error, ref))
+                continue
+            if ref is not None:
+                kind, data = reply
+                session.reply(_wire.envelope(kind, data, ref))
+
+    async def _handle(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        user, data, kind = session.user, envelope.data, envelope.type
+        require(user, kind)
+        match kind:
+            case "cursor_update" | "element_active" | "typing_start" | "typing_stop":
+                slot = {"cursor_update": "cursor", "element_active": "active"}.get(kind, "typing")
+                await room.publish_presence(session, kind, _wire.unstructure(data), slot)
+                return "ack", {}
+            case "ping":
+                pong: dict[str, Any] = {"timestamp": int(time.time() * 1000)}
+                if data.t is not None:
+                    pong["t"] = data.t
+                if envelope.ref is None:
+                    session.reply(_wire.envelope("pong", pong))
+                return "pong", pong
+            case "users_request":
+                users = {"users": room.users()}
+                if envelope.ref is None:
+                    session.reply(_wire.envelope("users_list", users))
+                return "users_list", users
+            case "timeline_change":
+                outcome = await self.backplane.commit_change(user, data)
+                return "ack", outcome.to_wire()
+            case "comment_add":
+                if len(data.comment.text) > self.config.comment_max_chars:
+                    raise TooLarge(
+                        f"data.comment.text: longer than {self.config.comment_max_chars} "
+                        "characters"
+                    )
+                seq, duplicate = await self.backplane.commit_comment(user, data.comment)
+                return "ack", {"seq": seq, "status": "duplicate" if duplicate else "applied"}
+            case "conflict_resolve":
+                await self.backplane.resolve_conflict(
+                    user, data.conflict_id, data.choice,
+                    None if data.value is _wire.MISSING else data.value,
+                    f"resolved by hand by {user.name} ({data.choice})",
+                )
+                return "ack", {}
+            case "conflict_dismiss":
+                await self.backplane.resolve_conflict(
+                    user, data.conflict_id, "current", None,
+                    f"dismissed by {user.name}: the current value stays",
+                )
+                return "ack", {}
+            case "live_start":
+                raise BadRequest("type: live sessions are not enabled on this server")
+            case _:
+                raise NotFound(f"data.session_id: no live session {data.session_id!r}")
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1001, wait for them (bounded)."""
+        self.accepting = False
+        for conn, session in list(self.live.values()):
+            if session is not None:
+                session.kill(1001, "server shutting down")
+            else:
+                # Not yet past hello: closing it makes its pending receive fail at once.
+                with trio.move_on_after(1):
+                    await conn.close(1001, "server shutting down")
+        if self.live:
+            with trio.move_on_after(self.config.shutdown_grace):
+                await self._drained.wait()
+
+
+def _chunks(frames: list[bytes]) -> list[list[bytes]]:
+    out: list[list[bytes]] = []
+    current: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if current and size + len(frame) > _MAX_MERGED_FRAME:
+            out.append(current)
+            current, size = [], 0
+        current.append(frame)
+        size += len(frame)
+    if current:
+        out.append(current)
+    return out
+
+
+async def _send_quietly(conn: Connection, frame: bytes) -> None:
+    try:
+        await conn.send(frame)
+    except ConnectionClosed:
+        pass

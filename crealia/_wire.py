@@ -1,0 +1,524 @@
+"""Wire format: envelopes, client message types, and the one cattrs converter.
+
+Every client frame is decoded here: JSON, then the envelope (``type``, ``ref``, ``data``), then
+``data`` into the attrs class registered for ``type``. Any failure becomes a :class:`BadRequest`
+or :class:`TooLarge` whose message names the offending field (``data.position.x: expected a
+number``), so the edge can answer with an ``error`` and change nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+import orjson
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from ._errors import BadRequest, ProtocolError, TooLarge
+
+T = TypeVar("T")
+
+#: Longest id (element, change, comment, conflict, session, user) accepted, in characters.
+MAX_ID_CHARS = 128
+#: Longest other short string (element type, prop name, track) accepted, in characters.
+MAX_NAME_CHARS = 128
+#: Deepest nesting accepted inside a JSON value (props, values).
+MAX_DEPTH = 32
+#: Most operations in one ``timeline_change``.
+MAX_OPS = 1000
+MAX_REF = 2**53 - 1
+
+
+
+class _Missing:
+    """Marks an optional field that the client left out (distinct from JSON null)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+class FieldInvalid(ValueError):
+    """A validator's complaint about one named field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class FieldTooLarge(TooLarge):
+    """A named field over its limit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks
+
+
+def _id(max_chars: int = MAX_ID_CHARS) -> Callable[[Any, attrs.Attribute[Any], str], None]:
+    def check(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is None:
+            return
+        if not value:
+            raise FieldInvalid(attribute.name, "must not be empty")
+        if len(value) > max_chars:
+            raise FieldTooLarge(attribute.name, f"longer than {max_chars} characters")
+
+    return check
+
+
+def _finite(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise FieldInvalid(attribute.name, "must be a finite number")
+
+
+def check_json_value(value: Any, depth: int = 0) -> None:
+    """Check a free JSON value (element props, resolved values) for depth.
+
+    Raises:
+        ValueError: nested deeper than :data:`MAX_DEPTH`.
+    """
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for item in value.values():
+            check_json_value(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_json_value(item, depth + 1)
+
+
+def _json_value(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    try:
+        check_json_value(value)
+    except ValueError as exc:
+        raise FieldInvalid(attribute.name, str(exc)) from None
+
+
+def _props(_inst: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -> None:
+    for key in value:
+        if not key or len(key) > MAX_NAME_CHARS:
+            raise FieldInvalid(
+                attribute.name,
+                f"property name {key[:40]!r} must be 1..{MAX_NAME_CHARS} characters",
+            )
+    try:
+        check_json_value(value, 1)
+    except ValueError as exc:
+        raise FieldInvalid(attribute.name, str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Client messages (the ``data`` of each client envelope)
+
+
+@attrs.frozen(kw_only=True)
+class Resume:
+    seq: int = attrs.field(validator=attrs.validators.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class Hello:
+    token: str = attrs.field(validator=_id(8192))
+    project_id: str = attrs.field(validator=_id())
+    resume: Resume | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Position:
+    x: float = attrs.field(validator=_finite)
+    y: float = attrs.field(validator=_finite)
+    time: float | None = attrs.field(default=None, validator=_finite)
+    track: str | None = attrs.field(default=None, validator=_id(MAX_NAME_CHARS))
+
+
+@attrs.frozen(kw_only=True)
+class CursorUpdate:
+    position: Position
+
+
+@attrs.frozen(kw_only=True)
+class ElementActive:
+    element_id: str | None = attrs.field(validator=_id())
+    element_type: str | None = attrs.field(default=None, validator=_id(MAX_NAME_CHARS))
+
+
+@attrs.frozen(kw_only=True)
+class Typing:
+    element_id: str | None = attrs.field(default=None, validator=_id())
+
+
+@attrs.frozen(kw_only=True)
+class Comment:
+    id: str = attrs.field(validator=_id())
+    text: str
+    element_id: str | None = attrs.field(default=None, validator=_id())
+    time: float | None = attrs.field(default=None, validator=_finite)
+
+
+@attrs.frozen(kw_only=True)
+class CommentAdd:
+    comment: Comment
+
+
+@attrs.frozen(kw_only=True)
+class InsertOp:
+    op: Literal["insert"]
+    element_id: str = attrs.field(validator=_id())
+    element_type: str = attrs.field(validator=_id(MAX_NAME_CHARS))
+    props: dict[str, Any] = attrs.field(factory=dict, validator=_props)
+
+
+@attrs.frozen(kw_only=True)
+class SetOp:
+    op: Literal["set"]
+    element_id: str = attrs.field(validator=_id())
+    prop: str = attrs.field(validator=_id(MAX_NAME_CHARS))
+    value: Any = attrs.field(validator=_json_value)
+    #: The seq of the version the client last saw; absent means an unconditional write.
+    base: int | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.ge(0)))
+
+
+@attrs.frozen(kw_only=True)
+class DeleteOp:
+    op: Literal["delete"]
+    element_id: str = attrs.field(validator=_id())
+    base: int | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.ge(0)))
+
+
+Op = InsertOp | SetOp | DeleteOp
+
+
+def _ops(_inst: Any, attribute: attrs.Attribute[Any], value: list[Op]) -> None:
+    if not value:
+        raise FieldInvalid(attribute.name, "must hold at least one operation")
+    if len(value) > MAX_OPS:
+        raise FieldTooLarge(attribute.name, f"more than {MAX_OPS} operations")
+
+
+@attrs.frozen(kw_only=True)
+class TimelineChange:
+    change_id: str = attrs.field(validator=_id())
+    changes: list[Op] = attrs.field(validator=_ops)
+
+
+@attrs.frozen(kw_only=True)
+class ConflictResolve:
+    conflict_id: str = attrs.field(validator=_id())
+    choice: Literal["current", "incoming", "custom"]
+    value: Any = attrs.field(default=MISSING, validator=_json_value)
+
+    def __attrs_post_init__(self) -> None:
+        if self.choice == "custom" and self.value is MISSING:
+            raise FieldInvalid("value", "is required when choice is 'custom'")
+
+
+@attrs.frozen(kw_only=True)
+class ConflictDismiss:
+    conflict_id: str = attrs.field(validator=_id())
+
+
+@attrs.frozen(kw_only=True)
+class Empty:
+    pass
+
+
+@attrs.frozen(kw_only=True)
+class Ping:
+    t: float | None = attrs.field(default=None, validator=_finite)
+
+
+@attrs.frozen(kw_only=True)
+class LiveStart:
+    kind: Literal["camera", "screen"]
+    mode: Literal["p2p", "relay"] = "p2p"
+
+
+@attrs.frozen(kw_only=True)
+class LiveRef:
+    session_id: str = attrs.field(validator=_id())
+
+
+@attrs.frozen(kw_only=True)
+class WebrtcSignal:
+    session_id: str = attrs.field(validator=_id())
+    to: str = attrs.field(validator=_id())
+    description: dict[str, Any] | None = attrs.field(default=None, validator=_json_value)
+    candidate: dict[str, Any] | None = attrs.field(default=None, validator=_json_value)
+
+
+@attrs.frozen(kw_only=True)
+class StreamStats:
+    session_id: str = attrs.field(validator=_id())
+    bitrate_kbps: float = attrs.field(validator=_finite)
+    rtt_ms: float = attrs.field(validator=_finite)
+    packet_loss: float = attrs.field(validator=_finite)
+    fps: float = attrs.field(default=0.0, validator=_finite)
+    width: int = 0
+    height: int = 0
+
+
+#: Every client event type and the class its ``data`` decodes into.
+CLIENT_MESSAGES: dict[str, type[Any]] = {
+    "hello": Hello,
+    "cursor_update": CursorUpdate,
+    "element_active": ElementActive,
+    "typing_start": Typing,
+    "typing_stop": Typing,
+    "comment_add": CommentAdd,
+    "timeline_change": TimelineChange,
+    "conflict_resolve": ConflictResolve,
+    "conflict_dismiss": ConflictDismiss,
+    "users_request": Empty,
+    "ping": Ping,
+    "live_start": LiveStart,
+    "live_join": LiveRef,
+    "live_leave": LiveRef,
+    "live_stop": LiveRef,
+    "webrtc_signal": WebrtcSignal,
+    "stream_stats": StreamStats,
+}
+
+
+@attrs.frozen(kw_only=True)
+class Envelope:
+    """A decoded client message."""
+
+    type: str
+    ref: int | None
+    data: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# The converter
+
+
+def _strict_str(value: Any, _type: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {_json_type(value)}")
+    return value
+
+
+def _strict_float(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {_json_type(value)}")
+    return float(value)
+
+
+def _strict_int(value: Any, _type: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"expected an integer, got {_json_type(value)}")
+    return value
+
+
+def _any(value: Any, _type: Any) -> Any:
+    return value
+
+
+def _json_dict(value: Any, _type: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "a boolean"
+        case int() | float():
+            return "a number"
+        case str():
+            return "a string"
+        case list():
+            return "an array"
+        case dict():
+            return "an object"
+    return type(value).__name__
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(omit_if_default=True, detailed_validation=True)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(Any, _any)
+    conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_dict)
+    ops = {"insert": InsertOp, "set": SetOp, "delete": DeleteOp}
+
+    def structure_op(value: Any, _type: Any) -> Op:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {_json_type(value)}")
+        kind = value.get("op")
+        cls = ops.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise ValueError(f"op must be one of insert, set, delete (got {kind!r})")
+        return conv.structure(value, cls)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook_func(lambda t: t == Op, structure_op)
+
+    def structure_class(cls: type[Any]) -> Callable[[Any, Any], Any]:
+        inner = cattrs.gen.make_dict_structure_fn(cls, conv)
+
+        def hook(value: Any, _type: Any) -> Any:
+            if not isinstance(value, dict):
+                raise TypeError(f"expected an object, got {_json_type(value)}")
+            return inner(value, cls)
+
+        return hook
+
+    conv.register_structure_hook_factory(attrs.has, structure_class)
+    return conv
+
+
+converter = _make_converter()
+
+
+def _format_leaf(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "is required"
+    if isinstance(exc, FieldInvalid | FieldTooLarge):
+        return f"@{exc.field} {exc.message}"
+    if isinstance(exc, ProtocolError):
+        return exc.message
+    if typing.get_origin(type_) is Literal:
+        allowed = ", ".join(repr(a) for a in typing.get_args(type_))
+        return f"must be one of {allowed}"
+    if isinstance(exc, ForbiddenExtraKeysError):
+        return f"unknown fields {sorted(exc.extra_fields)}"
+    if isinstance(exc, TypeError | ValueError) and str(exc):
+        text = str(exc)
+        if "Literal" in text or "not in literal" in text:
+            return "has a value that is not allowed"
+        return text
+    return "is invalid"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, ClassValidationError | IterableValidationError | BaseExceptionGroup):
+        out: list[BaseException] = []
+        for sub in exc.exceptions:
+            out.extend(_leaves(sub))
+        return out
+    return [exc]
+
+
+def structure(value: Any, cls: type[T], path: str = "data") -> T:
+    """Structure ``value`` into ``cls`` with the shared converter.
+
+    Raises:
+        TooLarge: a field is over its limit.
+        BadRequest: a field is missing or invalid; the message names it (``data.x.y: ...``).
+    """
+    try:
+        return converter.structure(value, cls)
+    except (ClassValidationError, IterableValidationError) as exc:
+        messages = cattrs.transform_error(exc, path=path, format_exception=_format_leaf)
+        text = "; ".join(_tidy(m) for m in messages[:3])
+        if any(isinstance(leaf, TooLarge) for leaf in _leaves(exc)):
+            raise TooLarge(text) from None
+        raise BadRequest(text) from None
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"{path}: {_format_leaf(exc, cls)}") from None
+
+
+def _tidy(message: str) -> str:
+    # cattrs formats "<what> @ <path>"; clients read "<path>: <what>" more easily.
+    what, _, where = message.rpartition(" @ ")
+    if not where:
+        return message
+    where = where.replace("$.", "").replace("$", "")
+    if what.startswith("@"):
+        field, _, what = what[1:].partition(" ")
+        where = f"{where}.{field}"
+    return f"{where}: {what}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and encoding
+
+
+def decode_client_frame(frame: str | bytes) -> Envelope:
+    """Decode one client frame into an envelope with typed ``data``.
+
+    Raises:
+        BadRequest: binary frame, malformed JSON, bad envelope, unknown type, invalid data.
+        TooLarge: a field over its limit.
+    """
+    if isinstance(frame, bytes | bytearray | memoryview):
+        raise BadRequest("binary frames are not accepted: send JSON in a text frame")
+    try:
+        raw = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"frame is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BadRequest(f"frame must be a JSON object envelope, got {_json_type(raw)}")
+    kind = raw.get("type")
+    ref = raw.get("ref")
+    if ref is not None and (
+        isinstance(ref, bool) or not isinstance(ref, int) or not 0 < ref <= MAX_REF
+    ):
+        raise BadRequest("ref: must be a positive integer")
+    if not isinstance(kind, str):
+        raise _with_ref(BadRequest("type: must be a string naming the event"), ref)
+    cls = CLIENT_MESSAGES.get(kind)
+    if cls is None:
+        raise _with_ref(BadRequest(f"type: unknown event type {kind[:64]!r}"), ref)
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise _with_ref(BadRequest(f"data: expected an object, got {_json_type(data)}"), ref)
+    try:
+        value = structure(data, cls)
+    except ProtocolError as exc:
+        raise _with_ref(exc, ref) from None
+    return Envelope(type=kind, ref=ref, data=value)
+
+
+def _with_ref(exc: ProtocolError, ref: int | None) -> ProtocolError:
+    exc.ref = ref  # type: ignore[attr-defined]
+    return exc
+
+
+def error_ref(exc: ProtocolError) -> int | None:
+    """The ``ref`` of the message that caused ``exc``, when the decoder could read it."""
+    ref = getattr(exc, "ref", None)
+    return ref if isinstance(ref, int) else None
+
+
+def unstructure(value: Any) -> Any:
+    """Turn a validated message back into plain JSON data (absent optionals stay absent)."""
+    return converter.unstructure(value)
+
+
+def dumps(value: Any) -> bytes:
+    """Encode a JSON value with orjson."""
+    return orjson.dumps(value)
+
+
+def envelope(kind: str, data: Any, ref: int | None = None) -> bytes:
+    """Encode one server envelope."""
+    if ref is None:
+        return orjson.dumps({"type": kind, "data": data})
+    return orjson.dumps({"type": kind, "ref": ref, "data": data})
+
+
+def error_envelope(exc: ProtocolError, ref: int | None = None) -> bytes:
+    """Encode the ``error`` envelope for ``exc``."""
+    return envelope("error", exc.to_wire(), ref)

@@ -1,0 +1,1 @@
+"""Backplanes (``memory``, and a Redis one for clusters) and client transport adapters."""

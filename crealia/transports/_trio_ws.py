@@ -1,0 +1,95 @@
+"""The fast-path client transport: trio-websocket on its own port.
+
+Each accepted WebSocket is wrapped in a :class:`~crealia._session.Connection` and served by the
+hub in the handler nursery that trio-websocket gives it. trio-websocket enforces the frame limit
+(close 1009) and wsproto the UTF-8 validity of text frames (close 1007).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+import trio_websocket
+
+from .._session import Connection, ConnectionClosed, Hub
+
+SUBPROTOCOL = "crealia.v1"
+
+
+class TrioWebSocketConnection(Connection):
+    """A :class:`Connection` over a trio-websocket server connection."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        remote = ws.remote
+        self.remote = getattr(remote, "address", str(remote))
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise ConnectionClosed(reason.code if reason else None) from exc
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._ws.send_message(frame.decode())
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+            raise ConnectionClosed(reason.code if reason else None) from exc
+
+    async def close(self, code: int, reason: str = "") -> None:
+        try:
+            await self._ws.aclose(code, reason[:120])
+        except trio_websocket.ConnectionClosed:
+            pass
+
+
+async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
+    subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
+    try:
+        from ._deflate import accept_websocket
+    except ImportError:  # pragma: no cover - the deflate module ships with crealia
+        return await request.accept(subprotocol=subprotocol)
+    return await accept_websocket(
+        request, subprotocol=subprotocol, max_message_size=max_frame_bytes
+    )
+
+
+async def serve_trio_websocket(
+    hub: Hub,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the hub's WebSocket protocol on ``ws://host:port/ws``; reports the bound port."""
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        if request.path.split("?", 1)[0] != "/ws":
+            await request.reject(404, body=b"not found: the WebSocket endpoint is /ws")
+            return
+        if not hub.accepting:
+            await request.reject(503, body=b"server shutting down")
+            return
+        ws = await _accept(request, hub.config.max_frame_bytes)
+        await hub.serve_connection(TrioWebSocketConnection(ws))
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            partial(
+                trio_websocket.serve_websocket,
+                handler,
+                host,
+                port,
+                ssl_context=None,
+                handler_nursery=nursery,
+                max_message_size=hub.config.max_frame_bytes,
+                connect_timeout=hub.config.hello_timeout,
+                disconnect_timeout=2,
+            )
+        )
+        task_status.started(server.port)
+

@@ -1,0 +1,474 @@
+"""The in-process backplane: one process, durable state in the embedded SQLite store.
+
+Each loaded project keeps its :class:`~crealia._document.Document`, its recent history (for
+resume) and the outcome of every ``change_id`` in memory. A commit is checked and applied to the
+in-memory document synchronously, so the next commit already sees it, and its rows join the
+store's next grouped transaction. The store runs ``on_durable`` callbacks in queue order, which is
+``seq`` order, and that is where listeners hear of the event.
+
+If a commit fails, the project is marked broken in the same callback pass (before any other task
+runs), every later write of it fails, and the next use reloads it from the store: the document
+never runs ahead of what is durable.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from .. import _wire
+from .._auth import User
+from .._backplane import (
+    Backplane,
+    ChangeOutcome,
+    Conflict,
+    DurableEvent,
+    Ephemeral,
+    Listener,
+)
+from .._document import ConflictSpec, Document
+from .._errors import NotFound, Overloaded, StorageError
+from .._storage import Statement, Store, dumps, loads
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@attrs.define(eq=False)
+class _Project:
+    doc: Document
+    history: collections.deque[DurableEvent]
+    changes: dict[str, ChangeOutcome]
+    comments: dict[str, int]
+    pending: dict[str, Conflict]
+    snapshot_seq: int
+    #: Highest seq known durable (the document may be ahead while a commit is in flight).
+    durable_seq: int = 0
+    durable_changed: trio.Event = attrs.Factory(trio.Event)
+    broken: bool = False
+
+    def advanced(self) -> None:
+        self.durable_changed.set()
+        self.durable_changed = trio.Event()
+
+    async def settled(self, seq: int) -> None:
+        """Wait until everything up to ``seq`` is durable.
+
+        Raises:
+            Overloaded: a commit failed; the project is reloading.
+        """
+        while self.durable_seq < seq:
+            if self.broken:
+                raise Overloaded("storage unavailable: the project is reloading")
+            await self.durable_changed.wait()
+
+
+@attrs.define(eq=False)
+class MemoryBackplane(Backplane):
+    """The embedded backplane over a :class:`~crealia._storage.Store`."""
+
+    store: Store
+    history_limit: int = 10_000
+    snapshot_every: int = 500
+    _projects: dict[str, _Project] = attrs.Factory(dict)
+    _loading: dict[str, trio.Lock] = attrs.Factory(dict)
+    _listeners: dict[str, set[Listener]] = attrs.Factory(dict)
+
+    # -- loading ------------------------------------------------------------------------------
+
+    async def _project(self, project_id: str) -> _Project:
+        project = self._projects.get(project_id)
+        if project is not None and not project.broken:
+            return project
+        lock = self._loading.setdefault(project_id, trio.Lock())
+        async with lock:
+            project = self._projects.get(project_id)
+            if project is None or project.broken:
+                project = await self._load(project_id)
+                self._projects[project_id] = project
+            return project
+
+    async def _load(self, project_id: str) -> _Project:
+        limit = self.history_limit
+
+        def load(conn: sqlite3.Connection) -> tuple[Any, ...]:
+            row = conn.execute(
+                "SELECT seq, document FROM snapshots WHERE project_id = ?", (project_id,)
+            ).fetchone()
+            head = conn.execute(
+                "SELECT MAX(seq) FROM events WHERE project_id = ?", (project_id,)
+            ).fetchone()[0] or 0
+            snap_seq = row[0] if row else 0
+            start = max(0, min(snap_seq, head - limit))
+            events = conn.execute(
+                "SELECT seq, kind, user_id, at, payload, effects FROM events "
+                "WHERE project_id = ? AND seq > ? ORDER BY seq",
+                (project_id, start),
+            ).fetchall()
+            changes = conn.execute(
+                "SELECT change_id, seq, status, conflicts FROM changes WHERE project_id = ?",
+                (project_id,),
+            ).fetchall()
+            comments = conn.execute(
+                "SELECT comment_id, seq FROM comments WHERE project_id = ?", (project_id,)
+            ).fetchall()
+            pending = conn.execute(
+                "SELECT data FROM conflicts WHERE project_id = ? AND status = 'pending' "
+                "ORDER BY created_at",
+                (project_id,),
+            ).fetchall()
+            return row, events, changes, comments, pending
+
+        try:
+            row, rows, changes, comments, pending = await self.store.read(load)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+        doc = (
+            Document.load(project_id, loads(row[1]))
+            if row
+            else Document(project_id=project_id)
+        )
+        events = [
+            DurableEvent(
+                project_id=project_id,
+                seq=seq,
+                kind=kind,
+                user_id=user_id,
+                at=at,
+                payload=loads(payload),
+                effects=loads(effects),
+            )
+            for seq, kind, user_id, at, payload, effects in rows
+        ]
+        for event in events:
+            if event.seq > doc.seq:
+                doc.apply(event.effects, event.seq, event.user_id)
+        history = collections.deque(events, maxlen=self.history_limit)
+        return _Project(
+            doc=doc,
+            history=history,
+            changes={
+                cid: ChangeOutcome(change_id=cid, seq=seq, status=status,
+                                   conflicts=loads(conflicts))
+                for cid, seq, status, conflicts in changes
+            },
+            comments=dict(comments),
+            pending={c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in pending)},
+            snapshot_seq=row[0] if row else 0,
+            durable_seq=doc.seq,
+        )
+
+    def release(self, project_id: str) -> None:
+        """Forget a project's in-memory state if no room listens to it (it reloads on demand)."""
+        if not self._listeners.get(project_id):
+            self._projects.pop(project_id, None)
+            self._loading.pop(project_id, None)
+
+    # -- durable writes -----------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        project_id: str,
+        project: _Project,
+        statements: list[Statement],
+        event: DurableEvent | None,
+        conflicts: list[Conflict],
+    ) -> None:
+        """Queue rows for the store; on success hand the event and conflicts to listeners."""
+        if event is not None:
+            statements.append(
+                (
+                    "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (project_id, event.seq, event.kind, event.user_id, event.at,
+                     dumps(event.payload), dumps(event.effects)),
+                )
+            )
+            if event.seq - project.snapshot_seq >= self.snapshot_every:
+                project.snapshot_seq = event.seq
+                statements.append(
+                    (
+                        "INSERT OR REPLACE INTO snapshots (project_id, seq, document) "
+                        "VALUES (?, ?, ?)",
+                        (project_id, event.seq, dumps(project.doc.dump())),
+                    )
+                )
+
+        def on_durable() -> None:
+            listeners = list(self._listeners.get(project_id, ()))
+            if event is not None:
+                project.history.append(event)
+                project.durable_seq = event.seq
+                project.advanced()
+                for listener in listeners:
+                    listener.on_durable(event)
+            if conflicts:
+                for listener in listeners:
+                    listener.on_conflicts(conflicts)
+
+        def on_failed() -> None:
+            project.broken = True
+            project.advanced()
+
+        try:
+            await self.store.write(statements, on_durable, on_failed)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable, nothing was applied: {exc}") from exc
+
+    def _check_writable(self, project: _Project) -> None:
+        if project.broken:
+            raise Overloaded("storage unavailable, nothing was applied: the project is reloading")
+
+    async def commit_change(self, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+        project_id = user.project_id
+        project = await self._project(project_id)
+        self._check_writable(project)
+        first = project.changes.get(change.change_id)
+        if first is not None:
+            return attrs.evolve(first, status="duplicate")
+        doc = project.doc
+        plan = doc.plan(user.id, change.change_id, change.changes, self._value_at(project))
+        at = now_ms()
+        event = None
+        seq = None
+        if plan.applied:
+            seq = doc.seq + 1
+            doc.apply(plan.applied, seq, user.id)
+            event = DurableEvent(
+                project_id=project_id,
+                seq=seq,
+                kind="timeline_change",
+                user_id=user.id,
+                at=at,
+                payload={"change_id": change.change_id, "changes": plan.applied},
+                effects=plan.applied,
+            )
+        conflicts = [self._new_conflict(project_id, spec, at) for spec in plan.conflicts]
+        for conflict in conflicts:
+            project.pending[conflict.id] = conflict
+        status = "applied" if not conflicts else ("partial" if plan.applied else "conflict")
+        outcome = ChangeOutcome(
+            change_id=change.change_id,
+            seq=seq,
+            status=status,
+            conflicts=[c.id for c in conflicts],
+        )
+        project.changes[change.change_id] = outcome
+        statements: list[Statement] = [
+            (
+                "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (project_id, change.change_id, user.id, seq, status, dumps(outcome.conflicts)),
+            )
+        ]
+        statements += [_conflict_row(c) for c in conflicts]
+        await self._commit(project_id, project, statements, event, conflicts)
+        return outcome
+
+    async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
+        project_id = user.project_id
+        project = await self._project(project_id)
+        self._check_writable(project)
+        first = project.comments.get(comment.id)
+        if first is not None:
+            return first, True
+        seq = project.doc.seq + 1
+        project.doc.seq = seq
+        at = now_ms()
+        project.comments[comment.id] = seq
+        event = DurableEvent(
+            project_id=project_id,
+            seq=seq,
+            kind="comment_add",
+            user_id=user.id,
+            at=at,
+            payload={"comment": _wire.unstructure(comment)},
+        )
+        statements: list[Statement] = [
+            (
+                "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
+                "text, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (project_id, comment.id, seq, user.id, comment.element_id, comment.time,
+                 comment.text, at),
+            )
+        ]
+        await self._commit(project_id, project, statements, event, [])
+        return seq, False
+
+    async def resolve_conflict(
+        self, user: User, conflict_id: str, choice: str, value: Any, explanation: str
+    ) -> int:
+        project_id = user.project_id
+        project = await self._project(project_id)
+        self._check_writable(project)
+        conflict = project.pending.get(conflict_id)
+        if conflict is None:
+            raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        if choice == "current":
+            value = conflict.current["value"]
+        elif choice == "incoming":
+            value = conflict.incoming["value"]
+        effects = _resolution_effects(project.doc, conflict, value, user.id)
+        seq = project.doc.seq + 1
+        project.doc.apply(effects, seq, user.id)
+        resolution = {
+            "value": value,
+            "choice": choice,
+            "strategy": "manual",
+            "confidence": 1.0,
+            "explanation": explanation,
+        }
+        resolved = attrs.evolve(conflict, status="resolved", resolution=resolution)
+        del project.pending[conflict_id]
+        event = DurableEvent(
+            project_id=project_id,
+            seq=seq,
+            kind="conflict_resolved",
+            user_id=user.id,
+            at=now_ms(),
+            payload={"conflict_id": conflict_id, "seq": seq, "resolution": resolution},
+            effects=effects,
+        )
+        await self._commit(project_id, project, [_conflict_row(resolved)], event, [])
+        return seq
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def snapshot(self, project_id: str) -> dict[str, Any]:
+        project = await self._project(project_id)
+        snapshot = project.doc.snapshot()
+        await project.settled(snapshot["seq"])
+        return snapshot
+
+    async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
+        project = await self._project(project_id)
+        await project.settled(project.doc.seq)
+        head = project.durable_seq
+        if seq > head:
+            return None
+        if seq == head:
+            return []
+        history = project.history
+        if not history or history[0].seq > seq + 1:
+            return None
+        start = seq + 1 - history[0].seq
+        return [history[i] for i in range(start, len(history))]
+
+    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
+        return list((await self._project(project_id)).pending.values())
+
+    def _value_at(self, project: _Project) -> Any:
+        def value_at(element_id: str, prop: str | None, seq: int | None) -> Any:
+            if seq is None:
+                return None
+            for event in reversed(project.history):
+                if event.seq > seq:
+                    continue
+                for op in reversed(event.effects):
+                    if op["element_id"] != element_id:
+                        continue
+                    if op["op"] == "insert":
+                        props = op.get("props", {})
+                        return copy.deepcopy(props if prop is None else props.get(prop))
+                    if op["op"] == "set" and (prop is None or op["prop"] == prop):
+                        if prop is not None:
+                            return copy.deepcopy(op["value"])
+                    if op["op"] == "delete":
+                        return None
+            return None
+
+        return value_at
+
+    def _new_conflict(self, project_id: str, spec: ConflictSpec, at: int) -> Conflict:
+        return Conflict(
+            id=uuid.uuid4().hex[:16],
+            project_id=project_id,
+            element_id=spec.element_id,
+            prop=spec.prop,
+            op=spec.op,  # type: ignore[arg-type]
+            base=spec.base,
+            base_value=spec.base_value,
+            current=spec.current,
+            incoming=spec.incoming,
+            strategy="manual",
+            created_at=at,
+        )
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
+        await self._project(project_id)
+        self._listeners.setdefault(project_id, set()).add(listener)
+        try:
+            yield
+        finally:
+            listeners = self._listeners.get(project_id)
+            if listeners is not None:
+                listeners.discard(listener)
+                if not listeners:
+                    del self._listeners[project_id]
+
+    def subscribe(self, project_id: str, listener: Listener) -> Any:
+        return self._subscription(project_id, listener)
+
+    async def publish(self, message: Ephemeral) -> None:
+        for listener in list(self._listeners.get(message.project_id, ())):
+            listener.on_ephemeral(message)
+
+    async def check(self) -> None:
+        await self.store.check()
+
+
+def _conflict_row(conflict: Conflict) -> Statement:
+    return (
+        "INSERT OR REPLACE INTO conflicts (id, project_id, status, created_at, data) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (conflict.id, conflict.project_id, conflict.status, conflict.created_at,
+         dumps(attrs.asdict(conflict))),
+    )
+
+
+def _conflict_from_row(data: dict[str, Any]) -> Conflict:
+    return Conflict(**data)
+
+
+def _resolution_effects(
+    doc: Document, conflict: Conflict, value: Any, writer: str
+) -> list[dict[str, Any]]:
+    """The document ops that make ``value`` the settled state of the conflicted target."""
+    eid = conflict.element_id
+    element = doc.elements.get(eid)
+    if conflict.op == "delete" or conflict.prop is None:
+        if value is None:
+            return [{"op": "delete", "element_id": eid, "writer": writer}] if element else []
+        if not isinstance(value, dict):
+            return []
+        if element is None:
+            restored = doc.restore(eid)
+            if restored is None:
+                return []
+            return [{"op": "insert", "element_id": eid, "element_type": restored.type,
+                     "props": value, "writer": writer}]
+        return [{"op": "set", "element_id": eid, "prop": k, "value": v, "writer": writer}
+                for k, v in value.items()]
+    if element is None:
+        restored = doc.restore(eid)
+        if restored is None or (conflict.current["value"] is None and value is None):
+            return []
+        props = dict(restored.props)
+        props[conflict.prop] = value
+        return [{"op": "insert", "element_id": eid, "element_type": restored.type,
+                 "props": props, "writer": writer}]
+    return [{"op": "set", "element_id": eid, "prop": conflict.prop, "value": value,
+             "writer": writer}]

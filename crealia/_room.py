@@ -150,6 +150,10 @@ class Room:
         Synchronous on purpose: nothing may be delivered between taking the missed frames and
         the switch to live delivery. The caller sends the frames right after its welcome.
         """
+        # What is queued for the next tick predates this member (it is in the replay, the
+        # snapshot, or the joining buffer): send it to the others now, before the switch.
+        if self.config.tick_ms > 0:
+            self.flush()
         joining = self._joining.pop(session.id)
         frames = [e.encoded for e in joining.durable if e.seq > after_seq]
         frames += [frame for _seq, frame in joining.other]

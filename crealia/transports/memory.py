@@ -369,7 +369,9 @@ class MemoryBackplane(Backplane):
 
     def _value_at(self, project: _Project) -> Any:
         def value_at(element_id: str, prop: str | None, seq: int | None) -> Any:
-            if seq is None:
+            # The value a property had at ``seq``, from the kept history (None when older).
+            # Element-level base values (for delete conflicts) are not reconstructed.
+            if seq is None or prop is None:
                 return None
             for event in reversed(project.history):
                 if event.seq > seq:
@@ -378,11 +380,9 @@ class MemoryBackplane(Backplane):
                     if op["element_id"] != element_id:
                         continue
                     if op["op"] == "insert":
-                        props = op.get("props", {})
-                        return copy.deepcopy(props if prop is None else props.get(prop))
-                    if op["op"] == "set" and (prop is None or op["prop"] == prop):
-                        if prop is not None:
-                            return copy.deepcopy(op["value"])
+                        return copy.deepcopy(op.get("props", {}).get(prop))
+                    if op["op"] == "set" and op["prop"] == prop:
+                        return copy.deepcopy(op["value"])
                     if op["op"] == "delete":
                         return None
             return None

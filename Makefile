@@ -1,0 +1,33 @@
+# crealia: `make run` serves the embedded default; `make test` runs lint, types and the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 3000
+WS_PORT ?= 3001
+DATA_DIR ?= ./crealia-data
+
+.PHONY: setup run test lint typecheck pytest bench clean
+
+setup:
+	@sh scripts/bootstrap.sh
+
+run: setup
+	$(PY) -m crealia serve --host $(HOST) --port $(PORT) --ws-port $(WS_PORT) --data-dir $(DATA_DIR)
+
+lint: setup
+	$(VENV)/bin/ruff check crealia tests examples benchmarks
+	$(VENV)/bin/ruff format --check crealia tests examples benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+pytest: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test: setup lint typecheck pytest
+
+bench: setup
+	$(PY) benchmarks/fanout.py --compare-batching
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

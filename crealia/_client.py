@@ -1,0 +1,1025 @@
+"""The Python client for Trio programs: one collaboration session over PROTOCOL.md.
+
+Use :func:`connect`; it yields a :class:`ClientSession` once the server has welcomed it::
+
+    async with crealia.connect("ws://127.0.0.1:3001/ws", token, "p1") as session:
+        ack = await session.change([{"op": "insert", "element_id": "clip-1",
+                                     "element_type": "clip", "props": {"start": 0}}])
+        async for push in session:
+            print(push.type, push.data)
+
+What the session does for you:
+
+* **Request and reply.** :meth:`ClientSession.request` numbers each request (``ref``) and returns
+  the data of its reply; an ``error`` reply raises :class:`ServerError`.
+  :meth:`ClientSession.send` sends without a ``ref`` and expects nothing back.
+* **Pushes.** Every server envelope without ``ref`` becomes a :class:`Push`, read with
+  ``async for push in session`` or :meth:`ClientSession.receive`, in the order the server sent
+  them, whether they came one per frame or batched in a JSON array.
+* **Sequencing.** :attr:`ClientSession.seq` is the highest durable ``seq`` handed to the push
+  buffer. A durable push (``collaboration_event`` with ``seq``, ``conflict_resolved``) whose
+  ``seq`` is not above it is a duplicate and is never delivered twice.
+* **Reconnection.** When the connection drops, the session reconnects with jittered exponential
+  backoff and sends ``hello`` with ``resume.seq`` = :attr:`ClientSession.seq`. It then delivers a
+  ``welcome`` push (the new welcome's data: a ``snapshot`` there means events were missed and the
+  document must be reloaded from it), then the replayed events, then live ones. Requests whose
+  reply is still due are handled so: ``timeline_change`` and ``users_request`` are sent again on
+  the new connection (a change keeps its ``change_id``, so the server acks it once, possibly
+  with status ``duplicate``, and the pending :meth:`ClientSession.change` returns that ack);
+  any other request raises :class:`ConnectionLost`, since it may or may not have taken effect.
+  Requests and sends made while disconnected wait for the next connection. The session does not
+  reconnect after :meth:`ClientSession.aclose`, after close 4401 (unauthorized), or after a
+  close that says this client broke the protocol (1007, 1009, 4400): it ends, and its calls
+  raise. Close 1001 (server shutting down) and 4409 (slow consumer) do reconnect; 4429 (rate
+  limit abused) reconnects after ``max_backoff``.
+* **The push buffer** holds at most ``max_pushes`` pushes; it never blocks the connection, so
+  replies keep flowing to a program that never reads its pushes. When it is full, the oldest
+  presence push (cursor, active element, typing, ``users_list``: the next one supersedes it) is
+  dropped to make room. When it is full of pushes that cannot be dropped, the session stops
+  taking durable events without advancing :attr:`ClientSession.seq`; once you have read half the
+  buffer, it reconnects and resumes from :attr:`ClientSession.seq`, so you miss none of them (or
+  get a ``welcome`` push with a ``snapshot`` if the server no longer holds them all). Pushes
+  without ``seq`` that arrive while it is full (signals, errors) are lost; the resumed
+  ``welcome`` carries the current users and pending conflicts. :attr:`ClientSession.dropped`
+  counts the pushes the buffer has let go.
+
+Errors (all derive from :class:`crealia.CrealiaError`)::
+
+    ClientError           base of the client's errors
+    ├── ServerError       the server answered ``error`` (``code``, ``message``, ``retry_after_ms``);
+    │                     also what a session ended by close 4401 raises (``code`` "unauthorized")
+    ├── ConnectionLost    the connection could not be opened, or was lost and will not be
+    │                     reopened, or was lost before a reply that cannot safely be asked again
+    └── ClientClosed      the session was closed by its owner (:meth:`ClientSession.aclose`)
+
+trio-websocket's and the network's exceptions are mapped into these at the boundary
+(``raise ... from exc``).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import enum
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, NoReturn
+
+import attrs
+import orjson
+import trio
+import trio_websocket
+
+from ._errors import CrealiaError
+
+__all__ = [
+    "ClientClosed",
+    "ClientError",
+    "ClientSession",
+    "ConnectionLost",
+    "Push",
+    "ServerError",
+    "SessionState",
+    "connect",
+]
+
+logger = logging.getLogger("crealia.client")
+
+#: The subprotocol a client offers by default.
+SUBPROTOCOL: Final = "crealia.v1"
+#: Requests that are sent again, unchanged, when the connection drops before their reply.
+_RESENDABLE: Final = frozenset({"timeline_change", "users_request"})
+#: ``collaboration_event`` kinds that only describe presence: a newer one supersedes them.
+_PRESENCE_KINDS: Final = frozenset(
+    {"cursor_update", "element_active", "typing_start", "typing_stop"}
+)
+#: Hello errors after which trying again cannot help.
+_FATAL_HELLO_CODES: Final = frozenset(
+    {"unauthorized", "forbidden", "bad_request", "not_found", "too_large"}
+)
+#: Close codes saying this client broke the protocol: reconnecting would do it again.
+_FATAL_CLOSE_CODES: Final = frozenset({1007, 1009, 4400})
+_CLOSE_UNAUTHORIZED: Final = 4401
+_CLOSE_RATE_LIMIT_ABUSED: Final = 4429
+#: Largest server frame accepted; a welcome's snapshot can be big.
+_MAX_INCOMING_BYTES: Final = 64 * 1024 * 1024
+#: How long a close, even a cancelled one, waits for the server's closing handshake.
+_CLOSE_GRACE: Final = 2.0
+
+
+class ClientError(CrealiaError):
+    """Base of every error the client raises on purpose."""
+
+
+class ServerError(ClientError):
+    """The server answered a request with ``error``.
+
+    Attributes:
+        code: the wire error code (``bad_request``, ``unauthorized``, ``forbidden``,
+            ``not_found``, ``rate_limited``, ``too_large``, ``overloaded``, ``internal``).
+        message: the server's explanation, naming the offending field where it can.
+        retry_after_ms: for ``rate_limited``, how long to wait before trying again.
+    """
+
+    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
+        super().__init__(code, message, retry_after_ms)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ConnectionLost(ClientError):
+    """The connection could not be opened, or it was lost and the session will not reopen it.
+
+    Also raised by a request whose connection dropped before its reply when sending it again
+    would not be safe: it may or may not have taken effect.
+
+    Attributes:
+        close_code: the WebSocket close code, when the connection got as far as closing
+            (1006 when it ended without a closing handshake); ``None`` otherwise.
+        reason: the close reason the server gave, if any.
+    """
+
+    def __init__(
+        self, message: str, close_code: int | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message, close_code, reason)
+        self.message = message
+        self.close_code = close_code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClientClosed(ClientError):
+    """The session was closed by its owner; it cannot be used any more."""
+
+
+class SessionState(enum.Enum):
+    """Where a :class:`ClientSession`'s connection stands."""
+
+    #: Opening the first connection (never seen from inside ``async with connect(...)``).
+    CONNECTING = "connecting"
+    #: Welcomed; requests go out at once.
+    CONNECTED = "connected"
+    #: The connection dropped; the session is opening a new one. Requests wait.
+    RECONNECTING = "reconnecting"
+    #: Ended, by :meth:`ClientSession.aclose` or by an error that reconnecting cannot fix.
+    CLOSED = "closed"
+
+
+@attrs.frozen(kw_only=True)
+class Push:
+    """One server push: an envelope without ``ref``, or a ``welcome`` after a reconnection.
+
+    Attributes:
+        type: the event name (``collaboration_event``, ``users_list``, ``conflict_detected``,
+            ``conflict_resolved``, ``webrtc_signal``, ``quality_change``, ``error``, or
+            ``welcome`` after each reconnection).
+        data: the envelope's ``data``, as decoded from JSON.
+    """
+
+    type: str
+    data: dict[str, Any]
+
+    @property
+    def seq(self) -> int | None:
+        """The durable ``seq`` this push carries, or ``None`` for an ephemeral one."""
+        if self.type not in ("collaboration_event", "conflict_resolved"):
+            return None
+        seq = self.data.get("seq")
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+    @property
+    def droppable(self) -> bool:
+        """Whether a newer push supersedes this one (presence), so a full buffer may drop it."""
+        if self.type == "users_list":
+            return True
+        return (
+            self.type == "collaboration_event"
+            and self.seq is None
+            and self.data.get("kind") in _PRESENCE_KINDS
+        )
+
+
+@attrs.define(eq=False)
+class _Request:
+    """A request waiting for its reply."""
+
+    ref: int
+    type: str
+    frame: str
+    resendable: bool
+    #: Generation of the connection it was last sent on; ``None`` while not sent on any.
+    sent_on: int | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+    reply: dict[str, Any] | None = None
+    error: ClientError | None = None
+
+    def settle(
+        self, *, reply: dict[str, Any] | None = None, error: ClientError | None = None
+    ) -> None:
+        if self.done.is_set():
+            return
+        self.reply = reply
+        self.error = error
+        self.done.set()
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """One WebSocket connection of the session, from ``hello`` to its close."""
+
+    ws: trio_websocket.WebSocketConnection
+    generation: int
+    hello_ref: int
+    #: Cancelled by the reader when the connection ends, or to resynchronize.
+    wait_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: Set once the ``hello`` has its reply (welcome or error).
+    answered: trio.Event = attrs.Factory(trio.Event)
+    welcomed: bool = False
+    hello_error: ClientError | None = None
+    lost: bool = False
+    close_code: int | None = None
+    close_reason: str | None = None
+    opened_at: float = 0.0
+
+
+@attrs.frozen(kw_only=True)
+class _Ending:
+    """Why a connection attempt ended."""
+
+    #: What the session raises if it ends here; ``None`` for a close asked for or a resync.
+    error: ClientError | None
+    welcomed: bool
+    fatal: bool = False
+    min_delay: float = 0.0
+
+
+def _encode(envelope: Mapping[str, Any]) -> str:
+    return orjson.dumps(envelope).decode()
+
+
+def _server_error(data: Mapping[str, Any]) -> ServerError:
+    retry = data.get("retry_after_ms")
+    return ServerError(
+        str(data.get("code", "internal")),
+        str(data.get("message", "")),
+        retry if isinstance(retry, int) else None,
+    )
+
+
+def _clone(exc: ClientError) -> ClientError:
+    """A fresh copy of a stored error, so each raise gets its own traceback."""
+    fresh = copy.copy(exc)
+    fresh.__traceback__ = None
+    fresh.__cause__ = exc.__cause__
+    return fresh
+
+
+class ClientSession:
+    """A collaboration session on one project, kept connected across drops.
+
+    Made by :func:`connect`, which owns its background task; do not construct it yourself.
+    Use it from any task of the program; only one task should read its pushes.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        project_id: str,
+        resume_seq: int | None,
+        subprotocols: Sequence[str],
+        reconnect: bool,
+        min_backoff: float,
+        max_backoff: float,
+        handshake_timeout: float,
+        max_pushes: int,
+        max_frame_size: int,
+    ) -> None:
+        if max_pushes < 2:
+            raise ValueError("max_pushes must be at least 2")
+        self._url = url
+        self._token = token
+        self._project_id = project_id
+        self._subprotocols = tuple(subprotocols)
+        self._reconnect = reconnect
+        self._min_backoff = min_backoff
+        self._max_backoff = max(max_backoff, min_backoff)
+        self._handshake_timeout = handshake_timeout
+        self._max_pushes = max_pushes
+        self._max_frame_size = max_frame_size
+
+        self._seq: int | None = resume_seq
+        self._welcome: dict[str, Any] = {}
+        self._state = SessionState.CONNECTING
+        self._state_lot = trio.lowlevel.ParkingLot()
+        self._conn: _Connection | None = None
+        self._generation = 0
+        self._next_ref = 0
+        self._pending: dict[int, _Request] = {}
+        self._pushes: collections.deque[Push] = collections.deque()
+        self._push_lot = trio.lowlevel.ParkingLot()
+        self._overflowed = False
+        self._resync_wanted = False
+        self._closed = False
+        self._fatal: ClientError | None = None
+        self._loop_scope: trio.CancelScope | None = None
+        self._loop_done = trio.Event()
+        self.dropped = 0
+        self.reconnects = 0
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def state(self) -> SessionState:
+        """Where the connection stands now."""
+        return self._state
+
+    @property
+    def welcome(self) -> dict[str, Any]:
+        """The data of the latest ``welcome`` (``session_id``, ``user``, ``users``, ``seq``, …)."""
+        return self._welcome
+
+    @property
+    def seq(self) -> int | None:
+        """The highest durable ``seq`` handed to the push buffer (what a resume starts from)."""
+        return self._seq
+
+    async def wait_connected(self) -> None:
+        """Return once the session is connected (at once if it is).
+
+        Raises:
+            ClientClosed: the session was closed by its owner.
+            ServerError, ConnectionLost: the session ended on its own; the error says why.
+        """
+        await self._wait_connected()
+
+    async def wait_disconnected(self) -> None:
+        """Return once the session is not connected (at once if it is not).
+
+        Useful to observe a drop; combine with :meth:`wait_connected` to await the reconnection.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._state is SessionState.CONNECTED:
+            await self._state_lot.park()
+
+    # ----------------------------------------------------------------------------- requests
+
+    async def request(self, type: str, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Send a client message with a ``ref`` and return the ``data`` of its reply.
+
+        Waits for the connection if the session is reconnecting. If the connection drops before
+        the reply, a ``timeline_change`` or ``users_request`` is sent again on the next
+        connection; any other request raises :class:`ConnectionLost`.
+
+        Cancelling the call stops waiting; the request may still take effect, and it is not
+        sent again after a reconnection.
+
+        Raises:
+            ServerError: the server answered ``error``.
+            ConnectionLost: the connection dropped before the reply of a request that cannot
+                safely be sent again, or the session ended for good.
+            ClientClosed: the session was closed by its owner.
+            ValueError: ``type`` is ``hello`` (the session sends it), or the frame is larger
+                than ``max_frame_size``.
+        """
+        self._check_type(type)
+        self._raise_if_ended()
+        ref = self._new_ref()
+        envelope = {"type": type, "ref": ref, "data": dict(data or {})}
+        req = _Request(
+            ref=ref,
+            type=type,
+            frame=self._checked_frame(envelope),
+            resendable=type in _RESENDABLE,
+        )
+        self._pending[ref] = req
+        try:
+            await self._transmit(req)
+            await req.done.wait()
+        finally:
+            self._pending.pop(ref, None)
+        if req.error is not None:
+            raise req.error
+        assert req.reply is not None
+        return req.reply
+
+    async def send(self, type: str, data: Mapping[str, Any] | None = None) -> None:
+        """Send a client message without ``ref``: no reply comes back (errors come as pushes).
+
+        Waits for the connection if the session is reconnecting; a message whose send failed
+        because the connection dropped is sent on the next one. Nothing tells whether it was
+        applied.
+
+        Raises:
+            ConnectionLost, ServerError: the session ended for good.
+            ClientClosed: the session was closed by its owner.
+            ValueError: as for :meth:`request`.
+        """
+        self._check_type(type)
+        frame = self._checked_frame({"type": type, "data": dict(data or {})})
+        while True:
+            conn = await self._wait_connected()
+            try:
+                await conn.ws.send_message(frame)
+            except trio_websocket.ConnectionClosed:
+                await self._wait_gone(conn)
+            else:
+                return
+
+    async def change(
+        self, changes: Sequence[Mapping[str, Any]], *, change_id: str | None = None
+    ) -> dict[str, Any]:
+        """Send a ``timeline_change`` and return its ack (``change_id``, ``seq``, ``status``, …).
+
+        ``change_id`` defaults to a new UUID. The change is sent again with the same
+        ``change_id`` if the connection drops before the ack, so it is applied at most once;
+        the ack may then say ``duplicate`` (with the first ack's ``seq``). A status of
+        ``conflict`` or ``partial`` is an ack, not an error.
+
+        Raises:
+            ServerError: the change was refused (``forbidden``, ``bad_request``, …).
+            ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        data = {"change_id": change_id or str(uuid.uuid4()), "changes": list(changes)}
+        return await self.request("timeline_change", data)
+
+    async def comment(
+        self,
+        text: str,
+        *,
+        element_id: str | None = None,
+        time: float | None = None,
+        comment_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Add a comment (``comment_add``) and return its ack, which carries its ``seq``.
+
+        ``comment_id`` defaults to a new UUID. A comment is not sent again after a drop.
+
+        Raises:
+            ServerError, ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        comment: dict[str, Any] = {"id": comment_id or str(uuid.uuid4()), "text": text}
+        if element_id is not None:
+            comment["element_id"] = element_id
+        if time is not None:
+            comment["time"] = time
+        return await self.request("comment_add", {"comment": comment})
+
+    async def cursor(
+        self, x: float, y: float, *, time: float | None = None, track: str | None = None
+    ) -> None:
+        """Tell the others where this user's cursor is (``cursor_update``, no reply).
+
+        Raises:
+            ConnectionLost, ServerError, ClientClosed: the session ended.
+        """
+        position: dict[str, Any] = {"x": x, "y": y}
+        if time is not None:
+            position["time"] = time
+        if track is not None:
+            position["track"] = track
+        await self.send("cursor_update", {"position": position})
+
+    async def users(self) -> list[dict[str, Any]]:
+        """Ask for the project's current users (``users_request``) and return them.
+
+        Raises:
+            ServerError, ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        reply = await self.request("users_request")
+        users = reply.get("users", [])
+        return list(users) if isinstance(users, list) else []
+
+    async def ping(self) -> float:
+        """Send a ``ping`` and return the round trip in seconds.
+
+        The time includes waiting for a connection if the session is reconnecting.
+
+        Raises:
+            ConnectionLost: the connection dropped before the ``pong``.
+            ServerError, ClientClosed: as for :meth:`request`.
+        """
+        start = trio.current_time()
+        await self.request("ping", {"t": int(time.time() * 1000)})
+        return trio.current_time() - start
+
+    # ----------------------------------------------------------------------------- pushes
+
+    async def receive(self) -> Push:
+        """Return the next push, waiting for one if none is buffered.
+
+        Raises:
+            ClientClosed: the session was closed by its owner (buffered pushes are discarded).
+            ServerError, ConnectionLost: the session ended on its own, and every push that
+                arrived before that has been returned.
+        """
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self._closed:
+                raise ClientClosed("the session is closed")
+            if self._pushes:
+                break
+            self._raise_if_ended()
+            await self._push_lot.park()
+        push = self._pushes.popleft()
+        if self._overflowed and len(self._pushes) <= self._max_pushes // 2:
+            self._request_resync()
+        return push
+
+    def __aiter__(self) -> ClientSession:
+        return self
+
+    async def __anext__(self) -> Push:
+        """The next push; iteration stops when the session is closed by its owner."""
+        try:
+            return await self.receive()
+        except ClientClosed:
+            raise StopAsyncIteration from None
+
+    # ----------------------------------------------------------------------------- closing
+
+    async def aclose(self) -> None:
+        """Close the session: fail what is pending, close the WebSocket with 1000, stop.
+
+        Pending requests raise :class:`ClientClosed`; a change whose ack had not arrived may or
+        may not have been applied. Idempotent. Even when cancelled, it tries a graceful close
+        for a short while, then closes the socket forcefully.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._fail_pending(ClientClosed("the session was closed"))
+        self._pushes.clear()
+        self._push_lot.unpark_all()
+        self._state_lot.unpark_all()
+        with trio.move_on_after(_CLOSE_GRACE, shield=True):
+            conn = self._conn
+            if conn is not None and not conn.lost:
+                await conn.ws.aclose()
+            if self._loop_scope is not None:
+                self._loop_scope.cancel()
+            await self._loop_done.wait()
+        if self._loop_scope is not None:
+            self._loop_scope.cancel()
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _new_ref(self) -> int:
+        self._next_ref += 1
+        return self._next_ref
+
+    @staticmethod
+    def _check_type(type: str) -> None:
+        if type == "hello":
+            raise ValueError("the session sends hello itself")
+
+    def _checked_frame(self, envelope: Mapping[str, Any]) -> str:
+        frame = _encode(envelope)
+        size = len(frame.encode())
+        if size > self._max_frame_size:
+            raise ValueError(
+                f"{envelope['type']} frame of {size} bytes is over max_frame_size "
+                f"({self._max_frame_size})"
+            )
+        return frame
+
+    def _raise_if_ended(self) -> None:
+        if self._closed:
+            raise ClientClosed("the session is closed")
+        if self._fatal is not None:
+            raise _clone(self._fatal)
+
+    def _set_state(self, state: SessionState) -> None:
+        self._state = state
+        self._state_lot.unpark_all()
+
+    async def _wait_connected(self) -> _Connection:
+        await trio.lowlevel.checkpoint()
+        while True:
+            self._raise_if_ended()
+            conn = self._conn
+            if self._state is SessionState.CONNECTED and conn is not None and not conn.lost:
+                return conn
+            await self._state_lot.park()
+
+    async def _wait_gone(self, conn: _Connection) -> None:
+        """Wait until the session has noticed that ``conn`` is gone."""
+        while self._conn is conn and self._state is SessionState.CONNECTED:
+            self._raise_if_ended()
+            await self._state_lot.park()
+
+    async def _transmit(self, req: _Request) -> None:
+        """Send ``req`` once, on the current connection or the next one."""
+        while not req.done.is_set():
+            conn = await self._wait_connected()
+            req.sent_on = conn.generation
+            try:
+                await conn.ws.send_message(req.frame)
+            except trio_websocket.ConnectionClosed:
+                if req.done.is_set():
+                    return
+                # Not delivered: this task sends it again on the next connection.
+                req.sent_on = None
+                await self._wait_gone(conn)
+            else:
+                return
+
+    def _fail_pending(self, error: ClientError) -> None:
+        for req in list(self._pending.values()):
+            req.settle(error=_clone(error))
+
+    def _request_resync(self) -> None:
+        conn = self._conn
+        if self._resync_wanted or conn is None or self._state is not SessionState.CONNECTED:
+            return
+        self._resync_wanted = True
+        conn.wait_scope.cancel()
+
+    def _end(self, error: ClientError) -> None:
+        """End the session for good: every pending and later call raises ``error``."""
+        self._fatal = error
+        self._fail_pending(error)
+        self._push_lot.unpark_all()
+
+    # -- the connection loop ---------------------------------------------------------
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the session connected until it is closed or ends; started by :func:`connect`.
+
+        Reports ready once the first connection is welcomed; if that fails, raises its error.
+        """
+        try:
+            with trio.CancelScope() as self._loop_scope:
+                await self._connection_loop(task_status)
+        finally:
+            self._set_state(SessionState.CLOSED)
+            self._push_lot.unpark_all()
+            self._loop_done.set()
+
+    async def _connection_loop(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        failures = 0
+        while True:
+            ending = await self._attempt(None if started else task_status)
+            if ending.welcomed:
+                started = True
+                conn = self._conn
+                if conn is not None and trio.current_time() - conn.opened_at >= self._max_backoff:
+                    failures = 0
+            if self._closed:
+                return
+            if not started:
+                assert ending.error is not None
+                raise ending.error
+            if ending.error is not None and (ending.fatal or not self._reconnect):
+                self._end(ending.error)
+                return
+            if ending.welcomed:
+                self._after_loss()
+            self._set_state(SessionState.RECONNECTING)
+            if ending.error is None:
+                continue  # resynchronizing after a push overflow: reconnect at once
+            cap = min(self._max_backoff, self._min_backoff * 2.0**failures)
+            delay = max(ending.min_delay, random.uniform(0.0, cap))
+            failures += 1
+            logger.info("reconnecting to %s in %.2fs: %s", self._url, delay, ending.error)
+            await trio.sleep(delay)
+
+    def _after_loss(self) -> None:
+        """Fail the requests that the lost connection carried and that cannot be resent."""
+        lost = self._generation
+        for req in list(self._pending.values()):
+            if req.sent_on == lost and not req.resendable:
+                req.settle(
+                    error=ConnectionLost(
+                        f"the connection dropped before the reply to {req.type}; "
+                        "it may or may not have taken effect"
+                    )
+                )
+
+    async def _attempt(self, task_status: trio.TaskStatus[None] | None) -> _Ending:
+        """Open one connection, say hello, and serve it until it ends."""
+        self._generation += 1
+        self._overflowed = False
+        self._resync_wanted = False
+        ending: _Ending | None = None
+        try:
+            async with trio_websocket.open_websocket_url(
+                self._url,
+                subprotocols=self._subprotocols,
+                max_message_size=_MAX_INCOMING_BYTES,
+                connect_timeout=self._handshake_timeout,
+                disconnect_timeout=_CLOSE_GRACE,
+            ) as ws:
+                conn = _Connection(
+                    ws=ws,
+                    generation=self._generation,
+                    hello_ref=self._new_ref(),
+                    opened_at=trio.current_time(),
+                )
+                self._conn = conn
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read, conn)
+                    ending = await self._drive(conn, task_status)
+                    nursery.cancel_scope.cancel()
+        except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
+            if ending is not None:
+                return ending  # only the closing handshake failed: it had ended anyway
+            if isinstance(exc, trio_websocket.ConnectionRejected):
+                message = f"the server refused the WebSocket upgrade (HTTP {exc.status_code})"
+            else:
+                message = f"could not connect to {self._url}: {exc!r}"
+            error = ConnectionLost(message)
+            error.__cause__ = exc
+            return _Ending(error=error, welcomed=False)
+        return ending
+
+    async def _drive(self, conn: _Connection, task_status: trio.TaskStatus[None] | None) -> _Ending:
+        hello_data: dict[str, Any] = {"token": self._token, "project_id": self._project_id}
+        if self._seq is not None:
+            hello_data["resume"] = {"seq": self._seq}
+        hello = _encode({"type": "hello", "ref": conn.hello_ref, "data": hello_data})
+        with conn.wait_scope:
+            with trio.move_on_after(self._handshake_timeout) as deadline:
+                try:
+                    await conn.ws.send_message(hello)
+                except trio_websocket.ConnectionClosed:
+                    await trio.sleep_forever()  # the reader reports the close
+                await conn.answered.wait()
+            if deadline.cancelled_caught:
+                await self._close_quietly(conn)
+                return _Ending(
+                    error=ConnectionLost(f"no welcome within {self._handshake_timeout}s"),
+                    welcomed=False,
+                )
+            if conn.hello_error is not None:
+                await self._close_quietly(conn)
+                return self._ending_for(conn)
+            await self._resend(conn)
+            self._set_state(SessionState.CONNECTED)
+            if task_status is not None:
+                task_status.started()
+            else:
+                self.reconnects += 1
+            await trio.sleep_forever()
+        if not conn.lost and self._resync_wanted:
+            # Stop taking new requests, let those in flight get their replies, then leave.
+            self._set_state(SessionState.RECONNECTING)
+            with trio.move_on_after(self._handshake_timeout):
+                for req in list(self._pending.values()):
+                    if req.sent_on == conn.generation and not req.resendable:
+                        await req.done.wait()
+            await self._close_quietly(conn)
+            return _Ending(error=None, welcomed=True)
+        return self._ending_for(conn)
+
+    async def _resend(self, conn: _Connection) -> None:
+        for req in sorted(self._pending.values(), key=lambda r: r.ref):
+            if req.done.is_set() or req.sent_on is None or req.sent_on == conn.generation:
+                continue
+            req.sent_on = conn.generation
+            try:
+                await conn.ws.send_message(req.frame)
+            except trio_websocket.ConnectionClosed:
+                await trio.sleep_forever()  # the reader reports the close
+
+    async def _close_quietly(self, conn: _Connection) -> None:
+        with trio.move_on_after(_CLOSE_GRACE):
+            await conn.ws.aclose()
+
+    def _ending_for(self, conn: _Connection) -> _Ending:
+        """What the end of ``conn`` means for the session."""
+        welcomed = conn.welcomed
+        hello_error = conn.hello_error
+        if isinstance(hello_error, ServerError):
+            fatal = hello_error.code in _FATAL_HELLO_CODES
+            delay = (hello_error.retry_after_ms or 0) / 1000
+            return _Ending(error=hello_error, welcomed=welcomed, fatal=fatal, min_delay=delay)
+        if hello_error is not None:
+            return _Ending(error=hello_error, welcomed=welcomed)
+        code, reason = conn.close_code, conn.close_reason
+        if code == _CLOSE_UNAUTHORIZED:
+            error: ClientError = ServerError("unauthorized", reason or "closed with 4401")
+            return _Ending(error=error, welcomed=welcomed, fatal=True)
+        error = ConnectionLost(
+            f"the connection closed with {code}" + (f": {reason}" if reason else ""),
+            close_code=code,
+            reason=reason,
+        )
+        if code in _FATAL_CLOSE_CODES:
+            return _Ending(error=error, welcomed=welcomed, fatal=True)
+        if code == _CLOSE_RATE_LIMIT_ABUSED:
+            return _Ending(error=error, welcomed=welcomed, min_delay=self._max_backoff)
+        return _Ending(error=error, welcomed=welcomed)
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def _read(self, conn: _Connection) -> None:
+        try:
+            while True:
+                message = await conn.ws.get_message()
+                self._on_message(conn, message)
+        except trio_websocket.ConnectionClosed as exc:
+            if exc.reason is not None:
+                conn.close_code = exc.reason.code
+                conn.close_reason = exc.reason.reason
+        conn.lost = True
+        conn.wait_scope.cancel()
+        self._state_lot.unpark_all()
+
+    def _on_message(self, conn: _Connection, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            logger.warning("ignoring a binary frame from the server")
+            return
+        try:
+            payload = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            logger.warning("ignoring a frame that is not JSON: %.80r", message)
+            return
+        for envelope in payload if isinstance(payload, list) else [payload]:
+            self._on_envelope(conn, envelope)
+
+    def _on_envelope(self, conn: _Connection, envelope: object) -> None:
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("type"), str):
+            logger.warning("ignoring an envelope without type: %.80r", envelope)
+            return
+        type_: str = envelope["type"]
+        data = envelope.get("data")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            logger.warning("ignoring a %s envelope whose data is not an object", type_)
+            return
+        ref = envelope.get("ref")
+        if ref is None:
+            self._on_push(Push(type=type_, data=data))
+        elif ref == conn.hello_ref:
+            self._on_hello_reply(conn, type_, data)
+        else:
+            req = self._pending.get(ref)
+            if req is None or req.sent_on != conn.generation:
+                return  # its caller gave up
+            if type_ == "error":
+                req.settle(error=_server_error(data))
+            else:
+                req.settle(reply=data)
+
+    def _on_hello_reply(self, conn: _Connection, type_: str, data: dict[str, Any]) -> None:
+        if type_ == "welcome":
+            self._welcome = data
+            snapshot = data.get("snapshot")
+            if isinstance(snapshot, dict):
+                # A full state: replay was not possible (or not asked for); go on from it.
+                seq = snapshot.get("seq", data.get("seq"))
+                self._seq = seq if isinstance(seq, int) else self._seq
+            elif self._seq is None and isinstance(data.get("seq"), int):
+                self._seq = data["seq"]
+            conn.welcomed = True
+            if conn.generation > 1:
+                # Comes before the replayed events that follow it in this frame.
+                self._on_push(Push(type="welcome", data=data))
+        elif type_ == "error":
+            conn.hello_error = _server_error(data)
+        else:
+            conn.hello_error = ConnectionLost(f"the server answered hello with {type_!r}")
+        conn.answered.set()
+
+    def _on_push(self, push: Push) -> None:
+        if self._closed:
+            return
+        seq = push.seq
+        if seq is not None:
+            if self._seq is not None and seq <= self._seq:
+                return  # already delivered (replay overlap)
+            if self._overflowed or not self._make_room(push):
+                # Left for the resync to fetch again; seq stays put.
+                self._overflowed = True
+                return
+            self._seq = seq
+        elif not self._make_room(push):
+            self.dropped += 1
+            if not push.droppable:
+                self._overflowed = True
+            return
+        self._pushes.append(push)
+        self._push_lot.unpark()
+
+    def _make_room(self, push: Push) -> bool:
+        """Whether ``push`` fits, after dropping the oldest presence push if the buffer is full."""
+        if len(self._pushes) < self._max_pushes:
+            return True
+        for index, queued in enumerate(self._pushes):
+            if queued.droppable:
+                del self._pushes[index]
+                self.dropped += 1
+                return True
+        return False
+
+
+def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception in ``group`` that is not a :class:`trio.Cancelled`, if there is one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again, keeping the context it had rather than the group it came in."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
+
+
+@asynccontextmanager
+async def connect(
+    url: str,
+    token: str,
+    project_id: str,
+    *,
+    resume_seq: int | None = None,
+    subprotocols: Sequence[str] = (SUBPROTOCOL,),
+    reconnect: bool = True,
+    min_backoff: float = 0.1,
+    max_backoff: float = 10.0,
+    handshake_timeout: float = 10.0,
+    max_pushes: int = 10_000,
+    max_frame_size: int = 64 * 1024,
+) -> AsyncIterator[ClientSession]:
+    """Open a collaboration session on ``project_id`` and yield it once welcomed.
+
+    The session's background task lives in a nursery that this context manager owns; leaving
+    the block closes the session (:meth:`ClientSession.aclose`). The block is not cancelled
+    when the session ends on its own: its calls and its push iteration raise the reason.
+
+    Args:
+        url: the WebSocket endpoint, e.g. ``ws://127.0.0.1:3001/ws``.
+        token: a JWT for this project (``crealia token``).
+        project_id: the project to join.
+        resume_seq: the highest ``seq`` already applied, to have the server replay what came
+            after it instead of sending a snapshot.
+        subprotocols: offered in the handshake.
+        reconnect: reconnect when the connection drops. If false, a drop ends the session.
+        min_backoff, max_backoff: the bounds, in seconds, of the jittered exponential delay
+            between reconnection attempts.
+        handshake_timeout: seconds one attempt may take to connect and get its ``welcome``.
+        max_pushes: how many unread pushes the session buffers (see the module docstring).
+        max_frame_size: the server's frame limit in bytes; a larger request raises
+            :exc:`ValueError` instead of getting the connection closed with 1009.
+
+    Raises:
+        ServerError: the server refused the ``hello`` (``unauthorized`` for a bad, expired or
+            foreign token).
+        ConnectionLost: the first connection could not be opened or ended before ``welcome``
+            (no retry for the first one).
+    """
+    session = ClientSession(
+        url=url,
+        token=token,
+        project_id=project_id,
+        resume_seq=resume_seq,
+        subprotocols=subprotocols,
+        reconnect=reconnect,
+        min_backoff=min_backoff,
+        max_backoff=max_backoff,
+        handshake_timeout=handshake_timeout,
+        max_pushes=max_pushes,
+        max_frame_size=max_frame_size,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session._run)
+            try:
+                yield session
+            finally:
+                await session.aclose()
+    except BaseExceptionGroup as group:
+        # Our task reports through the session and never raises after it started, so a group
+        # here wraps the body's exception or the first connection's error: raise it as itself.
+        sole = _sole_exception(group)
+        if sole is None:
+            raise
+        _reraise(sole)

@@ -95,10 +95,13 @@ class RawClient:
             while True:
                 await self._fill()
         except trio_websocket.ConnectionClosed as exc:
+            await self.aclose()
             return exc.reason.code if exc.reason else None
 
     async def aclose(self) -> None:
         await self.ws.aclose()
+        # trio-websocket leaves the TCP stream open when the peer closed first.
+        await self.ws._close_stream()
 
 
 async def open_raw_client(

@@ -1,0 +1,78 @@
+"""Run ``crealia serve`` as a real subprocess for tests that kill or signal it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import trio
+
+
+@attrs.define
+class ServerProcess:
+    process: trio.Process
+    http_port: int
+    ws_port: int
+    output: list[str]
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+
+@asynccontextmanager
+async def run_server(
+    data_dir: Path, jwt_secret: str, *extra: str, env: dict[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    """Start ``crealia serve`` on free ports; yields once it prints its listening line.
+
+    On exit the process is SIGKILLed if it still runs.
+    """
+    command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
+               "--data-dir", str(data_dir), "--jwt-secret", jwt_secret, *extra]
+    process = await trio.lowlevel.open_process(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    output: list[str] = []
+    assert process.stdout is not None
+    buffer = b""
+    try:
+        with trio.fail_after(15):
+            while b"crealia listening" not in buffer:
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"server exited early: {buffer.decode(errors='replace')}")
+                buffer += chunk
+        line = next(ln for ln in buffer.decode().splitlines() if ln.startswith("crealia listening"))
+        fields = dict(part.split("=") for part in line.split()[2:])
+        output.append(buffer.decode(errors="replace"))
+        yield ServerProcess(process, int(fields["http"]), int(fields["ws"]), output)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+__all__ = ["ServerProcess", "run_server", "signal"]

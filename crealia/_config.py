@@ -37,6 +37,8 @@ class Config:
     outbox_frames: int = 512
     #: Bytes a connection may have queued before it is closed as a slow consumer (4409).
     outbox_bytes: int = 8 * 1024 * 1024
+    #: Seconds a closing session may take to finish its frame and send its close.
+    close_timeout: float = 5.0
     #: Durable events kept per project for resume (at least 1,000).
     history_limit: int = attrs.field(default=10_000)
     #: Seconds a room stays open after its last member leaves.

@@ -76,6 +76,8 @@ class Room:
     sessions: dict[str, Session] = attrs.Factory(dict)
     members: dict[str, Member] = attrs.Factory(dict)
     ready: trio.Event = attrs.Factory(trio.Event)
+    #: Set once the room has closed and let go of its subscription.
+    done: trio.Event = attrs.Factory(trio.Event)
     failure: CrealiaError | None = None
     closed: bool = False
     #: Highest durable seq handed to this room.
@@ -113,8 +115,9 @@ class Room:
             self.closed = True
             self.ready.set()
             self.manager._forget(self)
-            for session in list(self.sessions.values()) + [j.session for j in self._joining.values()]:
+            for session in [*self.sessions.values(), *(j.session for j in self._joining.values())]:
                 session.kill(1011, "room closed")
+            self.done.set()
 
     def close(self) -> None:
         """Close the room now (its sessions are closed with 1011)."""

@@ -76,6 +76,10 @@ class Connection(ABC):
     async def close(self, code: int, reason: str = "") -> None:
         """Close with ``code``; never raises, returns once the close is sent or the peer gone."""
 
+    @abstractmethod
+    async def abort(self) -> None:
+        """Drop the connection without a close frame (the stream is no longer usable)."""
+
 
 class _Close(Exception):
     def __init__(self, code: int, reason: str) -> None:
@@ -96,7 +100,12 @@ class Session:
     queued_bytes: int = 0
     close_code: int | None = None
     close_reason: str = ""
+    #: Covers the whole session; killing it sets a deadline on it.
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: Covers the reader only; killing the session cancels it at once.
+    reader_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: True while the writer is inside a send: cancelling it there leaves half a frame.
+    sending: bool = False
 
     @classmethod
     def create(cls, user: User, conn: Connection, config: Config) -> Session:
@@ -112,7 +121,8 @@ class Session:
         if self.close_code is not None:
             return
         self.queued_bytes += len(body)
-        if self.queued_bytes > self.config.outbox_bytes:
+        # One item of any size may always wait; past that the byte budget applies.
+        if self.queued_bytes > self.config.outbox_bytes and self.queued_bytes > len(body):
             self.kill(4409, "slow consumer: too far behind, reconnect and resume")
             return
         try:
@@ -124,27 +134,40 @@ class Session:
         self.push(1, frame)
 
     def kill(self, code: int, reason: str) -> None:
-        """End the session with close ``code`` (its tasks are cancelled; the close is sent)."""
+        """End the session with close ``code``.
+
+        The reader stops at once; the writer finishes the frame it is sending (a frame cut in
+        half would corrupt the stream for the close that follows) and sends nothing more. A
+        client that does not take even that frame within ``close_timeout`` is aborted.
+        """
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
-        self.scope.cancel()
+        self.reader_scope.cancel()
+        self._send.close()
+        self.scope.deadline = min(
+            self.scope.deadline, trio.current_time() + self.config.close_timeout
+        )
 
     async def writer(self) -> None:
         batching = self.config.tick_ms > 0
         async for count, body in self._recv:
+            if self.close_code is not None:
+                return
             parts, total, size = [body], count, len(body)
             while batching and size < _MAX_MERGED_FRAME:
                 try:
                     more_count, more = self._recv.receive_nowait()
-                except trio.WouldBlock:
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
                 parts.append(more)
                 total += more_count
                 size += len(more)
             self.queued_bytes -= size
             frame = parts[0] if total == 1 else b"[" + b",".join(parts) + b"]"
+            self.sending = True
             await self.conn.send(frame)
+            self.sending = False
 
 
 @attrs.define(eq=False)
@@ -200,7 +223,10 @@ class Hub:
             self.live.pop(key, None)
             if session is not None and session.close_code is not None:
                 code, reason = session.close_code, session.close_reason
-            if code != -1:
+            if session is not None and session.sending:
+                # Cancelled in the middle of a frame: a close frame now would be garbage.
+                await conn.abort()
+            elif code != -1:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     await conn.close(code, reason)
             if not self.live:
@@ -260,6 +286,10 @@ class Hub:
             session.push(len(chunk), b",".join(chunk))
 
     async def _reader(self, session: Session, room: Room) -> None:
+        with session.reader_scope:
+            await self._read_loop(session, room)
+
+    async def _read_loop(self, session: Session, room: Room) -> None:
         conn = session.conn
         while True:
             frame = await conn.receive()

@@ -45,6 +45,13 @@ class TrioWebSocketConnection(Connection):
             await self._ws.aclose(code, reason[:120])
         except trio_websocket.ConnectionClosed:
             pass
+        finally:
+            # trio-websocket keeps the TCP stream open when the peer closed first.
+            await self.abort()
+
+    async def abort(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._ws._close_stream()
 
 
 async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:

@@ -1,0 +1,139 @@
+"""Rooms: slow consumers, lifetime, isolation, storage failures."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import trio
+import trio_websocket
+
+from crealia import open_server
+
+from ._wsclient import RawClient
+from .conftest import Clients, make_config
+
+
+async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
+    """A client with a tiny receive buffer that will stop reading when told to."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    ws = await trio_websocket.wrap_client_stream(
+        nursery, trio.SocketStream(sock), "127.0.0.1", "/ws", message_queue_size=1,
+        max_message_size=16 * 1024 * 1024,
+    )
+    return RawClient(ws)
+
+
+async def test_slow_consumer_is_closed_with_4409_and_room_goes_on(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path, outbox_frames=64, outbox_bytes=2 * 1024 * 1024)
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        writer = await clients.join("writer")
+        reader = await clients.join("reader", role="viewer")
+        slow = await open_stalled_client(nursery, server.ws_port)
+        await slow.hello(server.issue_token("slow", "p1", "viewer"), "p1")
+        room = server.hub.rooms.rooms["p1"]
+        stalled = next(s for s in room.sessions.values() if s.user.id == "slow")
+        text = "x" * 9000
+        seen: list[int] = []
+        target = {"seq": 10**9}
+        caught_up = trio.Event()
+
+        async def consume() -> None:
+            while True:
+                env = await reader.event("comment_add")
+                seen.append(env["data"]["seq"])
+                if seen[-1] >= target["seq"]:
+                    caught_up.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(consume)
+                sent = 0
+                while stalled.close_code is None and sent < 5000:
+                    sent += 1
+                    ack = await writer.request(
+                        "comment_add", {"comment": {"id": f"k{sent}", "text": text}}
+                    )
+                    assert ack["type"] == "ack", ack
+                    writer.inbox.clear()
+                assert stalled.close_code == 4409, "the stalled client was never cut off"
+                # It gets the frame that was in flight, then the close: the stream stays valid.
+                assert await slow.closed() == 4409
+                # The room went on: writes still work and the reader saw every comment.
+                final = await writer.request("comment_add", {"comment": {"id": "z", "text": "ok"}})
+                last = target["seq"] = final["data"]["seq"]
+                if seen and seen[-1] >= last:
+                    caught_up.set()
+                await caught_up.wait()
+                inner.cancel_scope.cancel()
+            assert seen == list(range(1, last + 1))
+            assert stalled.id not in room.sessions
+        await clients.aclose()
+
+
+async def test_room_closes_after_last_member_and_reopens(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        await a.request("timeline_change", {"change_id": "c", "changes": [
+            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {}}]})
+        room = clients.server.hub.rooms.rooms["p1"]
+        await a.aclose()
+        await room.done.wait()
+        assert "p1" not in clients.server.hub.rooms.rooms
+        b = await clients.join("bob")
+        assert b.welcome["seq"] == 1
+        assert clients.server.hub.rooms.rooms["p1"] is not room
+
+
+async def test_projects_are_isolated(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice", project="pa")
+        b = await clients.join("bob", project="pb")
+        await a.request("timeline_change", {"change_id": "same", "changes": [
+            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}]})
+        await a.request("comment_add", {"comment": {"id": "k", "text": "in pa"}})
+        reply = await b.request("timeline_change", {"change_id": "same", "changes": [
+            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 2}}]})
+        assert reply["data"]["status"] == "applied" and reply["data"]["seq"] == 1
+        touch = await b.request("timeline_change", {"change_id": "x", "changes": [
+            {"op": "set", "element_id": "nope", "prop": "v", "value": 3}]})
+        assert touch["data"]["code"] == "not_found"
+        await b.request("ping", {})
+        assert not [e for e in b.inbox if e["type"] == "collaboration_event"
+                    and e["data"].get("user_id") == "alice"]
+        c = await clients.join("carol", project="pa")
+        assert c.welcome["seq"] == 2
+        assert c.welcome["snapshot"]["elements"]["e"]["props"] == {"v": 1}
+
+
+async def test_storage_failure_is_overloaded_and_applies_nothing(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await a.request("timeline_change", {"change_id": "c1", "changes": [
+            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}]})
+        store = clients.server.store
+        store.fail_commits = True
+        failed = await a.request("timeline_change", {"change_id": "c2", "changes": [
+            {"op": "set", "element_id": "e", "prop": "v", "value": 2}]})
+        assert failed["type"] == "error" and failed["data"]["code"] == "overloaded"
+        comment = await a.request("comment_add", {"comment": {"id": "k", "text": "t"}})
+        assert comment["data"]["code"] == "overloaded"
+        store.fail_commits = False
+        # Nothing of the failed writes exists: same change id applies now, at the next seq.
+        ok = await a.request("timeline_change", {"change_id": "c2", "changes": [
+            {"op": "set", "element_id": "e", "prop": "v", "value": 3}]})
+        assert ok["data"]["status"] == "applied" and ok["data"]["seq"] == 2
+        seqs = []
+        while len(seqs) < 2:
+            env = await b.expect(lambda e: e["type"] == "collaboration_event"
+                                 and "seq" in e["data"])
+            seqs.append((env["data"]["seq"], env["data"]["payload"]["change_id"]))
+        assert seqs == [(1, "c1"), (2, "c2")]
+        late = await clients.join("late")
+        assert late.welcome["snapshot"]["elements"]["e"]["props"] == {"v": 3}

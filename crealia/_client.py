@@ -63,11 +63,13 @@ import copy
 import enum
 import logging
 import random
+import ssl
 import time
+import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import attrs
 import orjson
@@ -264,6 +266,61 @@ class _Ending:
     min_delay: float = 0.0
 
 
+@attrs.frozen
+class _Target:
+    """Where a WebSocket URL points."""
+
+    host: str
+    port: int
+    host_header: str
+    resource: str
+    ssl_context: ssl.SSLContext | None
+
+    @classmethod
+    def parse(cls, url: str, ssl_context: ssl.SSLContext | None) -> _Target:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"a WebSocket URL starts with ws:// or wss://, not {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.hostname if port in (80, 443) else f"{parts.hostname}:{port}"
+        if secure:
+            context = ssl_context or ssl.create_default_context()
+        elif ssl_context is not None:
+            raise ValueError("ssl_context is only for wss:// URLs")
+        else:
+            context = None
+        return cls(parts.hostname, port, host_header, resource, context)
+
+
+class _ReaderWatch:
+    """Stands in for the nursery that trio-websocket starts a connection's reader task in.
+
+    When that task ends before the upgrade completed (the server closed the stream, or
+    rejected the upgrade), it cancels ``handshake_scope`` so the upgrade stops waiting, and
+    keeps a rejection in ``error`` instead of letting it crash the nursery.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.handshake_scope = trio.CancelScope()
+        self.error: trio_websocket.HandshakeError | None = None
+
+    def start_soon(self, function: Callable[[], Awaitable[None]], *, name: object = None) -> None:
+        async def watched() -> None:
+            try:
+                await function()
+            except trio_websocket.HandshakeError as exc:
+                self.error = exc
+            finally:
+                self.handshake_scope.cancel()
+
+        self._nursery.start_soon(watched, name=name)
+
+
 def _encode(envelope: Mapping[str, Any]) -> str:
     return orjson.dumps(envelope).decode()
 
@@ -306,10 +363,12 @@ class ClientSession:
         handshake_timeout: float,
         max_pushes: int,
         max_frame_size: int,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         if max_pushes < 2:
             raise ValueError("max_pushes must be at least 2")
         self._url = url
+        self._target = _Target.parse(url, ssl_context)
         self._token = token
         self._project_id = project_id
         self._subprotocols = tuple(subprotocols)
@@ -715,37 +774,81 @@ class ClientSession:
         self._generation += 1
         self._overflowed = False
         self._resync_wanted = False
-        ending: _Ending | None = None
-        try:
-            async with trio_websocket.open_websocket_url(
-                self._url,
-                subprotocols=self._subprotocols,
-                max_message_size=_MAX_INCOMING_BYTES,
-                connect_timeout=self._handshake_timeout,
-                disconnect_timeout=_CLOSE_GRACE,
-            ) as ws:
-                conn = _Connection(
-                    ws=ws,
-                    generation=self._generation,
-                    hello_ref=self._new_ref(),
-                    opened_at=trio.current_time(),
+        # Holds trio-websocket's reader task and ours; neither raises into it.
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(self._handshake_timeout):
+                    ws = await self._open_websocket(nursery)
+            except (ConnectionLost, trio.TooSlowError) as exc:
+                error = (
+                    exc
+                    if isinstance(exc, ConnectionLost)
+                    else ConnectionLost(
+                        f"could not open {self._url} within {self._handshake_timeout}s"
+                    )
                 )
-                self._conn = conn
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, conn)
-                    ending = await self._drive(conn, task_status)
-                    nursery.cancel_scope.cancel()
-        except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
-            if ending is not None:
-                return ending  # only the closing handshake failed: it had ended anyway
-            if isinstance(exc, trio_websocket.ConnectionRejected):
-                message = f"the server refused the WebSocket upgrade (HTTP {exc.status_code})"
-            else:
-                message = f"could not connect to {self._url}: {exc!r}"
-            error = ConnectionLost(message)
-            error.__cause__ = exc
-            return _Ending(error=error, welcomed=False)
+                nursery.cancel_scope.cancel()
+                return _Ending(error=error, welcomed=False)
+            conn = _Connection(
+                ws=ws,
+                generation=self._generation,
+                hello_ref=self._new_ref(),
+                opened_at=trio.current_time(),
+            )
+            self._conn = conn
+            try:
+                nursery.start_soon(self._read, conn)
+                ending = await self._drive(conn, task_status)
+            finally:
+                with trio.move_on_after(_CLOSE_GRACE, shield=True):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
         return ending
+
+    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+        """Open the TCP (or TLS) stream and upgrade it to a WebSocket.
+
+        Unlike ``open_websocket_url``, this notices at once when the server closes the stream
+        during the upgrade, and it closes the stream whenever the upgrade fails.
+
+        Raises:
+            ConnectionLost: the stream could not be opened or the upgrade failed.
+        """
+        target = self._target
+        try:
+            stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+            if target.ssl_context is None:
+                stream = await trio.open_tcp_stream(target.host, target.port)
+            else:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    target.host, target.port, ssl_context=target.ssl_context, https_compatible=True
+                )
+        except OSError as exc:
+            raise ConnectionLost(f"could not connect to {self._url}: {exc}") from exc
+        watch = _ReaderWatch(nursery)
+        ws = None
+        try:
+            with watch.handshake_scope:
+                ws = await trio_websocket.wrap_client_stream(
+                    cast(trio.Nursery, watch),
+                    stream,
+                    target.host_header,
+                    target.resource,
+                    subprotocols=self._subprotocols,
+                    max_message_size=_MAX_INCOMING_BYTES,
+                )
+        finally:
+            if ws is None:
+                await trio.aclose_forcefully(stream)
+        if watch.handshake_scope.cancelled_caught:
+            rejected = watch.error
+            if isinstance(rejected, trio_websocket.ConnectionRejected):
+                message = f"the server refused the WebSocket upgrade (HTTP {rejected.status_code})"
+            else:
+                message = f"{self._url} closed the connection during the WebSocket upgrade"
+            raise ConnectionLost(message) from rejected
+        assert ws is not None
+        return ws
 
     async def _drive(self, conn: _Connection, task_status: trio.TaskStatus[None] | None) -> _Ending:
         hello_data: dict[str, Any] = {"token": self._token, "project_id": self._project_id}
@@ -968,6 +1071,7 @@ async def connect(
     handshake_timeout: float = 10.0,
     max_pushes: int = 10_000,
     max_frame_size: int = 64 * 1024,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[ClientSession]:
     """Open a collaboration session on ``project_id`` and yield it once welcomed.
 
@@ -989,8 +1093,10 @@ async def connect(
         max_pushes: how many unread pushes the session buffers (see the module docstring).
         max_frame_size: the server's frame limit in bytes; a larger request raises
             :exc:`ValueError` instead of getting the connection closed with 1009.
+        ssl_context: for ``wss://`` URLs; the default verifies the server as browsers do.
 
     Raises:
+        ValueError: ``url`` is not a ``ws://`` or ``wss://`` URL.
         ServerError: the server refused the ``hello`` (``unauthorized`` for a bad, expired or
             foreign token).
         ConnectionLost: the first connection could not be opened or ended before ``welcome``
@@ -1008,6 +1114,7 @@ async def connect(
         handshake_timeout=handshake_timeout,
         max_pushes=max_pushes,
         max_frame_size=max_frame_size,
+        ssl_context=ssl_context,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -37,6 +37,10 @@ class Config:
     outbox_frames: int = 512
     #: Bytes a connection may have queued before it is closed as a slow consumer (4409).
     outbox_bytes: int = 8 * 1024 * 1024
+    #: Refused or invalid messages a connection may send within ``abuse_window`` seconds before
+    #: it is closed with 4429.
+    abuse_errors: int = 200
+    abuse_window: float = 10.0
     #: Seconds a closing session may take to finish its frame and send its close.
     close_timeout: float = 5.0
     #: Durable events kept per project for resume (at least 1,000).

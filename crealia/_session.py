@@ -9,6 +9,7 @@ cannot keep up: the session is closed with 4409 and the room never waits for it.
 
 from __future__ import annotations
 
+import collections
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -26,6 +27,7 @@ from ._errors import (
     CrealiaError,
     InternalError,
     NotFound,
+    Overloaded,
     ProtocolError,
     TooLarge,
     TransportError,
@@ -106,6 +108,18 @@ class Session:
     reader_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: True while the writer is inside a send: cancelling it there leaves half a frame.
     sending: bool = False
+    #: When this session's recent refused messages happened (for the 4429 abuse guard).
+    strikes: collections.deque[float] = attrs.Factory(collections.deque)
+
+    def strike(self) -> None:
+        """Count a refused or invalid message; too many in the window close with 4429."""
+        now = trio.current_time()
+        strikes = self.strikes
+        strikes.append(now)
+        while strikes and strikes[0] < now - self.config.abuse_window:
+            strikes.popleft()
+        if len(strikes) > self.config.abuse_errors:
+            self.kill(4429, "too many refused messages")
 
     @classmethod
     def create(cls, user: User, conn: Connection, config: Config) -> Session:
@@ -300,6 +314,8 @@ class Hub:
                 reply = await self._handle(session, room, envelope)
             except ProtocolError as exc:
                 session.reply(_wire.error_envelope(exc, ref if ref else _wire.error_ref(exc)))
+                if not isinstance(exc, Overloaded):
+                    session.strike()
                 continue
             except CrealiaError as exc:
                 error = InternalError(f"{type(exc).__name__}: {exc}")

@@ -137,3 +137,38 @@ async def test_storage_failure_is_overloaded_and_applies_nothing(clients: Client
         assert seqs == [(1, "c1"), (2, "c2")]
         late = await clients.join("late")
         assert late.welcome["snapshot"]["elements"]["e"]["props"] == {"v": 3}
+
+
+async def test_flood_of_garbage_is_closed_with_4429_and_others_go_on(clients: Clients) -> None:
+    with trio.fail_after(20):
+        calm = await clients.join("calm")
+        flooder = await clients.join("flooder")
+        limit = clients.server.config.abuse_errors
+        for i in range(limit + 50):
+            try:
+                await flooder.send_raw('{"type": "no_such_event", "ref": %d}' % (i + 1))
+            except trio_websocket.ConnectionClosed:
+                break
+        assert await flooder.closed() == 4429
+        errors = [e for e in flooder.inbox if e["type"] == "error"]
+        assert len(errors) > limit // 2
+        assert all(e["data"]["code"] == "bad_request" for e in errors)
+        reply = await calm.request("ping", {})
+        assert reply["type"] == "pong"
+
+
+async def test_flood_of_cursors_is_coalesced_and_others_go_on(clients: Clients) -> None:
+    with trio.fail_after(20):
+        watcher = await clients.join("watcher")
+        flooder = await clients.join("flooder")
+        for i in range(5000):
+            await flooder.send("cursor_update", {"position": {"x": i, "y": 0}})
+        await flooder.send("element_active", {"element_id": "end"})
+        await watcher.event("element_active")
+        cursors = [e for e in watcher.inbox if e["type"] == "collaboration_event"
+                   and e["data"]["kind"] == "cursor_update"]
+        assert cursors[-1]["data"]["payload"]["position"]["x"] == 4999.0
+        assert len(cursors) < 5000
+        reply = await watcher.request("ping", {})
+        assert reply["type"] == "pong"
+        assert (await flooder.request("ping", {}))["type"] == "pong"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import trio
+
 from .._session import Connection, ConnectionClosed, Hub
 
 Scope = MutableMapping[str, Any]
@@ -59,7 +61,13 @@ class ASGIWebSocketConnection(Connection):
         try:
             await self._send({"type": "websocket.close", "code": code, "reason": reason[:120]})
         except (OSError, RuntimeError):
-            pass
+            return
+        # Wait (bounded) for the client's close reply: if the app returned at once, hypercorn
+        # would drop the socket with unread client data in it, and the kernel's reset can
+        # destroy our close frame before the client reads it.
+        with trio.move_on_after(2):
+            while (await self._receive())["type"] != "websocket.disconnect":
+                pass
 
     async def abort(self) -> None:
         # hypercorn frames messages itself, so a cancelled send never leaves half a frame.

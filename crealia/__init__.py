@@ -26,11 +26,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ROLES",
-    "BadRequest",
     "Backplane",
+    "BadRequest",
     "ChangeOutcome",
-    "ConfigurationError",
     "Config",
+    "ConfigurationError",
     "Conflict",
     "Connection",
     "ConnectionClosed",

@@ -38,7 +38,7 @@ REQUIRED_ROLE: dict[str, Role] = {
     "stream_stats": "viewer",
 }
 
-SECRET_FILE = "jwt-secret"
+SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name, not a secret
 
 
 @attrs.frozen(kw_only=True)
@@ -149,7 +149,13 @@ class TokenAuthority:
             raise Unauthorized(f"invalid token: {exc}") from None
         sub, project, role = claims.get("sub"), claims.get("project"), claims.get("role")
         name = claims.get("name", sub)
-        if not all(isinstance(v, str) and v for v in (sub, project, role)):
+        if not (
+            isinstance(sub, str)
+            and sub
+            and isinstance(project, str)
+            and project
+            and isinstance(role, str)
+        ):
             raise Unauthorized("invalid token: sub, project and role must be strings")
         if role not in _RANK:
             raise Unauthorized(f"invalid token: unknown role {role!r}")

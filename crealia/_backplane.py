@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -186,9 +185,7 @@ class Backplane(ABC):
         """The project's conflicts still waiting for a resolution."""
 
     @abstractmethod
-    def subscribe(
-        self, project_id: str, listener: Listener
-    ) -> AbstractAsyncContextManager[None]:
+    def subscribe(self, project_id: str, listener: Listener) -> AbstractAsyncContextManager[None]:
         """Deliver the project's durable events, conflicts and ephemeral messages to
         ``listener`` while the context is open."""
 
@@ -203,5 +200,3 @@ class Backplane(ABC):
         Raises:
             TransportError: it is not.
         """
-
-

@@ -23,16 +23,22 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default 3000)")
-    serve.add_argument("--ws-port", type=int, default=None,
-                       help="fast-path WebSocket port (default 3001)")
+    serve.add_argument(
+        "--ws-port", type=int, default=None, help="fast-path WebSocket port (default 3001)"
+    )
     serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
     serve.add_argument("--redis", default=None, help="join a cluster on this Redis URL")
     serve.add_argument("--jwt-secret", default=None)
     serve.add_argument("--dev", action="store_true", default=None)
-    serve.add_argument("--tick-ms", type=float, default=None,
-                       help="outbound batching tick in ms (0: batching off)")
-    serve.add_argument("--history", type=int, default=None,
-                       help="durable events kept per project for resume (default 10000)")
+    serve.add_argument(
+        "--tick-ms", type=float, default=None, help="outbound batching tick in ms (0: batching off)"
+    )
+    serve.add_argument(
+        "--history",
+        type=int,
+        default=None,
+        help="durable events kept per project for resume (default 10000)",
+    )
 
     token = commands.add_parser("token", help="print a token for a user")
     token.add_argument("--user", required=True)
@@ -67,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
         )
         if config.redis_url:
-            print("crealia: the Redis cluster backplane is not available in this version; "
-                  "run without --redis/REDIS_URL", file=sys.stderr)
+            print(
+                "crealia: the Redis cluster backplane is not available in this version; "
+                "run without --redis/REDIS_URL",
+                file=sys.stderr,
+            )
             return 2
         trio.run(_serve, config)
     except CrealiaError as exc:
@@ -83,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
 def _token(args: argparse.Namespace) -> int:
     config = Config.from_env(jwt_secret=args.jwt_secret, data_dir=args.data_dir)
     secret = config.jwt_secret or load_or_create_secret(Path(config.data_dir))
-    print(TokenAuthority(secret).issue(user_id=args.user, project_id=args.project,
-                                       role=args.role, name=args.name, ttl=args.ttl))
+    print(
+        TokenAuthority(secret).issue(
+            user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=args.ttl
+        )
+    )
     return 0
 
 

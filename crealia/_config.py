@@ -65,9 +65,7 @@ class Config:
             raise ConfigurationError(f"history_limit must be at least 1000, got {value}")
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Config:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
         """Build a config from environment variables, then ``overrides`` (flags win).
 
         Overrides whose value is ``None`` are ignored, so unset flags fall through.

@@ -135,8 +135,11 @@ class Document:
                             base=op.base,
                             base_value=value_at(eid, op.prop, op.base),
                             current={"value": None, "user_id": tomb.user_id, "seq": tomb.seq},
-                            incoming={"value": op.value, "user_id": user_id,
-                                      "change_id": change_id},
+                            incoming={
+                                "value": op.value,
+                                "user_id": user_id,
+                                "change_id": change_id,
+                            },
                         )
                     )
                     continue
@@ -157,10 +160,16 @@ class Document:
                             prop=op.prop,
                             base=op.base,
                             base_value=value_at(eid, op.prop, op.base),
-                            current={"value": element.props.get(op.prop), "user_id": writer,
-                                     "seq": version},
-                            incoming={"value": op.value, "user_id": user_id,
-                                      "change_id": change_id},
+                            current={
+                                "value": element.props.get(op.prop),
+                                "user_id": writer,
+                                "seq": version,
+                            },
+                            incoming={
+                                "value": op.value,
+                                "user_id": user_id,
+                                "change_id": change_id,
+                            },
                         )
                     )
                     continue
@@ -175,8 +184,11 @@ class Document:
                             prop=None,
                             base=op.base,
                             base_value=value_at(eid, None, op.base),
-                            current={"value": copy.deepcopy(element.props), "user_id": writer,
-                                     "seq": version},
+                            current={
+                                "value": copy.deepcopy(element.props),
+                                "user_id": writer,
+                                "seq": version,
+                            },
                             incoming={"value": None, "user_id": user_id, "change_id": change_id},
                         )
                     )

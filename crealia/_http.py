@@ -75,8 +75,9 @@ def create_app(hub: Hub) -> ASGIApp:
             ok = False
         if not hub.accepting:
             checks["server"] = "shutting down"
-        return _json({"status": "ok" if ok else "unavailable", "checks": checks},
-                     200 if ok else 503)
+        return _json(
+            {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+        )
 
     @app.get("/api/projects/<project_id>/snapshot")
     async def snapshot(project_id: str) -> Response:
@@ -84,4 +85,4 @@ def create_app(hub: Hub) -> ASGIApp:
         for_project(user, project_id)
         return _json(await hub.backplane.snapshot(project_id))
 
-    return websocket_route(hub, app)
+    return websocket_route(hub, app)  # type: ignore[arg-type]

@@ -164,8 +164,7 @@ class Room:
         member = self.members.get(user.id)
         first = member is None
         if member is None:
-            member = self.members[user.id] = Member(user_id=user.id, name=user.name,
-                                                    role=user.role)
+            member = self.members[user.id] = Member(user_id=user.id, name=user.name, role=user.role)
         member.connections.add(session.id)
         self.sessions[session.id] = session
         if first:
@@ -195,8 +194,7 @@ class Room:
                 "kind": kind,
                 "user_id": member.user_id,
                 "at": _now_ms(),
-                "payload": {"user_id": member.user_id, "name": member.name,
-                            "role": member.role},
+                "payload": {"user_id": member.user_id, "name": member.name, "role": member.role},
             },
         )
         self._enqueue(frame, origin, None, to_joining=False)
@@ -214,15 +212,20 @@ class Room:
             elif slot == "active":
                 member.active_element = payload if payload.get("element_id") else None
             elif slot == "typing":
-                member.typing = (payload.get("element_id") or True) if kind == "typing_start" \
-                    else None
+                member.typing = (
+                    (payload.get("element_id") or True) if kind == "typing_start" else None
+                )
         frame = _wire.envelope(
             "collaboration_event",
             {"kind": kind, "user_id": session.user.id, "at": _now_ms(), "payload": payload},
         )
         await self.backplane.publish(
-            Ephemeral(project_id=self.project_id, encoded=frame, origin=session.id,
-                      key=(session.user.id, slot))
+            Ephemeral(
+                project_id=self.project_id,
+                encoded=frame,
+                origin=session.id,
+                key=(session.user.id, slot),
+            )
         )
 
     # -- backplane listener -------------------------------------------------------------------
@@ -325,8 +328,12 @@ class RoomManager:
             if room is None or room.closed:
                 if self._nursery is None:
                     raise Overloaded("server is not accepting connections")
-                room = Room(project_id=project_id, backplane=self.backplane, config=self.config,
-                            manager=self)
+                room = Room(
+                    project_id=project_id,
+                    backplane=self.backplane,
+                    config=self.config,
+                    manager=self,
+                )
                 self.rooms[project_id] = room
                 self._nursery.start_soon(room.run)
             await room.ready.wait()

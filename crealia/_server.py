@@ -6,13 +6,14 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import hypercorn.config
 import hypercorn.trio
 import trio
 
-from ._auth import TokenAuthority, load_or_create_secret
+from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._config import Config
 from ._http import create_app
 from ._room import RoomManager
@@ -45,11 +46,18 @@ class Server:
     def http_url(self) -> str:
         return f"http://{self.config.host}:{self.http_port}"
 
-    def issue_token(self, user_id: str, project_id: str, role: str = "editor",
-                    name: str | None = None, ttl: float = 3600.0) -> str:
+    def issue_token(
+        self,
+        user_id: str,
+        project_id: str,
+        role: Role = "editor",
+        name: str | None = None,
+        ttl: float = 3600.0,
+    ) -> str:
         """A token this server accepts (for embedding programs and tests)."""
-        return self.hub.auth.issue(user_id=user_id, project_id=project_id,
-                                   role=role, name=name, ttl=ttl)  # type: ignore[arg-type]
+        return self.hub.auth.issue(
+            user_id=user_id, project_id=project_id, role=role, name=name, ttl=ttl
+        )  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         """Graceful stop: refuse new connections, close open ones with 1001, stop serving.
@@ -98,13 +106,20 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
             _install_http_deflate(config.max_frame_bytes)
+            app: Any = create_app(hub)
             binds = await nursery.start(
-                partial(hypercorn.trio.serve, create_app(hub), hconfig,
-                        shutdown_trigger=stop_http.wait)
+                partial(hypercorn.trio.serve, app, hconfig, shutdown_trigger=stop_http.wait)
             )
             http_port = int(binds[0].rsplit(":", 1)[1])
-            server = Server(config=config, hub=hub, store=store, http_port=http_port,
-                            ws_port=ws_port, stop_http=stop_http, cancel=nursery.cancel_scope)
+            server = Server(
+                config=config,
+                hub=hub,
+                store=store,
+                http_port=http_port,
+                ws_port=ws_port,
+                stop_http=stop_http,
+                cancel=nursery.cancel_scope,
+            )
             try:
                 yield server
             finally:

@@ -10,6 +10,7 @@ cannot keep up: the session is closed with 4409 and the room never waits for it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -124,8 +125,7 @@ class Session:
     @classmethod
     def create(cls, user: User, conn: Connection, config: Config) -> Session:
         send, recv = trio.open_memory_channel[tuple[int, bytes]](config.outbox_frames)
-        return cls(id=uuid.uuid4().hex, user=user, conn=conn, config=config, send=send,
-                   recv=recv)
+        return cls(id=uuid.uuid4().hex, user=user, conn=conn, config=config, send=send, recv=recv)
 
     def push(self, count: int, body: bytes) -> None:
         """Queue ``count`` comma-joined envelopes for the writer, never blocking.
@@ -255,8 +255,8 @@ class Hub:
                 await conn.send(_wire.error_envelope(exc, _wire.error_ref(exc)))
                 raise _Close(4400, "expected hello") from None
             if envelope.type != "hello":
-                exc = BadRequest(f"type: expected hello first, got {envelope.type}")
-                await conn.send(_wire.error_envelope(exc, envelope.ref))
+                refused = BadRequest(f"type: expected hello first, got {envelope.type}")
+                await conn.send(_wire.error_envelope(refused, envelope.ref))
                 raise _Close(4400, "expected hello")
             hello: _wire.Hello = envelope.data
             try:
@@ -353,21 +353,25 @@ class Hub:
             case "comment_add":
                 if len(data.comment.text) > self.config.comment_max_chars:
                     raise TooLarge(
-                        f"data.comment.text: longer than {self.config.comment_max_chars} "
-                        "characters"
+                        f"data.comment.text: longer than {self.config.comment_max_chars} characters"
                     )
                 seq, duplicate = await self.backplane.commit_comment(user, data.comment)
                 return "ack", {"seq": seq, "status": "duplicate" if duplicate else "applied"}
             case "conflict_resolve":
                 await self.backplane.resolve_conflict(
-                    user, data.conflict_id, data.choice,
+                    user,
+                    data.conflict_id,
+                    data.choice,
                     None if data.value is _wire.MISSING else data.value,
                     f"resolved by hand by {user.name} ({data.choice})",
                 )
                 return "ack", {}
             case "conflict_dismiss":
                 await self.backplane.resolve_conflict(
-                    user, data.conflict_id, "current", None,
+                    user,
+                    data.conflict_id,
+                    "current",
+                    None,
                     f"dismissed by {user.name}: the current value stays",
                 )
                 return "ack", {}
@@ -407,7 +411,5 @@ def _chunks(frames: list[bytes]) -> list[list[bytes]]:
 
 
 async def _send_quietly(conn: Connection, frame: bytes) -> None:
-    try:
+    with contextlib.suppress(ConnectionClosed):
         await conn.send(frame)
-    except ConnectionClosed:
-        pass

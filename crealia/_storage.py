@@ -255,7 +255,7 @@ async def open_store(data_dir: Path) -> AsyncIterator[Store]:
         StorageError: the directory or database cannot be created or opened.
     """
     try:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(lambda: Path(data_dir).mkdir(parents=True, exist_ok=True))
     except OSError as exc:
         raise StorageError(f"cannot create data dir {data_dir}: {exc}") from exc
     path = Path(data_dir) / "crealia.sqlite3"

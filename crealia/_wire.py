@@ -33,7 +33,6 @@ MAX_OPS = 1000
 MAX_REF = 2**53 - 1
 
 
-
 class _Missing:
     """Marks an optional field that the client left out (distinct from JSON null)."""
 
@@ -186,16 +185,18 @@ class SetOp:
     prop: str = attrs.field(validator=_id(MAX_NAME_CHARS))
     value: Any = attrs.field(validator=_json_value)
     #: The seq of the version the client last saw; absent means an unconditional write.
-    base: int | None = attrs.field(default=None, validator=attrs.validators.optional(
-        attrs.validators.ge(0)))
+    base: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
 
 
 @attrs.frozen(kw_only=True)
 class DeleteOp:
     op: Literal["delete"]
     element_id: str = attrs.field(validator=_id())
-    base: int | None = attrs.field(default=None, validator=attrs.validators.optional(
-        attrs.validators.ge(0)))
+    base: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
 
 
 Op = InsertOp | SetOp | DeleteOp

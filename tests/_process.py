@@ -44,8 +44,21 @@ async def run_server(
 
     On exit the process is SIGKILLed if it still runs.
     """
-    command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
-               "--data-dir", str(data_dir), "--jwt-secret", jwt_secret, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "crealia",
+        "serve",
+        "--port",
+        "0",
+        "--ws-port",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--jwt-secret",
+        jwt_secret,
+        *extra,
+    ]
     process = await trio.lowlevel.open_process(
         command,
         stdout=subprocess.PIPE,

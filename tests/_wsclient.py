@@ -79,9 +79,7 @@ class RawClient:
         await self.send(kind, data, ref)
         return await self.expect(lambda env: env.get("ref") == ref)
 
-    async def hello(
-        self, token: str, project: str, resume: int | None = None
-    ) -> dict[str, Any]:
+    async def hello(self, token: str, project: str, resume: int | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {"token": token, "project_id": project}
         if resume is not None:
             data["resume"] = {"seq": resume}
@@ -105,7 +103,10 @@ class RawClient:
 
 
 async def open_raw_client(
-    nursery: trio.Nursery, url: str, *, subprotocols: list[str] | None = None,
+    nursery: trio.Nursery,
+    url: str,
+    *,
+    subprotocols: list[str] | None = None,
     max_message_size: int = 64 * 1024 * 1024,
 ) -> RawClient:
     ws = await trio_websocket.connect_websocket_url(

@@ -78,9 +78,7 @@ class Clients:
 
 
 @pytest.fixture
-async def clients(
-    server: Server, endpoint: str, nursery: trio.Nursery
-) -> AsyncIterator[Clients]:
+async def clients(server: Server, endpoint: str, nursery: trio.Nursery) -> AsyncIterator[Clients]:
     opened = Clients(server, endpoint, nursery)
     try:
         yield opened

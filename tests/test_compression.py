@@ -20,14 +20,20 @@ async def test_deflate_negotiated_on_both_endpoints(clients: Clients) -> None:
     with trio.fail_after(10):
         async with _connect(_port(clients), PerMessageDeflate()) as raw:
             assert raw.extensions_header == SMALL_WINDOW
-            hello = {"type": "hello", "ref": 1,
-                     "data": {"token": clients.token("alice"), "project_id": "p1"}}
+            hello = {
+                "type": "hello",
+                "ref": 1,
+                "data": {"token": clients.token("alice"), "project_id": "p1"},
+            }
             await raw.send(orjson.dumps(hello).decode())
             welcome = orjson.loads(await raw.receive())
             assert welcome["type"] == "welcome"
             before = len(raw.wire)
-            big = {"type": "comment_add", "ref": 2,
-                   "data": {"comment": {"id": "k", "text": "the same words " * 300}}}
+            big = {
+                "type": "comment_add",
+                "ref": 2,
+                "data": {"comment": {"id": "k", "text": "the same words " * 300}},
+            }
             await raw.send(orjson.dumps(big).decode())
             replies = []
             while len(replies) < 2:
@@ -46,8 +52,11 @@ async def test_compressed_bombs_closed_with_1009_and_room_goes_on(clients: Clien
 
     async def bomber(i: int) -> None:
         async with _connect(_port(clients), PerMessageDeflate()) as raw:
-            hello = {"type": "hello", "ref": 1,
-                     "data": {"token": clients.token(f"b{i}"), "project_id": "p1"}}
+            hello = {
+                "type": "hello",
+                "ref": 1,
+                "data": {"token": clients.token(f"b{i}"), "project_id": "p1"},
+            }
             await raw.send(orjson.dumps(hello).decode())
             await raw.receive()
             await raw.send_raw(bomb_frame)

@@ -1,4 +1,4 @@
-"""The server as a real process: SIGKILL loses no acknowledged change; SIGTERM shuts down cleanly."""
+"""The server as a real process: SIGKILL loses no acknowledged change; SIGTERM stops cleanly."""
 
 from __future__ import annotations
 
@@ -28,12 +28,27 @@ async def test_sigkill_loses_no_acknowledged_change(tmp_path: Path, nursery: tri
         client = await open_raw_client(nursery, proc.ws_url)
         with trio.fail_after(20):
             await client.hello(token("alice"), "p1")
-            first = await client.request("timeline_change", {"change_id": "seed", "changes": [
-                {"op": "insert", "element_id": "clip", "element_type": "clip", "props": {}}]})
+            first = await client.request(
+                "timeline_change",
+                {
+                    "change_id": "seed",
+                    "changes": [
+                        {"op": "insert", "element_id": "clip", "element_type": "clip", "props": {}}
+                    ],
+                },
+            )
             acked["seed"] = first["data"]["seq"]
             for i in range(total):
-                await client.send("timeline_change", {"change_id": f"c{i}", "changes": [
-                    {"op": "set", "element_id": "clip", "prop": f"p{i}", "value": i}]}, ref=i + 10)
+                await client.send(
+                    "timeline_change",
+                    {
+                        "change_id": f"c{i}",
+                        "changes": [
+                            {"op": "set", "element_id": "clip", "prop": f"p{i}", "value": i}
+                        ],
+                    },
+                    ref=i + 10,
+                )
             # Kill it while writes are still in flight.
             while len(acked) < total // 3:
                 env = await client.next()
@@ -45,7 +60,7 @@ async def test_sigkill_loses_no_acknowledged_change(tmp_path: Path, nursery: tri
                     env = await client.next()
                     if env["type"] == "ack":
                         acked[env["data"]["change_id"]] = env["data"]["seq"]
-            except Exception:  # noqa: BLE001 - the connection dies with the process
+            except Exception:
                 pass
             await client.aclose()
     assert len(acked) >= total // 3
@@ -71,8 +86,13 @@ async def test_sigkill_loses_no_acknowledged_change(tmp_path: Path, nursery: tri
             assert seqs == list(range(1, snapshot["seq"] + 1))
             # Acked change ids stay acked: a resend is a duplicate with the first seq.
             some = next(cid for cid in acked if cid != "seed")
-            dup = await client.request("timeline_change", {"change_id": some, "changes": [
-                {"op": "set", "element_id": "clip", "prop": "x", "value": 0}]})
+            dup = await client.request(
+                "timeline_change",
+                {
+                    "change_id": some,
+                    "changes": [{"op": "set", "element_id": "clip", "prop": "x", "value": 0}],
+                },
+            )
             assert dup["data"]["status"] == "duplicate"
             assert dup["data"]["seq"] == acked[some]
             await client.aclose()
@@ -107,8 +127,22 @@ async def test_token_command_is_accepted_by_serve(tmp_path: Path, nursery: trio.
     data = tmp_path / "data"
     with trio.fail_after(20):
         result = await trio.run_process(
-            [sys.executable, "-m", "crealia", "token", "--user", "u1", "--project", "p9",
-             "--role", "viewer", "--name", "Una", "--data-dir", str(data)],
+            [
+                sys.executable,
+                "-m",
+                "crealia",
+                "token",
+                "--user",
+                "u1",
+                "--project",
+                "p9",
+                "--role",
+                "viewer",
+                "--name",
+                "Una",
+                "--data-dir",
+                str(data),
+            ],
             capture_stdout=True,
         )
         minted = result.stdout.decode().strip()
@@ -120,8 +154,18 @@ async def test_token_command_is_accepted_by_serve(tmp_path: Path, nursery: trio.
         # serve without --jwt-secret uses the same generated secret.
         async with run_server(data, "") as _unused:
             pass
-    command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
-               "--data-dir", str(data)]
+    command = [
+        sys.executable,
+        "-m",
+        "crealia",
+        "serve",
+        "--port",
+        "0",
+        "--ws-port",
+        "0",
+        "--data-dir",
+        str(data),
+    ]
     process = await trio.lowlevel.open_process(command, stdout=-1)
     try:
         with trio.fail_after(15):
@@ -146,8 +190,20 @@ async def test_http_snapshot_health_and_ready(tmp_path: Path, nursery: trio.Nurs
         with trio.fail_after(15):
             client = await open_raw_client(nursery, proc.ws_url)
             await client.hello(token("alice"), "p1")
-            await client.request("timeline_change", {"change_id": "c", "changes": [
-                {"op": "insert", "element_id": "e", "element_type": "marker", "props": {"t": 1}}]})
+            await client.request(
+                "timeline_change",
+                {
+                    "change_id": "c",
+                    "changes": [
+                        {
+                            "op": "insert",
+                            "element_id": "e",
+                            "element_type": "marker",
+                            "props": {"t": 1},
+                        }
+                    ],
+                },
+            )
             await client.aclose()
     async with run_server(tmp_path / "data", SECRET) as proc:
         with trio.fail_after(15):
@@ -169,8 +225,10 @@ def _http_checks(base: str) -> None:
         missing = http.get("/api/projects/p1/snapshot")
         assert missing.status_code == 401
         assert missing.json()["error"]["code"] == "unauthorized"
-        forged = http.get("/api/projects/p1/snapshot",
-                          headers={"Authorization": "Bearer " + token("x")[:-4] + "AAAA"})
+        forged = http.get(
+            "/api/projects/p1/snapshot",
+            headers={"Authorization": "Bearer " + token("x")[:-4] + "AAAA"},
+        )
         assert forged.status_code == 401
         other = http.get("/api/projects/p2/snapshot", headers=auth)
         assert other.status_code == 403

@@ -77,8 +77,11 @@ async def test_presence_reaches_others_and_own_other_connections_not_sender(
         assert not [e for e in a1.inbox if e["data"].get("user_id") == "alice"]
         ping = await other.request("ping", {})
         assert ping["type"] == "pong"
-        assert not [e for e in other.inbox if e["type"] == "collaboration_event"
-                    and e["data"]["kind"] == "cursor_update"]
+        assert not [
+            e
+            for e in other.inbox
+            if e["type"] == "collaboration_event" and e["data"]["kind"] == "cursor_update"
+        ]
 
 
 async def test_cursor_updates_are_coalesced_per_user(clients: Clients) -> None:
@@ -89,8 +92,11 @@ async def test_cursor_updates_are_coalesced_per_user(clients: Clients) -> None:
             await a.send("cursor_update", {"position": {"x": i, "y": 0}})
         await a.send("element_active", {"element_id": "done", "element_type": "clip"})
         await b.event("element_active")
-        cursors = [e for e in b.inbox if e["type"] == "collaboration_event"
-                   and e["data"]["kind"] == "cursor_update"]
+        cursors = [
+            e
+            for e in b.inbox
+            if e["type"] == "collaboration_event" and e["data"]["kind"] == "cursor_update"
+        ]
         # The latest always arrives; within a tick a user's updates merge into one.
         assert cursors[-1]["data"]["payload"]["position"]["x"] == 49.0
         assert len(cursors) < 50
@@ -141,11 +147,18 @@ async def test_durable_events_reach_every_member_including_sender(clients: Clien
             assert ev["data"]["user_id"] == "alice"
             assert ev["data"]["payload"] == {
                 "change_id": "c1",
-                "changes": [{"op": "insert", "element_id": "clip-1", "element_type": "clip",
-                             "props": {"start": 1.5}}],
+                "changes": [
+                    {
+                        "op": "insert",
+                        "element_id": "clip-1",
+                        "element_type": "clip",
+                        "props": {"start": 1.5},
+                    }
+                ],
             }
-        ack = await a.request("comment_add", {"comment": {"id": "k1", "text": "nice cut",
-                                                          "element_id": "clip-1"}})
+        ack = await a.request(
+            "comment_add", {"comment": {"id": "k1", "text": "nice cut", "element_id": "clip-1"}}
+        )
         assert ack["data"] == {"seq": 2, "status": "applied"}
         ev = await b.event("comment_add")
         assert ev["data"]["seq"] == 2
@@ -193,8 +206,12 @@ async def test_duplicate_change_id_gets_first_seq_and_applies_once(clients: Clie
         first = await a.request("timeline_change", insert("c1", "clip-1", start=0))
         again = await a.request("timeline_change", insert("c1", "clip-1", start=0))
         assert first["data"]["status"] == "applied"
-        assert again["data"] == {"change_id": "c1", "seq": 1, "status": "duplicate",
-                                 "conflicts": []}
+        assert again["data"] == {
+            "change_id": "c1",
+            "seq": 1,
+            "status": "duplicate",
+            "conflicts": [],
+        }
         # A different body under the same change_id is still the same change.
         third = await a.request("timeline_change", set_op("c1", "clip-1", "start", 5, 1))
         assert third["data"]["status"] == "duplicate"
@@ -219,10 +236,16 @@ async def test_stale_base_from_another_user_is_a_conflict(clients: Clients) -> N
         b = await clients.join("bob")
         await a.request("timeline_change", insert("c1", "clip", start=0, title="x"))
         await a.request("timeline_change", set_op("c2", "clip", "start", 5, 1))
-        reply = await b.request("timeline_change", {"change_id": "c3", "changes": [
-            {"op": "set", "element_id": "clip", "prop": "start", "value": 9, "base": 1},
-            {"op": "set", "element_id": "clip", "prop": "title", "value": "y", "base": 1},
-        ]})
+        reply = await b.request(
+            "timeline_change",
+            {
+                "change_id": "c3",
+                "changes": [
+                    {"op": "set", "element_id": "clip", "prop": "start", "value": 9, "base": 1},
+                    {"op": "set", "element_id": "clip", "prop": "title", "value": "y", "base": 1},
+                ],
+            },
+        )
         data = reply["data"]
         assert data["status"] == "partial"
         assert data["seq"] == 3
@@ -260,16 +283,32 @@ async def test_set_on_element_deleted_since_base_is_a_conflict(clients: Clients)
         a = await clients.join("alice")
         b = await clients.join("bob")
         await a.request("timeline_change", insert("c1", "clip", start=0))
-        await a.request("timeline_change", {"change_id": "c2", "changes": [
-            {"op": "delete", "element_id": "clip", "base": 1}]})
+        await a.request(
+            "timeline_change",
+            {"change_id": "c2", "changes": [{"op": "delete", "element_id": "clip", "base": 1}]},
+        )
         reply = await b.request("timeline_change", set_op("c3", "clip", "start", 1, 1))
         assert reply["data"]["status"] == "conflict"
-        stale_delete = await b.request("timeline_change", {"change_id": "c4", "changes": [
-            {"op": "insert", "element_id": "c2", "element_type": "clip", "props": {"a": 1}}]})
+        stale_delete = await b.request(
+            "timeline_change",
+            {
+                "change_id": "c4",
+                "changes": [
+                    {"op": "insert", "element_id": "c2", "element_type": "clip", "props": {"a": 1}}
+                ],
+            },
+        )
         assert stale_delete["data"]["status"] == "applied"
         await a.request("timeline_change", set_op("c5", "c2", "a", 2, stale_delete["data"]["seq"]))
-        deleted = await b.request("timeline_change", {"change_id": "c6", "changes": [
-            {"op": "delete", "element_id": "c2", "base": stale_delete["data"]["seq"]}]})
+        deleted = await b.request(
+            "timeline_change",
+            {
+                "change_id": "c6",
+                "changes": [
+                    {"op": "delete", "element_id": "c2", "base": stale_delete["data"]["seq"]}
+                ],
+            },
+        )
         assert deleted["data"]["status"] == "conflict"
 
 

@@ -20,7 +20,11 @@ async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(("127.0.0.1", port))
     ws = await trio_websocket.wrap_client_stream(
-        nursery, trio.SocketStream(sock), "127.0.0.1", "/ws", message_queue_size=1,
+        nursery,
+        trio.SocketStream(sock),
+        "127.0.0.1",
+        "/ws",
+        message_queue_size=1,
         max_message_size=16 * 1024 * 1024,
     )
     return RawClient(ws)
@@ -79,8 +83,15 @@ async def test_slow_consumer_is_closed_with_4409_and_room_goes_on(
 async def test_room_closes_after_last_member_and_reopens(clients: Clients) -> None:
     with trio.fail_after(10):
         a = await clients.join("alice")
-        await a.request("timeline_change", {"change_id": "c", "changes": [
-            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {}}]})
+        await a.request(
+            "timeline_change",
+            {
+                "change_id": "c",
+                "changes": [
+                    {"op": "insert", "element_id": "e", "element_type": "clip", "props": {}}
+                ],
+            },
+        )
         room = clients.server.hub.rooms.rooms["p1"]
         await a.aclose()
         await room.done.wait()
@@ -94,18 +105,40 @@ async def test_projects_are_isolated(clients: Clients) -> None:
     with trio.fail_after(10):
         a = await clients.join("alice", project="pa")
         b = await clients.join("bob", project="pb")
-        await a.request("timeline_change", {"change_id": "same", "changes": [
-            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}]})
+        await a.request(
+            "timeline_change",
+            {
+                "change_id": "same",
+                "changes": [
+                    {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}
+                ],
+            },
+        )
         await a.request("comment_add", {"comment": {"id": "k", "text": "in pa"}})
-        reply = await b.request("timeline_change", {"change_id": "same", "changes": [
-            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 2}}]})
+        reply = await b.request(
+            "timeline_change",
+            {
+                "change_id": "same",
+                "changes": [
+                    {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 2}}
+                ],
+            },
+        )
         assert reply["data"]["status"] == "applied" and reply["data"]["seq"] == 1
-        touch = await b.request("timeline_change", {"change_id": "x", "changes": [
-            {"op": "set", "element_id": "nope", "prop": "v", "value": 3}]})
+        touch = await b.request(
+            "timeline_change",
+            {
+                "change_id": "x",
+                "changes": [{"op": "set", "element_id": "nope", "prop": "v", "value": 3}],
+            },
+        )
         assert touch["data"]["code"] == "not_found"
         await b.request("ping", {})
-        assert not [e for e in b.inbox if e["type"] == "collaboration_event"
-                    and e["data"].get("user_id") == "alice"]
+        assert not [
+            e
+            for e in b.inbox
+            if e["type"] == "collaboration_event" and e["data"].get("user_id") == "alice"
+        ]
         c = await clients.join("carol", project="pa")
         assert c.welcome["seq"] == 2
         assert c.welcome["snapshot"]["elements"]["e"]["props"] == {"v": 1}
@@ -115,24 +148,42 @@ async def test_storage_failure_is_overloaded_and_applies_nothing(clients: Client
     with trio.fail_after(10):
         a = await clients.join("alice")
         b = await clients.join("bob")
-        await a.request("timeline_change", {"change_id": "c1", "changes": [
-            {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}]})
+        await a.request(
+            "timeline_change",
+            {
+                "change_id": "c1",
+                "changes": [
+                    {"op": "insert", "element_id": "e", "element_type": "clip", "props": {"v": 1}}
+                ],
+            },
+        )
         store = clients.server.store
         store.fail_commits = True
-        failed = await a.request("timeline_change", {"change_id": "c2", "changes": [
-            {"op": "set", "element_id": "e", "prop": "v", "value": 2}]})
+        failed = await a.request(
+            "timeline_change",
+            {
+                "change_id": "c2",
+                "changes": [{"op": "set", "element_id": "e", "prop": "v", "value": 2}],
+            },
+        )
         assert failed["type"] == "error" and failed["data"]["code"] == "overloaded"
         comment = await a.request("comment_add", {"comment": {"id": "k", "text": "t"}})
         assert comment["data"]["code"] == "overloaded"
         store.fail_commits = False
         # Nothing of the failed writes exists: same change id applies now, at the next seq.
-        ok = await a.request("timeline_change", {"change_id": "c2", "changes": [
-            {"op": "set", "element_id": "e", "prop": "v", "value": 3}]})
+        ok = await a.request(
+            "timeline_change",
+            {
+                "change_id": "c2",
+                "changes": [{"op": "set", "element_id": "e", "prop": "v", "value": 3}],
+            },
+        )
         assert ok["data"]["status"] == "applied" and ok["data"]["seq"] == 2
         seqs = []
         while len(seqs) < 2:
-            env = await b.expect(lambda e: e["type"] == "collaboration_event"
-                                 and "seq" in e["data"])
+            env = await b.expect(
+                lambda e: e["type"] == "collaboration_event" and "seq" in e["data"]
+            )
             seqs.append((env["data"]["seq"], env["data"]["payload"]["change_id"]))
         assert seqs == [(1, "c1"), (2, "c2")]
         late = await clients.join("late")
@@ -146,7 +197,7 @@ async def test_flood_of_garbage_is_closed_with_4429_and_others_go_on(clients: Cl
         limit = clients.server.config.abuse_errors
         for i in range(limit + 50):
             try:
-                await flooder.send_raw('{"type": "no_such_event", "ref": %d}' % (i + 1))
+                await flooder.send_raw(f'{{"type": "no_such_event", "ref": {i + 1}}}')
             except trio_websocket.ConnectionClosed:
                 break
         assert await flooder.closed() == 4429
@@ -165,8 +216,11 @@ async def test_flood_of_cursors_is_coalesced_and_others_go_on(clients: Clients) 
             await flooder.send("cursor_update", {"position": {"x": i, "y": 0}})
         await flooder.send("element_active", {"element_id": "end"})
         await watcher.event("element_active")
-        cursors = [e for e in watcher.inbox if e["type"] == "collaboration_event"
-                   and e["data"]["kind"] == "cursor_update"]
+        cursors = [
+            e
+            for e in watcher.inbox
+            if e["type"] == "collaboration_event" and e["data"]["kind"] == "cursor_update"
+        ]
         assert cursors[-1]["data"]["payload"]["position"]["x"] == 4999.0
         assert len(cursors) < 5000
         reply = await watcher.request("ping", {})

@@ -9,8 +9,20 @@ async def test_session_welcome_and_edit(clients: Clients) -> None:
         b = await clients.join("bob")
         assert a.welcome["seq"] == 0
         assert a.welcome["snapshot"]["elements"] == {}
-        ack = await a.request("timeline_change", {"change_id": "c1", "changes": [
-            {"op": "insert", "element_id": "clip1", "element_type": "clip", "props": {"start": 1}}]})
+        ack = await a.request(
+            "timeline_change",
+            {
+                "change_id": "c1",
+                "changes": [
+                    {
+                        "op": "insert",
+                        "element_id": "clip1",
+                        "element_type": "clip",
+                        "props": {"start": 1},
+                    }
+                ],
+            },
+        )
         assert ack["type"] == "ack", ack
         assert ack["data"] == {"change_id": "c1", "seq": 1, "status": "applied", "conflicts": []}
         ev = await b.event("timeline_change")

@@ -295,7 +295,10 @@ class BoundedDeflate(PerMessageDeflate):
         if self._compressor is None and opcode in (Opcode.TEXT, Opcode.BINARY):
             bits = self.client_max_window_bits if proto.client else self.server_max_window_bits
             self._compressor = zlib.compressobj(
-                self.compression_level, zlib.DEFLATED, -bits, self.mem_level,
+                self.compression_level,
+                zlib.DEFLATED,
+                -bits,
+                self.mem_level,
             )
         return super().frame_outbound(proto, opcode, rsv, data, fin)
 

@@ -99,4 +99,3 @@ async def serve_trio_websocket(
             )
         )
         task_status.started(server.port)
-

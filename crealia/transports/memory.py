@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -105,9 +105,12 @@ class MemoryBackplane(Backplane):
             row = conn.execute(
                 "SELECT seq, document FROM snapshots WHERE project_id = ?", (project_id,)
             ).fetchone()
-            head = conn.execute(
-                "SELECT MAX(seq) FROM events WHERE project_id = ?", (project_id,)
-            ).fetchone()[0] or 0
+            head = (
+                conn.execute(
+                    "SELECT MAX(seq) FROM events WHERE project_id = ?", (project_id,)
+                ).fetchone()[0]
+                or 0
+            )
             snap_seq = row[0] if row else 0
             start = max(0, min(snap_seq, head - limit))
             events = conn.execute(
@@ -133,11 +136,7 @@ class MemoryBackplane(Backplane):
             row, rows, changes, comments, pending = await self.store.read(load)
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
-        doc = (
-            Document.load(project_id, loads(row[1]))
-            if row
-            else Document(project_id=project_id)
-        )
+        doc = Document.load(project_id, loads(row[1])) if row else Document(project_id=project_id)
         events = [
             DurableEvent(
                 project_id=project_id,
@@ -158,8 +157,9 @@ class MemoryBackplane(Backplane):
             doc=doc,
             history=history,
             changes={
-                cid: ChangeOutcome(change_id=cid, seq=seq, status=status,
-                                   conflicts=loads(conflicts))
+                cid: ChangeOutcome(
+                    change_id=cid, seq=seq, status=status, conflicts=loads(conflicts)
+                )
                 for cid, seq, status, conflicts in changes
             },
             comments=dict(comments),
@@ -190,8 +190,15 @@ class MemoryBackplane(Backplane):
                 (
                     "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (project_id, event.seq, event.kind, event.user_id, event.at,
-                     dumps(event.payload), dumps(event.effects)),
+                    (
+                        project_id,
+                        event.seq,
+                        event.kind,
+                        event.user_id,
+                        event.at,
+                        dumps(event.payload),
+                        dumps(event.effects),
+                    ),
                 )
             )
             if event.seq - project.snapshot_seq >= self.snapshot_every:
@@ -256,7 +263,9 @@ class MemoryBackplane(Backplane):
         conflicts = [self._new_conflict(project_id, spec, at) for spec in plan.conflicts]
         for conflict in conflicts:
             project.pending[conflict.id] = conflict
-        status = "applied" if not conflicts else ("partial" if plan.applied else "conflict")
+        status: Literal["applied", "partial", "conflict"] = (
+            "applied" if not conflicts else ("partial" if plan.applied else "conflict")
+        )
         outcome = ChangeOutcome(
             change_id=change.change_id,
             seq=seq,
@@ -298,8 +307,16 @@ class MemoryBackplane(Backplane):
             (
                 "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
                 "text, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (project_id, comment.id, seq, user.id, comment.element_id, comment.time,
-                 comment.text, at),
+                (
+                    project_id,
+                    comment.id,
+                    seq,
+                    user.id,
+                    comment.element_id,
+                    comment.time,
+                    comment.text,
+                    at,
+                ),
             )
         ]
         await self._commit(project_id, project, statements, event, [])
@@ -434,8 +451,13 @@ def _conflict_row(conflict: Conflict) -> Statement:
     return (
         "INSERT OR REPLACE INTO conflicts (id, project_id, status, created_at, data) "
         "VALUES (?, ?, ?, ?, ?)",
-        (conflict.id, conflict.project_id, conflict.status, conflict.created_at,
-         dumps(attrs.asdict(conflict))),
+        (
+            conflict.id,
+            conflict.project_id,
+            conflict.status,
+            conflict.created_at,
+            dumps(attrs.asdict(conflict)),
+        ),
     )
 
 
@@ -458,17 +480,34 @@ def _resolution_effects(
             restored = doc.restore(eid)
             if restored is None:
                 return []
-            return [{"op": "insert", "element_id": eid, "element_type": restored.type,
-                     "props": value, "writer": writer}]
-        return [{"op": "set", "element_id": eid, "prop": k, "value": v, "writer": writer}
-                for k, v in value.items()]
+            return [
+                {
+                    "op": "insert",
+                    "element_id": eid,
+                    "element_type": restored.type,
+                    "props": value,
+                    "writer": writer,
+                }
+            ]
+        return [
+            {"op": "set", "element_id": eid, "prop": k, "value": v, "writer": writer}
+            for k, v in value.items()
+        ]
     if element is None:
         restored = doc.restore(eid)
         if restored is None or (conflict.current["value"] is None and value is None):
             return []
         props = dict(restored.props)
         props[conflict.prop] = value
-        return [{"op": "insert", "element_id": eid, "element_type": restored.type,
-                 "props": props, "writer": writer}]
-    return [{"op": "set", "element_id": eid, "prop": conflict.prop, "value": value,
-             "writer": writer}]
+        return [
+            {
+                "op": "insert",
+                "element_id": eid,
+                "element_type": restored.type,
+                "props": props,
+                "writer": writer,
+            }
+        ]
+    return [
+        {"op": "set", "element_id": eid, "prop": conflict.prop, "value": value, "writer": writer}
+    ]

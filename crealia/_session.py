@@ -329,6 +329,8 @@ class Hub:
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
         user, data, kind = session.user, envelope.data, envelope.type
+        if kind == "hello":
+            raise BadRequest("type: hello was already accepted on this connection")
         require(user, kind)
         match kind:
             case "cursor_update" | "element_active" | "typing_start" | "typing_stop":

@@ -338,3 +338,13 @@ async def test_manual_resolution_is_a_durable_event(clients: Clients) -> None:
         replayed = await late.next()
         assert replayed["type"] == "conflict_resolved"
         assert late.welcome["pending_conflicts"] == []
+
+
+async def test_second_hello_is_refused_and_session_goes_on(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        again = await a.request("hello", {"token": clients.token("alice"), "project_id": "p1"})
+        assert again["type"] == "error"
+        assert again["data"]["code"] == "bad_request"
+        assert "hello" in again["data"]["message"]
+        assert (await a.request("ping", {}))["type"] == "pong"

@@ -319,11 +319,13 @@ def _strict_float(value: Any, _type: Any) -> float:
 
 
 def _strict_int(value: Any, _type: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected an integer, got {_json_type(value)}")
-    return value
+    if isinstance(value, float) and not value.is_integer():
+        raise TypeError("expected an integer, got a fraction")
+    if not -MAX_REF <= value <= MAX_REF:
+        raise ValueError(f"out of range: integers must be within ±{MAX_REF}")
+    return int(value)
 
 
 def _any(value: Any, _type: Any) -> Any:
@@ -372,6 +374,14 @@ def _make_converter() -> cattrs.Converter:
         return conv.structure(value, cls)  # type: ignore[no-any-return]
 
     conv.register_structure_hook_func(lambda t: t == Op, structure_op)
+    structure_op_list = conv.get_structure_hook(list[Op])
+
+    def structure_ops(value: Any, type_: Any) -> list[Op]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {_json_type(value)}")
+        return structure_op_list(value, type_)  # type: ignore[no-any-return]
+
+    conv.register_structure_hook_func(lambda t: t == list[Op], structure_ops)
 
     def structure_class(cls: type[Any]) -> Callable[[Any, Any], Any]:
         inner = cattrs.gen.make_dict_structure_fn(cls, conv)

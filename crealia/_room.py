@@ -85,6 +85,8 @@ class Room:
     _joining: dict[str, _Joining] = attrs.Factory(dict)
     _ordered: list[tuple[bytes, str | None]] = attrs.Factory(list)
     _coalesced: dict[tuple[str, str], tuple[bytes, str | None]] = attrs.Factory(dict)
+    #: Sessions that joined since the last flush, and how much of ``_ordered`` predates them.
+    _joined_mid_tick: dict[str, int] = attrs.Factory(dict)
     _dirty: trio.Event = attrs.Factory(trio.Event)
     _occupied: trio.Event = attrs.Factory(trio.Event)
     _emptied: trio.Event = attrs.Factory(trio.Event)
@@ -153,10 +155,10 @@ class Room:
         Synchronous on purpose: nothing may be delivered between taking the missed frames and
         the switch to live delivery. The caller sends the frames right after its welcome.
         """
-        # What is queued for the next tick predates this member (it is in the replay, the
-        # snapshot, or the joining buffer): send it to the others now, before the switch.
+        # What is already queued for the next tick predates this member (it is in the replay,
+        # the snapshot or the joining buffer): the flush gives it only what comes after.
         if self.config.tick_ms > 0:
-            self.flush()
+            self._joined_mid_tick[session.id] = len(self._ordered)
         joining = self._joining.pop(session.id)
         frames = [e.encoded for e in joining.durable if e.seq > after_seq]
         frames += [frame for _seq, frame in joining.other]
@@ -283,6 +285,7 @@ class Room:
         """Send everything queued since the last tick: one outbox item per member."""
         ordered, self._ordered = self._ordered, []
         coalesced, self._coalesced = self._coalesced, {}
+        joined, self._joined_mid_tick = self._joined_mid_tick, {}
         items = ordered + list(coalesced.values())
         if not items:
             return
@@ -290,6 +293,12 @@ class Room:
         origins = {origin for _frame, origin in items if origin is not None}
         shared: bytes | None = None
         for sid, session in list(self.sessions.items()):
+            start = joined.get(sid)
+            if start is not None:
+                own = [frame for frame, origin in items[start:] if origin != sid]
+                if own:
+                    session.push(len(own), b",".join(own))
+                continue
             if sid in origins:
                 own = [frame for frame, origin in items if origin != sid]
                 if own:

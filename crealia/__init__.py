@@ -2,6 +2,16 @@
 
 from ._auth import ROLES, Role, TokenAuthority, User
 from ._backplane import Backplane, ChangeOutcome, Conflict, DurableEvent, Ephemeral, Listener
+from ._client import (
+    ClientClosed,
+    ClientError,
+    ClientSession,
+    ConnectionLost,
+    Push,
+    ServerError,
+    SessionState,
+    connect,
+)
 from ._config import Config
 from ._errors import (
     BadRequest,
@@ -29,11 +39,15 @@ __all__ = [
     "Backplane",
     "BadRequest",
     "ChangeOutcome",
+    "ClientClosed",
+    "ClientError",
+    "ClientSession",
     "Config",
     "ConfigurationError",
     "Conflict",
     "Connection",
     "ConnectionClosed",
+    "ConnectionLost",
     "CrealiaError",
     "DurableEvent",
     "Ephemeral",
@@ -43,16 +57,20 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "ProtocolError",
+    "Push",
     "RateLimited",
     "Role",
     "RoomError",
     "Server",
+    "ServerError",
+    "SessionState",
     "StorageError",
     "TokenAuthority",
     "TooLarge",
     "TransportError",
     "Unauthorized",
     "User",
+    "connect",
     "open_server",
     "serve",
 ]

@@ -346,7 +346,8 @@ class ClientSession:
     """A collaboration session on one project, kept connected across drops.
 
     Made by :func:`connect`, which owns its background task; do not construct it yourself.
-    Use it from any task of the program; only one task should read its pushes.
+    Use it from any task of the program; only one task should read its pushes (each push goes
+    to one reader).
     """
 
     def __init__(
@@ -395,8 +396,9 @@ class ClientSession:
         self._fatal: ClientError | None = None
         self._loop_scope: trio.CancelScope | None = None
         self._loop_done = trio.Event()
-        self.dropped = 0
-        self.reconnects = 0
+        self._ready = False
+        self._dropped = 0
+        self._reconnects = 0
 
     # ----------------------------------------------------------------------------- state
 
@@ -414,6 +416,16 @@ class ClientSession:
     def seq(self) -> int | None:
         """The highest durable ``seq`` handed to the push buffer (what a resume starts from)."""
         return self._seq
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the session has been welcomed again after its first connection."""
+        return self._reconnects
+
+    @property
+    def dropped(self) -> int:
+        """How many pushes the full buffer let go (superseded presence, or lost signals)."""
+        return self._dropped
 
     async def wait_connected(self) -> None:
         """Return once the session is connected (at once if it is).
@@ -729,12 +741,11 @@ class ClientSession:
             self._loop_done.set()
 
     async def _connection_loop(self, task_status: trio.TaskStatus[None]) -> None:
-        started = False
         failures = 0
         while True:
-            ending = await self._attempt(None if started else task_status)
+            ending = await self._attempt(task_status if not self._ready else None)
+            started = self._ready
             if ending.welcomed:
-                started = True
                 conn = self._conn
                 if conn is not None and trio.current_time() - conn.opened_at >= self._max_backoff:
                     failures = 0
@@ -778,7 +789,7 @@ class ClientSession:
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(self._handshake_timeout):
-                    ws = await self._open_websocket(nursery)
+                    ws, stream = await self._open_websocket(nursery)
             except (ConnectionLost, trio.TooSlowError) as exc:
                 error = (
                     exc
@@ -802,11 +813,15 @@ class ClientSession:
             finally:
                 with trio.move_on_after(_CLOSE_GRACE, shield=True):
                     await ws.aclose()
+                # trio-websocket leaves the stream open after an abnormal closure.
+                await trio.aclose_forcefully(stream)
                 nursery.cancel_scope.cancel()
         return ending
 
-    async def _open_websocket(self, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
-        """Open the TCP (or TLS) stream and upgrade it to a WebSocket.
+    async def _open_websocket(
+        self, nursery: trio.Nursery
+    ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+        """Open the TCP (or TLS) stream and upgrade it to a WebSocket; return both.
 
         Unlike ``open_websocket_url``, this notices at once when the server closes the stream
         during the upgrade, and it closes the stream whenever the upgrade fails.
@@ -848,7 +863,7 @@ class ClientSession:
                 message = f"{self._url} closed the connection during the WebSocket upgrade"
             raise ConnectionLost(message) from rejected
         assert ws is not None
-        return ws
+        return ws, stream
 
     async def _drive(self, conn: _Connection, task_status: trio.TaskStatus[None] | None) -> _Ending:
         hello_data: dict[str, Any] = {"token": self._token, "project_id": self._project_id}
@@ -875,8 +890,9 @@ class ClientSession:
             self._set_state(SessionState.CONNECTED)
             if task_status is not None:
                 task_status.started()
+                self._ready = True
             else:
-                self.reconnects += 1
+                self._reconnects += 1
             await trio.sleep_forever()
         if not conn.lost and self._resync_wanted:
             # Stop taking new requests, let those in flight get their replies, then leave.
@@ -1013,7 +1029,7 @@ class ClientSession:
                 return
             self._seq = seq
         elif not self._make_room(push):
-            self.dropped += 1
+            self._dropped += 1
             if not push.droppable:
                 self._overflowed = True
             return
@@ -1027,7 +1043,7 @@ class ClientSession:
         for index, queued in enumerate(self._pushes):
             if queued.droppable:
                 del self._pushes[index]
-                self.dropped += 1
+                self._dropped += 1
                 return True
         return False
 
@@ -1084,7 +1100,8 @@ async def connect(
         token: a JWT for this project (``crealia token``).
         project_id: the project to join.
         resume_seq: the highest ``seq`` already applied, to have the server replay what came
-            after it instead of sending a snapshot.
+            after it (as pushes) instead of sending a snapshot; if it no longer holds them all,
+            :attr:`ClientSession.welcome` carries a ``snapshot`` all the same.
         subprotocols: offered in the handshake.
         reconnect: reconnect when the connection drops. If false, a drop ends the session.
         min_backoff, max_backoff: the bounds, in seconds, of the jittered exponential delay

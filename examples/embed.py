@@ -23,8 +23,14 @@ async def robot(server: crealia.Server, count: int) -> None:
     async with crealia.connect(server.ws_url, token, "demo") as session:
         for i in range(count):
             ack = await session.change(
-                [{"op": "insert", "element_id": f"marker-{i}", "element_type": "marker",
-                  "props": {"time": float(i), "label": f"beat {i}"}}]
+                [
+                    {
+                        "op": "insert",
+                        "element_id": f"marker-{i}",
+                        "element_type": "marker",
+                        "props": {"time": float(i), "label": f"beat {i}"},
+                    }
+                ]
             )
             print(f"robot: marker-{i} stored at seq {ack['seq']}")
             await trio.sleep(1)  # the robot's own pace, not synchronization
@@ -34,7 +40,7 @@ async def watcher(server: crealia.Server, count: int) -> None:
     token = server.issue_token("watcher", "demo", "viewer")
     async with crealia.connect(server.ws_url, token, "demo") as session:
         seen = 0
-        async for push in session.pushes():
+        async for push in session:
             if push.type == "collaboration_event" and push.data.get("seq"):
                 change = push.data["payload"]["changes"][0]
                 print(f"watcher: seq {push.data['seq']}: {change['op']} {change['element_id']}")

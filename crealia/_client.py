@@ -23,9 +23,10 @@ What the session does for you:
   backoff and sends ``hello`` with ``resume.seq`` = :attr:`ClientSession.seq`. It then delivers a
   ``welcome`` push (the new welcome's data: a ``snapshot`` there means events were missed and the
   document must be reloaded from it), then the replayed events, then live ones. Requests whose
-  reply is still due are handled so: ``timeline_change`` and ``users_request`` are sent again on
-  the new connection (a change keeps its ``change_id``, so the server acks it once, possibly
-  with status ``duplicate``, and the pending :meth:`ClientSession.change` returns that ack);
+  reply is still due are handled so: ``timeline_change``, ``comment_add``, ``users_request``,
+  ``ping`` and ``conflict_dismiss`` are sent again on the new connection (a change keeps its
+  ``change_id`` and a comment its ``id``, so the server acks it once, possibly with status
+  ``duplicate``, and the pending call returns that ack);
   any other request raises :class:`ConnectionLost`, since it may or may not have taken effect.
   Requests and sends made while disconnected wait for the next connection. The session does not
   reconnect after :meth:`ClientSession.aclose`, after close 4401 (unauthorized), or after a
@@ -94,7 +95,10 @@ logger = logging.getLogger("crealia.client")
 #: The subprotocol a client offers by default.
 SUBPROTOCOL: Final = "crealia.v1"
 #: Requests that are sent again, unchanged, when the connection drops before their reply.
-_RESENDABLE: Final = frozenset({"timeline_change", "users_request"})
+#: Requests that are safe to send again: changes and comments are idempotent on their ids.
+_RESENDABLE: Final = frozenset(
+    {"timeline_change", "comment_add", "users_request", "ping", "conflict_dismiss"}
+)
 #: ``collaboration_event`` kinds that only describe presence: a newer one supersedes them.
 _PRESENCE_KINDS: Final = frozenset(
     {"cursor_update", "element_active", "typing_start", "typing_stop"}
@@ -451,8 +455,9 @@ class ClientSession:
         """Send a client message with a ``ref`` and return the ``data`` of its reply.
 
         Waits for the connection if the session is reconnecting. If the connection drops before
-        the reply, a ``timeline_change`` or ``users_request`` is sent again on the next
-        connection; any other request raises :class:`ConnectionLost`.
+        the reply, an idempotent request (``timeline_change``, ``comment_add``,
+        ``users_request``, ``ping``, ``conflict_dismiss``) is sent again on the next connection;
+        any other request raises :class:`ConnectionLost`.
 
         Cancelling the call stops waiting; the request may still take effect, and it is not
         sent again after a reconnection.

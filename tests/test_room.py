@@ -31,14 +31,15 @@ async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
 
 
 async def test_slow_consumer_is_closed_with_4409_and_room_goes_on(
-    tmp_path: Path, nursery: trio.Nursery
+    tmp_path: Path, nursery: trio.Nursery, endpoint: str
 ) -> None:
     config = make_config(tmp_path, outbox_frames=64, outbox_bytes=2 * 1024 * 1024)
     async with open_server(config) as server:
-        clients = Clients(server, "ws", nursery)
+        clients = Clients(server, endpoint, nursery)
         writer = await clients.join("writer")
         reader = await clients.join("reader", role="viewer")
-        slow = await open_stalled_client(nursery, server.ws_port)
+        port = server.ws_port if endpoint == "ws" else server.http_port
+        slow = await open_stalled_client(nursery, port)
         await slow.hello(server.issue_token("slow", "p1", "viewer"), "p1")
         room = server.hub.rooms.rooms["p1"]
         stalled = next(s for s in room.sessions.values() if s.user.id == "slow")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -25,7 +26,6 @@ from ._backplane import Backplane
 from ._config import Config
 from ._errors import (
     BadRequest,
-    CrealiaError,
     InternalError,
     NotFound,
     Overloaded,
@@ -35,6 +35,8 @@ from ._errors import (
     Unauthorized,
 )
 from ._room import Room, RoomManager
+
+log = logging.getLogger("crealia.session")
 
 #: Largest frame the writer builds by merging queued outbox items.
 _MAX_MERGED_FRAME = 256 * 1024
@@ -385,8 +387,10 @@ class Hub:
                 if not isinstance(exc, Overloaded):
                     session.strike()
                 continue
-            except CrealiaError as exc:
-                error = InternalError(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                # A bug must cost one reply, not the session or the server.
+                log.exception("internal error handling %s from %s", ref, session.user.id)
+                error = InternalError(f"{type(exc).__name__}: {exc}"[:500])
                 session.reply(_wire.error_envelope(error, ref))
                 continue
             if ref is not None:

@@ -51,7 +51,11 @@ TIMEOUT = 10
 
 
 def _masked_frame(
-    payload: bytes, *, opcode: int = 0x2, rsv1: bool = True, fin: bool = True,
+    payload: bytes,
+    *,
+    opcode: int = 0x2,
+    rsv1: bool = True,
+    fin: bool = True,
 ) -> bytes:
     """A client (masked) frame, built by hand so it can be anything we like."""
     mask = os.urandom(4)
@@ -65,7 +69,8 @@ def _masked_frame(
         head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
     key = (mask * (n // 4 + 1))[:n]
     body = (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        n, "little",
+        n,
+        "little",
     )
     return bytes(head) + mask + body
 
@@ -212,7 +217,12 @@ async def _start_trio_websocket(nursery: trio.Nursery) -> _Server:
 
     server = await nursery.start(
         functools.partial(
-            trio_websocket.serve_websocket, echo, "127.0.0.1", 0, None, max_message_size=MAX,
+            trio_websocket.serve_websocket,
+            echo,
+            "127.0.0.1",
+            0,
+            None,
+            max_message_size=MAX,
         ),
     )
     return _Server("trio-websocket", server.port, close_codes)
@@ -238,7 +248,8 @@ async def _start_hypercorn(nursery: trio.Nursery) -> _Server:
 
 @pytest.fixture(params=["trio-websocket", "hypercorn"])
 async def server(
-    request: pytest.FixtureRequest, nursery: trio.Nursery,
+    request: pytest.FixtureRequest,
+    nursery: trio.Nursery,
 ) -> AsyncIterator[_Server]:
     if request.param == "trio-websocket":
         yield await _start_trio_websocket(nursery)
@@ -392,8 +403,11 @@ def _server_connection(offer: str, ext: BoundedDeflate | None = None) -> Connect
         (["permessage-deflate; server_no_context_takeover; server_no_context_takeover"], None),
         # The first acceptable offer wins (wsproto asks about each in turn).
         (
-            ["permessage-deflate; mystery", "permessage-deflate; client_max_window_bits=10",
-             "permessage-deflate"],
+            [
+                "permessage-deflate; mystery",
+                "permessage-deflate; client_max_window_bits=10",
+                "permessage-deflate",
+            ],
             "client_max_window_bits=10; server_max_window_bits=11",
         ),
     ],

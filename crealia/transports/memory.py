@@ -14,11 +14,12 @@ never runs ahead of what is durable.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ from .._backplane import (
     Listener,
 )
 from .._document import ConflictSpec, Document
-from .._errors import NotFound, Overloaded, StorageError
+from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
 from .._storage import Statement, Store, dumps, loads
 
 
@@ -185,31 +186,34 @@ class MemoryBackplane(Backplane):
         conflicts: list[Conflict],
     ) -> None:
         """Queue rows for the store; on success hand the event and conflicts to listeners."""
-        if event is not None:
-            statements.append(
-                (
-                    "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        project_id,
-                        event.seq,
-                        event.kind,
-                        event.user_id,
-                        event.at,
-                        dumps(event.payload),
-                        dumps(event.effects),
-                    ),
-                )
-            )
-            if event.seq - project.snapshot_seq >= self.snapshot_every:
-                project.snapshot_seq = event.seq
+        with _guarded(project):
+            if event is not None:
+                # Encode now: a failure here is caught by the guard, not in the store's callback.
+                _ = event.encoded
                 statements.append(
                     (
-                        "INSERT OR REPLACE INTO snapshots (project_id, seq, document) "
-                        "VALUES (?, ?, ?)",
-                        (project_id, event.seq, dumps(project.doc.dump())),
+                        "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            project_id,
+                            event.seq,
+                            event.kind,
+                            event.user_id,
+                            event.at,
+                            dumps(event.payload),
+                            dumps(event.effects),
+                        ),
                     )
                 )
+                if event.seq - project.snapshot_seq >= self.snapshot_every:
+                    project.snapshot_seq = event.seq
+                    statements.append(
+                        (
+                            "INSERT OR REPLACE INTO snapshots (project_id, seq, document) "
+                            "VALUES (?, ?, ?)",
+                            (project_id, event.seq, dumps(project.doc.dump())),
+                        )
+                    )
 
         def on_durable() -> None:
             listeners = list(self._listeners.get(project_id, ()))
@@ -245,42 +249,43 @@ class MemoryBackplane(Backplane):
             return attrs.evolve(first, status="duplicate")
         doc = project.doc
         plan = doc.plan(user.id, change.change_id, change.changes, self._value_at(project))
-        at = now_ms()
-        event = None
-        seq = None
-        if plan.applied:
-            seq = doc.seq + 1
-            doc.apply(plan.applied, seq, user.id)
-            event = DurableEvent(
-                project_id=project_id,
+        with _guarded(project):
+            at = now_ms()
+            event = None
+            seq = None
+            if plan.applied:
+                seq = doc.seq + 1
+                doc.apply(plan.applied, seq, user.id)
+                event = DurableEvent(
+                    project_id=project_id,
+                    seq=seq,
+                    kind="timeline_change",
+                    user_id=user.id,
+                    at=at,
+                    payload={"change_id": change.change_id, "changes": plan.applied},
+                    effects=plan.applied,
+                )
+            conflicts = [self._new_conflict(project_id, spec, at) for spec in plan.conflicts]
+            for conflict in conflicts:
+                project.pending[conflict.id] = conflict
+            status: Literal["applied", "partial", "conflict"] = (
+                "applied" if not conflicts else ("partial" if plan.applied else "conflict")
+            )
+            outcome = ChangeOutcome(
+                change_id=change.change_id,
                 seq=seq,
-                kind="timeline_change",
-                user_id=user.id,
-                at=at,
-                payload={"change_id": change.change_id, "changes": plan.applied},
-                effects=plan.applied,
+                status=status,
+                conflicts=[c.id for c in conflicts],
             )
-        conflicts = [self._new_conflict(project_id, spec, at) for spec in plan.conflicts]
-        for conflict in conflicts:
-            project.pending[conflict.id] = conflict
-        status: Literal["applied", "partial", "conflict"] = (
-            "applied" if not conflicts else ("partial" if plan.applied else "conflict")
-        )
-        outcome = ChangeOutcome(
-            change_id=change.change_id,
-            seq=seq,
-            status=status,
-            conflicts=[c.id for c in conflicts],
-        )
-        project.changes[change.change_id] = outcome
-        statements: list[Statement] = [
-            (
-                "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (project_id, change.change_id, user.id, seq, status, dumps(outcome.conflicts)),
-            )
-        ]
-        statements += [_conflict_row(c) for c in conflicts]
+            project.changes[change.change_id] = outcome
+            statements: list[Statement] = [
+                (
+                    "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (project_id, change.change_id, user.id, seq, status, dumps(outcome.conflicts)),
+                )
+            ]
+            statements += [_conflict_row(c) for c in conflicts]
         await self._commit(project_id, project, statements, event, conflicts)
         return outcome
 
@@ -291,34 +296,35 @@ class MemoryBackplane(Backplane):
         first = project.comments.get(comment.id)
         if first is not None:
             return first, True
-        seq = project.doc.seq + 1
-        project.doc.seq = seq
-        at = now_ms()
-        project.comments[comment.id] = seq
-        event = DurableEvent(
-            project_id=project_id,
-            seq=seq,
-            kind="comment_add",
-            user_id=user.id,
-            at=at,
-            payload={"comment": _wire.unstructure(comment)},
-        )
-        statements: list[Statement] = [
-            (
-                "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
-                "text, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    project_id,
-                    comment.id,
-                    seq,
-                    user.id,
-                    comment.element_id,
-                    comment.time,
-                    comment.text,
-                    at,
-                ),
+        with _guarded(project):
+            seq = project.doc.seq + 1
+            project.doc.seq = seq
+            at = now_ms()
+            project.comments[comment.id] = seq
+            event = DurableEvent(
+                project_id=project_id,
+                seq=seq,
+                kind="comment_add",
+                user_id=user.id,
+                at=at,
+                payload={"comment": _wire.unstructure(comment)},
             )
-        ]
+            statements: list[Statement] = [
+                (
+                    "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
+                    "text, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        project_id,
+                        comment.id,
+                        seq,
+                        user.id,
+                        comment.element_id,
+                        comment.time,
+                        comment.text,
+                        at,
+                    ),
+                )
+            ]
         await self._commit(project_id, project, statements, event, [])
         return seq, False
 
@@ -331,31 +337,32 @@ class MemoryBackplane(Backplane):
         conflict = project.pending.get(conflict_id)
         if conflict is None:
             raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
-        if choice == "current":
-            value = conflict.current["value"]
-        elif choice == "incoming":
-            value = conflict.incoming["value"]
-        effects = _resolution_effects(project.doc, conflict, value, user.id)
-        seq = project.doc.seq + 1
-        project.doc.apply(effects, seq, user.id)
-        resolution = {
-            "value": value,
-            "choice": choice,
-            "strategy": "manual",
-            "confidence": 1.0,
-            "explanation": explanation,
-        }
-        resolved = attrs.evolve(conflict, status="resolved", resolution=resolution)
-        del project.pending[conflict_id]
-        event = DurableEvent(
-            project_id=project_id,
-            seq=seq,
-            kind="conflict_resolved",
-            user_id=user.id,
-            at=now_ms(),
-            payload={"conflict_id": conflict_id, "seq": seq, "resolution": resolution},
-            effects=effects,
-        )
+        with _guarded(project):
+            if choice == "current":
+                value = conflict.current["value"]
+            elif choice == "incoming":
+                value = conflict.incoming["value"]
+            effects = _resolution_effects(project.doc, conflict, value, user.id)
+            seq = project.doc.seq + 1
+            project.doc.apply(effects, seq, user.id)
+            resolution = {
+                "value": value,
+                "choice": choice,
+                "strategy": "manual",
+                "confidence": 1.0,
+                "explanation": explanation,
+            }
+            resolved = attrs.evolve(conflict, status="resolved", resolution=resolution)
+            del project.pending[conflict_id]
+            event = DurableEvent(
+                project_id=project_id,
+                seq=seq,
+                kind="conflict_resolved",
+                user_id=user.id,
+                at=now_ms(),
+                payload={"conflict_id": conflict_id, "seq": seq, "resolution": resolution},
+                effects=effects,
+            )
         await self._commit(project_id, project, [_conflict_row(resolved)], event, [])
         return seq
 
@@ -445,6 +452,23 @@ class MemoryBackplane(Backplane):
 
     async def check(self) -> None:
         await self.store.check()
+
+
+@contextlib.contextmanager
+def _guarded(project: _Project) -> Iterator[None]:
+    """Mark the project broken if preparing a write fails after its state was touched.
+
+    The in-memory document may already hold part of the write; a broken project refuses further
+    writes and reloads from the store on next use, so memory never runs ahead of what is durable.
+    """
+    try:
+        yield
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        project.broken = True
+        project.advanced()
+        raise InternalError(f"could not record the write: {type(exc).__name__}: {exc}") from exc
 
 
 def _conflict_row(conflict: Conflict) -> Statement:

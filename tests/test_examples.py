@@ -13,9 +13,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 async def run_example(name: str, *args: str) -> str:
     with trio.fail_after(60):
         result = await trio.run_process(
-            [sys.executable, str(EXAMPLES / name), *args], capture_stdout=True, capture_stderr=True
+            [sys.executable, str(EXAMPLES / name), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
-    return result.stdout.decode()
+    out = result.stdout.decode()
+    assert result.returncode == 0, f"{name} failed:\n{out}\n{result.stderr.decode()}"
+    return out
 
 
 async def test_embed_example_runs_server_inside_a_trio_program() -> None:

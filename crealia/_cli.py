@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import trio
 
 from ._auth import ROLES, TokenAuthority, load_or_create_secret
 from ._config import Config
-from ._errors import CrealiaError
+from ._errors import ConfigurationError, CrealiaError
 from ._server import open_server
 
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        _tune_gc()
         trio.run(_serve, config)
     except CrealiaError as exc:
         print(f"crealia: {exc}", file=sys.stderr)
@@ -87,6 +90,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crealia: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tune_gc() -> None:
+    """Collect young objects less often than CPython's default (700 allocations).
+
+    A server holds hundreds of thousands of long-lived objects (tasks, sessions, rooms), and with
+    the default thresholds a full collection ran about twice a second under fan-out load, each
+    pausing every room for tens of milliseconds: it doubled p99 latency in the fan-out
+    benchmark. CREALIA_GC_THRESHOLD="g0,g1,g2" overrides. Only ``crealia serve`` does this: a
+    program that embeds crealia keeps its own settings.
+    """
+    raw = os.environ.get("CREALIA_GC_THRESHOLD", "20000,20,10")
+    try:
+        thresholds = [int(part) for part in raw.split(",")]
+        gc.set_threshold(*thresholds)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"CREALIA_GC_THRESHOLD={raw!r}: {exc}") from exc
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -103,6 +123,8 @@ def _token(args: argparse.Namespace) -> int:
 async def _serve(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(config) as server:
+            # What exists now lives as long as the server: keep it out of every collection.
+            gc.freeze()
             print(f"crealia listening http={server.http_port} ws={server.ws_port}", flush=True)
             async for _signum in signals:
                 break

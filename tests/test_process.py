@@ -236,3 +236,38 @@ def _http_checks(base: str) -> None:
         nowhere = http.get("/api/nothing", headers=auth)
         assert nowhere.status_code == 404
         assert nowhere.json()["error"]["code"] == "not_found"
+
+
+async def test_serve_refuses_bad_settings_with_a_clear_message(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    cases = {
+        "CREALIA_GC_THRESHOLD": ("lots", "CREALIA_GC_THRESHOLD"),
+        "PORT": ("eighty", "PORT='eighty'"),
+        "CREALIA_HISTORY_LIMIT": ("10", "history_limit must be at least 1000"),
+    }
+    for name, (value, expected) in cases.items():
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "crealia",
+                    "serve",
+                    "--port",
+                    "0",
+                    "--ws-port",
+                    "0",
+                    "--data-dir",
+                    str(tmp_path / "d"),
+                    "--jwt-secret",
+                    SECRET,
+                ],
+                env={**os.environ, name: value},
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 2, (name, result.stderr)
+        assert expected in result.stderr.decode(), (name, result.stderr)

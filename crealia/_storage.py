@@ -14,9 +14,12 @@ file before ``commit()`` returns. (Power loss may drop the last transactions; se
 
 from __future__ import annotations
 
+import itertools
+import logging
+import operator
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +30,8 @@ import trio
 from ._errors import StorageError
 
 T = TypeVar("T")
+
+log = logging.getLogger("crealia.storage")
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -80,17 +85,23 @@ CREATE INDEX IF NOT EXISTS conflicts_project ON conflicts (project_id, status);
 class _SqliteThread:
     """Runs functions against one sqlite3 connection in a worker thread, one at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, checkpoints: bool = False) -> None:
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
         self._conn: sqlite3.Connection | None = None
+        self._checkpoints = checkpoints
 
     async def open(self) -> None:
+        automatic = 1000 if self._checkpoints else 0
+
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
+            # The writer never checkpoints (a checkpoint fsyncs, which would stall the commit
+            # and every ack behind it); a second connection does, in its own thread.
+            conn.execute(f"PRAGMA wal_autocheckpoint={automatic}")
             conn.executescript(_SCHEMA)
             return conn
 
@@ -144,6 +155,7 @@ class Store:
     writes: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
+    _writer_done: trio.Event = attrs.Factory(trio.Event)
 
     async def write(
         self,
@@ -197,6 +209,12 @@ class Store:
         await self._thread.run(probe)
 
     async def _writer(self) -> None:
+        try:
+            await self._write_loop()
+        finally:
+            self._writer_done.set()
+
+    async def _write_loop(self) -> None:
         async with self._recv:
             async for first in self._recv:
                 batch = [first]
@@ -216,8 +234,9 @@ class Store:
             try:
                 if failing:
                     raise sqlite3.OperationalError("injected failure")
-                for sql, params in statements:
-                    conn.execute(sql, params)
+                # Runs of the same statement go through executemany: one call, not one each.
+                for sql, rows in itertools.groupby(statements, key=operator.itemgetter(0)):
+                    conn.executemany(sql, [params for _sql, params in rows])
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -261,17 +280,55 @@ async def open_store(data_dir: Path) -> AsyncIterator[Store]:
     path = Path(data_dir) / "crealia.sqlite3"
     thread = _SqliteThread(path)
     await thread.open()
+    checkpointer = _SqliteThread(path, checkpoints=True)
+    await checkpointer.open()
     send, recv = trio.open_memory_channel[_Write](100_000)
     store = Store(path=path, thread=thread, send=send, recv=recv)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)
+            nursery.start_soon(_checkpoints, checkpointer, nursery.cancel_scope)
             try:
                 yield store
             finally:
                 send.close()  # the writer drains what is queued, then ends
+                await _wait_closed(store)
+                nursery.cancel_scope.cancel()
     finally:
         await thread.close()
+        with trio.CancelScope(shield=True), suppress(StorageError):
+            await checkpointer.run(_checkpoint_truncate)
+        await checkpointer.close()
+
+
+#: Seconds between background WAL checkpoints.
+CHECKPOINT_INTERVAL = 1.0
+
+
+async def _checkpoints(checkpointer: _SqliteThread, _scope: trio.CancelScope) -> None:
+    """Copy the WAL into the database now and then, off the writer's thread.
+
+    A PASSIVE checkpoint never blocks the writer; it only copies what no reader still needs.
+    """
+    while True:
+        await trio.sleep(CHECKPOINT_INTERVAL)  # a period, not synchronization
+        try:
+            await checkpointer.run(_checkpoint_passive)
+        except StorageError as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
+
+
+def _checkpoint_passive(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def _checkpoint_truncate(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+async def _wait_closed(store: Store) -> None:
+    with trio.CancelScope(shield=True):
+        await store._writer_done.wait()
 
 
 # -- statements and queries ----------------------------------------------------------------------

@@ -7,11 +7,13 @@ hub in the handler nursery that trio-websocket gives it. trio-websocket enforces
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
 import trio
 import trio_websocket
+from wsproto.events import TextMessage
 
 from .._session import Connection, ConnectionClosed, Hub
 
@@ -25,6 +27,9 @@ class TrioWebSocketConnection(Connection):
         self._ws = ws
         remote = ws.remote
         self.remote = getattr(remote, "address", str(remote))
+        stream = getattr(ws, "_stream", None)
+        socket = getattr(stream, "socket", None)
+        self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket else -1
 
     async def receive(self) -> str | bytes:
         try:
@@ -34,11 +39,47 @@ class TrioWebSocketConnection(Connection):
             raise ConnectionClosed(reason.code if reason else None) from exc
 
     async def send(self, frame: bytes) -> None:
+        ws = self._ws
         try:
-            await self._ws.send_message(frame.decode())
+            if ws._close_reason is None and self._fd >= 0:
+                lock = ws._stream_lock
+                try:
+                    lock.acquire_nowait()
+                except trio.WouldBlock:
+                    pass  # the reader is sending (a pong, a close): queue behind it
+                else:
+                    try:
+                        await self._send_direct(frame)
+                    finally:
+                        lock.release()
+                    return
+            await ws.send_message(frame.decode())
         except trio_websocket.ConnectionClosed as exc:
             reason = exc.reason
             raise ConnectionClosed(reason.code if reason else None) from exc
+
+    async def _send_direct(self, frame: bytes) -> None:
+        """Frame with wsproto and write straight to the socket, holding trio-websocket's lock.
+
+        Most frames fit in the socket buffer: one ``write`` and no trip through the scheduler,
+        where ``send_message`` costs three (lock, send, checkpoint). This was a third of the
+        server's CPU under fan-out load. What does not fit goes through the stream as usual.
+        """
+        ws = self._ws
+        data = ws._wsproto.send(TextMessage(data=frame.decode()))
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            await ws._abort_web_socket()
+            raise trio_websocket.ConnectionClosed(ws._close_reason) from None
+        if sent < len(data):
+            try:
+                await ws._stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise trio_websocket.ConnectionClosed(ws._close_reason) from None
 
     async def close(self, code: int, reason: str = "") -> None:
         try:

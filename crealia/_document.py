@@ -78,6 +78,20 @@ def _no_history(_element_id: str, _prop: str | None, _seq: int | None) -> Any:
     return None
 
 
+def _set_conflict(
+    op: SetOp, current: dict[str, Any], user_id: str, change_id: str, value_at: ValueAt
+) -> ConflictSpec:
+    return ConflictSpec(
+        op="set",
+        element_id=op.element_id,
+        prop=op.prop,
+        base=op.base,
+        base_value=value_at(op.element_id, op.prop, op.base),
+        current=current,
+        incoming={"value": op.value, "user_id": user_id, "change_id": change_id},
+    )
+
+
 @attrs.define
 class Document:
     """A project's elements, versions and tombstones as of ``seq``."""
@@ -127,21 +141,8 @@ class Document:
                     raise NotFound(f"{where}: no element {eid!r} in this project")
                 stale = op.base is not None and op.base < tomb.seq
                 if isinstance(op, SetOp) and stale and tomb.user_id != user_id:
-                    conflicts.append(
-                        ConflictSpec(
-                            op="set",
-                            element_id=eid,
-                            prop=op.prop,
-                            base=op.base,
-                            base_value=value_at(eid, op.prop, op.base),
-                            current={"value": None, "user_id": tomb.user_id, "seq": tomb.seq},
-                            incoming={
-                                "value": op.value,
-                                "user_id": user_id,
-                                "change_id": change_id,
-                            },
-                        )
-                    )
+                    current = {"value": None, "user_id": tomb.user_id, "seq": tomb.seq}
+                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at))
                     continue
                 raise NotFound(f"{where}: element {eid!r} was deleted at seq {tomb.seq}")
             if isinstance(op, SetOp):
@@ -153,25 +154,9 @@ class Document:
                     and op.base < version
                     and writer != user_id
                 ):
-                    conflicts.append(
-                        ConflictSpec(
-                            op="set",
-                            element_id=eid,
-                            prop=op.prop,
-                            base=op.base,
-                            base_value=value_at(eid, op.prop, op.base),
-                            current={
-                                "value": element.props.get(op.prop),
-                                "user_id": writer,
-                                "seq": version,
-                            },
-                            incoming={
-                                "value": op.value,
-                                "user_id": user_id,
-                                "change_id": change_id,
-                            },
-                        )
-                    )
+                    current = {"value": element.props.get(op.prop), "user_id": writer,
+                               "seq": version}  # fmt: skip
+                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at))
                     continue
                 applied.append(unstructure(op))
             else:

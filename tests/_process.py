@@ -38,27 +38,18 @@ class ServerProcess:
 
 @asynccontextmanager
 async def run_server(
-    data_dir: Path, jwt_secret: str, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path, jwt_secret: str | None, *extra: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[ServerProcess]:
     """Start ``crealia serve`` on free ports; yields once it prints its listening line.
 
+    ``jwt_secret=None`` leaves the secret to the server (the one kept in the data dir).
+
     On exit the process is SIGKILLed if it still runs.
     """
-    command = [
-        sys.executable,
-        "-m",
-        "crealia",
-        "serve",
-        "--port",
-        "0",
-        "--ws-port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--jwt-secret",
-        jwt_secret,
-        *extra,
-    ]
+    command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
+               "--data-dir", str(data_dir), *extra]  # fmt: skip
+    if jwt_secret is not None:
+        command += ["--jwt-secret", jwt_secret]
     process = await trio.lowlevel.open_process(
         command,
         stdout=subprocess.PIPE,

@@ -151,38 +151,13 @@ async def test_token_command_is_accepted_by_serve(tmp_path: Path, nursery: trio.
         secret = secret_file.read_text().strip()
         user = TokenAuthority(secret).verify(minted, "p9")
         assert (user.id, user.name, user.role) == ("u1", "Una", "viewer")
-        # serve without --jwt-secret uses the same generated secret.
-        async with run_server(data, "") as _unused:
-            pass
-    command = [
-        sys.executable,
-        "-m",
-        "crealia",
-        "serve",
-        "--port",
-        "0",
-        "--ws-port",
-        "0",
-        "--data-dir",
-        str(data),
-    ]
-    process = await trio.lowlevel.open_process(command, stdout=-1)
-    try:
+    # serve without --jwt-secret uses the same generated secret.
+    async with run_server(data, None) as proc:
         with trio.fail_after(15):
-            buffer = b""
-            while b"listening" not in buffer:
-                buffer += await process.stdout.receive_some(4096)
-            ws_port = int(buffer.decode().split("ws=")[1].split()[0])
-            client = await open_raw_client(nursery, f"ws://127.0.0.1:{ws_port}/ws")
+            client = await open_raw_client(nursery, proc.ws_url)
             welcome = await client.hello(minted, "p9")
             assert welcome["user"] == {"id": "u1", "name": "Una", "role": "viewer"}
             await client.aclose()
-    finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-        if process.stdout is not None:
-            await process.stdout.aclose()
 
 
 async def test_http_snapshot_health_and_ready(tmp_path: Path, nursery: trio.Nursery) -> None:

@@ -15,8 +15,8 @@ run: setup
 	$(PY) -m crealia serve --host $(HOST) --port $(PORT) --ws-port $(WS_PORT) --data-dir $(DATA_DIR)
 
 lint: setup
-	$(VENV)/bin/ruff check crealia tests examples benchmarks
-	$(VENV)/bin/ruff format --check crealia tests examples benchmarks
+	$(VENV)/bin/ruff check crealia tests examples benchmarks plugins
+	$(VENV)/bin/ruff format --check crealia tests examples benchmarks plugins
 
 typecheck: setup
 	$(VENV)/bin/mypy

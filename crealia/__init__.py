@@ -31,14 +31,28 @@ from ._errors import (
 )
 from ._server import Server, open_server, serve
 from ._session import Connection, ConnectionClosed
+from ._strategy import (
+    DECLINE,
+    DEFER,
+    Answer,
+    Choice,
+    Participant,
+    Resolution,
+    ResolutionContext,
+    Verdict,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DECLINE",
+    "DEFER",
     "ROLES",
+    "Answer",
     "Backplane",
     "BadRequest",
     "ChangeOutcome",
+    "Choice",
     "ClientClosed",
     "ClientError",
     "ClientSession",
@@ -56,9 +70,12 @@ __all__ = [
     "Listener",
     "NotFound",
     "Overloaded",
+    "Participant",
     "ProtocolError",
     "Push",
     "RateLimited",
+    "Resolution",
+    "ResolutionContext",
     "Role",
     "RoomError",
     "Server",
@@ -70,6 +87,7 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "User",
+    "Verdict",
     "connect",
     "open_server",
     "serve",

@@ -13,12 +13,15 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import attrs
 
 from . import _wire
 from ._auth import User
+
+if TYPE_CHECKING:
+    from ._strategy import Resolution
 
 DurableKind = Literal["timeline_change", "comment_add", "conflict_resolved"]
 
@@ -75,6 +78,8 @@ class Conflict:
     status: Literal["pending", "resolved"] = "pending"
     created_at: int = 0
     resolution: dict[str, Any] | None = None
+    #: The roles of the two authors when known ({user_id: role}); not part of the wire object.
+    roles: dict[str, str] = attrs.Factory(dict)
 
     def to_wire(self) -> dict[str, Any]:
         """The conflict object clients see."""
@@ -98,6 +103,8 @@ class ChangeOutcome:
     seq: int | None
     status: Literal["applied", "partial", "conflict", "duplicate"]
     conflicts: list[str]
+    #: The conflicts this change raised (empty for a duplicate); not part of the ack.
+    detected: list[Conflict] = attrs.field(factory=list, eq=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -106,6 +113,14 @@ class ChangeOutcome:
             "status": self.status,
             "conflicts": self.conflicts,
         }
+
+
+@attrs.frozen(kw_only=True)
+class Settled:
+    """What settling a conflict did: the resolution's seq, and a conflict detected again."""
+
+    seq: int
+    redetected: Conflict | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -143,8 +158,13 @@ class Backplane(ABC):
     """
 
     @abstractmethod
-    async def commit_change(self, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+    async def commit_change(
+        self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
+    ) -> ChangeOutcome:
         """Check, sequence and store a ``timeline_change``.
+
+        Conflicts it detects are stored pending, naming ``strategy`` (the first of the project's
+        chain) as the one settling them, and come back in :attr:`ChangeOutcome.detected`.
 
         Raises:
             BadRequest, NotFound: the change contradicts the document; nothing is recorded.
@@ -162,15 +182,51 @@ class Backplane(ABC):
         """
 
     @abstractmethod
-    async def resolve_conflict(
-        self, user: User, conflict_id: str, choice: str, value: Any, explanation: str
-    ) -> int:
-        """Settle a pending conflict by hand; returns the resolution's ``seq``.
+    async def settle(
+        self,
+        project_id: str,
+        conflict_id: str,
+        resolution: Resolution,
+        *,
+        by: str,
+        writer: str,
+        expect_seq: int | None = None,
+    ) -> Settled:
+        """Settle a pending conflict: the resolution becomes a durable event with its own seq.
+
+        ``by`` is who settled it (the event's user), ``writer`` who the resolved value counts as
+        written by. With ``expect_seq``, the target must still be at that version: if it moved,
+        the newer value stands (the conflict is resolved as ``current``) and, when the newer
+        value is someone else's, the incoming value is detected again as a new conflict, which
+        :class:`Settled` returns.
 
         Raises:
-            NotFound: no pending conflict with that id in the user's project.
+            NotFound: no pending conflict with that id in the project.
             Overloaded: the store cannot take the write now.
         """
+
+    @abstractmethod
+    async def conflicts(
+        self, project_id: str, *, status: str | None = None, limit: int = 200
+    ) -> list[Conflict]:
+        """The project's conflicts, newest first (``status``: only pending or resolved)."""
+
+    @abstractmethod
+    async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
+        """What ``change`` would do now: ``{"applies": [ops], "conflicts": [...]}``. Changes
+        nothing.
+
+        Raises:
+            BadRequest, NotFound: the change contradicts the document.
+        """
+
+    @abstractmethod
+    async def get_settings(self, project_id: str) -> dict[str, Any]:
+        """The project's stored settings (``{}`` when none)."""
+
+    @abstractmethod
+    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
+        """Replace the project's stored settings."""
 
     @abstractmethod
     async def snapshot(self, project_id: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import trio
 from ._auth import ROLES, TokenAuthority, load_or_create_secret
 from ._config import Config
 from ._errors import ConfigurationError, CrealiaError
+from ._plugins import StrategyRegistry
 from ._server import open_server
 
 
@@ -42,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
         help="durable events kept per project for resume (default 10000)",
     )
 
+    commands.add_parser(
+        "strategies", help="list the installed conflict strategies and where they come from"
+    )
+    serve.add_argument(
+        "--strategies",
+        default=None,
+        help="default strategy chain, comma-separated (default merge,priority)",
+    )
+
     token = commands.add_parser("token", help="print a token for a user")
     token.add_argument("--user", required=True)
     token.add_argument("--project", required=True)
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "token":
             return _token(args)
+        if args.command == "strategies":
+            return _strategies()
         config = Config.from_env(
             host=args.host,
             port=args.port,
@@ -68,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             dev=args.dev,
             tick_ms=args.tick_ms,
             history_limit=args.history,
-        )
+            strategy_chain=None if args.strategies is None else tuple(
+                name.strip() for name in args.strategies.split(",") if name.strip()),
+        )  # fmt: skip
         logging.basicConfig(
             level=logging.DEBUG if config.dev else logging.WARNING,
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -107,6 +121,19 @@ def _tune_gc() -> None:
         gc.set_threshold(*thresholds)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"CREALIA_GC_THRESHOLD={raw!r}: {exc}") from exc
+
+
+def _strategies() -> int:
+    registry = StrategyRegistry.discover()
+    default = Config.from_env().strategy_chain
+    width = max((len(p.name) for p in registry.plugins), default=4)
+    for plugin in registry.plugins:
+        mark = "*" if plugin.name in default else " "
+        where = f"{plugin.distribution} {plugin.version}  {plugin.target}"
+        state = f"  FAILED: {plugin.error}" if plugin.error else ""
+        print(f"{mark} {plugin.name:<{width}}  {where}{state}")
+    print(f"(* in the default chain: {', '.join(default)})")
+    return 1 if any(p.error for p in registry.plugins) else 0
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -55,6 +55,15 @@ class Config:
     shutdown_grace: float = 5.0
     #: Allowed JWT clock skew, seconds.
     jwt_leeway: float = 5.0
+    #: The default strategy chain of every project (a project may set its own over the API).
+    strategy_chain: tuple[str, ...] = attrs.field(default=("merge", "priority"), converter=tuple)
+    #: Options per strategy name, e.g. ``{"priority": {"tie": "first"}, "manual": {"timeout":
+    #: 60}}``; a project's own options override these key by key.
+    strategy_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    #: Seconds each strategy may take on one conflict before the next one is asked.
+    strategy_timeout: float = 3.0
+    #: Strategies registered in code by an embedding program, beside the entry points.
+    strategies: Mapping[str, Any] = attrs.Factory(dict)
     rate_limit_window_ms: int = 60_000
     metrics_retention_days: int = 30
     audit_log_retention_days: int = 90
@@ -113,4 +122,10 @@ _ENV: list[tuple[str, str, Any]] = [
     ("METRICS_RETENTION_DAYS", "metrics_retention_days", int),
     ("AUDIT_LOG_RETENTION_DAYS", "audit_log_retention_days", int),
     ("CREALIA_DEV", "dev", _flag),
+    (
+        "CREALIA_STRATEGIES",
+        "strategy_chain",
+        lambda raw: tuple(name.strip() for name in raw.split(",") if name.strip()),
+    ),
+    ("CREALIA_STRATEGY_TIMEOUT", "strategy_timeout", float),
 ]

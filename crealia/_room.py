@@ -30,6 +30,7 @@ from ._errors import CrealiaError, Overloaded
 
 if TYPE_CHECKING:
     from ._session import Session
+    from ._settle import Settler
 
 
 @attrs.define(eq=False)
@@ -73,6 +74,7 @@ class Room:
     backplane: Backplane
     config: Config
     manager: RoomManager
+    settler: Settler | None = None
     sessions: dict[str, Session] = attrs.Factory(dict)
     members: dict[str, Member] = attrs.Factory(dict)
     ready: trio.Event = attrs.Factory(trio.Event)
@@ -91,6 +93,12 @@ class Room:
     _occupied: trio.Event = attrs.Factory(trio.Event)
     _emptied: trio.Event = attrs.Factory(trio.Event)
     _cancel: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    #: Pending conflicts of the project, and who waits for each to be settled.
+    _pending: set[str] = attrs.Factory(set)
+    _settled_events: dict[str, trio.Event] = attrs.Factory(dict)
+    #: Server time (ms) of recent durable events by seq (for strategies weighing recency).
+    seen_at: dict[int, int] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
     #: Counters for metrics and benchmarks.
     frames_out: int = 0
     flushes: int = 0
@@ -106,11 +114,15 @@ class Room:
         try:
             with self._cancel:
                 async with self.backplane.subscribe(self.project_id, self):
-                    self.ready.set()
+                    pending = await self.backplane.pending_conflicts(self.project_id)
                     async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        self.ready.set()
                         if self.config.tick_ms > 0:
                             nursery.start_soon(self._ticker)
                         nursery.start_soon(self._idle_watch, nursery.cancel_scope)
+                        # Conflicts left pending when the room last closed get their chain again.
+                        self.settle(pending)
         except CrealiaError as exc:
             self.failure = exc
         finally:
@@ -230,16 +242,47 @@ class Room:
             )
         )
 
+    # -- conflicts ----------------------------------------------------------------------------
+
+    def settle(self, conflicts: list[Conflict]) -> None:
+        """Run the project's strategy chain on each conflict, in the room's nursery."""
+        for conflict in conflicts:
+            self._pending.add(conflict.id)
+            if self.settler is not None and self._nursery is not None:
+                self._nursery.start_soon(self.settler.run, self, conflict)
+
+    def is_pending(self, conflict_id: str) -> bool:
+        return conflict_id in self._pending
+
+    async def wait_settled(self, conflict_id: str, timeout: float | None) -> bool:
+        """Wait until the conflict is settled (True) or ``timeout`` seconds pass (False)."""
+        if conflict_id not in self._pending:
+            return True
+        event = self._settled_events.setdefault(conflict_id, trio.Event())
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await event.wait()
+        return event.is_set()
+
     # -- backplane listener -------------------------------------------------------------------
 
     def on_durable(self, event: DurableEvent) -> None:
         if event.seq > self.seq:
             self.seq = event.seq
+        self.seen_at[event.seq] = event.at
+        if len(self.seen_at) > 2048:
+            del self.seen_at[next(iter(self.seen_at))]
+        if event.kind == "conflict_resolved":
+            conflict_id = event.payload["conflict_id"]
+            self._pending.discard(conflict_id)
+            waiter = self._settled_events.pop(conflict_id, None)
+            if waiter is not None:
+                waiter.set()
         for joining in self._joining.values():
             joining.durable.append(event)
         self._enqueue(event.encoded, None, None, to_joining=False)
 
     def on_conflicts(self, conflicts: list[Conflict]) -> None:
+        self._pending.update(c.id for c in conflicts)
         frame = _wire.envelope("conflict_detected", {"conflicts": [c.to_wire() for c in conflicts]})
         self._enqueue(frame, None, None)
 
@@ -316,6 +359,7 @@ class RoomManager:
 
     backplane: Backplane
     config: Config
+    settler: Settler | None = None
     rooms: dict[str, Room] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
 
@@ -342,6 +386,7 @@ class RoomManager:
                     backplane=self.backplane,
                     config=self.config,
                     manager=self,
+                    settler=self.settler,
                 )
                 self.rooms[project_id] = room
                 self._nursery.start_soon(room.run)

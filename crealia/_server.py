@@ -16,8 +16,10 @@ import trio
 from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._config import Config
 from ._http import create_app
+from ._plugins import StrategyRegistry
 from ._room import RoomManager
 from ._session import Hub
+from ._settle import Settler
 from ._storage import Store, open_store
 from .transports._trio_ws import serve_trio_websocket
 from .transports.memory import MemoryBackplane
@@ -83,19 +85,24 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
         OSError: a port cannot be bound.
     """
     config = config or Config()
+    registry = StrategyRegistry.discover(config.strategies)
+    registry.check(list(config.strategy_chain))  # before anything is created on disk
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
     async with open_store(config.data_dir) as store:
         backplane = MemoryBackplane(
             store, history_limit=config.history_limit, snapshot_every=config.snapshot_every
         )
+        settler = Settler(registry=registry, backplane=backplane, config=config)
+        settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
-            rooms = RoomManager(backplane, config)
+            rooms = RoomManager(backplane, config, settler)
             await nursery.start(rooms.run)
             hub = Hub(
                 config=config,
                 auth=TokenAuthority(secret, leeway=config.jwt_leeway),
                 backplane=backplane,
                 rooms=rooms,
+                settler=settler,
             )
             ws_port = await nursery.start(serve_trio_websocket, hub, config.host, config.ws_port)
             stop_http = trio.Event()
@@ -124,6 +131,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 yield server
             finally:
                 await server.aclose()
+                await settler.aclose()
 
 
 def _install_http_deflate(max_frame_bytes: int) -> None:

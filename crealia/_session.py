@@ -35,6 +35,8 @@ from ._errors import (
     Unauthorized,
 )
 from ._room import Room, RoomManager
+from ._settle import Settler
+from ._strategy import Resolution
 
 log = logging.getLogger("crealia.session")
 
@@ -260,6 +262,7 @@ class Hub:
     auth: TokenAuthority
     backplane: Backplane
     rooms: RoomManager
+    settler: Settler
     accepting: bool = True
     #: Every live connection (also before ``hello``), for shutdown.
     live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
@@ -422,7 +425,9 @@ class Hub:
                     session.reply(_wire.envelope("users_list", users))
                 return "users_list", users
             case "timeline_change":
-                outcome = await self.backplane.commit_change(user, data)
+                strategy = await self.settler.first(user.project_id)
+                outcome = await self.backplane.commit_change(user, data, strategy=strategy)
+                room.settle(outcome.detected)
                 return "ack", outcome.to_wire()
             case "comment_add":
                 if len(data.comment.text) > self.config.comment_max_chars:
@@ -432,27 +437,45 @@ class Hub:
                 seq, duplicate = await self.backplane.commit_comment(user, data.comment)
                 return "ack", {"seq": seq, "status": "duplicate" if duplicate else "applied"}
             case "conflict_resolve":
-                await self.backplane.resolve_conflict(
-                    user,
-                    data.conflict_id,
-                    data.choice,
-                    None if data.value is _wire.MISSING else data.value,
-                    f"resolved by hand by {user.name} ({data.choice})",
-                )
+                value = None if data.value is _wire.MISSING else data.value
+                await self.resolve_by_hand(user, data.conflict_id, data.choice, value)
                 return "ack", {}
             case "conflict_dismiss":
-                await self.backplane.resolve_conflict(
-                    user,
-                    data.conflict_id,
-                    "current",
-                    None,
-                    f"dismissed by {user.name}: the current value stays",
-                )
+                await self.resolve_by_hand(user, data.conflict_id, "current", None, dismiss=True)
                 return "ack", {}
             case "live_start":
                 raise BadRequest("type: live sessions are not enabled on this server")
             case _:
                 raise NotFound(f"data.session_id: no live session {data.session_id!r}")
+
+    async def resolve_by_hand(
+        self, user: User, conflict_id: str, choice: str, value: Any, *, dismiss: bool = False
+    ) -> int:
+        """Settle a pending conflict as a person (WebSocket or REST); returns its seq.
+
+        Raises:
+            NotFound: no pending conflict with that id in the user's project.
+        """
+        pending = await self.backplane.pending_conflicts(user.project_id)
+        conflict = next((c for c in pending if c.id == conflict_id), None)
+        if conflict is None:
+            raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        if choice == "current":
+            value = conflict.current["value"]
+        elif choice == "incoming":
+            value = conflict.incoming["value"]
+        if dismiss:
+            explanation = f"Dismissed by {user.name}: the current value stays."
+        else:
+            side = {"current": "kept the current value", "incoming": "took the incoming change",
+                    "custom": "set a value of their own"}[choice]  # fmt: skip
+            explanation = f"Settled by hand: {user.name} {side}."
+        resolution = Resolution(value=value, choice=choice, strategy="manual",  # type: ignore[arg-type]
+                                confidence=1.0, explanation=explanation)  # fmt: skip
+        settled = await self.backplane.settle(
+            user.project_id, conflict_id, resolution, by=user.id, writer=user.id
+        )
+        return settled.seq
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

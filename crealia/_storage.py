@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS conflicts (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS conflicts_project ON conflicts (project_id, status);
+CREATE TABLE IF NOT EXISTS project_settings (
+    project_id TEXT PRIMARY KEY,
+    settings BLOB NOT NULL
+);
 """
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import attrs
 import cattrs
+import cattrs.cols
 import orjson
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
@@ -374,14 +375,22 @@ def _make_converter() -> cattrs.Converter:
         return conv.structure(value, cls)  # type: ignore[no-any-return]
 
     conv.register_structure_hook_func(lambda t: t == Op, structure_op)
-    structure_op_list = conv.get_structure_hook(list[Op])
 
-    def structure_ops(value: Any, type_: Any) -> list[Op]:
-        if not isinstance(value, list):
-            raise TypeError(f"expected an array, got {_json_type(value)}")
-        return structure_op_list(value, type_)  # type: ignore[no-any-return]
+    def structure_list(type_: Any) -> Callable[[Any, Any], Any]:
+        inner = cattrs.cols.list_structure_factory(type_, conv)
 
-    conv.register_structure_hook_func(lambda t: t == list[Op], structure_ops)
+        def hook(value: Any, _type: Any) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected an array, got {_json_type(value)}")
+            return inner(value, type_)
+
+        return hook
+
+    # JSON arrays only: a string or an object is not a list of its characters or keys.
+    def is_list(type_: Any) -> bool:
+        return bool(typing.get_origin(type_) is list)
+
+    conv.register_structure_hook_factory(is_list, structure_list)
 
     def structure_class(cls: type[Any]) -> Callable[[Any, Any], Any]:
         inner = cattrs.gen.make_dict_structure_fn(cls, conv)

@@ -2,5 +2,6 @@
 
 from ._backplane import Backplane, Listener
 from ._session import Connection
+from ._strategy import ConflictStrategy
 
-__all__ = ["Backplane", "Connection", "Listener"]
+__all__ = ["Backplane", "ConflictStrategy", "Connection", "Listener"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from crealia._client import ClientSession, Push, connect
+from crealia import ClientSession, Push, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"crealia listening http=(\d+) ws=(\d+)")

@@ -39,7 +39,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.crealia-installed"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
     "$VENV/bin/python" -m pip install -q -e '.[test,dev]'
     touch "$stamp"
 fi

@@ -29,8 +29,14 @@ def make_config(data_dir: Path, **overrides: object) -> Config:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with open_server(make_config(tmp_path / "data")) as srv:
+async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    """The server, in this test's nursery. ``@pytest.mark.chain("manual", ...)`` sets the default
+    strategy chain (e.g. to keep conflicts pending for a person)."""
+    overrides: dict[str, object] = {}
+    marker = request.node.get_closest_marker("chain")
+    if marker is not None:
+        overrides["strategy_chain"] = tuple(marker.args)
+    async with open_server(make_config(tmp_path / "data", **overrides)) as srv:
         yield srv
 
 

@@ -1309,6 +1309,7 @@ async def test_fragmented_message_over_64_kib_closes_with_1009(clients: Clients)
 # -- other projects' ids ---------------------------------------------------------------------------
 
 
+@pytest.mark.chain("manual")
 async def test_conflict_of_another_project_is_not_found(clients: Clients) -> None:
     with trio.fail_after(TIMEOUT):
         carol = await clients.join("carol", project="p2", role="owner")

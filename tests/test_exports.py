@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import crealia
 import crealia.abc
+import crealia.testing
 
 
 def test_public_names_are_exported_once_and_exist() -> None:
-    for module in (crealia, crealia.abc):
+    for module in (crealia, crealia.abc, crealia.testing):
         names = module.__all__
         assert len(names) == len(set(names)), f"{module.__name__}: a name is listed twice"
         for name in names:

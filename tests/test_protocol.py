@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from .conftest import Clients
@@ -230,6 +231,7 @@ async def test_refused_change_does_not_record_its_change_id(clients: Clients) ->
         assert good["data"]["status"] == "applied"
 
 
+@pytest.mark.chain("manual")
 async def test_stale_base_from_another_user_is_a_conflict(clients: Clients) -> None:
     with trio.fail_after(10):
         a = await clients.join("alice")
@@ -312,6 +314,7 @@ async def test_set_on_element_deleted_since_base_is_a_conflict(clients: Clients)
         assert deleted["data"]["status"] == "conflict"
 
 
+@pytest.mark.chain("manual")
 async def test_manual_resolution_is_a_durable_event(clients: Clients) -> None:
     with trio.fail_after(10):
         a = await clients.join("alice")

@@ -194,6 +194,7 @@ class Stage:
         return stage
 
 
+@pytest.mark.chain("manual")
 @pytest.mark.parametrize("event", list(REQUIRED))
 @pytest.mark.parametrize("role", ROLES)
 async def test_role_matrix(clients: Clients, role: str, event: str) -> None:

@@ -35,10 +35,12 @@ from .._backplane import (
     DurableEvent,
     Ephemeral,
     Listener,
+    Settled,
 )
 from .._document import ConflictSpec, Document
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
 from .._storage import Statement, Store, dumps, loads
+from .._strategy import Resolution
 
 
 def now_ms() -> int:
@@ -53,6 +55,8 @@ class _Project:
     comments: dict[str, int]
     pending: dict[str, Conflict]
     snapshot_seq: int
+    #: The last role seen for each author of this project (for strategies weighing roles).
+    roles: dict[str, str] = attrs.Factory(dict)
     #: Highest seq known durable (the document may be ahead while a commit is in flight).
     durable_seq: int = 0
     durable_changed: trio.Event = attrs.Factory(trio.Event)
@@ -240,7 +244,9 @@ class MemoryBackplane(Backplane):
         if project.broken:
             raise Overloaded("storage unavailable, nothing was applied: the project is reloading")
 
-    async def commit_change(self, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+    async def commit_change(
+        self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
+    ) -> ChangeOutcome:
         project_id = user.project_id
         project = await self._project(project_id)
         self._check_writable(project)
@@ -265,7 +271,11 @@ class MemoryBackplane(Backplane):
                     payload={"change_id": change.change_id, "changes": plan.applied},
                     effects=plan.applied,
                 )
-            conflicts = [self._new_conflict(project_id, spec, at) for spec in plan.conflicts]
+            project.roles[user.id] = user.role
+            conflicts = [
+                self._new_conflict(project_id, spec, at, strategy, project.roles)
+                for spec in plan.conflicts
+            ]
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
             status: Literal["applied", "partial", "conflict"] = (
@@ -276,8 +286,9 @@ class MemoryBackplane(Backplane):
                 seq=seq,
                 status=status,
                 conflicts=[c.id for c in conflicts],
+                detected=conflicts,
             )
-            project.changes[change.change_id] = outcome
+            project.changes[change.change_id] = attrs.evolve(outcome, detected=[])
             statements: list[Statement] = [
                 (
                     "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
@@ -296,6 +307,7 @@ class MemoryBackplane(Backplane):
         first = project.comments.get(comment.id)
         if first is not None:
             return first, True
+        project.roles[user.id] = user.role
         with _guarded(project):
             seq = project.doc.seq + 1
             project.doc.seq = seq
@@ -328,43 +340,141 @@ class MemoryBackplane(Backplane):
         await self._commit(project_id, project, statements, event, [])
         return seq, False
 
-    async def resolve_conflict(
-        self, user: User, conflict_id: str, choice: str, value: Any, explanation: str
-    ) -> int:
-        project_id = user.project_id
+    async def settle(
+        self,
+        project_id: str,
+        conflict_id: str,
+        resolution: Resolution,
+        *,
+        by: str,
+        writer: str,
+        expect_seq: int | None = None,
+    ) -> Settled:
         project = await self._project(project_id)
         self._check_writable(project)
         conflict = project.pending.get(conflict_id)
         if conflict is None:
             raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        redetected: Conflict | None = None
         with _guarded(project):
-            if choice == "current":
-                value = conflict.current["value"]
-            elif choice == "incoming":
-                value = conflict.incoming["value"]
-            effects = _resolution_effects(project.doc, conflict, value, user.id)
-            seq = project.doc.seq + 1
-            project.doc.apply(effects, seq, user.id)
-            resolution = {
-                "value": value,
-                "choice": choice,
-                "strategy": "manual",
-                "confidence": 1.0,
-                "explanation": explanation,
-            }
-            resolved = attrs.evolve(conflict, status="resolved", resolution=resolution)
+            doc = project.doc
+            moved = expect_seq is not None and _target_version(doc, conflict) != expect_seq
+            if moved:
+                # The property changed while the strategy was deciding: its answer is stale.
+                # The newer value stands; if it came from someone else than the incoming
+                # author, the incoming value conflicts with it again.
+                latest_seq, latest_writer, latest_value = _target_state(doc, conflict)
+                if latest_writer != conflict.incoming["user_id"]:
+                    redetected = attrs.evolve(
+                        conflict,
+                        id=uuid.uuid4().hex[:16],
+                        current={"value": latest_value, "user_id": latest_writer,
+                                 "seq": latest_seq},
+                        created_at=now_ms(),
+                    )  # fmt: skip
+                    project.pending[redetected.id] = redetected
+                again = f"; detected again as {redetected.id}" if redetected else ""
+                resolution = Resolution(
+                    value=latest_value,
+                    choice="current",
+                    strategy=resolution.strategy,
+                    confidence=1.0,
+                    explanation=f"{latest_writer} changed it again while it was being settled: "
+                    f"their newer value stands{again}.",
+                )
+                effects: list[dict[str, Any]] = []
+            else:
+                effects = _resolution_effects(doc, conflict, resolution.value, writer)
+            seq = doc.seq + 1
+            doc.apply(effects, seq, writer)
+            wire = resolution.to_wire()
+            resolved = attrs.evolve(conflict, status="resolved", resolution=wire)
             del project.pending[conflict_id]
             event = DurableEvent(
                 project_id=project_id,
                 seq=seq,
                 kind="conflict_resolved",
-                user_id=user.id,
+                user_id=by,
                 at=now_ms(),
-                payload={"conflict_id": conflict_id, "seq": seq, "resolution": resolution},
+                payload={"conflict_id": conflict_id, "seq": seq, "resolution": wire},
                 effects=effects,
             )
-        await self._commit(project_id, project, [_conflict_row(resolved)], event, [])
-        return seq
+            statements = [_conflict_row(resolved)]
+            if redetected is not None:
+                statements.append(_conflict_row(redetected))
+        await self._commit(
+            project_id, project, statements, event, [redetected] if redetected else []
+        )
+        return Settled(seq=seq, redetected=redetected)
+
+    async def get_settings(self, project_id: str) -> dict[str, Any]:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT settings FROM project_settings WHERE project_id = ?", (project_id,)
+            ).fetchone()
+
+        try:
+            row = await self.store.read(read)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+        return dict(loads(row[0])) if row else {}
+
+    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
+        statement: Statement = (
+            "INSERT OR REPLACE INTO project_settings (project_id, settings) VALUES (?, ?)",
+            (project_id, dumps(settings)),
+        )
+        try:
+            await self.store.write([statement])
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+
+    async def conflicts(
+        self, project_id: str, *, status: str | None = None, limit: int = 200
+    ) -> list[Conflict]:
+        def read(conn: sqlite3.Connection) -> Any:
+            if status is None:
+                return conn.execute(
+                    "SELECT data FROM conflicts WHERE project_id = ? "
+                    "ORDER BY created_at DESC LIMIT ?",
+                    (project_id, limit),
+                ).fetchall()
+            return conn.execute(
+                "SELECT data FROM conflicts WHERE project_id = ? AND status = ? "
+                "ORDER BY created_at DESC LIMIT ?",
+                (project_id, status, limit),
+            ).fetchall()
+
+        try:
+            rows = await self.store.read(read)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+        stored = {c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in rows)}
+        # Pending ones may be newer in memory than on disk (their commit is in flight).
+        project = self._projects.get(project_id)
+        if project is not None and status in (None, "pending"):
+            for conflict in project.pending.values():
+                stored[conflict.id] = conflict
+        ordered = sorted(stored.values(), key=lambda c: c.created_at, reverse=True)
+        return ordered[:limit]
+
+    async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
+        project = await self._project(user.project_id)
+        plan = project.doc.plan(user.id, change.change_id, change.changes,
+                                self._value_at(project))  # fmt: skip
+        return {
+            "applies": plan.applied,
+            "conflicts": [
+                {
+                    "element_id": spec.element_id,
+                    "prop": spec.prop,
+                    "base_value": spec.base_value,
+                    "current": spec.current,
+                    "incoming": spec.incoming,
+                }
+                for spec in plan.conflicts
+            ],
+        }
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -413,7 +523,15 @@ class MemoryBackplane(Backplane):
 
         return value_at
 
-    def _new_conflict(self, project_id: str, spec: ConflictSpec, at: int) -> Conflict:
+    def _new_conflict(
+        self,
+        project_id: str,
+        spec: ConflictSpec,
+        at: int,
+        strategy: str,
+        roles: dict[str, str],
+    ) -> Conflict:
+        authors = (spec.current.get("user_id"), spec.incoming.get("user_id"))
         return Conflict(
             id=uuid.uuid4().hex[:16],
             project_id=project_id,
@@ -424,8 +542,9 @@ class MemoryBackplane(Backplane):
             base_value=spec.base_value,
             current=spec.current,
             incoming=spec.incoming,
-            strategy="manual",
+            strategy=strategy,
             created_at=at,
+            roles={u: roles[u] for u in authors if u is not None and u in roles},
         )
 
     # -- fan-out ------------------------------------------------------------------------------
@@ -487,6 +606,23 @@ def _conflict_row(conflict: Conflict) -> Statement:
 
 def _conflict_from_row(data: dict[str, Any]) -> Conflict:
     return Conflict(**data)
+
+
+def _target_version(doc: Document, conflict: Conflict) -> int | None:
+    return _target_state(doc, conflict)[0]
+
+
+def _target_state(doc: Document, conflict: Conflict) -> tuple[int | None, str | None, Any]:
+    """(seq, writer, value) of what the conflict is about, as the document holds it now."""
+    element = doc.elements.get(conflict.element_id)
+    if element is None:
+        tomb = doc.tombstones.get(conflict.element_id)
+        return (tomb.seq, tomb.user_id, None) if tomb else (None, None, None)
+    if conflict.prop is None:
+        seq, writer = element.version()
+        return seq, writer, copy.deepcopy(element.props)
+    prop = conflict.prop
+    return element.versions.get(prop), element.writers.get(prop), element.props.get(prop)
 
 
 def _resolution_effects(

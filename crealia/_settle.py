@@ -1,0 +1,219 @@
+"""Running a project's strategy chain on its conflicts.
+
+The :class:`Settler` keeps each project's chain (from the project's settings, else the server's
+config) and runs it on a conflict in the room's nursery: each strategy under a deadline, a
+decline or a failure handing on to the next, a deferral waiting for a person (and handing on
+after the deferring strategy's ``timeout``, if it has one). A resolution is committed with the
+version the strategy saw; if the property moved meanwhile the backplane detects the conflict
+again and the chain runs once more on the new one (a few times at most).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ._backplane import Backplane, Conflict
+from ._config import Config
+from ._errors import ConfigurationError, NotFound, ProtocolError
+from ._plugins import StrategyRegistry
+from ._strategy import (
+    DECLINE,
+    DEFER,
+    ConflictStrategy,
+    Participant,
+    Resolution,
+    ResolutionContext,
+)
+
+if TYPE_CHECKING:
+    from ._room import Room
+
+log = logging.getLogger("crealia.strategies")
+
+#: How many times a conflict may be detected again while being settled before it is left to a
+#: person.
+MAX_REDETECTIONS = 3
+
+
+@attrs.frozen(kw_only=True)
+class Chain:
+    """A project's strategies, in order, with their options."""
+
+    names: list[str]
+    options: dict[str, dict[str, Any]]
+    strategies: list[ConflictStrategy]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"strategies": self.names, "options": self.options}
+
+
+@attrs.define(eq=False)
+class Settler:
+    """Builds chains from the registry and runs them on conflicts."""
+
+    registry: StrategyRegistry
+    backplane: Backplane
+    config: Config
+    _chains: dict[str, Chain] = attrs.Factory(dict)
+    #: Conflicts settled and declined by the whole chain, for the resolution-rate metric.
+    settled: int = 0
+    unsettled: int = 0
+
+    def build(self, names: list[str], options: Mapping[str, Mapping[str, Any]]) -> Chain:
+        """A chain of new strategy instances.
+
+        Raises:
+            ConfigurationError: an unknown strategy, or options a strategy refuses.
+        """
+        if not names:
+            raise ConfigurationError("a strategy chain needs at least one strategy")
+        self.registry.check(names)
+        stray = sorted(set(options) - set(names))
+        if stray:
+            raise ConfigurationError(f"options given for strategies not in the chain: {stray}")
+        merged = {
+            name: {**self.config.strategy_options.get(name, {}), **options.get(name, {})}
+            for name in names
+        }
+        strategies = [self.registry.create(name, merged[name]) for name in names]
+        return Chain(names=list(names), options={k: dict(v) for k, v in options.items()},
+                     strategies=strategies)  # fmt: skip
+
+    async def chain(self, project_id: str) -> Chain:
+        """The project's chain (its stored settings, else the server's default)."""
+        chain = self._chains.get(project_id)
+        if chain is None:
+            settings = await self.backplane.get_settings(project_id)
+            names = settings.get("strategies") or list(self.config.strategy_chain)
+            try:
+                chain = self.build(names, settings.get("options") or {})
+            except ConfigurationError as exc:
+                # A stored chain that no longer loads (a plugin was uninstalled): fall back.
+                log.error("project %s: %s; using the default chain", project_id, exc)
+                chain = self.build(list(self.config.strategy_chain), {})
+            self._chains[project_id] = chain
+        return chain
+
+    async def set_chain(
+        self, project_id: str, names: list[str], options: Mapping[str, Mapping[str, Any]]
+    ) -> Chain:
+        """Validate, store and use a new chain for the project.
+
+        Raises:
+            ConfigurationError: unknown strategy or bad options (nothing is stored).
+        """
+        chain = self.build(names, options)
+        settings = await self.backplane.get_settings(project_id)
+        settings.update(chain.to_wire())
+        await self.backplane.set_settings(project_id, settings)
+        old = self._chains.get(project_id)
+        self._chains[project_id] = chain
+        if old is not None:
+            for strategy in old.strategies:
+                close = getattr(strategy, "aclose", None)
+                if close is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await close()
+        return chain
+
+    async def aclose(self) -> None:
+        """Release what strategies hold (HTTP clients of the AI strategy); bounded, shielded."""
+        chains, self._chains = list(self._chains.values()), {}
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            for chain in chains:
+                for strategy in chain.strategies:
+                    close = getattr(strategy, "aclose", None)
+                    if close is not None:
+                        try:
+                            await close()
+                        except Exception:
+                            log.exception("closing strategy %s", strategy.name)
+
+    async def first(self, project_id: str) -> str:
+        return (await self.chain(project_id)).names[0]
+
+    async def run(self, room: Room, conflict: Conflict) -> None:
+        """Settle ``conflict`` (and what it turns into). Runs as a task of the room's nursery;
+        never raises but for cancellation."""
+        current: Conflict | None = conflict
+        rounds = 0
+        while current is not None and rounds <= MAX_REDETECTIONS:
+            rounds += 1
+            try:
+                current = await self._run_chain(room, current)
+            except ProtocolError as exc:  # storage trouble: it stays pending for next time
+                log.warning("conflict %s stays pending: %s", conflict.id, exc)
+                return
+
+    async def _run_chain(self, room: Room, conflict: Conflict) -> Conflict | None:
+        chain = await self.chain(conflict.project_id)
+        for name, strategy in zip(chain.names, chain.strategies, strict=True):
+            context = self._context(room, conflict, chain.options.get(name, {}))
+            answer: Any = DECLINE
+            with trio.move_on_after(self.config.strategy_timeout) as scope:
+                try:
+                    answer = await strategy.resolve(conflict, context)
+                except Exception:
+                    log.exception("strategy %s failed on conflict %s", name, conflict.id)
+                    answer = DECLINE
+            if scope.cancelled_caught:
+                log.warning("strategy %s took longer than %.1f s on conflict %s: next one",
+                            name, self.config.strategy_timeout, conflict.id)  # fmt: skip
+                answer = DECLINE
+            if answer is DEFER:
+                timeout = getattr(strategy, "timeout", None)
+                if await room.wait_settled(conflict.id, timeout):
+                    return None
+                if not room.is_pending(conflict.id):
+                    return None
+                continue
+            if not isinstance(answer, Resolution):
+                if answer is not DECLINE:
+                    log.error("strategy %s answered %r: treated as a decline", name, answer)
+                continue
+            if answer.strategy != name:
+                answer = attrs.evolve(answer, strategy=name)
+            author = str(conflict.incoming.get("user_id"))
+            try:
+                settled = await self.backplane.settle(
+                    conflict.project_id,
+                    conflict.id,
+                    answer,
+                    by=author,
+                    writer=author,
+                    expect_seq=conflict.current.get("seq"),
+                )
+            except NotFound:
+                return None  # a person settled it first
+            self.settled += 1
+            return settled.redetected
+        self.unsettled += 1
+        return None
+
+    def _context(
+        self, room: Room, conflict: Conflict, options: Mapping[str, Any]
+    ) -> ResolutionContext:
+        def participant(side: dict[str, Any], at: int | None) -> Participant:
+            user_id = side.get("user_id")
+            member = room.members.get(str(user_id)) if user_id is not None else None
+            active = member.active_element.get("element_id") if member and \
+                member.active_element else None  # fmt: skip
+            role = member.role if member else conflict.roles.get(str(user_id))
+            return Participant(user_id=user_id, role=role, active_element=active,
+                               present=member is not None, at=at)  # fmt: skip
+
+        current_at = room.seen_at.get(conflict.current.get("seq") or -1)
+        return ResolutionContext(
+            project_id=conflict.project_id,
+            conflict=conflict,
+            current=participant(conflict.current, current_at),
+            incoming=participant(conflict.incoming, conflict.created_at),
+            now=int(time.time() * 1000),
+            options=options,
+        )

@@ -1,0 +1,128 @@
+"""The conflict strategy contract: what a strategy is given, and what it may answer.
+
+A strategy looks at one :class:`~crealia.Conflict` and its :class:`ResolutionContext` and answers
+with one of:
+
+- a :class:`Resolution` — it settles the conflict: the value, which side it took (``current``,
+  ``incoming`` or ``custom``), a confidence in 0..1 and a plain-language explanation;
+- :data:`DECLINE` — it cannot settle this one; the next strategy of the project's chain tries;
+- :data:`DEFER` — the conflict stays pending until a person settles it (or the deferral's
+  timeout hands it on down the chain).
+
+Strategies are plain objects registered in the ``crealia.strategies`` entry-point group; the entry
+point names a factory called with the strategy's options (a mapping, possibly empty). The
+entry-point name is the strategy's public name. :meth:`ConflictStrategy.resolve` is async: a
+strategy that does I/O (the AI strategy) must be cancellation-safe, because the server always runs
+it under a deadline inside the room's nursery and cancels it when the deadline passes or the room
+closes. A strategy that raises is treated as declining (and the error is logged).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._backplane import Conflict
+
+Choice = Literal["current", "incoming", "custom"]
+
+
+class Verdict(enum.Enum):
+    """A strategy's answer when it does not settle the conflict."""
+
+    DECLINE = "decline"
+    DEFER = "defer"
+
+
+#: The strategy cannot settle this conflict: the next one in the chain tries.
+DECLINE = Verdict.DECLINE
+#: Leave the conflict pending for a person (see the ``manual`` strategy).
+DEFER = Verdict.DEFER
+
+
+def _confidence(_inst: Any, _attr: attrs.Attribute[Any], value: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"confidence must be a number in 0..1, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Resolution:
+    """How a conflict was settled. ``value`` becomes the property's value (for a conflicting
+    ``delete``: ``None`` deletes the element, a mapping sets those props)."""
+
+    value: Any
+    choice: Choice
+    strategy: str
+    confidence: float = attrs.field(validator=_confidence)
+    explanation: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "choice": self.choice,
+            "strategy": self.strategy,
+            "confidence": self.confidence,
+            "explanation": self.explanation,
+        }
+
+
+@attrs.frozen(kw_only=True)
+class Participant:
+    """What the server knows of one side's author."""
+
+    user_id: str | None
+    role: str | None = None
+    #: The element this user has active right now, if they are present in the room.
+    active_element: str | None = None
+    present: bool = False
+    #: Server time (ms) of this side's write, when known.
+    at: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ResolutionContext:
+    """Everything a strategy may weigh besides the conflict itself."""
+
+    project_id: str
+    conflict: Conflict
+    current: Participant
+    incoming: Participant
+    #: Server time (ms) when the chain started on this conflict.
+    now: int
+    #: This strategy's options from the project's configuration.
+    options: Mapping[str, Any] = attrs.Factory(dict)
+
+
+Answer = Resolution | Verdict
+
+
+class ConflictStrategy(ABC):
+    """A way of settling conflicts. See the module documentation for the contract."""
+
+    #: The strategy's public name (set from the entry-point name when loaded).
+    name: str = ""
+
+    @abstractmethod
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        """Settle ``conflict``, decline it, or defer it to a person.
+
+        Called at most once per conflict per chain run, always under a deadline; cancellation
+        must leave no trace. Must not modify ``conflict`` or ``context``.
+        """
+
+    def resolution(
+        self, conflict: Conflict, choice: Choice, value: Any, confidence: float, explanation: str
+    ) -> Resolution:
+        """Build a :class:`Resolution` signed with this strategy's name."""
+        return Resolution(
+            value=value,
+            choice=choice,
+            strategy=self.name,
+            confidence=confidence,
+            explanation=explanation,
+        )

@@ -1,0 +1,786 @@
+"""The ``ai`` conflict strategy: ask a model which side of a conflict to keep.
+
+:class:`AIStrategy` turns a conflict and its context into an :class:`AIRequest` (the element, the
+property, the base value, both values, both authors' roles, whether each is present and active on
+the element, and how long ago each wrote), hands it to an :class:`AIProvider`, and turns the
+provider's :class:`AIAnswer` (a choice, a value for a custom answer, a confidence and an
+explanation) into a :class:`~crealia.Resolution`. A provider that fails, or an answer below the
+configured ``min_confidence``, makes the strategy decline, so the next strategy of the chain tries.
+
+Two providers ship:
+
+- :class:`OfflineProvider` (the default) needs nothing installed and no network: it weighs the
+  context (who is editing the element right now, roles, how much each side changed from the base,
+  how recent each write is) into a deterministic choice with an honest confidence;
+- :class:`OpenAIChatProvider` asks any OpenAI-compatible ``chat/completions`` endpoint (OpenAI,
+  Ollama, vLLM, llama.cpp's server) over httpx.
+
+Options (the strategy's entry in the configuration's ``strategy_options``; the environment fills
+what the options leave out)::
+
+    provider        "offline" (default) | "openai"
+    url             base URL of the chat-completions API, e.g. http://127.0.0.1:11434/v1
+                    (env CREALIA_AI_URL); the request goes to {url}/chat/completions
+    model           the model name (env CREALIA_AI_MODEL)
+    api_key         sent as "Authorization: Bearer <key>" when set (env CREALIA_AI_API_KEY)
+    min_confidence  answers less confident than this (0..1) decline; default 0.0
+
+Errors (the module's addition to the :mod:`crealia._errors` tree)::
+
+    CrealiaError
+    └── AIProviderError   a provider could not give a usable answer: network failure, HTTP
+                          status, a response that is not JSON, an answer that breaks the contract
+
+Cancellation: the server runs :meth:`AIStrategy.resolve` under a deadline in the room's nursery.
+Cancelling it abandons the request (httpx closes that connection) and leaves nothing behind; the
+strategy stays usable. :meth:`AIStrategy.aclose` releases the HTTP client the strategy owns.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import httpx
+import orjson
+import trio
+
+from .._backplane import Conflict
+from .._errors import ConfigurationError, CrealiaError, ProtocolError
+from .._strategy import (
+    DECLINE,
+    Answer,
+    Choice,
+    ConflictStrategy,
+    Participant,
+    ResolutionContext,
+)
+from .._wire import MISSING, FieldInvalid, check_json_value, structure
+
+__all__ = [
+    "AIAnswer",
+    "AIProvider",
+    "AIProviderError",
+    "AIRequest",
+    "AIStrategy",
+    "OfflineProvider",
+    "OpenAIChatProvider",
+    "Side",
+]
+
+log = logging.getLogger("crealia.strategies.ai")
+
+#: Environment variables read for options the configuration leaves out.
+ENV_URL = "CREALIA_AI_URL"
+ENV_MODEL = "CREALIA_AI_MODEL"
+ENV_API_KEY = "CREALIA_AI_API_KEY"
+
+#: Longest explanation kept from a provider, in characters (longer ones are clipped).
+MAX_EXPLANATION_CHARS = 1000
+#: Largest chat-completions response body read, in bytes.
+MAX_RESPONSE_BYTES = 1024 * 1024
+
+#: Role ranks: a higher role wins ties.
+ROLE_RANK = {"owner": 4, "editor": 3, "commenter": 2, "viewer": 1}
+
+
+class AIProviderError(CrealiaError):
+    """A provider could not give a usable answer (network, HTTP status, JSON, contract)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a provider is asked and what it answers
+
+
+@attrs.frozen(kw_only=True)
+class Side:
+    """One side of a conflict, with what the server knows of its author."""
+
+    #: The value this side wants (for the incoming side of a conflicting delete: ``None``).
+    value: Any
+    user_id: str | None
+    role: str | None
+    #: The author is connected to the project's room right now.
+    present: bool
+    #: The author is present and has this conflict's element active right now.
+    active: bool
+    #: How long before the conflict was raised this side wrote, in ms, when known.
+    age_ms: int | None
+
+    def facts(self) -> dict[str, Any]:
+        """This side as plain JSON for a model."""
+        return {
+            "value": self.value,
+            "author": self.user_id,
+            "role": self.role,
+            "present": self.present,
+            "editing_this_element_now": self.active,
+            "written_ms_ago": self.age_ms,
+        }
+
+
+def _side(value: Any, who: Participant, element_id: str, now: int) -> Side:
+    return Side(
+        value=value,
+        user_id=who.user_id,
+        role=who.role,
+        present=who.present,
+        active=who.present and who.active_element == element_id,
+        age_ms=None if who.at is None else max(0, now - who.at),
+    )
+
+
+@attrs.frozen(kw_only=True)
+class AIRequest:
+    """A conflict and the facts of its context, as a provider is asked to weigh them."""
+
+    conflict: Conflict
+    element_id: str
+    #: The conflicting property; ``None`` for a conflicting delete.
+    prop: str | None
+    op: Literal["set", "delete"]
+    base_value: Any
+    #: The value in place (for a conflicting delete: the element's props).
+    current: Side
+    #: The write that conflicted (for a conflicting delete: value ``None``).
+    incoming: Side
+
+    @classmethod
+    def from_conflict(cls, conflict: Conflict, context: ResolutionContext) -> AIRequest:
+        """Gather the request for ``conflict`` from its context."""
+        eid = conflict.element_id
+        return cls(
+            conflict=conflict,
+            element_id=eid,
+            prop=conflict.prop,
+            op=conflict.op,
+            base_value=conflict.base_value,
+            current=_side(conflict.current.get("value"), context.current, eid, context.now),
+            incoming=_side(conflict.incoming.get("value"), context.incoming, eid, context.now),
+        )
+
+    def facts(self) -> dict[str, Any]:
+        """The request as plain JSON, as a model reads it."""
+        return {
+            "element_id": self.element_id,
+            "property": self.prop,
+            "operation": self.op,
+            "base_value": self.base_value,
+            "current": self.current.facts(),
+            "incoming": self.incoming.facts(),
+        }
+
+
+def _answer_confidence(_inst: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise FieldInvalid(attribute.name, f"must be a number in 0..1, got {value!r}")
+
+
+def _answer_explanation(_inst: Any, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value.strip():
+        raise FieldInvalid(attribute.name, "must not be empty")
+
+
+def _answer_value(inst: AIAnswer, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is MISSING:
+        if inst.choice == "custom":
+            raise FieldInvalid(attribute.name, "is required when choice is 'custom'")
+        return
+    try:
+        check_json_value(value)
+    except ValueError as exc:
+        raise FieldInvalid(attribute.name, str(exc)) from None
+
+
+@attrs.frozen(kw_only=True)
+class AIAnswer:
+    """A provider's answer: which side to keep (or a custom value), how sure, and why.
+
+    ``choice`` ``current`` keeps the value in place (for a conflicting delete: keeps the element),
+    ``incoming`` takes the conflicting write (for a delete: deletes the element), ``custom`` takes
+    ``value``, which it then requires (JSON ``null`` is a value; a missing key is not).
+    """
+
+    choice: Choice
+    confidence: float = attrs.field(validator=_answer_confidence)
+    explanation: str = attrs.field(validator=_answer_explanation)
+    value: Any = attrs.field(default=MISSING, validator=_answer_value)
+
+    @classmethod
+    def parse(cls, raw: Any) -> AIAnswer:
+        """Validate a decoded JSON answer with the project's converter.
+
+        Raises:
+            AIProviderError: the answer breaks the contract; the message names the field.
+        """
+        try:
+            return structure(raw, cls, "answer")
+        except ProtocolError as exc:
+            raise AIProviderError(f"the model's answer is invalid: {exc.message}") from None
+
+
+class AIProvider(ABC):
+    """Something that decides conflicts: a model behind an API, or local rules.
+
+    :meth:`decide` is called under the caller's deadline (the server's strategy timeout) and may
+    be cancelled at any checkpoint; a cancelled call must leave nothing behind (no half-open
+    request, no task) and the provider must stay usable. Providers may be called concurrently
+    from several rooms.
+    """
+
+    @abstractmethod
+    async def decide(self, request: AIRequest) -> AIAnswer:
+        """Decide ``request``.
+
+        Raises:
+            AIProviderError: for any failure: network, HTTP status, a response that is not JSON,
+                an answer that breaks :class:`AIAnswer`'s contract.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release what the provider owns (not what was injected into it). Idempotent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible provider
+
+SYSTEM_PROMPT = """\
+You settle edit conflicts in a collaborative video timeline editor.
+Two people changed the same thing starting from the same version (the base). "current" is the \
+value in place now; "incoming" is the later write, made without seeing "current". When \
+"operation" is "delete", "property" is null, "current.value" holds the element's properties as \
+they are now, and "incoming" asks to delete the whole element.
+
+The user message is the conflict as JSON: the base value, both values, each author's role \
+(owner > editor > commenter > viewer), whether each author is in the room and editing this \
+element right now, and how many milliseconds ago each wrote.
+
+Decide which value the element should keep. Prefer keeping work that would be costly to lose, \
+the author who is editing the element right now, more recent writes, and higher roles when \
+everything else is even. If the two values can be combined (for example two edits to different \
+parts of a text), you may answer a combined value.
+
+Answer with one JSON object and nothing else:
+{"choice": "current" | "incoming" | "custom", "value": <only for "custom": the value to keep>, \
+"confidence": <number from 0 to 1>, "explanation": "<one or two plain sentences for the editors, \
+naming the authors>"}
+For a delete, "current" keeps the element and "incoming" deletes it. Use a confidence near 0.5 \
+when it is a close call.
+"""
+
+_FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)\s*```", re.DOTALL)
+
+
+def _answer_text(body: bytes) -> str:
+    try:
+        response = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise AIProviderError(f"the model server's response is not JSON: {exc}") from None
+    try:
+        content = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise AIProviderError(
+            "the model server's response has no choices[0].message.content"
+        ) from None
+    if not isinstance(content, str) or not content.strip():
+        raise AIProviderError("the model gave no answer (choices[0].message.content is empty)")
+    return content
+
+
+def _decode_answer(content: str) -> AIAnswer:
+    try:
+        raw = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        # Some models wrap the object in a Markdown fence despite response_format.
+        fenced = _FENCE.search(content)
+        try:
+            raw = orjson.loads(fenced.group(1) if fenced is not None else b"")
+        except orjson.JSONDecodeError:
+            raise AIProviderError(f"the model's answer is not JSON: {content[:80]!r}") from None
+    return AIAnswer.parse(raw)
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    too_large = AIProviderError(f"the model server's response is over {MAX_RESPONSE_BYTES} bytes")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+        raise too_large
+    body = bytearray()
+    # Leaving httpx's chain of async generators early would leave them unfinalized (Trio warns
+    # when they are collected), so an oversized body is drained, not kept; the caller's
+    # deadline bounds the drain.
+    async for chunk in response.aiter_bytes():
+        if len(body) <= MAX_RESPONSE_BYTES:
+            body += chunk
+    if len(body) > MAX_RESPONSE_BYTES:
+        raise too_large
+    return bytes(body)
+
+
+class OpenAIChatProvider(AIProvider):
+    """Asks an OpenAI-compatible ``chat/completions`` API (OpenAI, Ollama, vLLM, llama.cpp).
+
+    ``url`` is the API's base (``https://api.openai.com/v1``, ``http://127.0.0.1:11434/v1``);
+    the request goes to ``{url}/chat/completions`` with ``model``, a system prompt stating the
+    task, the conflict as JSON in the user message, ``response_format: json_object`` and
+    temperature 0. ``api_key``, when given, is sent as a Bearer token.
+
+    ``http`` injects a client (its owner closes it); without it the provider creates its own on
+    first use and :meth:`aclose` closes it. The provider sets no timeouts of its own: callers put
+    a deadline around :meth:`decide` (the server always does).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not url:
+            raise ConfigurationError("the AI provider needs a url")
+        if not model:
+            raise ConfigurationError("the AI provider needs a model")
+        self.url = url.rstrip("/")
+        self.endpoint = f"{self.url}/chat/completions"
+        self.model = model
+        self._api_key = api_key or None
+        self._http = http
+        self._owns_http = http is None
+
+    def __repr__(self) -> str:
+        return f"OpenAIChatProvider(url={self.url!r}, model={self.model!r})"
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # Deadlines come from the caller's cancel scope, not from httpx.
+            self._http = httpx.AsyncClient(timeout=None)  # noqa: S113
+        return self._http
+
+    def body(self, request: AIRequest) -> dict[str, Any]:
+        """The JSON body posted for ``request``."""
+        return {
+            "model": self.model,
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": orjson.dumps(request.facts()).decode()},
+            ],
+            "response_format": {"type": "json_object"},
+            "temperature": 0,
+            "stream": False,
+        }
+
+    async def decide(self, request: AIRequest) -> AIAnswer:
+        """Post ``request`` and validate the model's answer.
+
+        Raises:
+            AIProviderError: the request failed, the server answered an error status, the
+                response or the answer is not JSON, or the answer breaks the contract.
+        """
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if self._api_key is not None:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        content = orjson.dumps(self.body(request))
+        try:
+            async with self._client().stream(
+                "POST", self.endpoint, content=content, headers=headers
+            ) as response:
+                body = await _read_limited(response)
+        except httpx.HTTPError as exc:
+            raise AIProviderError(f"{self.endpoint}: {type(exc).__name__}: {exc}") from exc
+        except (httpx.InvalidURL, httpx.StreamError) as exc:
+            raise AIProviderError(f"{self.endpoint}: {exc}") from exc
+        if not response.is_success:
+            snippet = body[:200].decode("utf-8", "replace")
+            raise AIProviderError(
+                f"{self.endpoint} answered HTTP {response.status_code}: {snippet!r}"
+            )
+        return _decode_answer(_answer_text(body))
+
+    async def aclose(self) -> None:
+        """Close the HTTP client this provider created (an injected one is left open).
+
+        Safe to call when cancelled: the close is shielded (it only closes sockets).
+        """
+        http, self._http = self._http, (None if self._owns_http else self._http)
+        if http is not None and self._owns_http:
+            with trio.CancelScope(shield=True):
+                await http.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline provider
+
+#: Strings longer than this are compared with difflib's quick (multiset) ratio, to stay fast.
+_MAX_DIFF_CHARS = 4000
+
+
+def _similarity(a: Any, b: Any) -> float:
+    """How alike two JSON values are, 0 (unrelated) .. 1 (equal)."""
+    if a == b and type(a) is type(b):
+        return 1.0
+    if isinstance(a, bool) or isinstance(b, bool):
+        return 1.0 if a is b else 0.0
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        scale = max(abs(a), abs(b))
+        if scale == 0:
+            return 1.0
+        return max(0.0, 1.0 - abs(a - b) / scale)
+    if isinstance(a, str) and isinstance(b, str):
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        if max(len(a), len(b)) > _MAX_DIFF_CHARS:
+            return matcher.quick_ratio()
+        return matcher.ratio()
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = a.keys() | b.keys()
+        if not keys:
+            return 1.0
+        return sum(_similarity(a[k], b[k]) if k in a and k in b else 0.0 for k in keys) / len(keys)
+    if isinstance(a, list) and isinstance(b, list):
+        if not a and not b:
+            return 1.0
+        items_a = [orjson.dumps(x, option=orjson.OPT_SORT_KEYS) for x in a]
+        items_b = [orjson.dumps(x, option=orjson.OPT_SORT_KEYS) for x in b]
+        return difflib.SequenceMatcher(None, items_a, items_b, autojunk=False).ratio()
+    return 0.0
+
+
+def _distance(base: Any, value: Any) -> float:
+    """How far ``value`` moved from ``base``, 0 (unchanged) .. 1 (replaced)."""
+    return 1.0 - _similarity(base, value)
+
+
+def _size_word(distance: float) -> str:
+    if distance < 0.2:
+        return "a small"
+    if distance < 0.6:
+        return "a moderate"
+    return "a large"
+
+
+def _ago(ms: int) -> str:
+    seconds = ms / 1000
+    if seconds < 1:
+        return "just now"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.0f} h ago"
+
+
+def _preview(value: Any) -> str:
+    if value is None:
+        return "empty"
+    text = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _with_article(role: str) -> str:
+    return f"an {role}" if role[:1] in "aeiou" else f"a {role}"
+
+
+@attrs.frozen
+class _Factor:
+    """One consideration: ``weight`` > 0 favours current, < 0 incoming; what it says of each."""
+
+    weight: float
+    current: str
+    incoming: str
+
+
+def _join(phrases: list[str]) -> str:
+    if len(phrases) <= 1:
+        return "".join(phrases)
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+class OfflineProvider(AIProvider):
+    """Decides by weighing the context, with no model and no network. Deterministic.
+
+    What it weighs (positive for one side, negative for the other), summed into a score:
+
+    - presence: an author editing the element right now outweighs one merely in the room, who
+      outweighs one who is gone (1 point per step);
+    - size of each edit from the base (difflib's ratio for text, relative change for numbers,
+      per key for objects): losing a larger edit costs more (up to 1.5 points); a delete is
+      weighed against the edits it would discard, and deleting is the harder change to undo
+      (0.5 point for keeping);
+    - recency: the more recent write is the latest intent (up to 0.5 point);
+    - roles: the higher role wins ties (0.5 point per rank, at most 1).
+
+    The sign picks the side; the confidence is ``0.5 + 0.45 * tanh(|score| / 2)``, so close calls
+    stay near 0.5 and no answer claims more than 0.95 (equal values are certain: 1.0). A score of
+    exactly zero keeps the value in place, which changes nothing for anyone.
+    """
+
+    async def decide(self, request: AIRequest) -> AIAnswer:
+        """Weigh ``request``. Never raises :class:`AIProviderError`."""
+        await trio.lowlevel.checkpoint()
+        return self.weigh(request)
+
+    def weigh(self, request: AIRequest) -> AIAnswer:
+        """The synchronous core of :meth:`decide`."""
+        cur, inc = request.current, request.incoming
+        cur_name, inc_name = cur.user_id or "the earlier author", inc.user_id or "the new author"
+        if request.op == "set" and cur.value == inc.value and type(cur.value) is type(inc.value):
+            return AIAnswer(
+                choice="current",
+                confidence=1.0,
+                explanation=f"{cur_name} and {inc_name} wrote the same value; nothing is lost.",
+            )
+        factors = [
+            *self._presence(request),
+            *self._size(request),
+            *self._recency(request),
+            *self._role(request),
+        ]
+        score = sum(f.weight for f in factors)
+        choice: Choice = "incoming" if score < 0 else "current"
+        confidence = round(0.5 + 0.45 * math.tanh(abs(score) / 2), 3)
+        explanation = self._explain(request, factors, choice, confidence, cur_name, inc_name)
+        return AIAnswer(choice=choice, confidence=confidence, explanation=explanation)
+
+    # -- the factors ---------------------------------------------------------------------
+
+    @staticmethod
+    def _presence(request: AIRequest) -> list[_Factor]:
+        eid = request.element_id
+
+        def level(side: Side) -> tuple[int, str]:
+            if side.active:
+                return 2, f"is editing {eid} right now"
+            if side.present:
+                return 1, f"is in the room but not on {eid}"
+            return 0, "is not in the room"
+
+        (c, c_text), (i, i_text) = level(request.current), level(request.incoming)
+        if c == i:
+            return []
+        return [_Factor(float(c - i), c_text, i_text)]
+
+    @staticmethod
+    def _size(request: AIRequest) -> list[_Factor]:
+        base = request.base_value
+        if request.op == "delete":
+            edited = _distance(base, request.current.value) if base is not None else 0.5
+            return [
+                _Factor(
+                    0.5 + 1.5 * edited,
+                    f"made {_size_word(edited)} edit to it that deleting would throw away",
+                    "asked to delete it, which cannot be merged back",
+                )
+            ]
+        dc = _distance(base, request.current.value)
+        di = _distance(base, request.incoming.value)
+        if abs(dc - di) < 1e-9:
+            return []
+        c_text = f"made {_size_word(dc)} edit"
+        i_text = f"made {_size_word(di)} edit"
+        if _size_word(dc) == _size_word(di):
+            bigger, smaller = "made the larger edit", "made the smaller edit"
+            c_text, i_text = (bigger, smaller) if dc > di else (smaller, bigger)
+        return [_Factor(1.5 * (dc - di), c_text, i_text)]
+
+    @staticmethod
+    def _recency(request: AIRequest) -> list[_Factor]:
+        cur, inc = request.current.age_ms, request.incoming.age_ms
+        if cur is None or inc is None or cur == inc:
+            return []
+        # Positive when the current write is the more recent one.
+        weight = 0.5 * math.tanh((inc - cur) / 30_000)
+        if abs(weight) < 0.01:
+            return []
+        return [_Factor(weight, f"wrote {_ago(cur)}", f"wrote {_ago(inc)}")]
+
+    @staticmethod
+    def _role(request: AIRequest) -> list[_Factor]:
+        c_role, i_role = request.current.role, request.incoming.role
+        c, i = ROLE_RANK.get(c_role or "", 0), ROLE_RANK.get(i_role or "", 0)
+        if c == i:
+            return []
+        weight = max(-1.0, min(1.0, 0.5 * (c - i)))
+
+        def text(role: str | None) -> str:
+            return f"is the {role}" if role == "owner" else f"is {_with_article(role or 'guest')}"
+
+        return [_Factor(weight, text(c_role), text(i_role))]
+
+    # -- the explanation -------------------------------------------------------------------
+
+    @staticmethod
+    def _explain(
+        request: AIRequest,
+        factors: list[_Factor],
+        choice: Choice,
+        confidence: float,
+        cur_name: str,
+        inc_name: str,
+    ) -> str:
+        keep_current = choice == "current"
+        winner, loser = (cur_name, inc_name) if keep_current else (inc_name, cur_name)
+        ranked = sorted(factors, key=lambda f: -abs(f.weight))
+        sign = 1 if keep_current else -1
+        pro = [f for f in ranked if f.weight * sign > 0]
+        con = [f for f in ranked if f.weight * sign < 0]
+
+        def said(f: _Factor, of_winner: bool) -> str:
+            return f.current if keep_current == of_winner else f.incoming
+
+        eid = request.element_id
+        if request.op == "delete":
+            head = (
+                f"Kept {eid} (not deleted)"
+                if keep_current
+                else f"Deleted {eid} as {inc_name} asked"
+            )
+        else:
+            value = request.current.value if keep_current else request.incoming.value
+            what = f"{eid} {request.prop}" if request.prop else eid
+            head = f"Kept {winner}'s value for {what} ({_preview(value)})"
+        if not pro:
+            return (
+                f"{head}: nothing set the two sides apart, so the value in place stays. "
+                "A close call."
+            )
+        text = f"{head}: {winner} {_join([said(f, True) for f in pro])}"
+        text += f"; {loser} {_join([said(f, False) for f in pro])}."
+        if con:
+            text += f" In {loser}'s favour: {loser} {_join([said(f, False) for f in con])}."
+        if confidence < 0.6:
+            text += " A close call."
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The strategy
+
+PROVIDERS = ("offline", "openai")
+OPTIONS = ("provider", "url", "model", "api_key", "min_confidence")
+
+
+def _min_confidence(options: Mapping[str, Any], default: float) -> float:
+    raw = options.get("min_confidence", default)
+    if (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or not (math.isfinite(raw) and 0.0 <= raw <= 1.0)
+    ):
+        raise ConfigurationError(f"ai: min_confidence must be a number in 0..1, got {raw!r}")
+    return float(raw)
+
+
+def _setting(options: Mapping[str, Any], key: str, env: str) -> str | None:
+    value = options.get(key)
+    if value is None:
+        value = os.environ.get(env) or None
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(f"ai: {key} must be a string, got {value!r}")
+    return value
+
+
+def provider_from_options(options: Mapping[str, Any]) -> AIProvider:
+    """Build the provider the options name; the environment fills a missing url, model, key.
+
+    Raises:
+        ConfigurationError: an unknown provider, or the ``openai`` provider without a url or a
+            model.
+    """
+    name = options.get("provider", "offline")
+    if name == "offline":
+        return OfflineProvider()
+    if name != "openai":
+        raise ConfigurationError(f"ai: unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+    url = _setting(options, "url", ENV_URL)
+    model = _setting(options, "model", ENV_MODEL)
+    if not url:
+        raise ConfigurationError(f"ai: the openai provider needs the url option or {ENV_URL}")
+    if not model:
+        raise ConfigurationError(f"ai: the openai provider needs the model option or {ENV_MODEL}")
+    return OpenAIChatProvider(url, model, _setting(options, "api_key", ENV_API_KEY))
+
+
+class AIStrategy(ConflictStrategy):
+    """Settles a conflict with an :class:`AIProvider`'s answer; declines when it cannot.
+
+    ``options`` are described in the module documentation; ``provider`` injects a provider
+    instead (its owner closes it). The answer becomes a resolution: ``current`` or ``incoming``
+    takes that side's value (for a conflicting delete: keeps the element's props, or deletes
+    it), ``custom`` takes the answer's value (for a delete it must be an object of props or
+    ``null``). An :class:`AIProviderError` or a confidence below ``min_confidence`` declines.
+    ``min_confidence`` may also come from the context's options (the project's).
+
+    Raises:
+        ConfigurationError: (from the constructor) bad options.
+    """
+
+    name = "ai"
+
+    def __init__(
+        self, options: Mapping[str, Any] | None = None, *, provider: AIProvider | None = None
+    ) -> None:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigurationError(
+                f"ai: unknown options {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
+            )
+        self.min_confidence = _min_confidence(options, 0.0)
+        self._owns_provider = provider is None
+        self.provider = provider if provider is not None else provider_from_options(options)
+
+    def __repr__(self) -> str:
+        return f"AIStrategy(provider={self.provider!r}, min_confidence={self.min_confidence})"
+
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        """Ask the provider; see the class documentation.
+
+        Cancellation: the provider's request is abandoned and nothing is left behind.
+        """
+        min_confidence = _min_confidence(context.options, self.min_confidence)
+        request = AIRequest.from_conflict(conflict, context)
+        try:
+            answer = await self.provider.decide(request)
+        except AIProviderError as exc:
+            log.warning("ai: declining conflict %s: %s", conflict.id, exc)
+            return DECLINE
+        if answer.confidence < min_confidence:
+            log.info(
+                "ai: declining conflict %s: confidence %.2f is below %.2f",
+                conflict.id,
+                answer.confidence,
+                min_confidence,
+            )
+            return DECLINE
+        if answer.choice == "current":
+            value = copy.deepcopy(conflict.current.get("value"))
+        elif answer.choice == "incoming":
+            value = copy.deepcopy(conflict.incoming.get("value"))
+        else:
+            value = copy.deepcopy(answer.value)
+            if conflict.op == "delete" and not (value is None or isinstance(value, dict)):
+                log.warning(
+                    "ai: declining conflict %s: a custom answer to a delete must be an object "
+                    "of props or null, got %s",
+                    conflict.id,
+                    _preview(value),
+                )
+                return DECLINE
+        explanation = answer.explanation.strip()
+        if len(explanation) > MAX_EXPLANATION_CHARS:
+            explanation = explanation[: MAX_EXPLANATION_CHARS - 1] + "…"
+        return self.resolution(conflict, answer.choice, value, answer.confidence, explanation)
+
+    async def aclose(self) -> None:
+        """Close the provider this strategy built from its options (an injected one is left
+        to its owner). Safe to call when cancelled, and more than once."""
+        if self._owns_provider:
+            await self.provider.aclose()

@@ -1,0 +1,393 @@
+"""The strategy core over real sockets: chains, pushes, manual settling, re-detection, REST."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from crealia import Server, open_server
+from crealia._backplane import Conflict
+from crealia._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
+
+from .conftest import Clients, make_config
+from .test_protocol import insert, set_op
+
+
+async def conflict_on(
+    clients: Clients, a_role: str = "editor", b_role: str = "editor", **values: Any
+) -> tuple[Any, Any, dict[str, Any]]:
+    """alice inserts clip.title='The quick fox', sets it; bob writes from the stale base."""
+    a = await clients.join("alice", role=a_role)
+    b = await clients.join("bob", role=b_role)
+    base = values.get("base", "The quick fox")
+    await a.request("timeline_change", insert("c1", "clip", title=base))
+    await a.request("timeline_change", set_op("c2", "clip", "title", values["current"], 1))
+    ack = await b.request("timeline_change", set_op("c3", "clip", "title", values["incoming"], 1))
+    assert ack["type"] == "ack", ack
+    return a, b, ack["data"]
+
+
+async def resolved(client: Any, conflict_id: str) -> dict[str, Any]:
+    env = await client.expect_type("conflict_resolved", conflict_id=conflict_id)
+    return dict(env["data"])
+
+
+async def test_merge_settles_two_edits_of_one_title(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a, b, ack = await conflict_on(clients, current="The slow fox", incoming="The quick red fox")
+        assert ack["status"] == "conflict"
+        (cid,) = ack["conflicts"]
+        detected = await a.expect_type("conflict_detected")
+        assert detected["data"]["conflicts"][0]["status"] == "pending"
+        assert detected["data"]["conflicts"][0]["strategy"] == "merge"
+        for client in (a, b):
+            data = await resolved(client, cid)
+            res = data["resolution"]
+            assert res["strategy"] == "merge"
+            assert res["value"] == "The slow red fox"
+            assert res["choice"] == "custom"
+            assert 0 < res["confidence"] <= 1
+            assert res["explanation"]
+            assert data["seq"] == 3
+        late = await clients.join("carol", role="viewer")
+        assert late.welcome["snapshot"]["elements"]["clip"]["props"]["title"] == "The slow red fox"
+        assert late.welcome["pending_conflicts"] == []
+
+
+async def test_overlapping_edits_fall_to_priority_by_role(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a, _b, ack = await conflict_on(
+            clients, a_role="editor", b_role="owner", current="A fox", incoming="Some fox"
+        )
+        (cid,) = ack["conflicts"]
+        data = await resolved(a, cid)
+        res = data["resolution"]
+        assert res["strategy"] == "priority"
+        assert res["choice"] == "incoming" and res["value"] == "Some fox"
+        assert "owner" in res["explanation"]
+
+
+async def test_every_member_sees_resolutions_in_seq_order(clients: Clients) -> None:
+    with trio.fail_after(15):
+        a, _b, _ack = await conflict_on(clients, current="x1", incoming="y1")
+        watcher = await clients.join("watcher", role="viewer", resume=0)
+        await a.request("comment_add", {"comment": {"id": "k", "text": "after"}})
+        seqs: list[tuple[int, str]] = []
+        while len(seqs) < 4:
+            env = await watcher.next()
+            if env["type"] == "conflict_resolved":
+                seqs.append((env["data"]["seq"], "resolved"))
+            elif env["type"] == "collaboration_event" and "seq" in env["data"]:
+                seqs.append((env["data"]["seq"], env["data"]["kind"]))
+        assert [s for s, _ in seqs] == [1, 2, 3, 4, 5][: len(seqs)]
+        assert "resolved" in {kind for _, kind in seqs}
+
+
+@pytest.fixture
+async def manual_server(tmp_path: Path) -> AsyncIterator[Server]:
+    config = make_config(
+        tmp_path / "data",
+        strategy_chain=("manual", "priority"),
+        strategy_options={"manual": {"timeout": 30}},
+    )
+    async with open_server(config) as server:
+        yield server
+
+
+@pytest.fixture
+async def manual(
+    manual_server: Server, endpoint: str, nursery: trio.Nursery
+) -> AsyncIterator[Clients]:
+    clients = Clients(manual_server, endpoint, nursery)
+    try:
+        yield clients
+    finally:
+        await clients.aclose()
+
+
+async def test_manual_conflict_waits_for_an_editor(manual: Clients) -> None:
+    with trio.fail_after(10):
+        _a, b, ack = await conflict_on(manual, current="mine", incoming="theirs")
+        (cid,) = ack["conflicts"]
+        viewer = await manual.join("vic", role="viewer")
+        assert [c["id"] for c in viewer.welcome["pending_conflicts"]] == [cid]
+        assert viewer.welcome["pending_conflicts"][0]["strategy"] == "manual"
+        refused = await viewer.request(
+            "conflict_resolve", {"conflict_id": cid, "choice": "current"}
+        )
+        assert refused["data"]["code"] == "forbidden"
+        ok = await b.request(
+            "conflict_resolve", {"conflict_id": cid, "choice": "custom", "value": "ours"}
+        )
+        assert ok == {"type": "ack", "ref": ok["ref"], "data": {}}
+        data = await resolved(viewer, cid)
+        assert data["resolution"]["value"] == "ours"
+        assert data["resolution"]["strategy"] == "manual"
+        assert data["resolution"]["confidence"] == 1.0
+        assert "bob" in data["resolution"]["explanation"]
+
+
+def _rest(server: Server, method: str, path: str, token: str, **kw: Any) -> httpx.Response:
+    with httpx.Client(base_url=server.http_url, timeout=5) as http:
+        return http.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+
+
+async def rest(server: Server, method: str, path: str, token: str, **kw: Any) -> httpx.Response:
+    return await trio.to_thread.run_sync(lambda: _rest(server, method, path, token, **kw))
+
+
+async def test_manual_conflict_settled_over_rest(manual: Clients) -> None:
+    server = manual.server
+    with trio.fail_after(10):
+        a, _b, ack = await conflict_on(manual, current="mine", incoming="theirs")
+        (cid,) = ack["conflicts"]
+        viewer_token = server.issue_token("vic", "p1", "viewer")
+        listed = await rest(
+            server, "GET", "/api/collaboration/conflicts?projectId=p1", viewer_token
+        )
+        assert listed.status_code == 200
+        (item,) = listed.json()["conflicts"]
+        assert item["id"] == cid and item["status"] == "pending"
+        denied = await rest(
+            server,
+            "POST",
+            f"/api/collaboration/conflicts/{cid}/resolve",
+            viewer_token,
+            json={"choice": "incoming"},
+        )
+        assert denied.status_code == 403
+        editor_token = server.issue_token("ed", "p1", "editor")
+        bad = await rest(
+            server,
+            "POST",
+            f"/api/collaboration/conflicts/{cid}/resolve",
+            editor_token,
+            json={"choice": "sideways"},
+        )
+        assert bad.status_code == 400 and "body.choice" in bad.json()["error"]["message"]
+        done = await rest(
+            server,
+            "POST",
+            f"/api/collaboration/conflicts/{cid}/resolve",
+            editor_token,
+            json={"choice": "incoming"},
+        )
+        assert done.status_code == 200, done.text
+        assert done.json() == {"conflict_id": cid, "seq": 3}
+        data = await resolved(a, cid)
+        assert data["resolution"]["value"] == "theirs"
+        again = await rest(
+            server,
+            "POST",
+            f"/api/collaboration/conflicts/{cid}/resolve",
+            editor_token,
+            json={"choice": "incoming"},
+        )
+        assert again.status_code == 404
+        listed = await rest(
+            server, "GET", "/api/collaboration/conflicts?projectId=p1&status=resolved", viewer_token
+        )
+        (item,) = listed.json()["conflicts"]
+        assert item["status"] == "resolved"
+        assert item["resolution"]["strategy"] == "manual"
+        other = await rest(server, "GET", "/api/collaboration/conflicts?projectId=p2", viewer_token)
+        assert other.status_code == 403
+
+
+async def test_manual_timeout_hands_the_conflict_on(tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = make_config(
+        tmp_path,
+        strategy_chain=("manual", "priority"),
+        strategy_options={"manual": {"timeout": 0.3}},
+    )
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, _b, ack = await conflict_on(clients, current="mine", incoming="theirs")
+            (cid,) = ack["conflicts"]
+            data = await resolved(a, cid)
+            assert data["resolution"]["strategy"] == "priority"
+        await clients.aclose()
+
+
+async def test_detect_is_a_dry_run(clients: Clients) -> None:
+    server = clients.server
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        await a.request("timeline_change", insert("c1", "clip", title="t", start=0))
+        await a.request("timeline_change", set_op("c2", "clip", "title", "u", 1))
+        token = server.issue_token("bob", "p1", "editor")
+        body = {
+            "projectId": "p1",
+            "changes": [
+                {"op": "set", "element_id": "clip", "prop": "title", "value": "v", "base": 1},
+                {"op": "set", "element_id": "clip", "prop": "start", "value": 5, "base": 1},
+            ],
+        }
+        reply = await rest(server, "POST", "/api/collaboration/conflicts/detect", token, json=body)
+        assert reply.status_code == 200, reply.text
+        out = reply.json()
+        assert [op["prop"] for op in out["applies"]] == ["start"]
+        (conflict,) = out["conflicts"]
+        assert conflict["prop"] == "title"
+        assert conflict["current"] == {"value": "u", "user_id": "alice", "seq": 2}
+        assert conflict["base_value"] == "t"
+        b = await clients.join("bob")
+        assert b.welcome["seq"] == 2  # nothing was applied
+        viewer = server.issue_token("vic", "p1", "viewer")
+        refused = await rest(
+            server, "POST", "/api/collaboration/conflicts/detect", viewer, json=body
+        )
+        assert refused.status_code == 403
+        bad = await rest(
+            server, "POST", "/api/collaboration/conflicts/detect", token, json={"changes": "nope"}
+        )
+        assert bad.status_code == 400 and "body.changes" in bad.json()["error"]["message"]
+
+
+class _Gate(ConflictStrategy):
+    """Holds each conflict until the test opens the gate, then takes the incoming value."""
+
+    def __init__(self, entered: trio.Event, gate: trio.Event) -> None:
+        self.entered = entered
+        self.gate = gate
+
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        self.entered.set()
+        await self.gate.wait()
+        return self.resolution(conflict, "incoming", conflict.incoming["value"], 0.9, "gate")
+
+
+async def test_a_property_that_moves_while_settling_is_detected_again(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    entered, opened = trio.Event(), trio.Event()
+
+    def factory(options: Mapping[str, Any]) -> _Gate:
+        return _Gate(entered, opened)
+
+    config = make_config(tmp_path, strategies={"gate": factory}, strategy_chain=("gate", "manual"))
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, _b, ack = await conflict_on(clients, current="A", incoming="B")
+            (cid,) = ack["conflicts"]
+            await entered.wait()
+            c = await clients.join("carol")
+            moved = await c.request("timeline_change", set_op("c9", "clip", "title", "C", None))
+            assert moved["data"]["status"] == "applied"
+            opened.set()
+            first = await resolved(a, cid)
+            assert first["resolution"]["choice"] == "current"
+            assert first["resolution"]["value"] == "C"
+            assert "detected again" in first["resolution"]["explanation"]
+            detected = await a.expect(
+                lambda e: (
+                    e["type"] == "conflict_detected" and e["data"]["conflicts"][0]["id"] != cid
+                )
+            )
+            again = detected["data"]["conflicts"][0]
+            assert again["current"]["value"] == "C" and again["current"]["user_id"] == "carol"
+            assert again["incoming"]["value"] == "B"
+            second = await resolved(a, again["id"])
+            assert second["resolution"]["value"] == "B"
+        await clients.aclose()
+
+
+class _Broken(ConflictStrategy):
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        raise RuntimeError("plugin bug")
+
+
+class _Slow(ConflictStrategy):
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        await trio.sleep_forever()
+        return DECLINE
+
+
+async def test_failing_and_slow_strategies_fall_back_down_the_chain(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(
+        tmp_path,
+        strategies={"broken": lambda o: _Broken(), "slow": lambda o: _Slow()},
+        strategy_chain=("broken", "slow", "priority"),
+        strategy_timeout=0.2,
+    )
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, _b, ack = await conflict_on(clients, current="A", incoming="B")
+            (cid,) = ack["conflicts"]
+            data = await resolved(a, cid)
+            assert data["resolution"]["strategy"] == "priority"
+        await clients.aclose()
+
+
+async def test_strategy_chain_is_set_per_project_by_its_owner(clients: Clients) -> None:
+    server = clients.server
+    owner = server.issue_token("olga", "p1", "owner")
+    editor = server.issue_token("ed", "p1", "editor")
+    with trio.fail_after(10):
+        got = await rest(server, "GET", "/api/projects/p1/strategies", editor)
+        assert got.json()["strategies"] == ["merge", "priority"]
+        assert {"merge", "priority", "manual"} <= set(got.json()["available"])
+        put = await rest(
+            server,
+            "PUT",
+            "/api/projects/p1/strategies",
+            owner,
+            json={"strategies": ["manual"], "options": {"manual": {"timeout": 5}}},
+        )
+        assert put.status_code == 200, put.text
+        refused = await rest(
+            server, "PUT", "/api/projects/p1/strategies", editor, json={"strategies": ["priority"]}
+        )
+        assert refused.status_code == 403
+        unknown = await rest(
+            server, "PUT", "/api/projects/p1/strategies", owner, json={"strategies": ["nope"]}
+        )
+        assert unknown.status_code == 400
+        assert "known:" in unknown.json()["error"]["message"]
+        bad_opts = await rest(
+            server,
+            "PUT",
+            "/api/projects/p1/strategies",
+            owner,
+            json={"strategies": ["priority"], "options": {"priority": {"tie": 3}}},
+        )
+        assert bad_opts.status_code == 400
+        a, _b, _ack = await conflict_on(clients, current="mine", incoming="theirs")
+        detected = await a.expect_type("conflict_detected")
+        assert detected["data"]["conflicts"][0]["strategy"] == "manual"
+        other = await rest(
+            server, "GET", "/api/projects/p2/strategies", server.issue_token("x", "p2", "viewer")
+        )
+        assert other.json()["strategies"] == ["merge", "priority"]
+
+
+async def test_ai_strategy_with_the_offline_provider(tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = make_config(tmp_path, strategy_chain=("ai", "priority"))
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, b, ack = await conflict_on(
+                clients, a_role="owner", current="Opening shot of the harbour", incoming="Harbour"
+            )
+            # alice is present and editing the clip right now.
+            await a.send("element_active", {"element_id": "clip", "element_type": "clip"})
+            (cid,) = ack["conflicts"]
+            data = await resolved(b, cid)
+            res = data["resolution"]
+            assert res["strategy"] == "ai"
+            assert res["choice"] in ("current", "incoming")
+            assert 0.5 <= res["confidence"] <= 0.95
+            assert "alice" in res["explanation"] and "bob" in res["explanation"]
+            value = {"current": "Opening shot of the harbour", "incoming": "Harbour"}[res["choice"]]
+            assert res["value"] == value
+        await clients.aclose()

@@ -1,0 +1,783 @@
+"""The ``ai`` strategy: the offline provider's judgement, the OpenAI-compatible provider over HTTP,
+and how the strategy turns answers (and failures) into resolutions.
+
+Policy: loopback only, port 0, a ``trio.fail_after`` on every async test, no sleeps to
+synchronize. The HTTP provider talks to :class:`ChatDouble`, a test double of a model: a tiny
+OpenAI-compatible ``chat/completions`` server written on h11 that answers what each test scripts
+and records every request it gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import h11
+import httpx
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crealia import Conflict
+from crealia._errors import ConfigurationError
+from crealia._strategy import DECLINE, Participant, Resolution, ResolutionContext
+from crealia.strategies.ai import (
+    MAX_RESPONSE_BYTES,
+    AIAnswer,
+    AIProvider,
+    AIProviderError,
+    AIRequest,
+    AIStrategy,
+    OfflineProvider,
+    OpenAIChatProvider,
+)
+
+NOW = 1_000_000
+
+# ---------------------------------------------------------------------------------------------
+# Conflicts and contexts
+
+
+def make_conflict(
+    *,
+    current: Any,
+    incoming: Any,
+    base_value: Any,
+    prop: str | None = "start",
+    op: str = "set",
+    element_id: str = "clip-9",
+    current_user: str = "ana",
+    incoming_user: str = "ben",
+) -> Conflict:
+    return Conflict(
+        id="c1",
+        project_id="p1",
+        element_id=element_id,
+        prop=prop,
+        op=op,  # type: ignore[arg-type]
+        base=3,
+        base_value=base_value,
+        current={"value": current, "user_id": current_user, "seq": 7},
+        incoming={"value": incoming, "user_id": incoming_user, "change_id": "ch-1"},
+        strategy="ai",
+    )
+
+
+def who(
+    user_id: str,
+    role: str = "editor",
+    *,
+    present: bool = False,
+    on: str | None = None,
+    ago_ms: int | None = None,
+) -> Participant:
+    return Participant(
+        user_id=user_id,
+        role=role,
+        present=present or on is not None,
+        active_element=on,
+        at=None if ago_ms is None else NOW - ago_ms,
+    )
+
+
+def make_context(
+    conflict: Conflict,
+    current: Participant,
+    incoming: Participant,
+    options: Mapping[str, Any] | None = None,
+) -> ResolutionContext:
+    return ResolutionContext(
+        project_id="p1",
+        conflict=conflict,
+        current=current,
+        incoming=incoming,
+        now=NOW,
+        options=dict(options or {}),
+    )
+
+
+def scenario(
+    *,
+    current: Any,
+    incoming: Any,
+    base_value: Any,
+    current_who: Participant | None = None,
+    incoming_who: Participant | None = None,
+    options: Mapping[str, Any] | None = None,
+    **conflict: Any,
+) -> tuple[Conflict, ResolutionContext]:
+    c = make_conflict(current=current, incoming=incoming, base_value=base_value, **conflict)
+    ctx = make_context(
+        c,
+        current_who or who(c.current["user_id"]),
+        incoming_who or who(c.incoming["user_id"]),
+        options,
+    )
+    return c, ctx
+
+
+async def offline(conflict: Conflict, context: ResolutionContext) -> AIAnswer:
+    return await OfflineProvider().decide(AIRequest.from_conflict(conflict, context))
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline provider
+
+
+async def test_offline_prefers_the_owner_editing_now_over_a_small_stale_edit() -> None:
+    conflict, ctx = scenario(
+        prop="title",
+        base_value="Opening shot",
+        current="Opening Shot",
+        incoming="Opening shot: the harbour at dawn, seen from the lighthouse",
+        current_who=who("ben", "editor", ago_ms=40_000),
+        incoming_who=who("ana", "owner", on="clip-9", ago_ms=0),
+        current_user="ben",
+        incoming_user="ana",
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "incoming"
+    assert 0.85 <= answer.confidence <= 0.95
+    text = answer.explanation
+    assert text.startswith("Kept ana's value for clip-9 title")
+    assert "ana is editing clip-9 right now" in text
+    assert "is the owner" in text
+    assert "ben is not in the room" in text
+    assert "made a small edit" in text
+    assert "40 s ago" in text
+    assert "close call" not in text
+
+
+async def test_offline_keeps_the_value_in_place_when_its_author_is_on_the_element() -> None:
+    conflict, ctx = scenario(
+        base_value=10.0,
+        current=14.0,
+        incoming=10.5,
+        current_who=who("ana", on="clip-9", ago_ms=5_000),
+        incoming_who=who("ben", present=True, ago_ms=0),
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "current"
+    assert 0.7 <= answer.confidence <= 0.9
+    assert "ana is editing clip-9 right now" in answer.explanation
+    assert "ben is in the room but not on clip-9" in answer.explanation
+    # ben wrote more recently: said honestly, as a point in his favour.
+    assert "In ben's favour: ben wrote just now" in answer.explanation
+
+
+async def test_offline_weighs_the_larger_numeric_change_when_all_else_is_even() -> None:
+    conflict, ctx = scenario(base_value=10.0, current=10.5, incoming=30.0)
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "incoming"
+    assert 0.6 <= answer.confidence <= 0.8
+    assert "ben made a large edit; ana made a small edit" in answer.explanation
+
+
+async def test_offline_calls_a_close_call_a_close_call() -> None:
+    conflict, ctx = scenario(
+        prop="label",
+        base_value="Interview with the mayor",
+        current="Interview with the city mayor",
+        incoming="Interview with Mayor Lopez",
+        current_who=who("ana", present=True, ago_ms=10_000),
+        incoming_who=who("ben", present=True, ago_ms=0),
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert 0.5 <= answer.confidence < 0.6
+    assert answer.explanation.endswith("A close call.")
+
+
+async def test_offline_lets_the_higher_role_win_a_tie() -> None:
+    conflict, ctx = scenario(
+        prop="label",
+        base_value="Take 1",
+        current="Take 2",
+        incoming="Take 3",
+        current_who=who("ana", "editor"),
+        incoming_who=who("ben", "owner"),
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "incoming"
+    assert 0.55 <= answer.confidence <= 0.65
+    assert "ben is the owner; ana is an editor" in answer.explanation
+
+
+async def test_offline_keeps_the_value_in_place_when_nothing_sets_the_sides_apart() -> None:
+    conflict, ctx = scenario(prop="label", base_value="Take 1", current="Take 2", incoming="Take 3")
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "current"
+    assert answer.confidence == 0.5
+    assert "nothing set the two sides apart" in answer.explanation
+
+
+async def test_offline_is_certain_when_both_wrote_the_same_value() -> None:
+    conflict, ctx = scenario(base_value=1, current=2, incoming=2)
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert (answer.choice, answer.confidence) == ("current", 1.0)
+    assert "same value" in answer.explanation
+
+
+async def test_offline_keeps_an_element_edited_since_the_delete_was_based() -> None:
+    conflict, ctx = scenario(
+        op="delete",
+        prop=None,
+        base_value={"start": 10, "label": "Intro"},
+        current={"start": 12, "label": "Intro, extended cut"},
+        incoming=None,
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "current"
+    assert answer.confidence >= 0.65
+    assert answer.explanation.startswith("Kept clip-9 (not deleted): ana made a moderate edit")
+    assert "ben asked to delete it" in answer.explanation
+
+
+async def test_offline_deletes_when_the_owner_deleting_is_on_it_and_the_edit_is_old() -> None:
+    conflict, ctx = scenario(
+        op="delete",
+        prop=None,
+        base_value={"start": 10, "label": "Intro"},
+        current={"start": 10, "label": "intro"},
+        incoming=None,
+        current_who=who("ana", "editor", ago_ms=3_600_000),
+        incoming_who=who("ben", "owner", on="clip-9", ago_ms=0),
+    )
+    with trio.fail_after(5):
+        answer = await offline(conflict, ctx)
+    assert answer.choice == "incoming"
+    assert answer.confidence >= 0.8
+    assert answer.explanation.startswith("Deleted clip-9 as ben asked: ben is editing clip-9")
+    assert "ana is not in the room, wrote 60 min ago and is an editor" in answer.explanation
+    assert "In ana's favour" in answer.explanation
+
+
+async def test_offline_is_deterministic() -> None:
+    conflict, ctx = scenario(
+        prop="notes",
+        base_value={"a": 1, "tags": ["x", "y"]},
+        current={"a": 2, "tags": ["x", "y", "z"]},
+        incoming={"a": 1, "tags": ["y"], "b": True},
+        current_who=who("ana", present=True, ago_ms=1_000),
+        incoming_who=who("ben", "owner", ago_ms=0),
+    )
+    with trio.fail_after(5):
+        answers = [await offline(conflict, ctx) for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-1000, 1000) | st.floats(-1e6, 1e6) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=12,
+)
+participants = st.builds(
+    Participant,
+    user_id=st.sampled_from(["ana", "ben"]),
+    role=st.sampled_from([None, "owner", "editor", "commenter", "viewer"]),
+    active_element=st.sampled_from([None, "clip-9", "clip-1"]),
+    present=st.booleans(),
+    at=st.none() | st.integers(0, NOW),
+)
+
+
+@given(json_values, json_values, json_values, participants, participants)
+def test_offline_answers_are_valid_and_symmetric(
+    base: Any, current: Any, incoming: Any, cur: Participant, inc: Participant
+) -> None:
+    # Pure computation (no I/O, no trio): the synchronous core, checked as a property.
+    conflict = make_conflict(base_value=base, current=current, incoming=incoming)
+    answer = OfflineProvider().weigh(
+        AIRequest.from_conflict(conflict, make_context(conflict, cur, inc))
+    )
+    assert answer.choice in ("current", "incoming")
+    assert 0.5 <= answer.confidence <= 1.0
+    assert answer.explanation.strip()
+    swapped = make_conflict(base_value=base, current=incoming, incoming=current)
+    mirror = OfflineProvider().weigh(
+        AIRequest.from_conflict(swapped, make_context(swapped, inc, cur))
+    )
+    assert mirror.confidence == answer.confidence
+    if answer.confidence not in (0.5, 1.0):
+        assert mirror.choice != answer.choice
+
+
+# ---------------------------------------------------------------------------------------------
+# The strategy, with providers of the tests' own
+
+
+@attrs.define
+class ScriptedProvider(AIProvider):
+    """A real provider that answers what it was given, or fails with it."""
+
+    answer: AIAnswer | AIProviderError
+    asked: list[AIRequest] = attrs.Factory(list)
+    closed: bool = False
+
+    async def decide(self, request: AIRequest) -> AIAnswer:
+        await trio.lowlevel.checkpoint()
+        self.asked.append(request)
+        if isinstance(self.answer, AIProviderError):
+            raise self.answer
+        return self.answer
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def set_conflict() -> tuple[Conflict, ResolutionContext]:
+    return scenario(
+        base_value="Opening",
+        current="Opening shot",
+        incoming="Opening titles",
+        current_who=who("ana", "owner", on="clip-9", ago_ms=2_000),
+        incoming_who=who("ben", present=True, on="clip-1", ago_ms=0),
+        prop="title",
+    )
+
+
+async def test_strategy_uses_the_offline_provider_by_default() -> None:
+    strategy = AIStrategy()
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        answer = await strategy.resolve(conflict, ctx)
+        await strategy.aclose()
+    assert isinstance(strategy.provider, OfflineProvider)
+    assert isinstance(answer, Resolution)
+    assert (answer.strategy, answer.choice, answer.value) == ("ai", "current", "Opening shot")
+    assert answer.explanation.startswith("Kept ana's value")
+
+
+async def test_strategy_passes_the_context_facts_to_the_provider() -> None:
+    provider = ScriptedProvider(AIAnswer(choice="incoming", confidence=0.8, explanation="why"))
+    strategy = AIStrategy(provider=provider)
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        answer = await strategy.resolve(conflict, ctx)
+        await strategy.aclose()
+    assert isinstance(answer, Resolution)
+    assert (answer.choice, answer.value, answer.confidence) == ("incoming", "Opening titles", 0.8)
+    (request,) = provider.asked
+    assert request.conflict is conflict
+    assert request.facts() == {
+        "element_id": "clip-9",
+        "property": "title",
+        "operation": "set",
+        "base_value": "Opening",
+        "current": {
+            "value": "Opening shot",
+            "author": "ana",
+            "role": "owner",
+            "present": True,
+            "editing_this_element_now": True,
+            "written_ms_ago": 2_000,
+        },
+        "incoming": {
+            "value": "Opening titles",
+            "author": "ben",
+            "role": "editor",
+            "present": True,
+            "editing_this_element_now": False,
+            "written_ms_ago": 0,
+        },
+    }
+    assert not provider.closed, "an injected provider belongs to whoever injected it"
+
+
+async def test_strategy_takes_a_custom_value_and_a_delete_choice() -> None:
+    custom = AIAnswer(choice="custom", value="Opening shot titles", confidence=0.7, explanation="x")
+    conflict, ctx = set_conflict()
+    delete, delete_ctx = scenario(
+        op="delete", prop=None, base_value={}, current={"a": 1}, incoming=None
+    )
+    with trio.fail_after(5):
+        answer = await AIStrategy(provider=ScriptedProvider(custom)).resolve(conflict, ctx)
+        deleted = await AIStrategy(
+            provider=ScriptedProvider(AIAnswer(choice="incoming", confidence=0.9, explanation="x"))
+        ).resolve(delete, delete_ctx)
+        kept = await AIStrategy(
+            provider=ScriptedProvider(AIAnswer(choice="current", confidence=0.9, explanation="x"))
+        ).resolve(delete, delete_ctx)
+        bad_custom = await AIStrategy(
+            provider=ScriptedProvider(
+                AIAnswer(choice="custom", value="not props", confidence=0.9, explanation="x")
+            )
+        ).resolve(delete, delete_ctx)
+    assert isinstance(answer, Resolution)
+    assert (answer.choice, answer.value) == ("custom", "Opening shot titles")
+    assert isinstance(deleted, Resolution)
+    assert (deleted.choice, deleted.value) == ("incoming", None)
+    assert isinstance(kept, Resolution)
+    assert (kept.choice, kept.value) == ("current", {"a": 1})
+    assert kept.value is not delete.current["value"], "the conflict must not be shared"
+    assert bad_custom is DECLINE
+
+
+async def test_strategy_declines_when_the_provider_fails_or_is_unsure() -> None:
+    conflict, ctx = set_conflict()
+    failing = ScriptedProvider(AIProviderError("model unavailable"))
+    unsure = ScriptedProvider(AIAnswer(choice="current", confidence=0.55, explanation="hmm"))
+    with trio.fail_after(5):
+        assert await AIStrategy(provider=failing).resolve(conflict, ctx) is DECLINE
+        strict = AIStrategy({"min_confidence": 0.6}, provider=unsure)
+        assert await strict.resolve(conflict, ctx) is DECLINE
+        # The project's options (the context's) override the strategy's.
+        lenient = make_context(conflict, ctx.current, ctx.incoming, {"min_confidence": 0.5})
+        assert isinstance(await strict.resolve(conflict, lenient), Resolution)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"provider": "magic"}, "unknown provider 'magic'; known: offline, openai"),
+        ({"temperature": 1}, "unknown options temperature; known: provider"),
+        ({"min_confidence": 2}, "min_confidence must be a number in 0..1"),
+        ({"min_confidence": "high"}, "min_confidence must be a number in 0..1"),
+        ({"provider": "openai", "model": "m"}, "needs the url option or CREALIA_AI_URL"),
+        ({"provider": "openai", "url": "http://x"}, "needs the model option or CREALIA_AI_MODEL"),
+        ({"provider": "openai", "url": 5, "model": "m"}, "url must be a string"),
+    ],
+)
+def test_strategy_rejects_bad_options(
+    options: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CREALIA_AI_URL", "CREALIA_AI_MODEL", "CREALIA_AI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigurationError, match=message):
+        AIStrategy(options)
+
+
+def test_strategy_reads_missing_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CREALIA_AI_URL", "http://127.0.0.1:11434/v1/")
+    monkeypatch.setenv("CREALIA_AI_MODEL", "llama3.2")
+    monkeypatch.setenv("CREALIA_AI_API_KEY", "sk-env")
+    from_env = AIStrategy({"provider": "openai"}).provider
+    assert isinstance(from_env, OpenAIChatProvider)
+    assert from_env.endpoint == "http://127.0.0.1:11434/v1/chat/completions"
+    assert from_env.model == "llama3.2"
+    overridden = AIStrategy({"provider": "openai", "model": "qwen2.5"}).provider
+    assert isinstance(overridden, OpenAIChatProvider)
+    assert overridden.model == "qwen2.5"
+
+
+# ---------------------------------------------------------------------------------------------
+# A test double of a model: an OpenAI-compatible chat-completions server
+
+
+@attrs.frozen
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    #: Never finish answering: after nothing ("before") or half the body ("mid-body"), wait
+    #: until the client gives up and closes the connection.
+    hang: str | None = None
+    #: Send the body in chunks of this size with chunked transfer coding (no content-length).
+    chunk: int | None = None
+
+
+@attrs.frozen
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def completion(content: Any) -> bytes:
+    """A chat-completions response whose message content is ``content`` (JSON-encoded unless
+    it is already a string)."""
+    text = content if isinstance(content, str | None) else json.dumps(content)
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "double",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    ).encode()
+
+
+VALID = {"choice": "incoming", "confidence": 0.8, "explanation": "ben's title is clearer."}
+
+
+@attrs.define(eq=False)
+class ChatDouble:
+    """Answers ``POST /v1/chat/completions`` with the scripted replies, in order (then
+    :data:`VALID`), over keep-alive HTTP/1.1, and records every request."""
+
+    replies: list[Reply] = attrs.Factory(list)
+    requests: list[Recorded] = attrs.Factory(list)
+    port: int = 0
+    open_connections: int = 0
+    hanging_closed: trio.Event = attrs.Factory(trio.Event)
+    _changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def all_closed(self) -> None:
+        while self.open_connections:
+            await self._changed.park()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.open_connections += 1
+        try:
+            async with stream:
+                await self._serve(stream)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self.open_connections -= 1
+            self._changed.unpark_all()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            request: h11.Request | None = None
+            body = b""
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    return
+            assert request is not None
+            self.requests.append(
+                Recorded(
+                    method=request.method.decode(),
+                    path=request.target.decode(),
+                    headers={k.decode(): v.decode() for k, v in request.headers},
+                    body=json.loads(body),
+                )
+            )
+            reply = self.replies.pop(0) if self.replies else Reply(body=completion(VALID))
+            headers = [("content-type", "application/json")]
+            if reply.hang is not None:
+                if reply.hang == "mid-body":
+                    headers.append(("content-length", str(len(reply.body))))
+                    response = h11.Response(status_code=200, headers=headers)
+                    half = h11.Data(data=reply.body[: len(reply.body) // 2])
+                    await stream.send_all(conn.send(response) + conn.send(half))
+                while await stream.receive_some(65536):
+                    pass
+                self.hanging_closed.set()
+                return
+            if reply.chunk is None:
+                headers.append(("content-length", str(len(reply.body))))
+                chunks = [reply.body]
+            else:
+                step = reply.chunk
+                chunks = [reply.body[i : i + step] for i in range(0, len(reply.body), step)]
+            await stream.send_all(
+                conn.send(h11.Response(status_code=reply.status, headers=headers))
+            )
+            for piece in chunks:
+                await stream.send_all(conn.send(h11.Data(data=piece)))
+            await stream.send_all(conn.send(h11.EndOfMessage()))
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+
+@pytest.fixture
+async def model(nursery: trio.Nursery) -> ChatDouble:
+    double = ChatDouble()
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, double.handle, 0, host="127.0.0.1")
+    )
+    double.port = listeners[0].socket.getsockname()[1]
+    return double
+
+
+def openai_strategy(model: ChatDouble, **options: Any) -> AIStrategy:
+    return AIStrategy({"provider": "openai", "url": model.url, "model": "tiny-judge", **options})
+
+
+async def test_openai_provider_posts_the_conflict_and_resolves_with_the_answer(
+    model: ChatDouble,
+) -> None:
+    strategy = openai_strategy(model, api_key="sk-test")
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        answer = await strategy.resolve(conflict, ctx)
+        await strategy.aclose()
+        await model.all_closed()
+    assert isinstance(answer, Resolution)
+    assert answer.to_wire() == {
+        "value": "Opening titles",
+        "choice": "incoming",
+        "strategy": "ai",
+        "confidence": 0.8,
+        "explanation": "ben's title is clearer.",
+    }
+    (request,) = model.requests
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+    assert request.headers["authorization"] == "Bearer sk-test"
+    assert request.headers["content-type"] == "application/json"
+    body = request.body
+    assert body["model"] == "tiny-judge"
+    assert body["response_format"] == {"type": "json_object"}
+    assert body["temperature"] == 0
+    system, user = body["messages"]
+    assert system["role"] == "system"
+    assert "conflict" in system["content"]
+    assert '"choice"' in system["content"]
+    assert user["role"] == "user"
+    facts = json.loads(user["content"])
+    assert facts["element_id"] == "clip-9"
+    assert facts["property"] == "title"
+    assert facts["base_value"] == "Opening"
+    assert facts["current"]["author"] == "ana"
+    assert facts["current"]["editing_this_element_now"] is True
+    assert facts["incoming"]["value"] == "Opening titles"
+
+
+async def test_openai_provider_reads_a_fenced_custom_answer_without_a_key(
+    model: ChatDouble,
+) -> None:
+    answer = {"choice": "custom", "value": "Opening shot titles", "confidence": 0.6,
+              "explanation": "Combined both titles."}  # fmt: skip
+    model.replies.append(Reply(body=completion(f"```json\n{json.dumps(answer)}\n```")))
+    strategy = openai_strategy(model)
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        resolution = await strategy.resolve(conflict, ctx)
+        await strategy.aclose()
+    assert isinstance(resolution, Resolution)
+    assert (resolution.choice, resolution.value) == ("custom", "Opening shot titles")
+    assert "authorization" not in model.requests[0].headers
+
+
+GARBAGE = {
+    "not JSON": (Reply(body=completion("I would keep ana's version.")), "answer is not JSON"),
+    "body not JSON": (Reply(body=b"<html>oops</html>"), "response is not JSON"),
+    "no choices": (Reply(body=b'{"choices": []}'), "no choices[0].message.content"),
+    "null content": (Reply(body=completion(None)), "gave no answer"),
+    "missing fields": (
+        Reply(body=completion({"choice": "current"})),
+        "answer.confidence: is required; answer.explanation: is required",
+    ),
+    "confidence 7": (
+        Reply(body=completion({**VALID, "confidence": 7})),
+        "answer.confidence: must be a number in 0..1",
+    ),
+    "choice maybe": (
+        Reply(body=completion({**VALID, "choice": "maybe"})),
+        "answer.choice: must be one of 'current', 'incoming', 'custom'",
+    ),
+    "custom without value": (
+        Reply(body=completion({**VALID, "choice": "custom"})),
+        "answer.value: is required when choice is 'custom'",
+    ),
+    "empty explanation": (
+        Reply(body=completion({**VALID, "explanation": "  "})),
+        "answer.explanation: must not be empty",
+    ),
+    "HTTP 500": (Reply(status=500, body=b'{"error": "overloaded"}'), "answered HTTP 500"),
+    "huge": (Reply(body=b" " * (MAX_RESPONSE_BYTES + 1)), "over 1048576 bytes"),
+    "huge chunked": (
+        Reply(body=b" " * (MAX_RESPONSE_BYTES + 1), chunk=64 * 1024),
+        "over 1048576 bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(GARBAGE))
+async def test_openai_provider_garbage_declines(model: ChatDouble, case: str) -> None:
+    reply, message = GARBAGE[case]
+    model.replies += [reply, reply]
+    strategy = openai_strategy(model)
+    provider = strategy.provider
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        assert await strategy.resolve(conflict, ctx) is DECLINE
+        with pytest.raises(AIProviderError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            await provider.decide(AIRequest.from_conflict(conflict, ctx))
+        # The provider is still usable after garbage.
+        assert isinstance(await strategy.resolve(conflict, ctx), Resolution)
+        await strategy.aclose()
+
+
+async def test_openai_provider_declines_when_nobody_listens() -> None:
+    with trio.fail_after(5):
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.close()  # bound then closed: connecting is refused
+        provider = OpenAIChatProvider(f"http://127.0.0.1:{port}/v1", "m")
+        conflict, ctx = set_conflict()
+        with pytest.raises(AIProviderError, match="ConnectError"):
+            await provider.decide(AIRequest.from_conflict(conflict, ctx))
+        assert await AIStrategy(provider=provider).resolve(conflict, ctx) is DECLINE
+        await provider.aclose()
+
+
+@pytest.mark.parametrize("hang", ["before", "mid-body"])
+async def test_openai_provider_is_cancelled_cleanly_by_the_callers_deadline(
+    model: ChatDouble, hang: str
+) -> None:
+    model.replies.append(Reply(hang=hang, body=completion(VALID)))
+    strategy = openai_strategy(model)
+    conflict, ctx = set_conflict()
+    with trio.fail_after(5):
+        with trio.move_on_after(0.2) as deadline:
+            await strategy.resolve(conflict, ctx)
+        assert deadline.cancelled_caught
+        # The abandoned request's connection was closed by the client, not left half-open.
+        await model.hanging_closed.wait()
+        answer = await strategy.resolve(conflict, ctx)
+        assert isinstance(answer, Resolution)
+        assert answer.choice == "incoming"
+        await strategy.aclose()
+        await model.all_closed()
+    assert len(model.requests) == 2
+
+
+async def test_openai_provider_serves_concurrent_rooms_and_leaves_an_injected_client_open(
+    model: ChatDouble,
+) -> None:
+    conflict, ctx = set_conflict()
+    results: list[object] = []
+    with trio.fail_after(5):
+        async with httpx.AsyncClient() as http:
+            strategy = AIStrategy(provider=OpenAIChatProvider(model.url, "tiny-judge", http=http))
+
+            async def one() -> None:
+                results.append(await strategy.resolve(conflict, ctx))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(one)
+            await strategy.aclose()
+            await strategy.provider.aclose()
+            assert not http.is_closed
+            results.append(await strategy.resolve(conflict, ctx))
+        await model.all_closed()
+    assert len(results) == 5
+    assert all(isinstance(r, Resolution) and r.choice == "incoming" for r in results)

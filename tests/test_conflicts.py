@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,87 @@ async def test_ai_strategy_with_the_offline_provider(tmp_path: Path, nursery: tr
             value = {"current": "Opening shot of the harbour", "incoming": "Harbour"}[res["choice"]]
             assert res["value"] == value
         await clients.aclose()
+
+
+async def test_merge_of_disjoint_object_keys_and_id_lists_over_sockets(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        base_fx = {"blur": 1, "gain": 0}
+        base_kf = [{"id": "k1", "t": 0}, {"id": "k2", "t": 5}]
+        await a.request("timeline_change", insert("c1", "clip", fx=base_fx, keys=base_kf))
+        await a.request("timeline_change", {"change_id": "c2", "changes": [
+            {"op": "set", "element_id": "clip", "prop": "fx", "value": {"blur": 3, "gain": 0},
+             "base": 1},
+            {"op": "set", "element_id": "clip", "prop": "keys",
+             "value": [{"id": "k1", "t": 0}, {"id": "k2", "t": 6}], "base": 1},
+        ]})  # fmt: skip
+        ack = await b.request("timeline_change", {"change_id": "c3", "changes": [
+            {"op": "set", "element_id": "clip", "prop": "fx", "value": {"blur": 1, "gain": 2},
+             "base": 1},
+            {"op": "set", "element_id": "clip", "prop": "keys",
+             "value": [{"id": "k1", "t": 0}, {"id": "k2", "t": 5}, {"id": "k3", "t": 9}],
+             "base": 1},
+        ]})  # fmt: skip
+        assert ack["data"]["status"] == "conflict"
+        results = {}
+        for cid in ack["data"]["conflicts"]:
+            data = await resolved(a, cid)
+            assert data["resolution"]["strategy"] == "merge"
+            results[data["conflict_id"]] = data["resolution"]["value"]
+        values = list(results.values())
+        assert {"blur": 3, "gain": 2} in values
+        assert [{"id": "k1", "t": 0}, {"id": "k2", "t": 6}, {"id": "k3", "t": 9}] in values
+        late = await clients.join("carol")
+        props = late.welcome["snapshot"]["elements"]["clip"]["props"]
+        assert props["fx"] == {"blur": 3, "gain": 2}
+        assert [k["id"] for k in props["keys"]] == ["k1", "k2", "k3"]
+
+
+async def test_ai_strategy_over_http_falls_back_on_garbage(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from .test_strategy_ai import VALID, ChatDouble, Reply, completion
+
+    # A test double of a model: a local chat-completions endpoint with scripted answers.
+    model = ChatDouble(replies=[Reply(body=completion("this is not JSON"))])
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, model.handle, 0, host="127.0.0.1")
+    )
+    model.port = listeners[0].socket.getsockname()[1]
+    config = make_config(
+        tmp_path,
+        strategy_chain=("ai", "priority"),
+        strategy_options={"ai": {"provider": "openai", "url": model.url, "model": "judge"}},
+    )
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, _b, ack = await conflict_on(clients, current="first", incoming="second")
+            (cid,) = ack["conflicts"]
+            data = await resolved(a, cid)
+            assert data["resolution"]["strategy"] == "priority"  # garbage: fell back
+            await a.request("timeline_change", set_op("c4", "clip", "title", "third", 3))
+            c = await clients.join("carol")
+            again = await c.request("timeline_change", set_op("c5", "clip", "title", "fourth", 3))
+            (cid2,) = again["data"]["conflicts"]
+            data = await resolved(a, cid2)
+            res = data["resolution"]
+            assert res["strategy"] == "ai"
+            assert res["confidence"] == VALID["confidence"]
+            assert res["explanation"] == VALID["explanation"]
+            assert res["value"] == "fourth"
+            assert model.requests[-1].body["model"] == "judge"
+        await clients.aclose()
+
+
+async def test_conflict_counters_move(clients: Clients) -> None:
+    backplane = clients.server.hub.backplane
+    with trio.fail_after(10):
+        a, _b, ack = await conflict_on(
+            clients, current="The slow fox", incoming="The quick red fox"
+        )
+        (cid,) = ack["conflicts"]
+        await resolved(a, cid)
+        assert backplane.conflicts_detected["p1"] == 1  # type: ignore[attr-defined]
+        assert backplane.conflicts_settled["p1"] == 1  # type: ignore[attr-defined]

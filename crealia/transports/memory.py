@@ -88,6 +88,9 @@ class MemoryBackplane(Backplane):
     _projects: dict[str, _Project] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _listeners: dict[str, set[Listener]] = attrs.Factory(dict)
+    #: Conflicts detected and settled per project since start (conflict and resolution rates).
+    conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
+    conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class MemoryBackplane(Backplane):
             ]
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
+            self.conflicts_detected[project_id] += len(conflicts)
             status: Literal["applied", "partial", "conflict"] = (
                 "applied" if not conflicts else ("partial" if plan.applied else "conflict")
             )
@@ -405,6 +409,9 @@ class MemoryBackplane(Backplane):
         await self._commit(
             project_id, project, statements, event, [redetected] if redetected else []
         )
+        self.conflicts_settled[project_id] += 1
+        if redetected is not None:
+            self.conflicts_detected[project_id] += 1
         return Settled(seq=seq, redetected=redetected)
 
     async def get_settings(self, project_id: str) -> dict[str, Any]:

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
 import sqlite3
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import trio
@@ -37,14 +34,11 @@ from .._backplane import (
     Listener,
     Settled,
 )
-from .._document import ConflictSpec, Document
+from .._document import Document
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
+from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
 from .._storage import Statement, Store, dumps, loads
 from .._strategy import Resolution
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @attrs.define(eq=False)
@@ -256,50 +250,27 @@ class MemoryBackplane(Backplane):
         first = project.changes.get(change.change_id)
         if first is not None:
             return attrs.evolve(first, status="duplicate")
-        doc = project.doc
-        plan = doc.plan(user.id, change.change_id, change.changes, self._value_at(project))
+        outcome, event = prepare_change(
+            project.doc, user, change, strategy=strategy, roles=project.roles,
+            lookup=value_at(project.history), at=now_ms(),
+        )  # fmt: skip
         with _guarded(project):
-            at = now_ms()
-            event = None
-            seq = None
-            if plan.applied:
-                seq = doc.seq + 1
-                doc.apply(plan.applied, seq, user.id)
-                event = DurableEvent(
-                    project_id=project_id,
-                    seq=seq,
-                    kind="timeline_change",
-                    user_id=user.id,
-                    at=at,
-                    payload={"change_id": change.change_id, "changes": plan.applied},
-                    effects=plan.applied,
-                )
+            if event is not None:
+                project.doc.apply(event.effects, event.seq, user.id)
             project.roles[user.id] = user.role
-            conflicts = [
-                self._new_conflict(project_id, spec, at, strategy, project.roles)
-                for spec in plan.conflicts
-            ]
+            conflicts = outcome.detected
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
             self.conflicts_detected[project_id] += len(conflicts)
-            status: Literal["applied", "partial", "conflict"] = (
-                "applied" if not conflicts else ("partial" if plan.applied else "conflict")
-            )
-            outcome = ChangeOutcome(
-                change_id=change.change_id,
-                seq=seq,
-                status=status,
-                conflicts=[c.id for c in conflicts],
-                detected=conflicts,
-            )
             project.changes[change.change_id] = attrs.evolve(outcome, detected=[])
             statements: list[Statement] = [
                 (
                     "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
-                    (project_id, change.change_id, user.id, seq, status, dumps(outcome.conflicts)),
+                    (project_id, change.change_id, user.id, outcome.seq, outcome.status,
+                     dumps(outcome.conflicts)),
                 )
-            ]
+            ]  # fmt: skip
             statements += [_conflict_row(c) for c in conflicts]
         await self._commit(project_id, project, statements, event, conflicts)
         return outcome
@@ -313,18 +284,10 @@ class MemoryBackplane(Backplane):
             return first, True
         project.roles[user.id] = user.role
         with _guarded(project):
-            seq = project.doc.seq + 1
-            project.doc.seq = seq
-            at = now_ms()
+            event = prepare_comment(project.doc, user, comment, now_ms())
+            seq, at = event.seq, event.at
+            project.doc.apply([], seq, user.id)
             project.comments[comment.id] = seq
-            event = DurableEvent(
-                project_id=project_id,
-                seq=seq,
-                kind="comment_add",
-                user_id=user.id,
-                at=at,
-                payload={"comment": _wire.unstructure(comment)},
-            )
             statements: list[Statement] = [
                 (
                     "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
@@ -359,52 +322,16 @@ class MemoryBackplane(Backplane):
         conflict = project.pending.get(conflict_id)
         if conflict is None:
             raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
-        redetected: Conflict | None = None
         with _guarded(project):
-            doc = project.doc
-            moved = expect_seq is not None and _target_version(doc, conflict) != expect_seq
-            if moved:
-                # The property changed while the strategy was deciding: its answer is stale.
-                # The newer value stands; if it came from someone else than the incoming
-                # author, the incoming value conflicts with it again.
-                latest_seq, latest_writer, latest_value = _target_state(doc, conflict)
-                if latest_writer != conflict.incoming["user_id"]:
-                    redetected = attrs.evolve(
-                        conflict,
-                        id=uuid.uuid4().hex[:16],
-                        current={"value": latest_value, "user_id": latest_writer,
-                                 "seq": latest_seq},
-                        created_at=now_ms(),
-                    )  # fmt: skip
-                    project.pending[redetected.id] = redetected
-                again = f"; detected again as {redetected.id}" if redetected else ""
-                resolution = Resolution(
-                    value=latest_value,
-                    choice="current",
-                    strategy=resolution.strategy,
-                    confidence=1.0,
-                    explanation=f"{latest_writer} changed it again while it was being settled: "
-                    f"their newer value stands{again}.",
-                )
-                effects: list[dict[str, Any]] = []
-            else:
-                effects = _resolution_effects(doc, conflict, resolution.value, writer)
-            seq = doc.seq + 1
-            doc.apply(effects, seq, writer)
-            wire = resolution.to_wire()
-            resolved = attrs.evolve(conflict, status="resolved", resolution=wire)
+            event, resolved, redetected = prepare_settle(
+                project.doc, conflict, resolution, by=by, writer=writer,
+                expect_seq=expect_seq, at=now_ms(),
+            )  # fmt: skip
+            project.doc.apply(event.effects, event.seq, writer)
             del project.pending[conflict_id]
-            event = DurableEvent(
-                project_id=project_id,
-                seq=seq,
-                kind="conflict_resolved",
-                user_id=by,
-                at=now_ms(),
-                payload={"conflict_id": conflict_id, "seq": seq, "resolution": wire},
-                effects=effects,
-            )
             statements = [_conflict_row(resolved)]
             if redetected is not None:
+                project.pending[redetected.id] = redetected
                 statements.append(_conflict_row(redetected))
         await self._commit(
             project_id, project, statements, event, [redetected] if redetected else []
@@ -412,7 +339,7 @@ class MemoryBackplane(Backplane):
         self.conflicts_settled[project_id] += 1
         if redetected is not None:
             self.conflicts_detected[project_id] += 1
-        return Settled(seq=seq, redetected=redetected)
+        return Settled(seq=event.seq, redetected=redetected)
 
     async def get_settings(self, project_id: str) -> dict[str, Any]:
         def read(conn: sqlite3.Connection) -> Any:
@@ -467,8 +394,9 @@ class MemoryBackplane(Backplane):
 
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
         project = await self._project(user.project_id)
-        plan = project.doc.plan(user.id, change.change_id, change.changes,
-                                self._value_at(project))  # fmt: skip
+        plan = project.doc.plan(
+            user.id, change.change_id, change.changes, value_at(project.history)
+        )
         return {
             "applies": plan.applied,
             "conflicts": [
@@ -507,52 +435,6 @@ class MemoryBackplane(Backplane):
 
     async def pending_conflicts(self, project_id: str) -> list[Conflict]:
         return list((await self._project(project_id)).pending.values())
-
-    def _value_at(self, project: _Project) -> Any:
-        def value_at(element_id: str, prop: str | None, seq: int | None) -> Any:
-            # The value a property had at ``seq``, from the kept history (None when older).
-            # Element-level base values (for delete conflicts) are not reconstructed.
-            if seq is None or prop is None:
-                return None
-            for event in reversed(project.history):
-                if event.seq > seq:
-                    continue
-                for op in reversed(event.effects):
-                    if op["element_id"] != element_id:
-                        continue
-                    if op["op"] == "insert":
-                        return copy.deepcopy(op.get("props", {}).get(prop))
-                    if op["op"] == "set" and op["prop"] == prop:
-                        return copy.deepcopy(op["value"])
-                    if op["op"] == "delete":
-                        return None
-            return None
-
-        return value_at
-
-    def _new_conflict(
-        self,
-        project_id: str,
-        spec: ConflictSpec,
-        at: int,
-        strategy: str,
-        roles: dict[str, str],
-    ) -> Conflict:
-        authors = (spec.current.get("user_id"), spec.incoming.get("user_id"))
-        return Conflict(
-            id=uuid.uuid4().hex[:16],
-            project_id=project_id,
-            element_id=spec.element_id,
-            prop=spec.prop,
-            op=spec.op,  # type: ignore[arg-type]
-            base=spec.base,
-            base_value=spec.base_value,
-            current=spec.current,
-            incoming=spec.incoming,
-            strategy=strategy,
-            created_at=at,
-            roles={u: roles[u] for u in authors if u is not None and u in roles},
-        )
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -613,68 +495,3 @@ def _conflict_row(conflict: Conflict) -> Statement:
 
 def _conflict_from_row(data: dict[str, Any]) -> Conflict:
     return Conflict(**data)
-
-
-def _target_version(doc: Document, conflict: Conflict) -> int | None:
-    return _target_state(doc, conflict)[0]
-
-
-def _target_state(doc: Document, conflict: Conflict) -> tuple[int | None, str | None, Any]:
-    """(seq, writer, value) of what the conflict is about, as the document holds it now."""
-    element = doc.elements.get(conflict.element_id)
-    if element is None:
-        tomb = doc.tombstones.get(conflict.element_id)
-        return (tomb.seq, tomb.user_id, None) if tomb else (None, None, None)
-    if conflict.prop is None:
-        seq, writer = element.version()
-        return seq, writer, copy.deepcopy(element.props)
-    prop = conflict.prop
-    return element.versions.get(prop), element.writers.get(prop), element.props.get(prop)
-
-
-def _resolution_effects(
-    doc: Document, conflict: Conflict, value: Any, writer: str
-) -> list[dict[str, Any]]:
-    """The document ops that make ``value`` the settled state of the conflicted target."""
-    eid = conflict.element_id
-    element = doc.elements.get(eid)
-    if conflict.op == "delete" or conflict.prop is None:
-        if value is None:
-            return [{"op": "delete", "element_id": eid, "writer": writer}] if element else []
-        if not isinstance(value, dict):
-            return []
-        if element is None:
-            restored = doc.restore(eid)
-            if restored is None:
-                return []
-            return [
-                {
-                    "op": "insert",
-                    "element_id": eid,
-                    "element_type": restored.type,
-                    "props": value,
-                    "writer": writer,
-                }
-            ]
-        return [
-            {"op": "set", "element_id": eid, "prop": k, "value": v, "writer": writer}
-            for k, v in value.items()
-        ]
-    if element is None:
-        restored = doc.restore(eid)
-        if restored is None or (conflict.current["value"] is None and value is None):
-            return []
-        props = dict(restored.props)
-        props[conflict.prop] = value
-        return [
-            {
-                "op": "insert",
-                "element_id": eid,
-                "element_type": restored.type,
-                "props": props,
-                "writer": writer,
-            }
-        ]
-    return [
-        {"op": "set", "element_id": eid, "prop": conflict.prop, "value": value, "writer": writer}
-    ]

@@ -1,0 +1,224 @@
+"""What a backplane does to a document for each durable write, without storing anything.
+
+Both backplanes (in-process and Redis) prepare writes here, then make them durable their own way
+and apply the prepared event to their copy of the document. Every function is pure: it reads the
+document and returns what would happen; nothing changes until the caller applies the event.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import attrs
+
+from . import _wire
+from ._auth import User
+from ._backplane import ChangeOutcome, Conflict, DurableEvent
+from ._document import ConflictSpec, Document, ValueAt
+from ._strategy import Resolution
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def value_at(history: Iterable[DurableEvent]) -> ValueAt:
+    """Look up the value a property had at a seq, from kept history (newest first search).
+
+    Element-level base values (for delete conflicts) are not reconstructed: ``None``.
+    """
+    events = list(history)
+
+    def lookup(element_id: str, prop: str | None, seq: int | None) -> Any:
+        if seq is None or prop is None:
+            return None
+        for event in reversed(events):
+            if event.seq > seq:
+                continue
+            for op in reversed(event.effects):
+                if op["element_id"] != element_id:
+                    continue
+                if op["op"] == "insert":
+                    return copy.deepcopy(op.get("props", {}).get(prop))
+                if op["op"] == "set" and op["prop"] == prop:
+                    return copy.deepcopy(op["value"])
+                if op["op"] == "delete":
+                    return None
+        return None
+
+    return lookup
+
+
+def new_conflict(
+    project_id: str, spec: ConflictSpec, at: int, strategy: str, roles: dict[str, str]
+) -> Conflict:
+    authors = (spec.current.get("user_id"), spec.incoming.get("user_id"))
+    return Conflict(
+        id=uuid.uuid4().hex[:16],
+        project_id=project_id,
+        element_id=spec.element_id,
+        prop=spec.prop,
+        op=spec.op,  # type: ignore[arg-type]
+        base=spec.base,
+        base_value=spec.base_value,
+        current=spec.current,
+        incoming=spec.incoming,
+        strategy=strategy,
+        created_at=at,
+        roles={u: roles[u] for u in authors if u is not None and u in roles},
+    )
+
+
+def prepare_change(
+    doc: Document,
+    user: User,
+    change: _wire.TimelineChange,
+    *,
+    strategy: str,
+    roles: dict[str, str],
+    lookup: ValueAt,
+    at: int,
+) -> tuple[ChangeOutcome, DurableEvent | None]:
+    """The outcome and (when something applies) the event of ``change`` at ``doc.seq + 1``.
+
+    Raises:
+        BadRequest, NotFound: the change contradicts the document.
+    """
+    plan = doc.plan(user.id, change.change_id, change.changes, lookup)
+    event = None
+    seq = None
+    if plan.applied:
+        seq = doc.seq + 1
+        event = DurableEvent(
+            project_id=doc.project_id,
+            seq=seq,
+            kind="timeline_change",
+            user_id=user.id,
+            at=at,
+            payload={"change_id": change.change_id, "changes": plan.applied},
+            effects=plan.applied,
+        )
+    roles = {**roles, user.id: user.role}
+    conflicts = [new_conflict(doc.project_id, spec, at, strategy, roles) for spec in plan.conflicts]
+    status: Literal["applied", "partial", "conflict"] = (
+        "applied" if not conflicts else ("partial" if plan.applied else "conflict")
+    )
+    outcome = ChangeOutcome(
+        change_id=change.change_id,
+        seq=seq,
+        status=status,
+        conflicts=[c.id for c in conflicts],
+        detected=conflicts,
+    )
+    return outcome, event
+
+
+def prepare_comment(doc: Document, user: User, comment: _wire.Comment, at: int) -> DurableEvent:
+    return DurableEvent(
+        project_id=doc.project_id,
+        seq=doc.seq + 1,
+        kind="comment_add",
+        user_id=user.id,
+        at=at,
+        payload={"comment": _wire.unstructure(comment)},
+    )
+
+
+def prepare_settle(
+    doc: Document,
+    conflict: Conflict,
+    resolution: Resolution,
+    *,
+    by: str,
+    writer: str,
+    expect_seq: int | None,
+    at: int,
+) -> tuple[DurableEvent, Conflict, Conflict | None]:
+    """The resolution event, the conflict as resolved, and a conflict detected again.
+
+    If the target moved since ``expect_seq``, the newer value stands and, when someone other
+    than the incoming author wrote it, the incoming value conflicts with it anew.
+    """
+    redetected: Conflict | None = None
+    if expect_seq is not None and target_state(doc, conflict)[0] != expect_seq:
+        latest_seq, latest_writer, latest_value = target_state(doc, conflict)
+        if latest_writer != conflict.incoming["user_id"]:
+            redetected = attrs.evolve(
+                conflict,
+                id=uuid.uuid4().hex[:16],
+                current={"value": latest_value, "user_id": latest_writer, "seq": latest_seq},
+                created_at=at,
+            )
+        again = f"; detected again as {redetected.id}" if redetected else ""
+        resolution = Resolution(
+            value=latest_value,
+            choice="current",
+            strategy=resolution.strategy,
+            confidence=1.0,
+            explanation=f"{latest_writer} changed it again while it was being settled: "
+            f"their newer value stands{again}.",
+        )
+        effects: list[dict[str, Any]] = []
+    else:
+        effects = resolution_effects(doc, conflict, resolution.value, writer)
+    seq = doc.seq + 1
+    wire = resolution.to_wire()
+    resolved = attrs.evolve(conflict, status="resolved", resolution=wire)
+    event = DurableEvent(
+        project_id=doc.project_id,
+        seq=seq,
+        kind="conflict_resolved",
+        user_id=by,
+        at=at,
+        payload={"conflict_id": conflict.id, "seq": seq, "resolution": wire},
+        effects=effects,
+    )
+    return event, resolved, redetected
+
+
+def target_state(doc: Document, conflict: Conflict) -> tuple[int | None, str | None, Any]:
+    """(seq, writer, value) of what the conflict is about, as the document holds it now."""
+    element = doc.elements.get(conflict.element_id)
+    if element is None:
+        tomb = doc.tombstones.get(conflict.element_id)
+        return (tomb.seq, tomb.user_id, None) if tomb else (None, None, None)
+    if conflict.prop is None:
+        seq, writer = element.version()
+        return seq, writer, copy.deepcopy(element.props)
+    prop = conflict.prop
+    return element.versions.get(prop), element.writers.get(prop), element.props.get(prop)
+
+
+def resolution_effects(
+    doc: Document, conflict: Conflict, value: Any, writer: str
+) -> list[dict[str, Any]]:
+    """The document ops that make ``value`` the settled state of the conflicted target."""
+    eid = conflict.element_id
+    element = doc.elements.get(eid)
+    if conflict.op == "delete" or conflict.prop is None:
+        if value is None:
+            return [{"op": "delete", "element_id": eid, "writer": writer}] if element else []
+        if not isinstance(value, dict):
+            return []
+        if element is None:
+            restored = doc.restore(eid)
+            if restored is None:
+                return []
+            return [{"op": "insert", "element_id": eid, "element_type": restored.type,
+                     "props": value, "writer": writer}]  # fmt: skip
+        return [{"op": "set", "element_id": eid, "prop": k, "value": v, "writer": writer}
+                for k, v in value.items()]  # fmt: skip
+    if element is None:
+        restored = doc.restore(eid)
+        if restored is None or (conflict.current["value"] is None and value is None):
+            return []
+        props = dict(restored.props)
+        props[conflict.prop] = value
+        return [{"op": "insert", "element_id": eid, "element_type": restored.type,
+                 "props": props, "writer": writer}]  # fmt: skip
+    return [{"op": "set", "element_id": eid, "prop": conflict.prop, "value": value,
+             "writer": writer}]  # fmt: skip

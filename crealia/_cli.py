@@ -88,13 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
             stream=sys.stderr,
         )
-        if config.redis_url:
-            print(
-                "crealia: the Redis cluster backplane is not available in this version; "
-                "run without --redis/REDIS_URL",
-                file=sys.stderr,
-            )
-            return 2
         _tune_gc()
         trio.run(_serve, config)
     except CrealiaError as exc:

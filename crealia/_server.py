@@ -14,6 +14,7 @@ import hypercorn.trio
 import trio
 
 from ._auth import Role, TokenAuthority, load_or_create_secret
+from ._backplane import Backplane
 from ._config import Config
 from ._http import create_app
 from ._plugins import StrategyRegistry
@@ -88,10 +89,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     registry = StrategyRegistry.discover(config.strategies)
     registry.check(list(config.strategy_chain))  # before anything is created on disk
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
-    async with open_store(config.data_dir) as store:
-        backplane = MemoryBackplane(
-            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every
-        )
+    async with open_store(config.data_dir) as store, _open_backplane(config, store) as backplane:
         settler = Settler(registry=registry, backplane=backplane, config=config)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
@@ -132,6 +130,24 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             finally:
                 await server.aclose()
                 await settler.aclose()
+
+
+@asynccontextmanager
+async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backplane]:
+    if config.redis_url:
+        # Imported here: the core never imports a concrete transport or redis.
+        from .transports.redis import open_redis_backplane
+
+        async with open_redis_backplane(
+            config.redis_url,
+            history_limit=config.history_limit,
+            snapshot_every=config.snapshot_every,
+        ) as backplane:
+            yield backplane
+    else:
+        yield MemoryBackplane(
+            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every
+        )
 
 
 def _install_http_deflate(max_frame_bytes: int) -> None:

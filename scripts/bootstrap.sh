@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 # System packages the test suite drives for real. Empty entries are skipped.
-SYSTEM_PACKAGES="${CREALIA_SYSTEM_PACKAGES:-}"
+SYSTEM_PACKAGES="${CREALIA_SYSTEM_PACKAGES:-redis-server}"
 
 need_apt=""
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then

@@ -1,0 +1,682 @@
+"""The Redis backplane: any number of crealia processes serving every project from one Redis.
+
+Sequencing is optimistic and atomic. Each process keeps a mirror of every project it serves (the
+document at some ``seq``, recent history, roles). To write, it prepares the event against its
+mirror (the same pure code as the in-process backplane) and runs one Lua script that, in a single
+step, refuses a duplicate ``change_id``/comment id, checks that the project's ``seq`` is still the
+one the mirror was at, appends the event to the project's stream under the next ``seq``, records
+the outcome and conflicts, and publishes a notice. If another process wrote first, the script
+answers ``stale``; the process catches its mirror up from the stream and prepares again. So two
+processes can never hand out the same ``seq`` nor miss a conflict, and an ack is sent only after
+Redis accepted the write.
+
+The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
+and serves resume; a snapshot (``crealia:{p}:snap``) is written every ``snapshot_every`` events so
+a mirror can be rebuilt from the snapshot plus the stream. Notices (``crealia:{p}:events``) and
+ephemeral traffic (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices
+catches up from the stream, so no member misses a durable event.
+
+redis-py has no Trio support: its synchronous client runs in worker threads behind
+:class:`_RedisThreads`, and pub/sub is read by one listener thread that hands messages to Trio
+in groups. Redis errors become :class:`~crealia.Overloaded` at this boundary.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any, TypeVar
+
+import attrs
+import orjson
+import redis
+import trio
+
+from .. import _wire
+from .._auth import User
+from .._backplane import (
+    Backplane,
+    ChangeOutcome,
+    Conflict,
+    DurableEvent,
+    Ephemeral,
+    Listener,
+    Settled,
+)
+from .._document import Document
+from .._errors import NotFound, Overloaded, ProtocolError, TransportError
+from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
+from .._strategy import Resolution
+
+log = logging.getLogger("crealia.redis")
+
+T = TypeVar("T")
+
+#: Attempts at one write before giving up with ``overloaded`` (each failed attempt means another
+#: process wrote to the same project in between).
+MAX_ATTEMPTS = 64
+
+_COMMIT = """
+local mode = ARGV[2]
+if mode == 'settle' then
+  local raw = redis.call('HGET', KEYS[4], ARGV[3])
+  if not raw or cjson.decode(raw)['status'] ~= 'pending' then return {'gone', ''} end
+else
+  local first = redis.call('HGET', KEYS[3], ARGV[3])
+  if first then return {'dup', first} end
+end
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur ~= tonumber(ARGV[1]) then return {'stale', tostring(cur)} end
+local seq = cur
+if ARGV[5] ~= '' then
+  seq = cur + 1
+  redis.call('SET', KEYS[1], seq)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], tostring(seq) .. '-1', 'e', ARGV[5])
+end
+if mode ~= 'settle' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
+local i = 9
+while i < #ARGV do
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
+return {'ok', tostring(seq)}
+"""
+
+_SNAPSHOT = """
+local cur = redis.call('HGET', KEYS[1], 'seq')
+if not cur or tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'doc', ARGV[2])
+end
+return 1
+"""
+
+
+def _key(project_id: str, what: str) -> str:
+    return f"crealia:{{{project_id}}}:{what}"
+
+
+def _project_of(channel: str) -> tuple[str, str]:
+    inner = channel[len("crealia:{") :]
+    project_id, _, rest = inner.rpartition("}:")
+    return project_id, rest
+
+
+def _event_dict(event: DurableEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "kind": event.kind,
+        "user_id": event.user_id,
+        "at": event.at,
+        "payload": event.payload,
+        "effects": event.effects,
+    }
+
+
+def _event_from(project_id: str, data: dict[str, Any]) -> DurableEvent:
+    return DurableEvent(project_id=project_id, **data)
+
+
+def _conflict_from(data: dict[str, Any]) -> Conflict:
+    return Conflict(**data)
+
+
+def _duplicate(stored: bytes) -> ChangeOutcome:
+    first = orjson.loads(stored)
+    first.pop("detected", None)
+    return ChangeOutcome(**{**first, "status": "duplicate"})
+
+
+class _RedisThreads:
+    """redis-py's synchronous client, run in worker threads; errors mapped at this boundary."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=False
+        )
+        self.url = url
+        self._limiter = trio.CapacityLimiter(16)
+        self.commit_script = self.client.register_script(_COMMIT)
+        self.snapshot_script = self.client.register_script(_SNAPSHOT)
+
+    async def run(self, fn: Callable[[redis.Redis], T]) -> T:
+        """Run ``fn(client)`` in a worker thread.
+
+        Cancellation waits for the command (bounded by the 2 s socket timeout).
+
+        Raises:
+            Overloaded: Redis is unreachable or failed the command.
+        """
+        try:
+            return await trio.to_thread.run_sync(fn, self.client, limiter=self._limiter)
+        except redis.RedisError as exc:
+            raise Overloaded(f"redis unavailable, nothing was applied: {exc}") from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@attrs.define(eq=False)
+class _Mirror:
+    doc: Document
+    history: collections.deque[DurableEvent]
+    roles: dict[str, str]
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    listeners: set[Listener] = attrs.Factory(set)
+    catching_up: bool = False
+
+
+@attrs.define(eq=False)
+class RedisBackplane(Backplane):
+    """The cluster backplane. Open it with :func:`open_redis_backplane`."""
+
+    redis: _RedisThreads
+    history_limit: int = 10_000
+    snapshot_every: int = 500
+    node_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
+    _mirrors: dict[str, _Mirror] = attrs.Factory(dict)
+    _loading: dict[str, trio.Lock] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
+    #: False while the pub/sub listener has lost Redis (for ``/readyz``).
+    connected: bool = True
+    conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
+    conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
+
+    # -- mirrors ------------------------------------------------------------------------------
+
+    async def _mirror(self, project_id: str) -> _Mirror:
+        mirror = self._mirrors.get(project_id)
+        if mirror is not None:
+            return mirror
+        lock = self._loading.setdefault(project_id, trio.Lock())
+        async with lock:
+            mirror = self._mirrors.get(project_id)
+            if mirror is None:
+                mirror = await self._load(project_id)
+                self._mirrors[project_id] = mirror
+            return mirror
+
+    async def _load(self, project_id: str) -> _Mirror:
+        def load(client: redis.Redis) -> tuple[Any, Any, Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.hgetall(_key(project_id, "snap"))
+            pipe.xrange(_key(project_id, "log"))
+            pipe.hgetall(_key(project_id, "roles"))
+            snap, entries, roles = pipe.execute()
+            return snap, entries, roles
+
+        snap, entries, roles = await self.redis.run(load)
+        doc = (
+            Document.load(project_id, orjson.loads(snap[b"doc"]))
+            if snap
+            else Document(project_id=project_id)
+        )
+        events = [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
+        history: collections.deque[DurableEvent] = collections.deque(maxlen=self.history_limit)
+        for event in events:
+            if event.seq > doc.seq + 1:
+                raise Overloaded(
+                    f"project {project_id!r}: the log lost events {doc.seq + 1}..{event.seq - 1}"
+                )
+            if event.seq == doc.seq + 1:
+                doc.apply(event.effects, event.seq, event.user_id)
+            history.append(event)
+        return _Mirror(
+            doc=doc,
+            history=history,
+            roles={k.decode(): v.decode() for k, v in roles.items()},
+        )
+
+    def _apply(self, mirror: _Mirror, event: DurableEvent) -> bool:
+        """Apply the next event to the mirror and tell the listeners; False on a gap."""
+        if event.seq <= mirror.doc.seq:
+            return True
+        if event.seq > mirror.doc.seq + 1:
+            return False
+        mirror.doc.apply(event.effects, event.seq, event.user_id)
+        mirror.history.append(event)
+        for listener in list(mirror.listeners):
+            listener.on_durable(event)
+        return True
+
+    async def _catch_up(self, project_id: str, mirror: _Mirror) -> None:
+        """Read what the stream holds after the mirror's seq and apply it, in order."""
+        start = mirror.doc.seq + 1
+
+        def read(client: redis.Redis) -> Any:
+            return client.xrange(_key(project_id, "log"), min=f"{start}-1")
+
+        entries = await self.redis.run(read)
+        for _id, fields in entries:
+            event = _event_from(project_id, orjson.loads(fields[b"e"]))
+            if not self._apply(mirror, event):
+                # The stream was trimmed past the mirror: rebuild it from the snapshot.
+                fresh = await self._load(project_id)
+                fresh.listeners = mirror.listeners
+                self._mirrors[project_id] = fresh
+                return
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        project_id: str,
+        mirror: _Mirror,
+        mode: str,
+        dedup_id: str,
+        dedup_value: bytes,
+        event: DurableEvent | None,
+        conflicts: list[Conflict],
+    ) -> tuple[str, bytes]:
+        notice = orjson.dumps(
+            {
+                "node": self.node_id,
+                "event": _event_dict(event) if event else None,
+                "conflicts": [attrs.asdict(c) for c in conflicts if c.status == "pending"],
+            }
+        )
+        args: list[Any] = [
+            mirror.doc.seq,
+            mode,
+            dedup_id,
+            dedup_value,
+            orjson.dumps(_event_dict(event)) if event else b"",
+            self.history_limit,
+            _key(project_id, "events"),
+            notice if (event or conflicts) else b"",
+        ]
+        for conflict in conflicts:
+            args += [conflict.id, orjson.dumps(attrs.asdict(conflict))]
+        keys = [
+            _key(project_id, "seq"),
+            _key(project_id, "log"),
+            _key(project_id, "changes" if mode == "change" else "comments"),
+            _key(project_id, "conflicts"),
+        ]
+
+        def run(client: redis.Redis) -> Any:
+            return self.redis.commit_script(keys=keys, args=args, client=client)
+
+        status, value = await self.redis.run(run)
+        return status.decode(), value
+
+    def _after_commit(self, project_id: str, mirror: _Mirror, event: DurableEvent | None,
+                      conflicts: list[Conflict]) -> None:  # fmt: skip
+        if event is not None:
+            self._apply(mirror, event)
+            if event.seq % self.snapshot_every == 0 and self._nursery is not None:
+                self._nursery.start_soon(self._write_snapshot, project_id, mirror)
+        if conflicts:
+            for listener in list(mirror.listeners):
+                listener.on_conflicts(conflicts)
+
+    async def _write_snapshot(self, project_id: str, mirror: _Mirror) -> None:
+        seq, doc = mirror.doc.seq, orjson.dumps(mirror.doc.dump())
+
+        def write(client: redis.Redis) -> Any:
+            return self.redis.snapshot_script(
+                keys=[_key(project_id, "snap")], args=[seq, doc], client=client
+            )
+
+        try:
+            await self.redis.run(write)
+        except Overloaded as exc:
+            log.warning("snapshot of %s at %d not written: %s", project_id, seq, exc)
+
+    async def commit_change(
+        self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
+    ) -> ChangeOutcome:
+        project_id = user.project_id
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                mirror = self._mirrors.get(project_id, mirror)
+                try:
+                    outcome, event = prepare_change(
+                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
+                        lookup=value_at(mirror.history), at=now_ms(),
+                    )  # fmt: skip
+                except ProtocolError:
+                    # A resend of an accepted change may no longer fit the document (its insert
+                    # exists now): it is a duplicate, not an error. (A fitting one is caught by
+                    # the script, atomically.)
+                    first = await self._first_outcome(project_id, change.change_id)
+                    if first is not None:
+                        return first
+                    raise
+                stored = orjson.dumps(attrs.asdict(attrs.evolve(outcome, detected=[])))
+                status, value = await self._commit(
+                    project_id, mirror, "change", change.change_id, stored, event,
+                    outcome.detected,
+                )  # fmt: skip
+                if status == "dup":
+                    return _duplicate(value)
+                if status == "ok":
+                    mirror.roles[user.id] = user.role
+                    await self._remember_role(project_id, user)
+                    self.conflicts_detected[project_id] += len(outcome.detected)
+                    self._after_commit(project_id, mirror, event, outcome.detected)
+                    return outcome
+                await self._catch_up(project_id, mirror)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def _first_outcome(self, project_id: str, change_id: str) -> ChangeOutcome | None:
+        def read(client: redis.Redis) -> Any:
+            return client.hget(_key(project_id, "changes"), change_id)
+
+        raw = await self.redis.run(read)
+        return _duplicate(raw) if raw else None
+
+    async def _remember_role(self, project_id: str, user: User) -> None:
+        def write(client: redis.Redis) -> Any:
+            return client.hset(_key(project_id, "roles"), user.id, user.role)
+
+        await self.redis.run(write)
+
+    async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
+        project_id = user.project_id
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                mirror = self._mirrors.get(project_id, mirror)
+                event = prepare_comment(mirror.doc, user, comment, now_ms())
+                status, value = await self._commit(
+                    project_id, mirror, "comment", comment.id, str(event.seq).encode(), event, []
+                )
+                if status == "dup":
+                    return int(value), True
+                if status == "ok":
+                    self._after_commit(project_id, mirror, event, [])
+                    return event.seq, False
+                await self._catch_up(project_id, mirror)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def settle(
+        self,
+        project_id: str,
+        conflict_id: str,
+        resolution: Resolution,
+        *,
+        by: str,
+        writer: str,
+        expect_seq: int | None = None,
+    ) -> Settled:
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                mirror = self._mirrors.get(project_id, mirror)
+                conflict = await self._pending_one(project_id, conflict_id)
+                event, resolved, redetected = prepare_settle(
+                    mirror.doc, conflict, resolution, by=by, writer=writer,
+                    expect_seq=expect_seq, at=now_ms(),
+                )  # fmt: skip
+                written = [resolved] + ([redetected] if redetected else [])
+                status, _value = await self._commit(
+                    project_id, mirror, "settle", conflict_id, b"", event, written
+                )
+                if status == "gone":
+                    raise NotFound(
+                        f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
+                    )
+                if status == "ok":
+                    self.conflicts_settled[project_id] += 1
+                    self._after_commit(project_id, mirror, event,
+                                       [redetected] if redetected else [])  # fmt: skip
+                    return Settled(seq=event.seq, redetected=redetected)
+                await self._catch_up(project_id, mirror)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
+        def read(client: redis.Redis) -> Any:
+            return client.hget(_key(project_id, "conflicts"), conflict_id)
+
+        raw = await self.redis.run(read)
+        conflict = _conflict_from(orjson.loads(raw)) if raw else None
+        if conflict is None or conflict.status != "pending":
+            raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        return conflict
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def _fresh(self, project_id: str) -> _Mirror:
+        mirror = await self._mirror(project_id)
+        async with mirror.lock:
+            await self._catch_up(project_id, mirror)
+        return self._mirrors.get(project_id, mirror)
+
+    async def snapshot(self, project_id: str) -> dict[str, Any]:
+        return (await self._fresh(project_id)).doc.snapshot()
+
+    async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
+        mirror = await self._fresh(project_id)
+        head = mirror.doc.seq
+        if seq > head:
+            return None
+        if seq == head:
+            return []
+        history = mirror.history
+        if not history or history[0].seq > seq + 1:
+            return None
+        start = seq + 1 - history[0].seq
+        return [history[i] for i in range(start, len(history))]
+
+    async def _all_conflicts(self, project_id: str) -> list[Conflict]:
+        def read(client: redis.Redis) -> Any:
+            return client.hvals(_key(project_id, "conflicts"))
+
+        rows = await self.redis.run(read)
+        return sorted((_conflict_from(orjson.loads(r)) for r in rows),
+                      key=lambda c: c.created_at)  # fmt: skip
+
+    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
+        return [c for c in await self._all_conflicts(project_id) if c.status == "pending"]
+
+    async def conflicts(
+        self, project_id: str, *, status: str | None = None, limit: int = 200
+    ) -> list[Conflict]:
+        found = [c for c in await self._all_conflicts(project_id)
+                 if status is None or c.status == status]  # fmt: skip
+        return list(reversed(found))[:limit]
+
+    async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
+        mirror = await self._fresh(user.project_id)
+        plan = mirror.doc.plan(user.id, change.change_id, change.changes, value_at(mirror.history))
+        return {
+            "applies": plan.applied,
+            "conflicts": [
+                {"element_id": s.element_id, "prop": s.prop, "base_value": s.base_value,
+                 "current": s.current, "incoming": s.incoming}
+                for s in plan.conflicts
+            ],
+        }  # fmt: skip
+
+    async def get_settings(self, project_id: str) -> dict[str, Any]:
+        def read(client: redis.Redis) -> Any:
+            return client.get(_key(project_id, "settings"))
+
+        raw = await self.redis.run(read)
+        return dict(orjson.loads(raw)) if raw else {}
+
+    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
+        data = orjson.dumps(settings)
+
+        def write(client: redis.Redis) -> Any:
+            return client.set(_key(project_id, "settings"), data)
+
+        await self.redis.run(write)
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
+        mirror = await self._fresh(project_id)
+        mirror.listeners.add(listener)
+        try:
+            yield
+        finally:
+            current = self._mirrors.get(project_id)
+            if current is not None:
+                current.listeners.discard(listener)
+                if not current.listeners:
+                    del self._mirrors[project_id]
+                    self._loading.pop(project_id, None)
+
+    def subscribe(self, project_id: str, listener: Listener) -> Any:
+        return self._subscription(project_id, listener)
+
+    async def publish(self, message: Ephemeral) -> None:
+        mirror = self._mirrors.get(message.project_id)
+        if mirror is not None:
+            for listener in list(mirror.listeners):
+                listener.on_ephemeral(message)
+        data = orjson.dumps(
+            {
+                "node": self.node_id,
+                "frame": message.encoded.decode(),
+                "origin": message.origin,
+                "key": list(message.key) if message.key else None,
+            }
+        )
+        channel = _key(message.project_id, "eph")
+
+        def send(client: redis.Redis) -> Any:
+            return client.publish(channel, data)
+
+        with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
+            await self.redis.run(send)
+
+    async def check(self) -> None:
+        def ping(client: redis.Redis) -> Any:
+            return client.ping()
+
+        try:
+            await self.redis.run(ping)
+        except Overloaded as exc:
+            raise TransportError(str(exc)) from exc
+        if not self.connected:
+            raise TransportError("redis pub/sub is reconnecting")
+
+    # -- pub/sub ------------------------------------------------------------------------------
+
+    def _deliver(self, messages: list[dict[str, Any]]) -> None:
+        """On the Trio thread: hand a group of pub/sub messages to the mirrors."""
+        for message in messages:
+            channel = message["channel"].decode()
+            project_id, kind = _project_of(channel)
+            mirror = self._mirrors.get(project_id)
+            if mirror is None:
+                continue
+            data = orjson.loads(message["data"])
+            if data.get("node") == self.node_id:
+                continue
+            if kind == "eph":
+                key = data.get("key")
+                ephemeral = Ephemeral(
+                    project_id=project_id,
+                    encoded=data["frame"].encode(),
+                    origin=data.get("origin"),
+                    key=tuple(key) if key else None,  # type: ignore[arg-type]
+                )
+                for listener in list(mirror.listeners):
+                    listener.on_ephemeral(ephemeral)
+                continue
+            event = data.get("event")
+            if event is not None and not self._apply(mirror, _event_from(project_id, event)):
+                self._schedule_catch_up(project_id, mirror)
+            conflicts = [_conflict_from(c) for c in data.get("conflicts") or ()]
+            if conflicts:
+                for listener in list(mirror.listeners):
+                    listener.on_conflicts(conflicts)
+
+    def _schedule_catch_up(self, project_id: str, mirror: _Mirror) -> None:
+        if mirror.catching_up or self._nursery is None:
+            return
+        mirror.catching_up = True
+
+        async def catch_up() -> None:
+            try:
+                async with mirror.lock:
+                    await self._catch_up(project_id, mirror)
+            except Overloaded as exc:
+                log.warning("catching up %s failed: %s", project_id, exc)
+            finally:
+                mirror.catching_up = False
+
+        self._nursery.start_soon(catch_up)
+
+    def _reconnected(self) -> None:
+        """On the Trio thread: pub/sub is back; notices may have been missed meanwhile."""
+        self.connected = True
+        for project_id, mirror in list(self._mirrors.items()):
+            self._schedule_catch_up(project_id, mirror)
+
+    def _listen(self, stop: list[bool], token: trio.lowlevel.TrioToken) -> None:
+        """The listener thread: read pub/sub until ``stop[0]``, reconnecting with backoff."""
+        backoff = 0.1
+        pubsub = None
+        while not stop[0]:
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                    pubsub.psubscribe("crealia:*:events", "crealia:*:eph")
+                    trio.from_thread.run_sync(self._reconnected, trio_token=token)
+                    backoff = 0.1
+                # A short timeout so that ``stop`` is noticed quickly (closing the socket would
+                # not stop it: redis-py reconnects).
+                message = pubsub.get_message(timeout=0.1)
+                batch: list[dict[str, Any]] = []
+                while message is not None and len(batch) < 512:
+                    if message.get("type") in ("message", "pmessage"):
+                        batch.append(message)
+                    message = pubsub.get_message(timeout=0)
+                if batch:
+                    trio.from_thread.run_sync(self._deliver, batch, trio_token=token)
+            except redis.RedisError as exc:
+                log.warning("redis pub/sub lost (%s); reconnecting in %.1f s", exc, backoff)
+                if pubsub is not None:
+                    with suppress(redis.RedisError):
+                        pubsub.close()
+                pubsub = None
+                try:
+                    trio.from_thread.run_sync(setattr, self, "connected", False,
+                                              trio_token=token)  # fmt: skip
+                except trio.RunFinishedError:
+                    return
+                time.sleep(backoff)  # in the listener thread, not the event loop
+                backoff = min(backoff * 2, 2.0)
+            except trio.RunFinishedError:
+                return
+        if pubsub is not None:
+            pubsub.close()
+
+
+@asynccontextmanager
+async def open_redis_backplane(
+    url: str, *, history_limit: int = 10_000, snapshot_every: int = 500
+) -> AsyncIterator[RedisBackplane]:
+    """A Redis backplane on ``url`` with its pub/sub listener, for the ``async with`` block.
+
+    Raises:
+        Overloaded: Redis cannot be reached at start.
+    """
+    threads = _RedisThreads(url)
+    backplane = RedisBackplane(threads, history_limit=history_limit,
+                               snapshot_every=snapshot_every)  # fmt: skip
+    try:
+        await threads.run(lambda client: client.ping())
+        stop = [False]
+        token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            backplane._nursery = nursery
+            nursery.start_soon(lambda: trio.to_thread.run_sync(backplane._listen, stop, token))
+            try:
+                yield backplane
+            finally:
+                stop[0] = True  # the listener ends within its 0.1 s read timeout
+    finally:
+        await trio.to_thread.run_sync(threads.close)

@@ -249,6 +249,16 @@ class Backplane(ABC):
     async def publish(self, message: Ephemeral) -> None:
         """Send an ephemeral message to every subscribed listener of its project."""
 
+    async def share_presence(  # noqa: B027 - an optional hook: nothing to share in one process
+        self, project_id: str, members: list[dict[str, Any]]
+    ) -> None:
+        """Tell the other processes who is in this process's room of the project (a heartbeat:
+        called on every membership change and every few seconds). One process: nothing to do."""
+
+    async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
+        """The members of the project's rooms in the other live processes."""
+        return []
+
     @abstractmethod
     async def check(self) -> None:
         """Prove the backplane is usable (for ``/readyz``).

@@ -45,6 +45,9 @@ class Config:
     close_timeout: float = 5.0
     #: Durable events kept per project for resume (at least 1,000).
     history_limit: int = attrs.field(default=10_000)
+    #: Seconds between presence heartbeats in a cluster; a process silent for three of them is
+    #: taken for dead and its users leave.
+    presence_interval: float = 2.0
     #: Seconds a room stays open after its last member leaves.
     room_grace: float = 5.0
     #: A snapshot is stored every this many durable events.
@@ -108,7 +111,6 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HOST", "host", str),
     ("HOST", "host", str),
     ("PORT", "port", int),
-    ("CREALIA_PORT", "port", int),
     ("WS_PORT", "ws_port", int),
     ("CREALIA_WS_PORT", "ws_port", int),
     ("CREALIA_DATA_DIR", "data_dir", str),
@@ -128,4 +130,5 @@ _ENV: list[tuple[str, str, Any]] = [
         lambda raw: tuple(name.strip() for name in raw.split(",") if name.strip()),
     ),
     ("CREALIA_STRATEGY_TIMEOUT", "strategy_timeout", float),
+    ("CREALIA_PRESENCE_INTERVAL", "presence_interval", float),
 ]

@@ -15,6 +15,7 @@ with their own ephemeral updates left out.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from . import _wire
 from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
 from ._config import Config
 from ._errors import CrealiaError, Overloaded
+
+log = logging.getLogger("crealia.room")
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -99,6 +102,8 @@ class Room:
     #: Server time (ms) of recent durable events by seq (for strategies weighing recency).
     seen_at: dict[int, int] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
+    #: The other processes' members of this project (cluster presence), as last read.
+    _remote: list[dict[str, Any]] = attrs.Factory(list)
     #: Counters for metrics and benchmarks.
     frames_out: int = 0
     flushes: int = 0
@@ -121,6 +126,8 @@ class Room:
                         if self.config.tick_ms > 0:
                             nursery.start_soon(self._ticker)
                         nursery.start_soon(self._idle_watch, nursery.cancel_scope)
+                        if self.clustered:
+                            nursery.start_soon(self._presence_heartbeat)
                         # Conflicts left pending when the room last closed get their chain again.
                         self.settle(pending)
         except CrealiaError as exc:
@@ -132,6 +139,11 @@ class Room:
             for session in [*self.sessions.values(), *(j.session for j in self._joining.values())]:
                 session.kill(1011, "room closed")
             self.done.set()
+
+    @property
+    def clustered(self) -> bool:
+        """Whether other processes serve this project too (the backplane shares presence)."""
+        return type(self.backplane).share_presence is not Backplane.share_presence
 
     def close(self) -> None:
         """Close the room now (its sessions are closed with 1011)."""
@@ -199,10 +211,70 @@ class Room:
             self._emptied.set()
 
     def users(self) -> list[dict[str, Any]]:
-        return [m.to_wire() for m in self.members.values()]
+        """Everyone present: this process's members and those of the other processes."""
+        merged = {m.user_id: m.to_wire() for m in self.members.values()}
+        for remote in self._remote:
+            mine = merged.get(remote["user_id"])
+            if mine is None:
+                merged[remote["user_id"]] = dict(remote)
+            else:
+                mine["connections"] += remote.get("connections", 0)
+        return list(merged.values())
+
+    async def refresh_presence(self, joining: Session | None = None) -> None:
+        """Share this process's members (and ``joining``, about to become one) and read the
+        other processes' (cluster presence).
+
+        Users whose process stopped answering are announced as gone to this process's members.
+        """
+        local = {m.user_id: m.to_wire() for m in self.members.values()}
+        arriving = [j.session for j in self._joining.values()]
+        if joining is not None:
+            arriving.append(joining)
+        for session in arriving:
+            user = session.user
+            if user.id not in local:
+                local[user.id] = Member(user_id=user.id, name=user.name, role=user.role,
+                                        connections={session.id}).to_wire()  # fmt: skip
+        await self.backplane.share_presence(self.project_id, list(local.values()))
+        remote = await self.backplane.remote_presence(self.project_id)
+        before = {m["user_id"]: m for m in self._remote}
+        self._remote = remote
+        now = {m["user_id"] for m in remote}
+        for user_id, gone in before.items():
+            if user_id not in now and user_id not in self.members:
+                member = Member(user_id=user_id, name=gone.get("name", user_id),
+                                role=gone.get("role", "viewer"))  # fmt: skip
+                self._enqueue(self._announcement("user_left", member), None, None)
+
+    async def _presence_heartbeat(self) -> None:
+        while True:
+            try:
+                await self.refresh_presence()
+            except CrealiaError as exc:
+                log.warning("presence of %s not shared: %s", self.project_id, exc)
+            await trio.sleep(self.config.presence_interval)  # a period, not synchronization
 
     def _announce(self, kind: str, member: Member, origin: str | None) -> None:
-        frame = _wire.envelope(
+        """Tell every member, on every process, that a user joined or left."""
+        message = Ephemeral(project_id=self.project_id,
+                            encoded=self._announcement(kind, member), origin=origin)  # fmt: skip
+        if self._nursery is not None:
+            self._nursery.start_soon(self._publish_membership, message)
+        else:
+            self._enqueue(message.encoded, origin, None, to_joining=False)
+
+    async def _publish_membership(self, message: Ephemeral) -> None:
+        try:
+            if self.clustered:
+                # Share first: whoever hears of the change and asks for the users sees it.
+                await self.refresh_presence()
+            await self.backplane.publish(message)
+        except CrealiaError as exc:
+            log.warning("membership change of %s not shared: %s", self.project_id, exc)
+
+    def _announcement(self, kind: str, member: Member) -> bytes:
+        return _wire.envelope(
             "collaboration_event",
             {
                 "kind": kind,
@@ -211,7 +283,6 @@ class Room:
                 "payload": {"user_id": member.user_id, "name": member.name, "role": member.role},
             },
         )
-        self._enqueue(frame, origin, None, to_joining=False)
 
     # -- presence -----------------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backpla
             history_limit=config.history_limit,
             snapshot_every=config.snapshot_every,
         ) as backplane:
+            backplane.presence_ttl = 3 * config.presence_interval
             yield backplane
     else:
         yield MemoryBackplane(

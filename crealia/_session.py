@@ -359,6 +359,10 @@ class Hub:
         else:
             assert hello.resume is not None
             seq = events[-1].seq if events else hello.resume.seq
+        if room.clustered:
+            # Before the switch to live: the welcome lists users on every process, and they can
+            # see this one in theirs.
+            await room.refresh_presence(joining=session)
         # From here to the last push nothing awaits: the replay and the live stream meet exactly.
         missed = room.activate(session, seq)
         data["seq"] = seq
@@ -420,6 +424,8 @@ class Hub:
                     session.reply(_wire.envelope("pong", pong))
                 return "pong", pong
             case "users_request":
+                if room.clustered:
+                    await room.refresh_presence()
                 users = {"users": room.users()}
                 if envelope.ref is None:
                     session.reply(_wire.envelope("users_list", users))

@@ -206,3 +206,134 @@ async def test_ephemeral_presence_crosses_nodes(
         await a.send("cursor_update", {"position": {"x": 5, "y": 6}})
         cursor = await b.event("cursor_update")
         assert cursor["data"]["user_id"] == "alice"
+
+
+async def test_users_list_shows_members_on_every_node(
+    nodes: list[Server], on: dict[tuple[int, str], Clients]
+) -> None:
+    with trio.fail_after(10):
+        a = await on[0, "ws"].join("alice")
+        b = await on[1, "http"].join("bob", role="viewer")
+        assert {u["user_id"] for u in b.welcome["users"]} == {"alice", "bob"}
+        joined = await a.event("user_joined")
+        assert joined["data"]["user_id"] == "bob"
+        reply = await a.request("users_request", {})
+        users = {u["user_id"]: u for u in reply["data"]["users"]}
+        assert set(users) == {"alice", "bob"}
+        assert users["bob"]["role"] == "viewer"
+        await b.aclose()
+        left = await a.event("user_left")
+        assert left["data"]["user_id"] == "bob"
+        reply = await a.request("users_request", {})
+        assert [u["user_id"] for u in reply["data"]["users"]] == ["alice"]
+
+
+async def test_redis_restart_loses_no_acknowledged_change(
+    nodes: list[Server], on: dict[tuple[int, str], Clients], redis_server: RedisServer
+) -> None:
+    writers = [await on[i, "ws"].join(f"w{i}") for i in range(3)]
+    acked: dict[str, int] = {}
+    with trio.fail_after(30):
+        first = await writers[0].request("timeline_change", insert("c0", "clip"))
+        acked["c0"] = first["data"]["seq"]
+        for k in range(10):
+            reply = await writers[k % 3].request(
+                "timeline_change", set_op(f"a{k}", "clip", f"p{k}", k, None)
+            )
+            acked[f"a{k}"] = reply["data"]["seq"]
+        await redis_server.kill()
+        refused = await writers[1].request("timeline_change", set_op("x", "clip", "x", 1, None))
+        assert refused["type"] == "error" and refused["data"]["code"] == "overloaded"
+        ready = await trio.to_thread.run_sync(_readyz, nodes[1].http_url)
+        assert ready == 503
+        await redis_server.start()
+        for node in nodes:
+            await node.hub.backplane.wait_connected()  # type: ignore[attr-defined]
+        # The sessions stayed open; writes work again and every node converges. A node may
+        # still answer overloaded once, from a pooled connection that died with Redis.
+        for k in range(10, 20):
+            for _attempt in range(3):
+                reply = await writers[k % 3].request(
+                    "timeline_change", set_op(f"a{k}", "clip", f"p{k}", k, None)
+                )
+                if reply["type"] == "ack":
+                    break
+                assert reply["data"]["code"] == "overloaded"
+            assert reply["type"] == "ack", reply
+            acked[f"a{k}"] = reply["data"]["seq"]
+        assert await trio.to_thread.run_sync(_readyz, nodes[1].http_url) == 200
+        head = max(acked.values())
+        seqs = sorted(acked.values())
+        assert seqs == list(range(1, head + 1)), "acked seqs must be gap-free"
+        snapshots = [await node.hub.backplane.snapshot("p1") for node in nodes]
+        for snap in snapshots:
+            assert snap == snapshots[0]
+            assert snap["seq"] == head
+            props = snap["elements"]["clip"]["props"]
+            assert all(props[f"p{k}"] == k for k in range(20))
+        # Every member saw every acked event, in order, with nothing missing.
+        for writer in writers:
+            got: list[int] = []
+            while len(got) < head:
+                env = await writer.next()
+                if env["type"] == "collaboration_event" and "seq" in env["data"]:
+                    got.append(env["data"]["seq"])
+            assert got == list(range(1, head + 1))
+
+
+def _readyz(base: str) -> int:
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=5) as http:
+        return http.get("/readyz").status_code
+
+
+async def test_three_processes_sigkill_one_users_leave_and_resume_elsewhere(
+    tmp_path: Path, redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    from crealia import TokenAuthority
+
+    from ._process import run_server
+    from ._wsclient import open_raw_client
+
+    secret = "cluster-test-secret-0123456789abcdef"
+    authority = TokenAuthority(secret)
+    env = {"CREALIA_PRESENCE_INTERVAL": "0.3"}
+    async with AsyncExitStack() as stack:
+        procs = [
+            await stack.enter_async_context(
+                run_server(tmp_path / f"p{i}", secret, "--redis", redis_server.url, env=env)
+            )
+            for i in range(3)
+        ]
+        with trio.fail_after(30):
+            clients = []
+            for i, proc in enumerate(procs):
+                client = await open_raw_client(nursery, proc.ws_url)
+                await client.hello(authority.issue(user_id=f"u{i}", project_id="p1",
+                                                   role="editor"), "p1")  # fmt: skip
+                clients.append(client)
+            await clients[0].request("timeline_change", insert("c0", "clip"))
+            for k in range(6):
+                await clients[k % 3].request(
+                    "timeline_change", set_op(f"c{k + 1}", "clip", "v", k, None)
+                )
+            users = await clients[0].request("users_request", {})
+            assert {u["user_id"] for u in users["data"]["users"]} == {"u0", "u1", "u2"}
+            procs[2].kill()
+            left = await clients[0].event("user_left", user_id="u2")
+            assert left["data"]["payload"]["user_id"] == "u2"
+            users = await clients[1].request("users_request", {})
+            assert {u["user_id"] for u in users["data"]["users"]} == {"u0", "u1"}
+            # u2 resumes on another process and misses nothing.
+            await clients[0].request("timeline_change", set_op("late", "clip", "v", 99, None))
+            moved = await open_raw_client(nursery, procs[1].ws_url)
+            welcome = await moved.hello(
+                authority.issue(user_id="u2", project_id="p1", role="editor"), "p1", resume=3
+            )
+            assert welcome["replayed"] == welcome["seq"] - 3 == 5
+            got = [(await moved.next())["data"]["seq"] for _ in range(5)]
+            assert got == [4, 5, 6, 7, 8]
+            for client in [*clients[:2], moved]:
+                await client.aclose()
+            await clients[2].aclose()

@@ -184,6 +184,7 @@ class RedisBackplane(Backplane):
     _nursery: trio.Nursery | None = None
     #: False while the pub/sub listener has lost Redis (for ``/readyz``).
     connected: bool = True
+    _connected_event: trio.Event = attrs.Factory(trio.Event)
     conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
     conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
 
@@ -550,6 +551,45 @@ class RedisBackplane(Backplane):
         with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
             await self.redis.run(send)
 
+    #: Seconds a process's presence lives without a heartbeat (three heartbeats).
+    presence_ttl: float = 6.0
+
+    async def share_presence(self, project_id: str, members: list[dict[str, Any]]) -> None:
+        key = _key(project_id, "presence")
+        data = orjson.dumps(members)
+        alive = f"crealia:node:{self.node_id}"
+        ttl = max(1, round(self.presence_ttl))
+
+        def write(client: redis.Redis) -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.set(alive, b"1", ex=ttl)
+            if members:
+                pipe.hset(key, self.node_id, data)
+            else:
+                pipe.hdel(key, self.node_id)
+            return pipe.execute()
+
+        await self.redis.run(write)
+
+    async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
+        key = _key(project_id, "presence")
+
+        def read(client: redis.Redis) -> Any:
+            shares: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+            nodes = [n for n in shares if n != self.node_id.encode()]
+            if not nodes:
+                return []
+            alive = client.mget([b"crealia:node:" + n for n in nodes])
+            dead = [n for n, up in zip(nodes, alive, strict=True) if up is None]
+            if dead:
+                client.hdel(key, *dead)  # a process that stopped answering: forget its users
+            return [orjson.loads(shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
+
+        members: list[dict[str, Any]] = []
+        for share in await self.redis.run(read):
+            members.extend(share)
+        return members
+
     async def check(self) -> None:
         def ping(client: redis.Redis) -> Any:
             return client.ping()
@@ -609,9 +649,19 @@ class RedisBackplane(Backplane):
 
         self._nursery.start_soon(catch_up)
 
+    async def wait_connected(self) -> None:
+        """Wait until the pub/sub listener is subscribed (at start, or after losing Redis)."""
+        while not self.connected:
+            await self._connected_event.wait()
+
+    def _disconnected(self) -> None:
+        self.connected = False
+        self._connected_event = trio.Event()
+
     def _reconnected(self) -> None:
         """On the Trio thread: pub/sub is back; notices may have been missed meanwhile."""
         self.connected = True
+        self._connected_event.set()
         for project_id, mirror in list(self._mirrors.items()):
             self._schedule_catch_up(project_id, mirror)
 
@@ -643,8 +693,7 @@ class RedisBackplane(Backplane):
                         pubsub.close()
                 pubsub = None
                 try:
-                    trio.from_thread.run_sync(setattr, self, "connected", False,
-                                              trio_token=token)  # fmt: skip
+                    trio.from_thread.run_sync(self._disconnected, trio_token=token)
                 except trio.RunFinishedError:
                     return
                 time.sleep(backoff)  # in the listener thread, not the event loop

@@ -127,7 +127,17 @@ def dist(samples: array) -> dict[str, Any]:
     }
 
 
-def cpu_seconds(proc: psutil.Process, include_children: bool = True) -> float:
+class ProcGroup:
+    """Several server processes measured as one (``--cluster``)."""
+
+    def __init__(self, procs: list[psutil.Process]) -> None:
+        self.procs = procs
+        self.pid = procs[0].pid
+
+
+def cpu_seconds(proc: Any, include_children: bool = True) -> float:
+    if isinstance(proc, ProcGroup):
+        return sum(cpu_seconds(p, include_children) for p in proc.procs)
     t = proc.cpu_times()
     total = t.user + t.system
     if include_children:
@@ -156,7 +166,9 @@ def host_busy_seconds() -> float:
     )
 
 
-def rss_bytes(proc: psutil.Process) -> int:
+def rss_bytes(proc: Any) -> int:
+    if isinstance(proc, ProcGroup):
+        return sum(rss_bytes(p) for p in proc.procs)
     total = proc.memory_info().rss
     try:
         kids = proc.children(recursive=True)
@@ -326,6 +338,8 @@ class Bench:
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
+        #: With --cluster, client i connects to ports[i % len(ports)] (same host and path).
+        self.ports = [self.port, *list(getattr(cfg, "_extra_ports", []))]
         self.target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.secret = secret
         self.run_id = secrets.token_hex(3)
@@ -539,11 +553,12 @@ class Client:
         """TCP connect and the WebSocket handshake (wsproto). Bytes after the 101 response's
         header are kept in ``self._leftover`` for the reader."""
         b = self.b
-        self.stream = await trio.open_tcp_stream(b.host, b.port)
+        port = b.ports[self.idx % len(b.ports)]
+        self.stream = await trio.open_tcp_stream(b.host, port)
         deflate = PerMessageDeflate() if b.cfg.deflate else None
         subprotocols = [] if b.cfg.no_subprotocol else [SUBPROTOCOL]
         req = Request(
-            host=f"{b.host}:{b.port}",
+            host=f"{b.host}:{port}",
             target=b.target,
             subprotocols=subprotocols,
             extensions=[deflate] if deflate else [],
@@ -1078,12 +1093,32 @@ async def run_once(cfg: argparse.Namespace, tick_ms: float | None, label: str) -
                     url = cfg.url
                     ps = psutil.Process(cfg.server_pid) if cfg.server_pid else None
                 else:
+                    extra_servers: list[ServerProc] = []
+                    if cfg.cluster > 1 or cfg.redis:
+                        redis_url = (
+                            cfg.redis
+                            if cfg.redis not in (None, "auto")
+                            else await start_redis(nursery, Path(tmp))
+                        )
+                        cfg.server_arg = [*(cfg.server_arg or []), "--redis", redis_url]
+                        for k in range(1, cfg.cluster):
+                            other_dir = Path(tmp) / f"data{k}"
+                            other_dir.mkdir()
+                            extra = ServerProc(cfg, secret, tick_ms, other_dir)
+                            extra.stderr_path = Path(tmp) / f"server-stderr-{k}.log"
+                            await extra.start(nursery)
+                            extra_servers.append(extra)
                     server = ServerProc(cfg, secret, tick_ms, data_dir)
                     log(cfg, f"[{label}] starting: {' '.join(server_cmd_preview(cfg, tick_ms))}")
                     await server.start(nursery)
                     port = server.ws_port if cfg.endpoint == "ws" else server.http_port
                     url = f"ws://127.0.0.1:{port}/ws"
                     ps = server.ps
+                    if extra_servers:
+                        cfg._extra_ports = [s.ws_port if cfg.endpoint == "ws" else s.http_port
+                                            for s in extra_servers]  # fmt: skip
+                        ps = ProcGroup([p for p in [server.ps] + [s.ps for s in extra_servers]
+                                        if p is not None])  # fmt: skip
                     log(
                         cfg,
                         f"[{label}] server up in {server.startup_s:.2f} s: "
@@ -1095,6 +1130,8 @@ async def run_once(cfg: argparse.Namespace, tick_ms: float | None, label: str) -
                     if server is not None:
                         log(cfg, f"[{label}] stopping server (SIGINT)")
                         await server.stop()
+                    for extra in locals().get("extra_servers", []):
+                        await extra.stop()
                 nursery.cancel_scope.cancel()
         if server is not None:
             stderr = server.stderr_text()
@@ -1119,6 +1156,39 @@ async def run_once(cfg: argparse.Namespace, tick_ms: float | None, label: str) -
         result["label"] = label
         result["tick_ms"] = tick_ms
         return result
+
+
+async def start_redis(nursery: trio.Nursery, tmp: Path) -> str:
+    """A redis-server of our own on a free loopback port (AOF on), stopped with the run."""
+    import socket as _socket
+
+    with _socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = await trio.lowlevel.open_process(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
+         "--appendonly", "yes", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    async def reap() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+
+    nursery.start_soon(reap)
+    with trio.fail_after(10):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)  # waiting for the port to open, bounded above
+                continue
+            await stream.aclose()
+            return f"redis://127.0.0.1:{port}/0"
 
 
 def server_cmd_preview(cfg: argparse.Namespace, tick_ms: float | None) -> list[str]:
@@ -1664,6 +1734,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-subprotocol", action="store_true", help=f"don't offer {SUBPROTOCOL}")
     p.add_argument("--url", help="use a running server at this ws:// URL (loopback only)")
+    p.add_argument("--cluster", type=int, default=1,
+                   help="start this many server processes on one Redis and spread the clients "
+                        "over them (default 1: the embedded server)")  # fmt: skip
+    p.add_argument(
+        "--redis",
+        default=None,
+        help="with --cluster: this Redis URL (default: start a redis-server)",
+    )
     p.add_argument("--jwt-secret", help="the server's JWT secret (required with --url)")
     p.add_argument("--server-pid", type=int, help="with --url: pid for server CPU/RSS figures")
     p.add_argument(

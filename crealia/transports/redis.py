@@ -185,6 +185,8 @@ class RedisBackplane(Backplane):
     #: False while the pub/sub listener has lost Redis (for ``/readyz``).
     connected: bool = True
     _connected_event: trio.Event = attrs.Factory(trio.Event)
+    _outgoing: dict[tuple[Any, ...], Ephemeral] = attrs.Factory(dict)
+    _outgoing_ready: trio.Event = attrs.Factory(trio.Event)
     conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
     conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
 
@@ -535,21 +537,40 @@ class RedisBackplane(Backplane):
         if mirror is not None:
             for listener in list(mirror.listeners):
                 listener.on_ephemeral(message)
-        data = orjson.dumps(
-            {
-                "node": self.node_id,
-                "frame": message.encoded.decode(),
-                "origin": message.origin,
-                "key": list(message.key) if message.key else None,
-            }
+        # Other processes get it from the publisher task, in batches: one thread hop and one
+        # pipeline per batch instead of per cursor move. A user's presence updates of one kind
+        # coalesce while they wait (the latest wins), like in a room's tick.
+        key = (
+            (message.project_id, *message.key) if message.key else (message.project_id, id(message))
         )
-        channel = _key(message.project_id, "eph")
+        if len(self._outgoing) < 10_000 or key in self._outgoing:
+            self._outgoing[key] = message
+            self._outgoing_ready.set()
+        await trio.lowlevel.checkpoint()
 
-        def send(client: redis.Redis) -> Any:
-            return client.publish(channel, data)
+    async def _publisher(self) -> None:
+        while True:
+            await self._outgoing_ready.wait()
+            self._outgoing_ready = trio.Event()
+            batch, self._outgoing = list(self._outgoing.values()), {}
+            prefix = self.node_id.encode() + b"|"
+            items = [
+                (
+                    _key(m.project_id, "eph"),
+                    prefix + orjson.dumps({"frame": m.encoded.decode(), "origin": m.origin,
+                                           "key": list(m.key) if m.key else None}),
+                )
+                for m in batch
+            ]  # fmt: skip
 
-        with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
-            await self.redis.run(send)
+            def send(client: redis.Redis, items: list[tuple[str, bytes]] = items) -> Any:
+                pipe = client.pipeline(transaction=False)
+                for channel, data in items:
+                    pipe.publish(channel, data)
+                return pipe.execute()
+
+            with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
+                await self.redis.run(send)
 
     #: Seconds a process's presence lives without a heartbeat (three heartbeats).
     presence_ttl: float = 6.0
@@ -605,16 +626,19 @@ class RedisBackplane(Backplane):
 
     def _deliver(self, messages: list[dict[str, Any]]) -> None:
         """On the Trio thread: hand a group of pub/sub messages to the mirrors."""
+        own = self.node_id.encode()
         for message in messages:
             channel = message["channel"].decode()
             project_id, kind = _project_of(channel)
             mirror = self._mirrors.get(project_id)
             if mirror is None:
                 continue
-            data = orjson.loads(message["data"])
-            if data.get("node") == self.node_id:
-                continue
+            raw: bytes = message["data"]
             if kind == "eph":
+                node, _, body = raw.partition(b"|")
+                if node == own:
+                    continue  # our own, delivered locally already
+                data = orjson.loads(body)
                 key = data.get("key")
                 ephemeral = Ephemeral(
                     project_id=project_id,
@@ -624,6 +648,9 @@ class RedisBackplane(Backplane):
                 )
                 for listener in list(mirror.listeners):
                     listener.on_ephemeral(ephemeral)
+                continue
+            data = orjson.loads(raw)
+            if data.get("node") == self.node_id:
                 continue
             event = data.get("event")
             if event is not None and not self._apply(mirror, _event_from(project_id, event)):
@@ -722,10 +749,12 @@ async def open_redis_backplane(
         token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             backplane._nursery = nursery
+            nursery.start_soon(backplane._publisher)
             nursery.start_soon(lambda: trio.to_thread.run_sync(backplane._listen, stop, token))
             try:
                 yield backplane
             finally:
                 stop[0] = True  # the listener ends within its 0.1 s read timeout
+                nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(threads.close)

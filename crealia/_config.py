@@ -65,6 +65,9 @@ class Config:
     strategy_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
     #: Seconds each strategy may take on one conflict before the next one is asked.
     strategy_timeout: float = 3.0
+    #: In a cluster, seconds after which a pending conflict found when a room opens is taken
+    #: for dropped by the process that detected it (it died), and its chain is run again.
+    orphan_conflict_age: float = 30.0
     #: Strategies registered in code by an embedding program, beside the entry points.
     strategies: Mapping[str, Any] = attrs.Factory(dict)
     rate_limit_window_ms: int = 60_000

@@ -129,6 +129,11 @@ class Room:
                         if self.clustered:
                             nursery.start_soon(self._presence_heartbeat)
                         # Conflicts left pending when the room last closed get their chain again.
+                        # In a cluster, young ones are being settled by the process that
+                        # detected them; only those it apparently dropped are taken over.
+                        if self.clustered:
+                            cutoff = _now_ms() - 1000 * self.config.orphan_conflict_age
+                            pending = [c for c in pending if c.created_at < cutoff]
                         self.settle(pending)
         except CrealiaError as exc:
             self.failure = exc

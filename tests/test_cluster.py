@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -313,11 +314,26 @@ async def test_three_processes_sigkill_one_users_leave_and_resume_elsewhere(
                 await client.hello(authority.issue(user_id=f"u{i}", project_id="p1",
                                                    role="editor"), "p1")  # fmt: skip
                 clients.append(client)
-            await clients[0].request("timeline_change", insert("c0", "clip"))
-            for k in range(6):
-                await clients[k % 3].request(
-                    "timeline_change", set_op(f"c{k + 1}", "clip", "v", k, None)
-                )
+            await clients[0].request("timeline_change", insert("c0", "clip", title="t"))
+
+            async def edits(i: int) -> None:
+                for k in range(2):
+                    reply = await clients[i].request(
+                        "timeline_change", set_op(f"c{i}-{k}", "clip", f"p{i}", k, None)
+                    )
+                    assert reply["data"]["status"] == "applied"
+
+            async with trio.open_nursery() as inner:
+                for i in range(3):
+                    inner.start_soon(edits, i)
+            # Every client, on every process, saw one gap-free order.
+            for client in clients:
+                got = []
+                while len(got) < 7:
+                    env = await client.next()
+                    if env["type"] == "collaboration_event" and "seq" in env["data"]:
+                        got.append(env["data"]["seq"])
+                assert got == list(range(1, 8))
             users = await clients[0].request("users_request", {})
             assert {u["user_id"] for u in users["data"]["users"]} == {"u0", "u1", "u2"}
             procs[2].kill()
@@ -334,6 +350,21 @@ async def test_three_processes_sigkill_one_users_leave_and_resume_elsewhere(
             assert welcome["replayed"] == welcome["seq"] - 3 == 5
             got = [(await moved.next())["data"]["seq"] for _ in range(5)]
             assert got == [4, 5, 6, 7, 8]
+            # Two processes racing on one property from the same base: exactly one conflict.
+            replies = []
+
+            async def race(client: Any, name: str) -> None:
+                replies.append(
+                    await client.request(
+                        "timeline_change", set_op(f"race-{name}", "clip", "title", name, 1)
+                    )
+                )
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(race, clients[1], "b")
+                inner.start_soon(race, moved, "c")
+            assert sorted(r["data"]["status"] for r in replies) == ["applied", "conflict"]
+            assert sum(len(r["data"]["conflicts"]) for r in replies) == 1
             for client in [*clients[:2], moved]:
                 await client.aclose()
             await clients[2].aclose()

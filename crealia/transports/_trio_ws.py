@@ -1,5 +1,10 @@
 """The fast-path client transport: trio-websocket on its own port.
 
+It reaches into trio-websocket 0.12's connection internals in two places, both checked when a
+connection is wrapped and pinned by setup.cfg (``<0.13``): writing frames straight to the socket
+under the connection's own send lock, and closing the TCP stream that trio-websocket leaves open
+when the peer closed first.
+
 Each accepted WebSocket is wrapped in a :class:`~crealia._session.Connection` and served by the
 hub in the handler nursery that trio-websocket gives it. trio-websocket enforces the frame limit
 (close 1009) and wsproto the UTF-8 validity of text frames (close 1007).

@@ -191,14 +191,15 @@ class Backplane(ABC):
         by: str,
         writer: str,
         expect_seq: int | None = None,
+        redetect: bool = True,
     ) -> Settled:
         """Settle a pending conflict: the resolution becomes a durable event with its own seq.
 
         ``by`` is who settled it (the event's user), ``writer`` who the resolved value counts as
         written by. With ``expect_seq``, the target must still be at that version: if it moved,
         the newer value stands (the conflict is resolved as ``current``) and, when the newer
-        value is someone else's, the incoming value is detected again as a new conflict, which
-        :class:`Settled` returns.
+        value is someone else's (and ``redetect``), the incoming value is detected again as a new
+        conflict, which :class:`Settled` returns.
 
         Raises:
             NotFound: no pending conflict with that id in the project.

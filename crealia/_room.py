@@ -189,8 +189,12 @@ class Room:
         if self.config.tick_ms > 0:
             self._joined_mid_tick[session.id] = len(self._ordered)
         joining = self._joining.pop(session.id)
-        frames = [e.encoded for e in joining.durable if e.seq > after_seq]
-        frames += [frame for _seq, frame in joining.other]
+        # In the order they happened: each non-durable frame after the durable event it followed
+        # (a conflict_detected before the conflict_resolved that settles it).
+        ordered = [((e.seq, 0), e.encoded) for e in joining.durable if e.seq > after_seq]
+        ordered += [((seq, 1), frame) for seq, frame in joining.other]
+        ordered.sort(key=lambda item: item[0])
+        frames = [frame for _key, frame in ordered]
         user = session.user
         member = self.members.get(user.id)
         first = member is None

@@ -137,6 +137,7 @@ def prepare_settle(
     writer: str,
     expect_seq: int | None,
     at: int,
+    redetect: bool = True,
 ) -> tuple[DurableEvent, Conflict, Conflict | None]:
     """The resolution event, the conflict as resolved, and a conflict detected again.
 
@@ -146,7 +147,7 @@ def prepare_settle(
     redetected: Conflict | None = None
     if expect_seq is not None and target_state(doc, conflict)[0] != expect_seq:
         latest_seq, latest_writer, latest_value = target_state(doc, conflict)
-        if latest_writer != conflict.incoming["user_id"]:
+        if redetect and latest_writer != conflict.incoming["user_id"]:
             redetected = attrs.evolve(
                 conflict,
                 id=uuid.uuid4().hex[:16],

@@ -478,9 +478,13 @@ class Hub:
             explanation = f"Settled by hand: {user.name} {side}."
         resolution = Resolution(value=value, choice=choice, strategy="manual",  # type: ignore[arg-type]
                                 confidence=1.0, explanation=explanation)  # fmt: skip
+        # Keeping the current value must not write back an old one over a newer edit: the
+        # backplane then keeps whatever is newest.
+        expect = conflict.current.get("seq") if choice == "current" else None
         settled = await self.backplane.settle(
-            user.project_id, conflict_id, resolution, by=user.id, writer=user.id
-        )
+            user.project_id, conflict_id, resolution, by=user.id, writer=user.id,
+            expect_seq=expect, redetect=False,
+        )  # fmt: skip
         return settled.seq
 
     async def shutdown(self) -> None:

@@ -191,6 +191,14 @@ class Settler:
                 )
             except NotFound:
                 return None  # a person settled it first
+            except ProtocolError:
+                raise
+            except Exception:
+                # A plugin's value the store cannot take (not JSON), say: the conflict stays
+                # pending for a person rather than costing the room.
+                log.exception("could not apply %s's resolution of %s", name, conflict.id)
+                self.unsettled += 1
+                return None
             self.settled += 1
             return settled.redetected
         self.unsettled += 1

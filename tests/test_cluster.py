@@ -368,3 +368,20 @@ async def test_three_processes_sigkill_one_users_leave_and_resume_elsewhere(
             for client in [*clients[:2], moved]:
                 await client.aclose()
             await clients[2].aclose()
+
+
+async def test_a_bad_pubsub_message_does_not_stop_the_backplane(
+    nodes: list[Server], on: dict[tuple[int, str], Clients], redis_server: RedisServer
+) -> None:
+    import redis as redis_py
+
+    a = await on[0, "ws"].join("alice")
+    b = await on[1, "ws"].join("bob")
+    with trio.fail_after(10):
+        client = redis_py.Redis.from_url(redis_server.url)
+        await trio.to_thread.run_sync(client.publish, "crealia:{p1}:events", b"not json")
+        await trio.to_thread.run_sync(client.publish, "crealia:{p1}:eph", b"x|{]")
+        client.close()
+        await a.request("timeline_change", insert("c1", "clip"))
+        ev = await b.event("timeline_change")
+        assert ev["data"]["seq"] == 1

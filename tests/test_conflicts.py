@@ -476,3 +476,43 @@ async def test_conflict_counters_move(clients: Clients) -> None:
         await resolved(a, cid)
         assert backplane.conflicts_detected["p1"] == 1  # type: ignore[attr-defined]
         assert backplane.conflicts_settled["p1"] == 1  # type: ignore[attr-defined]
+
+
+class _Unstorable(ConflictStrategy):
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        return self.resolution(conflict, "custom", {1, 2}, 0.5, "a set is not JSON")
+
+
+async def test_a_resolution_that_cannot_be_stored_leaves_the_conflict_pending(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path, strategies={"bad": lambda o: _Unstorable()},
+                         strategy_chain=("bad",))  # fmt: skip
+    async with open_server(config) as server:
+        clients = Clients(server, "ws", nursery)
+        with trio.fail_after(10):
+            a, b, ack = await conflict_on(clients, current="A", incoming="B")
+            (cid,) = ack["conflicts"]
+            # The room goes on, the conflict waits for a person.
+            assert (await a.request("ping", {}))["type"] == "pong"
+            ok = await b.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
+            assert ok["type"] == "ack"
+            data = await resolved(a, cid)
+            assert data["resolution"]["value"] == "B"
+        await clients.aclose()
+
+
+@pytest.mark.chain("manual")
+async def test_dismiss_keeps_a_newer_edit(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a, _b, ack = await conflict_on(clients, current="A", incoming="B")
+        (cid,) = ack["conflicts"]
+        c = await clients.join("carol")
+        newer = await c.request("timeline_change", set_op("c9", "clip", "title", "C", None))
+        assert newer["data"]["status"] == "applied"
+        await a.request("conflict_dismiss", {"conflict_id": cid})
+        data = await resolved(a, cid)
+        assert data["resolution"]["value"] == "C"
+        late = await clients.join("dave")
+        assert late.welcome["snapshot"]["elements"]["clip"]["props"]["title"] == "C"
+        assert late.welcome["pending_conflicts"] == []  # dismissed: not detected again

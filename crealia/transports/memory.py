@@ -316,6 +316,7 @@ class MemoryBackplane(Backplane):
         by: str,
         writer: str,
         expect_seq: int | None = None,
+        redetect: bool = True,
     ) -> Settled:
         project = await self._project(project_id)
         self._check_writable(project)
@@ -325,7 +326,7 @@ class MemoryBackplane(Backplane):
         with _guarded(project):
             event, resolved, redetected = prepare_settle(
                 project.doc, conflict, resolution, by=by, writer=writer,
-                expect_seq=expect_seq, at=now_ms(),
+                expect_seq=expect_seq, at=now_ms(), redetect=redetect,
             )  # fmt: skip
             project.doc.apply(event.effects, event.seq, writer)
             del project.pending[conflict_id]

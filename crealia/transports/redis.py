@@ -169,6 +169,8 @@ class _Mirror:
     lock: trio.Lock = attrs.Factory(trio.Lock)
     listeners: set[Listener] = attrs.Factory(set)
     catching_up: bool = False
+    #: The highest seq a notice announced; a catch-up runs until the mirror reaches it.
+    wanted: int = 0
 
 
 @attrs.define(eq=False)
@@ -258,10 +260,21 @@ class RedisBackplane(Backplane):
         for _id, fields in entries:
             event = _event_from(project_id, orjson.loads(fields[b"e"]))
             if not self._apply(mirror, event):
-                # The stream was trimmed past the mirror: rebuild it from the snapshot.
+                # The stream was trimmed past the mirror: rebuild it from the snapshot, and
+                # hand the listeners what they missed that the log still holds.
+                old_seq = mirror.doc.seq
                 fresh = await self._load(project_id)
                 fresh.listeners = mirror.listeners
+                fresh.lock = mirror.lock
                 self._mirrors[project_id] = fresh
+                missed = [e for e in fresh.history if e.seq > old_seq]
+                if missed and missed[0].seq > old_seq + 1:
+                    log.error("project %s: events %d..%d are gone from the log; members "
+                              "resync on their next resume", project_id, old_seq + 1,
+                              missed[0].seq - 1)  # fmt: skip
+                for missed_event in missed:
+                    for listener in list(fresh.listeners):
+                        listener.on_durable(missed_event)
                 return
 
     # -- writes -------------------------------------------------------------------------------
@@ -305,7 +318,15 @@ class RedisBackplane(Backplane):
         def run(client: redis.Redis) -> Any:
             return self.redis.commit_script(keys=keys, args=args, client=client)
 
-        status, value = await self.redis.run(run)
+        try:
+            status, value = await self.redis.run(run)
+        except Overloaded:
+            # The script may have run before the connection failed: whatever it did is in the
+            # stream, and a catch-up brings it to this process's rooms.
+            self._schedule_catch_up(project_id, mirror)
+            raise
+        if status in (b"dup", b"gone"):
+            self._schedule_catch_up(project_id, mirror)
         return status.decode(), value
 
     def _after_commit(self, project_id: str, mirror: _Mirror, event: DurableEvent | None,
@@ -360,10 +381,13 @@ class RedisBackplane(Backplane):
                 if status == "dup":
                     return _duplicate(value)
                 if status == "ok":
+                    # Before any await: the event is in Redis, so it must reach this
+                    # process's rooms whatever happens next.
                     mirror.roles[user.id] = user.role
-                    await self._remember_role(project_id, user)
                     self.conflicts_detected[project_id] += len(outcome.detected)
                     self._after_commit(project_id, mirror, event, outcome.detected)
+                    with contextlib.suppress(Overloaded):
+                        await self._remember_role(project_id, user)
                     return outcome
                 await self._catch_up(project_id, mirror)
         raise Overloaded("too many concurrent writes to this project; retry")
@@ -408,6 +432,7 @@ class RedisBackplane(Backplane):
         by: str,
         writer: str,
         expect_seq: int | None = None,
+        redetect: bool = True,
     ) -> Settled:
         mirror = await self._mirror(project_id)
         for _attempt in range(MAX_ATTEMPTS):
@@ -416,7 +441,7 @@ class RedisBackplane(Backplane):
                 conflict = await self._pending_one(project_id, conflict_id)
                 event, resolved, redetected = prepare_settle(
                     mirror.doc, conflict, resolution, by=by, writer=writer,
-                    expect_seq=expect_seq, at=now_ms(),
+                    expect_seq=expect_seq, at=now_ms(), redetect=redetect,
                 )  # fmt: skip
                 written = [resolved] + ([redetected] if redetected else [])
                 status, _value = await self._commit(
@@ -518,6 +543,9 @@ class RedisBackplane(Backplane):
     @asynccontextmanager
     async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
         mirror = await self._fresh(project_id)
+        # The mirror may have been dropped (its last room closed) while this one was loading:
+        # register it again, or join the one a commit loaded meanwhile.
+        mirror = self._mirrors.setdefault(project_id, mirror)
         mirror.listeners.add(listener)
         try:
             yield
@@ -628,37 +656,53 @@ class RedisBackplane(Backplane):
         """On the Trio thread: hand a group of pub/sub messages to the mirrors."""
         own = self.node_id.encode()
         for message in messages:
-            channel = message["channel"].decode()
-            project_id, kind = _project_of(channel)
-            mirror = self._mirrors.get(project_id)
-            if mirror is None:
-                continue
-            raw: bytes = message["data"]
-            if kind == "eph":
-                node, _, body = raw.partition(b"|")
-                if node == own:
-                    continue  # our own, delivered locally already
-                data = orjson.loads(body)
-                key = data.get("key")
-                ephemeral = Ephemeral(
-                    project_id=project_id,
-                    encoded=data["frame"].encode(),
-                    origin=data.get("origin"),
-                    key=tuple(key) if key else None,  # type: ignore[arg-type]
-                )
-                for listener in list(mirror.listeners):
-                    listener.on_ephemeral(ephemeral)
-                continue
-            data = orjson.loads(raw)
-            if data.get("node") == self.node_id:
-                continue
-            event = data.get("event")
-            if event is not None and not self._apply(mirror, _event_from(project_id, event)):
+            try:
+                self._deliver_one(message, own)
+            except Exception:
+                # A bad message (another version, a stray PUBLISH) or a listener's bug must not
+                # take the backplane down; whatever was durable comes back through a catch-up.
+                log.exception("bad pub/sub message on %r", message.get("channel"))
+                project_id, _kind = _project_of(bytes(message.get("channel", b"")).decode())
+                mirror = self._mirrors.get(project_id)
+                if mirror is not None:
+                    self._schedule_catch_up(project_id, mirror)
+
+    def _deliver_one(self, message: dict[str, Any], own: bytes) -> None:
+        channel = message["channel"].decode()
+        project_id, kind = _project_of(channel)
+        mirror = self._mirrors.get(project_id)
+        if mirror is None:
+            return
+        raw: bytes = message["data"]
+        if kind == "eph":
+            node, _, body = raw.partition(b"|")
+            if node == own:
+                return  # our own, delivered locally already
+            data = orjson.loads(body)
+            key = data.get("key")
+            ephemeral = Ephemeral(
+                project_id=project_id,
+                encoded=data["frame"].encode(),
+                origin=data.get("origin"),
+                key=tuple(key) if key else None,  # type: ignore[arg-type]
+            )
+            for listener in list(mirror.listeners):
+                listener.on_ephemeral(ephemeral)
+            return
+        data = orjson.loads(raw)
+        # Our own events were applied when their script returned; applying again is a no-op,
+        # and it covers a commit whose answer was lost. Our own conflicts were delivered then.
+        own_notice = data.get("node") == self.node_id
+        event = data.get("event")
+        if event is not None:
+            durable = _event_from(project_id, event)
+            if not self._apply(mirror, durable):
+                mirror.wanted = max(mirror.wanted, durable.seq)
                 self._schedule_catch_up(project_id, mirror)
-            conflicts = [_conflict_from(c) for c in data.get("conflicts") or ()]
-            if conflicts:
-                for listener in list(mirror.listeners):
-                    listener.on_conflicts(conflicts)
+        conflicts = [] if own_notice else [_conflict_from(c) for c in data.get("conflicts") or ()]
+        if conflicts:
+            for listener in list(mirror.listeners):
+                listener.on_conflicts(conflicts)
 
     def _schedule_catch_up(self, project_id: str, mirror: _Mirror) -> None:
         if mirror.catching_up or self._nursery is None:
@@ -667,10 +711,17 @@ class RedisBackplane(Backplane):
 
         async def catch_up() -> None:
             try:
-                async with mirror.lock:
-                    await self._catch_up(project_id, mirror)
-            except Overloaded as exc:
-                log.warning("catching up %s failed: %s", project_id, exc)
+                current = mirror
+                for _round in range(10):
+                    async with current.lock:
+                        await self._catch_up(project_id, current)
+                    current = self._mirrors.get(project_id, current)
+                    # A notice that came while reading (its event after what was read) would
+                    # otherwise wait for the next write: read again until it is in.
+                    if current.doc.seq >= max(mirror.wanted, current.wanted):
+                        break
+            except Exception:
+                log.exception("catching up %s failed", project_id)
             finally:
                 mirror.catching_up = False
 
@@ -713,7 +764,9 @@ class RedisBackplane(Backplane):
                     message = pubsub.get_message(timeout=0)
                 if batch:
                     trio.from_thread.run_sync(self._deliver, batch, trio_token=token)
-            except redis.RedisError as exc:
+            except trio.RunFinishedError:
+                return
+            except Exception as exc:  # RedisError, or anything else: reconnect, never die
                 log.warning("redis pub/sub lost (%s); reconnecting in %.1f s", exc, backoff)
                 if pubsub is not None:
                     with suppress(redis.RedisError):
@@ -725,8 +778,6 @@ class RedisBackplane(Backplane):
                     return
                 time.sleep(backoff)  # in the listener thread, not the event loop
                 backoff = min(backoff * 2, 2.0)
-            except trio.RunFinishedError:
-                return
         if pubsub is not None:
             pubsub.close()
 

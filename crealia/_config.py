@@ -78,6 +78,11 @@ class Config:
     def _check_history(self, _attr: object, value: int) -> None:
         if value < 1000:
             raise ConfigurationError(f"history_limit must be at least 1000, got {value}")
+        if self.snapshot_every >= value:
+            # A snapshot must land inside the kept log, or a project cannot be rebuilt.
+            raise ConfigurationError(
+                f"snapshot_every ({self.snapshot_every}) must be below history_limit ({value})"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

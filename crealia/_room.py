@@ -339,8 +339,12 @@ class Room:
         if conflict_id not in self._pending:
             return True
         event = self._settled_events.setdefault(conflict_id, trio.Event())
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            await event.wait()
+        try:
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await event.wait()
+        finally:
+            if not event.is_set():
+                self._settled_events.pop(conflict_id, None)
         return event.is_set()
 
     # -- backplane listener -------------------------------------------------------------------

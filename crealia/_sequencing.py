@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
@@ -26,12 +26,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def value_at(history: Iterable[DurableEvent]) -> ValueAt:
+def value_at(history: Sequence[DurableEvent]) -> ValueAt:
     """Look up the value a property had at a seq, from kept history (newest first search).
 
-    Element-level base values (for delete conflicts) are not reconstructed: ``None``.
+    The lookup reads ``history`` as it is when called (no copy: it is called synchronously while
+    a change is planned). Element-level base values (for delete conflicts) are not
+    reconstructed: ``None``.
     """
-    events = list(history)
+    events = history
 
     def lookup(element_id: str, prop: str | None, seq: int | None) -> Any:
         if seq is None or prop is None:

@@ -808,4 +808,5 @@ async def open_redis_backplane(
                 stop[0] = True  # the listener ends within its 0.1 s read timeout
                 nursery.cancel_scope.cancel()
     finally:
-        await trio.to_thread.run_sync(threads.close)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(threads.close)

@@ -1,5 +1,6 @@
 """crealia: the real-time collaboration layer for a creative timeline editor, on Trio."""
 
+from ._alerts import Alert, AlertEngine, Finding, ThresholdRule
 from ._auth import ROLES, Role, TokenAuthority, User
 from ._backplane import Backplane, ChangeOutcome, Conflict, DurableEvent, Ephemeral, Listener
 from ._client import (
@@ -48,6 +49,8 @@ __all__ = [
     "DECLINE",
     "DEFER",
     "ROLES",
+    "Alert",
+    "AlertEngine",
     "Answer",
     "Backplane",
     "BadRequest",
@@ -65,6 +68,7 @@ __all__ = [
     "CrealiaError",
     "DurableEvent",
     "Ephemeral",
+    "Finding",
     "Forbidden",
     "InternalError",
     "Listener",
@@ -82,6 +86,7 @@ __all__ = [
     "ServerError",
     "SessionState",
     "StorageError",
+    "ThresholdRule",
     "TokenAuthority",
     "TooLarge",
     "TransportError",

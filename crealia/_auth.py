@@ -36,6 +36,11 @@ REQUIRED_ROLE: dict[str, Role] = {
     "live_stop": "viewer",
     "webrtc_signal": "viewer",
     "stream_stats": "viewer",
+    "metrics_subscribe": "owner",
+    "metrics_unsubscribe": "owner",
+    # REST actions beside the WebSocket messages, checked with require() the same way.
+    "performance_metrics": "owner",
+    "performance_report": "owner",
 }
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name, not a secret

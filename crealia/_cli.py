@@ -15,6 +15,7 @@ import trio
 from ._auth import ROLES, TokenAuthority, load_or_create_secret
 from ._config import Config
 from ._errors import ConfigurationError, CrealiaError
+from ._logging import configure as configure_logging
 from ._plugins import StrategyRegistry
 from ._server import open_server
 
@@ -43,6 +44,20 @@ def _parser() -> argparse.ArgumentParser:
         help="durable events kept per project for resume (default 10000)",
     )
 
+    serve.add_argument("--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)")
+    serve.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=None,
+        help="seconds between metric samples and alert checks (default 5; 0: metrics off)",
+    )
+    serve.add_argument("--log-format", choices=("json", "text"), default=None)
+    serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=None,
+        help="default warning (debug with --dev); also CREALIA_LOG_LEVEL",
+    )
     commands.add_parser(
         "strategies", help="list the installed conflict strategies and where they come from"
     )
@@ -71,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "strategies":
             return _strategies()
         config = Config.from_env(
+            config_file=args.config,
+            metrics_interval=args.metrics_interval,
+            log_format=args.log_format,
             host=args.host,
             port=args.port,
             ws_port=args.ws_port,
@@ -83,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             strategy_chain=None if args.strategies is None else tuple(
                 name.strip() for name in args.strategies.split(",") if name.strip()),
         )  # fmt: skip
-        logging.basicConfig(
-            level=logging.DEBUG if config.dev else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
-        )
+        level = args.log_level or os.environ.get("CREALIA_LOG_LEVEL") or (
+            "debug" if config.dev else "warning")  # fmt: skip
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigurationError(f"CREALIA_LOG_LEVEL={level!r}: expected debug, info, "
+                                     "warning or error")  # fmt: skip
+        configure_logging(config.log_format, getattr(logging, level.upper()))
+        for noisy in ("httpx", "httpcore", "hpack"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         _tune_gc()
         trio.run(_serve, config)
     except CrealiaError as exc:

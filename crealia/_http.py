@@ -6,10 +6,19 @@ Every error answers ``{"error": {"code", "message"}}`` with the status of its
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
+import math
+from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
 import attrs
 import orjson
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
 from quart import Response, request
 from quart_trio import QuartTrio
 
@@ -19,12 +28,13 @@ from ._backplane import Conflict
 from ._errors import (
     BadRequest,
     ConfigurationError,
-    CrealiaError,
     Forbidden,
     NotFound,
     ProtocolError,
     Unauthorized,
 )
+from ._metrics import ServerCollector
+from ._monitor import Monitor
 from ._session import Hub
 from .transports._asgi import ASGIApp, websocket_route
 
@@ -57,6 +67,14 @@ class ResolveBody:
 
 
 @attrs.frozen(kw_only=True)
+class ReportBody:
+    startDate: Any
+    endDate: Any
+    format: Literal["json", "csv"] = "json"
+    projectId: str | None = None
+
+
+@attrs.frozen(kw_only=True)
 class ChainBody:
     strategies: list[str]
     options: dict[str, dict[str, Any]] = attrs.Factory(dict)
@@ -68,14 +86,21 @@ def conflict_view(conflict: Conflict) -> dict[str, Any]:
             "resolution": conflict.resolution}  # fmt: skip
 
 
-def create_app(hub: Hub) -> ASGIApp:
-    """The ASGI app served on ``--port``: REST, health, and the ``/ws`` WebSocket route."""
+def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
+    """The ASGI app served on ``--port``: REST, health, metrics, and the ``/ws`` route."""
     app = QuartTrio("crealia")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerCollector(monitor))
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
 
-    def bearer() -> User:
+    def bearer(*, query: bool = False) -> User:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
+        if query and not header:
+            # EventSource cannot set headers: the live feed also takes ?access_token=.
+            scheme, token = "bearer", request.args.get("access_token", "")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing Authorization: Bearer <token> header")
         return hub.auth.verify(token.strip())
@@ -104,19 +129,76 @@ def create_app(hub: Hub) -> ASGIApp:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        checks: dict[str, str] = {}
-        ok = hub.accepting
-        try:
-            await hub.backplane.check()
-            checks["storage"] = "ok"
-        except CrealiaError as exc:
-            checks["storage"] = f"failing: {exc}"
-            ok = False
+        results = await monitor.check_health()
+        checks = {name: "ok" if r.ok else f"failing: {r.detail}" for name, r in results.items()}
+        ok = hub.accepting and all(r.ok for r in results.values())
         if not hub.accepting:
             checks["server"] = "shutting down"
         return _json(
             {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
         )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/collaboration/performance/metrics")
+    async def performance_metrics() -> Response:
+        user = bearer()
+        require(user, "performance_metrics")
+        project_id = project_param(user)
+        series, server = monitor.recent(project_id), monitor.recent(None)
+        firing = [a.to_wire() for a in monitor.engine.firing()
+                  if a.project_id in (None, project_id)]  # fmt: skip
+        return _json({
+            "projectId": project_id,
+            "interval": hub.config.metrics_interval,
+            "current": series[-1] if series else None,
+            "series": series,
+            "global": {"current": server[-1] if server else None, "series": server},
+            "alerts": firing,
+            "health": {name: r.to_wire() for name, r in monitor.health.items()},
+        })  # fmt: skip
+
+    @app.post("/api/collaboration/performance/report")
+    async def performance_report() -> Response:
+        user = bearer()
+        require(user, "performance_report")
+        data = await body(ReportBody)
+        if data.projectId is not None:
+            for_project(user, data.projectId)
+        start = _timestamp(data.startDate, "body.startDate")
+        end = _timestamp(data.endDate, "body.endDate")
+        if end <= start:
+            raise BadRequest("body.endDate: must be after body.startDate")
+        report = await monitor.report(data.projectId, start, end)
+        if data.format == "json":
+            return _json(report)
+        name = f"crealia-report-{data.projectId or 'server'}-{start}-{end}.csv"
+        response = Response(_report_csv(report), content_type="text/csv; charset=utf-8")
+        response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return response
+
+    @app.get("/api/collaboration/performance/stream")
+    async def performance_stream() -> Response:
+        user = bearer(query=True)
+        require(user, "performance_metrics")
+        project_id = project_param(user)
+
+        async def events() -> AsyncIterator[bytes]:
+            async with monitor.subscribe(project_id) as news:
+                yield b"retry: 2000\n\n"
+                while True:
+                    with trio.move_on_after(SSE_KEEPALIVE):
+                        kind, data = await news.receive()
+                        yield b"event: " + kind.encode() + b"\ndata: " + _wire.dumps(data) + b"\n\n"
+                        continue
+                    yield b": keepalive\n\n"
+
+        response = Response(events(), content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.timeout = None  # type: ignore[assignment]
+        return response
 
     @app.get("/api/projects/<project_id>/snapshot")
     async def snapshot(project_id: str) -> Response:
@@ -193,3 +275,43 @@ def create_app(hub: Hub) -> ASGIApp:
         return _json({**chain.to_wire(), "available": hub.settler.registry.names()})
 
     return websocket_route(hub, app)  # type: ignore[arg-type]
+
+
+#: Seconds between comments sent on an idle live feed, so proxies keep it open.
+SSE_KEEPALIVE = 15.0
+
+
+def _timestamp(value: Any, path: str) -> int:
+    """Epoch milliseconds from a number of milliseconds or an ISO 8601 date/time string."""
+    if isinstance(value, bool):
+        raise BadRequest(f"{path}: expected an ISO 8601 date or epoch milliseconds")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise BadRequest(f"{path}: expected non-negative epoch milliseconds")
+        return int(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise BadRequest(f"{path}: {value[:40]!r} is not an ISO 8601 date") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        return int(moment.timestamp() * 1000)
+    raise BadRequest(f"{path}: expected an ISO 8601 date or epoch milliseconds")
+
+
+def _report_csv(report: dict[str, Any]) -> bytes:
+    """A report as CSV: the metrics table, a blank line, then the alerts table."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["metric", "min", "avg", "p95", "max", "samples"])
+    for name, stats in report["metrics"].items():
+        writer.writerow([name, stats["min"], stats["avg"], stats["p95"], stats["max"],
+                         stats["samples"]])  # fmt: skip
+    writer.writerow([])
+    columns = ["id", "rule", "level", "state", "projectId", "value", "threshold", "message",
+               "startedAt", "resolvedAt"]  # fmt: skip
+    writer.writerow(columns)
+    for alert in report["alerts"]:
+        writer.writerow(["" if alert.get(c) is None else alert[c] for c in columns])
+    return out.getvalue().encode()

@@ -1,9 +1,14 @@
 """Plugin registries built from entry points when a server starts (no import-time globals).
 
-``crealia.strategies`` holds conflict strategies (see :mod:`crealia._strategy`); the built-ins
-register through the same group, in crealia's own setup.cfg, as third-party plugins do. The
-entry-point name is the public identifier; its object is a factory called with the strategy's
-options mapping. A plugin that fails to load is kept out and reported with its distribution.
+Two groups, one mechanism:
+
+- ``crealia.strategies`` holds conflict strategies (see :mod:`crealia._strategy`);
+- ``crealia.alert_rules`` holds alert rules (see :mod:`crealia._alerts`).
+
+The built-ins register through the same groups, in crealia's own setup.cfg, as third-party plugins
+do. The entry-point name is the public identifier; its object is a factory called with the
+plugin's options mapping. A plugin that fails to load is kept out and reported with its
+distribution.
 """
 
 from __future__ import annotations
@@ -11,18 +16,23 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import attrs
 
+from ._alerts import AlertRule
 from ._errors import ConfigurationError
 from ._strategy import ConflictStrategy
 
 log = logging.getLogger("crealia.plugins")
 
 STRATEGY_GROUP = "crealia.strategies"
+ALERT_RULE_GROUP = "crealia.alert_rules"
 
 StrategyFactory = Callable[[Mapping[str, Any]], ConflictStrategy]
+AlertRuleFactory = Callable[[Mapping[str, Any]], AlertRule]
+
+T = TypeVar("T", ConflictStrategy, AlertRule)
 
 
 @attrs.frozen(kw_only=True)
@@ -37,56 +47,60 @@ class PluginInfo:
     error: str | None = None
 
 
-@attrs.define(eq=False)
-class StrategyRegistry:
-    """The strategies this server can use, by name."""
+def load_entry_points(
+    group: str, kind: str
+) -> tuple[dict[str, Callable[[Mapping[str, Any]], Any]], list[PluginInfo]]:
+    """Load every entry point of ``group`` (sorted by name): the callable ones as factories, and
+    a :class:`PluginInfo` for each, with ``error`` set for those that failed to load or are not
+    callable (``kind`` names the plugin in the log, e.g. ``"strategy"``). Never raises for a
+    broken plugin: it must not stop the server."""
+    factories: dict[str, Callable[[Mapping[str, Any]], Any]] = {}
+    plugins: list[PluginInfo] = []
+    for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        error: str | None = None
+        try:
+            factory = ep.load()
+        except Exception as exc:  # a broken plugin must not stop the server
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            if callable(factory):
+                factories[ep.name] = factory
+            else:
+                error = f"{ep.value} is not callable"
+        if error is not None:
+            log.error("%s %r from %s %s failed to load: %s", kind, ep.name, dist, version, error)
+        plugins.append(
+            PluginInfo(
+                name=ep.name,
+                group=group,
+                target=ep.value,
+                distribution=dist,
+                version=version,
+                error=error,
+            )
+        )
+    return factories, plugins
 
-    factories: dict[str, StrategyFactory]
+
+@attrs.define(eq=False)
+class _Registry(Generic[T]):
+    """Factories by public name, from one entry-point group and from code."""
+
+    factories: dict[str, Callable[[Mapping[str, Any]], T]]
     plugins: list[PluginInfo]
 
+    #: The entry-point group, what a plugin is called in messages, and what factories return.
+    group: ClassVar[str]
+    kind: ClassVar[str]
+    product: ClassVar[type[Any]]
+
     @classmethod
-    def discover(cls, extra: Mapping[str, StrategyFactory] | None = None) -> StrategyRegistry:
-        """Load every ``crealia.strategies`` entry point, then add ``extra`` (programmatic
+    def discover(cls, extra: Mapping[str, Callable[[Mapping[str, Any]], T]] | None = None) -> Self:
+        """Load every entry point of the registry's group, then add ``extra`` (programmatic
         registrations of an embedding program; they win over entry points of the same name)."""
-        factories: dict[str, StrategyFactory] = {}
-        plugins: list[PluginInfo] = []
-        for ep in sorted(importlib.metadata.entry_points(group=STRATEGY_GROUP),
-                         key=lambda e: e.name):  # fmt: skip
-            dist = ep.dist.name if ep.dist is not None else "?"
-            version = ep.dist.version if ep.dist is not None else "?"
-            try:
-                factory = ep.load()
-            except Exception as exc:  # a broken plugin must not stop the server
-                error = f"{type(exc).__name__}: {exc}"
-                log.error("strategy %r from %s %s failed to load: %s", ep.name, dist, version,
-                          error)  # fmt: skip
-                plugins.append(
-                    PluginInfo(
-                        name=ep.name,
-                        group=STRATEGY_GROUP,
-                        target=ep.value,
-                        distribution=dist,
-                        version=version,
-                        error=error,
-                    )
-                )
-                continue
-            if not callable(factory):
-                error = f"{ep.value} is not callable"
-                plugins.append(
-                    PluginInfo(
-                        name=ep.name,
-                        group=STRATEGY_GROUP,
-                        target=ep.value,
-                        distribution=dist,
-                        version=version,
-                        error=error,
-                    )
-                )
-                continue
-            factories[ep.name] = factory
-            plugins.append(PluginInfo(name=ep.name, group=STRATEGY_GROUP, target=ep.value,
-                                      distribution=dist, version=version))  # fmt: skip
+        factories, plugins = load_entry_points(cls.group, cls.kind)
         for name, factory in (extra or {}).items():
             factories[name] = factory
             target = (
@@ -95,7 +109,7 @@ class StrategyRegistry:
             plugins.append(
                 PluginInfo(
                     name=name,
-                    group=STRATEGY_GROUP,
+                    group=cls.group,
                     target=target,
                     distribution="(registered in code)",
                     version="-",
@@ -108,28 +122,63 @@ class StrategyRegistry:
 
     def check(self, names: list[str]) -> None:
         """Raises:
-        ConfigurationError: a name is not a loaded strategy (the message lists the known ones).
+        ConfigurationError: a name is not a loaded plugin (the message lists the known ones).
         """
         for name in names:
             if name not in self.factories:
                 broken = [p for p in self.plugins if p.name == name and p.error]
                 why = f" (it failed to load: {broken[0].error})" if broken else ""
                 raise ConfigurationError(
-                    f"unknown strategy {name!r}{why}; known: {', '.join(self.names())}"
+                    f"unknown {self.kind} {name!r}{why}; known: {', '.join(self.names())}"
                 )
 
-    def create(self, name: str, options: Mapping[str, Any] | None = None) -> ConflictStrategy:
-        """A new instance of strategy ``name`` with ``options``.
+    def create(self, name: str, options: Mapping[str, Any] | None = None) -> T:
+        """A new instance of plugin ``name`` with ``options``; its ``name`` is set to ``name``.
 
         Raises:
             ConfigurationError: unknown name, or the factory refused the options.
         """
         self.check([name])
         try:
-            strategy = self.factories[name](dict(options or {}))
+            made: T = self.factories[name](dict(options or {}))
         except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"strategy {name!r}: {exc}") from exc
-        if not isinstance(strategy, ConflictStrategy):
-            raise ConfigurationError(f"strategy {name!r}: factory did not return a strategy")
-        strategy.name = name
-        return strategy
+            raise ConfigurationError(f"{self.kind} {name!r}: {exc}") from exc
+        # Not narrowed: isinstance against type[Any] would turn `made` into Any for mypy.
+        is_product = isinstance(made, self.product)
+        if not is_product:
+            raise ConfigurationError(f"{self.kind} {name!r}: factory did not return a {self.kind}")
+        made.name = name
+        return made
+
+
+@attrs.define(eq=False)
+class StrategyRegistry(_Registry[ConflictStrategy]):
+    """The conflict strategies this server can use, by name (group ``crealia.strategies``)."""
+
+    group = STRATEGY_GROUP
+    kind = "strategy"
+    product = ConflictStrategy
+
+
+@attrs.define(eq=False)
+class AlertRuleRegistry(_Registry[AlertRule]):
+    """The alert rules this server can evaluate, by name (group ``crealia.alert_rules``).
+
+    A factory is called with the rule's options mapping (``Config.alert_options[name]``, or an
+    empty one) and must return an :class:`~crealia._alerts.AlertRule`.
+    """
+
+    group = ALERT_RULE_GROUP
+    kind = "alert rule"
+    product = AlertRule
+
+    def create_all(self, options: Mapping[str, Mapping[str, Any]] | None = None) -> list[AlertRule]:
+        """One instance of every loaded rule, sorted by name, each with its ``options``.
+
+        Raises:
+            ConfigurationError: ``options`` names an unknown rule, or a factory refused its
+                options.
+        """
+        options = options or {}
+        self.check(sorted(options))
+        return [self.create(name, options.get(name)) for name in self.names()]

@@ -28,6 +28,7 @@ from . import _wire
 from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
 from ._config import Config
 from ._errors import CrealiaError, Overloaded
+from ._metrics import Traffic
 
 log = logging.getLogger("crealia.room")
 
@@ -104,6 +105,12 @@ class Room:
     _nursery: trio.Nursery | None = None
     #: The other processes' members of this project (cluster presence), as last read.
     _remote: list[dict[str, Any]] = attrs.Factory(list)
+    #: What this room's sessions sent and received, and its conflicts (for metrics).
+    traffic: Traffic = attrs.Factory(Traffic)
+    #: Trio time the room was created.
+    opened_at: float = attrs.Factory(trio.current_time)
+    #: Trio time the oldest message waiting for the next flush arrived.
+    _since: float = 0.0
     #: Counters for metrics and benchmarks.
     frames_out: int = 0
     flushes: int = 0
@@ -356,6 +363,8 @@ class Room:
         if len(self.seen_at) > 2048:
             del self.seen_at[next(iter(self.seen_at))]
         if event.kind == "conflict_resolved":
+            self.traffic.conflicts_settled += 1
+            self.manager.traffic.conflicts_settled += 1
             conflict_id = event.payload["conflict_id"]
             self._pending.discard(conflict_id)
             waiter = self._settled_events.pop(conflict_id, None)
@@ -367,6 +376,8 @@ class Room:
 
     def on_conflicts(self, conflicts: list[Conflict]) -> None:
         self._pending.update(c.id for c in conflicts)
+        self.traffic.conflicts_detected += len(conflicts)
+        self.manager.traffic.conflicts_detected += len(conflicts)
         frame = _wire.envelope("conflict_detected", {"conflicts": [c.to_wire() for c in conflicts]})
         self._enqueue(frame, None, None)
 
@@ -392,6 +403,8 @@ class Room:
                 if sid != origin:
                     session.push(1, frame)
             return
+        if not self._ordered and not self._coalesced:
+            self._since = trio.current_time()
         if key is None:
             self._ordered.append((frame, origin))
         else:
@@ -417,6 +430,7 @@ class Room:
         if not items:
             return
         self.flushes += 1
+        since = self._since
         origins = {origin for _frame, origin in items if origin is not None}
         shared: bytes | None = None
         for sid, session in list(self.sessions.items()):
@@ -424,16 +438,16 @@ class Room:
             if start is not None:
                 own = [frame for frame, origin in items[start:] if origin != sid]
                 if own:
-                    session.push(len(own), b",".join(own))
+                    session.push(len(own), b",".join(own), since)
                 continue
             if sid in origins:
                 own = [frame for frame, origin in items if origin != sid]
                 if own:
-                    session.push(len(own), b",".join(own))
+                    session.push(len(own), b",".join(own), since)
                 continue
             if shared is None:
                 shared = b",".join(frame for frame, _origin in items)
-            session.push(len(items), shared)
+            session.push(len(items), shared, since)
         self.frames_out += len(self.sessions)
 
 
@@ -444,6 +458,8 @@ class RoomManager:
     backplane: Backplane
     config: Config
     settler: Settler | None = None
+    #: The server's counters (the hub counts into the same object).
+    traffic: Traffic = attrs.Factory(Traffic)
     rooms: dict[str, Room] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
 

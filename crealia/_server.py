@@ -13,11 +13,14 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from ._alerts import AlertEngine, AlertNotifier
 from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
 from ._http import create_app
-from ._plugins import StrategyRegistry
+from ._metrics import Traffic
+from ._monitor import Monitor
+from ._plugins import AlertRuleRegistry, StrategyRegistry
 from ._room import RoomManager
 from ._session import Hub
 from ._settle import Settler
@@ -35,6 +38,7 @@ class Server:
     config: Config
     hub: Hub
     store: Store
+    monitor: Monitor
     http_port: int
     ws_port: int
     _stop_http: trio.Event
@@ -88,12 +92,14 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     config = config or Config()
     registry = StrategyRegistry.discover(config.strategies)
     registry.check(list(config.strategy_chain))  # before anything is created on disk
+    rules = AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
     async with open_store(config.data_dir) as store, _open_backplane(config, store) as backplane:
         settler = Settler(registry=registry, backplane=backplane, config=config)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
-            rooms = RoomManager(backplane, config, settler)
+            traffic = Traffic()
+            rooms = RoomManager(backplane, config, settler, traffic=traffic)
             await nursery.start(rooms.run)
             hub = Hub(
                 config=config,
@@ -101,7 +107,18 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 backplane=backplane,
                 rooms=rooms,
                 settler=settler,
+                traffic=traffic,
             )
+            monitor = Monitor(
+                config=config,
+                store=store,
+                backplane=backplane,
+                hub=hub,
+                engine=AlertEngine(rules, hold=config.alert_hold),
+                notifier=AlertNotifier(config.alert_webhooks),
+                traffic=traffic,
+            )
+            await nursery.start(monitor.run)
             ws_port = await nursery.start(serve_trio_websocket, hub, config.host, config.ws_port)
             stop_http = trio.Event()
             hconfig = hypercorn.config.Config()
@@ -111,7 +128,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
             _install_http_deflate(config.max_frame_bytes)
-            app: Any = create_app(hub)
+            app: Any = create_app(hub, monitor)
             binds = await nursery.start(
                 partial(hypercorn.trio.serve, app, hconfig, shutdown_trigger=stop_http.wait)
             )
@@ -120,6 +137,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 config=config,
                 hub=hub,
                 store=store,
+                monitor=monitor,
                 http_port=http_port,
                 ws_port=ws_port,
                 stop_http=stop_http,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -34,6 +35,8 @@ from ._errors import (
     TransportError,
     Unauthorized,
 )
+from ._logging import log_context
+from ._metrics import Traffic
 from ._room import Room, RoomManager
 from ._settle import Settler
 from ._strategy import Resolution
@@ -87,6 +90,15 @@ class Connection(ABC):
     async def abort(self) -> None:
         """Drop the connection without a close frame (the stream is no longer usable)."""
 
+    async def round_trip(self) -> float | None:
+        """Send a WebSocket ping and return seconds until its pong, or None when the transport
+        cannot tell (the caller bounds the wait)."""
+        return None
+
+
+#: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
+_Item = tuple[int, bytes, float]
+
 
 class _Outbox:
     """A session's bounded queue of outbound items, read by its writer task.
@@ -98,12 +110,12 @@ class _Outbox:
     __slots__ = ("_items", "_waiter", "closed", "limit")
 
     def __init__(self, limit: int) -> None:
-        self._items: list[tuple[int, bytes]] = []
+        self._items: list[_Item] = []
         self._waiter: trio.lowlevel.Task | None = None
         self.closed = False
         self.limit = limit
 
-    def put_nowait(self, item: tuple[int, bytes]) -> bool:
+    def put_nowait(self, item: _Item) -> bool:
         """Queue ``item``; False when the outbox is full or closed."""
         if self.closed or len(self._items) >= self.limit:
             return False
@@ -120,7 +132,7 @@ class _Outbox:
         if waiter is not None:
             trio.lowlevel.reschedule(waiter)
 
-    async def get_all(self) -> list[tuple[int, bytes]]:
+    async def get_all(self) -> list[_Item]:
         """Everything queued, waiting for at least one item; ``[]`` once closed and empty."""
         if not self._items and not self.closed:
             self._waiter = trio.lowlevel.current_task()
@@ -162,6 +174,10 @@ class Session:
     sending: bool = False
     #: When this session's recent refused messages happened (for the 4429 abuse guard).
     strikes: collections.deque[float] | None = None
+    #: Where what this session sends and receives is counted: the server's and its room's.
+    traffic: tuple[Traffic, ...] = ()
+    #: Whether this session asked for the live metrics feed (``metrics_subscribe``).
+    metrics_feed: bool = False
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -185,10 +201,12 @@ class Session:
             outbox=_Outbox(config.outbox_frames),
         )
 
-    def push(self, count: int, body: bytes) -> None:
+    def push(self, count: int, body: bytes, since: float | None = None) -> None:
         """Queue ``count`` comma-joined envelopes for the writer, never blocking.
 
-        A full outbox closes the session as a slow consumer (4409).
+        ``since`` is the trio time the oldest of them entered the server (now if not given);
+        fan-out latency is measured from it. A full outbox closes the session as a slow
+        consumer (4409).
         """
         if self.close_code is not None:
             return
@@ -197,7 +215,9 @@ class Session:
         if self.queued_bytes > self.config.outbox_bytes and self.queued_bytes > len(body):
             self.kill(4409, "slow consumer: too far behind, reconnect and resume")
             return
-        if not self.outbox.put_nowait((count, body)):
+        if since is None:
+            since = trio.current_time()
+        if not self.outbox.put_nowait((count, body, since)):
             self.kill(4409, "slow consumer: too far behind, reconnect and resume")
 
     def reply(self, frame: bytes) -> None:
@@ -213,6 +233,9 @@ class Session:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+            if code == 4409:
+                for traffic in self.traffic:
+                    traffic.slow_consumers += 1
         self.reader_scope.cancel()
         self.outbox.close()
         self.scope.deadline = min(
@@ -222,36 +245,47 @@ class Session:
     async def writer(self) -> None:
         """Send queued items until the session is killed: merged into frames when batching."""
         batching = self.config.tick_ms > 0
+        timing = self.config.metrics_interval > 0
         while True:
             items = await self.outbox.get_all()
             if not items or self.close_code is not None:
                 return
-            for frame, size in _frames(items, batching):
+            for frame, size, count, since in _frames(items, batching):
                 if self.close_code is not None:
                     return
                 self.queued_bytes -= size
                 self.sending = True
                 await self.conn.send(frame)
                 self.sending = False
+                latency = trio.current_time() - since if timing else None
+                for traffic in self.traffic:
+                    traffic.sent(count, len(frame), latency)
 
 
-def _frames(items: list[tuple[int, bytes]], batching: bool) -> list[tuple[bytes, int]]:
-    """Turn queued items into frames (and their queued byte counts), merging when batching."""
+def _frames(items: list[_Item], batching: bool) -> list[tuple[bytes, int, int, float]]:
+    """Turn queued items into frames, merging when batching: (frame, queued bytes, envelopes,
+    when the oldest of them was queued)."""
     if not batching:
-        return [(body, len(body)) for _count, body in items]
-    frames: list[tuple[bytes, int]] = []
+        return [(body, len(body), count, since) for count, body, since in items]
+    frames: list[tuple[bytes, int, int, float]] = []
     parts: list[bytes] = []
     total = size = 0
-    for count, body in items:
+    oldest = math.inf
+    for count, body, since in items:
         if parts and size + len(body) > _MAX_MERGED_FRAME:
-            frames.append((parts[0] if total == 1 else b"[" + b",".join(parts) + b"]", size))
-            parts, total, size = [], 0, 0
+            frames.append((_join(parts, total), size, total, oldest))
+            parts, total, size, oldest = [], 0, 0, math.inf
         parts.append(body)
         total += count
         size += len(body)
+        oldest = min(oldest, since)
     if parts:
-        frames.append((parts[0] if total == 1 else b"[" + b",".join(parts) + b"]", size))
+        frames.append((_join(parts, total), size, total, oldest))
     return frames
+
+
+def _join(parts: list[bytes], count: int) -> bytes:
+    return parts[0] if count == 1 else b"[" + b",".join(parts) + b"]"
 
 
 @attrs.define(eq=False)
@@ -263,7 +297,11 @@ class Hub:
     backplane: Backplane
     rooms: RoomManager
     settler: Settler
+    #: Everything the server's sessions sent and received (each room keeps its own too).
+    traffic: Traffic = attrs.Factory(Traffic)
     accepting: bool = True
+    #: Sessions that asked for the live metrics feed, by session id.
+    metric_subscribers: dict[str, Session] = attrs.Factory(dict)
     #: Every live connection (also before ``hello``), for shutdown.
     live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
     _drained: trio.Event = attrs.Factory(trio.Event)
@@ -282,8 +320,12 @@ class Hub:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
             session = Session.create(user, conn, self.config)
+            log_context.set({"project_id": user.project_id, "user_id": user.id,
+                             "session_id": session.id})  # fmt: skip
             self.live[key] = (conn, session)
             room = await self.rooms.join(user.project_id)
+            session.traffic = (self.traffic, room.traffic)
+            log.info("session opened", extra={"remote": conn.remote, "role": user.role})
             with session.scope:
                 room.add_joining(session)
                 await self._welcome(session, room, hello, ref)
@@ -307,9 +349,12 @@ class Hub:
         finally:
             if room is not None and session is not None:
                 room.remove(session)
+                self.metric_subscribers.pop(session.id, None)
             self.live.pop(key, None)
             if session is not None and session.close_code is not None:
                 code, reason = session.close_code, session.close_reason
+            if session is not None:
+                log.info("session closed", extra={"code": code, "reason": reason})
             if session is not None and session.sending:
                 # Cancelled in the middle of a frame: a close frame now would be garbage.
                 await conn.abort()
@@ -382,15 +427,20 @@ class Hub:
 
     async def _read_loop(self, session: Session, room: Room) -> None:
         conn = session.conn
+        traffic, room_traffic = self.traffic, room.traffic
         while True:
             frame = await conn.receive()
             ref = None
+            kind = "invalid"
             try:
                 envelope = _wire.decode_client_frame(frame)
-                ref = envelope.ref
+                ref, kind = envelope.ref, envelope.type
                 reply = await self._handle(session, room, envelope)
             except ProtocolError as exc:
                 session.reply(_wire.error_envelope(exc, ref if ref else _wire.error_ref(exc)))
+                for counted in (traffic, room_traffic):
+                    counted.received(kind, len(frame))
+                    counted.refused(exc.code)
                 if not isinstance(exc, Overloaded):
                     session.strike()
                 continue
@@ -399,7 +449,12 @@ class Hub:
                 log.exception("internal error handling %s from %s", ref, session.user.id)
                 error = InternalError(f"{type(exc).__name__}: {exc}"[:500])
                 session.reply(_wire.error_envelope(error, ref))
+                for counted in (traffic, room_traffic):
+                    counted.received(kind, len(frame))
+                    counted.refused(error.code)
                 continue
+            traffic.received(kind, len(frame))
+            room_traffic.received(kind, len(frame))
             if ref is not None:
                 kind, data = reply
                 session.reply(_wire.envelope(kind, data, ref))
@@ -434,6 +489,10 @@ class Hub:
                 strategy = await self.settler.first(user.project_id)
                 outcome = await self.backplane.commit_change(user, data, strategy=strategy)
                 room.settle(outcome.detected)
+                conflicted = int(bool(outcome.detected))
+                for counted in (self.traffic, room.traffic):
+                    counted.changes += 1
+                    counted.conflicted_changes += conflicted
                 return "ack", outcome.to_wire()
             case "comment_add":
                 if len(data.comment.text) > self.config.comment_max_chars:
@@ -448,6 +507,12 @@ class Hub:
                 return "ack", {}
             case "conflict_dismiss":
                 await self.resolve_by_hand(user, data.conflict_id, "current", None, dismiss=True)
+                return "ack", {}
+            case "metrics_subscribe":
+                self.metric_subscribers[session.id] = session
+                return "ack", {}
+            case "metrics_unsubscribe":
+                self.metric_subscribers.pop(session.id, None)
                 return "ack", {}
             case "live_start":
                 raise BadRequest("type: live sessions are not enabled on this server")

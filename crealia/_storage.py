@@ -83,6 +83,29 @@ CREATE TABLE IF NOT EXISTS project_settings (
     project_id TEXT PRIMARY KEY,
     settings BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS metric_samples (
+    scope TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metric_samples_scope ON metric_samples (scope, at);
+CREATE INDEX IF NOT EXISTS metric_samples_at ON metric_samples (at);
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    project_id TEXT,
+    level TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    resolved_at INTEGER,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started_at);
+CREATE TABLE IF NOT EXISTS health (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 """
 
 

@@ -291,6 +291,8 @@ CLIENT_MESSAGES: dict[str, type[Any]] = {
     "live_stop": LiveRef,
     "webrtc_signal": WebrtcSignal,
     "stream_stats": StreamStats,
+    "metrics_subscribe": Empty,
+    "metrics_unsubscribe": Empty,
 }
 
 

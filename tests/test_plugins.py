@@ -7,14 +7,11 @@ Policy: loopback only, port 0, a deadline on every I/O test, real servers; no sl
 
 from __future__ import annotations
 
-import configparser
 import importlib
 import importlib.metadata
 import importlib.util
 import os
 import re
-import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,6 +26,7 @@ from crealia._plugins import StrategyRegistry
 from crealia._strategy import DECLINE, ConflictStrategy, ResolutionContext
 from crealia.testing import check_strategy, make_conflict, make_context
 
+from ._plugin_install import install_plugin, normalized
 from .conftest import Clients, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,50 +36,10 @@ BUILTINS = ("merge", "priority", "ai", "manual")
 BASE_CHAIN = ("priority",)
 
 
-def _normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _plugin_metadata() -> tuple[str, str]:
-    parser = configparser.ConfigParser()
-    parser.read(PLUGIN / "setup.cfg")
-    return parser["metadata"]["name"], parser["metadata"]["version"]
-
-
-def _installed_version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _can_build_without_isolation() -> bool:
-    """setuptools builds wheels by itself from 70.1 on; before that it needs ``wheel``."""
-    version = _installed_version("setuptools") or "0.0"
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= (70, 1) or importlib.util.find_spec("wheel") is not None
-
-
 @pytest.fixture(scope="session")
 def longest_plugin(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """The example plugin, pip-installed into this venv (once per version): (name, version)."""
-    name, version = _plugin_metadata()
-    if _installed_version(name) != version:
-        # Build from a copy so the work tree gets no build/ or *.egg-info.
-        source = tmp_path_factory.mktemp("plugin") / PLUGIN.name
-        shutil.copytree(
-            PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-        )
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", "-q"]
-        if _can_build_without_isolation():
-            command.append("--no-build-isolation")
-        result = subprocess.run(
-            [*command, str(source)], capture_output=True, text=True, timeout=300, check=False
-        )
-        assert result.returncode == 0, f"pip install failed:\n{result.stdout}\n{result.stderr}"
-        importlib.invalidate_caches()
-        assert _installed_version(name) == version
-    return name, version
+    return install_plugin(PLUGIN, tmp_path_factory)
 
 
 @pytest.fixture
@@ -120,7 +78,7 @@ def test_discover_lists_the_installed_plugin_with_its_distribution(
     name, version = longest_plugin
     registry = StrategyRegistry.discover()
     (info,) = [p for p in registry.plugins if p.name == "longest"]
-    assert _normalized(info.distribution) == _normalized(name)
+    assert normalized(info.distribution) == normalized(name)
     assert info.version == version
     assert info.target == "crealia_longest_text:LongestTextStrategy"
     assert info.error is None

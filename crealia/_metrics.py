@@ -1,0 +1,249 @@
+"""Counters kept on the hot path, and the Prometheus view of them.
+
+The hot path only adds to plain integers (:class:`Traffic`) and to a fixed-bucket
+:class:`LatencyHistogram`; nothing there takes a lock or builds an object. Rates, averages and
+quantiles are computed by the sampler from the difference between two snapshots, and the
+Prometheus exposition is built from the same numbers at scrape time by :class:`ServerCollector`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._monitor import Monitor
+
+#: Histogram bucket upper bounds, in seconds (Prometheus convention).
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
+
+
+class LatencyHistogram:
+    """Counts of observations per bucket, their sum and count: cheap to add to."""
+
+    __slots__ = ("count", "counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.count += 1
+        self.total += seconds
+
+    def copy(self) -> LatencyHistogram:
+        other = LatencyHistogram()
+        other.counts = list(self.counts)
+        other.count = self.count
+        other.total = self.total
+        return other
+
+    def since(self, earlier: LatencyHistogram) -> LatencyHistogram:
+        """The observations made after ``earlier`` (a copy of this histogram) was taken."""
+        delta = LatencyHistogram()
+        delta.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        delta.count = self.count - earlier.count
+        delta.total = self.total - earlier.total
+        return delta
+
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+    def quantile(self, q: float) -> float | None:
+        """An estimate of quantile ``q`` (linear within its bucket), or None when empty."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for index, count in enumerate(self.counts):
+            if count and seen + count >= rank:
+                low = BUCKETS[index - 1] if index else 0.0
+                high = BUCKETS[index] if index < len(BUCKETS) else BUCKETS[-1] * 2
+                return low + (high - low) * ((rank - seen) / count)
+            seen += count
+        return BUCKETS[-1] * 2
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative buckets as prometheus-client's HistogramMetricFamily takes them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip([*map(str, BUCKETS), "+Inf"], self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+@attrs.define(slots=True, eq=False)
+class Traffic:
+    """What went through the server (or one project's room) since it started."""
+
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    frames_out: int = 0
+    #: Frames that carried more than one envelope.
+    frames_batched: int = 0
+    bytes_out: int = 0
+    errors: int = 0
+    changes: int = 0
+    conflicted_changes: int = 0
+    conflicts_detected: int = 0
+    conflicts_settled: int = 0
+    slow_consumers: int = 0
+    fanout: LatencyHistogram = attrs.Factory(LatencyHistogram)
+    by_type: dict[str, int] = attrs.Factory(dict)
+    by_error: dict[str, int] = attrs.Factory(dict)
+
+    def received(self, kind: str, size: int) -> None:
+        self.messages_in += 1
+        self.bytes_in += size
+        self.by_type[kind] = self.by_type.get(kind, 0) + 1
+
+    def refused(self, code: str) -> None:
+        self.errors += 1
+        self.by_error[code] = self.by_error.get(code, 0) + 1
+
+    def sent(self, count: int, size: int, latency: float | None) -> None:
+        self.messages_out += count
+        self.frames_out += 1
+        self.bytes_out += size
+        if count > 1:
+            self.frames_batched += 1
+        if latency is not None:
+            self.fanout.observe(latency)
+
+    def copy(self) -> Traffic:
+        return attrs.evolve(self, fanout=self.fanout.copy(), by_type=dict(self.by_type),
+                            by_error=dict(self.by_error))  # fmt: skip
+
+
+def rates(now: Traffic, before: Traffic, seconds: float) -> dict[str, float | None]:
+    """The PerformanceMetrics fields that come from traffic between two snapshots."""
+    seconds = max(seconds, 1e-9)
+    fanout = now.fanout.since(before.fanout)
+    messages_in = now.messages_in - before.messages_in
+    changes = now.changes - before.changes
+    detected = now.conflicts_detected - before.conflicts_detected
+    settled = now.conflicts_settled - before.conflicts_settled
+    bytes_in = now.bytes_in - before.bytes_in
+    bytes_out = now.bytes_out - before.bytes_out
+    mean, p99 = fanout.mean(), fanout.quantile(0.99)
+    return {
+        "averageLatency": None if mean is None else round(mean * 1000, 3),
+        "fanoutLatencyP99": None if p99 is None else round(p99 * 1000, 3),
+        "networkBandwidth": round((bytes_in + bytes_out) / seconds, 1),
+        "errorRate": _percent(now.errors - before.errors, messages_in),
+        "conflictRate": _percent(now.conflicted_changes - before.conflicted_changes, changes),
+        "resolutionRate": 100.0 if detected <= 0 else min(100.0, _percent(settled, detected)),
+        "messagesIn": round(messages_in / seconds, 2),
+        "messagesOut": round((now.messages_out - before.messages_out) / seconds, 2),
+        "bytesIn": round(bytes_in / seconds, 1),
+        "bytesOut": round(bytes_out / seconds, 1),
+    }
+
+
+def _percent(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 3) if whole > 0 else 0.0
+
+
+class ServerCollector(Collector):
+    """The server's metrics in Prometheus form, read from the monitor at scrape time.
+
+    Labels are bounded: message types and error codes are the protocol's own; rule names are
+    those installed. Per-project figures are in the JSON API, not here (one series per project
+    would grow without bound).
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        monitor = self._monitor
+        live = monitor.live_counts()
+        traffic = monitor.traffic
+        for name, doc, value in (
+            ("connections", "Open WebSocket connections, including those before hello.",
+             live["websocketConnections"]),
+            ("sessions", "Authenticated sessions.", live["activeSessions"]),
+            ("active_users", "Distinct users with a session on this process.",
+             live["activeUsers"]),
+            ("active_projects", "Projects with a session on this process.",
+             live["activeProjects"]),
+            ("webrtc_streams", "Live WebRTC streams.", live["webrtcStreams"]),
+            ("event_loop_lag_seconds", "Worst event-loop lag in the last sampling period.",
+             monitor.loop_lag),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(f"crealia_{name}", doc, value=value)
+        for name, doc, value in (
+            ("received_bytes", "Bytes of client messages received.", traffic.bytes_in),
+            ("sent_bytes", "Bytes of frames sent to clients (before compression).",
+             traffic.bytes_out),
+            ("messages_sent", "Envelopes sent to clients.", traffic.messages_out),
+            ("frames_sent", "WebSocket frames sent to clients.", traffic.frames_out),
+            ("batched_frames", "Frames that carried more than one envelope.",
+             traffic.frames_batched),
+            ("slow_consumer_closes", "Sessions closed with 4409 (slow consumer).",
+             traffic.slow_consumers),
+            ("changes", "Timeline changes accepted from clients of this process.",
+             traffic.changes),
+            ("conflicted_changes", "Timeline changes that had at least one conflict.",
+             traffic.conflicted_changes),
+            ("conflicts_detected", "Conflicts announced in projects open here.",
+             traffic.conflicts_detected),
+            ("conflicts_resolved", "Conflict resolutions in projects open here.",
+             traffic.conflicts_settled),
+            ("store_commits", "SQLite transactions committed.", monitor.store.commits),
+            ("alert_notifications_failed", "Webhook deliveries that failed after retries.",
+             monitor.notifier.failed),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
+        yield _labelled(
+            CounterMetricFamily,
+            "crealia_messages_received",
+            "Client messages received, by type.",
+            "type",
+            traffic.by_type,
+        )
+        yield _labelled(CounterMetricFamily, "crealia_errors", "Error replies sent, by code.",
+                        "code", traffic.by_error)  # fmt: skip
+        yield _labelled(GaugeMetricFamily, "crealia_health_check_up",
+                        "1 when the health check passed at its last run.", "check",
+                        {name: float(ok) for name, ok in monitor.health_ok().items()})  # fmt: skip
+        firing = GaugeMetricFamily(
+            "crealia_alerts_firing", "Alerts firing, by rule and level.", labels=["rule", "level"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for alert in monitor.engine.firing():
+            key = (alert.rule, alert.level)
+            counts[key] = counts.get(key, 0) + 1
+        for (rule, level), count in sorted(counts.items()):
+            firing.add_metric([rule, level], count)
+        yield firing
+        for name, doc, histogram in (
+            ("fanout_latency_seconds", "Time from a message entering a room (or a reply being "
+             "queued) to the frame carrying it being written to the socket.", traffic.fanout),
+            ("ping_rtt_seconds", "WebSocket ping round trips to sampled clients.",
+             monitor.ping),
+        ):  # fmt: skip
+            yield HistogramMetricFamily(
+                f"crealia_{name}", doc, buckets=histogram.buckets(), sum_value=histogram.total
+            )
+
+
+def _labelled(family: Any, name: str, doc: str, label: str, values: Mapping[str, float]) -> Metric:
+    metric = family(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        metric.add_metric([key], value)
+    return metric  # type: ignore[no-any-return]

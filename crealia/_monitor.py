@@ -1,0 +1,438 @@
+"""Operations: the metric sampler, health checks, alert evaluation and the live feed.
+
+A :class:`Monitor` belongs to a server and runs its tasks in its own nursery (a task of the
+server's): every ``metrics_interval`` seconds it turns the hot-path counters into one sample for
+the server and one per open project (the seed's PerformanceMetrics fields and a few more), keeps
+them in a short in-memory ring and in the store, runs the alert rules over them, and pushes both
+to live-feed subscribers. Health checks run every ``health_interval`` seconds and on each
+``/readyz``. Nothing here is on a message's path: the sessions and rooms only add to counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import random
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psutil
+import trio
+
+from . import _wire
+from ._alerts import Alert, AlertEngine, AlertNotifier, log_alert
+from ._backplane import Backplane
+from ._config import Config
+from ._errors import CrealiaError
+from ._logging import iso_time
+from ._metrics import LatencyHistogram, Traffic, rates
+from ._storage import Statement, Store, dumps, loads
+
+log = logging.getLogger("crealia.monitor")
+
+#: Samples kept in memory per scope for live views (ten minutes at the default interval).
+RING = 120
+#: Projects whose recent samples are kept in memory after their room closed.
+RING_PROJECTS = 256
+#: Seconds between deletions of samples and alerts past their retention.
+RETENTION_INTERVAL = 3600.0
+#: Seconds between event-loop lag probes.
+LAG_PROBE = 0.25
+#: Connections whose WebSocket ping round trip is measured each sampling period.
+PING_SAMPLE = 16
+
+GLOBAL = ""  # the scope key of server-wide samples
+
+#: The seed's PerformanceMetrics fields, then crealia's own, in report order.
+FIELDS = (
+    "activeUsers", "activeProjects", "activeSessions", "websocketConnections", "webrtcStreams",
+    "averageLatency", "memoryUsage", "cpuUsage", "networkBandwidth", "errorRate",
+    "conflictRate", "resolutionRate", "eventLoopLag", "fanoutLatencyP99", "pingRtt",
+    "memoryRss", "messagesIn", "messagesOut", "bytesIn", "bytesOut",
+)  # fmt: skip
+
+
+@attrs.frozen(kw_only=True)
+class HealthCheck:
+    name: str
+    ok: bool
+    detail: str
+    at: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail, "at": self.at}
+
+
+@attrs.define(eq=False)
+class _Subscriber:
+    """A live-feed reader (server-sent events): what it may see and its bounded queue."""
+
+    project_id: str
+    send: trio.MemorySendChannel[tuple[str, dict[str, Any]]]
+    dropped: int = 0
+
+
+@attrs.define(eq=False)
+class Monitor:
+    """Samples, health, alerts and the live feed of one server."""
+
+    config: Config
+    store: Store
+    backplane: Backplane
+    hub: Any  # the session Hub (typed loosely: the hub module imports nothing of this one)
+    engine: AlertEngine
+    notifier: AlertNotifier
+    traffic: Traffic
+    ping: LatencyHistogram = attrs.Factory(LatencyHistogram)
+    #: Worst event-loop lag (seconds) seen in the last sampling period.
+    loop_lag: float = 0.0
+    health: dict[str, HealthCheck] = attrs.Factory(dict)
+    rings: dict[str, collections.deque[dict[str, Any]]] = attrs.Factory(dict)
+    samples_taken: int = 0
+    _lag_max: float = 0.0
+    _started: float = attrs.Factory(trio.current_time)
+    _previous: dict[str, tuple[Traffic, float]] = attrs.Factory(dict)
+    _ping_mark: LatencyHistogram = attrs.Factory(LatencyHistogram)
+    _process: psutil.Process = attrs.Factory(psutil.Process)
+    _memory_limit: int = attrs.Factory(lambda: _memory_limit())
+    _subscribers: set[_Subscriber] = attrs.Factory(set)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the monitor's tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.notifier.run)
+            self._process.cpu_percent(None)  # the first call only starts the measurement
+            nursery.start_soon(self._retention)
+            nursery.start_soon(self._health_loop)
+            if self.config.metrics_interval > 0:
+                nursery.start_soon(self._lag_probe)
+                nursery.start_soon(self._sampler)
+            task_status.started()
+
+    # -- the sampler --------------------------------------------------------------------------
+
+    async def _sampler(self) -> None:
+        interval = self.config.metrics_interval
+        while True:
+            with trio.move_on_after(interval):
+                await self._probe_pings(interval)
+                await trio.sleep_forever()  # the rest of the period
+            await self.take_sample()
+
+    async def take_sample(self) -> list[dict[str, Any]]:
+        """Take one sample of the server and of every open project, store them, run the alert
+        rules and feed subscribers; returns the samples (the server's first)."""
+        now = time.time()
+        samples = [self._global_sample(now)]
+        rooms = dict(self.hub.rooms.rooms)
+        for project_id, room in rooms.items():
+            samples.append(self._project_sample(project_id, room, now))
+        gone = [p for p in self._previous if p != GLOBAL and p not in rooms]
+        changes: list[Alert] = []
+        for project_id in gone:
+            del self._previous[project_id]
+            changes += self.engine.forget(project_id)
+        for sample in samples:
+            scope = sample["projectId"] or GLOBAL
+            ring = self.rings.get(scope)
+            if ring is None:
+                ring = self.rings[scope] = collections.deque(maxlen=RING)
+                while len(self.rings) > RING_PROJECTS:
+                    oldest = next(k for k in self.rings if k != GLOBAL)
+                    del self.rings[oldest]
+            ring.append(sample)
+            changes += self.engine.evaluate(sample, now)
+        self.samples_taken += 1
+        rows: list[Statement] = [("INSERT INTO metric_samples (scope, at, data) VALUES (?, ?, ?)",
+                 (s["projectId"] or GLOBAL, s["at"], dumps(s))) for s in samples]  # fmt: skip
+        rows += [_alert_row(alert) for alert in changes]
+        try:
+            await self.store.write(rows)
+        except CrealiaError as exc:
+            log.warning("metric samples not stored: %s", exc)
+        for sample in samples:
+            self._publish("metrics", sample)
+        for alert in changes:
+            log_alert(alert)
+            self.notifier.notify(alert)
+            self._publish("alert", alert.to_wire())
+        return samples
+
+    def live_counts(self) -> dict[str, int]:
+        hub = self.hub
+        rooms = list(hub.rooms.rooms.values())
+        users: set[str] = set()
+        sessions = projects = 0
+        for room in rooms:
+            if room.sessions:
+                projects += 1
+                sessions += len(room.sessions)
+                users.update(room.members)
+        return {
+            "activeUsers": len(users),
+            "activeProjects": projects,
+            "activeSessions": sessions,
+            "websocketConnections": len(hub.live),
+            "webrtcStreams": 0,  # live sessions are not served yet: none can exist
+        }
+
+    def _global_sample(self, now: float) -> dict[str, Any]:
+        sample: dict[str, Any] = {"at": int(now * 1000), "projectId": None, **self.live_counts()}
+        sample.update(self._rates(GLOBAL, self.traffic, self._started))
+        rss = self._process.memory_info().rss
+        pings = self.ping.since(self._ping_mark)
+        self._ping_mark = self.ping.copy()
+        lag, self._lag_max = self._lag_max, 0.0
+        self.loop_lag = lag
+        ping = pings.mean()
+        sample.update(
+            memoryUsage=round(100.0 * rss / self._memory_limit, 2),
+            memoryRss=rss,
+            cpuUsage=round(self._process.cpu_percent(None), 1),
+            eventLoopLag=round(lag * 1000, 2),
+            pingRtt=None if ping is None else round(ping * 1000, 3),
+        )
+        return sample
+
+    def _project_sample(self, project_id: str, room: Any, now: float) -> dict[str, Any]:
+        sample: dict[str, Any] = {
+            "at": int(now * 1000),
+            "projectId": project_id,
+            "activeUsers": len(room.users()),
+            "activeSessions": len(room.sessions),
+            "websocketConnections": len(room.sessions),
+            "webrtcStreams": 0,
+        }
+        sample.update(self._rates(project_id, room.traffic, room.opened_at))
+        return sample
+
+    def _rates(self, scope: str, traffic: Traffic, started: float) -> dict[str, float | None]:
+        """Rates since the previous sample of ``scope``, or since it ``started`` (trio time)."""
+        clock = trio.current_time()
+        before, then = self._previous.get(scope, (Traffic(), started))
+        self._previous[scope] = (traffic.copy(), clock)
+        return rates(traffic, before, clock - then)
+
+    async def _lag_probe(self) -> None:
+        """How late the event loop wakes a sleeper: a probe with a period, not synchronization."""
+        while True:
+            start = trio.current_time()
+            await trio.sleep(LAG_PROBE)
+            self._lag_max = max(self._lag_max, trio.current_time() - start - LAG_PROBE)
+
+    async def _probe_pings(self, interval: float) -> None:
+        """Measure the WebSocket ping round trip of a few random connections."""
+        sessions = [s for _conn, s in list(self.hub.live.values()) if s is not None]
+        chosen = random.sample(sessions, min(PING_SAMPLE, len(sessions)))
+        if not chosen:
+            return
+
+        async def one(conn: Any) -> None:
+            with trio.move_on_after(min(interval, 5.0)):
+                try:
+                    rtt = await conn.round_trip()
+                except CrealiaError:
+                    return
+                if rtt is not None:
+                    self.ping.observe(rtt)
+
+        async with trio.open_nursery() as nursery:
+            for session in chosen:
+                nursery.start_soon(one, session.conn)
+
+    # -- health -------------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_health()
+            await trio.sleep(self.config.health_interval)  # a period, not synchronization
+
+    async def check_health(self) -> dict[str, HealthCheck]:
+        """Run every health check now: storage writable, Redis reachable (when configured) and
+        the event loop's lag; the results are kept for /readyz and /metrics."""
+        checks = [("storage", self._check_storage())]
+        if self.config.redis_url:
+            checks.append(("redis", self.backplane.check()))
+        results: dict[str, HealthCheck] = {}
+        for name, probe in checks:
+            ok, detail = True, "ok"
+            with trio.move_on_after(5) as scope:
+                try:
+                    await probe
+                except CrealiaError as exc:
+                    ok, detail = False, str(exc)
+            if scope.cancelled_caught:
+                ok, detail = False, "no answer within 5 s"
+            results[name] = HealthCheck(name=name, ok=ok, detail=detail, at=_now_ms())
+        lag = max(self.loop_lag, self._lag_max)
+        lag_ok = lag <= self.config.max_loop_lag
+        results["event_loop"] = HealthCheck(
+            name="event_loop",
+            ok=lag_ok,
+            detail=f"lag {lag * 1000:.1f} ms" + ("" if lag_ok else
+                   f" is over {self.config.max_loop_lag * 1000:.0f} ms"),
+            at=_now_ms(),
+        )  # fmt: skip
+        for result in results.values():
+            previous = self.health.get(result.name)
+            if previous is not None and previous.ok != result.ok:
+                level = logging.INFO if result.ok else logging.ERROR
+                log.log(level, "health check %s: %s", result.name, result.detail)
+        self.health = results
+        return results
+
+    async def _check_storage(self) -> None:
+        # A real commit through the grouped writer: the store is writable, not just open.
+        await self.store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
+                                 (_now_ms(),))])  # fmt: skip
+
+    def health_ok(self) -> dict[str, bool]:
+        return {name: check.ok for name, check in self.health.items()}
+
+    # -- retention ----------------------------------------------------------------------------
+
+    async def _retention(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except CrealiaError as exc:
+                log.warning("retention: %s", exc)
+            await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
+
+    async def prune(self, now_ms: int | None = None) -> int:
+        """Delete samples and resolved alerts older than ``metrics_retention_days``; returns
+        how many samples went."""
+        now_ms = _now_ms() if now_ms is None else now_ms
+        cutoff = now_ms - int(self.config.metrics_retention_days * 86_400_000)
+
+        def delete(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute("DELETE FROM metric_samples WHERE at < ?", (cutoff,))
+            conn.execute("DELETE FROM alerts WHERE state = 'resolved' AND updated_at < ?",
+                         (cutoff,))  # fmt: skip
+            return cursor.rowcount
+
+        return await self.store.read(delete)
+
+    # -- the live feed ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self, project_id: str
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[str, dict[str, Any]]]]:
+        """Receive ``("metrics", sample)`` and ``("alert", alert)`` as they happen: the server's
+        and ``project_id``'s. A reader that falls behind loses the oldest news, not the server
+        its memory."""
+        send, receive = trio.open_memory_channel[tuple[str, dict[str, Any]]](64)
+        subscriber = _Subscriber(project_id=project_id, send=send)
+        self._subscribers.add(subscriber)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self._subscribers.discard(subscriber)
+            send.close()
+
+    def _publish(self, kind: str, data: dict[str, Any]) -> None:
+        project_id = data.get("projectId")
+        for subscriber in list(self._subscribers):
+            if project_id is None or project_id == subscriber.project_id:
+                try:
+                    subscriber.send.send_nowait((kind, data))
+                except trio.WouldBlock:
+                    subscriber.dropped += 1
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    self._subscribers.discard(subscriber)
+        envelope = _wire.envelope("metrics_sample" if kind == "metrics" else "alert", data)
+        for session in list(self.hub.metric_subscribers.values()):
+            if project_id is None or project_id == session.user.project_id:
+                session.push(1, envelope)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def recent(self, project_id: str | None) -> list[dict[str, Any]]:
+        """The samples kept in memory for a project (None: the server), oldest first."""
+        return list(self.rings.get(project_id or GLOBAL, ()))
+
+    async def samples(
+        self, project_id: str | None, start_ms: int, end_ms: int
+    ) -> list[dict[str, Any]]:
+        """Stored samples of a scope with ``start_ms <= at < end_ms``, oldest first."""
+        scope = project_id or GLOBAL
+
+        def query(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT data FROM metric_samples WHERE scope = ? AND at >= ? AND at < ? "
+                "ORDER BY at",
+                (scope, start_ms, end_ms),
+            )
+            return [row[0] for row in rows]
+
+        return [loads(data) for data in await self.store.read(query)]
+
+    async def alerts(self, project_id: str | None, start_ms: int, end_ms: int) -> list[Alert]:
+        """Alerts of a scope that were firing at some time in ``[start_ms, end_ms)``."""
+
+        def query(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT data FROM alerts WHERE project_id IS ? AND started_at < ? "
+                "AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY started_at",
+                (project_id, end_ms, start_ms),
+            )
+            return [row[0] for row in rows]
+
+        return [Alert.from_wire(loads(data)) for data in await self.store.read(query)]
+
+    async def report(self, project_id: str | None, start_ms: int, end_ms: int) -> dict[str, Any]:
+        """Per-field min/avg/p95/max over the stored samples of a range, and its alerts."""
+        samples = await self.samples(project_id, start_ms, end_ms)
+        metrics: dict[str, dict[str, float | int]] = {}
+        for field in FIELDS:
+            values = sorted(float(s[field]) for s in samples if s.get(field) is not None)
+            if values:
+                metrics[field] = {
+                    "min": values[0],
+                    "avg": round(sum(values) / len(values), 3),
+                    "p95": values[max(0, math.ceil(0.95 * len(values)) - 1)],
+                    "max": values[-1],
+                    "samples": len(values),
+                }
+        return {
+            "projectId": project_id,
+            "startDate": iso_time(start_ms / 1000),
+            "endDate": iso_time(end_ms / 1000),
+            "samples": len(samples),
+            "metrics": metrics,
+            "alerts": [a.to_wire() for a in await self.alerts(project_id, start_ms, end_ms)],
+        }
+
+
+def _alert_row(alert: Alert) -> Statement:
+    return (
+        "INSERT OR REPLACE INTO alerts (id, rule, project_id, level, state, started_at, "
+        "updated_at, resolved_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (alert.id, alert.rule, alert.project_id, alert.level, alert.state, alert.started_at,
+         alert.updated_at, alert.resolved_at, dumps(alert.to_wire())),
+    )  # fmt: skip
+
+
+def _memory_limit() -> int:
+    """Bytes of memory this process may use: its cgroup's limit if it has one, else the RAM."""
+    total = int(psutil.virtual_memory().total)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < total:
+            return int(raw)
+    return total
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

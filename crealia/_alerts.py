@@ -35,7 +35,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import attrs
 import httpx
@@ -311,6 +311,7 @@ class Alert:
         """The JSON object of the REST API, the store and webhooks (camelCase keys)."""
         return {
             "id": self.id,
+            "category": "performance",
             "rule": self.rule,
             "level": self.level,
             "state": self.state,
@@ -575,8 +576,18 @@ class AlertEngine:
 # Webhooks
 
 
+class Notice(Protocol):
+    """What the notifier sends: a performance :class:`Alert` or a security alert."""
+
+    @property
+    def id(self) -> str: ...
+
+    def to_wire(self) -> dict[str, Any]: ...
+
+
 class AlertNotifier:
-    """POSTs every alert change as JSON ``{"alert": alert.to_wire()}`` to each webhook.
+    """POSTs every alert change as JSON ``{"alert": alert.to_wire()}`` to each webhook (its
+    ``category`` says whether it is a performance or a security alert).
 
     :meth:`notify` queues a change (never blocking; a full queue drops it, logged);
     :meth:`run` delivers, each webhook in order and the webhooks independently of each other.
@@ -618,12 +629,12 @@ class AlertNotifier:
         self.delivered = 0
         self.failed = 0
         self.dropped = 0
-        self._queues = {url: trio.open_memory_channel[Alert](queue) for url in self.webhooks}
+        self._queues = {url: trio.open_memory_channel[Notice](queue) for url in self.webhooks}
         #: Queued or in-flight deliveries, and the tasks waiting for there to be none.
         self._pending = 0
         self._idle = trio.lowlevel.ParkingLot()
 
-    def notify(self, alert: Alert) -> None:
+    def notify(self, alert: Notice) -> None:
         """Queue ``alert`` for every webhook. Never blocks: when a webhook's queue is full the
         change is dropped for it (and logged)."""
         for url, (send, _receive) in self._queues.items():
@@ -653,7 +664,7 @@ class AlertNotifier:
             task_status.started()
 
     async def _deliver_all(
-        self, client: httpx.AsyncClient, url: str, receive: trio.MemoryReceiveChannel[Alert]
+        self, client: httpx.AsyncClient, url: str, receive: trio.MemoryReceiveChannel[Notice]
     ) -> None:
         while True:
             alert = await receive.receive()
@@ -665,7 +676,7 @@ class AlertNotifier:
             if not self._pending:
                 self._idle.unpark_all()
 
-    async def _deliver(self, client: httpx.AsyncClient, url: str, alert: Alert) -> bool:
+    async def _deliver(self, client: httpx.AsyncClient, url: str, alert: Notice) -> bool:
         body = {"alert": alert.to_wire()}
         problem = ""
         for attempt in range(self.retries + 1):

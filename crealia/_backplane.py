@@ -19,6 +19,7 @@ import attrs
 
 from . import _wire
 from ._auth import User
+from ._errors import Unsupported
 
 if TYPE_CHECKING:
     from ._strategy import Resolution
@@ -259,6 +260,42 @@ class Backplane(ABC):
     async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
         """The members of the project's rooms in the other live processes."""
         return []
+
+    async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float] | None:
+        """Share rate-limit consumption with the other processes (GCRA, ``crealia._ratelimit``).
+
+        Each update is ``(name, cost, emission_interval_ms)``: ``name`` is a key and class
+        (e.g. ``"p:u:edit"``) that admitted ``cost`` more events since the last call, each
+        ``emission_interval_ms`` apart at the sustained rate. The shared store moves the name's
+        theoretical arrival time (TAT) to ``max(TAT, now) + cost * emission_interval_ms`` on
+        *its own* clock, and forgets it once it has passed. Returns, for each update in order,
+        how many milliseconds the name's TAT now lies ahead of the store's clock, which the caller
+        adds to its own now: so the processes' clocks need not agree.
+
+        Returns ``None`` when there is nothing to share (one process: the default).
+
+        Raises:
+            Overloaded: the shared store is unreachable; nothing may have been recorded.
+        """
+        return None
+
+    async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
+        """Everything stored about a user in a project (GDPR export): ``comments``, ``edits``,
+        ``conflicts`` and ``audit`` events.
+
+        Raises:
+            Unsupported: this backplane cannot (the default).
+        """
+        raise Unsupported(f"GDPR export is not available with {type(self).__name__} yet")
+
+    async def erase_user(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
+        """Erase a user from a project (GDPR): delete their content, pseudonymize the rest.
+        The project's room must be closed. Returns what was changed, per kind.
+
+        Raises:
+            Unsupported: this backplane cannot (the default).
+        """
+        raise Unsupported(f"GDPR erasure is not available with {type(self).__name__} yet")
 
     @abstractmethod
     async def check(self) -> None:

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import trio
 
-from ._auth import ROLES, TokenAuthority, load_or_create_secret
+from ._auth import (
+    ROLES,
+    TokenAuthority,
+    default_algorithm,
+    has_configured_keys,
+    load_or_create_secret,
+    load_private_key,
+    sign_token,
+    token_claims,
+)
 from ._config import Config
 from ._errors import ConfigurationError, CrealiaError
 from ._logging import configure as configure_logging
@@ -33,6 +42,25 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
     serve.add_argument("--redis", default=None, help="join a cluster on this Redis URL")
     serve.add_argument("--jwt-secret", default=None)
+    serve.add_argument(
+        "--jwt-public-key",
+        action="append",
+        default=None,
+        metavar="[KID=]PEM_PATH",
+        help="a public key verifying RS256/ES256 tokens with this kid (repeatable; "
+        "CREALIA_JWT_PUBLIC_KEYS)",
+    )
+    serve.add_argument(
+        "--jwt-keys-file",
+        default=None,
+        help="a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)",
+    )
+    serve.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="browser origins allowed to open a WebSocket besides the server's own, "
+        "comma-separated; * allows any (CREALIA_ALLOWED_ORIGINS)",
+    )
     serve.add_argument("--dev", action="store_true", default=None)
     serve.add_argument(
         "--tick-ms", type=float, default=None, help="outbound batching tick in ms (0: batching off)"
@@ -75,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     token.add_argument("--jwt-secret", default=None)
     token.add_argument("--data-dir", default=None)
+    token.add_argument(
+        "--private-key",
+        default=None,
+        metavar="PEM_PATH",
+        help="sign with this private key (RS256/ES256) instead of the HS256 secret",
+    )
+    token.add_argument(
+        "--alg",
+        default=None,
+        choices=("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                 "EdDSA"),
+        help="the private key's algorithm (default RS256 for RSA keys, ES256 for EC P-256)",
+    )  # fmt: skip
+    token.add_argument(
+        "--kid", default=None, help="the key id to put in the token's header (selects the key)"
+    )
     return parser
 
 
@@ -95,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.data_dir,
             redis_url=args.redis,
             jwt_secret=args.jwt_secret,
+            jwt_public_keys=_public_keys(args.jwt_public_key),
+            jwt_keys_file=args.jwt_keys_file,
+            allowed_origins=args.allowed_origins,
             dev=args.dev,
             tick_ms=args.tick_ms,
             history_limit=args.history,
@@ -150,12 +197,45 @@ def _strategies() -> int:
     return 1 if any(p.error for p in registry.plugins) else 0
 
 
+def _public_keys(values: list[str] | None) -> dict[str, str] | None:
+    """``--jwt-public-key [KID=]PEM_PATH`` flags as ``jwt_public_keys`` (no KID: id "")."""
+    if not values:
+        return None
+    keys: dict[str, str] = {}
+    for value in values:
+        kid, sep, path = value.partition("=")
+        if not sep:
+            kid, path = "", value
+        if kid in keys:
+            raise ConfigurationError(f"--jwt-public-key: key id {kid!r} given twice")
+        keys[kid] = path
+    return keys
+
+
 def _token(args: argparse.Namespace) -> int:
+    claims = token_claims(
+        user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=args.ttl
+    )
+    if args.private_key:
+        key = load_private_key(Path(args.private_key))
+        alg = args.alg or default_algorithm(key)
+        print(sign_token(claims, key, algorithm=alg, kid=args.kid))
+        return 0
+    if args.alg:
+        raise ConfigurationError("--alg needs --private-key (the secret signs HS256)")
     config = Config.from_env(jwt_secret=args.jwt_secret, data_dir=args.data_dir)
-    secret = config.jwt_secret or load_or_create_secret(Path(config.data_dir))
+    fallback = None
+    if not has_configured_keys(config):
+        fallback = load_or_create_secret(Path(config.data_dir))
+    authority = TokenAuthority.from_config(config, fallback_secret=fallback)
     print(
-        TokenAuthority(secret).issue(
-            user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=args.ttl
+        authority.issue(
+            user_id=args.user,
+            project_id=args.project,
+            role=args.role,
+            name=args.name,
+            ttl=args.ttl,
+            kid=args.kid,
         )
     )
     return 0

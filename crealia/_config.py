@@ -10,7 +10,11 @@ from typing import Any
 
 import attrs
 
+from ._auth import check_algorithms as check_jwt_algorithms
+from ._auth import check_config as check_jwt_config
+from ._auth import keys_file_path, parse_key_map, parse_public_keys_env
 from ._errors import ConfigurationError
+from ._origin import parse_allowed_origins
 
 
 @attrs.frozen(kw_only=True)
@@ -59,6 +63,26 @@ class Config:
     shutdown_grace: float = 5.0
     #: Allowed JWT clock skew, seconds.
     jwt_leeway: float = 5.0
+    #: HMAC secrets by key id (the ``kid`` of a token's header), beside the kid-less
+    #: ``jwt_secret``: configure the new and the old one at once while keys rotate.
+    jwt_secrets: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    #: Public keys by key id: PEM text or the path of a PEM file (a public key or a
+    #: certificate). RSA keys verify RS256 tokens, EC P-256 keys ES256. The id ``""`` is the key
+    #: of tokens without ``kid``; a token without ``kid`` also uses the only key there is.
+    jwt_public_keys: Mapping[str, str] = attrs.Factory(dict)
+    #: The algorithms tokens may use (each key still only those of its kind); empty: HS256,
+    #: RS256 and ES256. ``none`` is never accepted.
+    jwt_algorithms: tuple[str, ...] = attrs.field(default=(), converter=check_jwt_algorithms)
+    #: A file of more public keys: a JSON object of key id to PEM text or a path (relative to
+    #: the file), or one PEM public key (the key of tokens without ``kid``).
+    jwt_keys_file: Path | None = attrs.field(
+        default=None,
+        converter=keys_file_path,
+        validator=check_jwt_config,
+    )
+    #: Browser origins (``scheme://host[:port]``) allowed to open a WebSocket besides the
+    #: server's own; ``*`` allows every origin. Requests without ``Origin`` are always allowed.
+    allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=parse_allowed_origins)
     #: The default strategy chain of every project (a project may set its own over the API).
     strategy_chain: tuple[str, ...] = attrs.field(default=("merge", "priority"), converter=tuple)
     #: Options per strategy name, e.g. ``{"priority": {"tie": "first"}, "manual": {"timeout":
@@ -71,13 +95,24 @@ class Config:
     orphan_conflict_age: float = 30.0
     #: Strategies registered in code by an embedding program, beside the entry points.
     strategies: Mapping[str, Any] = attrs.Factory(dict)
-    rate_limit_window_ms: int = 60_000
+    #: The window rate limits are counted over, in milliseconds.
+    rate_limit_window_ms: int = attrs.field(default=60_000, validator=attrs.validators.gt(0))
+    #: Limits per event class (cursor, edit, comment, signal, rest, other) per window, over the
+    #: defaults: ``"count/burst"``, ``"count"`` (burst a tenth of it) or ``"off"``.
+    rate_limits: Mapping[str, str] = attrs.Factory(dict)
     #: Seconds between metric samples (and alert evaluations); 0 turns metrics sampling,
     #: fan-out timing and alerting off.
     metrics_interval: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: Days metric samples and alerts are kept in the store.
     metrics_retention_days: int = 30
     audit_log_retention_days: int = 90
+    #: Suspicious events (refused actions, bad tokens, ...) within ``security_alert_window``
+    #: seconds that make a security alert, for rules without a threshold of their own.
+    security_alert_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    security_alert_window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    #: A user kept over a rate limit is audited at most once per this many seconds and class
+    #: (the event counts the refusals), so a flood cannot flood the audit log.
+    audit_rate_limited_every: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
     #: Seconds between health checks (storage writable, Redis reachable, event-loop lag).
     health_interval: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     #: Event-loop lag, in seconds, past which the server reports itself unhealthy.
@@ -125,6 +160,11 @@ class Config:
         path = config_file if config_file is not None else env.get("CREALIA_CONFIG")
         file_values = _read_file(Path(path)) if path else {}
         alert_options = _env_alert_options(env, file_values.pop("alert_options", {}))
+        rate_limits = {
+            **{str(k): str(v) for k, v in file_values.pop("rate_limits", {}).items()},
+            **{key[len(_RATE_PREFIX) :].lower(): raw for key, raw in env.items()
+               if key.startswith(_RATE_PREFIX)},
+        }  # fmt: skip
         for name, field, kind in _ENV:
             if name in env and field not in values:
                 raw = env[name]
@@ -136,6 +176,8 @@ class Config:
             values.setdefault(field, value)
         if alert_options:
             values["alert_options"] = alert_options
+        if rate_limits:
+            values["rate_limits"] = rate_limits
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
@@ -186,6 +228,7 @@ def _env_alert_options(
 
 
 _ALERT_PREFIX = "CREALIA_ALERT_"
+_RATE_PREFIX = "CREALIA_RATE_LIMIT_"
 _NOT_ALERT_OPTIONS = {"CREALIA_ALERT_HOLD", "CREALIA_ALERT_WEBHOOKS"}
 
 
@@ -203,12 +246,24 @@ _ENV: list[tuple[str, str, Any]] = [
     ("REDIS_URL", "redis_url", str),
     ("CREALIA_JWT_SECRET", "jwt_secret", str),
     ("JWT_SECRET", "jwt_secret", str),
+    ("CREALIA_JWT_SECRETS", "jwt_secrets", lambda raw: parse_key_map("CREALIA_JWT_SECRETS", raw)),
+    ("CREALIA_JWT_PUBLIC_KEYS", "jwt_public_keys", parse_public_keys_env),
+    ("CREALIA_JWT_KEYS_FILE", "jwt_keys_file", str),
+    (
+        "CREALIA_JWT_ALGORITHMS",
+        "jwt_algorithms",
+        lambda raw: tuple(alg.strip() for alg in raw.split(",") if alg.strip()),
+    ),
+    ("CREALIA_JWT_LEEWAY", "jwt_leeway", float),
+    ("CREALIA_ALLOWED_ORIGINS", "allowed_origins", str),
     ("CREALIA_TICK_MS", "tick_ms", float),
     ("CREALIA_HISTORY_LIMIT", "history_limit", int),
     ("CREALIA_MAX_FRAME_BYTES", "max_frame_bytes", int),
     ("RATE_LIMIT_WINDOW_MS", "rate_limit_window_ms", int),
     ("METRICS_RETENTION_DAYS", "metrics_retention_days", int),
     ("AUDIT_LOG_RETENTION_DAYS", "audit_log_retention_days", int),
+    ("SECURITY_ALERT_THRESHOLD", "security_alert_threshold", int),
+    ("CREALIA_SECURITY_ALERT_WINDOW", "security_alert_window", float),
     ("CREALIA_DEV", "dev", _flag),
     (
         "CREALIA_STRATEGIES",

@@ -13,7 +13,8 @@ Every error crealia raises on purpose derives from :class:`CrealiaError`::
     │   ├── NotFound              ``not_found``: unknown element, conflict or project
     │   ├── TooLarge              ``too_large``: a field over its limit
     │   ├── RateLimited           ``rate_limited``: carries ``retry_after_ms``
-    │   └── Overloaded            ``overloaded``: the server cannot take the write now
+    │   ├── Overloaded            ``overloaded``: the server cannot take the write now
+    │   └── Unsupported           ``unsupported`` (REST 501): not possible in this setup
     ├── RoomError                 a room was used after it closed
     └── InternalError             a bug: reported to the client as ``internal``
 
@@ -117,3 +118,10 @@ class InternalError(ProtocolError):
 
     code = "internal"
     http_status = 500
+
+
+class Unsupported(ProtocolError):
+    """The server cannot do this in its current setup (REST only: 501)."""
+
+    code = "unsupported"
+    http_status = 501

@@ -10,6 +10,7 @@ import csv
 import datetime
 import io
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
@@ -19,10 +20,10 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from . import _wire
+from . import _gdpr, _wire
 from ._auth import User, require
 from ._backplane import Conflict
 from ._errors import (
@@ -31,10 +32,13 @@ from ._errors import (
     Forbidden,
     NotFound,
     ProtocolError,
+    RateLimited,
     Unauthorized,
 )
+from ._logging import iso_time
 from ._metrics import ServerCollector
 from ._monitor import Monitor
+from ._security import SecurityMonitor
 from ._session import Hub
 from .transports._asgi import ASGIApp, websocket_route
 
@@ -86,7 +90,7 @@ def conflict_view(conflict: Conflict) -> dict[str, Any]:
             "resolution": conflict.resolution}  # fmt: skip
 
 
-def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
+def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp:
     """The ASGI app served on ``--port``: REST, health, metrics, and the ``/ws`` route."""
     app = QuartTrio("crealia")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
@@ -95,7 +99,8 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
     ProcessCollector(registry=registry)
     GCCollector(registry=registry)
 
-    def bearer(*, query: bool = False) -> User:
+    def bearer(action: str, *, query: bool = False) -> User:
+        """The caller, authenticated and allowed ``action`` (REQUIRED_ROLE), within its rate."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if query and not header:
@@ -103,7 +108,19 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
             scheme, token = "bearer", request.args.get("access_token", "")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing Authorization: Bearer <token> header")
-        return hub.auth.verify(token.strip())
+        user = hub.auth.verify(token.strip())
+        g.user = user
+        require(user, action)
+        hub.check_rate(user, "rest")
+        return user
+
+    def origin() -> tuple[str, str]:
+        return request.remote_addr or "", request.headers.get("User-Agent", "")
+
+    def audit(user: User, action: str, resource: str, details: dict[str, Any]) -> None:
+        ip, agent = origin()
+        hub.audit.record(action, user_id=user.id, project_id=user.project_id, resource=resource,
+                         details=details, ip_address=ip, user_agent=agent)  # fmt: skip
 
     def for_project(user: User, project_id: str) -> None:
         if user.project_id != project_id:
@@ -111,6 +128,17 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.errorhandler(ProtocolError)
     async def protocol_error(exc: ProtocolError) -> Response:
+        user: User | None = g.get("user")
+        refused = {Unauthorized: "token_refused", Forbidden: "permission_refused",
+                   RateLimited: "rate_limited"}.get(type(exc))  # fmt: skip
+        if refused is not None:
+            ip, agent = origin()
+            hub.audit.record(
+                refused, user_id=user.id if user else None,
+                project_id=user.project_id if user else request.args.get("projectId"),
+                resource=f"{request.method} {request.path}", details={"message": exc.message},
+                ip_address=ip, user_agent=agent,
+            )  # fmt: skip
         return error_response(exc)
 
     @app.errorhandler(404)
@@ -144,8 +172,7 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.get("/api/collaboration/performance/metrics")
     async def performance_metrics() -> Response:
-        user = bearer()
-        require(user, "performance_metrics")
+        user = bearer("performance_metrics")
         project_id = project_param(user)
         series, server = monitor.recent(project_id), monitor.recent(None)
         firing = [a.to_wire() for a in monitor.engine.firing()
@@ -162,8 +189,7 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.post("/api/collaboration/performance/report")
     async def performance_report() -> Response:
-        user = bearer()
-        require(user, "performance_report")
+        user = bearer("performance_report")
         data = await body(ReportBody)
         if data.projectId is not None:
             for_project(user, data.projectId)
@@ -172,6 +198,8 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
         if end <= start:
             raise BadRequest("body.endDate: must be after body.startDate")
         report = await monitor.report(data.projectId, start, end)
+        audit(user, "export", f"performance:{data.projectId or 'server'}",
+              {"startDate": start, "endDate": end, "format": data.format})  # fmt: skip
         if data.format == "json":
             return _json(report)
         name = f"crealia-report-{data.projectId or 'server'}-{start}-{end}.csv"
@@ -181,8 +209,7 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.get("/api/collaboration/performance/stream")
     async def performance_stream() -> Response:
-        user = bearer(query=True)
-        require(user, "performance_metrics")
+        user = bearer("performance_metrics", query=True)
         project_id = project_param(user)
 
         async def events() -> AsyncIterator[bytes]:
@@ -202,11 +229,11 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.get("/api/projects/<project_id>/snapshot")
     async def snapshot(project_id: str) -> Response:
-        user = bearer()
+        user = bearer("snapshot_read")
         for_project(user, project_id)
         return _json(await hub.backplane.snapshot(project_id))
 
-    async def body(cls: type[T]) -> T:
+    async def json_body() -> dict[str, Any]:
         raw = await request.get_data(cache=False, as_text=False)
         try:
             value = orjson.loads(raw or b"{}")
@@ -214,7 +241,10 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise BadRequest("body: expected a JSON object")
-        return _wire.structure(value, cls, path="body")
+        return value
+
+    async def body(cls: type[T]) -> T:
+        return _wire.structure(await json_body(), cls, path="body")
 
     def project_param(user: User) -> str:
         project_id = request.args.get("projectId") or user.project_id
@@ -223,7 +253,7 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.get("/api/collaboration/conflicts")
     async def list_conflicts() -> Response:
-        user = bearer()
+        user = bearer("conflicts_read")
         project_id = project_param(user)
         status = request.args.get("status")
         if status not in (None, "pending", "resolved"):
@@ -234,8 +264,7 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.post("/api/collaboration/conflicts/detect")
     async def detect_conflicts() -> Response:
-        user = bearer()
-        require(user, "timeline_change")
+        user = bearer("conflicts_detect")
         data = await body(DetectBody)
         for_project(user, data.projectId or user.project_id)
         change = _wire.TimelineChange(change_id="dry-run", changes=data.changes)
@@ -243,36 +272,125 @@ def create_app(hub: Hub, monitor: Monitor) -> ASGIApp:
 
     @app.post("/api/collaboration/conflicts/<conflict_id>/resolve")
     async def resolve_conflict(conflict_id: str) -> Response:
-        user = bearer()
-        require(user, "conflict_resolve")
+        user = bearer("conflict_resolve")
         data = await body(ResolveBody)
         for_project(user, data.projectId or user.project_id)
         if data.choice == "custom" and data.value is _wire.MISSING:
             raise BadRequest("body.value: is required when choice is 'custom'")
         value = None if data.value is _wire.MISSING else data.value
         seq = await hub.resolve_by_hand(user, conflict_id, data.choice, value,
-                                        dismiss=data.dismiss)  # fmt: skip
+                                        dismiss=data.dismiss, origin=origin())  # fmt: skip
         return _json({"conflict_id": conflict_id, "seq": seq})
 
     @app.get("/api/projects/<project_id>/strategies")
     async def get_strategies(project_id: str) -> Response:
-        user = bearer()
+        user = bearer("strategies_read")
         for_project(user, project_id)
         chain = await hub.settler.chain(project_id)
         return _json({**chain.to_wire(), "available": hub.settler.registry.names()})
 
     @app.put("/api/projects/<project_id>/strategies")
     async def set_strategies(project_id: str) -> Response:
-        user = bearer()
+        user = bearer("strategies_write")
         for_project(user, project_id)
-        if user.role != "owner":
-            raise Forbidden(f"setting the strategy chain needs role owner; you are {user.role}")
         data = await body(ChainBody)
         try:
             chain = await hub.settler.set_chain(project_id, data.strategies, data.options)
         except ConfigurationError as exc:
             raise BadRequest(f"body.strategies: {exc}") from None
+        audit(user, "strategy_change", f"project:{project_id}", chain.to_wire())
         return _json({**chain.to_wire(), "available": hub.settler.registry.names()})
+
+    # -- audit, security alerts, GDPR -------------------------------------------------------
+
+    def audit_filters(user: User, source: Any) -> dict[str, Any]:
+        """Filters of an audit query, from query arguments or a JSON body (same names)."""
+        project_id = source.get("projectId") or user.project_id
+        for_project(user, project_id)
+        filters: dict[str, Any] = {"project_id": project_id}
+        for name, key in (("userId", "user_id"), ("action", "action")):
+            value = source.get(name)
+            if value is not None and not isinstance(value, str):
+                raise BadRequest(f"{name}: expected a string")
+            filters[key] = value
+        for name, key in (("startDate", "start_ms"), ("endDate", "end_ms")):
+            value = source.get(name)
+            filters[key] = None if value in (None, "") else _timestamp(value, name)
+        limit = source.get("limit", 1000)
+        try:
+            filters["limit"] = max(1, min(10_000, int(limit)))
+        except (TypeError, ValueError):
+            raise BadRequest("limit: expected an integer") from None
+        return filters
+
+    @app.get("/api/collaboration/audit")
+    async def audit_events() -> Response:
+        user = bearer("audit_read")
+        events = await hub.audit.query(**audit_filters(user, request.args))
+        return _json({"projectId": user.project_id, "events": [e.to_wire() for e in events]})
+
+    @app.post("/api/collaboration/audit/export")
+    async def audit_export() -> Response:
+        user = bearer("audit_export")
+        data = await json_body()
+        fmt = _format(data)
+        events = [e.to_wire() for e in await hub.audit.query(**audit_filters(user, data))]
+        audit(user, "export", "audit", {"events": len(events), "format": fmt})
+        if fmt == "json":
+            return _json({"projectId": user.project_id, "events": events})
+        return _csv(_table(events, AUDIT_COLUMNS), f"crealia-audit-{user.project_id}.csv")
+
+    @app.get("/api/collaboration/security/alerts")
+    async def security_alerts() -> Response:
+        user = bearer("security_alerts_read")
+        project_id = project_param(user)
+        status = request.args.get("status")
+        if status not in (None, "open", "resolved"):
+            raise BadRequest("status: must be open or resolved")
+        alerts = await security.alerts(project_id, status)
+        return _json({"projectId": project_id, "alerts": [a.to_wire() for a in alerts]})
+
+    @app.post("/api/collaboration/security/alerts/<alert_id>/resolve")
+    async def resolve_security_alert(alert_id: str) -> Response:
+        user = bearer("security_alert_resolve")
+        data = await json_body()
+        note = data.get("note", "")
+        if not isinstance(note, str) or len(note) > 2000:
+            raise BadRequest("body.note: expected a string of at most 2000 characters")
+        alert = await security.resolve(user.project_id, alert_id, by=user.id, note=note)
+        audit(user, "alert_resolution", f"security_alert:{alert_id}",
+              {"type": alert.type, "note": note})  # fmt: skip
+        return _json(alert.to_wire())
+
+    def gdpr_subject(user: User, data: dict[str, Any]) -> str:
+        for_project(user, data.get("projectId") or user.project_id)
+        subject = data.get("userId")
+        if not isinstance(subject, str) or not subject:
+            raise BadRequest("body.userId: required, the id of the user")
+        return subject
+
+    @app.post("/api/collaboration/gdpr/export")
+    async def gdpr_export() -> Response:
+        user = bearer("gdpr_export")
+        data = await json_body()
+        subject, fmt = gdpr_subject(user, data), _format(data)
+        await hub.audit.flush()  # what was just done is stored, so it is exported too
+        stored = await hub.backplane.user_data(user.project_id, subject)
+        audit(user, "export", f"user:{subject}", {"format": fmt, "kind": "gdpr"})
+        export = {"userId": subject, "projectId": user.project_id,
+                  "exportedAt": iso_time(time.time()), **stored}  # fmt: skip
+        if fmt == "json":
+            return _json(export)
+        return _csv(_gdpr_rows(export), f"crealia-user-{subject}.csv")
+
+    @app.post("/api/collaboration/gdpr/erase")
+    async def gdpr_erase() -> Response:
+        user = bearer("gdpr_erase")
+        data = await json_body()
+        subject = gdpr_subject(user, data)
+        pseudonym, counts = await _gdpr.erase_user(hub, security, user.project_id, subject)
+        audit(user, "erasure", f"user:{pseudonym}", {"erased": counts})
+        return _json({"userId": subject, "pseudonym": pseudonym, "erased": counts})
 
     return websocket_route(hub, app)  # type: ignore[arg-type]
 
@@ -298,6 +416,49 @@ def _timestamp(value: Any, path: str) -> int:
             moment = moment.replace(tzinfo=datetime.UTC)
         return int(moment.timestamp() * 1000)
     raise BadRequest(f"{path}: expected an ISO 8601 date or epoch milliseconds")
+
+
+AUDIT_COLUMNS = ("id", "timestamp", "userId", "projectId", "action", "resource", "severity",
+                 "riskScore", "ipAddress", "userAgent", "details")  # fmt: skip
+
+
+def _format(data: dict[str, Any]) -> str:
+    fmt = data.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise BadRequest("body.format: must be json or csv")
+    return str(fmt)
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return _wire.dumps(value).decode()
+    return value
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[list[Any]]:
+    return [list(columns)] + [[_cell(row.get(c)) for c in columns] for row in rows]
+
+
+def _gdpr_rows(export: dict[str, Any]) -> list[list[Any]]:
+    """A user's export as one CSV table: one row per stored item, its data as JSON."""
+    rows: list[list[Any]] = [["kind", "id", "seq", "at", "data"]]
+    for kind, key in (("comment", "comments"), ("edit", "edits"), ("conflict", "conflicts"),
+                      ("audit", "audit")):  # fmt: skip
+        for item in export[key]:
+            ident = item.get("id") or item.get("payload", {}).get("change_id", "")
+            at = item.get("at") or item.get("timestamp") or item.get("created_at")
+            rows.append([kind, ident, _cell(item.get("seq")), _cell(at), _cell(item)])
+    return rows
+
+
+def _csv(rows: list[list[Any]], filename: str) -> Response:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    response = Response(out.getvalue().encode(), content_type="text/csv; charset=utf-8")
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
 
 
 def _report_csv(report: dict[str, Any]) -> bytes:

@@ -338,6 +338,12 @@ class Monitor:
             self._subscribers.discard(subscriber)
             send.close()
 
+    def publish_security_alert(self, alert: Any) -> None:
+        """Feed a new or resolved security alert to its project's subscribers (alerts about no
+        project, e.g. cross-site attempts, go to logs and webhooks only)."""
+        if alert.project_id is not None:
+            self._publish("security_alert", alert.to_wire())
+
     def _publish(self, kind: str, data: dict[str, Any]) -> None:
         project_id = data.get("projectId")
         for subscriber in list(self._subscribers):
@@ -348,7 +354,8 @@ class Monitor:
                     subscriber.dropped += 1
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     self._subscribers.discard(subscriber)
-        envelope = _wire.envelope("metrics_sample" if kind == "metrics" else "alert", data)
+        push = {"metrics": "metrics_sample"}.get(kind, kind)
+        envelope = _wire.envelope(push, data)
         for session in list(self.hub.metric_subscribers.values()):
             if project_id is None or project_id == session.user.project_id:
                 session.push(1, envelope)

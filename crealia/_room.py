@@ -146,6 +146,7 @@ class Room:
             self.failure = exc
         finally:
             self.closed = True
+            self._nursery = None  # closed: members leaving now have no one to tell
             self.ready.set()
             self.manager._forget(self)
             for session in [*self.sessions.values(), *(j.session for j in self._joining.values())]:
@@ -461,6 +462,8 @@ class RoomManager:
     #: The server's counters (the hub counts into the same object).
     traffic: Traffic = attrs.Factory(Traffic)
     rooms: dict[str, Room] = attrs.Factory(dict)
+    #: Projects that may not open now (a GDPR erasure is rewriting them).
+    blocked: set[str] = attrs.Factory(set)
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -477,6 +480,8 @@ class RoomManager:
             Overloaded: the room could not open (storage or backplane unavailable).
         """
         while True:
+            if project_id in self.blocked:
+                raise Overloaded(f"project {project_id!r} is being rewritten; retry shortly")
             room = self.rooms.get(project_id)
             if room is None or room.closed:
                 if self._nursery is None:
@@ -495,6 +500,14 @@ class RoomManager:
                 raise Overloaded(f"cannot open project {project_id!r}: {room.failure}")
             if not room.closed:
                 return room
+
+    async def close(self, project_id: str) -> None:
+        """Close the project's room (its sessions get 1011) and wait until it let go."""
+        room = self.rooms.get(project_id)
+        if room is not None:
+            room.close()
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await room.done.wait()
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.project_id) is room:

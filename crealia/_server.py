@@ -14,6 +14,7 @@ import hypercorn.trio
 import trio
 
 from ._alerts import AlertEngine, AlertNotifier
+from ._audit import AuditLog
 from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
@@ -21,7 +22,9 @@ from ._http import create_app
 from ._metrics import Traffic
 from ._monitor import Monitor
 from ._plugins import AlertRuleRegistry, StrategyRegistry
+from ._ratelimit import RateLimiter, rate_limits
 from ._room import RoomManager
+from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
 from ._storage import Store, open_store
@@ -39,6 +42,7 @@ class Server:
     hub: Hub
     store: Store
     monitor: Monitor
+    security: SecurityMonitor
     http_port: int
     ws_port: int
     _stop_http: trio.Event
@@ -93,33 +97,59 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     registry = StrategyRegistry.discover(config.strategies)
     registry.check(list(config.strategy_chain))  # before anything is created on disk
     rules = AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
+    limits = rate_limits(config.rate_limits)
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
     async with open_store(config.data_dir) as store, _open_backplane(config, store) as backplane:
-        settler = Settler(registry=registry, backplane=backplane, config=config)
+        audit = AuditLog(store, retention_days=config.audit_log_retention_days)
+        settler = Settler(registry=registry, backplane=backplane, config=config, audit=audit)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
+            limiter = RateLimiter(
+                limits,
+                config.rate_limit_window_ms,
+                shared=backplane if config.redis_url else None,
+            )
+            await nursery.start(limiter.run)
             traffic = Traffic()
             rooms = RoomManager(backplane, config, settler, traffic=traffic)
             await nursery.start(rooms.run)
             hub = Hub(
                 config=config,
-                auth=TokenAuthority(secret, leeway=config.jwt_leeway),
+                auth=TokenAuthority.from_config(config, fallback_secret=secret),
                 backplane=backplane,
                 rooms=rooms,
                 settler=settler,
+                audit=audit,
+                limiter=limiter,
                 traffic=traffic,
             )
+            notifier = AlertNotifier(config.alert_webhooks)
             monitor = Monitor(
                 config=config,
                 store=store,
                 backplane=backplane,
                 hub=hub,
                 engine=AlertEngine(rules, hold=config.alert_hold),
-                notifier=AlertNotifier(config.alert_webhooks),
+                notifier=notifier,
                 traffic=traffic,
             )
+            security = SecurityMonitor(
+                store=store,
+                rules=[rule for rule in rules if isinstance(rule, AuditRule)],
+                context=AuditContext(threshold=config.security_alert_threshold,
+                                     window=config.security_alert_window),
+                notifier=notifier,
+                on_change=monitor.publish_security_alert,
+            )  # fmt: skip
+            audit.observers.append(security.observe)
+            await nursery.start(security.run)
+            await nursery.start(audit.run)
             await nursery.start(monitor.run)
-            ws_port = await nursery.start(serve_trio_websocket, hub, config.host, config.ws_port)
+            bound: dict[str, int] = {}  # the HTTP port, once hypercorn has it (for same-origin)
+            ws_port = await nursery.start(
+                partial(serve_trio_websocket, http_port=lambda: bound.get("http")),
+                hub, config.host, config.ws_port,
+            )  # fmt: skip
             stop_http = trio.Event()
             hconfig = hypercorn.config.Config()
             hconfig.bind = [f"{config.host}:{config.port}"]
@@ -128,16 +158,17 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
             _install_http_deflate(config.max_frame_bytes)
-            app: Any = create_app(hub, monitor)
+            app: Any = create_app(hub, monitor, security)
             binds = await nursery.start(
                 partial(hypercorn.trio.serve, app, hconfig, shutdown_trigger=stop_http.wait)
             )
-            http_port = int(binds[0].rsplit(":", 1)[1])
+            http_port = bound["http"] = int(binds[0].rsplit(":", 1)[1])
             server = Server(
                 config=config,
                 hub=hub,
                 store=store,
                 monitor=monitor,
+                security=security,
                 http_port=http_port,
                 ws_port=ws_port,
                 stop_http=stop_http,

@@ -22,21 +22,25 @@ import attrs
 import trio
 
 from . import _wire
+from ._audit import AuditLog
 from ._auth import TokenAuthority, User, require
 from ._backplane import Backplane
 from ._config import Config
 from ._errors import (
     BadRequest,
+    Forbidden,
     InternalError,
     NotFound,
     Overloaded,
     ProtocolError,
+    RateLimited,
     TooLarge,
     TransportError,
     Unauthorized,
 )
 from ._logging import log_context
 from ._metrics import Traffic
+from ._ratelimit import RateLimiter, event_class
 from ._room import Room, RoomManager
 from ._settle import Settler
 from ._strategy import Resolution
@@ -63,8 +67,9 @@ class Connection(ABC):
     (close 1007) itself; the core sees only whole messages.
     """
 
-    #: Remote address, for logs and audit.
+    #: Remote address and the client's User-Agent header, for logs and audit.
     remote: str = ""
+    user_agent: str = ""
 
     @abstractmethod
     async def receive(self) -> str | bytes:
@@ -297,9 +302,13 @@ class Hub:
     backplane: Backplane
     rooms: RoomManager
     settler: Settler
+    audit: AuditLog
+    limiter: RateLimiter
     #: Everything the server's sessions sent and received (each room keeps its own too).
     traffic: Traffic = attrs.Factory(Traffic)
     accepting: bool = True
+    #: Per (user, class): when a rate-limited refusal was last audited, and refusals since.
+    _limited: dict[tuple[str, str], tuple[float, int]] = attrs.Factory(dict)
     #: Sessions that asked for the live metrics feed, by session id.
     metric_subscribers: dict[str, Session] = attrs.Factory(dict)
     #: Every live connection (also before ``hello``), for shutdown.
@@ -315,6 +324,7 @@ class Hub:
         code, reason = 1000, ""
         session: Session | None = None
         room: Room | None = None
+        joined = False
         try:
             if not self.accepting:
                 raise _Close(1001, "server shutting down")
@@ -329,6 +339,9 @@ class Hub:
             with session.scope:
                 room.add_joining(session)
                 await self._welcome(session, room, hello, ref)
+                joined = True
+                self._audit(session, "join", f"project:{user.project_id}",
+                            {"session_id": session.id, "role": user.role})  # fmt: skip
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(session.writer)
@@ -355,6 +368,9 @@ class Hub:
                 code, reason = session.close_code, session.close_reason
             if session is not None:
                 log.info("session closed", extra={"code": code, "reason": reason})
+                if joined:
+                    self._audit(session, "leave", f"project:{session.user.project_id}",
+                                {"session_id": session.id, "code": code})  # fmt: skip
             if session is not None and session.sending:
                 # Cancelled in the middle of a frame: a close frame now would be garbage.
                 await conn.abort()
@@ -380,6 +396,9 @@ class Hub:
             try:
                 user = self.auth.verify(hello.token, hello.project_id)
             except Unauthorized as exc:
+                self.audit.record("token_refused", user_id=None, project_id=hello.project_id,
+                                  resource="websocket", details={"reason": exc.message},
+                                  ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
                 await conn.send(_wire.error_envelope(exc, envelope.ref))
                 raise _Close(4401, "unauthorized") from None
             return user, hello, envelope.ref
@@ -441,8 +460,15 @@ class Hub:
                 for counted in (traffic, room_traffic):
                     counted.received(kind, len(frame))
                     counted.refused(exc.code)
+                if isinstance(exc, Forbidden):
+                    self._audit(session, "permission_refused", kind, {"message": exc.message})
+                elif isinstance(exc, RateLimited):
+                    self._audit_rate_limited(session, kind, exc)
                 if not isinstance(exc, Overloaded):
                     session.strike()
+                    if session.close_code == 4429:
+                        self._audit(session, "abuse_closed", "websocket",
+                                    {"reason": session.close_reason})  # fmt: skip
                 continue
             except Exception as exc:
                 # A bug must cost one reply, not the session or the server.
@@ -466,6 +492,7 @@ class Hub:
         if kind == "hello":
             raise BadRequest("type: hello was already accepted on this connection")
         require(user, kind)
+        self.check_rate(user, event_class(kind))
         match kind:
             case "cursor_update" | "element_active" | "typing_start" | "typing_stop":
                 slot = {"cursor_update": "cursor", "element_active": "active"}.get(kind, "typing")
@@ -493,6 +520,13 @@ class Hub:
                 for counted in (self.traffic, room.traffic):
                     counted.changes += 1
                     counted.conflicted_changes += conflicted
+                details = {
+                    "status": outcome.status,
+                    "seq": outcome.seq,
+                    "operations": len(data.changes),
+                    "conflicts": outcome.conflicts,
+                }
+                self._audit(session, "edit", f"timeline:{data.change_id}", details)
                 return "ack", outcome.to_wire()
             case "comment_add":
                 if len(data.comment.text) > self.config.comment_max_chars:
@@ -500,13 +534,18 @@ class Hub:
                         f"data.comment.text: longer than {self.config.comment_max_chars} characters"
                     )
                 seq, duplicate = await self.backplane.commit_comment(user, data.comment)
-                return "ack", {"seq": seq, "status": "duplicate" if duplicate else "applied"}
+                status = "duplicate" if duplicate else "applied"
+                self._audit(session, "comment", f"comment:{data.comment.id}",
+                            {"seq": seq, "status": status})  # fmt: skip
+                return "ack", {"seq": seq, "status": status}
             case "conflict_resolve":
                 value = None if data.value is _wire.MISSING else data.value
-                await self.resolve_by_hand(user, data.conflict_id, data.choice, value)
+                await self.resolve_by_hand(user, data.conflict_id, data.choice, value,
+                                           origin=_origin(session))  # fmt: skip
                 return "ack", {}
             case "conflict_dismiss":
-                await self.resolve_by_hand(user, data.conflict_id, "current", None, dismiss=True)
+                await self.resolve_by_hand(user, data.conflict_id, "current", None, dismiss=True,
+                                           origin=_origin(session))  # fmt: skip
                 return "ack", {}
             case "metrics_subscribe":
                 self.metric_subscribers[session.id] = session
@@ -520,7 +559,14 @@ class Hub:
                 raise NotFound(f"data.session_id: no live session {data.session_id!r}")
 
     async def resolve_by_hand(
-        self, user: User, conflict_id: str, choice: str, value: Any, *, dismiss: bool = False
+        self,
+        user: User,
+        conflict_id: str,
+        choice: str,
+        value: Any,
+        *,
+        dismiss: bool = False,
+        origin: tuple[str, str] = ("", ""),
     ) -> int:
         """Settle a pending conflict as a person (WebSocket or REST); returns its seq.
 
@@ -550,7 +596,49 @@ class Hub:
             user.project_id, conflict_id, resolution, by=user.id, writer=user.id,
             expect_seq=expect, redetect=False,
         )  # fmt: skip
+        self.audit.record(
+            "conflict_resolution", user_id=user.id, project_id=user.project_id,
+            resource=f"conflict:{conflict_id}", ip_address=origin[0], user_agent=origin[1],
+            details={"choice": choice, "dismissed": dismiss, "strategy": "manual",
+                     "seq": settled.seq},
+        )  # fmt: skip
         return settled.seq
+
+    def check_rate(self, user: User, cls: str) -> None:
+        """Raises:
+        RateLimited: ``user`` is over the limit of event class ``cls``.
+        """
+        wait = self.limiter.check(user.id, cls)
+        if wait:
+            raise RateLimited(f"too many {cls} requests: retry in {wait} ms", retry_after_ms=wait)
+
+    def _audit_rate_limited(self, session: Session, kind: str, exc: RateLimited) -> None:
+        """Audit a refusal for rate, at most once per ``audit_rate_limited_every`` seconds per
+        user and class (with how many refusals it stands for)."""
+        key = (session.user.id, event_class(kind))
+        now = trio.current_time()
+        last, count = self._limited.get(key, (-math.inf, 0))
+        if now - last < self.config.audit_rate_limited_every:
+            self._limited[key] = (last, count + 1)
+            return
+        if len(self._limited) > 10_000:
+            self._limited.clear()  # bounded; only costs a few extra audit events
+        self._limited[key] = (now, 0)
+        self._audit(session, "rate_limited", kind,
+                    {"message": exc.message, "refused": count + 1})  # fmt: skip
+
+    def _audit(self, session: Session, action: str, resource: str,
+               details: dict[str, Any]) -> None:  # fmt: skip
+        user, conn = session.user, session.conn
+        self.audit.record(action, user_id=user.id, project_id=user.project_id, resource=resource,
+                          details=details, ip_address=conn.remote,
+                          user_agent=conn.user_agent)  # fmt: skip
+
+    def on_origin_refused(self, origin: str, remote: str, user_agent: str = "") -> None:
+        """A transport refused a WebSocket from a site not allowed (cross-site hijacking)."""
+        self.audit.record("origin_refused", user_id=None, project_id=None, resource="websocket",
+                          details={"origin": origin[:200]}, ip_address=remote,
+                          user_agent=user_agent)  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""
@@ -580,6 +668,11 @@ def _chunks(frames: list[bytes]) -> list[list[bytes]]:
     if current:
         out.append(current)
     return out
+
+
+def _origin(session: Session) -> tuple[str, str]:
+    """Where a session's messages come from: (remote address, User-Agent)."""
+    return session.conn.remote, session.conn.user_agent
 
 
 async def _send_quietly(conn: Connection, frame: bytes) -> None:

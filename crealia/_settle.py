@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from ._audit import AuditLog
 from ._backplane import Backplane, Conflict
 from ._config import Config
 from ._errors import ConfigurationError, NotFound, ProtocolError
@@ -60,6 +61,8 @@ class Settler:
     registry: StrategyRegistry
     backplane: Backplane
     config: Config
+    #: Where strategies' resolutions are audited (set by the server).
+    audit: AuditLog | None = None
     _chains: dict[str, Chain] = attrs.Factory(dict)
     #: Conflicts settled and declined by the whole chain, for the resolution-rate metric.
     settled: int = 0
@@ -200,6 +203,13 @@ class Settler:
                 self.unsettled += 1
                 return None
             self.settled += 1
+            if self.audit is not None:
+                self.audit.record(
+                    "conflict_resolution", user_id=None, project_id=conflict.project_id,
+                    resource=f"conflict:{conflict.id}",
+                    details={"strategy": name, "choice": answer.choice, "author": author,
+                             "confidence": answer.confidence, "seq": settled.seq},
+                )  # fmt: skip
             return settled.redetected
         self.unsettled += 1
         return None

@@ -102,6 +102,28 @@ CREATE TABLE IF NOT EXISTS alerts (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started_at);
+CREATE TABLE IF NOT EXISTS audit_events (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL,
+    project_id TEXT,
+    user_id TEXT,
+    action TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    risk INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_project ON audit_events (project_id, at);
+CREATE INDEX IF NOT EXISTS audit_user ON audit_events (user_id, at);
+CREATE INDEX IF NOT EXISTS audit_at ON audit_events (at);
+CREATE TABLE IF NOT EXISTS security_alerts (
+    id TEXT PRIMARY KEY,
+    project_id TEXT,
+    type TEXT NOT NULL,
+    resolved INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS security_alerts_project ON security_alerts (project_id, created_at);
 CREATE TABLE IF NOT EXISTS health (
     id INTEGER PRIMARY KEY,
     at INTEGER NOT NULL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
@@ -44,6 +45,11 @@ class Receiver:
             self._arrived = trio.Event()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        # A sender that hangs up mid-request (a server shutting down) is not the receiver's error.
+        with contextlib.suppress(h11.RemoteProtocolError, trio.BrokenResourceError):
+            await self._exchange(stream)
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
         async with stream:
             conn = h11.Connection(h11.SERVER)
             body = b""

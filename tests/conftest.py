@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,15 @@ def make_config(data_dir: Path, **overrides: object) -> Config:
 @pytest.fixture
 async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Server]:
     """The server, in this test's nursery. ``@pytest.mark.chain("manual", ...)`` sets the default
-    strategy chain (e.g. to keep conflicts pending for a person)."""
+    strategy chain (e.g. to keep conflicts pending for a person);
+    ``@pytest.mark.settings(**config)`` overrides config fields."""
     overrides: dict[str, object] = {}
     marker = request.node.get_closest_marker("chain")
     if marker is not None:
         overrides["strategy_chain"] = tuple(marker.args)
+    settings = request.node.get_closest_marker("settings")
+    if settings is not None:
+        overrides.update(settings.kwargs)
     async with open_server(make_config(tmp_path / "data", **overrides)) as srv:
         yield srv
 
@@ -90,3 +95,13 @@ async def clients(server: Server, endpoint: str, nursery: trio.Nursery) -> Async
         yield opened
     finally:
         await opened.aclose()
+
+
+@asynccontextmanager
+async def opened(server: Server, nursery: trio.Nursery) -> AsyncIterator[Clients]:
+    """Raw clients of ``server``'s fast path, closed when the block ends."""
+    clients = Clients(server, "ws", nursery)
+    try:
+        yield clients
+    finally:
+        await clients.aclose()

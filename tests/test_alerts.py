@@ -394,6 +394,7 @@ def test_alert_wire_form_round_trips() -> None:
     wire = alert.to_wire()
     assert wire == {
         "id": alert.id,
+        "category": "performance",
         "rule": "latency",
         "level": "critical",
         "state": "firing",

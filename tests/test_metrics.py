@@ -15,7 +15,6 @@ import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from crealia._storage import dumps
 from ._http_receiver import start_receiver
 from ._process import run_server
 from ._wsclient import RawClient, open_raw_client
-from .conftest import JWT_SECRET, Clients, make_config
+from .conftest import JWT_SECRET, Clients, make_config, opened
 
 SEED_FIELDS = {
     "activeUsers", "activeProjects", "activeSessions", "websocketConnections", "webrtcStreams",
@@ -53,16 +52,6 @@ async def quiet(tmp_path: Path) -> AsyncIterator[Server]:
 async def clients(quiet: Server, nursery: trio.Nursery) -> AsyncIterator[Clients]:
     async with opened(quiet, nursery) as clients:
         yield clients
-
-
-@asynccontextmanager
-async def opened(server: Server, nursery: trio.Nursery) -> AsyncIterator[Clients]:
-    """Raw clients of ``server``'s fast path, closed when the block ends."""
-    clients = Clients(server, "ws", nursery)
-    try:
-        yield clients
-    finally:
-        await clients.aclose()
 
 
 async def join(clients: Clients, user: str, project: str = "p1", role: str = "owner") -> RawClient:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from .conftest import Clients
@@ -50,6 +51,8 @@ async def test_resume_from_the_future_gets_a_snapshot(clients: Clients) -> None:
         assert b.welcome["snapshot"]["versions"]["clip"] == {"v": 2}
 
 
+# Floods on purpose: not what the rate limits are for here.
+@pytest.mark.settings(rate_limits={"cursor": "off", "edit": "off", "comment": "off"})
 async def test_resume_too_far_behind_gets_a_snapshot(clients: Clients) -> None:
     limit = clients.server.config.history_limit
     clients.server.hub.backplane.history_limit = 1000  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 import trio_websocket
 
@@ -33,7 +34,9 @@ async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
 async def test_slow_consumer_is_closed_with_4409_and_room_goes_on(
     tmp_path: Path, nursery: trio.Nursery, endpoint: str
 ) -> None:
-    config = make_config(tmp_path, outbox_frames=64, outbox_bytes=2 * 1024 * 1024)
+    # Floods on purpose: not what the rate limits are for here.
+    config = make_config(tmp_path, outbox_frames=64, outbox_bytes=2 * 1024 * 1024,
+                         rate_limits={"comment": "off"})  # fmt: skip
     async with open_server(config) as server:
         clients = Clients(server, endpoint, nursery)
         writer = await clients.join("writer")
@@ -209,6 +212,8 @@ async def test_flood_of_garbage_is_closed_with_4429_and_others_go_on(clients: Cl
         assert reply["type"] == "pong"
 
 
+# Floods on purpose: not what the rate limits are for here.
+@pytest.mark.settings(rate_limits={"cursor": "off", "edit": "off", "comment": "off"})
 async def test_flood_of_cursors_is_coalesced_and_others_go_on(clients: Clients) -> None:
     with trio.fail_after(20):
         watcher = await clients.join("watcher")

@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from .._origin import OriginPolicy, header, refusal_body, report_refusal
 from .._session import Connection, ConnectionClosed, Hub
 
 Scope = MutableMapping[str, Any]
@@ -31,6 +32,7 @@ class ASGIWebSocketConnection(Connection):
         self._closed = False
         client = scope.get("client")
         self.remote = client[0] if client else ""
+        self.user_agent = header(scope.get("headers") or [], b"user-agent") or ""
 
     async def receive(self) -> str | bytes:
         if self._closed:
@@ -75,7 +77,12 @@ class ASGIWebSocketConnection(Connection):
 
 
 def websocket_route(hub: Hub, app: ASGIApp, path: str = "/ws") -> ASGIApp:
-    """Wrap ``app`` so that websocket requests to ``path`` go to the hub."""
+    """Wrap ``app`` so that websocket requests to ``path`` go to the hub.
+
+    Handshakes whose ``Origin`` the config's ``allowed_origins`` does not allow (same-origin: the
+    ``Host`` header's) are answered 403 before they are accepted (see :mod:`crealia._origin`).
+    """
+    origins = OriginPolicy.from_origins(hub.config.allowed_origins)
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "websocket" or scope.get("path") != path:
@@ -87,6 +94,13 @@ def websocket_route(hub: Hub, app: ASGIApp, path: str = "/ws") -> ASGIApp:
         if not hub.accepting:
             await send({"type": "websocket.close", "code": 1001})
             return
+        headers = scope.get("headers") or []
+        origin = header(headers, b"origin")
+        if origin is not None and not origins.allows(origin, header(headers, b"host")):
+            client = scope.get("client")
+            report_refusal(hub, origin, str(client[0]) if client else "")
+            await _refuse(scope, send, refusal_body(origin))
+            return
         offered = scope.get("subprotocols") or []
         accept: dict[str, Any] = {"type": "websocket.accept"}
         if SUBPROTOCOL in offered:
@@ -95,3 +109,25 @@ def websocket_route(hub: Hub, app: ASGIApp, path: str = "/ws") -> ASGIApp:
         await hub.serve_connection(ASGIWebSocketConnection(scope, receive, send))
 
     return route
+
+
+async def _refuse(scope: Scope, send: Send, body: bytes) -> None:
+    """Answer a websocket handshake with 403 and ``body``.
+
+    With the ASGI WebSocket Denial Response extension (hypercorn has it) the body is sent;
+    without it a close before accept is the only way, and the server answers 403 on its own.
+    """
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -1,9 +1,10 @@
 """The fast-path client transport: trio-websocket on its own port.
 
-It reaches into trio-websocket 0.12's connection internals in two places, both checked when a
-connection is wrapped and pinned by setup.cfg (``<0.13``): writing frames straight to the socket
-under the connection's own send lock, and closing the TCP stream that trio-websocket leaves open
-when the peer closed first.
+It reaches into trio-websocket 0.12's internals in three places, pinned by setup.cfg (``<0.13``):
+writing frames straight to the socket under the connection's own send lock, closing the TCP
+stream that trio-websocket leaves open when the peer closed first (both checked when a
+connection is wrapped), and reading the handshake's ``Host`` (for the Origin check: a request
+without it can only come from an allow-listed origin or none).
 
 Each accepted WebSocket is wrapped in a :class:`~crealia._session.Connection` and served by the
 hub in the handler nursery that trio-websocket gives it. trio-websocket enforces the frame limit
@@ -13,6 +14,7 @@ hub in the handler nursery that trio-websocket gives it. trio-websocket enforces
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -20,6 +22,7 @@ import trio
 import trio_websocket
 from wsproto.events import TextMessage
 
+from .._origin import OriginPolicy, header, refusal_body, report_refusal
 from .._session import Connection, ConnectionClosed, Hub
 
 SUBPROTOCOL = "crealia.v1"
@@ -28,10 +31,11 @@ SUBPROTOCOL = "crealia.v1"
 class TrioWebSocketConnection(Connection):
     """A :class:`Connection` over a trio-websocket server connection."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def __init__(self, ws: trio_websocket.WebSocketConnection, user_agent: str = "") -> None:
         self._ws = ws
+        self.user_agent = user_agent
         remote = ws.remote
-        self.remote = getattr(remote, "address", str(remote))
+        self.remote = str(getattr(remote, "address", remote))
         stream = getattr(ws, "_stream", None)
         socket = getattr(stream, "socket", None)
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket else -1
@@ -116,19 +120,44 @@ async def serve_trio_websocket(
     host: str,
     port: int,
     *,
+    http_port: Callable[[], int | None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the hub's WebSocket protocol on ``ws://host:port/ws``; reports the bound port."""
+    """Serve the hub's WebSocket protocol on ``ws://host:port/ws``; reports the bound port.
+
+    Handshakes whose ``Origin`` the config's ``allowed_origins`` does not allow get 403 (see
+    :mod:`crealia._origin`). Same-origin here also means a page of the HTTP app: the same host
+    with the HTTP port, which ``http_port`` tells when asked (it may be bound after this
+    transport starts); without it, the configured ``port`` when it is not 0.
+    """
+    origins = OriginPolicy.from_origins(hub.config.allowed_origins)
+
+    def same_origin_ports() -> tuple[int, ...]:
+        known = http_port() if http_port is not None else hub.config.port
+        return (known,) if known else ()
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         if request.path.split("?", 1)[0] != "/ws":
             await request.reject(404, body=b"not found: the WebSocket endpoint is /ws")
             return
+        origin = header(request.headers, b"origin")
+        # wsproto keeps Host out of the extra headers, on the handshake event.
+        host = getattr(getattr(request, "_event", None), "host", None)
+        if origin is not None and not origins.allows(origin, host, same_origin_ports()):
+            remote = request.remote
+            report_refusal(hub, origin, str(getattr(remote, "address", remote)))
+            await request.reject(
+                403,
+                extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
+                body=refusal_body(origin),
+            )
+            return
         if not hub.accepting:
             await request.reject(503, body=b"server shutting down")
             return
         ws = await _accept(request, hub.config.max_frame_bytes)
-        await hub.serve_connection(TrioWebSocketConnection(ws))
+        agent = header(request.headers, b"user-agent") or ""
+        await hub.serve_connection(TrioWebSocketConnection(ws, agent))
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(

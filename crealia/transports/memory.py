@@ -18,12 +18,13 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
-from .. import _wire
+from .. import _gdpr, _wire
 from .._auth import User
 from .._backplane import (
     Backplane,
@@ -458,6 +459,23 @@ class MemoryBackplane(Backplane):
     async def publish(self, message: Ephemeral) -> None:
         for listener in list(self._listeners.get(message.project_id, ())):
             listener.on_ephemeral(message)
+
+    async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
+        try:
+            return await self.store.read(partial(_gdpr.collect, project_id=project_id,
+                                                 user_id=user_id))  # fmt: skip
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+
+    async def erase_user(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
+        if self._listeners.get(project_id):
+            raise Overloaded(f"project {project_id!r} is open; close its room first")
+        self._projects.pop(project_id, None)  # reloaded from the rewritten store on demand
+        try:
+            return await self.store.read(partial(_gdpr.erase, project_id=project_id,
+                                                 user_id=user_id, pseudonym=pseudonym))  # fmt: skip
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
 
     async def check(self) -> None:
         await self.store.check()

@@ -97,6 +97,28 @@ return 1
 """
 
 
+# GCRA for rate limits shared by the cluster (see ``crealia._ratelimit``): per name, the TAT in
+# epoch milliseconds on Redis's own clock, expiring once it has passed. ARGV holds a (cost,
+# emission interval) pair per key; the answer is each TAT's lead over Redis's now, as a string
+# (a Lua number would come back truncated to an integer).
+_RATE_LIMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local out = {}
+for i = 1, #KEYS do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  tat = tat + tonumber(ARGV[2 * i - 1]) * tonumber(ARGV[2 * i])
+  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
+  out[i] = string.format('%.3f', tat - now)
+end
+return out
+"""
+
+#: Rate-limit updates per script call: bounds how long one call holds Redis.
+RATE_LIMIT_BATCH = 500
+
+
 def _key(project_id: str, what: str) -> str:
     return f"crealia:{{{project_id}}}:{what}"
 
@@ -143,6 +165,7 @@ class _RedisThreads:
         self._limiter = trio.CapacityLimiter(16)
         self.commit_script = self.client.register_script(_COMMIT)
         self.snapshot_script = self.client.register_script(_SNAPSHOT)
+        self.rate_limit_script = self.client.register_script(_RATE_LIMIT)
 
     async def run(self, fn: Callable[[redis.Redis], T]) -> T:
         """Run ``fn(client)`` in a worker thread.
@@ -638,6 +661,25 @@ class RedisBackplane(Backplane):
         for share in await self.redis.run(read):
             members.extend(share)
         return members
+
+    async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float]:
+        script = self.redis.rate_limit_script
+        batches = [updates[i : i + RATE_LIMIT_BATCH]
+                   for i in range(0, len(updates), RATE_LIMIT_BATCH)]  # fmt: skip
+
+        def sync(client: redis.Redis) -> Any:
+            pipe = client.pipeline(transaction=False)
+            for batch in batches:
+                keys = [f"crealia:rl:{name}" for name, _cost, _interval in batch]
+                args: list[str | int] = []
+                for _name, cost, interval in batch:
+                    args += (cost, repr(interval))
+                script(keys=keys, args=args, client=pipe)
+            return pipe.execute()
+
+        if not updates:
+            return []
+        return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
 
     async def check(self) -> None:
         def ping(client: redis.Redis) -> Any:

@@ -1,0 +1,142 @@
+"""The WebSocket Origin allow-list: refuse cross-site WebSocket hijacking.
+
+Browsers send an ``Origin`` header with every WebSocket handshake and let any page open a
+WebSocket to any server; only the server can refuse a page of another site. Both transports ask
+:class:`OriginPolicy` before they accept a handshake and answer 403 when it says no.
+
+The rules:
+
+- no ``Origin`` header (Python programs, the CLI, other non-browser clients): allowed;
+- ``allowed_origins`` holds ``*``: every origin is allowed;
+- the origin is in ``allowed_origins`` (exact ``scheme://host[:port]``, host case-insensitive,
+  default ports normalized away): allowed;
+- otherwise only the same origin is: the page's origin must name the host and port of the
+  ``Host`` header (http or https), or the same host with one of the server's other ports (the
+  fast path counts the HTTP app's port, since the app's pages connect to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._errors import ConfigurationError
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(value: str) -> str | None:
+    """``scheme://host[:port]`` in canonical form (lower case, no default port), or ``None``
+    when ``value`` is not an http(s) origin (``null``, a path, another scheme, a bad port)."""
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host or parts.username or parts.password:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_allowed_origins(value: str | Iterable[str]) -> tuple[str, ...]:
+    """The ``allowed_origins`` setting: a comma-separated string or a list of origins, each
+    normalized, or ``*``.
+
+    Raises:
+        ConfigurationError: an entry is not an http(s) origin.
+    """
+    entries = value.split(",") if isinstance(value, str) else list(value)
+    origins: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ConfigurationError(f"allowed_origins: expected strings, got {entry!r}")
+        entry = entry.strip()
+        if not entry:
+            continue
+        if entry == "*":
+            origins.append("*")
+            continue
+        origin = normalize_origin(entry)
+        if origin is None:
+            raise ConfigurationError(
+                f"allowed_origins: {entry!r} is not an origin: expected scheme://host[:port] "
+                "with scheme http or https, or *"
+            )
+        origins.append(origin)
+    return tuple(dict.fromkeys(origins))
+
+
+@attrs.frozen
+class OriginPolicy:
+    """Which browser origins may open a WebSocket (the rules are in this module's docstring)."""
+
+    allowed: frozenset[str] = frozenset()
+    any: bool = False
+
+    @classmethod
+    def from_origins(cls, origins: Iterable[str]) -> OriginPolicy:
+        """A policy for the ``allowed_origins`` setting.
+
+        Raises:
+            ConfigurationError: an entry is not an origin.
+        """
+        parsed = parse_allowed_origins(origins)
+        return cls(allowed=frozenset(o for o in parsed if o != "*"), any="*" in parsed)
+
+    def allows(self, origin: str | None, host: str | None, ports: Sequence[int] = ()) -> bool:
+        """Whether a handshake with these ``Origin`` and ``Host`` headers may go on.
+
+        Args:
+            ports: the server's other ports a same-origin page may come from (the HTTP app's
+                port, for the fast path).
+        """
+        if origin is None or self.any:
+            return True
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            return False
+        if normalized in self.allowed:
+            return True
+        if not host:
+            return False
+        scheme = normalized.split(":", 1)[0]
+        if normalize_origin(f"{scheme}://{host}") == normalized:
+            return True
+        hostname = urlsplit(f"{scheme}://{host}").hostname
+        if not hostname:
+            return False
+        if ":" in hostname:
+            hostname = f"[{hostname}]"
+        return any(normalize_origin(f"{scheme}://{hostname}:{p}") == normalized for p in ports)
+
+
+def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The value of the first ``name`` header (lower-case ``name``), decoded as latin-1."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def refusal_body(origin: str) -> bytes:
+    """The short 403 body naming a refused origin (printable ASCII, at most 200 characters)."""
+    shown = "".join(c if " " <= c <= "~" else "?" for c in origin[:200])
+    return f"origin not allowed: {shown}\n".encode("ascii")
+
+
+def report_refusal(hub: object, origin: str, remote: str) -> None:
+    """Tell the hub of a refused origin, when it listens (``hub.on_origin_refused``)."""
+    callback = getattr(hub, "on_origin_refused", None)
+    if callback is not None:
+        callback(origin, remote)

@@ -1,0 +1,302 @@
+"""Rate limits per key (a user) and event class, by GCRA, optionally shared across processes.
+
+GCRA, the generic cell rate algorithm, keeps one number per key and class: the *theoretical
+arrival time* (TAT), the moment the key would be idle again had every admitted event been spread
+out at the sustained rate. With an emission interval ``T = window / count`` and a burst tolerance
+``τ = burst · T``, an event of cost ``c`` arriving at ``now`` is admitted when
+``max(TAT, now) + c·T - now <= τ``, and then the TAT moves to ``max(TAT, now) + c·T``. So a key
+idle for long may send ``burst`` events at once, then one every ``T``; a refused event records
+nothing and learns how long to wait (PROTOCOL.md §7, ``rate_limited`` with ``retry_after_ms``).
+
+Every decision is local and immediate (:meth:`RateLimiter.check` is synchronous and O(1)). In a
+cluster, :meth:`RateLimiter.run` sends each key's consumption to a shared store every
+``sync_interval`` seconds and adopts the cluster's TAT when it is later than its own, so the
+processes together admit about the limit: each may overshoot by what it admits in one sync
+interval before it hears of the others. The shared store keeps its TATs on its own clock (Redis's
+``TIME``) and answers with how far ahead of *its* now a TAT lies, so the processes' clocks never
+need to agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import attrs
+import trio
+
+from ._errors import ConfigurationError
+
+log = logging.getLogger("crealia.ratelimit")
+
+#: Event classes and the client message types in them (PROTOCOL.md §4). ``rest`` counts every
+#: REST call (the HTTP app charges it); a type listed nowhere is ``other``.
+CLASSES: dict[str, tuple[str, ...]] = {
+    "cursor": ("cursor_update", "element_active", "typing_start", "typing_stop"),
+    "edit": ("timeline_change", "conflict_resolve", "conflict_dismiss"),
+    "comment": ("comment_add",),
+    "signal": (
+        "live_start",
+        "live_join",
+        "live_leave",
+        "live_stop",
+        "webrtc_signal",
+        "stream_stats",
+    ),
+    "rest": (),
+    "other": ("ping", "users_request", "metrics_subscribe", "metrics_unsubscribe"),
+}
+
+_CLASS_OF: dict[str, str] = {t: cls for cls, types in CLASSES.items() for t in types}
+
+
+def event_class(message_type: str) -> str:
+    """The class of a client message type: a key of :data:`CLASSES`, ``"other"`` if unlisted."""
+    return _CLASS_OF.get(message_type, "other")
+
+
+def _at_least_one(instance: Limit, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Limit.{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Limit:
+    """A rate: ``count`` events per window sustained, ``burst`` of them at once.
+
+    A key idle for a while may send ``burst`` events at once (the GCRA burst tolerance is
+    ``burst`` emission intervals); after that one every ``window / count``.
+
+    Raises:
+        ValueError: ``count`` or ``burst`` is not an integer >= 1 (the message names it).
+    """
+
+    count: int = attrs.field(validator=_at_least_one)
+    burst: int = attrs.field(validator=_at_least_one)
+
+
+#: The limits per window of the default ``rate_limit_window_ms`` (60 s) for an editor.
+#: Cursors: 120/s sustained while clients send at most 60 Hz.
+DEFAULT_LIMITS: dict[str, Limit] = {
+    "cursor": Limit(count=7200, burst=240),
+    "edit": Limit(count=3000, burst=500),
+    "comment": Limit(count=300, burst=50),
+    "signal": Limit(count=1200, burst=200),
+    "rest": Limit(count=1200, burst=120),
+    "other": Limit(count=1200, burst=120),
+}
+
+# Float slack when comparing times in milliseconds (one microsecond), so that a request retried
+# exactly after ``retry_after_ms`` is admitted despite rounding.
+_SLACK_MS = 1e-3
+
+
+class SharedLimits(Protocol):
+    """A store shared by the processes of a cluster; :class:`~crealia.abc.Backplane` is one."""
+
+    async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float] | None:
+        """Record consumption and answer the cluster's state; see
+        :meth:`crealia.abc.Backplane.sync_rate_limits` for the contract."""
+
+
+@attrs.define(eq=False)
+class _Bucket:
+    """One class's limit and the TAT (local clock, ms) of every key that used it lately."""
+
+    interval: float
+    tolerance: float
+    tats: dict[str, float] = attrs.Factory(dict)
+    #: Cost admitted per key since the last sync (filled only when shared).
+    consumed: dict[str, int] = attrs.Factory(dict)
+
+
+class RateLimiter:
+    """GCRA limits per key and class, decided locally, optionally synced across processes.
+
+    ``limits`` maps a class (see :data:`CLASSES`) to its :class:`Limit` per ``window_ms``; a
+    class without a limit is not limited. ``clock`` returns seconds (monotonic); inject one to
+    test timing. With ``shared``, :meth:`run` syncs with it every ``sync_interval`` seconds.
+
+    Raises:
+        ValueError: ``window_ms`` or ``sync_interval`` is not positive, or a limit is not a
+            :class:`Limit`.
+    """
+
+    #: Seconds between sweeps that forget idle keys.
+    sweep_interval: float = 10.0
+
+    def __init__(
+        self,
+        limits: Mapping[str, Limit],
+        window_ms: int,
+        *,
+        shared: SharedLimits | None = None,
+        sync_interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(window_ms, bool) or not isinstance(window_ms, int) or window_ms <= 0:
+            raise ValueError(f"window_ms must be a positive integer, got {window_ms!r}")
+        if not sync_interval > 0:
+            raise ValueError(f"sync_interval must be positive, got {sync_interval!r}")
+        for cls, limit in limits.items():
+            if not isinstance(limit, Limit):
+                raise ValueError(f"limits[{cls!r}] must be a Limit, got {limit!r}")
+        self.limits = dict(limits)
+        self.window_ms = window_ms
+        self.sync_interval = sync_interval
+        self._shared = shared
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {
+            cls: _Bucket(
+                interval=window_ms / limit.count, tolerance=limit.burst * window_ms / limit.count
+            )
+            for cls, limit in limits.items()
+        }
+        #: Keys (per class) forgotten by sweeps since the start.
+        self.forgotten = 0
+        #: Syncs with the shared store that failed since the start.
+        self.sync_failures = 0
+        self._sync_failing = False
+
+    @property
+    def size(self) -> int:
+        """How many (key, class) pairs are tracked now."""
+        return sum(len(b.tats) for b in self._buckets.values())
+
+    @property
+    def shared(self) -> bool:
+        """Whether the limits are synced with other processes."""
+        return self._shared is not None
+
+    def check(self, key: str, cls: str, cost: int = 1) -> int:
+        """Admit an event of ``cost`` for ``key`` in class ``cls`` now, or say when.
+
+        Returns 0 when admitted (and records it), otherwise the milliseconds (>= 1) after
+        which the same request would be admitted; a refusal records nothing.
+
+        Raises:
+            ValueError: ``cost`` exceeds the class's burst, so it could never be admitted.
+        """
+        bucket = self._buckets.get(cls)
+        if bucket is None:
+            return 0
+        now = self._clock() * 1000.0
+        tats = bucket.tats
+        tat = tats.get(key, now)
+        if tat < now:
+            tat = now
+        tat += cost * bucket.interval
+        excess = tat - now - bucket.tolerance
+        if excess > _SLACK_MS:
+            if cost * bucket.interval > bucket.tolerance + _SLACK_MS:
+                raise ValueError(f"cost {cost} exceeds the burst of class {cls!r}")
+            return math.ceil(excess - _SLACK_MS)
+        tats[key] = tat
+        if self._shared is not None:
+            consumed = bucket.consumed
+            consumed[key] = consumed.get(key, 0) + cost
+        return 0
+
+    def sweep(self) -> int:
+        """Forget every key whose TAT has passed (an idle key is the same as an unknown one);
+        returns how many were forgotten."""
+        now = self._clock() * 1000.0
+        forgotten = 0
+        for bucket in self._buckets.values():
+            tats = bucket.tats
+            idle = [key for key, tat in tats.items() if tat <= now]
+            for key in idle:
+                del tats[key]
+            forgotten += len(idle)
+        self.forgotten += forgotten
+        return forgotten
+
+    async def sync(self) -> None:
+        """Send what every key consumed since the last sync to the shared store and adopt the
+        cluster's TATs where they are later than the local ones.
+
+        Without a shared store, or when the store says there is nothing to share (one process),
+        this does nothing (and consumption is no longer tracked). A failing store is logged
+        (once, until it works again) and counted in :attr:`sync_failures`; what it missed is
+        dropped and the limits hold locally. Cancellation drops this round's consumption.
+        """
+        shared = self._shared
+        if shared is None:
+            return
+        sent: list[tuple[_Bucket, str]] = []
+        updates: list[tuple[str, int, float]] = []
+        for cls, bucket in self._buckets.items():
+            consumed, bucket.consumed = bucket.consumed, {}
+            for key, cost in consumed.items():
+                sent.append((bucket, key))
+                updates.append((f"{key}:{cls}", cost, bucket.interval))
+        if not updates:
+            return
+        try:
+            ahead = await shared.sync_rate_limits(updates)
+        except Exception as exc:
+            self.sync_failures += 1
+            if not self._sync_failing:
+                self._sync_failing = True
+                log.warning("shared rate limits unavailable, limiting locally: %s", exc)
+            return
+        if self._sync_failing:
+            self._sync_failing = False
+            log.info("shared rate limits are back")
+        if ahead is None:
+            self._shared = None
+            for bucket in self._buckets.values():
+                bucket.consumed.clear()
+            return
+        now = self._clock() * 1000.0
+        for (bucket, key), backlog in zip(sent, ahead, strict=True):
+            cluster_tat = now + backlog
+            if bucket.tats.get(key, now) < cluster_tat:
+                bucket.tats[key] = cluster_tat
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sync with the shared store every ``sync_interval`` seconds (if there is one) and
+        forget idle keys every :attr:`sweep_interval` seconds, until cancelled."""
+        task_status.started()
+        next_sweep = trio.current_time() + self.sweep_interval
+        while True:
+            if self._shared is not None:
+                await trio.sleep(self.sync_interval)
+                await self.sync()
+            else:
+                await trio.sleep_until(next_sweep)
+            if trio.current_time() >= next_sweep:
+                self.sweep()
+                next_sweep = trio.current_time() + self.sweep_interval
+
+
+def rate_limits(overrides: Mapping[str, str]) -> dict[str, Limit]:
+    """:data:`DEFAULT_LIMITS` with a server's overrides: per class ``"count/burst"``, ``"count"``
+    (the burst is then a tenth of it) or ``"off"`` (that class is not limited).
+
+    Raises:
+        ConfigurationError: an unknown class or a malformed limit (the message names it).
+    """
+    limits = dict(DEFAULT_LIMITS)
+    for cls, raw in overrides.items():
+        if cls not in CLASSES:
+            raise ConfigurationError(
+                f"rate limit {cls!r}: unknown class; known: {', '.join(CLASSES)}"
+            )
+        text = str(raw).strip().lower()
+        if text in ("off", "0", "none"):
+            limits.pop(cls, None)
+            continue
+        count, _, burst = text.partition("/")
+        try:
+            limits[cls] = Limit(
+                count=int(count), burst=int(burst) if burst else max(1, int(count) // 10)
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"rate limit {cls!r}={raw!r}: expected count/burst, count or off ({exc})"
+            ) from None
+    return limits

@@ -1,0 +1,398 @@
+"""Suspicious-activity detection: audit rules over the audit stream raise security alerts.
+
+Audit rules are alert rules (group ``crealia.alert_rules``) of kind ``"audit"``: the
+:class:`SecurityMonitor` hands each of them every audit event as it is recorded, and a rule
+answers with a :class:`SecurityFinding` when the event completes a pattern (a user refused too
+often, bad tokens from one address, one user exporting many projects...). One open alert is kept
+per rule, subject and project: more findings raise its ``count`` until a person resolves it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import sqlite3
+import time
+import uuid
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
+
+import attrs
+import trio
+
+from ._alerts import AlertNotifier, AlertRule, Finding
+from ._audit import SEVERITIES, AuditEvent, Severity
+from ._errors import CrealiaError, NotFound
+from ._logging import iso_time
+from ._storage import Store, dumps, loads
+
+log = logging.getLogger("crealia.security")
+
+AlertType = Literal[
+    "suspicious_activity",
+    "permission_escalation",
+    "data_breach",
+    "unauthorized_access",
+    "rate_limit_exceeded",
+]
+ALERT_TYPES: tuple[AlertType, ...] = (
+    "suspicious_activity", "permission_escalation", "data_breach", "unauthorized_access",
+    "rate_limit_exceeded",
+)  # fmt: skip
+
+#: Subjects a windowed rule tracks at once; the least recently seen go first.
+MAX_SUBJECTS = 10_000
+
+
+@attrs.frozen(kw_only=True)
+class SecurityFinding:
+    """What an audit rule concluded from an event."""
+
+    type: AlertType = attrs.field(validator=attrs.validators.in_(ALERT_TYPES))
+    severity: Severity = attrs.field(validator=attrs.validators.in_(SEVERITIES))
+    #: What the alert is about, e.g. ``"user:alice"`` or ``"ip:10.0.0.7"`` (one open alert each).
+    subject: str
+    message: str
+
+
+@attrs.frozen(kw_only=True)
+class AuditContext:
+    """Server settings an audit rule may fall back on."""
+
+    #: SECURITY_ALERT_THRESHOLD: how many suspicious events in the window make an alert.
+    threshold: int
+    #: Seconds of the sliding window.
+    window: float
+
+
+class AuditRule(AlertRule):
+    """A rule over audit events (kind ``"audit"``). :meth:`observe` is called synchronously for
+    every recorded event: it must be quick, do no I/O, and keep only bounded state."""
+
+    kind: ClassVar[str] = "audit"
+
+    def check(self, sample: Mapping[str, Any]) -> Finding | None:
+        return None  # audit rules do not look at metric samples
+
+    @abstractmethod
+    def observe(self, event: AuditEvent, context: AuditContext) -> SecurityFinding | None:
+        """The finding this event completes, or None."""
+
+
+class WindowRule(AuditRule):
+    """Counts events of some actions per subject over a sliding window; at ``threshold`` of them
+    (or of distinct ``distinct`` values) it finds."""
+
+    def __init__(
+        self,
+        options: Mapping[str, Any],
+        *,
+        actions: tuple[str, ...],
+        subject: Callable[[AuditEvent], str | None],
+        type: AlertType,
+        severity: Severity,
+        describe: Callable[[str, int, float], str],
+        distinct: Callable[[AuditEvent], str | None] | None = None,
+        threshold: int | None = None,
+    ) -> None:
+        unknown = sorted(set(options) - {"threshold", "window"})
+        if unknown:
+            raise ValueError(f"unknown options {unknown} (known: threshold, window)")
+        self.threshold = _positive(options, "threshold", threshold, integer=True)
+        self.window = _positive(options, "window", None, integer=False)
+        self.actions = frozenset(actions)
+        self._subject = subject
+        self._distinct = distinct
+        self.type: AlertType = type
+        self.severity: Severity = severity
+        self._describe = describe
+        self._seen: collections.OrderedDict[str, collections.deque[tuple[int, str]]] = (
+            collections.OrderedDict()
+        )
+
+    def observe(self, event: AuditEvent, context: AuditContext) -> SecurityFinding | None:
+        if event.action not in self.actions:
+            return None
+        subject = self._subject(event)
+        if subject is None:
+            return None
+        threshold = int(self.threshold or context.threshold)
+        window_ms = int(1000 * (self.window or context.window))
+        seen = self._seen.pop(subject, None) or collections.deque()
+        self._seen[subject] = seen  # most recent last
+        value = self._distinct(event) if self._distinct else event.id
+        seen.append((event.timestamp, value or ""))
+        while seen and seen[0][0] <= event.timestamp - window_ms:
+            seen.popleft()
+        while len(seen) > 4 * threshold:  # enough to decide; no more
+            seen.popleft()
+        if len(self._seen) > MAX_SUBJECTS:
+            self._seen.popitem(last=False)
+        count = len({v for _at, v in seen}) if self._distinct else len(seen)
+        if count < threshold:
+            return None
+        message = self._describe(subject, count, window_ms / 1000)
+        return SecurityFinding(type=self.type, severity=self.severity, subject=subject,
+                               message=message)  # fmt: skip
+
+
+def _positive(
+    options: Mapping[str, Any], name: str, default: float | None, *, integer: bool
+) -> float | None:
+    value = options.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value <= 0 or (integer and value != int(value)):  # fmt: skip
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"option {name} must be {kind}, got {value!r}")
+    return value
+
+
+def _user(event: AuditEvent) -> str | None:
+    return f"user:{event.user_id}" if event.user_id else None
+
+
+def _address(event: AuditEvent) -> str | None:
+    return f"ip:{event.ip_address}" if event.ip_address else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def refused_actions(options: Mapping[str, Any]) -> WindowRule:
+    """A user refused actions above their role again and again: permission escalation."""
+    return WindowRule(
+        options, actions=("permission_refused",), subject=_user, type="permission_escalation",
+        severity="high",
+        describe=lambda who, n, w: f"{who} was refused {n} actions above their role within "
+                                   f"{_minutes(w)}",
+    )  # fmt: skip
+
+
+def bad_tokens(options: Mapping[str, Any]) -> WindowRule:
+    """Repeated bad or expired tokens from one address: unauthorized access."""
+    return WindowRule(
+        options, actions=("token_refused",), subject=_address, type="unauthorized_access",
+        severity="high",
+        describe=lambda who, n, w: f"{n} refused tokens from {who} within {_minutes(w)}",
+    )  # fmt: skip
+
+
+def rate_limit_abuse(options: Mapping[str, Any]) -> WindowRule:
+    """A user kept hitting the rate limits."""
+    return WindowRule(
+        options, actions=("rate_limited",), subject=_user, type="rate_limit_exceeded",
+        severity="medium",
+        describe=lambda who, n, w: f"{who} was rate-limited {n} times within {_minutes(w)}",
+    )  # fmt: skip
+
+
+def mass_export(options: Mapping[str, Any]) -> WindowRule:
+    """One user exporting many projects: a possible data breach (default: 3 projects)."""
+    return WindowRule(
+        options, actions=("export",), subject=_user, type="data_breach", severity="critical",
+        distinct=lambda event: event.project_id, threshold=3,
+        describe=lambda who, n, w: f"{who} exported data of {n} projects within {_minutes(w)}",
+    )  # fmt: skip
+
+
+def abuse(options: Mapping[str, Any]) -> WindowRule:
+    """A session closed for abuse (4429) or a cross-site WebSocket attempt (default: one)."""
+    return WindowRule(
+        options, actions=("abuse_closed", "origin_refused"), subject=_address,
+        type="suspicious_activity", severity="high", threshold=1,
+        describe=lambda who, n, w: f"{n} abusive or cross-site connection attempts from {who} "
+                                   f"within {_minutes(w)}",
+    )  # fmt: skip
+
+
+@attrs.frozen(kw_only=True)
+class SecurityAlert:
+    """A security alert (the seed's SecurityAlert), open until a person resolves it."""
+
+    id: str
+    type: AlertType
+    severity: Severity
+    rule: str
+    subject: str
+    message: str
+    user_id: str | None
+    project_id: str | None
+    ip_address: str
+    count: int
+    created_at: int
+    updated_at: int
+    resolved: bool = False
+    resolved_at: int | None = None
+    resolved_by: str | None = None
+    note: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "category": "security",
+            "type": self.type,
+            "severity": self.severity,
+            "rule": self.rule,
+            "subject": self.subject,
+            "message": self.message,
+            "userId": self.user_id,
+            "projectId": self.project_id,
+            "ipAddress": self.ip_address,
+            "count": self.count,
+            "timestamp": iso_time(self.created_at / 1000),
+            "updatedAt": iso_time(self.updated_at / 1000),
+            "resolved": self.resolved,
+            "resolvedAt": None if self.resolved_at is None else iso_time(self.resolved_at / 1000),
+            "resolvedBy": self.resolved_by,
+            "note": self.note,
+        }
+
+
+@attrs.define(eq=False)
+class SecurityMonitor:
+    """Runs the audit rules over recorded events and keeps the security alerts."""
+
+    store: Store
+    rules: list[AuditRule]
+    context: AuditContext
+    notifier: AlertNotifier | None = None
+    #: Called with each new or resolved alert (the live feed).
+    on_change: Callable[[SecurityAlert], None] | None = None
+    _open: dict[tuple[str, str, str | None], SecurityAlert] = attrs.Factory(dict)
+    _dirty: dict[str, SecurityAlert] = attrs.Factory(dict)
+    _wake: trio.Event = attrs.Factory(trio.Event)
+    _lock: trio.Lock = attrs.Factory(trio.Lock)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the open alerts, then store changes as they come until cancelled."""
+        await self.reload()
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.flush()
+
+    async def reload(self) -> None:
+        """Read the open alerts again from the store (after it was rewritten)."""
+        await self.flush()
+        self._open = {(a.rule, a.subject, a.project_id): a
+                      for a in await self._load(resolved=False)}  # fmt: skip
+
+    def observe(self, event: AuditEvent) -> None:
+        """The audit log's observer: one event through every rule."""
+        for rule in self.rules:
+            try:
+                finding = rule.observe(event, self.context)
+            except Exception:
+                log.exception("audit rule %s failed", rule.name)
+                continue
+            if finding is not None:
+                self._raise(rule, finding, event)
+
+    def _raise(self, rule: AuditRule, finding: SecurityFinding, event: AuditEvent) -> None:
+        key = (rule.name, finding.subject, event.project_id)
+        current = self._open.get(key)
+        if current is not None:
+            alert = attrs.evolve(current, count=current.count + 1, message=finding.message,
+                                 updated_at=event.timestamp)  # fmt: skip
+            self._open[key] = alert
+            self._save(alert)
+            return
+        alert = SecurityAlert(
+            id=uuid.uuid4().hex, type=finding.type, severity=finding.severity, rule=rule.name,
+            subject=finding.subject, message=finding.message, user_id=event.user_id,
+            project_id=event.project_id, ip_address=event.ip_address, count=1,
+            created_at=event.timestamp, updated_at=event.timestamp,
+        )  # fmt: skip
+        self._open[key] = alert
+        self._save(alert)
+        self._announce(alert)
+
+    def _announce(self, alert: SecurityAlert) -> None:
+        level = logging.INFO if alert.resolved else logging.WARNING
+        extra = {"security_alert": alert.to_wire(), "project_id": alert.project_id}
+        log.log(level, "security alert %s %s: %s", alert.type,
+                "resolved" if alert.resolved else "raised", alert.message, extra=extra)  # fmt: skip
+        if self.notifier is not None:
+            self.notifier.notify(alert)
+        if self.on_change is not None:
+            self.on_change(alert)
+
+    def _save(self, alert: SecurityAlert) -> None:
+        self._dirty[alert.id] = alert
+        self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            dirty, self._dirty = self._dirty, {}
+            if not dirty:
+                return
+            rows = [
+                ("INSERT OR REPLACE INTO security_alerts (id, project_id, type, resolved, "
+                 "created_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                 (a.id, a.project_id, a.type, int(a.resolved), a.created_at,
+                  dumps(attrs.asdict(a))))
+                for a in dirty.values()
+            ]  # fmt: skip
+            try:
+                await self.store.write(rows)  # type: ignore[arg-type]
+            except CrealiaError as exc:
+                log.warning("security alerts not stored yet: %s", exc)
+                self._dirty = {**dirty, **self._dirty}
+
+    async def _load(
+        self,
+        *,
+        project_id: str | None = None,
+        resolved: bool | None = None,
+        any_project: bool = True,
+    ) -> list[SecurityAlert]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if not any_project:
+            where.append("project_id IS ?")
+            params.append(project_id)
+        if resolved is not None:
+            where.append("resolved = ?")
+            params.append(int(resolved))
+        # Only fixed column conditions are joined; every value is a parameter.
+        sql = (f"SELECT data FROM security_alerts WHERE {' AND '.join(where)} "  # noqa: S608
+               "ORDER BY created_at DESC")  # fmt: skip
+
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            return [row[0] for row in conn.execute(sql, params)]
+
+        return [SecurityAlert(**loads(data)) for data in await self.store.read(read)]
+
+    async def alerts(self, project_id: str, status: str | None = None) -> list[SecurityAlert]:
+        """A project's alerts, newest first; ``status`` ``open`` or ``resolved`` filters."""
+        await self.flush()
+        resolved = None if status is None else status == "resolved"
+        return await self._load(project_id=project_id, resolved=resolved, any_project=False)
+
+    async def resolve(self, project_id: str, alert_id: str, by: str, note: str) -> SecurityAlert:
+        """Resolve an open alert of ``project_id``.
+
+        Raises:
+            NotFound: no open alert with that id in the project.
+        """
+        key = next((k for k, a in self._open.items()
+                    if a.id == alert_id and a.project_id == project_id), None)  # fmt: skip
+        if key is None:
+            raise NotFound(f"alert_id: no open security alert {alert_id!r} in this project")
+        now = int(time.time() * 1000)
+        alert = attrs.evolve(self._open.pop(key), resolved=True, resolved_at=now, resolved_by=by,
+                             note=note, updated_at=now)  # fmt: skip
+        self._save(alert)
+        await self.flush()
+        self._announce(alert)
+        return alert

@@ -1,0 +1,452 @@
+"""Security and audit: the REST role table, audit events with the seed's fields, the audit API
+and export, each security alert type raised by a scenario and resolved, GDPR export and erasure
+checked against the stored data.
+
+Policy: loopback only, port 0, a deadline on every I/O test, real servers and a real store;
+no sleeps.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from crealia import Server, open_server
+
+from ._wsclient import RawClient
+from .conftest import Clients, make_config, opened
+
+ROLES = ("viewer", "commenter", "editor", "owner")
+RANK = {role: rank for rank, role in enumerate(ROLES)}
+INSERT = {"op": "insert", "element_id": "clip", "element_type": "clip", "props": {"title": "a"}}
+
+#: Every REST endpoint with a body that is valid when allowed, and the least role it needs.
+ENDPOINTS: list[tuple[str, str, Any, str]] = [
+    ("GET", "/api/projects/p1/snapshot", None, "viewer"),
+    ("GET", "/api/collaboration/conflicts", None, "viewer"),
+    ("POST", "/api/collaboration/conflicts/detect", {"changes": [INSERT]}, "editor"),
+    ("POST", "/api/collaboration/conflicts/c-none/resolve", {"choice": "current"}, "editor"),
+    ("GET", "/api/projects/p1/strategies", None, "viewer"),
+    ("PUT", "/api/projects/p1/strategies", {"strategies": ["merge", "priority"]}, "owner"),
+    ("GET", "/api/collaboration/performance/metrics", None, "owner"),
+    ("POST", "/api/collaboration/performance/report", {"startDate": 0, "endDate": 1}, "owner"),
+    ("GET", "/api/collaboration/audit", None, "owner"),
+    ("POST", "/api/collaboration/audit/export", {}, "owner"),
+    ("GET", "/api/collaboration/security/alerts", None, "owner"),
+    ("POST", "/api/collaboration/security/alerts/a-none/resolve", {}, "owner"),
+    ("POST", "/api/collaboration/gdpr/export", {"userId": "zed"}, "owner"),
+    ("POST", "/api/collaboration/gdpr/erase", {"userId": "zed"}, "owner"),
+]
+SEED_FIELDS = {"id", "userId", "projectId", "action", "resource", "details", "timestamp",
+               "ipAddress", "userAgent", "severity", "riskScore"}  # fmt: skip
+
+
+def bearer(server: Server, user: str, role: str, project: str = "p1") -> dict[str, str]:
+    token = server.issue_token(user, project, role)  # type: ignore[arg-type]
+    return {"Authorization": f"Bearer {token}", "User-Agent": "crealia-tests/1"}
+
+
+async def call(
+    server: Server, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        return await http.request(method, path, json=body, headers=headers or {})
+
+
+# -- the role table over REST -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "path", "body", "least"), ENDPOINTS)
+@pytest.mark.parametrize("role", ROLES)
+async def test_rest_role_table(
+    server: Server, role: str, method: str, path: str, body: Any, least: str
+) -> None:
+    with trio.fail_after(10):
+        response = await call(server, method, path, body, bearer(server, f"u-{role}", role))
+        if RANK[role] >= RANK[least]:
+            assert response.status_code not in (401, 403), response.text
+        else:
+            assert response.status_code == 403, response.text
+            error = response.json()["error"]
+            assert error["code"] == "forbidden"
+            assert least in error["message"] and role in error["message"]
+        anonymous = await call(server, method, path, body)
+        assert anonymous.status_code == 401
+        forged = await call(server, method, path, body, {"Authorization": "Bearer x.y.z"})
+        assert forged.status_code == 401
+
+
+async def test_rest_refuses_other_projects(server: Server) -> None:
+    with trio.fail_after(10):
+        owner = bearer(server, "olga", "owner", project="p2")
+        for method, path, body, _least in ENDPOINTS:
+            if "/p1/" in path:
+                response = await call(server, method, path, body, owner)
+            else:
+                response = await call(server, method, path + "?projectId=p1",
+                                      {**(body or {}), "projectId": "p1"}, owner)  # fmt: skip
+            if method == "GET" or "projectId" in json.dumps(body or {}) or "/p1/" in path or \
+                    path.endswith(("export", "erase", "report")):  # fmt: skip
+                assert response.status_code == 403, (path, response.text)
+
+
+# -- audit events ---------------------------------------------------------------------------------
+
+
+async def audit_of(server: Server, **params: str) -> list[dict[str, Any]]:
+    """The audit API's answer for an owner of p1, with ``params`` as query arguments."""
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+        response = await http.get("/api/collaboration/audit", params=params,
+                                  headers=bearer(server, "auditor", "owner"))  # fmt: skip
+    assert response.status_code == 200, response.text
+    return list(response.json()["events"])
+
+
+async def test_every_security_relevant_action_is_audited_with_the_seed_fields(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path / "d", strategy_chain=("priority",), abuse_errors=3,
+                         rate_limits={"comment": "2/2"})  # fmt: skip
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            alice = await clients.join("alice", role="editor")
+            bob = await clients.join("bob", role="editor")
+            vic = await clients.join("vic", role="viewer")
+            await alice.request("timeline_change", {"change_id": "c1", "changes": [INSERT]})
+            moved = {"op": "set", "element_id": "clip", "prop": "title", "value": "b", "base": 1}
+            await alice.request("timeline_change", {"change_id": "c2", "changes": [moved]})
+            stale = {"op": "set", "element_id": "clip", "prop": "title", "value": "c", "base": 1}
+            await bob.request("timeline_change", {"change_id": "c3", "changes": [stale]})
+            await bob.expect_type("conflict_resolved")  # settled by the priority strategy
+            for i in range(3):  # the third is over the comment limit
+                comment = {"comment": {"id": f"m{i}", "text": "hi"}}
+                await alice.request("comment_add", comment)
+            refused = await vic.request("timeline_change", {"change_id": "v", "changes": [INSERT]})
+            assert refused["data"]["code"] == "forbidden"
+            intruder = await clients.raw()
+            await intruder.send("hello", {"token": "not-a-token", "project_id": "p1"}, ref=1)
+            assert await intruder.closed() == 4401
+            for _ in range(4):  # abuse: more than abuse_errors refused messages
+                await vic.send("timeline_change", {"change_id": "v", "changes": [INSERT]}, ref=9)
+            assert await vic.closed() == 4429
+            await bob.aclose()
+            await alice.event("user_left", user_id="bob")
+            owner = bearer(server, "olga", "owner")
+            chain = {"strategies": ["merge", "priority"]}
+            assert (await call(server, "PUT", "/api/projects/p1/strategies", chain,
+                               owner)).status_code == 200  # fmt: skip
+            assert (await call(server, "GET", "/api/collaboration/audit", None,
+                               bearer(server, "vic", "viewer"))).status_code == 403  # fmt: skip
+            events = await audit_of(server)
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        assert set(event) == SEED_FIELDS
+        assert event["projectId"] == "p1"
+        assert event["timestamp"].endswith("Z")
+        assert event["severity"] in ("low", "medium", "high", "critical")
+        assert 0 <= event["riskScore"] <= 100
+        by_action.setdefault(event["action"], []).append(event)
+    assert {"join", "leave", "edit", "comment", "conflict_resolution", "rate_limited",
+            "permission_refused", "token_refused", "abuse_closed",
+            "strategy_change"} <= set(by_action)  # fmt: skip
+    assert {e["userId"] for e in by_action["join"]} >= {"alice", "bob", "vic"}
+    assert [e["userId"] for e in by_action["leave"]].count("bob") == 1
+    edits = {e["resource"]: e for e in by_action["edit"]}
+    assert edits["timeline:c3"]["details"]["status"] == "conflict"
+    assert edits["timeline:c1"]["ipAddress"] == "127.0.0.1"
+    resolution = by_action["conflict_resolution"][0]
+    assert resolution["details"]["strategy"] == "priority"
+    assert [e["resource"] for e in by_action["comment"]] == ["comment:m1", "comment:m0"]
+    limited = by_action["rate_limited"][0]
+    assert (limited["userId"], limited["resource"]) == ("alice", "comment_add")
+    token = by_action["token_refused"][0]
+    assert token["userId"] is None and token["severity"] == "high"
+    assert token["ipAddress"] == "127.0.0.1"
+    assert by_action["permission_refused"][0]["userId"] == "vic"
+    assert by_action["abuse_closed"][0]["riskScore"] >= 70
+    assert by_action["strategy_change"][0]["userAgent"] == "crealia-tests/1"
+    # Newest first.
+    stamps = [e["timestamp"] for e in events]
+    assert stamps == sorted(stamps, reverse=True)
+
+
+async def test_rest_refusals_are_audited(server: Server) -> None:
+    with trio.fail_after(10):
+        await call(server, "GET", "/api/collaboration/audit", None, bearer(server, "ed", "editor"))
+        await call(server, "GET", "/api/collaboration/conflicts?projectId=p1", None,
+                   {"Authorization": "Bearer forged"})  # fmt: skip
+        events = await audit_of(server)
+    refused = {e["action"]: e for e in events}
+    assert refused["permission_refused"]["userId"] == "ed"
+    assert refused["permission_refused"]["resource"] == "GET /api/collaboration/audit"
+    assert refused["token_refused"]["projectId"] == "p1"
+    assert refused["token_refused"]["userAgent"] == "python-httpx/" + httpx.__version__
+
+
+async def test_audit_query_filters_and_export_json_and_csv(
+    server: Server, clients: Clients
+) -> None:
+    with trio.fail_after(20):
+        alice = await clients.join("alice")
+        await clients.join("bob")
+        await alice.request("timeline_change", {"change_id": "c1", "changes": [INSERT]})
+        mine = await audit_of(server, userId="alice")
+        assert {e["action"] for e in mine} == {"join", "edit"}
+        edits = await audit_of(server, action="edit")
+        assert [e["userId"] for e in edits] == ["alice"]
+        everything = await audit_of(server)
+        first = min(e["timestamp"] for e in everything)
+        assert await audit_of(server, endDate=first) == []
+        owner = bearer(server, "olga", "owner")
+        path = "/api/collaboration/audit/export"
+        as_json = (await call(server, "POST", path, {"userId": "alice"}, owner)).json()
+        assert as_json["events"] == mine
+        as_csv = await call(server, "POST", path, {"userId": "alice", "format": "csv"}, owner)
+        assert as_csv.headers["content-type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+        assert [r["id"] for r in rows] == [e["id"] for e in mine]
+        assert json.loads(rows[0]["details"]) == mine[0]["details"]
+        bad = await call(server, "POST", path, {"format": "xml"}, owner)
+        assert bad.status_code == 400 and "format" in bad.json()["error"]["message"]
+        bad = await call(server, "POST", path, {"startDate": "soon"}, owner)
+        assert bad.status_code == 400 and "startDate" in bad.json()["error"]["message"]
+        exports = await audit_of(server, action="export")
+        assert [e["resource"] for e in exports] == ["audit", "audit"]
+
+
+async def test_audit_retention_deletes_old_events(server: Server) -> None:
+    server.hub.audit.record("join", user_id="old", project_id="p1")
+    server.hub.audit.record("join", user_id="new", project_id="p1")
+    with trio.fail_after(10):
+        await server.hub.audit.flush()
+        with sqlite3.connect(server.store.path) as conn:
+            conn.execute("UPDATE audit_events SET at = at - ? WHERE user_id = 'old'",
+                         (91 * 86_400_000,))  # fmt: skip
+        assert await server.hub.audit.prune() == 1
+        users = {e["userId"] for e in await audit_of(server)}
+    assert users == {"new"}
+
+
+# -- security alerts ------------------------------------------------------------------------------
+
+
+async def open_alerts(server: Server, project: str = "p1") -> list[dict[str, Any]]:
+    response = await call(server, "GET", "/api/collaboration/security/alerts?status=open", None,
+                          bearer(server, "olga", "owner", project))  # fmt: skip
+    assert response.status_code == 200, response.text
+    return list(response.json()["alerts"])
+
+
+async def resolve(server: Server, alert: dict[str, Any], project: str = "p1") -> dict[str, Any]:
+    path = f"/api/collaboration/security/alerts/{alert['id']}/resolve"
+    response = await call(server, "POST", path, {"note": "looked into it"},
+                          bearer(server, "olga", "owner", project))  # fmt: skip
+    assert response.status_code == 200, response.text
+    again = await call(server, "POST", path, {}, bearer(server, "olga", "owner", project))
+    assert again.status_code == 404
+    return dict(response.json())
+
+
+async def test_each_security_alert_type_is_raised_and_resolved(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path / "d", security_alert_threshold=3, abuse_errors=50,
+                         rate_limits={"comment": "2/2"}, audit_rate_limited_every=0)  # fmt: skip
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            # permission_escalation: a viewer keeps trying editor actions.
+            vic = await clients.join("vic", role="viewer")
+            for i in range(3):
+                await vic.request("timeline_change", {"change_id": f"v{i}", "changes": [INSERT]})
+            # rate_limit_exceeded: an editor keeps hitting the comment limit.
+            eve = await clients.join("eve", role="editor")
+            for i in range(5):
+                await eve.request("comment_add", {"comment": {"id": f"e{i}", "text": "x"}})
+            # unauthorized_access: bad tokens from one address.
+            for _ in range(3):
+                intruder = await clients.raw()
+                await intruder.send("hello", {"token": "bad", "project_id": "p1"}, ref=1)
+                assert await intruder.closed() == 4401
+            # data_breach: one person exporting three projects' audit logs.
+            for project in ("p1", "p2", "p3"):
+                response = await call(server, "POST", "/api/collaboration/audit/export", {},
+                                      bearer(server, "mallory", "owner", project))  # fmt: skip
+                assert response.status_code == 200
+            # suspicious_activity: a session closed for abuse.
+            troll = await clients.join("troll", role="viewer")
+            for _ in range(51):
+                await troll.send_raw("{not json")
+            assert await troll.closed() == 4429
+            raised = await open_alerts(server) + await open_alerts(server, "p3")
+            by_type = {a["type"]: a for a in raised}
+            assert set(by_type) == {"permission_escalation", "rate_limit_exceeded",
+                                    "unauthorized_access", "data_breach",
+                                    "suspicious_activity"}  # fmt: skip
+            assert by_type["permission_escalation"]["userId"] == "vic"
+            assert by_type["rate_limit_exceeded"]["userId"] == "eve"
+            assert by_type["unauthorized_access"]["ipAddress"] == "127.0.0.1"
+            assert by_type["data_breach"]["projectId"] == "p3"
+            assert by_type["data_breach"]["severity"] == "critical"
+            assert by_type["suspicious_activity"]["userId"] == "troll"
+            for alert in raised:
+                assert alert["resolved"] is False and alert["count"] >= 1
+                project = alert["projectId"]
+                done = await resolve(server, alert, project)
+                assert done["resolved"] is True and done["resolvedBy"] == "olga"
+                assert done["note"] == "looked into it"
+            assert await open_alerts(server) == await open_alerts(server, "p3") == []
+            resolutions = await audit_of(server, action="alert_resolution")
+            assert len(resolutions) == len([a for a in raised if a["projectId"] == "p1"])
+            listed = await call(server, "GET", "/api/collaboration/security/alerts?status=resolved",
+                                None, bearer(server, "olga", "owner"))  # fmt: skip
+            assert {a["type"] for a in listed.json()["alerts"]} == set(by_type) - {"data_breach"}
+
+
+async def test_repeated_findings_raise_one_alert_with_a_count(
+    server: Server, clients: Clients
+) -> None:
+    with trio.fail_after(20):
+        vic = await clients.join("vic", role="viewer")
+        for i in range(12):
+            await vic.request("timeline_change", {"change_id": f"v{i}", "changes": [INSERT]})
+        alerts = await open_alerts(server)
+    assert [a["type"] for a in alerts] == ["permission_escalation"]
+    assert alerts[0]["count"] == 12 - 5 + 1  # found at the 5th refusal, counted after
+
+
+async def test_security_alerts_reach_webhooks_and_live_feed(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    from ._http_receiver import start_receiver
+
+    receiver = await start_receiver(nursery)
+    config = make_config(tmp_path / "d", security_alert_threshold=2, metrics_interval=3600,
+                         alert_webhooks=(receiver.url,))  # fmt: skip
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(20):
+            olga = await clients.join("olga", role="owner")
+            assert (await olga.request("metrics_subscribe", {}))["type"] == "ack"
+            vic = await clients.join("vic", role="viewer")
+            for i in range(2):
+                await vic.request("timeline_change", {"change_id": f"v{i}", "changes": [INSERT]})
+            pushed = (await olga.expect_type("security_alert"))["data"]
+            await receiver.wait_received(1)
+    assert pushed["type"] == "permission_escalation"
+    assert receiver.received == [{"alert": pushed}]
+    assert pushed["category"] == "security"
+
+
+# -- GDPR -----------------------------------------------------------------------------------------
+
+
+async def seed_alice(clients: Clients) -> tuple[RawClient, RawClient]:
+    alice = await clients.join("alice", role="editor")
+    bob = await clients.join("bob", role="editor")
+    await alice.request("timeline_change", {"change_id": "a1", "changes": [INSERT]})
+    moved = {"op": "set", "element_id": "clip", "prop": "title", "value": "alice's", "base": 1}
+    await alice.request("timeline_change", {"change_id": "a2", "changes": [moved]})
+    secret = {"comment": {"id": "m1", "text": "alice-secret-comment", "element_id": "clip"}}
+    await alice.request("comment_add", secret)
+    await bob.request("comment_add", {"comment": {"id": "m2", "text": "bob's note"}})
+    stale = {"op": "set", "element_id": "clip", "prop": "title", "value": "bob's", "base": 1}
+    await bob.request("timeline_change", {"change_id": "b1", "changes": [stale]})
+    await bob.expect_type("conflict_resolved")
+    return alice, bob
+
+
+async def test_gdpr_export_matches_the_stored_data(server: Server, clients: Clients) -> None:
+    with trio.fail_after(20):
+        await seed_alice(clients)
+        owner = bearer(server, "olga", "owner")
+        path = "/api/collaboration/gdpr/export"
+        export = (await call(server, "POST", path, {"userId": "alice"}, owner)).json()
+        as_csv = await call(server, "POST", path, {"userId": "alice", "format": "csv"}, owner)
+    with sqlite3.connect(server.store.path) as conn:
+        comments = conn.execute("SELECT comment_id, text FROM comments WHERE user_id = 'alice'")
+        stored_comments = [tuple(row) for row in comments]
+        stored_edits = [row[0] for row in conn.execute(
+            "SELECT seq FROM events WHERE user_id = 'alice' AND kind != 'comment_add' ORDER BY seq"
+        )]  # fmt: skip
+        audit = [row[0] for row in conn.execute(
+            "SELECT id FROM audit_events WHERE user_id = 'alice' ORDER BY at")]  # fmt: skip
+    assert (export["userId"], export["projectId"]) == ("alice", "p1")
+    assert [(c["id"], c["text"]) for c in export["comments"]] == stored_comments
+    assert stored_comments == [("m1", "alice-secret-comment")]
+    assert [e["seq"] for e in export["edits"]] == stored_edits == [1, 2]
+    assert [e["payload"]["change_id"] for e in export["edits"]] == ["a1", "a2"]
+    assert len(export["conflicts"]) == 1
+    assert export["conflicts"][0]["current"]["user_id"] == "alice"
+    assert [e["id"] for e in export["audit"]] == audit
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("comment") == 1 and kinds.count("edit") == 2
+    assert kinds.count("conflict") == 1 and kinds.count("audit") == len(audit)
+    assert "alice-secret-comment" in as_csv.text
+
+
+async def test_gdpr_erasure_deletes_content_and_pseudonymizes_the_rest(
+    server: Server, clients: Clients
+) -> None:
+    with trio.fail_after(30):
+        _alice, bob = await seed_alice(clients)
+        owner = bearer(server, "olga", "owner")
+        editor = bearer(server, "ed", "editor")
+        refused = await call(server, "POST", "/api/collaboration/gdpr/erase", {"userId": "alice"},
+                             editor)  # fmt: skip
+        assert refused.status_code == 403
+        response = await call(server, "POST", "/api/collaboration/gdpr/erase",
+                              {"userId": "alice"}, owner)  # fmt: skip
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert await bob.closed() == 1011  # the room closed for the rewrite; clients resume
+        pseudonym = result["pseudonym"]
+        assert pseudonym.startswith("erased-")
+        assert result["erased"]["comments"] == 1
+        again = await clients.join("bob", role="editor")
+        snapshot = again.welcome["snapshot"]
+        export = (await call(server, "POST", "/api/collaboration/gdpr/export",
+                             {"userId": "alice"}, owner)).json()  # fmt: skip
+        erasures = await audit_of(server, action="erasure")
+    assert export["comments"] == export["edits"] == export["conflicts"] == export["audit"] == []
+    text = json.dumps(snapshot)
+    assert "alice" not in text.replace("alice's", "")  # the value bob's edit replaced stays out
+    with sqlite3.connect(server.store.path) as conn:
+        dump = "\n".join(conn.iterdump())
+        bob_comment = conn.execute("SELECT text FROM comments WHERE comment_id = 'm2'").fetchone()
+        audit_rows = conn.execute(
+            "SELECT data FROM audit_events WHERE user_id = ?", (pseudonym,)
+        ).fetchall()
+    assert "alice-secret-comment" not in dump
+    assert "'alice'" not in dump and '"alice"' not in dump
+    assert f"'{pseudonym}'" in dump  # her edits stay, under the pseudonym
+    assert bob_comment == ("bob's note",)
+    assert audit_rows, "the audit trail is kept, pseudonymized"
+    for (data,) in audit_rows:
+        event = json.loads(data)
+        assert event["ip_address"] == "" and event["user_agent"] == ""
+    assert erasures[0]["userId"] == "olga"
+    assert erasures[0]["resource"] == f"user:{pseudonym}"
+
+
+async def test_cross_site_websocket_attempts_are_audited_and_alerted(
+    server: Server, endpoint: str
+) -> None:
+    from .conftest import ws_url
+    from .test_auth import handshake
+
+    with trio.fail_after(10):
+        status, _body = await handshake(ws_url(server, endpoint), "https://evil.example")
+        assert status == 403
+        refused = await server.hub.audit.query(action="origin_refused")
+        alerts = await server.security._load(resolved=False)
+    assert [e.details["origin"] for e in refused] == ["https://evil.example"]
+    assert refused[0].ip_address == "127.0.0.1" and refused[0].project_id is None
+    assert [(a.type, a.subject) for a in alerts] == [("suspicious_activity", "ip:127.0.0.1")]

@@ -203,9 +203,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         if data.format == "json":
             return _json(report)
         name = f"crealia-report-{data.projectId or 'server'}-{start}-{end}.csv"
-        response = Response(_report_csv(report), content_type="text/csv; charset=utf-8")
-        response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
-        return response
+        return _csv(_report_rows(report), name)
 
     @app.get("/api/collaboration/performance/stream")
     async def performance_stream() -> Response:
@@ -418,6 +416,9 @@ def _timestamp(value: Any, path: str) -> int:
     raise BadRequest(f"{path}: expected an ISO 8601 date or epoch milliseconds")
 
 
+REPORT_COLUMNS = ("metric", "min", "avg", "p95", "max", "samples")
+ALERT_COLUMNS = ("id", "rule", "level", "state", "projectId", "value", "threshold", "message",
+                 "startedAt", "resolvedAt")  # fmt: skip
 AUDIT_COLUMNS = ("id", "timestamp", "userId", "projectId", "action", "resource", "severity",
                  "riskScore", "ipAddress", "userAgent", "details")  # fmt: skip
 
@@ -461,18 +462,7 @@ def _csv(rows: list[list[Any]], filename: str) -> Response:
     return response
 
 
-def _report_csv(report: dict[str, Any]) -> bytes:
-    """A report as CSV: the metrics table, a blank line, then the alerts table."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["metric", "min", "avg", "p95", "max", "samples"])
-    for name, stats in report["metrics"].items():
-        writer.writerow([name, stats["min"], stats["avg"], stats["p95"], stats["max"],
-                         stats["samples"]])  # fmt: skip
-    writer.writerow([])
-    columns = ["id", "rule", "level", "state", "projectId", "value", "threshold", "message",
-               "startedAt", "resolvedAt"]  # fmt: skip
-    writer.writerow(columns)
-    for alert in report["alerts"]:
-        writer.writerow(["" if alert.get(c) is None else alert[c] for c in columns])
-    return out.getvalue().encode()
+def _report_rows(report: dict[str, Any]) -> list[list[Any]]:
+    """A report as CSV rows: the metrics table, an empty row, then the alerts table."""
+    metrics = [{"metric": name, **stats} for name, stats in report["metrics"].items()]
+    return [*_table(metrics, REPORT_COLUMNS), [], *_table(report["alerts"], ALERT_COLUMNS)]

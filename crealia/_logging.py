@@ -16,10 +16,12 @@ from typing import Any, TextIO
 
 import orjson
 
-#: Who the current task works for: ``{"project_id", "user_id", "session_id"}`` as known.
-log_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+#: Who the current task works for: ``(project_id, user_id, session_id)`` (a tuple: one is
+#: kept per connection).
+log_context: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
     "crealia_log_context", default=None
 )
+_CONTEXT_KEYS = ("project_id", "user_id", "session_id")
 
 #: LogRecord attributes that are not ``extra=`` fields.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -42,7 +44,7 @@ class JsonFormatter(logging.Formatter):
         }
         context = log_context.get()
         if context:
-            entry.update(context)
+            entry.update(zip(_CONTEXT_KEYS, context, strict=True))
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -181,8 +181,6 @@ class Session:
     strikes: collections.deque[float] | None = None
     #: Where what this session sends and receives is counted: the server's and its room's.
     traffic: tuple[Traffic, ...] = ()
-    #: Whether this session asked for the live metrics feed (``metrics_subscribe``).
-    metrics_feed: bool = False
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -330,8 +328,7 @@ class Hub:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
             session = Session.create(user, conn, self.config)
-            log_context.set({"project_id": user.project_id, "user_id": user.id,
-                             "session_id": session.id})  # fmt: skip
+            log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
             room = await self.rooms.join(user.project_id)
             session.traffic = (self.traffic, room.traffic)

@@ -171,15 +171,18 @@ class AuditLog:
         async with self._flush_lock:
             if not self._queue:
                 return
-            events = list(self._queue)
+            events, self._queue = self._queue, collections.deque()
             rows: list[Statement] = [_row(event) for event in events]
             try:
                 await self.store.write(rows)
             except CrealiaError as exc:
                 log.warning("audit events not stored yet: %s", exc)
-                return
-            for _ in events:
-                self._queue.popleft()
+                # Back in front of what came meanwhile, still within the bound.
+                events.extend(self._queue)
+                while len(events) > MAX_QUEUED:
+                    events.popleft()
+                    self.dropped += 1
+                self._queue = events
 
     async def _retention(self) -> None:
         while True:
@@ -231,7 +234,7 @@ class AuditLog:
         def read(conn: sqlite3.Connection) -> list[bytes]:
             return [row[0] for row in conn.execute(sql, (*params, limit))]
 
-        return [AuditEvent.from_row(loads(data)) for data in await self.store.read(read)]
+        return [AuditEvent.from_row(loads(data)) for data in await self.store.read_aside(read)]
 
 
 def _row(event: AuditEvent) -> Statement:

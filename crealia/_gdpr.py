@@ -14,6 +14,8 @@ import sqlite3
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from ._backplane import Backplane
+from ._errors import Unsupported
 from ._storage import dumps, loads
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 ERASED_TEXT = "[erased]"
 #: Keys whose string values are free text, where the user id is replaced as a word.
-_TEXT_KEYS = frozenset({"explanation", "message", "subject"})
+_TEXT_KEYS = frozenset({"explanation", "message", "subject", "resource"})
 
 
 async def erase_user(
@@ -35,6 +37,9 @@ async def erase_user(
         Unsupported: the backplane cannot erase (the Redis backplane, for now).
         Overloaded: the store failed (nothing was changed).
     """
+    if type(hub.backplane).erase_user is Backplane.erase_user:
+        # Before anything is closed: refusing must not cost the project's members their session.
+        raise Unsupported(f"GDPR erasure is not available with {type(hub.backplane).__name__}")
     pseudonym = f"erased-{uuid.uuid4().hex[:12]}"
     hub.rooms.blocked.add(project_id)
     try:
@@ -129,6 +134,7 @@ def erase(
             conn, "security_alerts", "id", "data", "project_id = ?", (project_id,), user_id,
             pseudonym,
         )  # fmt: skip
+        _erase_alert_addresses(conn, project_id, pseudonym)
     except BaseException:
         conn.execute("ROLLBACK")
         raise
@@ -137,20 +143,38 @@ def erase(
 
 
 def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudonym: str) -> int:
+    """Pseudonymize the user in every audit event of the project: their own (whose address and
+    user agent go too) and others' that name them (a strategy settling their conflict, an
+    owner exporting their data)."""
+    changed = 0
     rows = conn.execute(
-        "SELECT id, data FROM audit_events WHERE project_id = ? AND user_id = ?",
-        (project_id, user_id),
+        "SELECT id, user_id, data FROM audit_events WHERE project_id = ?", (project_id,)
     ).fetchall()
-    for event_id, data in rows:
-        event = _rewrite(loads(data), user_id, pseudonym)
-        event["user_id"] = pseudonym
-        event["ip_address"] = ""
-        event["user_agent"] = ""
-        conn.execute(
-            "UPDATE audit_events SET user_id = ?, data = ? WHERE id = ?",
-            (pseudonym, dumps(event), event_id),
-        )
-    return len(rows)
+    for event_id, actor, data in rows:
+        event = loads(data)
+        new = _rewrite(event, user_id, pseudonym)
+        if actor == user_id:
+            new.update(user_id=pseudonym, ip_address="", user_agent="")
+        if new != event:
+            conn.execute(
+                "UPDATE audit_events SET user_id = ?, data = ? WHERE id = ?",
+                (new["user_id"], dumps(new), event_id),
+            )
+            changed += 1
+    return changed
+
+
+def _erase_alert_addresses(conn: sqlite3.Connection, project_id: str, pseudonym: str) -> None:
+    """Security alerts about the (now pseudonymized) user lose the address they came from."""
+    for alert_id, data in conn.execute(
+        "SELECT id, data FROM security_alerts WHERE project_id = ?", (project_id,)
+    ).fetchall():
+        alert = loads(data)
+        if alert.get("user_id") == pseudonym and alert.get("ip_address"):
+            alert["ip_address"] = ""
+            conn.execute(
+                "UPDATE security_alerts SET data = ? WHERE id = ?", (dumps(alert), alert_id)
+            )
 
 
 def _rewrite_blobs(

@@ -50,9 +50,9 @@ def _json(data: Any, status: int = 200) -> Response:
 
 
 def error_response(exc: ProtocolError) -> Response:
-    response = _json({"error": {"code": exc.code, "message": exc.message}}, exc.http_status)
+    response = _json({"error": exc.to_wire()}, exc.http_status)
     if exc.retry_after_ms is not None:
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after_ms / 1000)))
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
     return response
 
 
@@ -214,11 +214,15 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
             async with monitor.subscribe(project_id) as news:
                 yield b"retry: 2000\n\n"
                 while True:
+                    news_item = None
                     with trio.move_on_after(SSE_KEEPALIVE):
-                        kind, data = await news.receive()
+                        news_item = await news.receive()
+                    # Yield outside the deadline: it must not cover the consumer's write.
+                    if news_item is None:
+                        yield b": keepalive\n\n"
+                    else:
+                        kind, data = news_item
                         yield b"event: " + kind.encode() + b"\ndata: " + _wire.dumps(data) + b"\n\n"
-                        continue
-                    yield b": keepalive\n\n"
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
@@ -393,6 +397,8 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
     return websocket_route(hub, app)  # type: ignore[arg-type]
 
 
+#: 9999-12-31T23:59:59Z in epoch milliseconds: later dates are refused.
+_LATEST_MS = 253_402_300_799_000
 #: Seconds between comments sent on an idle live feed, so proxies keep it open.
 SSE_KEEPALIVE = 15.0
 
@@ -402,8 +408,8 @@ def _timestamp(value: Any, path: str) -> int:
     if isinstance(value, bool):
         raise BadRequest(f"{path}: expected an ISO 8601 date or epoch milliseconds")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
-            raise BadRequest(f"{path}: expected non-negative epoch milliseconds")
+        if not math.isfinite(value) or not 0 <= value <= _LATEST_MS:
+            raise BadRequest(f"{path}: expected epoch milliseconds from 0 to year 9999")
         return int(value)
     if isinstance(value, str):
         try:

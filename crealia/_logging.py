@@ -18,7 +18,7 @@ import orjson
 
 #: Who the current task works for: ``(project_id, user_id, session_id)`` (a tuple: one is
 #: kept per connection).
-log_context: contextvars.ContextVar[tuple[str, str, str] | None] = contextvars.ContextVar(
+log_context: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars.ContextVar(
     "crealia_log_context", default=None
 )
 _CONTEXT_KEYS = ("project_id", "user_id", "session_id")
@@ -44,7 +44,7 @@ class JsonFormatter(logging.Formatter):
         }
         context = log_context.get()
         if context:
-            entry.update(zip(_CONTEXT_KEYS, context, strict=True))
+            entry.update((k, v) for k, v in zip(_CONTEXT_KEYS, context, strict=True) if v)
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -28,6 +28,7 @@ from . import _wire
 from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
 from ._config import Config
 from ._errors import CrealiaError, Overloaded
+from ._logging import log_context
 from ._metrics import Traffic
 
 log = logging.getLogger("crealia.room")
@@ -123,6 +124,8 @@ class Room:
         Never raises a crealia error: a room that cannot open records ``failure`` and closes, and
         joiners waiting on ``ready`` see it.
         """
+        # The room outlives the session whose join opened it: log as the project's, not theirs.
+        log_context.set((self.project_id, None, None))
         try:
             with self._cancel:
                 async with self.backplane.subscribe(self.project_id, self):
@@ -502,12 +505,16 @@ class RoomManager:
                 return room
 
     async def close(self, project_id: str) -> None:
-        """Close the project's room (its sessions get 1011) and wait until it let go."""
+        """Close the project's room (its sessions get 1011) and wait (10 s at most) until it
+        let go and its sessions have ended."""
         room = self.rooms.get(project_id)
         if room is not None:
+            sessions = [*room.sessions.values(), *(j.session for j in room._joining.values())]
             room.close()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await room.done.wait()
+                for session in sessions:
+                    await session.ended.wait()
 
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.project_id) is room:

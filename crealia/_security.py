@@ -44,6 +44,8 @@ ALERT_TYPES: tuple[AlertType, ...] = (
 
 #: Subjects a windowed rule tracks at once; the least recently seen go first.
 MAX_SUBJECTS = 10_000
+#: Open alerts kept in memory (for counting repeats); the oldest go first.
+MAX_OPEN = 10_000
 
 
 @attrs.frozen(kw_only=True)
@@ -299,7 +301,9 @@ class SecurityMonitor:
                 self._raise(rule, finding, event)
 
     def _raise(self, rule: AuditRule, finding: SecurityFinding, event: AuditEvent) -> None:
-        key = (rule.name, finding.subject, event.project_id)
+        # An address is one subject whatever project it names (anyone can name any project).
+        project = None if finding.subject.startswith("ip:") else event.project_id
+        key = (rule.name, finding.subject, project)
         current = self._open.get(key)
         if current is not None:
             alert = attrs.evolve(current, count=current.count + 1, message=finding.message,
@@ -314,6 +318,9 @@ class SecurityMonitor:
             created_at=event.timestamp, updated_at=event.timestamp,
         )  # fmt: skip
         self._open[key] = alert
+        if len(self._open) > MAX_OPEN:
+            # Forget the oldest here (it stays open in the store): bounded memory.
+            del self._open[next(iter(self._open))]
         self._save(alert)
         self._announce(alert)
 
@@ -371,7 +378,7 @@ class SecurityMonitor:
         def read(conn: sqlite3.Connection) -> list[bytes]:
             return [row[0] for row in conn.execute(sql, params)]
 
-        return [SecurityAlert(**loads(data)) for data in await self.store.read(read)]
+        return [SecurityAlert(**loads(data)) for data in await self.store.read_aside(read)]
 
     async def alerts(self, project_id: str, status: str | None = None) -> list[SecurityAlert]:
         """A project's alerts, newest first; ``status`` ``open`` or ``resolved`` filters."""

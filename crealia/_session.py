@@ -181,6 +181,8 @@ class Session:
     strikes: collections.deque[float] | None = None
     #: Where what this session sends and receives is counted: the server's and its room's.
     traffic: tuple[Traffic, ...] = ()
+    #: Set once the session has ended and said so (closed, audited, out of its room).
+    ended: trio.Event = attrs.Factory(trio.Event)
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -327,6 +329,14 @@ class Hub:
             if not self.accepting:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
+            try:
+                self.check_rate(user, "other")  # a reconnect loop is limited like pings
+            except RateLimited as exc:
+                self.audit.record("rate_limited", user_id=user.id, project_id=user.project_id,
+                                  resource="hello", details={"message": exc.message},
+                                  ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
+                await conn.send(_wire.error_envelope(exc, ref))
+                raise _Close(4429, "reconnecting too often") from None
             session = Session.create(user, conn, self.config)
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
@@ -376,6 +386,8 @@ class Hub:
                     await conn.close(code, reason)
             if not self.live:
                 self._drained.set()
+            if session is not None:
+                session.ended.set()
 
     async def _handshake(self, conn: Connection) -> tuple[User, _wire.Hello, int | None]:
         with trio.move_on_after(self.config.hello_timeout):

@@ -197,6 +197,9 @@ class Store:
 
     path: Path
     _thread: _SqliteThread
+    #: A second connection for long reads (reports, exports): WAL lets it read while the
+    #: writer commits, so a big query never holds back acks.
+    _reader: _SqliteThread
     _send: trio.MemorySendChannel[_Write]
     _recv: trio.MemoryReceiveChannel[_Write]
     #: Transactions committed and writes grouped into them, for metrics and benchmarks.
@@ -243,6 +246,15 @@ class Store:
             StorageError: sqlite raised.
         """
         return await self._thread.run(fn)
+
+    async def read_aside(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only function on the store's second connection, beside the writer: for
+        long queries. It sees every commit made before it starts.
+
+        Raises:
+            StorageError: sqlite raised.
+        """
+        return await self._reader.run(fn)
 
     async def check(self) -> None:
         """Prove the store answers and is writable.
@@ -332,7 +344,7 @@ async def open_store(data_dir: Path) -> AsyncIterator[Store]:
     checkpointer = _SqliteThread(path, checkpoints=True)
     await checkpointer.open()
     send, recv = trio.open_memory_channel[_Write](100_000)
-    store = Store(path=path, thread=thread, send=send, recv=recv)
+    store = Store(path=path, thread=thread, reader=checkpointer, send=send, recv=recv)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)

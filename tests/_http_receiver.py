@@ -62,8 +62,10 @@ class Receiver:
                     self.paths.append(event.target.decode())
                 elif isinstance(event, h11.Data):
                     body += event.data
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                elif isinstance(event, h11.EndOfMessage):
                     break
+                elif isinstance(event, h11.ConnectionClosed):
+                    return  # the sender hung up before the request was complete
             self.attempts += 1
             if self.hang:
                 await trio.sleep_forever()

@@ -385,3 +385,19 @@ async def test_a_bad_pubsub_message_does_not_stop_the_backplane(
         await a.request("timeline_change", insert("c1", "clip"))
         ev = await b.event("timeline_change")
         assert ev["data"]["seq"] == 1
+
+
+async def test_gdpr_erasure_is_refused_on_redis_without_closing_the_room(
+    nodes: list[Server], on: dict[tuple[int, str], Clients]
+) -> None:
+    import httpx
+
+    member = await on[0, "ws"].join("mia")
+    token = nodes[0].issue_token("olga", "p1", "owner")
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(base_url=nodes[0].http_url, timeout=10) as http:
+            response = await http.post("/api/collaboration/gdpr/erase", json={"userId": "mia"},
+                                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert response.status_code == 501
+        assert response.json()["error"]["code"] == "unsupported"
+        assert (await member.request("ping", {}))["type"] == "pong"  # still connected

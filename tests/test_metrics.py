@@ -192,6 +192,17 @@ async def test_conflict_and_error_rates_are_measured(quiet: Server, clients: Cli
         assert sample["errorRate"] == pytest.approx(100 / 3, abs=0.01)  # 1 of 3 messages
 
 
+async def test_ping_round_trips_are_measured(quiet: Server, clients: Clients) -> None:
+    with trio.fail_after(20):
+        await clients.join("alice")
+        await clients.join("bob")
+        await quiet.monitor.probe_pings(5)
+        server, _project = await quiet.monitor.take_sample()
+        values = await scrape(quiet)
+    assert server["pingRtt"] is not None and 0 < server["pingRtt"] < 1000
+    assert values["crealia_ping_rtt_seconds_count"] == 2
+
+
 async def test_metrics_api_gives_current_values_and_series_to_owners_only(
     quiet: Server, clients: Clients
 ) -> None:
@@ -392,6 +403,7 @@ async def test_report_json_and_csv_cover_the_range_and_match_stored_samples(
         ({"startDate": 10, "endDate": 5}, 400, "endDate"),
         ({"startDate": 1, "endDate": 5, "format": "xml"}, 400, "format"),
         ({"startDate": True, "endDate": 5}, 400, "startDate"),
+        ({"startDate": 1e300, "endDate": 5}, 400, "startDate"),
         ({"startDate": 1, "endDate": 5, "projectId": "p2"}, 403, "p2"),
     ],
 )

@@ -90,6 +90,14 @@ class TrioWebSocketConnection(Connection):
                 await ws._abort_web_socket()
                 raise trio_websocket.ConnectionClosed(ws._close_reason) from None
 
+    async def round_trip(self) -> float | None:
+        start = trio.current_time()
+        try:
+            await self._ws.ping()  # a random payload; returns when its pong arrives
+        except (trio_websocket.ConnectionClosed, ValueError):
+            return None
+        return trio.current_time() - start
+
     async def close(self, code: int, reason: str = "") -> None:
         try:
             await self._ws.aclose(code, reason[:120])

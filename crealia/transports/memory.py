@@ -462,7 +462,7 @@ class MemoryBackplane(Backplane):
 
     async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
         try:
-            return await self.store.read(partial(_gdpr.collect, project_id=project_id,
+            return await self.store.read_aside(partial(_gdpr.collect, project_id=project_id,
                                                  user_id=user_id))  # fmt: skip
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc

@@ -90,7 +90,12 @@ class AuditEvent:
         return cls(**data)
 
     def to_row(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        # By hand: attrs.asdict recurses and copies, and this runs for every edit.
+        return {"id": self.id, "user_id": self.user_id, "project_id": self.project_id,
+                "action": self.action, "resource": self.resource, "details": self.details,
+                "timestamp": self.timestamp, "ip_address": self.ip_address,
+                "user_agent": self.user_agent, "severity": self.severity,
+                "risk_score": self.risk_score}  # fmt: skip
 
 
 #: What ``record`` hands each event to (the security monitor).

@@ -280,8 +280,8 @@ class Backplane(ABC):
         return None
 
     async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
-        """Everything stored about a user in a project (GDPR export): ``comments``, ``edits``,
-        ``conflicts`` and ``audit`` events.
+        """What the backplane stores about a user in a project (GDPR export): ``comments``,
+        ``edits`` and ``conflicts``.
 
         Raises:
             Unsupported: this backplane cannot (the default).

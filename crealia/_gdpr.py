@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 import sqlite3
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._backplane import Backplane
-from ._errors import Unsupported
+from ._errors import Overloaded, StorageError, Unsupported
 from ._storage import dumps, loads
 
 if TYPE_CHECKING:
@@ -47,15 +48,45 @@ async def erase_user(
         await hub.audit.flush()
         await security.flush()
         counts = await hub.backplane.erase_user(project_id, user_id, pseudonym)
+        try:
+            trail = await hub.audit.store.read(
+                partial(erase_trail, project_id=project_id, user_id=user_id, pseudonym=pseudonym)
+            )
+        except StorageError as exc:
+            raise Overloaded(f"the audit trail was not pseudonymized: {exc}; retry") from exc
+        counts.update(trail)
         await security.reload()
     finally:
         hub.rooms.blocked.discard(project_id)
     return pseudonym, counts
 
 
+async def export_user(hub: Hub, project_id: str, user_id: str) -> dict[str, Any]:
+    """Everything stored about ``user_id`` in ``project_id``: ``comments``, ``edits``,
+    ``conflicts`` (the backplane's) and ``audit`` events (the operations store's).
+
+    Raises:
+        Unsupported: the backplane cannot (the Redis backplane, for now).
+    """
+    await hub.audit.flush()  # what was just done is stored, so it is exported too
+    content = await hub.backplane.user_data(project_id, user_id)
+
+    def audit(conn: sqlite3.Connection) -> list[Any]:
+        rows = conn.execute(
+            "SELECT data FROM audit_events WHERE project_id = ? AND user_id = ? ORDER BY at",
+            (project_id, user_id),
+        )
+        return [loads(data) for (data,) in rows]
+
+    try:
+        return {**content, "audit": await hub.audit.store.read_aside(audit)}
+    except StorageError as exc:
+        raise Overloaded(f"storage unavailable: {exc}") from exc
+
+
 def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str, Any]:
-    """What the store holds about ``user_id`` in ``project_id``: comments, edits authored,
-    conflicts they were part of, and audit events."""
+    """What the projects' store holds about ``user_id`` in ``project_id``: comments, edits
+    authored, and conflicts they were part of."""
     comments = [
         {"id": cid, "seq": seq, "elementId": eid, "time": at_time, "text": text, "at": at}
         for cid, seq, eid, at_time, text, at in conn.execute(
@@ -79,14 +110,7 @@ def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str
         conflict = loads(data)
         if _mentions(conflict, user_id):
             conflicts.append(conflict)
-    audit = [
-        loads(data)
-        for (data,) in conn.execute(
-            "SELECT data FROM audit_events WHERE project_id = ? AND user_id = ? ORDER BY at",
-            (project_id, user_id),
-        )
-    ]
-    return {"comments": comments, "edits": edits, "conflicts": conflicts, "audit": audit}
+    return {"comments": comments, "edits": edits, "conflicts": conflicts}
 
 
 def erase(
@@ -129,11 +153,27 @@ def erase(
             conn, "snapshots", "project_id", "document", "project_id = ?", (project_id,),
             user_id, pseudonym,
         )  # fmt: skip
-        counts["audit"] = _erase_audit(conn, project_id, user_id, pseudonym)
-        counts["security_alerts"] = _rewrite_blobs(
-            conn, "security_alerts", "id", "data", "project_id = ?", (project_id,), user_id,
-            pseudonym,
-        )  # fmt: skip
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return counts
+
+
+def erase_trail(
+    conn: sqlite3.Connection, project_id: str, user_id: str, pseudonym: str
+) -> dict[str, int]:
+    """Pseudonymize ``user_id`` in the operations store (audit events, security alerts) of
+    ``project_id``, in one transaction; returns counts per table."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        counts = {
+            "audit": _erase_audit(conn, project_id, user_id, pseudonym),
+            "security_alerts": _rewrite_blobs(
+                conn, "security_alerts", "id", "data", "project_id = ?", (project_id,),
+                user_id, pseudonym,
+            ),
+        }  # fmt: skip
         _erase_alert_addresses(conn, project_id, pseudonym)
     except BaseException:
         conn.execute("ROLLBACK")

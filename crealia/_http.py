@@ -376,8 +376,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         user = bearer("gdpr_export")
         data = await json_body()
         subject, fmt = gdpr_subject(user, data), _format(data)
-        await hub.audit.flush()  # what was just done is stored, so it is exported too
-        stored = await hub.backplane.user_data(user.project_id, subject)
+        stored = await _gdpr.export_user(hub, user.project_id, subject)
         audit(user, "export", f"user:{subject}", {"format": fmt, "kind": "gdpr"})
         export = {"userId": subject, "projectId": user.project_id,
                   "exportedAt": iso_time(time.time()), **stored}  # fmt: skip

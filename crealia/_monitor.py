@@ -85,7 +85,9 @@ class Monitor:
     """Samples, health, alerts and the live feed of one server."""
 
     config: Config
+    #: The projects' store (health checks, commit counts) and the operations store (samples).
     store: Store
+    ops: Store
     backplane: Backplane
     hub: Any  # the session Hub (typed loosely: the hub module imports nothing of this one)
     engine: AlertEngine
@@ -158,7 +160,7 @@ class Monitor:
                  (s["projectId"] or GLOBAL, s["at"], dumps(s))) for s in samples]  # fmt: skip
         rows += [_alert_row(alert) for alert in changes]
         try:
-            await self.store.write(rows)
+            await self.ops.write(rows)
         except CrealiaError as exc:
             log.warning("metric samples not stored: %s", exc)
         for sample in samples:
@@ -307,9 +309,10 @@ class Monitor:
         return results
 
     async def _check_storage(self) -> None:
-        # A real commit through the grouped writer: the store is writable, not just open.
-        await self.store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
-                                 (_now_ms(),))])  # fmt: skip
+        # A real commit through each grouped writer: the stores are writable, not just open.
+        for store in (self.store, self.ops):
+            await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
+                                (_now_ms(),))])  # fmt: skip
 
     def health_ok(self) -> dict[str, bool]:
         return {name: check.ok for name, check in self.health.items()}
@@ -336,7 +339,7 @@ class Monitor:
                          (cutoff,))  # fmt: skip
             return cursor.rowcount
 
-        return await self.store.read(delete)
+        return await self.ops.read(delete)
 
     # -- the live feed ------------------------------------------------------------------------
 
@@ -397,7 +400,7 @@ class Monitor:
             )
             return [row[0] for row in rows]
 
-        return [Alert.from_wire(loads(d)) for d in await self.store.read_aside(query)]
+        return [Alert.from_wire(loads(d)) for d in await self.ops.read_aside(query)]
 
     async def report(self, project_id: str | None, start_ms: int, end_ms: int) -> dict[str, Any]:
         """Per-field min/avg/p95/max over the stored samples of a range, and its alerts.
@@ -447,7 +450,7 @@ class Monitor:
                     }
             return count, metrics
 
-        count, metrics = await self.store.read_aside(aggregate)
+        count, metrics = await self.ops.read_aside(aggregate)
         return {
             "projectId": project_id,
             "startDate": iso_time(start_ms / 1000),

@@ -27,7 +27,7 @@ from ._room import RoomManager
 from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
-from ._storage import Store, open_store
+from ._storage import OPS_DB, Store, open_store
 from .transports._trio_ws import serve_trio_websocket
 from .transports.memory import MemoryBackplane
 
@@ -41,6 +41,8 @@ class Server:
     config: Config
     hub: Hub
     store: Store
+    #: The operations store: audit log, security alerts, metric samples.
+    ops: Store
     monitor: Monitor
     security: SecurityMonitor
     http_port: int
@@ -99,8 +101,10 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     rules = AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
     limits = rate_limits(config.rate_limits)
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
-    async with open_store(config.data_dir) as store, _open_backplane(config, store) as backplane:
-        audit = AuditLog(store, retention_days=config.audit_log_retention_days)
+    async with open_store(config.data_dir) as store, \
+            open_store(config.data_dir, OPS_DB) as ops, \
+            _open_backplane(config, store) as backplane:  # fmt: skip
+        audit = AuditLog(ops, retention_days=config.audit_log_retention_days)
         settler = Settler(registry=registry, backplane=backplane, config=config, audit=audit)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
@@ -127,6 +131,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             monitor = Monitor(
                 config=config,
                 store=store,
+                ops=ops,
                 backplane=backplane,
                 hub=hub,
                 engine=AlertEngine(rules, hold=config.alert_hold),
@@ -134,7 +139,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 traffic=traffic,
             )
             security = SecurityMonitor(
-                store=store,
+                store=ops,
                 rules=[rule for rule in rules if isinstance(rule, AuditRule)],
                 context=AuditContext(threshold=config.security_alert_threshold,
                                      window=config.security_alert_window),
@@ -167,6 +172,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 config=config,
                 hub=hub,
                 store=store,
+                ops=ops,
                 monitor=monitor,
                 security=security,
                 http_port=http_port,

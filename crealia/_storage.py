@@ -326,9 +326,13 @@ class Store:
 
 
 @asynccontextmanager
-async def open_store(data_dir: Path) -> AsyncIterator[Store]:
-    """Open (creating if needed) the SQLite store in ``data_dir`` with its writer task.
+async def open_store(data_dir: Path, name: str = "crealia.sqlite3") -> AsyncIterator[Store]:
+    """Open (creating if needed) the SQLite database ``name`` in ``data_dir`` with its writer
+    task.
 
+    A server keeps two: ``crealia.sqlite3`` (the projects: events, snapshots, comments,
+    conflicts) and ``OPS_DB`` (audit events, security alerts, metric samples), so that a
+    thousand audit rows a second never queue in front of the commits that acks wait for.
     On exit, queued writes are committed before the database is closed.
 
     Raises:
@@ -338,7 +342,7 @@ async def open_store(data_dir: Path) -> AsyncIterator[Store]:
         await trio.to_thread.run_sync(lambda: Path(data_dir).mkdir(parents=True, exist_ok=True))
     except OSError as exc:
         raise StorageError(f"cannot create data dir {data_dir}: {exc}") from exc
-    path = Path(data_dir) / "crealia.sqlite3"
+    path = Path(data_dir) / name
     thread = _SqliteThread(path)
     await thread.open()
     checkpointer = _SqliteThread(path, checkpoints=True)
@@ -361,6 +365,9 @@ async def open_store(data_dir: Path) -> AsyncIterator[Store]:
             await checkpointer.run(_checkpoint_truncate)
         await checkpointer.close()
 
+
+#: The operations database: audit log, security alerts, metric samples and alerts.
+OPS_DB = "ops.sqlite3"
 
 #: Seconds between background WAL checkpoints.
 CHECKPOINT_INTERVAL = 1.0

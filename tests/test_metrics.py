@@ -314,7 +314,7 @@ def _synthetic(at: int, latency: float, users: int) -> dict[str, Any]:
 async def _store_samples(server: Server, samples: list[dict[str, Any]]) -> None:
     rows = [("INSERT INTO metric_samples (scope, at, data) VALUES (?, ?, ?)",
              (s["projectId"] or "", s["at"], dumps(s))) for s in samples]  # fmt: skip
-    await server.store.write(rows)  # type: ignore[arg-type]
+    await server.ops.write(rows)  # type: ignore[arg-type]
 
 
 def _stored(path: Path, start: int, end: int) -> list[dict[str, Any]]:
@@ -355,7 +355,7 @@ async def test_report_json_and_csv_cover_the_range_and_match_stored_samples(
                 path = "/api/collaboration/performance/report"
                 body = {"startDate": start, "endDate": end, "format": "json"}
                 report = (await http.post(path, json=body, headers=auth(server))).json()
-                stored = _stored(server.store.path, start, end)
+                stored = _stored(server.ops.path, start, end)
                 assert [s["averageLatency"] for s in stored] == latencies[1:6]
                 assert report["samples"] == 5
                 assert report["metrics"]["averageLatency"] == _expected(stored, "averageLatency")
@@ -426,7 +426,7 @@ async def test_retention_deletes_old_samples_and_resolved_alerts(quiet: Server) 
     now = int(time.time() * 1000)
     old, recent = now - 31 * day, now - 29 * day
     await _store_samples(quiet, [_synthetic(old, 1.0, 1), _synthetic(recent, 2.0, 1)])
-    await quiet.store.write([
+    await quiet.ops.write([
         ("INSERT INTO alerts (id, rule, project_id, level, state, started_at, updated_at, "
          "resolved_at, data) VALUES (?, 'latency', NULL, 'warning', ?, ?, ?, ?, x'7b7d')",
          (alert_id, state, old, old, old if state == "resolved" else None))
@@ -435,7 +435,7 @@ async def test_retention_deletes_old_samples_and_resolved_alerts(quiet: Server) 
     with trio.fail_after(10):
         removed = await quiet.monitor.prune()
     assert removed == 1
-    with sqlite3.connect(quiet.store.path) as conn:
+    with sqlite3.connect(quiet.ops.path) as conn:
         ats = [row[0] for row in conn.execute("SELECT at FROM metric_samples ORDER BY at")]
         alerts = [row[0] for row in conn.execute("SELECT id FROM alerts")]
     assert ats == [recent]

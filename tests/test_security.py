@@ -228,7 +228,7 @@ async def test_audit_retention_deletes_old_events(server: Server) -> None:
     server.hub.audit.record("join", user_id="new", project_id="p1")
     with trio.fail_after(10):
         await server.hub.audit.flush()
-        with sqlite3.connect(server.store.path) as conn:
+        with sqlite3.connect(server.ops.path) as conn:
             conn.execute("UPDATE audit_events SET at = at - ? WHERE user_id = 'old'",
                          (91 * 86_400_000,))  # fmt: skip
         assert await server.hub.audit.prune() == 1
@@ -392,6 +392,7 @@ async def test_gdpr_export_matches_the_stored_data(server: Server, clients: Clie
         stored_edits = [row[0] for row in conn.execute(
             "SELECT seq FROM events WHERE user_id = 'alice' AND kind != 'comment_add' ORDER BY seq"
         )]  # fmt: skip
+    with sqlite3.connect(server.ops.path) as conn:
         audit = [row[0] for row in conn.execute(
             "SELECT id FROM audit_events WHERE user_id = 'alice' ORDER BY at")]  # fmt: skip
     assert (export["userId"], export["projectId"]) == ("alice", "p1")
@@ -441,6 +442,8 @@ async def test_gdpr_erasure_deletes_content_and_pseudonymizes_the_rest(
     with sqlite3.connect(server.store.path) as conn:
         dump = "\n".join(conn.iterdump())
         bob_comment = conn.execute("SELECT text FROM comments WHERE comment_id = 'm2'").fetchone()
+    with sqlite3.connect(server.ops.path) as conn:
+        dump += "\n".join(conn.iterdump())
         audit_rows = conn.execute(
             "SELECT data FROM audit_events WHERE user_id = ?", (pseudonym,)
         ).fetchall()

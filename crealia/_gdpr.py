@@ -188,7 +188,7 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudo
     owner exporting their data)."""
     changed = 0
     rows = conn.execute(
-        "SELECT id, user_id, data FROM audit_events WHERE project_id = ?", (project_id,)
+        "SELECT rowid, user_id, data FROM audit_events WHERE project_id = ?", (project_id,)
     ).fetchall()
     for event_id, actor, data in rows:
         event = loads(data)
@@ -197,7 +197,7 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudo
             new.update(user_id=pseudonym, ip_address="", user_agent="")
         if new != event:
             conn.execute(
-                "UPDATE audit_events SET user_id = ?, data = ? WHERE id = ?",
+                "UPDATE audit_events SET user_id = ?, data = ? WHERE rowid = ?",
                 (new["user_id"], dumps(new), event_id),
             )
             changed += 1

@@ -103,7 +103,8 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_started ON alerts (started_at);
 CREATE TABLE IF NOT EXISTS audit_events (
-    id TEXT PRIMARY KEY,
+    -- Appended in time order under the rowid: no random-key index to keep for the event ids.
+    id TEXT NOT NULL,
     at INTEGER NOT NULL,
     project_id TEXT,
     user_id TEXT,
@@ -114,7 +115,6 @@ CREATE TABLE IF NOT EXISTS audit_events (
 );
 CREATE INDEX IF NOT EXISTS audit_project ON audit_events (project_id, at);
 CREATE INDEX IF NOT EXISTS audit_user ON audit_events (user_id, at);
-CREATE INDEX IF NOT EXISTS audit_at ON audit_events (at);
 CREATE TABLE IF NOT EXISTS security_alerts (
     id TEXT PRIMARY KEY,
     project_id TEXT,

@@ -111,7 +111,10 @@ class AuditLog:
     observers: list[Observer] = attrs.Factory(list)
     dropped: int = 0
     recorded: int = 0
-    _queue: collections.deque[AuditEvent] = attrs.Factory(collections.deque)
+    #: Rows waiting for the writer: serialized at once, so that what waits is a few strings
+    #: and bytes the garbage collector does not track (queued objects would survive into the
+    #: older generations and make full collections, which pause every room, more frequent).
+    _queue: collections.deque[Statement] = attrs.Factory(collections.deque)
     _queued: trio.Event = attrs.Factory(trio.Event)
     _flush_lock: trio.Lock = attrs.Factory(trio.Lock)
 
@@ -147,7 +150,7 @@ class AuditLog:
         if len(self._queue) >= MAX_QUEUED:
             self._queue.popleft()
             self.dropped += 1
-        self._queue.append(event)
+        self._queue.append(_row(event))
         self._queued.set()
         for observe in self.observers:
             try:
@@ -177,9 +180,8 @@ class AuditLog:
             if not self._queue:
                 return
             events, self._queue = self._queue, collections.deque()
-            rows: list[Statement] = [_row(event) for event in events]
             try:
-                await self.store.write(rows)
+                await self.store.write(list(events))
             except CrealiaError as exc:
                 log.warning("audit events not stored yet: %s", exc)
                 # Back in front of what came meanwhile, still within the bound.

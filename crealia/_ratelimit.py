@@ -160,6 +160,7 @@ class RateLimiter:
         #: Syncs with the shared store that failed since the start.
         self.sync_failures = 0
         self._sync_failing = False
+        self._sync_lock = trio.Lock()
 
     @property
     def size(self) -> int:
@@ -223,6 +224,12 @@ class RateLimiter:
         (once, until it works again) and counted in :attr:`sync_failures`; what it missed is
         dropped and the limits hold locally. Cancellation drops this round's consumption.
         """
+        # One sync at a time: a caller of sync() returns only after what was consumed before
+        # the call has reached the shared store, even if the background sync had taken it.
+        async with self._sync_lock:
+            await self._sync()
+
+    async def _sync(self) -> None:
         shared = self._shared
         if shared is None:
             return

@@ -321,6 +321,7 @@ async def test_bad_tokens_naming_many_projects_raise_one_alert(
                 intruder = await clients.raw()
                 await intruder.send("hello", {"token": "bad", "project_id": f"v{i}"}, ref=1)
                 assert await intruder.closed() == 4401
+            await server.security.flush()
             alerts = await server.security._load(resolved=False)
     assert [(a.type, a.subject, a.count) for a in alerts] == [
         ("unauthorized_access", "ip:127.0.0.1", 7)
@@ -470,6 +471,7 @@ async def test_cross_site_websocket_attempts_are_audited_and_alerted(
         status, _body = await handshake(ws_url(server, endpoint), "https://evil.example")
         assert status == 403
         refused = await server.hub.audit.query(action="origin_refused")
+        await server.security.flush()
         alerts = await server.security._load(resolved=False)
     assert [e.details["origin"] for e in refused] == ["https://evil.example"]
     assert refused[0].ip_address == "127.0.0.1" and refused[0].project_id is None

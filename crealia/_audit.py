@@ -21,7 +21,7 @@ import trio
 
 from ._errors import CrealiaError
 from ._logging import iso_time
-from ._storage import Statement, Store, dumps, loads
+from ._storage import Statement, Store, dumps, keep_pruning, loads
 
 log = logging.getLogger("crealia.audit")
 
@@ -50,8 +50,6 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
 FLUSH_INTERVAL = 0.05
 #: Events queued while the store fails before the oldest are dropped (and counted).
 MAX_QUEUED = 100_000
-#: Seconds between deletions of events past their retention.
-RETENTION_INTERVAL = 3600.0
 
 
 @attrs.frozen(kw_only=True)
@@ -162,7 +160,7 @@ class AuditLog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Store queued events and prune old ones until cancelled (then store what is left)."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._retention)
+            nursery.start_soon(keep_pruning, self.prune, "audit log")
             task_status.started()
             try:
                 while True:
@@ -190,14 +188,6 @@ class AuditLog:
                     events.popleft()
                     self.dropped += 1
                 self._queue = events
-
-    async def _retention(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except CrealiaError as exc:
-                log.warning("audit retention: %s", exc)
-            await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete events older than the retention; returns how many went."""

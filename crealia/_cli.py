@@ -22,7 +22,7 @@ from ._auth import (
     sign_token,
     token_claims,
 )
-from ._config import Config
+from ._config import Config, comma_list
 from ._errors import ConfigurationError, CrealiaError
 from ._logging import configure as configure_logging
 from ._plugins import StrategyRegistry
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             dev=args.dev,
             tick_ms=args.tick_ms,
             history_limit=args.history,
-            strategy_chain=None if args.strategies is None else tuple(
-                name.strip() for name in args.strategies.split(",") if name.strip()),
+            strategy_chain=None if args.strategies is None else comma_list(args.strategies),
         )  # fmt: skip
         level = args.log_level or os.environ.get("CREALIA_LOG_LEVEL") or (
             "debug" if config.dev else "warning")  # fmt: skip

@@ -232,6 +232,11 @@ _RATE_PREFIX = "CREALIA_RATE_LIMIT_"
 _NOT_ALERT_OPTIONS = {"CREALIA_ALERT_HOLD", "CREALIA_ALERT_WEBHOOKS"}
 
 
+def comma_list(raw: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` → ``("a", "b", "c")``: a list setting given as one string."""
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _flag(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -252,7 +257,7 @@ _ENV: list[tuple[str, str, Any]] = [
     (
         "CREALIA_JWT_ALGORITHMS",
         "jwt_algorithms",
-        lambda raw: tuple(alg.strip() for alg in raw.split(",") if alg.strip()),
+        comma_list,
     ),
     ("CREALIA_JWT_LEEWAY", "jwt_leeway", float),
     ("CREALIA_ALLOWED_ORIGINS", "allowed_origins", str),
@@ -268,7 +273,7 @@ _ENV: list[tuple[str, str, Any]] = [
     (
         "CREALIA_STRATEGIES",
         "strategy_chain",
-        lambda raw: tuple(name.strip() for name in raw.split(",") if name.strip()),
+        comma_list,
     ),
     ("CREALIA_STRATEGY_TIMEOUT", "strategy_timeout", float),
     ("CREALIA_PRESENCE_INTERVAL", "presence_interval", float),
@@ -279,7 +284,7 @@ _ENV: list[tuple[str, str, Any]] = [
     (
         "CREALIA_ALERT_WEBHOOKS",
         "alert_webhooks",
-        lambda raw: tuple(url.strip() for url in raw.split(",") if url.strip()),
+        comma_list,
     ),
     ("CREALIA_LOG_FORMAT", "log_format", str),
 ]

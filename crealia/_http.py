@@ -356,6 +356,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
     async def resolve_security_alert(alert_id: str) -> Response:
         user = bearer("security_alert_resolve")
         data = await json_body()
+        for_project(user, data.get("projectId") or user.project_id)
         note = data.get("note", "")
         if not isinstance(note, str) or len(note) > 2000:
             raise BadRequest("body.note: expected a string of at most 2000 characters")

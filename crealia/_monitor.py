@@ -32,7 +32,7 @@ from ._config import Config
 from ._errors import CrealiaError
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
-from ._storage import Statement, Store, dumps, loads
+from ._storage import Statement, Store, dumps, keep_pruning, loads
 
 log = logging.getLogger("crealia.monitor")
 
@@ -40,8 +40,6 @@ log = logging.getLogger("crealia.monitor")
 RING = 120
 #: Projects whose recent samples are kept in memory after their room closed.
 RING_PROJECTS = 256
-#: Seconds between deletions of samples and alerts past their retention.
-RETENTION_INTERVAL = 3600.0
 #: Seconds between event-loop lag probes.
 LAG_PROBE = 0.25
 #: Values per field a report's p95 is computed from exactly (past that, an even subsample).
@@ -77,7 +75,6 @@ class _Subscriber:
 
     project_id: str
     send: trio.MemorySendChannel[tuple[str, dict[str, Any]]]
-    dropped: int = 0
 
 
 @attrs.define(eq=False)
@@ -98,7 +95,6 @@ class Monitor:
     loop_lag: float = 0.0
     health: dict[str, HealthCheck] = attrs.Factory(dict)
     rings: dict[str, collections.deque[dict[str, Any]]] = attrs.Factory(dict)
-    samples_taken: int = 0
     _lag_max: float = 0.0
     _started: float = attrs.Factory(trio.current_time)
     _checking: trio.Event | None = None
@@ -113,7 +109,7 @@ class Monitor:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.notifier.run)
             self._process.cpu_percent(None)  # the first call only starts the measurement
-            nursery.start_soon(self._retention)
+            nursery.start_soon(keep_pruning, self.prune, "metrics")
             nursery.start_soon(self._health_loop)
             if self.config.metrics_interval > 0:
                 nursery.start_soon(self._lag_probe)
@@ -155,7 +151,6 @@ class Monitor:
                         del self.rings[key]
             ring.append(sample)
             changes += self.engine.evaluate(sample, now)
-        self.samples_taken += 1
         rows: list[Statement] = [("INSERT INTO metric_samples (scope, at, data) VALUES (?, ?, ?)",
                  (s["projectId"] or GLOBAL, s["at"], dumps(s))) for s in samples]  # fmt: skip
         rows += [_alert_row(alert) for alert in changes]
@@ -319,14 +314,6 @@ class Monitor:
 
     # -- retention ----------------------------------------------------------------------------
 
-    async def _retention(self) -> None:
-        while True:
-            try:
-                await self.prune()
-            except CrealiaError as exc:
-                log.warning("retention: %s", exc)
-            await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
-
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete samples and resolved alerts older than ``metrics_retention_days``; returns
         how many samples went."""
@@ -373,7 +360,7 @@ class Monitor:
                 try:
                     subscriber.send.send_nowait((kind, data))
                 except trio.WouldBlock:
-                    subscriber.dropped += 1
+                    pass  # a reader that is behind misses this one
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     self._subscribers.discard(subscriber)
         push = {"metrics": "metrics_sample"}.get(kind, kind)

@@ -112,9 +112,6 @@ class Room:
     opened_at: float = attrs.Factory(trio.current_time)
     #: Trio time the oldest message waiting for the next flush arrived.
     _since: float = 0.0
-    #: Counters for metrics and benchmarks.
-    frames_out: int = 0
-    flushes: int = 0
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -433,7 +430,6 @@ class Room:
         items = ordered + list(coalesced.values())
         if not items:
             return
-        self.flushes += 1
         since = self._since
         origins = {origin for _frame, origin in items if origin is not None}
         shared: bytes | None = None
@@ -452,7 +448,6 @@ class Room:
             if shared is None:
                 shared = b",".join(frame for frame, _origin in items)
             session.push(len(items), shared, since)
-        self.frames_out += len(self.sessions)
 
 
 @attrs.define(eq=False)

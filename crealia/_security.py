@@ -255,6 +255,12 @@ class SecurityAlert:
         }
 
 
+def _key(rule: str, subject: str, project_id: str | None) -> tuple[str, str, str | None]:
+    """Which open alert a finding adds to. An address is one subject whatever project it
+    names (anyone can name any project)."""
+    return rule, subject, None if subject.startswith("ip:") else project_id
+
+
 @attrs.define(eq=False)
 class SecurityMonitor:
     """Runs the audit rules over recorded events and keeps the security alerts."""
@@ -285,9 +291,8 @@ class SecurityMonitor:
 
     async def reload(self) -> None:
         """Read the open alerts again from the store (after it was rewritten)."""
-        await self.flush()
-        self._open = {(a.rule, a.subject, a.project_id): a
-                      for a in await self._load(resolved=False)}  # fmt: skip
+        self._open = {_key(a.rule, a.subject, a.project_id): a
+                      for a in await self.open_alerts()}  # fmt: skip
 
     def observe(self, event: AuditEvent) -> None:
         """The audit log's observer: one event through every rule."""
@@ -301,9 +306,7 @@ class SecurityMonitor:
                 self._raise(rule, finding, event)
 
     def _raise(self, rule: AuditRule, finding: SecurityFinding, event: AuditEvent) -> None:
-        # An address is one subject whatever project it names (anyone can name any project).
-        project = None if finding.subject.startswith("ip:") else event.project_id
-        key = (rule.name, finding.subject, project)
+        key = _key(rule.name, finding.subject, event.project_id)
         current = self._open.get(key)
         if current is not None:
             alert = attrs.evolve(current, count=current.count + 1, message=finding.message,
@@ -356,35 +359,27 @@ class SecurityMonitor:
                 log.warning("security alerts not stored yet: %s", exc)
                 self._dirty = {**dirty, **self._dirty}
 
-    async def _load(
-        self,
-        *,
-        project_id: str | None = None,
-        resolved: bool | None = None,
-        any_project: bool = True,
-    ) -> list[SecurityAlert]:
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        if not any_project:
-            where.append("project_id IS ?")
-            params.append(project_id)
-        if resolved is not None:
-            where.append("resolved = ?")
-            params.append(int(resolved))
-        # Only fixed column conditions are joined; every value is a parameter.
-        sql = (f"SELECT data FROM security_alerts WHERE {' AND '.join(where)} "  # noqa: S608
-               "ORDER BY created_at DESC")  # fmt: skip
+    async def _query(self, where: str, params: tuple[Any, ...]) -> list[SecurityAlert]:
+        # ``where`` is one of this class's constant conditions; values are parameters.
+        sql = f"SELECT data FROM security_alerts WHERE {where} ORDER BY created_at DESC"  # noqa: S608
 
         def read(conn: sqlite3.Connection) -> list[bytes]:
             return [row[0] for row in conn.execute(sql, params)]
 
         return [SecurityAlert(**loads(data)) for data in await self.store.read_aside(read)]
 
+    async def open_alerts(self) -> list[SecurityAlert]:
+        """Every open alert, of every project and of none, newest first."""
+        await self.flush()
+        return await self._query("resolved = 0", ())
+
     async def alerts(self, project_id: str, status: str | None = None) -> list[SecurityAlert]:
         """A project's alerts, newest first; ``status`` ``open`` or ``resolved`` filters."""
         await self.flush()
-        resolved = None if status is None else status == "resolved"
-        return await self._load(project_id=project_id, resolved=resolved, any_project=False)
+        if status is None:
+            return await self._query("project_id = ?", (project_id,))
+        resolved = int(status == "resolved")
+        return await self._query("project_id = ? AND resolved = ?", (project_id, resolved))
 
     async def resolve(self, project_id: str, alert_id: str, by: str, note: str) -> SecurityAlert:
         """Resolve an open alert of ``project_id``.

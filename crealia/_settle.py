@@ -64,9 +64,6 @@ class Settler:
     #: Where strategies' resolutions are audited (set by the server).
     audit: AuditLog | None = None
     _chains: dict[str, Chain] = attrs.Factory(dict)
-    #: Conflicts settled and declined by the whole chain, for the resolution-rate metric.
-    settled: int = 0
-    unsettled: int = 0
 
     def build(self, names: list[str], options: Mapping[str, Mapping[str, Any]]) -> Chain:
         """A chain of new strategy instances.
@@ -200,9 +197,7 @@ class Settler:
                 # A plugin's value the store cannot take (not JSON), say: the conflict stays
                 # pending for a person rather than costing the room.
                 log.exception("could not apply %s's resolution of %s", name, conflict.id)
-                self.unsettled += 1
                 return None
-            self.settled += 1
             if self.audit is not None:
                 self.audit.record(
                     "conflict_resolution", user_id=None, project_id=conflict.project_id,
@@ -211,7 +206,6 @@ class Settler:
                              "confidence": answer.confidence, "seq": settled.seq},
                 )  # fmt: skip
             return settled.redetected
-        self.unsettled += 1
         return None
 
     def _context(

@@ -18,7 +18,7 @@ import itertools
 import logging
 import operator
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -368,6 +368,21 @@ async def open_store(data_dir: Path, name: str = "crealia.sqlite3") -> AsyncIter
 
 #: The operations database: audit log, security alerts, metric samples and alerts.
 OPS_DB = "ops.sqlite3"
+
+#: Seconds between deletions of rows past their retention.
+RETENTION_INTERVAL = 3600.0
+
+
+async def keep_pruning(prune: Callable[[], Awaitable[int]], what: str) -> None:
+    """Call ``prune`` now and every ``RETENTION_INTERVAL`` seconds, until cancelled; a failing
+    store is logged and tried again next time."""
+    while True:
+        try:
+            await prune()
+        except StorageError as exc:
+            log.warning("%s retention: %s", what, exc)
+        await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
+
 
 #: Seconds between background WAL checkpoints.
 CHECKPOINT_INTERVAL = 1.0

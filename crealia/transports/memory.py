@@ -83,9 +83,6 @@ class MemoryBackplane(Backplane):
     _projects: dict[str, _Project] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _listeners: dict[str, set[Listener]] = attrs.Factory(dict)
-    #: Conflicts detected and settled per project since start (conflict and resolution rates).
-    conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
-    conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -262,7 +259,6 @@ class MemoryBackplane(Backplane):
             conflicts = outcome.detected
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
-            self.conflicts_detected[project_id] += len(conflicts)
             project.changes[change.change_id] = attrs.evolve(outcome, detected=[])
             statements: list[Statement] = [
                 (
@@ -338,9 +334,6 @@ class MemoryBackplane(Backplane):
         await self._commit(
             project_id, project, statements, event, [redetected] if redetected else []
         )
-        self.conflicts_settled[project_id] += 1
-        if redetected is not None:
-            self.conflicts_detected[project_id] += 1
         return Settled(seq=event.seq, redetected=redetected)
 
     async def get_settings(self, project_id: str) -> dict[str, Any]:

@@ -212,8 +212,6 @@ class RedisBackplane(Backplane):
     _connected_event: trio.Event = attrs.Factory(trio.Event)
     _outgoing: dict[tuple[Any, ...], Ephemeral] = attrs.Factory(dict)
     _outgoing_ready: trio.Event = attrs.Factory(trio.Event)
-    conflicts_detected: collections.Counter[str] = attrs.Factory(collections.Counter)
-    conflicts_settled: collections.Counter[str] = attrs.Factory(collections.Counter)
 
     # -- mirrors ------------------------------------------------------------------------------
 
@@ -407,7 +405,6 @@ class RedisBackplane(Backplane):
                     # Before any await: the event is in Redis, so it must reach this
                     # process's rooms whatever happens next.
                     mirror.roles[user.id] = user.role
-                    self.conflicts_detected[project_id] += len(outcome.detected)
                     self._after_commit(project_id, mirror, event, outcome.detected)
                     with contextlib.suppress(Overloaded):
                         await self._remember_role(project_id, user)
@@ -475,7 +472,6 @@ class RedisBackplane(Backplane):
                         f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
                     )
                 if status == "ok":
-                    self.conflicts_settled[project_id] += 1
                     self._after_commit(project_id, mirror, event,
                                        [redetected] if redetected else [])  # fmt: skip
                     return Settled(seq=event.seq, redetected=redetected)

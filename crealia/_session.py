@@ -26,6 +26,7 @@ from ._audit import AuditLog
 from ._auth import TokenAuthority, User, require
 from ._backplane import Backplane
 from ._config import Config
+from ._edge import ConnectionGate
 from ._errors import (
     BadRequest,
     Forbidden,
@@ -315,6 +316,8 @@ class Hub:
     live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
     _drained: trio.Event = attrs.Factory(trio.Event)
     connections_total: int = 0
+    #: Connection and session caps (crealia._edge); sessions per user are counted here.
+    gate: ConnectionGate = attrs.Factory(ConnectionGate)
 
     async def serve_connection(self, conn: Connection) -> None:
         """Run one client connection to its end. Never raises but for cancellation."""
@@ -325,6 +328,7 @@ class Hub:
         session: Session | None = None
         room: Room | None = None
         joined = False
+        entered: str | None = None  # the user counted against max_sessions_per_user
         try:
             if not self.accepting:
                 raise _Close(1001, "server shutting down")
@@ -337,6 +341,13 @@ class Hub:
                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
                 await conn.send(_wire.error_envelope(exc, ref))
                 raise _Close(4429, "reconnecting too often") from None
+            if not self.gate.enter_user(user.id):
+                limit = self.gate.max_per_user
+                busy = Overloaded(f"too many sessions for this user (at most {limit}); "
+                                  "close one and try again")  # fmt: skip
+                await conn.send(_wire.error_envelope(busy, ref))
+                raise _Close(1013, f"too many sessions for this user (at most {limit})")
+            entered = user.id
             session = Session.create(user, conn, self.config)
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
@@ -367,6 +378,8 @@ class Hub:
                 await _send_quietly(conn, _wire.error_envelope(exc))
             code, reason = 1013, exc.message
         finally:
+            if entered is not None:
+                self.gate.leave_user(entered)
             if room is not None and session is not None:
                 room.remove(session)
                 self.metric_subscribers.pop(session.id, None)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 import resource
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
@@ -203,16 +204,12 @@ class GatedListener(trio.abc.Listener[trio.SocketStream]):
                 self._refusing += 1
                 self._nursery.start_soon(self._refuse, stream, reason)
             else:
-                await stream.aclose()
+                await _refuse_at_once(stream, reason)
 
     async def _refuse(self, stream: trio.SocketStream, reason: str) -> None:
-        body = f"{reason}\n".encode()
-        answer = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8"
-                  b"\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: "
-                  + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
         try:
             with trio.move_on_after(REFUSAL_LINGER):
-                await stream.send_all(answer)
+                await stream.send_all(_unavailable(reason))
                 await stream.send_eof()
                 # Read what the client sent until it closes: closing with unread data would
                 # reset the connection and could destroy the answer before it is read.
@@ -226,6 +223,27 @@ class GatedListener(trio.abc.Listener[trio.SocketStream]):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def _unavailable(reason: str) -> bytes:
+    body = f"{reason}\n".encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8"
+            b"\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+
+
+async def _refuse_at_once(stream: trio.SocketStream, reason: str) -> None:
+    """Refuse without waiting: the answer goes into the empty send buffer of the new socket,
+    what the client sent so far is read (so the close is a FIN, not a reset), and it closes."""
+    fd = stream.socket.fileno()
+    try:
+        os.write(fd, _unavailable(reason))
+        stream.socket.shutdown(trio.socket.SHUT_WR)
+        while os.read(fd, 65536):
+            pass
+    except OSError:  # BlockingIOError: nothing more to read now; others: the client is gone
+        pass
+    await stream.aclose()
 
 
 class DeadlineStream(trio.abc.HalfCloseableStream):
@@ -297,6 +315,8 @@ def edge_app(
         if kind == "websocket":
             if host is not None:
                 await _refuse_websocket(scope, receive, send, misdirected_body(host))
+                if stream is not None:
+                    stream.set_deadline(trio.current_time() + EARLY_RESPONSE_LINGER)
                 return
             if stream is not None:
                 stream.set_deadline(math.inf)  # the hub's hello timeout takes over

@@ -17,6 +17,7 @@ The rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
@@ -180,7 +181,13 @@ def _host_name(host: str) -> str | None:
     name = parts.hostname
     if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
         return None
-    return f"[{name}]" if ":" in name else name
+    if ":" in name:
+        return f"[{name}]" if _IPV6.fullmatch(name) else None
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+_IPV6 = re.compile(r"[0-9a-f:.]+")
 
 
 @attrs.frozen

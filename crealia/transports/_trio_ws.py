@@ -119,6 +119,21 @@ class TrioWebSocketConnection(Connection):
             await self._ws._close_stream()
 
 
+async def _reject(
+    request: trio_websocket.WebSocketRequest,
+    status: int,
+    *,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a handshake with ``status`` and close the TCP stream: trio-websocket would keep it
+    (and its file descriptor) until the client closes."""
+    try:
+        await request.reject(status, extra_headers=extra_headers, body=body)
+    finally:
+        await request._connection._close_stream()
+
+
 async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
     try:
@@ -160,14 +175,15 @@ async def serve_trio_websocket(
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         if request.path.split("?", 1)[0] != "/ws":
-            await request.reject(404, body=b"not found: the WebSocket endpoint is /ws")
+            await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
             return
         origin = header(request.headers, b"origin")
         # wsproto keeps Host out of the extra headers, on the handshake event.
         host = getattr(getattr(request, "_event", None), "host", None)
         if not hosts.allows(host):
             gate.refused["host"] += 1
-            await request.reject(
+            await _reject(
+                request,
                 421,
                 extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
                 body=misdirected_body(host or ""),
@@ -176,14 +192,15 @@ async def serve_trio_websocket(
         if origin is not None and not origins.allows(origin, host, same_origin_ports()):
             remote = request.remote
             report_refusal(hub, origin, str(getattr(remote, "address", remote)))
-            await request.reject(
+            await _reject(
+                request,
                 403,
                 extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
                 body=refusal_body(origin),
             )
             return
         if not hub.accepting:
-            await request.reject(503, body=b"server shutting down")
+            await _reject(request, 503, body=b"server shutting down")
             return
         ws = await _accept(request, hub.config.max_frame_bytes)
         agent = header(request.headers, b"user-agent") or ""

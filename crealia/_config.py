@@ -169,6 +169,10 @@ class Config:
     #: Host names requests may name in ``Host`` (against DNS rebinding); ``.example.com`` also
     #: allows its subdomains. Empty or ``*``: any host. Others get 421.
     allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=parse_allowed_hosts)
+    #: In a cluster, the share of a class's burst (0.01 to 1) a process may admit for a user
+    #: ahead of what Redis confirmed; a user spread over N processes gets at most the burst
+    #: plus N such slacks (at least one event each).
+    cluster_rate_slack: float = attrs.field(default=0.1, validator=_float_range(0.01, 1))
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -353,4 +357,5 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HTTP_HEADER_TIMEOUT", "http_header_timeout", float),
     ("CREALIA_HTTP_BODY_TIMEOUT", "http_body_timeout", float),
     ("CREALIA_ALLOWED_HOSTS", "allowed_hosts", str),
+    ("CREALIA_CLUSTER_RATE_SLACK", "cluster_rate_slack", float),
 ]

@@ -113,6 +113,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 limits,
                 config.rate_limit_window_ms,
                 shared=backplane if config.redis_url else None,
+                slack=config.cluster_rate_slack,
             )
             await nursery.start(limiter.run)
             traffic = Traffic()

@@ -334,7 +334,7 @@ class Hub:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
             try:
-                self.check_rate(user, "other")  # a reconnect loop is limited like pings
+                await self.wait_rate(user, "other")  # a reconnect loop is limited like pings
             except RateLimited as exc:
                 self.audit.record("rate_limited", user_id=user.id, project_id=user.project_id,
                                   resource="hello", details={"message": exc.message},
@@ -514,7 +514,7 @@ class Hub:
         if kind == "hello":
             raise BadRequest("type: hello was already accepted on this connection")
         require(user, kind)
-        self.check_rate(user, event_class(kind))
+        await self.wait_rate(user, event_class(kind))
         match kind:
             case "cursor_update" | "element_active" | "typing_start" | "typing_stop":
                 slot = {"cursor_update": "cursor", "element_active": "active"}.get(kind, "typing")
@@ -631,6 +631,17 @@ class Hub:
         RateLimited: ``user`` is over the limit of event class ``cls``.
         """
         wait = self.limiter.check(user.id, cls)
+        if wait:
+            raise RateLimited(f"too many {cls} requests: retry in {wait} ms", retry_after_ms=wait)
+
+    async def wait_rate(self, user: User, cls: str) -> None:
+        """:meth:`check_rate`, but in a cluster it waits out a sync round trip rather than
+        refuse an event that only ran ahead of the cluster's count (``RateLimiter.admit``).
+
+        Raises:
+            RateLimited: ``user`` is over the limit of event class ``cls``.
+        """
+        wait = await self.limiter.admit(user.id, cls)
         if wait:
             raise RateLimited(f"too many {cls} requests: retry in {wait} ms", retry_after_ms=wait)
 

@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help="browser origins allowed to open a WebSocket besides the server's own, "
         "comma-separated; * allows any (CREALIA_ALLOWED_ORIGINS)",
     )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="host names requests may carry in Host (.example.com: and its subdomains), "
+        "comma-separated; default any (CREALIA_ALLOWED_HOSTS)",
+    )
     serve.add_argument("--dev", action="store_true", default=None)
     serve.add_argument(
         "--tick-ms", type=float, default=None, help="outbound batching tick in ms (0: batching off)"
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             jwt_public_keys=_public_keys(args.jwt_public_key),
             jwt_keys_file=args.jwt_keys_file,
             allowed_origins=args.allowed_origins,
+            allowed_hosts=args.allowed_hosts,
             dev=args.dev,
             tick_ms=args.tick_ms,
             history_limit=args.history,

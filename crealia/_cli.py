@@ -22,11 +22,22 @@ from ._auth import (
     sign_token,
     token_claims,
 )
-from ._config import Config, comma_list
+from ._config import Config, comma_list, read_secret_file
 from ._errors import ConfigurationError, CrealiaError
 from ._logging import configure as configure_logging
 from ._plugins import StrategyRegistry
 from ._server import open_server
+
+_HS256_FLAG_HELP = (
+    "the HS256 secret; visible to every local user in ps: prefer CREALIA_JWT_SECRET or "
+    "--jwt-secret-file"
+)
+_HS256_FILE_HELP = "read the HS256 secret from this file (CREALIA_JWT_SECRET_FILE)"
+#: Printed (and logged) when the secret comes on the command line.
+CMDLINE_KEY_WARNING = (
+    "--jwt-secret puts the secret on the command line, where every local user can read it "
+    "(ps, /proc/<pid>/cmdline): set CREALIA_JWT_SECRET or use --jwt-secret-file instead"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
     serve.add_argument("--redis", default=None, help="join a cluster on this Redis URL")
-    serve.add_argument("--jwt-secret", default=None)
+    serve.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
+    serve.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
     serve.add_argument(
         "--jwt-public-key",
         action="append",
@@ -60,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="browser origins allowed to open a WebSocket besides the server's own, "
         "comma-separated; * allows any (CREALIA_ALLOWED_ORIGINS)",
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="host names requests may carry in Host (.example.com: and its subdomains), "
+        "comma-separated; default any (CREALIA_ALLOWED_HOSTS)",
     )
     serve.add_argument("--dev", action="store_true", default=None)
     serve.add_argument(
@@ -101,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=ROLES)
     token.add_argument("--name", default=None)
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
-    token.add_argument("--jwt-secret", default=None)
+    token.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
+    token.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
     token.add_argument("--data-dir", default=None)
     token.add_argument(
         "--private-key",
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             return _token(args)
         if args.command == "strategies":
             return _strategies()
+        secret = _secret(args)
         config = Config.from_env(
             config_file=args.config,
             metrics_interval=args.metrics_interval,
@@ -138,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             ws_port=args.ws_port,
             data_dir=args.data_dir,
             redis_url=args.redis,
-            jwt_secret=args.jwt_secret,
+            jwt_secret=secret,
             jwt_public_keys=_public_keys(args.jwt_public_key),
             jwt_keys_file=args.jwt_keys_file,
             allowed_origins=args.allowed_origins,
+            allowed_hosts=args.allowed_hosts,
             dev=args.dev,
             tick_ms=args.tick_ms,
             history_limit=args.history,
@@ -155,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config.log_format, getattr(logging, level.upper()))
         for noisy in ("httpx", "httpcore", "hpack"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        if args.jwt_secret is not None:
+            logging.getLogger("crealia").warning(CMDLINE_KEY_WARNING)
         _tune_gc()
         trio.run(_serve, config)
     except CrealiaError as exc:
@@ -196,6 +219,18 @@ def _strategies() -> int:
     return 1 if any(p.error for p in registry.plugins) else 0
 
 
+def _secret(args: argparse.Namespace) -> str | None:
+    """The secret of ``--jwt-secret`` (with a warning on stderr) or ``--jwt-secret-file``."""
+    if args.jwt_secret is not None and args.jwt_secret_file is not None:
+        raise ConfigurationError("--jwt-secret and --jwt-secret-file: give one of them")
+    if args.jwt_secret is not None:
+        print(f"crealia: warning: {CMDLINE_KEY_WARNING}", file=sys.stderr, flush=True)
+        return str(args.jwt_secret)
+    if args.jwt_secret_file is not None:
+        return read_secret_file(Path(args.jwt_secret_file))
+    return None
+
+
 def _public_keys(values: list[str] | None) -> dict[str, str] | None:
     """``--jwt-public-key [KID=]PEM_PATH`` flags as ``jwt_public_keys`` (no KID: id "")."""
     if not values:
@@ -222,7 +257,7 @@ def _token(args: argparse.Namespace) -> int:
         return 0
     if args.alg:
         raise ConfigurationError("--alg needs --private-key (the secret signs HS256)")
-    config = Config.from_env(jwt_secret=args.jwt_secret, data_dir=args.data_dir)
+    config = Config.from_env(jwt_secret=_secret(args), data_dir=args.data_dir)
     fallback = None
     if not has_configured_keys(config):
         fallback = load_or_create_secret(Path(config.data_dir))

@@ -14,7 +14,31 @@ from ._auth import check_algorithms as check_jwt_algorithms
 from ._auth import check_config as check_jwt_config
 from ._auth import keys_file_path, parse_key_map, parse_public_keys_env
 from ._errors import ConfigurationError
-from ._origin import parse_allowed_origins
+from ._origin import parse_allowed_hosts, parse_allowed_origins
+
+
+def _int_range(low: int, high: int) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(
+                f"{attribute.name} must be an integer from {low} to {high}, got {value!r}"
+            )
+
+    return check
+
+
+def _float_range(low: float, high: float) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (low <= value <= high)
+        ):
+            raise ConfigurationError(
+                f"{attribute.name} must be a number from {low} to {high}, got {value!r}"
+            )
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -127,6 +151,28 @@ class Config:
     alert_rules: Mapping[str, Any] = attrs.Factory(dict)
     #: Log format of ``crealia serve``: ``json`` (one object a line) or ``text``.
     log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
+    # --- hardening: edge (connection caps, HTTP read deadlines, allowed hosts)
+    #: Open TCP connections, both ports together, at most (0 to 1,048,576; 0: three quarters
+    #: of the process's RLIMIT_NOFILE). Past it a connection is answered 503 and closed.
+    max_connections: int = attrs.field(default=0, validator=_int_range(0, 1 << 20))
+    #: Open TCP connections from one client address at most (0 to 1,048,576; 0: no cap).
+    #: Behind a reverse proxy every client has the proxy's address: raise it or set 0.
+    max_connections_per_address: int = attrs.field(default=256, validator=_int_range(0, 1 << 20))
+    #: Authenticated sessions of one user at most (0 to 65,536; 0: no cap); the next ``hello``
+    #: gets ``overloaded`` and close 1013.
+    max_sessions_per_user: int = attrs.field(default=32, validator=_int_range(0, 1 << 16))
+    #: Seconds an HTTP request's headers may take, from the connection's start or its previous
+    #: response (0.5 to 3600).
+    http_header_timeout: float = attrs.field(default=10.0, validator=_float_range(0.5, 3600))
+    #: Seconds an HTTP request's body may take after its headers (0.5 to 3600).
+    http_body_timeout: float = attrs.field(default=30.0, validator=_float_range(0.5, 3600))
+    #: Host names requests may name in ``Host`` (against DNS rebinding); ``.example.com`` also
+    #: allows its subdomains. Empty or ``*``: any host. Others get 421.
+    allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=parse_allowed_hosts)
+    #: In a cluster, the share of a class's burst (0.01 to 1) a process may admit for a user
+    #: ahead of what Redis confirmed; a user spread over N processes gets at most the burst
+    #: plus N such slacks (at least one event each).
+    cluster_rate_slack: float = attrs.field(default=0.1, validator=_float_range(0.01, 1))
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -237,6 +283,22 @@ def comma_list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def read_secret_file(path: Path) -> str:
+    """A secret kept in a file (``--jwt-secret-file``, ``CREALIA_JWT_SECRET_FILE``): its text
+    without surrounding whitespace, so that ``echo secret > file`` works.
+
+    Raises:
+        ConfigurationError: the file cannot be read or holds only whitespace.
+    """
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"JWT secret file {str(path)!r}: {exc}") from None
+    if not secret:
+        raise ConfigurationError(f"JWT secret file {str(path)!r} is empty")
+    return secret
+
+
 def _flag(raw: str) -> bool:
     return raw.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -251,6 +313,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("REDIS_URL", "redis_url", str),
     ("CREALIA_JWT_SECRET", "jwt_secret", str),
     ("JWT_SECRET", "jwt_secret", str),
+    ("CREALIA_JWT_SECRET_FILE", "jwt_secret", lambda raw: read_secret_file(Path(raw))),
     ("CREALIA_JWT_SECRETS", "jwt_secrets", lambda raw: parse_key_map("CREALIA_JWT_SECRETS", raw)),
     ("CREALIA_JWT_PUBLIC_KEYS", "jwt_public_keys", parse_public_keys_env),
     ("CREALIA_JWT_KEYS_FILE", "jwt_keys_file", str),
@@ -287,4 +350,12 @@ _ENV: list[tuple[str, str, Any]] = [
         comma_list,
     ),
     ("CREALIA_LOG_FORMAT", "log_format", str),
+    # --- hardening: edge
+    ("CREALIA_MAX_CONNECTIONS", "max_connections", int),
+    ("CREALIA_MAX_CONNECTIONS_PER_ADDRESS", "max_connections_per_address", int),
+    ("CREALIA_MAX_SESSIONS_PER_USER", "max_sessions_per_user", int),
+    ("CREALIA_HTTP_HEADER_TIMEOUT", "http_header_timeout", float),
+    ("CREALIA_HTTP_BODY_TIMEOUT", "http_body_timeout", float),
+    ("CREALIA_ALLOWED_HOSTS", "allowed_hosts", str),
+    ("CREALIA_CLUSTER_RATE_SLACK", "cluster_rate_slack", float),
 ]

@@ -94,6 +94,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
     """The ASGI app served on ``--port``: REST, health, metrics, and the ``/ws`` route."""
     app = QuartTrio("crealia")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+    app.config["BODY_TIMEOUT"] = hub.config.http_body_timeout  # the socket's deadline: _edge
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(monitor))
     ProcessCollector(registry=registry)

@@ -218,6 +218,25 @@ class ServerCollector(Collector):
         )
         yield _labelled(CounterMetricFamily, "crealia_errors", "Error replies sent, by code.",
                         "code", traffic.by_error)  # fmt: skip
+        yield _labelled(CounterMetricFamily, "crealia_background_failures",
+                        "Background jobs (metric samples, health checks, pruning) that failed "
+                        "and were retried, by job.", "job", monitor.failures)  # fmt: skip
+        gate = getattr(monitor.hub, "gate", None)
+        if gate is not None:
+            yield GaugeMetricFamily(
+                "crealia_open_connections", "TCP connections open on both ports.", value=gate.open
+            )
+            yield _labelled(CounterMetricFamily, "crealia_connections_refused",
+                            "Connections refused by a cap (global, address: 503 at accept; "
+                            "user: close 1013 after hello; host: 421).", "reason",
+                            gate.refused)  # fmt: skip
+            for name, doc, value in (
+                ("accept_errors", "Accepts that failed for lack of file descriptors or memory "
+                 "(each followed by a back-off).", gate.accept_errors),
+                ("http_read_timeouts", "HTTP connections closed because headers or a body "
+                 "came too late.", gate.read_timeouts),
+            ):  # fmt: skip
+                yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
         yield _labelled(GaugeMetricFamily, "crealia_health_check_up",
                         "1 when the health check passed at its last run.", "check",
                         {name: float(ok) for name, ok in monitor.health_ok().items()})  # fmt: skip

@@ -47,6 +47,9 @@ P95_EXACT = 20_000
 #: Connections whose WebSocket ping round trip is measured each sampling period.
 PING_SAMPLE = 16
 
+#: Background jobs whose failures are counted (``Monitor.failures``).
+_JOBS = ("sample", "health", "prune")
+
 GLOBAL = ""  # the scope key of server-wide samples
 
 #: The seed's PerformanceMetrics fields, then crealia's own, in report order.
@@ -103,18 +106,53 @@ class Monitor:
     _process: psutil.Process = attrs.Factory(psutil.Process)
     _memory_limit: int = attrs.Factory(lambda: _memory_limit())
     _subscribers: set[_Subscriber] = attrs.Factory(set)
+    #: Background jobs that failed since the start, by job (sample, health, prune): each was
+    #: logged and is tried again at its next period.
+    failures: dict[str, int] = attrs.Factory(
+        lambda: dict.fromkeys(("sample", "health", "prune"), 0)
+    )
+    _failing: set[str] = attrs.Factory(set)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the monitor's tasks until cancelled."""
+        """Run the monitor's tasks until cancelled. None of them ends by failing: a failing
+        sample, health check or pruning is logged, counted in :attr:`failures` and tried again
+        at its next period (a server out of file descriptors must keep serving)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.notifier.run)
-            self._process.cpu_percent(None)  # the first call only starts the measurement
-            nursery.start_soon(keep_pruning, self.prune, "metrics")
+            try:
+                self._process.cpu_percent(None)  # the first call only starts the measurement
+            except (OSError, psutil.Error) as exc:
+                self._failed("sample", exc)
+            nursery.start_soon(keep_pruning, self._pruned, "metrics")
             nursery.start_soon(self._health_loop)
             if self.config.metrics_interval > 0:
                 nursery.start_soon(self._lag_probe)
                 nursery.start_soon(self._sampler)
             task_status.started()
+
+    def _failed(self, job: str, exc: BaseException) -> None:
+        """Count a failed background job; logged with its traceback the first time in a row."""
+        self.failures[job] = self.failures.get(job, 0) + 1
+        if job in self._failing:
+            log.warning("%s failed again: %s: %s", job, type(exc).__name__, exc)
+            return
+        self._failing.add(job)
+        log.error("%s failed (retried next period): %s: %s", job, type(exc).__name__, exc,
+                  exc_info=exc)  # fmt: skip
+
+    def _succeeded(self, job: str) -> None:
+        if job in self._failing:
+            self._failing.discard(job)
+            log.warning("%s works again", job)
+
+    async def _pruned(self) -> int:
+        try:
+            pruned = await self.prune()
+        except Exception as exc:
+            self._failed("prune", exc)
+            return 0
+        self._succeeded("prune")
+        return pruned
 
     # -- the sampler --------------------------------------------------------------------------
 
@@ -122,9 +160,17 @@ class Monitor:
         interval = self.config.metrics_interval
         while True:
             with trio.move_on_after(interval):
-                await self.probe_pings(min(interval, 5.0))
+                try:
+                    await self.probe_pings(min(interval, 5.0))
+                except Exception as exc:
+                    self._failed("sample", exc)
                 await trio.sleep_forever()  # the rest of the period
-            await self.take_sample()
+            try:
+                await self.take_sample()
+            except Exception as exc:
+                self._failed("sample", exc)
+            else:
+                self._succeeded("sample")
 
     async def take_sample(self) -> list[dict[str, Any]]:
         """Take one sample of the server and of every open project, store them, run the alert
@@ -253,7 +299,12 @@ class Monitor:
 
     async def _health_loop(self) -> None:
         while True:
-            await self.check_health()
+            try:
+                await self.check_health()
+            except Exception as exc:
+                self._failed("health", exc)
+            else:
+                self._succeeded("health")
             await trio.sleep(self.config.health_interval)  # a period, not synchronization
 
     async def check_health(self) -> dict[str, HealthCheck]:
@@ -281,8 +332,8 @@ class Monitor:
             with trio.move_on_after(5) as scope:
                 try:
                     await probe()
-                except CrealiaError as exc:
-                    ok, detail = False, str(exc)
+                except Exception as exc:  # a probe failing in any way is a failing check
+                    ok, detail = False, str(exc) or type(exc).__name__
             if scope.cancelled_caught:
                 ok, detail = False, "no answer within 5 s"
             results[name] = HealthCheck(name=name, ok=ok, detail=detail, at=_now_ms())

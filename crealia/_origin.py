@@ -17,6 +17,7 @@ The rules:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
@@ -140,3 +141,84 @@ def report_refusal(hub: object, origin: str, remote: str) -> None:
     callback = getattr(hub, "on_origin_refused", None)
     if callback is not None:
         callback(origin, remote)
+
+
+# -- allowed hosts (DNS rebinding) ------------------------------------------------------------
+
+
+def parse_allowed_hosts(value: str | Iterable[str]) -> tuple[str, ...]:
+    """The ``allowed_hosts`` setting: a comma-separated string or a list of host names (lower
+    case, no port), ``.example.com`` for a domain and all its subdomains, or ``*`` (any).
+
+    Raises:
+        ConfigurationError: an entry is not a host name.
+    """
+    entries = value.split(",") if isinstance(value, str) else list(value)
+    hosts: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ConfigurationError(f"allowed_hosts: expected strings, got {entry!r}")
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        name = entry[1:] if entry.startswith(".") else entry
+        if entry != "*" and (_host_name(name) != name or not name):
+            raise ConfigurationError(
+                f"allowed_hosts: {entry!r} is not a host name: expected a name or an address "
+                "without scheme or port, .domain for it and its subdomains, or *"
+            )
+        hosts.append(entry)
+    return tuple(dict.fromkeys(hosts))
+
+
+def _host_name(host: str) -> str | None:
+    """The host part of a ``Host`` header, lower case, without port; None when malformed."""
+    try:
+        parts = urlsplit(f"http://{host.strip()}")
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return None
+    name = parts.hostname
+    if not name or parts.username is not None or parts.path or parts.query or parts.fragment:
+        return None
+    if ":" in name:
+        return f"[{name}]" if _IPV6.fullmatch(name) else None
+    return name if _HOST_NAME.fullmatch(name) else None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+_IPV6 = re.compile(r"[0-9a-f:.]+")
+
+
+@attrs.frozen
+class HostPolicy:
+    """Which ``Host`` headers a request may carry (against DNS rebinding: a page of an
+    attacker's domain that resolves to this server). Empty: any host (the default)."""
+
+    allowed: tuple[str, ...] = ()
+
+    @classmethod
+    def from_hosts(cls, hosts: Iterable[str]) -> HostPolicy:
+        parsed = parse_allowed_hosts(hosts)
+        return cls(allowed=() if "*" in parsed else parsed)
+
+    def allows(self, host: str | None) -> bool:
+        """Whether a request with this ``Host`` header (None: none) may be served."""
+        if not self.allowed:
+            return True
+        name = _host_name(host) if host else None
+        if name is None:
+            return False
+        for entry in self.allowed:
+            if entry.startswith("."):
+                if name == entry[1:] or name.endswith(entry):
+                    return True
+            elif name == entry:
+                return True
+        return False
+
+
+def misdirected_body(host: str) -> bytes:
+    """The short 421 body naming a refused ``Host`` (printable ASCII, at most 200 characters)."""
+    shown = "".join(c if " " <= c <= "~" else "?" for c in host[:200])
+    return f"host not allowed: {shown or '(none)'}\n".encode("ascii")

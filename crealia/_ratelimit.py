@@ -10,11 +10,17 @@ nothing and learns how long to wait (PROTOCOL.md §7, ``rate_limited`` with ``re
 
 Every decision is local and immediate (:meth:`RateLimiter.check` is synchronous and O(1)). In a
 cluster, :meth:`RateLimiter.run` sends each key's consumption to a shared store every
-``sync_interval`` seconds and adopts the cluster's TAT when it is later than its own, so the
-processes together admit about the limit: each may overshoot by what it admits in one sync
-interval before it hears of the others. The shared store keeps its TATs on its own clock (Redis's
-``TIME``) and answers with how far ahead of *its* now a TAT lies, so the processes' clocks never
-need to agree.
+``sync_interval`` seconds and adopts the cluster's TAT when it is later than its own. The shared
+store keeps its TATs on its own clock (Redis's ``TIME``) and answers with how far ahead of *its*
+now a TAT lies, so the processes' clocks never need to agree.
+
+A process may not run ahead of the cluster by more than a *slack*: per key and class it admits
+at most ``slack`` cost (a share of the burst, at least 1) that the shared store has not yet
+confirmed. Past that, :meth:`RateLimiter.admit` wakes the sync loop and waits for the round
+trip (a client sees a little latency, not a refusal), while :meth:`RateLimiter.check` refuses
+with a wait of a few milliseconds. So a key spread over N processes gets at most its burst plus
+N slacks, instead of N bursts (a process that never saw the key would otherwise grant it all).
+While the shared store is unreachable the slack does not apply and the limits hold locally.
 """
 
 from __future__ import annotations
@@ -89,6 +95,10 @@ DEFAULT_LIMITS: dict[str, Limit] = {
     "other": Limit(count=1200, burst=120),
 }
 
+#: The cluster slack: how far (a share of the burst) a process may admit ahead of what the
+#: shared store confirmed, per key and class.
+DEFAULT_SLACK = 0.1
+
 # Float slack when comparing times in milliseconds (one microsecond), so that a request retried
 # exactly after ``retry_after_ms`` is admitted despite rounding.
 _SLACK_MS = 1e-3
@@ -111,6 +121,10 @@ class _Bucket:
     tats: dict[str, float] = attrs.Factory(dict)
     #: Cost admitted per key since the last sync (filled only when shared).
     consumed: dict[str, int] = attrs.Factory(dict)
+    #: Cost sent to the shared store by the sync in flight, not yet confirmed.
+    in_flight: dict[str, int] = attrs.Factory(dict)
+    #: Unconfirmed cost a key may have (the cluster slack).
+    slack: int = 1
 
 
 class RateLimiter:
@@ -118,11 +132,13 @@ class RateLimiter:
 
     ``limits`` maps a class (see :data:`CLASSES`) to its :class:`Limit` per ``window_ms``; a
     class without a limit is not limited. ``clock`` returns seconds (monotonic); inject one to
-    test timing. With ``shared``, :meth:`run` syncs with it every ``sync_interval`` seconds.
+    test timing. With ``shared``, :meth:`run` syncs with it every ``sync_interval`` seconds, and
+    each key may run ahead of the cluster by ``slack`` times its class's burst (at least one
+    event; see the module docstring).
 
     Raises:
-        ValueError: ``window_ms`` or ``sync_interval`` is not positive, or a limit is not a
-            :class:`Limit`.
+        ValueError: ``window_ms`` or ``sync_interval`` is not positive, ``slack`` is not in
+            (0, 1], or a limit is not a :class:`Limit`.
     """
 
     #: Seconds between sweeps that forget idle keys.
@@ -135,12 +151,15 @@ class RateLimiter:
         *,
         shared: SharedLimits | None = None,
         sync_interval: float = 0.1,
+        slack: float = DEFAULT_SLACK,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(window_ms, bool) or not isinstance(window_ms, int) or window_ms <= 0:
             raise ValueError(f"window_ms must be a positive integer, got {window_ms!r}")
         if not sync_interval > 0:
             raise ValueError(f"sync_interval must be positive, got {sync_interval!r}")
+        if not 0 < slack <= 1:
+            raise ValueError(f"slack must be a fraction of the burst in (0, 1], got {slack!r}")
         for cls, limit in limits.items():
             if not isinstance(limit, Limit):
                 raise ValueError(f"limits[{cls!r}] must be a Limit, got {limit!r}")
@@ -151,7 +170,9 @@ class RateLimiter:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {
             cls: _Bucket(
-                interval=window_ms / limit.count, tolerance=limit.burst * window_ms / limit.count
+                interval=window_ms / limit.count,
+                tolerance=limit.burst * window_ms / limit.count,
+                slack=max(1, math.ceil(limit.burst * slack)),
             )
             for cls, limit in limits.items()
         }
@@ -161,6 +182,13 @@ class RateLimiter:
         self.sync_failures = 0
         self._sync_failing = False
         self._sync_lock = trio.Lock()
+        #: Set to ask the sync loop for a round now; and set when that round is over.
+        self._wake = trio.Event()
+        self._round = trio.Event()
+        #: Milliseconds the last sync took (what a key over its slack waits, about).
+        self._sync_ms = 1.0
+        #: Events refused or delayed because their process had run ahead of the cluster.
+        self.slack_waits = 0
 
     @property
     def size(self) -> int:
@@ -178,12 +206,49 @@ class RateLimiter:
         Returns 0 when admitted (and records it), otherwise the milliseconds (>= 1) after
         which the same request would be admitted; a refusal records nothing.
 
+        In a cluster, an event that would take ``key`` more than its slack ahead of what the
+        shared store confirmed is refused with the wait of about one sync round trip (and the
+        sync loop is woken); :meth:`admit` waits for that round trip instead.
+
         Raises:
             ValueError: ``cost`` exceeds the class's burst, so it could never be admitted.
         """
+        wait, ahead = self._check(key, cls, cost)
+        if ahead:
+            self.slack_waits += 1
+            self._wake.set()
+            return max(1, math.ceil(self._sync_ms))
+        return wait
+
+    async def admit(self, key: str, cls: str, cost: int = 1) -> int:
+        """Like :meth:`check`, but when ``key`` has run a slack ahead of the cluster, wait for
+        the next sync round (at most ``2 * sync_interval`` seconds) and decide then.
+
+        Cancellation leaves nothing recorded.
+
+        Raises:
+            ValueError: as :meth:`check`.
+        """
+        wait, ahead = self._check(key, cls, cost)
+        if not ahead:
+            return wait
+        self.slack_waits += 1
+        with trio.move_on_after(2 * self.sync_interval):
+            while ahead:
+                done = self._round
+                self._wake.set()
+                await done.wait()
+                wait, ahead = self._check(key, cls, cost)
+        if ahead:
+            return max(1, math.ceil(self._sync_ms))
+        return wait
+
+    def _check(self, key: str, cls: str, cost: int) -> tuple[int, bool]:
+        """``(wait, ahead)``: the wait as :meth:`check` says it, and whether admitting would
+        take ``key`` more than its slack ahead of the cluster (then nothing was recorded)."""
         bucket = self._buckets.get(cls)
         if bucket is None:
-            return 0
+            return 0, False
         now = self._clock() * 1000.0
         tats = bucket.tats
         tat = tats.get(key, now)
@@ -194,12 +259,16 @@ class RateLimiter:
         if excess > _SLACK_MS:
             if cost * bucket.interval > bucket.tolerance + _SLACK_MS:
                 raise ValueError(f"cost {cost} exceeds the burst of class {cls!r}")
-            return math.ceil(excess - _SLACK_MS)
-        tats[key] = tat
+            return math.ceil(excess - _SLACK_MS), False
         if self._shared is not None:
             consumed = bucket.consumed
+            unconfirmed = consumed.get(key, 0) + bucket.in_flight.get(key, 0)
+            # At least one event may always go (an event costlier than the slack too).
+            if unconfirmed and unconfirmed + cost > bucket.slack and not self._sync_failing:
+                return 0, True
             consumed[key] = consumed.get(key, 0) + cost
-        return 0
+        tats[key] = tat
+        return 0, False
 
     def sweep(self) -> int:
         """Forget every key whose TAT has passed (an idle key is the same as an unknown one);
@@ -227,7 +296,13 @@ class RateLimiter:
         # One sync at a time: a caller of sync() returns only after what was consumed before
         # the call has reached the shared store, even if the background sync had taken it.
         async with self._sync_lock:
-            await self._sync()
+            done, self._round = self._round, trio.Event()
+            try:
+                await self._sync()
+            finally:
+                for bucket in self._buckets.values():
+                    bucket.in_flight = {}
+                done.set()  # whoever waits for a round: decide again
 
     async def _sync(self) -> None:
         shared = self._shared
@@ -237,11 +312,13 @@ class RateLimiter:
         updates: list[tuple[str, int, float]] = []
         for cls, bucket in self._buckets.items():
             consumed, bucket.consumed = bucket.consumed, {}
+            bucket.in_flight = consumed
             for key, cost in consumed.items():
                 sent.append((bucket, key))
                 updates.append((f"{key}:{cls}", cost, bucket.interval))
         if not updates:
             return
+        started = trio.current_time()
         try:
             ahead = await shared.sync_rate_limits(updates)
         except Exception as exc:
@@ -258,9 +335,11 @@ class RateLimiter:
             for bucket in self._buckets.values():
                 bucket.consumed.clear()
             return
+        self._sync_ms = (trio.current_time() - started) * 1000.0
         now = self._clock() * 1000.0
         for (bucket, key), backlog in zip(sent, ahead, strict=True):
-            cluster_tat = now + backlog
+            # What this process admitted while the answer was on its way is not in it yet.
+            cluster_tat = now + backlog + bucket.consumed.get(key, 0) * bucket.interval
             if bucket.tats.get(key, now) < cluster_tat:
                 bucket.tats[key] = cluster_tat
 
@@ -271,7 +350,9 @@ class RateLimiter:
         next_sweep = trio.current_time() + self.sweep_interval
         while True:
             if self._shared is not None:
-                await trio.sleep(self.sync_interval)
+                with trio.move_on_after(self.sync_interval):
+                    await self._wake.wait()  # a key ran a slack ahead: sync now
+                self._wake = trio.Event()
                 await self.sync()
             else:
                 await trio.sleep_until(next_sweep)

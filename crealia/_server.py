@@ -10,7 +10,6 @@ from typing import Any
 
 import attrs
 import hypercorn.config
-import hypercorn.trio
 import trio
 
 from ._alerts import AlertEngine, AlertNotifier
@@ -18,9 +17,11 @@ from ._audit import AuditLog
 from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
+from ._edge import ConnectionGate, default_max_connections, edge_app, serve_http
 from ._http import create_app
 from ._metrics import Traffic
 from ._monitor import Monitor
+from ._origin import HostPolicy
 from ._plugins import AlertRuleRegistry, StrategyRegistry
 from ._ratelimit import RateLimiter, rate_limits
 from ._room import RoomManager
@@ -112,9 +113,15 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 limits,
                 config.rate_limit_window_ms,
                 shared=backplane if config.redis_url else None,
+                slack=config.cluster_rate_slack,
             )
             await nursery.start(limiter.run)
             traffic = Traffic()
+            gate = ConnectionGate(
+                max_connections=config.max_connections or default_max_connections(),
+                max_per_address=config.max_connections_per_address,
+                max_per_user=config.max_sessions_per_user,
+            )
             rooms = RoomManager(backplane, config, settler, traffic=traffic)
             await nursery.start(rooms.run)
             hub = Hub(
@@ -126,6 +133,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 audit=audit,
                 limiter=limiter,
                 traffic=traffic,
+                gate=gate,
             )
             notifier = AlertNotifier(config.alert_webhooks)
             monitor = Monitor(
@@ -157,17 +165,33 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             )  # fmt: skip
             stop_http = trio.Event()
             hconfig = hypercorn.config.Config()
-            hconfig.bind = [f"{config.host}:{config.port}"]
             hconfig.websocket_max_message_size = config.max_frame_bytes
             hconfig.graceful_timeout = 2.0
+            # Idle keep-alive connections hold a descriptor each: at most 5 s (or less when
+            # headers must come sooner); the read deadlines are crealia._edge's.
+            hconfig.keep_alive_timeout = min(5.0, config.http_header_timeout)
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
             _install_http_deflate(config.max_frame_bytes)
-            app: Any = create_app(hub, monitor, security)
-            binds = await nursery.start(
-                partial(hypercorn.trio.serve, app, hconfig, shutdown_trigger=stop_http.wait)
+            app: Any = edge_app(
+                create_app(hub, monitor, security),
+                hosts=HostPolicy.from_hosts(config.allowed_hosts),
+                header_timeout=config.http_header_timeout,
+                body_timeout=config.http_body_timeout,
+                gate=gate,
             )
-            http_port = bound["http"] = int(binds[0].rsplit(":", 1)[1])
+            http_port = bound["http"] = await nursery.start(
+                partial(
+                    serve_http,
+                    app,
+                    hconfig,
+                    gate,
+                    config.host,
+                    config.port,
+                    header_timeout=config.http_header_timeout,
+                    shutdown_trigger=stop_http.wait,
+                )
+            )
             server = Server(
                 config=config,
                 hub=hub,

@@ -26,6 +26,7 @@ from ._audit import AuditLog
 from ._auth import TokenAuthority, User, require
 from ._backplane import Backplane
 from ._config import Config
+from ._edge import ConnectionGate
 from ._errors import (
     BadRequest,
     Forbidden,
@@ -315,6 +316,8 @@ class Hub:
     live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
     _drained: trio.Event = attrs.Factory(trio.Event)
     connections_total: int = 0
+    #: Connection and session caps (crealia._edge); sessions per user are counted here.
+    gate: ConnectionGate = attrs.Factory(ConnectionGate)
 
     async def serve_connection(self, conn: Connection) -> None:
         """Run one client connection to its end. Never raises but for cancellation."""
@@ -325,18 +328,26 @@ class Hub:
         session: Session | None = None
         room: Room | None = None
         joined = False
+        entered: str | None = None  # the user counted against max_sessions_per_user
         try:
             if not self.accepting:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
             try:
-                self.check_rate(user, "other")  # a reconnect loop is limited like pings
+                await self.wait_rate(user, "other")  # a reconnect loop is limited like pings
             except RateLimited as exc:
                 self.audit.record("rate_limited", user_id=user.id, project_id=user.project_id,
                                   resource="hello", details={"message": exc.message},
                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
                 await conn.send(_wire.error_envelope(exc, ref))
                 raise _Close(4429, "reconnecting too often") from None
+            if not self.gate.enter_user(user.id):
+                limit = self.gate.max_per_user
+                busy = Overloaded(f"too many sessions for this user (at most {limit}); "
+                                  "close one and try again")  # fmt: skip
+                await conn.send(_wire.error_envelope(busy, ref))
+                raise _Close(1013, f"too many sessions for this user (at most {limit})")
+            entered = user.id
             session = Session.create(user, conn, self.config)
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
@@ -367,6 +378,8 @@ class Hub:
                 await _send_quietly(conn, _wire.error_envelope(exc))
             code, reason = 1013, exc.message
         finally:
+            if entered is not None:
+                self.gate.leave_user(entered)
             if room is not None and session is not None:
                 room.remove(session)
                 self.metric_subscribers.pop(session.id, None)
@@ -501,7 +514,7 @@ class Hub:
         if kind == "hello":
             raise BadRequest("type: hello was already accepted on this connection")
         require(user, kind)
-        self.check_rate(user, event_class(kind))
+        await self.wait_rate(user, event_class(kind))
         match kind:
             case "cursor_update" | "element_active" | "typing_start" | "typing_stop":
                 slot = {"cursor_update": "cursor", "element_active": "active"}.get(kind, "typing")
@@ -618,6 +631,17 @@ class Hub:
         RateLimited: ``user`` is over the limit of event class ``cls``.
         """
         wait = self.limiter.check(user.id, cls)
+        if wait:
+            raise RateLimited(f"too many {cls} requests: retry in {wait} ms", retry_after_ms=wait)
+
+    async def wait_rate(self, user: User, cls: str) -> None:
+        """:meth:`check_rate`, but in a cluster it waits out a sync round trip rather than
+        refuse an event that only ran ahead of the cluster's count (``RateLimiter.admit``).
+
+        Raises:
+            RateLimited: ``user`` is over the limit of event class ``cls``.
+        """
+        wait = await self.limiter.admit(user.id, cls)
         if wait:
             raise RateLimited(f"too many {cls} requests: retry in {wait} ms", retry_after_ms=wait)
 

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -38,23 +38,29 @@ class ServerProcess:
 
 @asynccontextmanager
 async def run_server(
-    data_dir: Path, jwt_secret: str | None, *extra: str, env: dict[str, str] | None = None
+    data_dir: Path,
+    jwt_secret: str | None,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> AsyncIterator[ServerProcess]:
     """Start ``crealia serve`` on free ports; yields once it prints its listening line.
 
-    ``jwt_secret=None`` leaves the secret to the server (the one kept in the data dir).
+    ``jwt_secret=None`` leaves the secret to the server (the one kept in the data dir); a secret
+    is passed as ``CREALIA_JWT_SECRET``, the way that keeps it out of ``ps``. ``preexec_fn``
+    runs in the child before it starts (e.g. to lower its ``RLIMIT_NOFILE``).
 
     On exit the process is SIGKILLed if it still runs.
     """
     command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
                "--data-dir", str(data_dir), *extra]  # fmt: skip
-    if jwt_secret is not None:
-        command += ["--jwt-secret", jwt_secret]
+    secret = {} if jwt_secret is None else {"CREALIA_JWT_SECRET": jwt_secret}
     process = await trio.lowlevel.open_process(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **secret, **(env or {})},
+        preexec_fn=preexec_fn,
     )
     output: list[str] = []
     assert process.stdout is not None

@@ -3,6 +3,7 @@ redis-server. Policy: loopback only, a deadline on every I/O test, no sleeps to 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +12,14 @@ import pytest
 import redis
 import trio
 
-from crealia._ratelimit import CLASSES, DEFAULT_LIMITS, Limit, RateLimiter, event_class
+from crealia._ratelimit import (
+    CLASSES,
+    DEFAULT_LIMITS,
+    DEFAULT_SLACK,
+    Limit,
+    RateLimiter,
+    event_class,
+)
 from crealia._storage import open_store
 from crealia._wire import CLIENT_MESSAGES
 from crealia.transports.memory import MemoryBackplane
@@ -298,6 +306,63 @@ async def test_two_processes_together_admit_about_the_limit(redis_server: RedisS
     # Within 25% below (late syncs make the shared TAT conservative) to 25% above (each
     # process's overshoot of one sync interval); two unshared limiters would admit 2x.
     assert expected * 0.75 <= total <= expected * 1.25, (total, expected, admitted)
+    assert min(admitted) > 0
+
+
+async def test_a_node_that_never_saw_a_user_grants_only_the_slack(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 10: 47 comments on one node, then 50 more at once on another, against a burst of
+    # 50: the second node used to grant its own full burst.
+    limit = Limit(count=60, burst=50)  # one a second sustained: nothing drains meanwhile
+    with trio.fail_after(20):
+        async with (
+            open_redis_backplane(redis_server.url) as one,
+            open_redis_backplane(redis_server.url) as two,
+            trio.open_nursery() as nursery,
+        ):
+            first, second = (RateLimiter({"comment": limit}, 60_000, shared=b) for b in (one, two))
+            for each in (first, second):
+                await nursery.start(each.run)
+            admitted = [sum([await first.admit("p:u", "comment") == 0 for _ in range(47)])]
+            await first.sync()
+            admitted.append(sum([await second.admit("p:u", "comment") == 0 for _ in range(50)]))
+            # The synchronous check refuses what runs ahead, with a wait of a round trip.
+            fresh = [second.check("p:v", "comment") for _ in range(7)]
+            nursery.cancel_scope.cancel()
+    slack = math.ceil(limit.burst * DEFAULT_SLACK)
+    assert admitted[0] == 47
+    assert admitted[1] <= limit.burst - 47 + slack, admitted  # was 50
+    assert sum(admitted) <= limit.burst + slack
+    assert fresh[:slack] == [0] * slack, fresh
+    assert all(1 <= wait <= 1000 for wait in fresh[slack:]), fresh
+
+
+async def test_a_user_bursting_on_two_nodes_gets_the_burst_plus_the_slacks(
+    redis_server: RedisServer,
+) -> None:
+    limit = Limit(count=60, burst=50)
+    with trio.fail_after(20):
+        async with (
+            open_redis_backplane(redis_server.url) as one,
+            open_redis_backplane(redis_server.url) as two,
+            trio.open_nursery() as nursery,
+        ):
+            limiters = [RateLimiter({"comment": limit}, 60_000, shared=b) for b in (one, two)]
+            for each in limiters:
+                await nursery.start(each.run)
+            admitted = [0, 0]
+
+            async def burst(i: int) -> None:
+                for _ in range(60):  # both at once, as fast as the node lets them
+                    admitted[i] += await limiters[i].admit("p:u", "comment") == 0
+
+            async with trio.open_nursery() as bursts:
+                for i in range(2):
+                    bursts.start_soon(burst, i)
+            nursery.cancel_scope.cancel()
+    slack = math.ceil(limit.burst * DEFAULT_SLACK)
+    assert limit.burst - 2 <= sum(admitted) <= limit.burst + 2 * slack, admitted  # was 100
     assert min(admitted) > 0
 
 

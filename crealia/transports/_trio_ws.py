@@ -15,14 +15,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import trio
 import trio_websocket
 from wsproto.events import TextMessage
 
-from .._origin import OriginPolicy, header, refusal_body, report_refusal
+from .._edge import ConnectionGate, GatedListener
+from .._origin import (
+    HostPolicy,
+    OriginPolicy,
+    header,
+    misdirected_body,
+    refusal_body,
+    report_refusal,
+)
 from .._session import Connection, ConnectionClosed, Hub
 
 SUBPROTOCOL = "crealia.v1"
@@ -112,6 +119,21 @@ class TrioWebSocketConnection(Connection):
             await self._ws._close_stream()
 
 
+async def _reject(
+    request: trio_websocket.WebSocketRequest,
+    status: int,
+    *,
+    body: bytes,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a handshake with ``status`` and close the TCP stream: trio-websocket would keep it
+    (and its file descriptor) until the client closes."""
+    try:
+        await request.reject(status, extra_headers=extra_headers, body=body)
+    finally:
+        await request._connection._close_stream()
+
+
 async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
     try:
@@ -129,6 +151,7 @@ async def serve_trio_websocket(
     port: int,
     *,
     http_port: Callable[[], int | None] | None = None,
+    gate: ConnectionGate | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the hub's WebSocket protocol on ``ws://host:port/ws``; reports the bound port.
@@ -137,8 +160,14 @@ async def serve_trio_websocket(
     :mod:`crealia._origin`). Same-origin here also means a page of the HTTP app: the same host
     with the HTTP port, which ``http_port`` tells when asked (it may be bound after this
     transport starts); without it, the configured ``port`` when it is not 0.
+
+    Connections are admitted through ``gate`` (the hub's by default) before any handshake work
+    (see :mod:`crealia._edge`); handshakes naming a ``Host`` the config's ``allowed_hosts`` does
+    not allow get 421.
     """
     origins = OriginPolicy.from_origins(hub.config.allowed_origins)
+    hosts = HostPolicy.from_hosts(hub.config.allowed_hosts)
+    gate = gate if gate is not None else hub.gate
 
     def same_origin_ports() -> tuple[int, ...]:
         known = http_port() if http_port is not None else hub.config.port
@@ -146,39 +175,63 @@ async def serve_trio_websocket(
 
     async def handler(request: trio_websocket.WebSocketRequest) -> None:
         if request.path.split("?", 1)[0] != "/ws":
-            await request.reject(404, body=b"not found: the WebSocket endpoint is /ws")
+            await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
             return
         origin = header(request.headers, b"origin")
         # wsproto keeps Host out of the extra headers, on the handshake event.
         host = getattr(getattr(request, "_event", None), "host", None)
+        if not hosts.allows(host):
+            gate.refused["host"] += 1
+            await _reject(
+                request,
+                421,
+                extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
+                body=misdirected_body(host or ""),
+            )
+            return
         if origin is not None and not origins.allows(origin, host, same_origin_ports()):
             remote = request.remote
             report_refusal(hub, origin, str(getattr(remote, "address", remote)))
-            await request.reject(
+            await _reject(
+                request,
                 403,
                 extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
                 body=refusal_body(origin),
             )
             return
         if not hub.accepting:
-            await request.reject(503, body=b"server shutting down")
+            await _reject(request, 503, body=b"server shutting down")
             return
         ws = await _accept(request, hub.config.max_frame_bytes)
         agent = header(request.headers, b"user-agent") or ""
         await hub.serve_connection(TrioWebSocketConnection(ws, agent))
 
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            partial(
-                trio_websocket.serve_websocket,
-                handler,
-                host,
-                port,
-                ssl_context=None,
-                handler_nursery=nursery,
-                max_message_size=hub.config.max_frame_bytes,
-                connect_timeout=hub.config.hello_timeout,
-                disconnect_timeout=2,
-            )
+        listeners = [GatedListener(listener, gate, nursery)
+                     for listener in await trio.open_tcp_listeners(port, host=host)]  # fmt: skip
+        server = _GatedWebSocketServer(
+            gate,
+            handler,
+            listeners,
+            handler_nursery=nursery,
+            max_message_size=hub.config.max_frame_bytes,
+            connect_timeout=hub.config.hello_timeout,
+            disconnect_timeout=2,
         )
-        task_status.started(server.port)
+        await nursery.start(server.run)
+        task_status.started(listeners[0].port)
+
+
+class _GatedWebSocketServer(trio_websocket.WebSocketServer):
+    """Releases each connection from the gate when trio-websocket is done with it (its
+    ``_handle_connection`` runs from accept to close, handshake included)."""
+
+    def __init__(self, gate: ConnectionGate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gate = gate
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await super()._handle_connection(stream)
+        finally:
+            self._gate.release(stream)

@@ -17,6 +17,18 @@ from ._errors import ConfigurationError
 from ._origin import parse_allowed_origins
 
 
+def _between(low: int, high: int) -> Any:
+    """A validator: an integer within ``low..high``."""
+
+    def check(_inst: object, attr: attrs.Attribute[Any], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigurationError(
+                f"{attr.name} must be an integer in {low}..{high}, got {value!r}"
+            )
+
+    return check
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything a crealia server can be told.
@@ -127,6 +139,23 @@ class Config:
     alert_rules: Mapping[str, Any] = attrs.Factory(dict)
     #: Log format of ``crealia serve``: ``json`` (one object a line) or ``text``.
     log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
+    # --- hardening: sess (quotas, welcome, replay)
+    #: Largest single value (a prop, a resolved value, a strategy's answer), JSON-encoded bytes.
+    value_max_bytes: int = attrs.field(default=64 * 1024, validator=_between(1024, 16 << 20))
+    #: Largest document (its live elements, JSON-encoded bytes): a change that would grow it
+    #: past this is refused with ``too_large``; one that shrinks it is always accepted.
+    document_max_bytes: int = attrs.field(default=16 << 20, validator=_between(64 * 1024, 1 << 30))
+    #: Most bytes of durable events kept per project for resume (besides ``history_limit``), in
+    #: memory and in the kept log; the last 1,000 events are kept whatever their size.
+    history_max_bytes: int = attrs.field(default=64 << 20, validator=_between(1 << 20, 4 << 30))
+    #: Largest frame of a ``welcome``: a snapshot that does not fit is sent in ``snapshot_chunk``
+    #: frames of at most this many bytes.
+    welcome_frame_bytes: int = attrs.field(
+        default=512 * 1024, validator=_between(16 * 1024, 16 << 20)
+    )
+    #: Most bytes of missed events replayed after a resumed ``welcome``; a resume that needs
+    #: more is answered with a snapshot instead. Never more than half of ``outbox_bytes``.
+    replay_max_bytes: int = attrs.field(default=4 << 20, validator=_between(64 * 1024, 1 << 30))
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -287,4 +316,10 @@ _ENV: list[tuple[str, str, Any]] = [
         comma_list,
     ),
     ("CREALIA_LOG_FORMAT", "log_format", str),
+    # --- hardening: sess
+    ("CREALIA_VALUE_MAX_BYTES", "value_max_bytes", int),
+    ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),
+    ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
+    ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
+    ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
 ]

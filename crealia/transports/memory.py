@@ -100,7 +100,9 @@ class MemoryBackplane(Backplane):
                 self._projects[project_id] = project
             return project
 
-    async def _load(self, project_id: str) -> _Project:
+    async def _load(self, project_id: str, *, history: bool = True) -> _Project:
+        """Load a project from the store; without ``history``, only what rebuilds its document
+        (the snapshot and the events after it), for a read that keeps nothing."""
         limit = self.history_limit
         max_bytes = self.quotas.history_bytes
 
@@ -116,7 +118,9 @@ class MemoryBackplane(Backplane):
             )
             snap_seq = row[0] if row else 0
             start = max(0, min(snap_seq, head - limit))
-            if start < snap_seq:
+            if not history:
+                start = snap_seq
+            elif start < snap_seq:
                 # The events before the snapshot only serve resume: load no more of them than
                 # the history keeps (its byte bound, beyond the last 1,000).
                 start = max(start, min(snap_seq, _history_start(conn, project_id, start,
@@ -161,10 +165,10 @@ class MemoryBackplane(Backplane):
         for event in events:
             if event.seq > doc.seq:
                 doc.apply(event.effects, event.seq, event.user_id)
-        history = History(events, limit=self.history_limit, max_bytes=self.quotas.history_bytes)
+        kept = History(events, limit=self.history_limit, max_bytes=self.quotas.history_bytes)
         return _Project(
             doc=doc,
-            history=history,
+            history=kept,
             changes={
                 cid: ChangeOutcome(
                     change_id=cid, seq=seq, status=status, conflicts=loads(conflicts)
@@ -424,7 +428,7 @@ class MemoryBackplane(Backplane):
             async with self._loading.setdefault(project_id, trio.Lock()):
                 project = self._projects.get(project_id)
                 if project is None or project.broken:
-                    return (await self._load(project_id)).doc.snapshot()
+                    return (await self._load(project_id, history=False)).doc.snapshot()
         snapshot = project.doc.snapshot()
         await project.settled(snapshot["seq"])
         return snapshot

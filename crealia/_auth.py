@@ -15,6 +15,7 @@ import attrs
 import jwt
 
 from ._errors import ConfigurationError, Forbidden, Unauthorized
+from ._wire import id_problem
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -297,6 +298,10 @@ def token_claims(
     """
     if role not in _RANK:
         raise ConfigurationError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    for what, value in (("user id", user_id), ("project id", project_id)):
+        problem = id_problem(value) if value else "must not be empty"
+        if problem is not None:
+            raise ConfigurationError(f"{what} {value!r} {problem}")
     issued = int(time.time() if now is None else now)
     return {
         "sub": user_id,
@@ -553,6 +558,10 @@ class TokenAuthority:
             raise Unauthorized("invalid token: sub, project and role must be strings")
         if role not in _RANK:
             raise Unauthorized(f"invalid token: unknown role {role!r}")
+        for claim, value in (("sub", sub), ("project", project)):
+            problem = id_problem(value)
+            if problem is not None:
+                raise Unauthorized(f"invalid token: {claim} {problem}")
         if not isinstance(name, str):
             name = str(sub)
         if project_id is not None and project != project_id:

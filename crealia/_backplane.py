@@ -10,8 +10,10 @@ cluster backplane serves many processes from one shared store.
 
 from __future__ import annotations
 
+import collections
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -60,6 +62,35 @@ class DurableEvent:
     def encoded(self) -> bytes:
         """:meth:`to_wire`, encoded once and shared by every connection."""
         return _wire.dumps(self.to_wire())
+
+
+#: Events a project's history keeps whatever their size (PROTOCOL.md §6: at least 1,000).
+MIN_HISTORY_EVENTS = 1000
+
+
+class History(collections.deque[DurableEvent]):
+    """A project's recent durable events, oldest first: at most ``limit`` of them and, beyond
+    the last :data:`MIN_HISTORY_EVENTS`, at most ``max_bytes`` of encoded events.
+
+    Only :meth:`append` adds (events come one at a time, in ``seq`` order); the oldest events go.
+    """
+
+    def __init__(self, events: Iterable[DurableEvent] = (), *, limit: int, max_bytes: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.max_bytes = max_bytes
+        #: Encoded bytes of the events held.
+        self.bytes = 0
+        for event in events:
+            self.append(event)
+
+    def append(self, event: DurableEvent) -> None:
+        super().append(event)
+        self.bytes += len(event.encoded)
+        while len(self) > self.limit or (
+            self.bytes > self.max_bytes and len(self) > MIN_HISTORY_EVENTS
+        ):
+            self.bytes -= len(self.popleft().encoded)
 
 
 @attrs.frozen(kw_only=True)

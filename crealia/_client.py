@@ -113,6 +113,9 @@ _CLOSE_UNAUTHORIZED: Final = 4401
 _CLOSE_RATE_LIMIT_ABUSED: Final = 4429
 #: Largest server frame accepted; a welcome's snapshot can be big.
 _MAX_INCOMING_BYTES: Final = 64 * 1024 * 1024
+#: How many times a change or comment whose outcome the server could not tell is sent again
+#: (with the same id) before its ``overloaded`` error is raised.
+_UNKNOWN_OUTCOME_RESENDS: Final = 5
 #: How long a close, even a cancelled one, waits for the server's closing handshake.
 _CLOSE_GRACE: Final = 2.0
 
@@ -129,13 +132,22 @@ class ServerError(ClientError):
             ``not_found``, ``rate_limited``, ``too_large``, ``overloaded``, ``internal``).
         message: the server's explanation, naming the offending field where it can.
         retry_after_ms: for ``rate_limited``, how long to wait before trying again.
+        outcome: for ``overloaded``, ``"not_applied"`` (nothing changed) or ``"unknown"`` (the
+            write may have been applied: resend it with the same id); ``None`` otherwise.
     """
 
-    def __init__(self, code: str, message: str, retry_after_ms: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        outcome: str | None = None,
+    ) -> None:
         super().__init__(code, message, retry_after_ms)
         self.code = code
         self.message = message
         self.retry_after_ms = retry_after_ms
+        self.outcome = outcome
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -257,6 +269,9 @@ class _Connection:
     close_code: int | None = None
     close_reason: str | None = None
     opened_at: float = 0.0
+    #: A ``welcome`` whose snapshot comes in ``snapshot_chunk`` frames, and the pieces so far.
+    chunked_welcome: dict[str, Any] | None = None
+    chunks: list[str] = attrs.Factory(list)
 
 
 @attrs.frozen(kw_only=True)
@@ -331,10 +346,12 @@ def _encode(envelope: Mapping[str, Any]) -> str:
 
 def _server_error(data: Mapping[str, Any]) -> ServerError:
     retry = data.get("retry_after_ms")
+    outcome = data.get("outcome")
     return ServerError(
         str(data.get("code", "internal")),
         str(data.get("message", "")),
         retry if isinstance(retry, int) else None,
+        outcome if isinstance(outcome, str) else None,
     )
 
 
@@ -529,7 +546,21 @@ class ClientSession:
             ConnectionLost, ClientClosed: as for :meth:`request`.
         """
         data = {"change_id": change_id or str(uuid.uuid4()), "changes": list(changes)}
-        return await self.request("timeline_change", data)
+        return await self._request_idempotent("timeline_change", data)
+
+    async def _request_idempotent(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`request`, sent again (same id) while the server answers ``overloaded`` with
+        outcome ``unknown``: the first ack, or ``duplicate``, settles whether it was applied."""
+        delay = self._min_backoff
+        for _attempt in range(_UNKNOWN_OUTCOME_RESENDS):
+            try:
+                return await self.request(type, data)
+            except ServerError as exc:
+                if exc.code != "overloaded" or exc.outcome != "unknown":
+                    raise
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self._max_backoff)
+        return await self.request(type, data)
 
     async def comment(
         self,
@@ -551,7 +582,7 @@ class ClientSession:
             comment["element_id"] = element_id
         if time is not None:
             comment["time"] = time
-        return await self.request("comment_add", {"comment": comment})
+        return await self._request_idempotent("comment_add", {"comment": comment})
 
     async def cursor(
         self, x: float, y: float, *, time: float | None = None, track: str | None = None
@@ -988,7 +1019,9 @@ class ClientSession:
             logger.warning("ignoring a %s envelope whose data is not an object", type_)
             return
         ref = envelope.get("ref")
-        if ref is None:
+        if conn.chunked_welcome is not None and type_ == "snapshot_chunk":
+            self._on_snapshot_chunk(conn, data)
+        elif ref is None:
             self._on_push(Push(type=type_, data=data))
         elif ref == conn.hello_ref:
             self._on_hello_reply(conn, type_, data)
@@ -1001,7 +1034,35 @@ class ClientSession:
             else:
                 req.settle(reply=data)
 
+    def _on_snapshot_chunk(self, conn: _Connection, data: dict[str, Any]) -> None:
+        """One piece of a chunked welcome's snapshot; the last one completes the welcome."""
+        welcome = conn.chunked_welcome
+        assert welcome is not None
+        piece = data.get("data")
+        if data.get("index") != len(conn.chunks) or not isinstance(piece, str):
+            conn.chunked_welcome = None
+            conn.hello_error = ConnectionLost("the server sent a snapshot chunk out of order")
+            conn.answered.set()
+            return
+        conn.chunks.append(piece)
+        if len(conn.chunks) < welcome.get("snapshot_chunks", 0):
+            return
+        text, conn.chunks, conn.chunked_welcome = "".join(conn.chunks), [], None
+        try:
+            welcome["snapshot"] = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            conn.hello_error = ConnectionLost("the server's chunked snapshot is not JSON")
+            conn.answered.set()
+            return
+        del welcome["snapshot_chunks"]
+        self._on_hello_reply(conn, "welcome", welcome)
+
     def _on_hello_reply(self, conn: _Connection, type_: str, data: dict[str, Any]) -> None:
+        chunks = data.get("snapshot_chunks") if type_ == "welcome" else None
+        if isinstance(chunks, int) and chunks > 0 and "snapshot" not in data:
+            # The snapshot follows in ``chunks`` frames: the welcome is complete with the last.
+            conn.chunked_welcome = data
+            return
         if type_ == "welcome":
             self._welcome = data
             snapshot = data.get("snapshot")

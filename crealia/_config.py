@@ -173,6 +173,25 @@ class Config:
     #: ahead of what Redis confirmed; a user spread over N processes gets at most the burst
     #: plus N such slacks (at least one event each).
     cluster_rate_slack: float = attrs.field(default=0.1, validator=_float_range(0.01, 1))
+    # --- hardening: sess (quotas, welcome, replay)
+    #: Largest single value (a prop, a resolved value, a strategy's answer), JSON-encoded bytes.
+    value_max_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
+    #: Largest document (its live elements, JSON-encoded bytes): a change that would grow it
+    #: past this is refused with ``too_large``; one that shrinks it is always accepted.
+    document_max_bytes: int = attrs.field(
+        default=16 << 20, validator=_int_range(64 * 1024, 1 << 30)
+    )
+    #: Most bytes of durable events kept per project for resume (besides ``history_limit``), in
+    #: memory and in the kept log; the last 1,000 events are kept whatever their size.
+    history_max_bytes: int = attrs.field(default=64 << 20, validator=_int_range(1 << 20, 4 << 30))
+    #: Largest frame of a ``welcome``: a snapshot that does not fit is sent in ``snapshot_chunk``
+    #: frames of at most this many bytes.
+    welcome_frame_bytes: int = attrs.field(
+        default=512 * 1024, validator=_int_range(16 * 1024, 16 << 20)
+    )
+    #: Most bytes of missed events replayed after a resumed ``welcome``; a resume that needs
+    #: more is answered with a snapshot instead. Never more than half of ``outbox_bytes``.
+    replay_max_bytes: int = attrs.field(default=4 << 20, validator=_int_range(64 * 1024, 1 << 30))
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -358,4 +377,10 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HTTP_BODY_TIMEOUT", "http_body_timeout", float),
     ("CREALIA_ALLOWED_HOSTS", "allowed_hosts", str),
     ("CREALIA_CLUSTER_RATE_SLACK", "cluster_rate_slack", float),
+    # --- hardening: sess
+    ("CREALIA_VALUE_MAX_BYTES", "value_max_bytes", int),
+    ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),
+    ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
+    ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
+    ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
 ]

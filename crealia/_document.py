@@ -14,8 +14,56 @@ from typing import Any
 
 import attrs
 
-from ._errors import BadRequest, NotFound
-from ._wire import DeleteOp, InsertOp, Op, SetOp, unstructure
+from ._errors import BadRequest, NotFound, TooLarge
+from ._wire import (
+    MAX_VALUE_BYTES,
+    DeleteOp,
+    InsertOp,
+    Op,
+    SetOp,
+    check_value,
+    unstructure,
+    value_bytes,
+)
+
+
+@attrs.frozen(kw_only=True)
+class Quotas:
+    """What one project may hold (``Config.value_max_bytes``, ``document_max_bytes``,
+    ``history_max_bytes``), in JSON-encoded bytes."""
+
+    value_bytes: int = MAX_VALUE_BYTES
+    document_bytes: int = 16 << 20
+    history_bytes: int = 64 << 20
+
+    @classmethod
+    def of(cls, config: Any) -> Quotas:
+        """The quotas a :class:`~crealia._config.Config` sets."""
+        return cls(
+            value_bytes=config.value_max_bytes,
+            document_bytes=config.document_max_bytes,
+            history_bytes=config.history_max_bytes,
+        )
+
+
+#: What an element costs beside its prop values (its id, type, versions), roughly, in bytes.
+_ELEMENT_OVERHEAD = 64
+_PROP_OVERHEAD = 16
+
+
+def prop_bytes(name: str, value: Any) -> int:
+    """What one property counts for in the document quota."""
+    return len(name) + _PROP_OVERHEAD + value_bytes(value)
+
+
+def element_bytes(element_id: str, element_type: str, props: dict[str, Any]) -> int:
+    """What one element counts for in the document quota."""
+    return (
+        len(element_id)
+        + len(element_type)
+        + _ELEMENT_OVERHEAD
+        + sum(prop_bytes(k, v) for k, v in props.items())
+    )
 
 
 @attrs.define
@@ -100,6 +148,50 @@ class Document:
     seq: int = 0
     elements: dict[str, Element] = attrs.Factory(dict)
     tombstones: dict[str, Tombstone] = attrs.Factory(dict)
+    #: What the document may hold; the backplane that owns it sets this from its config.
+    quotas: Quotas = attrs.Factory(Quotas)
+    #: The live elements' size in bytes, as the document quota counts it (None: not counted yet).
+    _bytes: int | None = attrs.field(default=None, init=False, repr=False)
+
+    @property
+    def byte_size(self) -> int:
+        """The live elements' size in JSON-encoded bytes (what ``document_max_bytes`` bounds)."""
+        if self._bytes is None:
+            self._bytes = sum(
+                element_bytes(eid, el.type, el.props) for eid, el in self.elements.items()
+            )
+        return self._bytes
+
+    def _check_quotas(self, ops: list[Op], applied: list[dict[str, Any]]) -> None:
+        """Raises:
+        BadRequest: a value is not acceptable JSON.
+        TooLarge: a value is over ``value_max_bytes``, or the applied ops would grow the
+            document past ``document_max_bytes``.
+        """
+        limit = self.quotas.value_bytes
+        for i, op in enumerate(ops):
+            if isinstance(op, SetOp):
+                check_value(op.value, path=f"data.changes[{i}].value", max_bytes=limit)
+            elif isinstance(op, InsertOp):
+                for name, value in op.props.items():
+                    check_value(value, path=f"data.changes[{i}].props.{name}", max_bytes=limit)
+        growth = 0
+        for done in applied:
+            eid = done["element_id"]
+            element = self.elements.get(eid)
+            if done["op"] == "insert":
+                growth += element_bytes(eid, done["element_type"], done.get("props", {}))
+            elif done["op"] == "set":
+                growth += prop_bytes(done["prop"], done["value"])
+                if element is not None and done["prop"] in element.props:
+                    growth -= prop_bytes(done["prop"], element.props[done["prop"]])
+            elif element is not None:
+                growth -= element_bytes(eid, element.type, element.props)
+        if growth > 0 and self.byte_size + growth > self.quotas.document_bytes:
+            raise TooLarge(
+                f"data.changes: document_max_bytes quota: the document would hold "
+                f"{self.byte_size + growth} bytes, over {self.quotas.document_bytes}"
+            )
 
     # -- checking -------------------------------------------------------------------------
 
@@ -113,7 +205,10 @@ class Document:
                 an element deleted earlier in the same change).
             NotFound: an op names an element that does not exist and was not deleted since the
                 op's ``base``.
+            TooLarge: a value over ``value_max_bytes``, or a change that would grow the document
+                past ``document_max_bytes`` (the message names the quota).
         """
+        ops = list(ops)
         local: dict[str, str] = {}  # element id -> "inserted" | "deleted" within this change
         applied: list[dict[str, Any]] = []
         conflicts: list[ConflictSpec] = []
@@ -180,6 +275,7 @@ class Document:
                     continue
                 local[eid] = "deleted"
                 applied.append(unstructure(op))
+        self._check_quotas(ops, applied)
         return Plan(user_id=user_id, change_id=change_id, applied=applied, conflicts=conflicts)
 
     # -- writing --------------------------------------------------------------------------
@@ -194,6 +290,8 @@ class Document:
             by = op.get("writer", writer)
             eid = op["element_id"]
             kind = op["op"]
+            if self._bytes is not None:
+                self._bytes += self._growth(op)
             if kind == "insert":
                 props = copy.deepcopy(op.get("props", {}))
                 self.elements[eid] = Element(
@@ -217,6 +315,21 @@ class Document:
                 if element is not None:
                     self.tombstones[eid] = Tombstone(seq=seq, user_id=by, element=element)
         self.seq = seq
+
+    def _growth(self, op: dict[str, Any]) -> int:
+        """How much applying ``op`` changes :attr:`byte_size`."""
+        eid = op["element_id"]
+        element = self.elements.get(eid)
+        if op["op"] == "insert":
+            old = element_bytes(eid, element.type, element.props) if element else 0
+            return element_bytes(eid, op["element_type"], op.get("props", {})) - old
+        if element is None:
+            return 0
+        if op["op"] == "set":
+            prop = op["prop"]
+            old = prop_bytes(prop, element.props[prop]) if prop in element.props else 0
+            return prop_bytes(op["prop"], op["value"]) - old
+        return -element_bytes(eid, element.type, element.props)
 
     def restore(self, element_id: str) -> Element | None:
         """Bring a deleted element back as it was (for a resolution that undoes a delete)."""

@@ -13,7 +13,8 @@ Every error crealia raises on purpose derives from :class:`CrealiaError`::
     │   ├── NotFound              ``not_found``: unknown element, conflict or project
     │   ├── TooLarge              ``too_large``: a field over its limit
     │   ├── RateLimited           ``rate_limited``: carries ``retry_after_ms``
-    │   ├── Overloaded            ``overloaded``: the server cannot take the write now
+    │   ├── Overloaded            ``overloaded``: the server cannot take the write now;
+    │   │                         ``outcome``: "not_applied" or "unknown" (resend, same id)
     │   └── Unsupported           ``unsupported`` (REST 501): not possible in this setup
     ├── RoomError                 a room was used after it closed
     └── InternalError             a bug: reported to the client as ``internal``
@@ -23,6 +24,8 @@ Adapters map library exceptions into this tree at the boundary (``raise ... from
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 
 class CrealiaError(Exception):
@@ -107,10 +110,31 @@ class RateLimited(ProtocolError):
 
 
 class Overloaded(ProtocolError):
-    """The server cannot take the request now (storage or backplane unavailable)."""
+    """The server cannot take the request now (storage or backplane unavailable).
+
+    ``outcome`` says what became of the request: ``"not_applied"`` (nothing changed: retry
+    when you like) or ``"unknown"`` (the write reached the store but its answer did not come
+    back: it may have been applied; resend it with the same ``change_id`` or comment id, and the
+    ack says ``duplicate`` if it was). It is sent as ``data.outcome`` of the ``error``.
+    """
 
     code = "overloaded"
     http_status = 503
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_ms: int | None = None,
+        outcome: Literal["not_applied", "unknown"] = "not_applied",
+    ) -> None:
+        super().__init__(message, retry_after_ms=retry_after_ms)
+        self.outcome = outcome
+
+    def to_wire(self) -> dict[str, object]:
+        data = super().to_wire()
+        data["outcome"] = self.outcome
+        return data
 
 
 class InternalError(ProtocolError):

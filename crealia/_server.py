@@ -17,6 +17,7 @@ from ._audit import AuditLog
 from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
+from ._document import Quotas
 from ._edge import ConnectionGate, default_max_connections, edge_app, serve_http
 from ._http import create_app
 from ._metrics import Traffic
@@ -223,11 +224,13 @@ async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backpla
             snapshot_every=config.snapshot_every,
         ) as backplane:
             backplane.presence_ttl = 3 * config.presence_interval
+            backplane.quotas = Quotas.of(config)
             yield backplane
     else:
         yield MemoryBackplane(
-            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every
-        )
+            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
+            quotas=Quotas.of(config),
+        )  # fmt: skip
 
 
 def _install_http_deflate(max_frame_bytes: int) -> None:

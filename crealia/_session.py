@@ -10,6 +10,7 @@ cannot keep up: the session is closed with 4409 and the room never waits for it.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import logging
 import math
@@ -184,6 +185,9 @@ class Session:
     traffic: tuple[Traffic, ...] = ()
     #: Set once the session has ended and said so (closed, audited, out of its room).
     ended: trio.Event = attrs.Factory(trio.Event)
+    #: Frames the writer sends before anything queued: a ``welcome`` too big for one frame and
+    #: its ``snapshot_chunk`` frames, sent as the client takes them (not counted in the outbox).
+    preamble: collections.abc.Iterable[bytes] = ()
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -252,6 +256,15 @@ class Session:
         """Send queued items until the session is killed: merged into frames when batching."""
         batching = self.config.tick_ms > 0
         timing = self.config.metrics_interval > 0
+        preamble, self.preamble = self.preamble, ()
+        for frame in preamble:
+            if self.close_code is not None:
+                return
+            self.sending = True
+            await self.conn.send(frame)
+            self.sending = False
+            for traffic in self.traffic:
+                traffic.sent(1, len(frame), None)
         while True:
             items = await self.outbox.get_all()
             if not items or self.close_code is not None:
@@ -434,6 +447,10 @@ class Hub:
         events = None
         if hello.resume is not None:
             events = await backplane.events_since(project_id, hello.resume.seq)
+            budget = min(self.config.replay_max_bytes, self.config.outbox_bytes // 2)
+            if events and sum(len(e.encoded) for e in events) > budget:
+                # More than the client can be sent at once: a snapshot instead (never a 4409).
+                events = None
         data: dict[str, Any] = {
             "session_id": session.id,
             "user": session.user.to_wire(),
@@ -458,7 +475,14 @@ class Hub:
             data["snapshot"] = snapshot
         else:
             data["replayed"] = len(events)
-        session.push(1, _wire.envelope("welcome", data, ref))
+        welcome = _wire.envelope("welcome", data, ref)
+        if events is None and len(welcome) > self.config.welcome_frame_bytes:
+            # Too big for one frame a client can take: the snapshot follows in chunks.
+            del data["snapshot"]
+            session.preamble = _chunked_welcome(data, ref, _wire.dumps(snapshot),
+                                                self.config.welcome_frame_bytes)  # fmt: skip
+        else:
+            session.push(1, welcome)
         for chunk in _chunks([e.encoded for e in events or ()] + missed):
             session.push(len(chunk), b",".join(chunk))
 
@@ -594,7 +618,10 @@ class Hub:
 
         Raises:
             NotFound: no pending conflict with that id in the user's project.
+            BadRequest, TooLarge: a custom value that a client could not write either.
         """
+        if choice == "custom":
+            _wire.check_value(value, path="data.value", max_bytes=self.config.value_max_bytes)
         pending = await self.backplane.pending_conflicts(user.project_id)
         conflict = next((c for c in pending if c.id == conflict_id), None)
         if conflict is None:
@@ -701,6 +728,39 @@ def _chunks(frames: list[bytes]) -> list[list[bytes]]:
     if current:
         out.append(current)
     return out
+
+
+#: Room in a ``snapshot_chunk`` frame for everything but its text.
+_CHUNK_OVERHEAD = 128
+
+
+def _chunked_welcome(
+    data: dict[str, Any], ref: int | None, text: bytes, frame_bytes: int
+) -> collections.abc.Iterator[bytes]:
+    """The ``welcome`` (with ``snapshot_chunks``: n, without ``snapshot``) and its n
+    ``snapshot_chunk`` frames, each at most ``frame_bytes``: the snapshot's JSON text cut into
+    pieces at character boundaries (``{"index": i, "count": n, "data": piece}``).
+
+    The pieces are encoded one at a time, as the writer sends them.
+    """
+    # A piece encodes to at most twice its UTF-8 bytes (a quote or backslash gains one byte).
+    step = max(1, (frame_bytes - _CHUNK_OVERHEAD) // 2)
+    bounds = [0]
+    while bounds[-1] < len(text):
+        end = min(bounds[-1] + step, len(text))
+        while end < len(text) and text[end] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+            end -= 1
+        bounds.append(end)
+    count = len(bounds) - 1
+    data["snapshot_chunks"] = count
+
+    def frames() -> collections.abc.Iterator[bytes]:
+        yield _wire.envelope("welcome", data, ref)
+        for i in range(count):
+            piece = text[bounds[i] : bounds[i + 1]].decode()
+            yield _wire.envelope("snapshot_chunk", {"index": i, "count": count, "data": piece})
+
+    return frames()
 
 
 def _origin(session: Session) -> tuple[str, str]:

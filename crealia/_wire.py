@@ -8,7 +8,9 @@ number``), so the edge can answer with an ``error`` and change nothing.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -32,6 +34,18 @@ MAX_DEPTH = 32
 #: Most operations in one ``timeline_change``.
 MAX_OPS = 1000
 MAX_REF = 2**53 - 1
+#: Integers in values must fit a signed 64-bit integer (larger ones would silently become floats).
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+#: Default largest single value (a prop, a resolved value, an AI answer), as encoded JSON bytes;
+#: a server applies ``Config.value_max_bytes``.
+MAX_VALUE_BYTES = 64 * 1024
+
+#: What an id may not contain: C0/C1 control characters (NUL included), line and paragraph
+#: separators, and the Unicode bidirectional controls (embeddings, overrides, isolates, marks)
+#: that make an id display as another one (CVE-2021-42574, "Trojan Source").
+_BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+#: A run of digits long enough to be an integer beyond 64 bits (2**63 has 19 digits).
+_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
 
 
 class _Missing:
@@ -65,7 +79,18 @@ class FieldTooLarge(TooLarge):
 # Field checks
 
 
-def _id(max_chars: int = MAX_ID_CHARS) -> Callable[[Any, attrs.Attribute[Any], str], None]:
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be an id (element, comment, change, conflict, project, user,
+    session), or None: ids hold no control characters and no bidirectional controls."""
+    bad = _BAD_ID_CHARS.search(value)
+    if bad is None:
+        return None
+    return f"must not contain control or bidirectional characters (U+{ord(bad.group()):04X})"
+
+
+def _id(
+    max_chars: int = MAX_ID_CHARS, *, text: bool = True
+) -> Callable[[Any, attrs.Attribute[Any], str], None]:
     def check(_inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
         if value is None:
             return
@@ -73,6 +98,9 @@ def _id(max_chars: int = MAX_ID_CHARS) -> Callable[[Any, attrs.Attribute[Any], s
             raise FieldInvalid(attribute.name, "must not be empty")
         if len(value) > max_chars:
             raise FieldTooLarge(attribute.name, f"longer than {max_chars} characters")
+        problem = id_problem(value) if text else None
+        if problem is not None:
+            raise FieldInvalid(attribute.name, problem)
 
     return check
 
@@ -83,22 +111,68 @@ def _finite(_inst: Any, attribute: attrs.Attribute[Any], value: float | None) ->
 
 
 def check_json_value(value: Any, depth: int = 0) -> None:
-    """Check a free JSON value (element props, resolved values) for depth.
+    """Check a free JSON value (element props, resolved values) for depth and integer range.
 
     Raises:
-        ValueError: nested deeper than :data:`MAX_DEPTH`.
+        ValueError: nested deeper than :data:`MAX_DEPTH`, an integer outside the signed 64-bit
+            range, or something that is not JSON (a non-finite number, a non-string key).
     """
     if depth > MAX_DEPTH:
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError("object keys must be strings")
             check_json_value(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
             check_json_value(item, depth + 1)
+    elif isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    elif isinstance(value, int):
+        if not MIN_INT <= value <= MAX_INT:
+            raise ValueError("integer out of range: integers must fit in 64 bits (±2**63)")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("numbers must be finite")
+    else:
+        raise ValueError(f"not a JSON value ({type(value).__name__})")
+
+
+def check_value(value: Any, *, path: str, max_bytes: int = MAX_VALUE_BYTES) -> None:
+    """Check one value a client (or a strategy answering for one) wants written: JSON only,
+    nested at most :data:`MAX_DEPTH` levels, integers within 64 bits, and at most ``max_bytes``
+    bytes encoded (the server's ``value_max_bytes`` quota).
+
+    ``path`` names the value in the error (``data.changes[0].value``).
+
+    Raises:
+        BadRequest: not an acceptable JSON value; the message names ``path``.
+        TooLarge: over ``max_bytes``; the message names ``path`` and the ``value_max_bytes``
+            quota.
+    """
+    try:
+        check_json_value(value)
+    except ValueError as exc:
+        raise BadRequest(f"{path}: {exc}") from None
+    size = value_bytes(value)
+    if size > max_bytes:
+        raise TooLarge(
+            f"{path}: value_max_bytes quota: the value is {size} bytes encoded, over {max_bytes}"
+        )
+
+
+def value_bytes(value: Any) -> int:
+    """The size of ``value`` encoded as JSON, in bytes (what quotas count)."""
+    try:
+        return len(orjson.dumps(value))
+    except TypeError as exc:  # e.g. an integer beyond 64 bits
+        raise BadRequest(f"value: not encodable as JSON: {exc}") from None
 
 
 def _json_value(_inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is MISSING:
+        return
     try:
         check_json_value(value)
     except ValueError as exc:
@@ -112,6 +186,9 @@ def _props(_inst: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -
                 attribute.name,
                 f"property name {key[:40]!r} must be 1..{MAX_NAME_CHARS} characters",
             )
+        problem = id_problem(key)
+        if problem is not None:
+            raise FieldInvalid(attribute.name, f"property name {key[:40]!r} {problem}")
     try:
         check_json_value(value, 1)
     except ValueError as exc:
@@ -129,7 +206,7 @@ class Resume:
 
 @attrs.frozen(kw_only=True)
 class Hello:
-    token: str = attrs.field(validator=_id(8192))
+    token: str = attrs.field(validator=_id(8192, text=False))
     project_id: str = attrs.field(validator=_id())
     resume: Resume | None = None
 
@@ -490,6 +567,16 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
         raw = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"frame is not valid JSON: {exc}") from None
+    if _LONG_DIGITS.search(frame.encode() if isinstance(frame, str) else frame):
+        # orjson turns integers beyond 64 bits into floats: find them in the exact parse.
+        where = _big_int_path(json.loads(frame), "")
+        if where is not None:
+            refused = BadRequest(
+                f"{where or 'frame'}: integer out of range: integers must fit in 64 bits (±2**63)"
+            )
+            ref = raw.get("ref") if isinstance(raw, dict) else None
+            valid = isinstance(ref, int) and not isinstance(ref, bool) and 0 < ref <= MAX_REF
+            raise _with_ref(refused, ref if valid else None)
     if not isinstance(raw, dict):
         raise BadRequest(f"frame must be a JSON object envelope, got {_json_type(raw)}")
     kind = raw.get("type")
@@ -511,6 +598,23 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
     except ProtocolError as exc:
         raise _with_ref(exc, ref) from None
     return Envelope(type=kind, ref=ref, data=value)
+
+
+def _big_int_path(value: Any, path: str) -> str | None:
+    """Where in ``value`` (a stdlib parse: exact integers) an integer beyond 64 bits is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _big_int_path(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _big_int_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
+        return path
+    return None
 
 
 def _with_ref(exc: ProtocolError, ref: int | None) -> ProtocolError:

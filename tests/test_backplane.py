@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from crealia import InternalError, User
+from crealia import BadRequest, InternalError, User
 from crealia._storage import open_store
 from crealia._wire import InsertOp, SetOp, TimelineChange
 from crealia.transports.memory import MemoryBackplane
@@ -23,12 +23,12 @@ async def test_unencodable_write_marks_project_broken_and_reloads(tmp_path: Path
                 changes=[InsertOp(op="insert", element_id="e", element_type="clip", props={})],
             )
             assert (await backplane.commit_change(user, first)).seq == 1
-            # A value no JSON encoder takes, as a plugin bug might produce.
-            bad = TimelineChange(
-                change_id="c2",
-                changes=[SetOp(op="set", element_id="e", prop="v", value={1, 2})],
-            )
-            with pytest.raises(InternalError):
+            # A value no JSON encoder takes, as a plugin bug might produce (past the message
+            # validators): the document's value check refuses it before anything is touched.
+            op = SetOp(op="set", element_id="e", prop="v", value=1)
+            object.__setattr__(op, "value", {1, 2})
+            bad = TimelineChange(change_id="c2", changes=[op])
+            with pytest.raises((InternalError, BadRequest)):
                 await backplane.commit_change(user, bad)
             good = TimelineChange(
                 change_id="c2",

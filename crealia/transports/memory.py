@@ -13,7 +13,6 @@ never runs ahead of what is durable.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -27,15 +26,17 @@ import trio
 from .. import _gdpr, _wire
 from .._auth import User
 from .._backplane import (
+    MIN_HISTORY_EVENTS,
     Backplane,
     ChangeOutcome,
     Conflict,
     DurableEvent,
     Ephemeral,
+    History,
     Listener,
     Settled,
 )
-from .._document import Document
+from .._document import Document, Quotas
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
 from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
 from .._storage import Statement, Store, dumps, loads
@@ -45,7 +46,7 @@ from .._strategy import Resolution
 @attrs.define(eq=False)
 class _Project:
     doc: Document
-    history: collections.deque[DurableEvent]
+    history: History
     changes: dict[str, ChangeOutcome]
     comments: dict[str, int]
     pending: dict[str, Conflict]
@@ -80,6 +81,7 @@ class MemoryBackplane(Backplane):
     store: Store
     history_limit: int = 10_000
     snapshot_every: int = 500
+    quotas: Quotas = attrs.Factory(Quotas)
     _projects: dict[str, _Project] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _listeners: dict[str, set[Listener]] = attrs.Factory(dict)
@@ -98,8 +100,11 @@ class MemoryBackplane(Backplane):
                 self._projects[project_id] = project
             return project
 
-    async def _load(self, project_id: str) -> _Project:
+    async def _load(self, project_id: str, *, history: bool = True) -> _Project:
+        """Load a project from the store; without ``history``, only what rebuilds its document
+        (the snapshot and the events after it), for a read that keeps nothing."""
         limit = self.history_limit
+        max_bytes = self.quotas.history_bytes
 
         def load(conn: sqlite3.Connection) -> tuple[Any, ...]:
             row = conn.execute(
@@ -113,6 +118,13 @@ class MemoryBackplane(Backplane):
             )
             snap_seq = row[0] if row else 0
             start = max(0, min(snap_seq, head - limit))
+            if not history:
+                start = snap_seq
+            elif start < snap_seq:
+                # The events before the snapshot only serve resume: load no more of them than
+                # the history keeps (its byte bound, beyond the last 1,000).
+                start = max(start, min(snap_seq, _history_start(conn, project_id, start,
+                                                                max_bytes)))  # fmt: skip
             events = conn.execute(
                 "SELECT seq, kind, user_id, at, payload, effects FROM events "
                 "WHERE project_id = ? AND seq > ? ORDER BY seq",
@@ -137,6 +149,7 @@ class MemoryBackplane(Backplane):
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
         doc = Document.load(project_id, loads(row[1])) if row else Document(project_id=project_id)
+        doc.quotas = self.quotas
         events = [
             DurableEvent(
                 project_id=project_id,
@@ -152,10 +165,10 @@ class MemoryBackplane(Backplane):
         for event in events:
             if event.seq > doc.seq:
                 doc.apply(event.effects, event.seq, event.user_id)
-        history = collections.deque(events, maxlen=self.history_limit)
+        kept = History(events, limit=self.history_limit, max_bytes=self.quotas.history_bytes)
         return _Project(
             doc=doc,
-            history=history,
+            history=kept,
             changes={
                 cid: ChangeOutcome(
                     change_id=cid, seq=seq, status=status, conflicts=loads(conflicts)
@@ -409,7 +422,13 @@ class MemoryBackplane(Backplane):
     # -- reads --------------------------------------------------------------------------------
 
     async def snapshot(self, project_id: str) -> dict[str, Any]:
-        project = await self._project(project_id)
+        project = self._projects.get(project_id)
+        if project is None or project.broken:
+            # Not open here (a REST read): build it from the store and keep nothing resident.
+            async with self._loading.setdefault(project_id, trio.Lock()):
+                project = self._projects.get(project_id)
+                if project is None or project.broken:
+                    return (await self._load(project_id, history=False)).doc.snapshot()
         snapshot = project.doc.snapshot()
         await project.settled(snapshot["seq"])
         return snapshot
@@ -472,6 +491,19 @@ class MemoryBackplane(Backplane):
 
     async def check(self) -> None:
         await self.store.check()
+
+
+def _history_start(conn: sqlite3.Connection, project_id: str, after: int, max_bytes: int) -> int:
+    """The seq after which the kept history starts: the last 1,000 events after ``after``,
+    and older ones while the total stays within ``max_bytes``."""
+    row = conn.execute(
+        "SELECT MIN(seq) FROM (SELECT seq, ROW_NUMBER() OVER w AS n, "
+        "SUM(length(CAST(payload AS BLOB))) OVER w AS total FROM events "
+        "WHERE project_id = ? AND seq > ? WINDOW w AS (ORDER BY seq DESC)) "
+        "WHERE n <= ? OR total <= ?",
+        (project_id, after, MIN_HISTORY_EVENTS, max_bytes),
+    ).fetchone()
+    return after if row is None or row[0] is None else int(row[0]) - 1
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ in groups. Redis errors become :class:`~crealia.Overloaded` at this boundary.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import time
@@ -45,10 +44,11 @@ from .._backplane import (
     Conflict,
     DurableEvent,
     Ephemeral,
+    History,
     Listener,
     Settled,
 )
-from .._document import Document
+from .._document import Document, Quotas
 from .._errors import NotFound, Overloaded, ProtocolError, TransportError
 from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
 from .._strategy import Resolution
@@ -187,7 +187,7 @@ class _RedisThreads:
 @attrs.define(eq=False)
 class _Mirror:
     doc: Document
-    history: collections.deque[DurableEvent]
+    history: History
     roles: dict[str, str]
     lock: trio.Lock = attrs.Factory(trio.Lock)
     listeners: set[Listener] = attrs.Factory(set)
@@ -203,6 +203,7 @@ class RedisBackplane(Backplane):
     redis: _RedisThreads
     history_limit: int = 10_000
     snapshot_every: int = 500
+    quotas: Quotas = attrs.Factory(Quotas)
     node_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
     _mirrors: dict[str, _Mirror] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
@@ -242,8 +243,9 @@ class RedisBackplane(Backplane):
             if snap
             else Document(project_id=project_id)
         )
+        doc.quotas = self.quotas
         events = [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
-        history: collections.deque[DurableEvent] = collections.deque(maxlen=self.history_limit)
+        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes)
         for event in events:
             if event.seq > doc.seq + 1:
                 raise Overloaded(
@@ -341,11 +343,17 @@ class RedisBackplane(Backplane):
 
         try:
             status, value = await self.redis.run(run)
-        except Overloaded:
-            # The script may have run before the connection failed: whatever it did is in the
-            # stream, and a catch-up brings it to this process's rooms.
+        except Overloaded as exc:
+            # The script may have run before the connection failed (or may run once a paused
+            # Redis goes on): whatever it did is in the stream, and a catch-up brings it to this
+            # process's rooms. The client cannot know either: it must resend with the same id.
             self._schedule_catch_up(project_id, mirror)
-            raise
+            cause = exc.__cause__ or exc
+            raise Overloaded(
+                f"redis did not answer the write, which may have been applied: resend it with "
+                f"the same id ({cause})",
+                outcome="unknown",
+            ) from exc
         if status in (b"dup", b"gone"):
             self._schedule_catch_up(project_id, mirror)
         return status.decode(), value
@@ -356,6 +364,10 @@ class RedisBackplane(Backplane):
             self._apply(mirror, event)
             if event.seq % self.snapshot_every == 0 and self._nursery is not None:
                 self._nursery.start_soon(self._write_snapshot, project_id, mirror)
+                # The stream keeps what the history keeps: by count (MAXLEN) and by bytes.
+                # Never past the previous snapshot: the new one may fail to be written.
+                first_kept = min(mirror.history[0].seq, event.seq - self.snapshot_every + 1)
+                self._nursery.start_soon(self._trim_log, project_id, first_kept)
         if conflicts:
             for listener in list(mirror.listeners):
                 listener.on_conflicts(conflicts)
@@ -372,6 +384,17 @@ class RedisBackplane(Backplane):
             await self.redis.run(write)
         except Overloaded as exc:
             log.warning("snapshot of %s at %d not written: %s", project_id, seq, exc)
+
+    async def _trim_log(self, project_id: str, first_kept: int) -> None:
+        """Drop the stream's entries before ``first_kept`` (the history's byte bound)."""
+
+        def trim(client: redis.Redis) -> Any:
+            return client.xtrim(_key(project_id, "log"), minid=f"{first_kept}-0", approximate=True)
+
+        try:
+            await self.redis.run(trim)
+        except Overloaded as exc:
+            log.warning("log of %s not trimmed: %s", project_id, exc)
 
     async def commit_change(
         self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"

@@ -1,0 +1,319 @@
+"""Issue 10, items 7, 12 (ids, integers) and 14: one editor cannot bloat a project, every welcome
+fits what a client can receive, a resume never livelocks, and ids and numbers are what they say."""
+
+from __future__ import annotations
+
+import httpx
+import jwt
+import orjson
+import pytest
+import trio
+
+from crealia import Server
+from crealia._backplane import DurableEvent, History
+from crealia._client import connect
+
+from ._wsclient import open_raw_client
+from .conftest import JWT_SECRET, Clients, opened
+from .test_protocol import insert, set_op
+
+#: A default WebSocket client's message cap (trio-websocket, browsers' usual proxies): 1 MiB.
+CLIENT_CAP = 1024 * 1024
+
+
+def big(n: int, fill: str = "x") -> str:
+    return fill * n
+
+
+async def get_snapshot(server: Server, token: str, project: str = "p1") -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        reply = await http.get(
+            f"{server.http_url}/api/projects/{project}/snapshot",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert reply.status_code == 200, reply.text
+    return dict(reply.json())
+
+
+# -- item 7: quotas ------------------------------------------------------------------------------
+
+
+@pytest.mark.settings(value_max_bytes=4096)
+async def test_value_quota_refuses_a_value_naming_the_quota(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await a.request("timeline_change", insert("c1", "clip", title="t"))
+        refused = await a.request("timeline_change", set_op("c2", "clip", "title", big(5000), 1))
+        assert refused["data"]["code"] == "too_large", refused
+        assert "value_max_bytes" in refused["data"]["message"]
+        assert "data.changes[0].value" in refused["data"]["message"]
+        refused = await a.request("timeline_change", insert("c3", "clip2", title=big(5000)))
+        assert refused["data"]["code"] == "too_large"
+        assert "data.changes[0].props.title" in refused["data"]["message"]
+        # Nothing applied, the change id not recorded, and the others go on.
+        ok = await b.request("timeline_change", set_op("c4", "clip", "title", big(4000), 1))
+        assert ok["data"]["status"] == "applied"
+        assert ok["data"]["seq"] == 2
+        again = await a.request("timeline_change", set_op("c2", "clip", "title", "short", None))
+        assert again["data"]["status"] == "applied"
+
+
+@pytest.mark.settings(document_max_bytes=64 * 1024)
+async def test_document_quota_refuses_growth_but_never_a_shrink(clients: Clients) -> None:
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        for i in range(2):
+            ok = await a.request("timeline_change", insert(f"c{i}", f"e{i}", blob=big(25_000)))
+            assert ok["data"]["status"] == "applied", ok
+        refused = await a.request("timeline_change", insert("c2", "e2", blob=big(25_000)))
+        assert refused["data"]["code"] == "too_large", refused
+        assert "document_max_bytes" in refused["data"]["message"]
+        # Shrinking edits are always accepted, and make room again.
+        shrink = await a.request("timeline_change", set_op("c3", "e0", "blob", "small", None))
+        assert shrink["data"]["status"] == "applied"
+        delete = await a.request(
+            "timeline_change",
+            {"change_id": "c4", "changes": [{"op": "delete", "element_id": "e1"}]},
+        )
+        assert delete["data"]["status"] == "applied"
+        ok = await a.request("timeline_change", insert("c2", "e2", blob=big(25_000)))
+        assert ok["data"]["status"] == "applied", ok
+        snap = await get_snapshot(clients.server, clients.token("alice"))
+        assert set(snap["elements"]) == {"e0", "e2"}  # type: ignore[arg-type]
+
+
+def test_history_keeps_1000_events_then_bounds_bytes() -> None:
+    def event(seq: int, size: int) -> DurableEvent:
+        return DurableEvent(project_id="p", seq=seq, kind="comment_add", user_id="u", at=0,
+                            payload={"comment": {"id": str(seq), "text": big(size)}})  # fmt: skip
+
+    history = History(limit=10_000, max_bytes=1 << 20)
+    for seq in range(1, 3001):
+        history.append(event(seq, 2000))
+    # 1,000 events of 2 KB are over 1 MiB: the protocol's minimum of 1,000 wins.
+    assert len(history) == 1000
+    assert history[0].seq == 2001
+    assert history.bytes == sum(len(e.encoded) for e in history)
+    small = History(limit=10_000, max_bytes=1 << 20)
+    for seq in range(1, 3001):
+        small.append(event(seq, 100))
+    assert len(small) == 3000  # under the byte bound: only the count applies
+    small.append(event(3001, 1 << 20))
+    assert len(small) == 1000 and small[-1].seq == 3001
+
+
+@pytest.mark.settings(rate_limits={"edit": "off"})
+async def test_history_in_memory_is_bounded_by_bytes(server: Server, nursery: trio.Nursery) -> None:
+    # history_max_bytes has a floor of 1 MiB; with 1,100 events of ~1.5 KB the byte bound only
+    # trims below the count once the minimum of 1,000 events is kept.
+    async with opened(server, nursery) as clients:
+        with trio.fail_after(60):
+            a = await clients.join("alice")
+            await a.request("timeline_change", insert("c0", "e", v=0))
+            for i in range(1, 1100):
+                await a.request("timeline_change", set_op(f"c{i}", "e", "v", big(1500), None))
+                a.inbox.clear()
+            project = server.hub.backplane._projects["p1"]  # type: ignore[attr-defined]
+            assert len(project.history) == 1100  # 1.6 MB of 10,000 events is not over 64 MiB
+            project.history.max_bytes = 1 << 20
+            await a.request("timeline_change", set_op("last", "e", "v", 1, None))
+            assert len(project.history) == 1000
+            assert project.history[-1].seq == 1101
+
+
+async def test_rest_snapshot_of_a_closed_project_keeps_nothing_resident(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    token = server.issue_token("vic", "p1", "viewer")
+    async with opened(server, nursery) as clients:
+        with trio.fail_after(20):
+            a = await clients.join("alice")
+            for i in range(5):
+                await a.request("timeline_change", insert(f"c{i}", f"e{i}", blob=big(50_000)))
+            await a.aclose()
+            backplane = server.hub.backplane
+            with trio.fail_after(10):
+                while "p1" in backplane._projects:  # type: ignore[attr-defined]
+                    await trio.sleep(0.05)  # the room closes after its grace; bounded above
+            for _ in range(5):
+                snap = await get_snapshot(server, token)
+                assert snap["seq"] == 5 and len(snap["elements"]) == 5  # type: ignore[arg-type]
+            assert "p1" not in backplane._projects  # type: ignore[attr-defined]
+
+
+# -- item 7: welcome within what a client receives ------------------------------------------------
+
+
+async def test_big_document_welcome_fits_a_1mib_client(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    """The attack of the issue with the default settings: 20 edits of 60 KB make a document
+    over 1 MiB; a client with a 1 MiB message cap still joins (it got 1009 before)."""
+    async with opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            a = await clients.join("alice")
+            for i in range(20):
+                reply = await a.request(
+                    "timeline_change", insert(f"c{i}", f"e{i}", blob=big(60_000))
+                )
+                assert reply["data"]["status"] == "applied"
+            capped = await open_raw_client(nursery, clients.url, max_message_size=CLIENT_CAP)
+            await capped.send("hello", {"token": clients.token("bob"), "project_id": "p1"}, 1)
+            welcome = await capped.next()
+            assert welcome["type"] == "welcome", welcome
+            count = welcome["data"]["snapshot_chunks"]
+            assert "snapshot" not in welcome["data"] and count >= 2
+            pieces = []
+            for i in range(count):
+                chunk = await capped.next()
+                assert chunk["type"] == "snapshot_chunk"
+                assert chunk["data"]["index"] == i and chunk["data"]["count"] == count
+                pieces.append(chunk["data"]["data"])
+            snapshot = orjson.loads("".join(pieces))
+            assert snapshot == await get_snapshot(server, clients.token("bob"))
+            assert snapshot["seq"] == welcome["data"]["seq"] == 20
+            # Live events follow, in order, after the last chunk.
+            await a.request("timeline_change", set_op("after", "e0", "blob", "x", None))
+            event = await capped.event("timeline_change")
+            assert event["data"]["seq"] == 21
+            await capped.aclose()
+            # The Python client puts the pieces together: its welcome has a snapshot.
+            async with connect(clients.url, clients.token("carol"), "p1") as session:
+                assert session.welcome["snapshot"]["seq"] == 21
+                assert len(session.welcome["snapshot"]["elements"]) == 20
+                assert "snapshot_chunks" not in session.welcome
+
+
+@pytest.mark.settings(welcome_frame_bytes=16 * 1024)
+async def test_chunks_stay_under_the_welcome_frame_budget_with_multibyte_text(
+    clients: Clients, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        text = 'é"\\\U0001f600' * 3000  # 2-, 1- (escaped), 1- (escaped) and 4-byte characters
+        await a.request("timeline_change", insert("c1", "e", t=text))
+        raw = await open_raw_client(nursery, clients.url, max_message_size=16 * 1024)
+        await raw.send("hello", {"token": clients.token("bob"), "project_id": "p1"}, 1)
+        welcome = (await raw.next())["data"]
+        parts = [(await raw.next())["data"]["data"] for _ in range(welcome["snapshot_chunks"])]
+        assert orjson.loads("".join(parts))["elements"]["e"]["props"]["t"] == text
+        await raw.aclose()
+
+
+# -- item 14: a resume that does not fit ----------------------------------------------------------
+
+
+@pytest.mark.settings(rate_limits={"edit": "off"})
+async def test_resume_too_big_to_replay_gets_a_snapshot_not_4409(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    """Default settings: 150 events of 60 KB (9 MB, over the 8 MiB outbox) after the client's
+    seq. Before: closed with 4409 before welcome, every time. Now: a welcome with a snapshot."""
+    async with opened(server, nursery) as clients:
+        with trio.fail_after(60):
+            a = await clients.join("alice")
+            await a.request("timeline_change", insert("c0", "e", blob="x"))
+            for i in range(1, 151):
+                blob = big(60_000, str(i % 10))
+                await a.request("timeline_change", set_op(f"c{i}", "e", "blob", blob, None))
+                a.inbox.clear()
+            for _attempt in range(3):
+                b = await clients.raw()
+                welcome = await b.hello(clients.token("bob"), "p1", resume=1)
+                assert "replayed" not in welcome
+                head = welcome["seq"]
+                assert head == 151
+                # The snapshot comes inline or in chunks; either way it is the document at 151.
+                if "snapshot_chunks" in welcome:
+                    parts = [
+                        (await b.next())["data"]["data"] for _ in range(welcome["snapshot_chunks"])
+                    ]
+                    snapshot = orjson.loads("".join(parts))
+                else:
+                    snapshot = welcome["snapshot"]
+                assert snapshot["seq"] == 151
+                assert snapshot["elements"]["e"]["props"]["blob"] == big(60_000, "0")
+                pong = await b.request("ping", {})
+                assert pong["type"] == "pong"
+                await b.aclose()
+            # A small resume is still a replay.
+            c = await clients.raw()
+            welcome = await c.hello(clients.token("carol"), "p1", resume=149)
+            assert welcome["replayed"] == 2
+
+
+# -- item 12: ids and integers --------------------------------------------------------------------
+
+BAD_IDS = ["a\x00b", "a\u202eb", "a\u2066b", "tab\tid", "a\u200fb", "x\x85"]
+
+
+async def test_control_and_bidi_characters_are_refused_in_every_id(clients: Clients) -> None:
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        for bad in BAD_IDS:
+            cases = {
+                "element": ("timeline_change", insert("ok-change", bad)),
+                "change": ("timeline_change", insert(bad, "clip")),
+                "comment": ("comment_add", {"comment": {"id": bad, "text": "hi"}}),
+                "conflict": ("conflict_dismiss", {"conflict_id": bad}),
+                "prop": ("timeline_change", {"change_id": "okc", "changes": [
+                    {"op": "insert", "element_id": "ok", "element_type": "clip",
+                     "props": {bad: 1}}]}),
+                "session": ("live_join", {"session_id": bad}),
+            }  # fmt: skip
+            for what, (kind, data) in cases.items():
+                reply = await a.request(kind, data)
+                assert reply["type"] == "error", (what, bad, reply)
+                assert reply["data"]["code"] == "bad_request", (what, reply)
+                assert "control or bidirectional" in reply["data"]["message"], (what, reply)
+        snap = await get_snapshot(clients.server, clients.token("alice"))
+        assert snap["seq"] == 0 and snap["elements"] == {}
+        assert (await a.request("timeline_change", insert("good", "clip")))["type"] == "ack"
+
+
+async def test_bad_project_ids_are_refused_in_hello_and_tokens(clients: Clients) -> None:
+    with trio.fail_after(20):
+        for bad in BAD_IDS:
+            raw = await clients.raw()
+            await raw.send("hello", {"token": clients.token("alice"), "project_id": bad}, 1)
+            reply = await raw.next()
+            assert (
+                reply["data"]["code"] == "bad_request" and "project_id" in reply["data"]["message"]
+            )
+            with pytest.raises(Exception, match="control or bidirectional"):
+                clients.token("alice", project=bad)
+            # A token signed with the right secret but naming such a project (or user).
+            for claims in ({"sub": "alice", "project": bad}, {"sub": bad, "project": "p1"}):
+                token = jwt.encode({**claims, "role": "editor", "exp": 2**31}, JWT_SECRET)
+                raw = await clients.raw()
+                await raw.send("hello", {"token": token, "project_id": claims["project"]}, 1)
+                reply = await raw.next()
+                assert reply["data"]["code"] in ("unauthorized", "bad_request"), reply
+                assert await raw.closed() in (4401, 4400)
+
+
+async def test_integers_beyond_64_bits_are_refused_naming_the_field(clients: Clients) -> None:
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        await a.request("timeline_change", insert("c1", "clip", n=0))
+        numbers = ("18446744073709551616", "9223372036854775808", "-9223372036854775809",
+                   "123456789012345678901234567890")  # fmt: skip
+        for number in numbers:
+            change = set_op("big", "clip", "n", "NUMBER", None)
+            frame = orjson.dumps({"type": "timeline_change", "ref": 7, "data": change}).decode()
+            await a.send_raw(frame.replace('"NUMBER"', number))
+            reply = await a.expect(lambda env: env.get("ref") == 7)
+            assert reply["data"]["code"] == "bad_request", reply
+            message = reply["data"]["message"]
+            assert message.startswith("data.changes[0].value: integer out of range"), message
+            change = insert("big2", "x", n=[1, "NUMBER"])
+            frame = orjson.dumps({"type": "timeline_change", "ref": 8, "data": change}).decode()
+            await a.send_raw(frame.replace('"NUMBER"', number))
+            reply = await a.expect(lambda env: env.get("ref") == 8)
+            assert "data.changes[0].props.n[1]" in reply["data"]["message"], reply
+        ok = await a.request("timeline_change", set_op("c2", "clip", "n", 2**63 - 1, None))
+        assert ok["data"]["status"] == "applied"
+        snap = await get_snapshot(clients.server, clients.token("alice"))
+        assert snap["elements"]["clip"]["props"]["n"] == 2**63 - 1  # type: ignore[index]
+        assert snap["seq"] == 2

@@ -29,7 +29,7 @@ from . import _wire
 from ._alerts import Alert, AlertEngine, AlertNotifier, log_alert
 from ._backplane import Backplane
 from ._config import Config
-from ._errors import CrealiaError
+from ._errors import CrealiaError, StorageError
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
 from ._storage import Statement, Store, dumps, keep_pruning, loads
@@ -304,10 +304,22 @@ class Monitor:
         return results
 
     async def _check_storage(self) -> None:
-        # A real commit through each grouped writer: the stores are writable, not just open.
+        # A real commit through each grouped writer, then a real checkpoint of what it wrote:
+        # the stores take writes and can copy them into the database file (a WAL that cannot
+        # be checkpointed grows until the disk is full), not just open.
         for store in (self.store, self.ops):
-            await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
-                                (_now_ms(),))])  # fmt: skip
+            try:
+                await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
+                                    (_now_ms(),))])  # fmt: skip
+            except StorageError as exc:
+                raise StorageError(f"{store.path.name}: a write cannot commit: {exc}") from exc
+            try:
+                await store.checkpoint()
+            except StorageError as exc:
+                raise StorageError(f"{store.path.name}: WAL checkpoint failed: {exc}") from exc
+            if store.wal_bytes > store.wal.max_bytes:
+                raise StorageError(f"{store.path.name}: the WAL ({store.wal_bytes} bytes) is "
+                                   f"over its bound of {store.wal.max_bytes}")  # fmt: skip
 
     def health_ok(self) -> dict[str, bool]:
         return {name: check.ok for name, check in self.health.items()}

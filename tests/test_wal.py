@@ -9,18 +9,23 @@ version (``make soak``: ``CREALIA_SOAK=1 pytest -m soak``) writes for 60 s under
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from crealia import Server, open_server
 
+from ._process import run_server
+from ._wsclient import open_raw_client
 from .conftest import make_config, opened
 from .test_metrics import scrape
+from .test_process import SECRET, token
 
 MIB = 1024 * 1024
 SECONDS = float(os.environ.get("CREALIA_WAL_TEST_SECONDS", "12"))
@@ -128,3 +133,61 @@ async def test_wal_stays_under_its_default_bound_for_a_minute(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     await _write_flat_out(tmp_path, nursery, 60.0)
+
+
+async def _ready(http: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
+    response = await http.get("/readyz")
+    return response.status_code, response.json()
+
+
+async def test_readyz_fails_while_the_database_file_cannot_grow(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A real filesystem condition: the server's file-size limit (RLIMIT_FSIZE, set from
+    outside with prlimit) at the database file's size. Commits still fit in the WAL, but no
+    checkpoint can copy them into the database: /readyz says so, then recovers."""
+    data = tmp_path / "data"
+    db = data / "crealia.sqlite3"
+    env = {"CREALIA_WAL_MAX_BYTES": str(MIB), "CREALIA_WAL_CHECKPOINT_BYTES": str(64 * 1024),
+           "CREALIA_RATE_LIMIT_EDIT": "off"}  # fmt: skip
+    async with run_server(data, SECRET, env=env) as proc:
+        http = httpx.AsyncClient(base_url=proc.http_url, timeout=10)
+        async with http:
+            with trio.fail_after(60):
+                client = await open_raw_client(nursery, proc.ws_url)
+                await client.hello(token("alice"), "p1")
+                insert = {"op": "insert", "element_id": "clip", "element_type": "clip",
+                          "props": {}}  # fmt: skip
+                await client.request("timeline_change", {"change_id": "i", "changes": [insert]})
+                for i in range(600):  # ~2.4 MB into the database file
+                    reply = await client.request("timeline_change", _change(f"a{i}", "x" * 2000))
+                    assert reply["data"]["status"] == "applied"
+                assert await _ready(http) == (200, {"status": "ok", "checks": {
+                    "storage": "ok", "event_loop": "ok"}})  # fmt: skip
+                limit = db.stat().st_size
+                resource.prlimit(proc.process.pid, resource.RLIMIT_FSIZE,
+                                 (limit, resource.RLIM_INFINITY))  # fmt: skip
+                try:
+                    acked = 0
+                    for i in range(100):  # the WAL takes them; the database would have to grow
+                        reply = await client.request(
+                            "timeline_change", _change(f"b{i}", "y" * 2000)
+                        )
+                        acked += reply["type"] == "ack"
+                    status, body = await _ready(http)
+                    assert status == 503, body
+                    assert body["status"] == "unavailable"
+                    assert "WAL checkpoint failed" in body["checks"]["storage"], body
+                    assert "crealia.sqlite3" in body["checks"]["storage"]
+                finally:
+                    resource.prlimit(proc.process.pid, resource.RLIMIT_FSIZE,
+                                     (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # fmt: skip
+                while (await _ready(http))[0] != 200:
+                    await trio.sleep(0.1)  # polling a recovering server, bounded by fail_after
+                assert acked > 0
+                # Nothing acknowledged was lost meanwhile.
+                again = await open_raw_client(nursery, proc.ws_url)
+                welcome = await again.hello(token("bob"), "p1")
+                assert welcome["seq"] == 1 + 600 + acked
+                await again.aclose()
+                await client.aclose()

@@ -388,6 +388,12 @@ class RedisBackplane(Backplane):
             raise
         if status in (b"dup", b"gone"):
             self._schedule_catch_up(project_id, mirror)
+        if status == b"stale" and int(value) < mirror.doc.seq:
+            # No catch-up can help: Redis holds less than was acknowledged from it.
+            raise Overloaded(
+                f"redis is behind this process (seq {int(value)} there, {mirror.doc.seq} here: "
+                "it lost acknowledged writes), nothing was applied"
+            )
         return status.decode(), value
 
     def _after_commit(self, project_id: str, mirror: _Mirror, event: DurableEvent | None,
@@ -718,13 +724,33 @@ class RedisBackplane(Backplane):
         return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
 
     async def check(self) -> None:
-        def ping(client: redis.Redis) -> Any:
-            return client.ping()
+        # A real write (Redis out of memory under ``noeviction`` still answers PING but refuses
+        # writes), and every open project's seq in Redis against this process's copy: Redis
+        # behind it lost acknowledged writes (restored from an older copy), and no write of
+        # those projects can commit.
+        mirrors = list(self._mirrors.items())
+        keys = [_key(project_id, "seq") for project_id, _mirror in mirrors]
+        health = f"crealia:health:{self.node_id}"
+
+        def probe(client: redis.Redis) -> Any:
+            client.set(health, now_ms(), px=60_000)
+            return client.mget(keys) if keys else []
 
         try:
-            await self.redis.run(ping)
+            seqs = await self.redis.run(probe)
         except Overloaded as exc:
-            raise TransportError(str(exc)) from exc
+            raise TransportError(f"redis cannot take writes: {exc.__cause__ or exc}") from exc
+        behind = [(project_id, int(raw or 0), mirror.doc.seq)
+                  for (project_id, mirror), raw in zip(mirrors, seqs, strict=True)
+                  if int(raw or 0) < mirror.doc.seq]  # fmt: skip
+        if behind:
+            for project_id, stored, here in behind:
+                log.error("project %s is at seq %d in redis but %d here: redis lost "
+                          "acknowledged writes", project_id, stored, here)  # fmt: skip
+            raise TransportError(
+                f"redis lost acknowledged writes (restored from an older copy?): {len(behind)} "
+                "open project(s) are behind this process; their writes cannot commit"
+            )
         if not self.connected:
             raise TransportError("redis pub/sub is reconnecting")
 

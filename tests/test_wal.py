@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from crealia import Server, open_server
+from crealia import Config, ConfigurationError, Server, open_server
 
 from ._process import run_server
 from ._wsclient import open_raw_client
@@ -191,3 +191,22 @@ async def test_readyz_fails_while_the_database_file_cannot_grow(
                 assert welcome["seq"] == 1 + 600 + acked
                 await again.aclose()
                 await client.aclose()
+
+
+def test_wal_settings_have_defaults_and_ranges() -> None:
+    config = Config.from_env({})
+    assert (config.wal_checkpoint_interval, config.wal_checkpoint_bytes, config.wal_max_bytes) == (
+        1.0, 4 * MIB, 64 * MIB)  # fmt: skip
+    env = {"CREALIA_WAL_MAX_BYTES": str(8 * MIB), "CREALIA_WAL_CHECKPOINT_BYTES": str(MIB),
+           "CREALIA_WAL_CHECKPOINT_INTERVAL": "0.5"}  # fmt: skip
+    config = Config.from_env(env)
+    assert (config.wal_checkpoint_interval, config.wal_checkpoint_bytes, config.wal_max_bytes) == (
+        0.5, MIB, 8 * MIB)  # fmt: skip
+    for bad in ({"CREALIA_WAL_MAX_BYTES": "1000"}, {"CREALIA_WAL_MAX_BYTES": str(17 * 1024**3)},
+                {"CREALIA_WAL_CHECKPOINT_BYTES": "1024"},
+                {"CREALIA_WAL_CHECKPOINT_INTERVAL": "0"},
+                {"CREALIA_WAL_CHECKPOINT_INTERVAL": "61"},
+                {"CREALIA_WAL_MAX_BYTES": str(2 * MIB),
+                 "CREALIA_WAL_CHECKPOINT_BYTES": str(4 * MIB)}):  # fmt: skip
+        with pytest.raises(ConfigurationError, match="wal_"):
+            Config.from_env(bad)

@@ -88,10 +88,12 @@ class _Ids(Generic[V]):
         self.inflight[key] = (value, done)
         return done
 
-    def durable(self, key: str) -> None:
-        value, done = self.inflight.pop(key)
+    def durable(self, key: str, value: V) -> None:
+        # Not in flight any more if a later write of the project failed meanwhile.
+        pending = self.inflight.pop(key, None)
         self.remember(key, value)
-        done.set()
+        if pending is not None:
+            pending[1].set()
 
     def failed(self) -> None:
         for _value, done in self.inflight.values():
@@ -238,13 +240,13 @@ class MemoryBackplane(Backplane):
         event: DurableEvent | None,
         conflicts: list[Conflict],
         *,
-        change_id: str | None = None,
-        comment_id: str | None = None,
+        change: tuple[str, ChangeRecord] | None = None,
+        comment: tuple[str, int] | None = None,
     ) -> None:
         """Queue rows for the store; on success hand the event and conflicts to listeners.
 
-        ``change_id``/``comment_id``: the id this write took (in flight in the project's ids
-        until the commit ends)."""
+        ``change``/``comment``: the id this write took and what it records (in flight in the
+        project's ids until the commit ends)."""
         with _guarded(project):
             if event is not None:
                 # Encode now: a failure here is caught by the guard, not in the store's callback.
@@ -275,10 +277,10 @@ class MemoryBackplane(Backplane):
                     )
 
         def on_durable() -> None:
-            if change_id is not None:
-                project.changes.durable(change_id)
-            if comment_id is not None:
-                project.comments.durable(comment_id)
+            if change is not None:
+                project.changes.durable(*change)
+            if comment is not None:
+                project.comments.durable(*comment)
             listeners = list(self._listeners.get(project_id, ()))
             if event is not None:
                 project.history.append(event)
@@ -350,7 +352,8 @@ class MemoryBackplane(Backplane):
                 )
             ]  # fmt: skip
             statements += [_conflict_row(c) for c in conflicts]
-        await self._commit(project_id, project, statements, event, conflicts, change_id=change_id)
+        await self._commit(project_id, project, statements, event, conflicts,
+                           change=(change_id, record))  # fmt: skip
         return outcome
 
     async def _duplicate(
@@ -444,7 +447,7 @@ class MemoryBackplane(Backplane):
                     ),
                 )
             ]
-        await self._commit(project_id, project, statements, event, [], comment_id=comment.id)
+        await self._commit(project_id, project, statements, event, [], comment=(comment.id, seq))
         return seq, False
 
     async def _comment_duplicate(

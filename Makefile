@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup run test lint typecheck pytest bench clean
+.PHONY: setup run test lint typecheck pytest bench soak clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -28,6 +28,10 @@ test: setup lint typecheck pytest
 
 bench: setup
 	$(PY) benchmarks/fanout.py --compare-batching
+
+# A minute of flat-out writes with the WAL under its default bound (prints the figures).
+soak: setup
+	CREALIA_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -s -m soak tests/test_wal.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -192,6 +192,30 @@ class Config:
     #: Most bytes of missed events replayed after a resumed ``welcome``; a resume that needs
     #: more is answered with a snapshot instead. Never more than half of ``outbox_bytes``.
     replay_max_bytes: int = attrs.field(default=4 << 20, validator=_int_range(64 * 1024, 1 << 30))
+    # --- hardening: store
+    #: Seconds between passive WAL checkpoints of each SQLite database (0.05..60).
+    wal_checkpoint_interval: float = attrs.field(
+        default=1.0, validator=[attrs.validators.ge(0.05), attrs.validators.le(60)]
+    )
+    #: WAL growth in bytes that starts a passive checkpoint before the interval is up
+    #: (64 KiB..``wal_max_bytes``).
+    wal_checkpoint_bytes: int = attrs.field(
+        default=4 * 1024 * 1024, validator=attrs.validators.ge(64 * 1024)
+    )
+    #: The bound on each WAL file, in bytes (1 MiB..16 GiB): a TRUNCATE checkpoint starts at
+    #: half of it.
+    wal_max_bytes: int = attrs.field(
+        default=64 * 1024 * 1024,
+        validator=[attrs.validators.ge(1024 * 1024), attrs.validators.le(16 * 1024**3)],
+    )
+
+    @wal_max_bytes.validator
+    def _check_wal(self, _attr: object, value: int) -> None:
+        if self.wal_checkpoint_bytes > value:
+            raise ConfigurationError(
+                f"wal_checkpoint_bytes ({self.wal_checkpoint_bytes}) must not exceed "
+                f"wal_max_bytes ({value})"
+            )
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -383,4 +407,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
     ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
     ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
+    ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
+    ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
+    ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),
 ]

@@ -209,6 +209,25 @@ class ServerCollector(Collector):
              monitor.notifier.failed),
         ):  # fmt: skip
             yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
+        stores = (monitor.store, monitor.ops)
+        yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_bytes",
+                        "Size of each SQLite database's write-ahead log file, as last seen.",
+                        "db", {store.name: store.wal_bytes for store in stores})  # fmt: skip
+        yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_max_bytes",
+                        "The bound each WAL is kept under (a TRUNCATE checkpoint at half).",
+                        "db", {store.name: store.wal.max_bytes for store in stores})  # fmt: skip
+        checkpoints = CounterMetricFamily(
+            "crealia_sqlite_checkpoints", "WAL checkpoints completed, by database and mode.",
+            labels=["db", "mode"],
+        )  # fmt: skip
+        for store in stores:
+            for mode, count in sorted(store.checkpoints.items()):
+                checkpoints.add_metric([store.name, mode], count)
+        yield checkpoints
+        failures = {store.name: store.checkpoint_failures for store in stores}
+        yield _labelled(CounterMetricFamily, "crealia_sqlite_checkpoint_failures",
+                        "WAL checkpoints that failed (logged as 'WAL checkpoint failed').",
+                        "db", failures)  # fmt: skip
         yield _labelled(
             CounterMetricFamily,
             "crealia_messages_received",

@@ -29,7 +29,7 @@ from . import _wire
 from ._alerts import Alert, AlertEngine, AlertNotifier, log_alert
 from ._backplane import Backplane
 from ._config import Config
-from ._errors import CrealiaError
+from ._errors import CrealiaError, StorageError
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
 from ._storage import Statement, Store, dumps, keep_pruning, loads
@@ -44,6 +44,8 @@ RING_PROJECTS = 256
 LAG_PROBE = 0.25
 #: Values per field a report's p95 is computed from exactly (past that, an even subsample).
 P95_EXACT = 20_000
+#: Seconds the storage health check waits for a WAL checkpoint of its own.
+CHECKPOINT_PROBE = 2.0
 #: Connections whose WebSocket ping round trip is measured each sampling period.
 PING_SAMPLE = 16
 
@@ -355,10 +357,29 @@ class Monitor:
         return results
 
     async def _check_storage(self) -> None:
-        # A real commit through each grouped writer: the stores are writable, not just open.
+        # A real commit through each grouped writer, then a real checkpoint of what it wrote:
+        # the stores take writes and can copy them into the database file (a WAL that cannot
+        # be checkpointed grows until the disk is full), not just open.
         for store in (self.store, self.ops):
-            await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
-                                (_now_ms(),))])  # fmt: skip
+            try:
+                await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
+                                    (_now_ms(),))])  # fmt: skip
+            except StorageError as exc:
+                raise StorageError(f"{store.path.name}: a write cannot commit: {exc}") from exc
+            # A checkpoint waits for the reader's turn: behind a long report, the background
+            # checkpointer's last result stands in for this one.
+            with trio.move_on_after(CHECKPOINT_PROBE):
+                try:
+                    await store.checkpoint()
+                except StorageError as exc:
+                    raise StorageError(f"{store.path.name}: WAL checkpoint failed: {exc}") from exc
+            if store.checkpoint_error is not None:
+                raise StorageError(
+                    f"{store.path.name}: WAL checkpoint failed: {store.checkpoint_error}"
+                )
+            if store.wal_bytes > store.wal.max_bytes:
+                raise StorageError(f"{store.path.name}: the WAL ({store.wal_bytes} bytes) is "
+                                   f"over its bound of {store.wal.max_bytes}")  # fmt: skip
 
     def health_ok(self) -> dict[str, bool]:
         return {name: check.ok for name, check in self.health.items()}

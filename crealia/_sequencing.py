@@ -8,22 +8,70 @@ document and returns what would happen; nothing changes until the caller applies
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import attrs
+import orjson
 
 from . import _wire
 from ._auth import User
 from ._backplane import ChangeOutcome, Conflict, DurableEvent
 from ._document import ConflictSpec, Document, ValueAt
+from ._errors import BadRequest
 from ._strategy import Resolution
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@attrs.frozen(kw_only=True)
+class ChangeRecord:
+    """What a project remembers of an accepted ``change_id``: the outcome its ack had, who sent
+    it and a digest of its operations, so that only the same change resent is a duplicate."""
+
+    outcome: ChangeOutcome
+    user_id: str
+    #: :func:`change_digest` of the operations; ``None`` for changes stored before digests were.
+    digest: str | None
+
+
+def change_digest(change: _wire.TimelineChange) -> str:
+    """A digest of a change's operations as validated (key order does not matter)."""
+    canonical = orjson.dumps(_wire.unstructure(change.changes), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+def record_of(user: User, change: _wire.TimelineChange, outcome: ChangeOutcome) -> ChangeRecord:
+    return ChangeRecord(
+        outcome=attrs.evolve(outcome, detected=[]), user_id=user.id, digest=change_digest(change)
+    )
+
+
+def duplicate_of(first: ChangeRecord, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+    """The ``duplicate`` outcome of ``change`` resent, whose ``change_id`` was first accepted as
+    ``first``.
+
+    Raises:
+        BadRequest: the id was first used by another user or with other operations (an
+            idempotency key names one request, like Stripe's); nothing is recorded.
+    """
+    if first.user_id != user.id:
+        raise BadRequest(
+            f"data.change_id: {change.change_id!r} is already taken in this project by another "
+            "user's change; choose a new change_id"
+        )
+    if first.digest is not None and first.digest != change_digest(change):
+        raise BadRequest(
+            f"data.change_id: {change.change_id!r} was already used in this project for "
+            "different changes; a resend must carry the same changes, a new change a new "
+            "change_id"
+        )
+    return attrs.evolve(first.outcome, status="duplicate", detected=[])
 
 
 def value_at(history: Sequence[DurableEvent]) -> ValueAt:

@@ -29,7 +29,7 @@ from ._room import RoomManager
 from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
-from ._storage import OPS_DB, Store, open_store
+from ._storage import OPS_DB, Store, WalPolicy, open_store
 from .transports._trio_ws import serve_trio_websocket
 from .transports.memory import MemoryBackplane
 
@@ -103,8 +103,13 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     rules = AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
     limits = rate_limits(config.rate_limits)
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
-    async with open_store(config.data_dir) as store, \
-            open_store(config.data_dir, OPS_DB) as ops, \
+    wal = WalPolicy(
+        interval=config.wal_checkpoint_interval,
+        checkpoint_bytes=config.wal_checkpoint_bytes,
+        max_bytes=config.wal_max_bytes,
+    )
+    async with open_store(config.data_dir, wal=wal) as store, \
+            open_store(config.data_dir, OPS_DB, wal=wal) as ops, \
             _open_backplane(config, store) as backplane:  # fmt: skip
         audit = AuditLog(ops, retention_days=config.audit_log_retention_days)
         settler = Settler(registry=registry, backplane=backplane, config=config, audit=audit)

@@ -10,6 +10,19 @@ sequencer publish events in ``seq`` order.
 WAL with ``synchronous=NORMAL`` survives a killed process: a committed transaction is in the WAL
 file before ``commit()`` returns. (Power loss may drop the last transactions; set
 ``synchronous=FULL`` for that, at a cost in commit latency.)
+
+The WAL is kept bounded (:class:`WalPolicy`). The writer never checkpoints on its own (a
+checkpoint fsyncs, which would stall the commit and every ack behind it); a checkpointer task
+runs a PASSIVE checkpoint on the second connection every ``interval`` seconds, and early once the
+WAL reaches ``checkpoint_bytes``. Under sustained writes a passive checkpoint never catches the
+writer up, so the WAL would never restart; once it reaches half of ``max_bytes`` the checkpointer
+takes the readers' turn (so no read of this store holds an old snapshot, and none can starve it:
+the turn is first come, first served) and then the writer's, and runs a TRUNCATE checkpoint
+between two commits. Acks wait for that one checkpoint; the WAL stays under ``max_bytes``.
+
+Three connections: the writer (grouped commits, and short reads in line with them), the reader
+(long reads beside the writer, and the checkpoints), and the lookups (indexed point reads such as
+"was this change id used?", which never wait behind a long report).
 """
 
 from __future__ import annotations
@@ -17,9 +30,11 @@ from __future__ import annotations
 import itertools
 import logging
 import operator
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +68,7 @@ CREATE TABLE IF NOT EXISTS changes (
     seq INTEGER,
     status TEXT NOT NULL,
     conflicts BLOB NOT NULL,
+    digest TEXT,
     PRIMARY KEY (project_id, change_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -131,27 +147,50 @@ CREATE TABLE IF NOT EXISTS health (
 """
 
 
+#: Columns added to tables after their first release: (table, column, declaration).
+_MIGRATIONS = (("changes", "digest", "TEXT"),)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _MIGRATIONS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+@attrs.frozen(kw_only=True)
+class WalPolicy:
+    """When a store checkpoints its write-ahead log (see the module docstring)."""
+
+    #: Seconds between passive checkpoints.
+    interval: float = 1.0
+    #: A passive checkpoint starts early once the WAL file is this big; a WAL that restarts is
+    #: also cut back to this size.
+    checkpoint_bytes: int = 4 * 1024 * 1024
+    #: The bound on the WAL file: a TRUNCATE checkpoint starts once it is half this big.
+    max_bytes: int = 64 * 1024 * 1024
+
+
 class _SqliteThread:
     """Runs functions against one sqlite3 connection in a worker thread, one at a time."""
 
-    def __init__(self, path: Path, *, checkpoints: bool = False) -> None:
+    def __init__(self, path: Path, *, size_limit: int = -1) -> None:
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
         self._conn: sqlite3.Connection | None = None
-        self._checkpoints = checkpoints
+        self._size_limit = size_limit
 
     async def open(self) -> None:
-        automatic = 1000 if self._checkpoints else 0
-
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
-            # The writer never checkpoints (a checkpoint fsyncs, which would stall the commit
-            # and every ack behind it); a second connection does, in its own thread.
-            conn.execute(f"PRAGMA wal_autocheckpoint={automatic}")
+            # Checkpoints are the checkpointer's (see the module docstring), never a commit's.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={self._size_limit}")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             return conn
 
         try:
@@ -174,6 +213,11 @@ class _SqliteThread:
             return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite: {exc}") from exc
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        """Held by every call: holding it keeps the connection idle."""
+        return self._limiter
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -200,14 +244,36 @@ class Store:
     #: A second connection for long reads (reports, exports): WAL lets it read while the
     #: writer commits, so a big query never holds back acks.
     _reader: _SqliteThread
+    #: A third connection for indexed point reads, beside the writer and the long reads.
+    _lookups: _SqliteThread
     _send: trio.MemorySendChannel[_Write]
     _recv: trio.MemoryReceiveChannel[_Write]
+    wal: WalPolicy = attrs.Factory(WalPolicy)
     #: Transactions committed and writes grouped into them, for metrics and benchmarks.
     commits: int = 0
     writes: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
+    #: The WAL file's size in bytes, as last seen (after a commit or a checkpoint).
+    wal_bytes: int = 0
+    #: Largest WAL size seen since the store opened.
+    wal_bytes_max: int = 0
+    #: Checkpoints completed, by mode (``passive``, ``truncate``), and attempts that failed.
+    checkpoints: dict[str, int] = attrs.Factory(lambda: {"passive": 0, "truncate": 0})
+    checkpoint_failures: int = 0
+    #: Why the last checkpoint failed; ``None`` once one succeeds.
+    checkpoint_error: str | None = None
     _writer_done: trio.Event = attrs.Factory(trio.Event)
+    _checkpoint_wanted: trio.Event = attrs.Factory(trio.Event)
+    #: The WAL's size after the last checkpoint: the next starts early once it grew by
+    #: ``checkpoint_bytes`` (a restarted WAL is reused from its start, not shrunk).
+    _wal_at_checkpoint: int = 0
+    _checkpointing: trio.Lock = attrs.Factory(trio.Lock)
+
+    @property
+    def name(self) -> str:
+        """The database's file name without its suffix (``crealia``, ``ops``), for metrics."""
+        return self.path.stem
 
     async def write(
         self,
@@ -256,6 +322,60 @@ class Store:
         """
         return await self._reader.run(fn)
 
+    async def lookup(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a short indexed read on the store's lookup connection: it never waits behind a
+        commit or a long read, and sees every commit made before it starts.
+
+        Raises:
+            StorageError: sqlite raised.
+        """
+        return await self._lookups.run(fn)
+
+    async def checkpoint(self, *, urgent: bool = False) -> None:
+        """Checkpoint the WAL now: PASSIVE, or TRUNCATE once the WAL is past half its bound.
+        One at a time; the checkpointer task calls it every interval. ``urgent`` (the writer,
+        near the bound): only if no other checkpoint cut the WAL back meanwhile.
+
+        Raises:
+            StorageError: the checkpoint failed (the database file cannot be written, the disk
+                is full, ...) or a reader outside this store kept the WAL from being cut back.
+        """
+        async with self._checkpointing:
+            if urgent and self.wal_bytes < self._hard_mark:
+                return
+            try:
+                size = self.wal_bytes
+                if size < self.wal.max_bytes // 2:
+                    size = await self._reader.run(partial(_checkpoint, "PASSIVE", self.path))
+                    self.checkpoints["passive"] += 1
+                if size >= self.wal.max_bytes // 2:
+                    size = await self._truncate()
+                    self.checkpoints["truncate"] += 1
+            except StorageError as exc:
+                self.checkpoint_failures += 1
+                self.checkpoint_error = str(exc)
+                log.warning("WAL checkpoint failed on %s: %s", self.path.name, exc)
+                raise
+            self.checkpoint_error = None
+            self._saw_wal(size)
+            self._wal_at_checkpoint = size
+
+    async def _truncate(self) -> int:
+        # The readers' turns first, then the writer's: no snapshot of ours pins the WAL while
+        # the checkpoint waits, and commits go on until it is the writer's turn.
+        async with self._reader.limiter, self._lookups.limiter:
+            return await self._thread.run(partial(_checkpoint, "TRUNCATE", self.path))
+
+    @property
+    def _hard_mark(self) -> int:
+        # Past it the writer waits for a TRUNCATE before committing more: the last quarter of
+        # the bound is room for the batch that crossed it.
+        return self.wal.max_bytes * 3 // 4
+
+    def _saw_wal(self, size: int) -> None:
+        self.wal_bytes = size
+        self.wal_bytes_max = max(self.wal_bytes_max, size)
+
     async def check(self) -> None:
         """Prove the store answers and is writable.
 
@@ -290,7 +410,7 @@ class Store:
         statements = [s for item in batch for s in item.statements]
         failing = self.fail_commits
 
-        def commit(conn: sqlite3.Connection) -> None:
+        def commit(conn: sqlite3.Connection) -> int:
             conn.execute("BEGIN")
             try:
                 if failing:
@@ -302,9 +422,16 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            return _wal_size(path)
 
+        path = self.path
+        if self.wal_bytes >= self._hard_mark:
+            # Backpressure: the checkpoint waits for at most one reader, then this commit runs.
+            # A failed one is logged and counted; the commit is tried all the same.
+            with suppress(StorageError):
+                await self.checkpoint(urgent=True)
         try:
-            await self._thread.run(commit)
+            size = await self._thread.run(commit)
         except StorageError as exc:
             while True:
                 try:
@@ -319,6 +446,9 @@ class Store:
             return
         self.commits += 1
         self.writes += len(batch)
+        self._saw_wal(size)
+        if size - self._wal_at_checkpoint >= self.wal.checkpoint_bytes:
+            self._checkpoint_wanted.set()
         for item in batch:
             if item.on_durable is not None:
                 item.on_durable()
@@ -326,9 +456,11 @@ class Store:
 
 
 @asynccontextmanager
-async def open_store(data_dir: Path, name: str = "crealia.sqlite3") -> AsyncIterator[Store]:
+async def open_store(
+    data_dir: Path, name: str = "crealia.sqlite3", *, wal: WalPolicy | None = None
+) -> AsyncIterator[Store]:
     """Open (creating if needed) the SQLite database ``name`` in ``data_dir`` with its writer
-    task.
+    and checkpointer tasks.
 
     A server keeps two: ``crealia.sqlite3`` (the projects: events, snapshots, comments,
     conflicts) and ``OPS_DB`` (audit events, security alerts, metric samples), so that a
@@ -338,21 +470,30 @@ async def open_store(data_dir: Path, name: str = "crealia.sqlite3") -> AsyncIter
     Raises:
         StorageError: the directory or database cannot be created or opened.
     """
+    wal = wal or WalPolicy()
     try:
         await trio.to_thread.run_sync(lambda: Path(data_dir).mkdir(parents=True, exist_ok=True))
     except OSError as exc:
         raise StorageError(f"cannot create data dir {data_dir}: {exc}") from exc
     path = Path(data_dir) / name
-    thread = _SqliteThread(path)
+    thread = _SqliteThread(path, size_limit=wal.checkpoint_bytes)
     await thread.open()
-    checkpointer = _SqliteThread(path, checkpoints=True)
-    await checkpointer.open()
+    reader = _SqliteThread(path)
+    lookups = _SqliteThread(path)
+    try:
+        await reader.open()
+        await lookups.open()
+    except BaseException:
+        await reader.close()
+        await thread.close()
+        raise
     send, recv = trio.open_memory_channel[_Write](100_000)
-    store = Store(path=path, thread=thread, reader=checkpointer, send=send, recv=recv)
+    store = Store(path=path, thread=thread, reader=reader, lookups=lookups, send=send,
+                  recv=recv, wal=wal)  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)
-            nursery.start_soon(_checkpoints, checkpointer, nursery.cancel_scope)
+            nursery.start_soon(_checkpoints, store)
             try:
                 yield store
             finally:
@@ -360,10 +501,11 @@ async def open_store(data_dir: Path, name: str = "crealia.sqlite3") -> AsyncIter
                 await _wait_closed(store)
                 nursery.cancel_scope.cancel()
     finally:
+        await lookups.close()
         await thread.close()
         with trio.CancelScope(shield=True), suppress(StorageError):
-            await checkpointer.run(_checkpoint_truncate)
-        await checkpointer.close()
+            await reader.run(partial(_checkpoint, "TRUNCATE", path))
+        await reader.close()
 
 
 #: The operations database: audit log, security alerts, metric samples and alerts.
@@ -384,29 +526,35 @@ async def keep_pruning(prune: Callable[[], Awaitable[int]], what: str) -> None:
         await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
 
 
-#: Seconds between background WAL checkpoints.
-CHECKPOINT_INTERVAL = 1.0
-
-
-async def _checkpoints(checkpointer: _SqliteThread, _scope: trio.CancelScope) -> None:
-    """Copy the WAL into the database now and then, off the writer's thread.
-
-    A PASSIVE checkpoint never blocks the writer; it only copies what no reader still needs.
-    """
+async def _checkpoints(store: Store) -> None:
+    """Checkpoint the WAL every ``store.wal.interval`` seconds, or as soon as a commit found it
+    past ``checkpoint_bytes``; a failure is logged and counted (:meth:`Store.checkpoint`) and
+    tried again next time."""
     while True:
-        await trio.sleep(CHECKPOINT_INTERVAL)  # a period, not synchronization
-        try:
-            await checkpointer.run(_checkpoint_passive)
-        except StorageError as exc:
-            log.warning("WAL checkpoint failed: %s", exc)
+        with trio.move_on_after(store.wal.interval):  # a period, or sooner when asked
+            await store._checkpoint_wanted.wait()
+        store._checkpoint_wanted = trio.Event()
+        with suppress(StorageError):
+            await store.checkpoint()
 
 
-def _checkpoint_passive(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+def _checkpoint(mode: str, path: Path, conn: sqlite3.Connection) -> int:
+    """Run a checkpoint; the WAL's size after it.
+
+    Raises:
+        sqlite3.OperationalError: it failed, or (TRUNCATE) a reader kept it from finishing.
+    """
+    busy, _log, _done = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    if busy and mode == "TRUNCATE":
+        raise sqlite3.OperationalError("a reader kept the WAL from being checkpointed in full")
+    return _wal_size(path)
 
 
-def _checkpoint_truncate(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+def _wal_size(path: Path) -> int:
+    try:
+        return os.stat(f"{path}-wal").st_size
+    except FileNotFoundError:
+        return 0
 
 
 async def _wait_closed(store: Store) -> None:

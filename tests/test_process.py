@@ -84,17 +84,21 @@ async def test_sigkill_loses_no_acknowledged_change(tmp_path: Path, nursery: tri
             assert w2["replayed"] == snapshot["seq"]
             seqs = [(await again.next())["data"]["seq"] for _ in range(w2["replayed"])]
             assert seqs == list(range(1, snapshot["seq"] + 1))
-            # Acked change ids stay acked: a resend is a duplicate with the first seq.
+            # Acked change ids stay acked: alice's resend is a duplicate with the first seq.
             some = next(cid for cid in acked if cid != "seed")
-            dup = await client.request(
+            i = int(some[1:])
+            resend = await open_raw_client(nursery, proc.ws_url)
+            await resend.hello(token("alice"), "p1")
+            dup = await resend.request(
                 "timeline_change",
                 {
                     "change_id": some,
-                    "changes": [{"op": "set", "element_id": "clip", "prop": "x", "value": 0}],
+                    "changes": [{"op": "set", "element_id": "clip", "prop": f"p{i}", "value": i}],
                 },
             )
             assert dup["data"]["status"] == "duplicate"
             assert dup["data"]["seq"] == acked[some]
+            await resend.aclose()
             await client.aclose()
             await again.aclose()
 

@@ -213,9 +213,11 @@ async def test_duplicate_change_id_gets_first_seq_and_applies_once(clients: Clie
             "status": "duplicate",
             "conflicts": [],
         }
-        # A different body under the same change_id is still the same change.
+        # A different body under the same change_id is refused (it names one change).
         third = await a.request("timeline_change", set_op("c1", "clip-1", "start", 5, 1))
-        assert third["data"]["status"] == "duplicate"
+        assert third["type"] == "error", third
+        assert third["data"]["code"] == "bad_request"
+        assert third["data"]["message"].startswith("data.change_id:")
         b = await clients.join("bob")
         assert b.welcome["seq"] == 1
         assert b.welcome["snapshot"]["elements"]["clip-1"]["props"] == {"start": 0}

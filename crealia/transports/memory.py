@@ -1,7 +1,10 @@
 """The in-process backplane: one process, durable state in the embedded SQLite store.
 
-Each loaded project keeps its :class:`~crealia._document.Document`, its recent history (for
-resume) and the outcome of every ``change_id`` in memory. A commit is checked and applied to the
+Each loaded project keeps its :class:`~crealia._document.Document` and its recent history (for
+resume) in memory. Change and comment ids are looked up in the store (by primary key, on a
+connection of their own), behind a bounded cache of the recent ones and the set of those whose
+commit is in flight, so opening a project costs the same whether it had a hundred changes or a
+million. A commit is checked and applied to the
 in-memory document synchronously, so the next commit already sees it, and its rows join the
 store's next grouped transaction. The store runs ``on_durable`` callbacks in queue order, which is
 ``seq`` order, and that is where listeners hear of the event.
@@ -13,12 +16,13 @@ never runs ahead of what is durable.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -38,17 +42,80 @@ from .._backplane import (
 )
 from .._document import Document, Quotas
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
-from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
+from .._sequencing import (
+    ChangeRecord,
+    duplicate_of,
+    now_ms,
+    prepare_change,
+    prepare_comment,
+    prepare_settle,
+    record_of,
+    value_at,
+)
 from .._storage import Statement, Store, dumps, loads
 from .._strategy import Resolution
+
+#: Recent change ids (and, apart, comment ids) whose outcome each loaded project keeps in memory;
+#: older ones are read from the store.
+ID_CACHE = 1024
+
+V = TypeVar("V")
+
+
+@attrs.define(eq=False)
+class _Ids(Generic[V]):
+    """The ids of a project a write must not reuse: those whose commit is in flight (all of
+    them, until durable or failed) and the most recent durable ones (at most ``limit``).
+    Everything else is in the store."""
+
+    limit: int = ID_CACHE
+    recent: collections.OrderedDict[str, V] = attrs.Factory(collections.OrderedDict)
+    inflight: dict[str, tuple[V, trio.Event]] = attrs.Factory(dict)
+    #: Ids dropped from ``recent`` so far: a store lookup that overlapped a drop is repeated.
+    evicted: int = 0
+
+    def get(self, key: str) -> tuple[V, trio.Event | None] | None:
+        """The value and, while its commit is in flight, an event set when it ends."""
+        pending = self.inflight.get(key)
+        if pending is not None:
+            return pending
+        value = self.recent.get(key)
+        if value is None:
+            return None
+        self.recent.move_to_end(key)
+        return value, None
+
+    def begin(self, key: str, value: V) -> trio.Event:
+        done = trio.Event()
+        self.inflight[key] = (value, done)
+        return done
+
+    def durable(self, key: str, value: V) -> None:
+        # Not in flight any more if a later write of the project failed meanwhile.
+        pending = self.inflight.pop(key, None)
+        self.remember(key, value)
+        if pending is not None:
+            pending[1].set()
+
+    def failed(self) -> None:
+        for _value, done in self.inflight.values():
+            done.set()
+        self.inflight.clear()
+
+    def remember(self, key: str, value: V) -> None:
+        self.recent[key] = value
+        self.recent.move_to_end(key)
+        while len(self.recent) > self.limit:
+            self.recent.popitem(last=False)
+            self.evicted += 1
 
 
 @attrs.define(eq=False)
 class _Project:
     doc: Document
     history: History
-    changes: dict[str, ChangeOutcome]
-    comments: dict[str, int]
+    changes: _Ids[ChangeRecord]
+    comments: _Ids[int]
     pending: dict[str, Conflict]
     snapshot_seq: int
     #: The last role seen for each author of this project (for strategies weighing roles).
@@ -82,6 +149,8 @@ class MemoryBackplane(Backplane):
     history_limit: int = 10_000
     snapshot_every: int = 500
     quotas: Quotas = attrs.Factory(Quotas)
+    #: Recent change ids (and comment ids) kept in memory per loaded project.
+    id_cache: int = ID_CACHE
     _projects: dict[str, _Project] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _listeners: dict[str, set[Listener]] = attrs.Factory(dict)
@@ -130,22 +199,15 @@ class MemoryBackplane(Backplane):
                 "WHERE project_id = ? AND seq > ? ORDER BY seq",
                 (project_id, start),
             ).fetchall()
-            changes = conn.execute(
-                "SELECT change_id, seq, status, conflicts FROM changes WHERE project_id = ?",
-                (project_id,),
-            ).fetchall()
-            comments = conn.execute(
-                "SELECT comment_id, seq FROM comments WHERE project_id = ?", (project_id,)
-            ).fetchall()
             pending = conn.execute(
                 "SELECT data FROM conflicts WHERE project_id = ? AND status = 'pending' "
                 "ORDER BY created_at",
                 (project_id,),
             ).fetchall()
-            return row, events, changes, comments, pending
+            return row, events, pending
 
         try:
-            row, rows, changes, comments, pending = await self.store.read(load)
+            row, rows, pending = await self.store.read(load)
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
         doc = Document.load(project_id, loads(row[1])) if row else Document(project_id=project_id)
@@ -169,13 +231,8 @@ class MemoryBackplane(Backplane):
         return _Project(
             doc=doc,
             history=kept,
-            changes={
-                cid: ChangeOutcome(
-                    change_id=cid, seq=seq, status=status, conflicts=loads(conflicts)
-                )
-                for cid, seq, status, conflicts in changes
-            },
-            comments=dict(comments),
+            changes=_Ids(self.id_cache),
+            comments=_Ids(self.id_cache),
             pending={c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in pending)},
             snapshot_seq=row[0] if row else 0,
             durable_seq=doc.seq,
@@ -196,8 +253,14 @@ class MemoryBackplane(Backplane):
         statements: list[Statement],
         event: DurableEvent | None,
         conflicts: list[Conflict],
+        *,
+        change: tuple[str, ChangeRecord] | None = None,
+        comment: tuple[str, int] | None = None,
     ) -> None:
-        """Queue rows for the store; on success hand the event and conflicts to listeners."""
+        """Queue rows for the store; on success hand the event and conflicts to listeners.
+
+        ``change``/``comment``: the id this write took and what it records (in flight in the
+        project's ids until the commit ends)."""
         with _guarded(project):
             if event is not None:
                 # Encode now: a failure here is caught by the guard, not in the store's callback.
@@ -228,6 +291,10 @@ class MemoryBackplane(Backplane):
                     )
 
         def on_durable() -> None:
+            if change is not None:
+                project.changes.durable(*change)
+            if comment is not None:
+                project.comments.durable(*comment)
             listeners = list(self._listeners.get(project_id, ()))
             if event is not None:
                 project.history.append(event)
@@ -241,6 +308,8 @@ class MemoryBackplane(Backplane):
 
         def on_failed() -> None:
             project.broken = True
+            project.changes.failed()
+            project.comments.failed()
             project.advanced()
 
         try:
@@ -256,48 +325,126 @@ class MemoryBackplane(Backplane):
         self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
     ) -> ChangeOutcome:
         project_id = user.project_id
-        project = await self._project(project_id)
+        change_id = change.change_id
+        while True:
+            project = await self._project(project_id)
+            self._check_writable(project)
+            known = project.changes.get(change_id)
+            if known is not None:
+                return await self._duplicate(project, known, user, change)
+            evicted = project.changes.evicted
+            stored = await self._stored_change(project_id, change_id)
+            if stored is not None:
+                return duplicate_of(stored, user, change)
+            # Whatever committed before the lookup began, it saw; whatever began since is in
+            # memory, unless the project was reloaded or its cache dropped ids meanwhile.
+            if project is self._projects.get(project_id) and project.changes.evicted == evicted:
+                break
+        known = project.changes.get(change_id)
+        if known is not None:
+            return await self._duplicate(project, known, user, change)
         self._check_writable(project)
-        first = project.changes.get(change.change_id)
-        if first is not None:
-            return attrs.evolve(first, status="duplicate")
         outcome, event = prepare_change(
             project.doc, user, change, strategy=strategy, roles=project.roles,
             lookup=value_at(project.history), at=now_ms(),
         )  # fmt: skip
         with _guarded(project):
+            record = record_of(user, change, outcome)
             if event is not None:
                 project.doc.apply(event.effects, event.seq, user.id)
             project.roles[user.id] = user.role
             conflicts = outcome.detected
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
-            project.changes[change.change_id] = attrs.evolve(outcome, detected=[])
+            project.changes.begin(change_id, record)
             statements: list[Statement] = [
                 (
-                    "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (project_id, change.change_id, user.id, outcome.seq, outcome.status,
-                     dumps(outcome.conflicts)),
+                    "INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts, "
+                    "digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (project_id, change_id, user.id, outcome.seq, outcome.status,
+                     dumps(outcome.conflicts), record.digest),
                 )
             ]  # fmt: skip
             statements += [_conflict_row(c) for c in conflicts]
-        await self._commit(project_id, project, statements, event, conflicts)
+        await self._commit(project_id, project, statements, event, conflicts,
+                           change=(change_id, record))  # fmt: skip
         return outcome
+
+    async def _duplicate(
+        self,
+        project: _Project,
+        known: tuple[ChangeRecord, trio.Event | None],
+        user: User,
+        change: _wire.TimelineChange,
+    ) -> ChangeOutcome:
+        """The ``duplicate`` ack of a resend, once the first is durable (an ack never runs
+        ahead of the store)."""
+        first, done = known
+        outcome = duplicate_of(first, user, change)
+        if done is not None:
+            await done.wait()
+            if project.broken:
+                raise Overloaded("storage unavailable, nothing was applied: the project is "
+                                 "reloading")  # fmt: skip
+        return outcome
+
+    async def _stored_change(self, project_id: str, change_id: str) -> ChangeRecord | None:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT user_id, seq, status, conflicts, digest FROM changes "
+                "WHERE project_id = ? AND change_id = ?",
+                (project_id, change_id),
+            ).fetchone()
+
+        try:
+            row = await self.store.lookup(read)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable, nothing was applied: {exc}") from exc
+        if row is None:
+            return None
+        user_id, seq, status, conflicts, digest = row
+        outcome = ChangeOutcome(
+            change_id=change_id, seq=seq, status=status, conflicts=loads(conflicts)
+        )
+        return ChangeRecord(outcome=outcome, user_id=user_id, digest=digest)
+
+    async def _stored_comment(self, project_id: str, comment_id: str) -> int | None:
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT seq FROM comments WHERE project_id = ? AND comment_id = ?",
+                (project_id, comment_id),
+            ).fetchone()
+
+        try:
+            row = await self.store.lookup(read)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable, nothing was applied: {exc}") from exc
+        return None if row is None else int(row[0])
 
     async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
         project_id = user.project_id
-        project = await self._project(project_id)
+        while True:
+            project = await self._project(project_id)
+            self._check_writable(project)
+            known = project.comments.get(comment.id)
+            if known is not None:
+                return await self._comment_duplicate(project, known)
+            evicted = project.comments.evicted
+            stored = await self._stored_comment(project_id, comment.id)
+            if stored is not None:
+                return stored, True
+            if project is self._projects.get(project_id) and project.comments.evicted == evicted:
+                break
+        known = project.comments.get(comment.id)
+        if known is not None:
+            return await self._comment_duplicate(project, known)
         self._check_writable(project)
-        first = project.comments.get(comment.id)
-        if first is not None:
-            return first, True
         project.roles[user.id] = user.role
         with _guarded(project):
             event = prepare_comment(project.doc, user, comment, now_ms())
             seq, at = event.seq, event.at
             project.doc.apply([], seq, user.id)
-            project.comments[comment.id] = seq
+            project.comments.begin(comment.id, seq)
             statements: list[Statement] = [
                 (
                     "INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, time, "
@@ -314,8 +461,19 @@ class MemoryBackplane(Backplane):
                     ),
                 )
             ]
-        await self._commit(project_id, project, statements, event, [])
+        await self._commit(project_id, project, statements, event, [], comment=(comment.id, seq))
         return seq, False
+
+    async def _comment_duplicate(
+        self, project: _Project, known: tuple[int, trio.Event | None]
+    ) -> tuple[int, bool]:
+        seq, done = known
+        if done is not None:
+            await done.wait()
+            if project.broken:
+                raise Overloaded("storage unavailable, nothing was applied: the project is "
+                                 "reloading")  # fmt: skip
+        return seq, True
 
     async def settle(
         self,
@@ -519,6 +677,8 @@ def _guarded(project: _Project) -> Iterator[None]:
         raise
     except Exception as exc:
         project.broken = True
+        project.changes.failed()
+        project.comments.failed()
         project.advanced()
         raise InternalError(f"could not record the write: {type(exc).__name__}: {exc}") from exc
 

@@ -10,6 +10,10 @@ answers ``stale``; the process catches its mirror up from the stream and prepare
 processes can never hand out the same ``seq`` nor miss a conflict, and an ack is sent only after
 Redis accepted the write.
 
+Change and comment ids are kept in a hash per project (with the author and a digest of the
+operations, so that only the same change resent is a ``duplicate``), trimmed oldest first to the
+last ``history_limit`` ids like the log: a resend older than that is taken for a new change.
+
 The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
 and serves resume; a snapshot (``crealia:{p}:snap``) is written every ``snapshot_every`` events so
 a mirror can be rebuilt from the snapshot plus the stream. Notices (``crealia:{p}:events``) and
@@ -50,7 +54,16 @@ from .._backplane import (
 )
 from .._document import Document, Quotas
 from .._errors import NotFound, Overloaded, ProtocolError, TransportError
-from .._sequencing import now_ms, prepare_change, prepare_comment, prepare_settle, value_at
+from .._sequencing import (
+    ChangeRecord,
+    duplicate_of,
+    now_ms,
+    prepare_change,
+    prepare_comment,
+    prepare_settle,
+    record_of,
+    value_at,
+)
 from .._strategy import Resolution
 
 log = logging.getLogger("crealia.redis")
@@ -78,7 +91,16 @@ if ARGV[5] ~= '' then
   redis.call('SET', KEYS[1], seq)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], tostring(seq) .. '-1', 'e', ARGV[5])
 end
-if mode ~= 'settle' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
+if mode ~= 'settle' then
+  -- Ids are remembered about as long as the log keeps events: oldest first out.
+  redis.call('HSET', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('ZADD', KEYS[5], seq, ARGV[3])
+  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[6])
+  if excess > 0 then
+    local old = redis.call('ZPOPMIN', KEYS[5], excess)
+    for j = 1, #old, 2 do redis.call('HDEL', KEYS[3], old[j]) end
+  end
+end
 local i = 9
 while i < #ARGV do
   redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
@@ -148,10 +170,26 @@ def _conflict_from(data: dict[str, Any]) -> Conflict:
     return Conflict(**data)
 
 
-def _duplicate(stored: bytes) -> ChangeOutcome:
+def _stored_change(user: User, change: _wire.TimelineChange, outcome: ChangeOutcome) -> bytes:
+    record = record_of(user, change, outcome)
+    return orjson.dumps(
+        {**attrs.asdict(record.outcome), "user_id": record.user_id, "digest": record.digest}
+    )
+
+
+def _duplicate(stored: bytes, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+    """The duplicate ack of ``change``, whose id is stored as ``stored``.
+
+    Raises:
+        BadRequest: the id was first used by another user or for other changes.
+    """
     first = orjson.loads(stored)
     first.pop("detected", None)
-    return ChangeOutcome(**{**first, "status": "duplicate"})
+    # Outcomes stored before the author and digest were have neither: taken as the same.
+    user_id = first.pop("user_id", user.id)
+    digest = first.pop("digest", None)
+    record = ChangeRecord(outcome=ChangeOutcome(**first), user_id=user_id, digest=digest)
+    return duplicate_of(record, user, change)
 
 
 class _RedisThreads:
@@ -331,11 +369,13 @@ class RedisBackplane(Backplane):
         ]
         for conflict in conflicts:
             args += [conflict.id, orjson.dumps(attrs.asdict(conflict))]
+        ids = "changes" if mode == "change" else "comments"
         keys = [
             _key(project_id, "seq"),
             _key(project_id, "log"),
-            _key(project_id, "changes" if mode == "change" else "comments"),
+            _key(project_id, ids),
             _key(project_id, "conflicts"),
+            _key(project_id, f"{ids}-order"),
         ]
 
         def run(client: redis.Redis) -> Any:
@@ -356,6 +396,12 @@ class RedisBackplane(Backplane):
             ) from exc
         if status in (b"dup", b"gone"):
             self._schedule_catch_up(project_id, mirror)
+        if status == b"stale" and int(value) < mirror.doc.seq:
+            # No catch-up can help: Redis holds less than was acknowledged from it.
+            raise Overloaded(
+                f"redis is behind this process (seq {int(value)} there, {mirror.doc.seq} here: "
+                "it lost acknowledged writes), nothing was applied"
+            )
         return status.decode(), value
 
     def _after_commit(self, project_id: str, mirror: _Mirror, event: DurableEvent | None,
@@ -415,15 +461,15 @@ class RedisBackplane(Backplane):
                     # the script, atomically.)
                     first = await self._first_outcome(project_id, change.change_id)
                     if first is not None:
-                        return first
+                        return _duplicate(first, user, change)
                     raise
-                stored = orjson.dumps(attrs.asdict(attrs.evolve(outcome, detected=[])))
+                stored = _stored_change(user, change, outcome)
                 status, value = await self._commit(
                     project_id, mirror, "change", change.change_id, stored, event,
                     outcome.detected,
                 )  # fmt: skip
                 if status == "dup":
-                    return _duplicate(value)
+                    return _duplicate(value, user, change)
                 if status == "ok":
                     # Before any await: the event is in Redis, so it must reach this
                     # process's rooms whatever happens next.
@@ -435,12 +481,12 @@ class RedisBackplane(Backplane):
                 await self._catch_up(project_id, mirror)
         raise Overloaded("too many concurrent writes to this project; retry")
 
-    async def _first_outcome(self, project_id: str, change_id: str) -> ChangeOutcome | None:
+    async def _first_outcome(self, project_id: str, change_id: str) -> bytes | None:
         def read(client: redis.Redis) -> Any:
             return client.hget(_key(project_id, "changes"), change_id)
 
         raw = await self.redis.run(read)
-        return _duplicate(raw) if raw else None
+        return raw or None
 
     async def _remember_role(self, project_id: str, user: User) -> None:
         def write(client: redis.Redis) -> Any:
@@ -701,13 +747,33 @@ class RedisBackplane(Backplane):
         return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
 
     async def check(self) -> None:
-        def ping(client: redis.Redis) -> Any:
-            return client.ping()
+        # A real write (Redis out of memory under ``noeviction`` still answers PING but refuses
+        # writes), and every open project's seq in Redis against this process's copy: Redis
+        # behind it lost acknowledged writes (restored from an older copy), and no write of
+        # those projects can commit.
+        mirrors = list(self._mirrors.items())
+        keys = [_key(project_id, "seq") for project_id, _mirror in mirrors]
+        health = f"crealia:health:{self.node_id}"
+
+        def probe(client: redis.Redis) -> Any:
+            client.set(health, now_ms(), px=60_000)
+            return client.mget(keys) if keys else []
 
         try:
-            await self.redis.run(ping)
+            seqs = await self.redis.run(probe)
         except Overloaded as exc:
-            raise TransportError(str(exc)) from exc
+            raise TransportError(f"redis cannot take writes: {exc.__cause__ or exc}") from exc
+        behind = [(project_id, int(raw or 0), mirror.doc.seq)
+                  for (project_id, mirror), raw in zip(mirrors, seqs, strict=True)
+                  if int(raw or 0) < mirror.doc.seq]  # fmt: skip
+        if behind:
+            for project_id, stored, here in behind:
+                log.error("project %s is at seq %d in redis but %d here: redis lost "
+                          "acknowledged writes", project_id, stored, here)  # fmt: skip
+            raise TransportError(
+                f"redis lost acknowledged writes (restored from an older copy?): {len(behind)} "
+                "open project(s) are behind this process; their writes cannot commit"
+            )
         if not self.connected:
             raise TransportError("redis pub/sub is reconnecting")
 

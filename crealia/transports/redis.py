@@ -357,8 +357,9 @@ class RedisBackplane(Backplane):
                 "conflicts": [attrs.asdict(c) for c in conflicts if c.status == "pending"],
             }
         )
+        expected = mirror.doc.seq
         args: list[Any] = [
-            mirror.doc.seq,
+            expected,
             mode,
             dedup_id,
             dedup_value,
@@ -396,10 +397,11 @@ class RedisBackplane(Backplane):
             ) from exc
         if status in (b"dup", b"gone"):
             self._schedule_catch_up(project_id, mirror)
-        if status == b"stale" and int(value) < mirror.doc.seq:
-            # No catch-up can help: Redis holds less than was acknowledged from it.
+        if status == b"stale" and int(value) < expected:
+            # No catch-up can help: Redis holds less than this process had seen from it. (The
+            # mirror may have moved on since the script ran: compare with what it was sent.)
             raise Overloaded(
-                f"redis is behind this process (seq {int(value)} there, {mirror.doc.seq} here: "
+                f"redis is behind this process (seq {int(value)} there, {expected} here: "
                 "it lost acknowledged writes), nothing was applied"
             )
         return status.decode(), value

@@ -83,7 +83,7 @@ async def join(nursery: trio.Nursery, ws_url: str, tok: str, project: str) -> Cl
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def summary(values: list[float]) -> str:
@@ -117,6 +117,21 @@ async def main(cfg: argparse.Namespace) -> None:
             proc.kill()
 
 
+async def set_merge(
+    http: httpx.AsyncClient, http_url: str, owner: str, options: dict[str, int]
+) -> httpx.Response:
+    chain = {"strategies": ["merge", "priority"], "options": {"merge": options}}
+    return await http.put(f"{http_url}/api/projects/attacker/strategies",
+                          headers={"Authorization": f"Bearer {owner}"}, json=chain)  # fmt: skip
+
+
+def set_title(change_id: str, eid: str, value: str, base: int | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"op": "set", "element_id": eid, "prop": "title", "value": value}
+    if base is not None:
+        op["base"] = base
+    return {"change_id": change_id, "changes": [op]}
+
+
 async def run(cfg: argparse.Namespace, proc: trio.Process, secret: str) -> None:
     assert proc.stdout is not None
     buf = b""
@@ -132,15 +147,14 @@ async def run(cfg: argparse.Namespace, proc: trio.Process, secret: str) -> None:
     owner = token(secret, "olga", "attacker", "owner")
     async with httpx.AsyncClient(timeout=30) as http:
         options = {"max_diff_steps": cfg.steps, "max_text_chars": cfg.chars}
-        put = await http.put(f"{http_url}/api/projects/attacker/strategies",
-                             headers={"Authorization": f"Bearer {owner}"},
-                             json={"strategies": ["merge", "priority"], "options": {"merge": options}})  # fmt: skip
+        if cfg.ms:  # the old code has no max_diff_ms and refuses it
+            options["max_diff_ms"] = cfg.ms
+        put = await set_merge(http, http_url, owner, options)
         if put.status_code != 200:
             print(f"options {options} refused: {put.json()['error']['message']}")
-            options = {"max_diff_steps": cfg.max_steps, "max_text_chars": cfg.max_chars}
-            put = await http.put(f"{http_url}/api/projects/attacker/strategies",
-                                 headers={"Authorization": f"Bearer {owner}"},
-                                 json={"strategies": ["merge", "priority"], "options": {"merge": options}})  # fmt: skip
+            options = {"max_diff_steps": cfg.max_steps, "max_text_chars": cfg.max_chars,
+                       "max_diff_ms": cfg.max_ms}  # fmt: skip
+            put = await set_merge(http, http_url, owner, options)
             put.raise_for_status()
         print(f"attacker's merge options: {options}")
 
@@ -152,7 +166,9 @@ async def run(cfg: argparse.Namespace, proc: trio.Process, secret: str) -> None:
             victim = await join(nursery, ws_url, token(secret, "vic", "victim", "editor"), "victim")
             alice = await join(nursery, ws_url, token(secret, "alice", "attacker", "editor"),
                                "attacker")  # fmt: skip
-            bob = await join(nursery, ws_url, token(secret, "bob", "attacker", "editor"), "attacker")
+            bob = await join(
+                nursery, ws_url, token(secret, "bob", "attacker", "editor"), "attacker"
+            )
 
             async def pinger() -> None:
                 while True:
@@ -170,13 +186,11 @@ async def run(cfg: argparse.Namespace, proc: trio.Process, secret: str) -> None:
                 await alice.request("timeline_change", {"change_id": f"i{n}", "changes": [
                     {"op": "insert", "element_id": eid, "element_type": "clip",
                      "props": {"title": base}}]})  # fmt: skip
-                ack = await alice.request("timeline_change", {"change_id": f"a{n}", "changes": [
-                    {"op": "set", "element_id": eid, "prop": "title", "value": current}]})  # fmt: skip
+                ack = await alice.request("timeline_change", set_title(f"a{n}", eid, current))
                 seq = ack["data"]["seq"]
                 t0 = time.perf_counter()
-                ack = await bob.request("timeline_change", {"change_id": f"b{n}", "changes": [
-                    {"op": "set", "element_id": eid, "prop": "title", "value": incoming,
-                     "base": seq - 1}]})  # fmt: skip
+                change = set_title(f"b{n}", eid, incoming, base=seq - 1)
+                ack = await bob.request("timeline_change", change)
                 assert ack["data"]["status"] == "conflict", ack
                 (cid,) = ack["data"]["conflicts"]
                 await bob.until(lambda env, cid=cid: env.get("type") == "conflict_resolved"
@@ -197,6 +211,8 @@ if __name__ == "__main__":
     p.add_argument("--chars", type=int, default=10**12, help="max_text_chars asked for")
     p.add_argument("--max-steps", type=int, default=1_000_000, help="used when --steps is refused")
     p.add_argument("--max-chars", type=int, default=200_000, help="used when --chars is refused")
+    p.add_argument("--ms", type=int, default=0, help="max_diff_ms asked for (0: not sent)")
+    p.add_argument("--max-ms", type=int, default=1000, help="used when --ms is refused")
     p.add_argument("--ping-ms", type=float, default=10.0)
     p.add_argument("--idle", type=float, default=2.0, help="seconds of pings before the merges")
     trio.run(main, p.parse_args())

@@ -106,6 +106,12 @@ class ConflictStrategy(ABC):
 
     #: The strategy's public name (set from the entry-point name when loaded).
     name: str = ""
+    #: Whether :meth:`resolve` may answer :data:`DEFER`. A deferring strategy hands a conflict
+    #: on after its ``timeout`` attribute (seconds; ``None``: never), so a chain refuses one
+    #: without a timeout anywhere but last: the strategies after it would never run.
+    defers: bool = False
+    #: Seconds a deferral waits for a person before the next strategy tries (``None``: forever).
+    timeout: float | None = None
 
     @abstractmethod
     async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-import unicodedata
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +42,7 @@ from ._strategy import (
     Participant,
     Resolution,
     ResolutionContext,
+    plain_text,
 )
 
 if TYPE_CHECKING:
@@ -66,19 +66,6 @@ _KINDS = {str: "text", bool: "boolean", int: "number", float: "number", dict: "o
 
 def _kind(value: Any) -> str:
     return _KINDS.get(type(value), type(value).__name__)
-
-
-def plain_text(text: str, limit: int) -> str:
-    """``text`` as one line of plain text: control, format (bidi overrides, zero-width) and
-    surrogate characters dropped, whitespace runs made one space, at most ``limit`` characters
-    (clipped with an ellipsis)."""
-    kept = "".join(
-        " " if ch.isspace() else ch
-        for ch in text[: limit * 4]
-        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")
-    )
-    kept = " ".join(kept.split())
-    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
 
 
 @attrs.frozen(kw_only=True)
@@ -136,6 +123,11 @@ class Settler:
             for name in names
         }
         strategies = [self.registry.create(name, merged[name]) for name in names]
+        for name, strategy in zip(names, strategies, strict=True):
+            try:
+                strategy.configure(self.config)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"strategy {name!r}: {exc}") from None
         for name, strategy in zip(names[:-1], strategies[:-1], strict=True):
             if strategy.defers and strategy.timeout is None:
                 raise ConfigurationError(

@@ -443,7 +443,8 @@ async def test_ai_strategy_over_http_falls_back_on_garbage(
     config = make_config(
         tmp_path,
         strategy_chain=("ai", "priority"),
-        strategy_options={"ai": {"provider": "openai", "url": model.url, "model": "judge"}},
+        strategy_options={"ai": {"provider": "judge"}},
+        ai_providers={"judge": {"url": model.url, "model": "judge"}},
     )
     async with open_server(config) as server:
         clients = Clients(server, "ws", nursery)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -23,6 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crealia import Conflict
+from crealia._aiproviders import parse_ai_providers
+from crealia._config import Config
 from crealia._errors import ConfigurationError
 from crealia._strategy import DECLINE, Participant, Resolution, ResolutionContext
 from crealia.strategies.ai import (
@@ -437,40 +441,88 @@ async def test_strategy_declines_when_the_provider_fails_or_is_unsure() -> None:
         assert isinstance(await strict.resolve(conflict, lenient), Resolution)
 
 
+PROVIDERS = parse_ai_providers(
+    {
+        "default": {
+            "url": "http://127.0.0.1:9/v1",
+            "model": "m1",
+            "models": ["m1", "m2"],
+            "api_key": "sk-operator",
+            "max_temperature": 1,
+        }
+    }  # fmt: skip
+)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"provider": "magic"}, "unknown provider 'magic'; known: offline, openai"),
-        ({"temperature": 1}, "unknown options temperature; known: provider"),
+        ({"provider": "magic"}, "unknown provider 'magic'; known: offline, default"),
+        ({"provider": "http://169.254.169.254/v1"}, "unknown provider 'http://169.254.169.254"),
+        ({"temperature": 1}, "the offline provider takes no model or temperature"),
+        ({"top_p": 1}, "unknown options top_p; known: provider"),
         ({"min_confidence": 2}, "min_confidence must be a number in 0..1"),
         ({"min_confidence": "high"}, "min_confidence must be a number in 0..1"),
-        ({"provider": "openai", "model": "m"}, "needs the url option or CREALIA_AI_URL"),
-        ({"provider": "openai", "url": "http://x"}, "needs the model option or CREALIA_AI_MODEL"),
-        ({"provider": "openai", "url": 5, "model": "m"}, "url must be a string"),
+        ({"provider": "default", "url": "http://x"}, "option url is not accepted"),
+        ({"provider": "default", "api_key": "sk-mine"}, "option api_key is not accepted"),
+        ({"provider": "default", "model": "m3"}, "offers the models m1, m2, not 'm3'"),
+        ({"provider": "default", "temperature": 1.5}, "temperature must be in 0..1"),
+        ({"provider": "default", "temperature": "hot"}, "temperature must be a number"),
+        ({"provider": 5}, "provider must be the name of a configured provider"),
     ],
 )
-def test_strategy_rejects_bad_options(
-    options: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    for name in ("CREALIA_AI_URL", "CREALIA_AI_MODEL", "CREALIA_AI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigurationError, match=message):
-        AIStrategy(options)
+def test_strategy_rejects_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)) as refused:
+        AIStrategy(options, providers=PROVIDERS)
+    assert "sk-" not in str(refused.value)
 
 
-def test_strategy_reads_missing_settings_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("CREALIA_AI_URL", "http://127.0.0.1:11434/v1/")
-    monkeypatch.setenv("CREALIA_AI_MODEL", "llama3.2")
-    monkeypatch.setenv("CREALIA_AI_API_KEY", "sk-env")
-    from_env = AIStrategy({"provider": "openai"}).provider
-    assert isinstance(from_env, OpenAIChatProvider)
-    assert from_env.endpoint == "http://127.0.0.1:11434/v1/chat/completions"
-    assert from_env.model == "llama3.2"
-    overridden = AIStrategy({"provider": "openai", "model": "qwen2.5"}).provider
-    assert isinstance(overridden, OpenAIChatProvider)
-    assert overridden.model == "qwen2.5"
+def test_strategy_takes_its_endpoint_only_from_the_operators_providers() -> None:
+    strategy = AIStrategy({"provider": "default", "model": "m2", "temperature": 0.5},
+                          providers=PROVIDERS)  # fmt: skip
+    provider = strategy.provider
+    assert isinstance(provider, OpenAIChatProvider)
+    assert (provider.endpoint, provider.model, provider.temperature) == (
+        "http://127.0.0.1:9/v1/chat/completions",
+        "m2",
+        0.5,
+    )
+    assert "sk-operator" not in repr(strategy) + repr(PROVIDERS)
+    # Built by the server: the provider comes from the config's allow-list once configured.
+    unconfigured = AIStrategy({"provider": "default"})
+    assert unconfigured.provider is None
+    config = Config(ai_providers={"default": {"url": "http://127.0.0.1:9/v1", "model": "m1"}})
+    unconfigured.configure(config)
+    assert isinstance(unconfigured.provider, OpenAIChatProvider)
+
+
+def test_config_reads_the_default_provider_from_the_environment(tmp_path: Path) -> None:
+    env = {"CREALIA_AI_URL": "http://127.0.0.1:11434/v1/", "CREALIA_AI_MODEL": "llama3.2",
+           "CREALIA_AI_API_KEY": "sk-env", "OTHER_KEY": "sk-other"}  # fmt: skip
+    toml = tmp_path / "crealia.toml"
+    toml.write_text(
+        '[ai_providers.local]\nurl = "http://127.0.0.1:8080/v1"\nmodel = "qwen2.5"\n'
+        'api_key_env = "OTHER_KEY"\n'
+    )
+    config = Config.from_env(env, config_file=toml)
+    default, local = config.ai_providers["default"], config.ai_providers["local"]
+    assert (default.url, default.model, default.api_key) == (
+        "http://127.0.0.1:11434/v1",
+        "llama3.2",
+        "sk-env",
+    )
+    assert (local.model, local.api_key) == ("qwen2.5", "sk-other")
+    assert "sk-" not in repr(config)
+    with pytest.raises(ConfigurationError, match="CREALIA_AI_MODEL must name the model"):
+        Config.from_env({"CREALIA_AI_URL": "http://127.0.0.1:1/v1"})
+    for bad, message in [
+        ({"x": {"url": "file:///etc/passwd", "model": "m"}}, "x.url must be an http(s) URL"),
+        ({"x": {"url": "http://h/v1", "model": "m", "proxy": 1}}, "unknown settings proxy"),
+        ({"offline": {"url": "http://h/v1", "model": "m"}}, "built-in offline provider"),
+        ({"x": {"url": "http://h/v1", "model": "m", "api_key_env": "UNSET_VAR"}}, "is not set"),
+    ]:
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            Config(ai_providers=bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,6 +657,15 @@ class ChatDouble:
             conn.start_next_cycle()
 
 
+def unframe(content: str) -> Any:
+    """The conflict's facts from a user message: JSON between the data markers."""
+    head, tail = "<conflict-data>\n", "\n</conflict-data>"
+    assert content.startswith(head) and content.endswith(tail), content[:80]
+    inside = content[len(head) : -len(tail)]
+    assert "<" not in inside, "a value must not be able to close the frame"
+    return json.loads(inside)
+
+
 @pytest.fixture
 async def model(nursery: trio.Nursery) -> ChatDouble:
     double = ChatDouble()
@@ -615,8 +676,12 @@ async def model(nursery: trio.Nursery) -> ChatDouble:
     return double
 
 
-def openai_strategy(model: ChatDouble, **options: Any) -> AIStrategy:
-    return AIStrategy({"provider": "openai", "url": model.url, "model": "tiny-judge", **options})
+def openai_strategy(model: ChatDouble, api_key: str | None = None, **options: Any) -> AIStrategy:
+    settings: dict[str, Any] = {"url": model.url, "model": "tiny-judge"}
+    if api_key is not None:
+        settings["api_key"] = api_key
+    providers = parse_ai_providers({"judge": settings})
+    return AIStrategy({"provider": "judge", **options}, providers=providers)
 
 
 async def test_openai_provider_posts_the_conflict_and_resolves_with_the_answer(
@@ -648,8 +713,9 @@ async def test_openai_provider_posts_the_conflict_and_resolves_with_the_answer(
     assert system["role"] == "system"
     assert "conflict" in system["content"]
     assert '"choice"' in system["content"]
+    assert "untrusted data" in system["content"]
     assert user["role"] == "user"
-    facts = json.loads(user["content"])
+    facts = unframe(user["content"])
     assert facts["element_id"] == "clip-9"
     assert facts["property"] == "title"
     assert facts["base_value"] == "Opening"

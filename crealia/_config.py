@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from ._aiproviders import DEFAULT as DEFAULT_AI_PROVIDER
+from ._aiproviders import AIProviderSettings, default_from_env, parse_ai_providers
 from ._auth import check_algorithms as check_jwt_algorithms
 from ._auth import check_config as check_jwt_config
 from ._auth import keys_file_path, parse_key_map, parse_public_keys_env
@@ -217,6 +219,13 @@ class Config:
                 f"wal_max_bytes ({value})"
             )
 
+    # --- hardening: strategies
+    #: The AI providers a project's ``ai`` strategy may name: the only endpoints it calls
+    #: (see :mod:`crealia._aiproviders`). CREALIA_AI_URL/_MODEL/_API_KEY define ``default``.
+    ai_providers: Mapping[str, AIProviderSettings] = attrs.field(
+        factory=dict, converter=parse_ai_providers, repr=False
+    )
+
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
         if value < 1000:
@@ -268,6 +277,13 @@ class Config:
         if rate_limits:
             values["rate_limits"] = rate_limits
         values.update({k: v for k, v in overrides.items() if v is not None})
+        # --- hardening: strategies (CREALIA_AI_* define the provider "default")
+        providers = dict(values.get("ai_providers") or {})
+        env_default = default_from_env(env)
+        if env_default is not None and DEFAULT_AI_PROVIDER not in providers:
+            providers[DEFAULT_AI_PROVIDER] = env_default
+        if providers:
+            values["ai_providers"] = parse_ai_providers(providers, env)
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
         try:

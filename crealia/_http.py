@@ -296,7 +296,12 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
     async def set_strategies(project_id: str) -> Response:
         user = bearer("strategies_write")
         for_project(user, project_id)
-        data = await body(ChainBody)
+        raw = await json_body()
+        extra = sorted(set(raw) - {"strategies", "options"})
+        if extra:  # a misspelt "options" must not pass for "no options"
+            shown = ", ".join(str(key)[:40] for key in extra[:5])
+            raise BadRequest(f"body: unknown fields {shown}; known: strategies, options")
+        data = _wire.structure(raw, ChainBody, path="body")
         try:
             chain = await hub.settler.set_chain(project_id, data.strategies, data.options)
         except ConfigurationError as exc:

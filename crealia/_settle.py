@@ -6,6 +6,16 @@ decline or a failure handing on to the next, a deferral waiting for a person (an
 after the deferring strategy's ``timeout``, if it has one). A resolution is committed with the
 version the strategy saw; if the property moved meanwhile the backplane detects the conflict
 again and the chain runs once more on the new one (a few times at most).
+
+What a project's owner may set is bounded: at most :data:`MAX_CHAIN` strategies, each once, a
+deferring strategy without a timeout only last, at most :data:`MAX_OPTIONS_BYTES` of options
+(each strategy refuses unknown options and values outside its documented ranges).
+
+No strategy's answer is trusted blindly (a plugin's or a model's): :meth:`Settler.check` holds a
+resolution to what a client's own write must hold (a JSON value within the protocol's depth and
+a frame's size, of the kind of the two sides; ``current``/``incoming`` the side's own value) and
+makes its explanation length-capped plain text. A resolution that fails is a decline: the next
+strategy tries.
 """
 
 from __future__ import annotations
@@ -16,8 +26,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import orjson
 import trio
 
+from . import _wire
 from ._audit import AuditLog
 from ._backplane import Backplane, Conflict
 from ._config import Config
@@ -30,6 +42,7 @@ from ._strategy import (
     Participant,
     Resolution,
     ResolutionContext,
+    plain_text,
 )
 
 if TYPE_CHECKING:
@@ -40,6 +53,19 @@ log = logging.getLogger("crealia.strategies")
 #: How many times a conflict may be detected again while being settled before it is left to a
 #: person.
 MAX_REDETECTIONS = 3
+#: Most strategies in a chain.
+MAX_CHAIN = 8
+#: Largest options of a chain, all strategies together, as JSON bytes.
+MAX_OPTIONS_BYTES = 16 * 1024
+#: Longest explanation kept from a strategy, in characters (longer ones are clipped).
+MAX_EXPLANATION_CHARS = 1000
+
+_KINDS = {str: "text", bool: "boolean", int: "number", float: "number", dict: "object",
+          list: "array", type(None): "null"}  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 @attrs.frozen(kw_only=True)
@@ -73,15 +99,41 @@ class Settler:
         """
         if not names:
             raise ConfigurationError("a strategy chain needs at least one strategy")
+        if len(names) > MAX_CHAIN:
+            raise ConfigurationError(
+                f"a strategy chain holds at most {MAX_CHAIN} strategies, got {len(names)}"
+            )
         self.registry.check(names)
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigurationError(f"a strategy may appear once in a chain: {', '.join(twice)}")
         stray = sorted(set(options) - set(names))
         if stray:
             raise ConfigurationError(f"options given for strategies not in the chain: {stray}")
+        try:
+            size = len(orjson.dumps(dict(options)))
+        except TypeError as exc:
+            raise ConfigurationError(f"options must be JSON: {exc}") from None
+        if size > MAX_OPTIONS_BYTES:
+            raise ConfigurationError(
+                f"options are {size} bytes of JSON, over the limit of {MAX_OPTIONS_BYTES}"
+            )
         merged = {
             name: {**self.config.strategy_options.get(name, {}), **options.get(name, {})}
             for name in names
         }
         strategies = [self.registry.create(name, merged[name]) for name in names]
+        for name, strategy in zip(names, strategies, strict=True):
+            try:
+                strategy.configure(self.config)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"strategy {name!r}: {exc}") from None
+        for name, strategy in zip(names[:-1], strategies[:-1], strict=True):
+            if strategy.defers and strategy.timeout is None:
+                raise ConfigurationError(
+                    f"strategy {name!r} waits for a person without a timeout, so the strategies "
+                    f"after it would never run: give it a timeout or put it last"
+                )
         return Chain(names=list(names), options={k: dict(v) for k, v in options.items()},
                      strategies=strategies)  # fmt: skip
 
@@ -177,8 +229,12 @@ class Settler:
                 if answer is not DECLINE:
                     log.error("strategy %s answered %r: treated as a decline", name, answer)
                 continue
-            if answer.strategy != name:
-                answer = attrs.evolve(answer, strategy=name)
+            try:
+                answer = self.check(conflict, answer, name)
+            except ValueError as exc:
+                log.warning("strategy %s: resolution of conflict %s refused (%s): next one",
+                            name, conflict.id, exc)  # fmt: skip
+                continue
             author = str(conflict.incoming.get("user_id"))
             try:
                 settled = await self.backplane.settle(
@@ -208,6 +264,50 @@ class Settler:
             return settled.redetected
         return None
 
+    def check(self, conflict: Conflict, answer: Resolution, name: str) -> Resolution:
+        """``answer`` held to what a client's own write must hold, signed ``name``, with its
+        explanation made plain text.
+
+        This is where the limits on a written value apply to a strategy's: the protocol's depth
+        (:func:`crealia._wire.check_json_value`) and a client frame's size
+        (``Config.max_frame_bytes``); a per-value quota belongs here too.
+
+        Raises:
+            ValueError: the value breaks one of them (the caller declines it).
+        """
+        value = answer.value
+        if answer.choice in ("current", "incoming"):
+            side = conflict.current if answer.choice == "current" else conflict.incoming
+            if not _same_json(value, side.get("value")):
+                raise ValueError(f"choice {answer.choice!r} must carry that side's value")
+        else:
+            _wire.check_json_value(value)
+            try:
+                size = len(orjson.dumps(value))
+            except TypeError as exc:
+                raise ValueError(f"the value is not JSON: {exc}") from None
+            if size > self.config.max_frame_bytes:
+                raise ValueError(
+                    f"the value is {size} bytes of JSON, more than a client may write "
+                    f"({self.config.max_frame_bytes})"
+                )
+            if conflict.op == "delete":
+                kinds = {"null", "object"}
+            else:
+                kinds = {
+                    _kind(conflict.current.get("value")),
+                    _kind(conflict.incoming.get("value")),
+                }
+            if _kind(value) not in kinds:
+                raise ValueError(
+                    f"a custom value must be {' or '.join(sorted(kinds))} like the two sides, "
+                    f"got {_kind(value)}"
+                )
+        explanation = answer.explanation if isinstance(answer.explanation, str) else ""
+        return attrs.evolve(
+            answer, strategy=name, explanation=plain_text(explanation, MAX_EXPLANATION_CHARS)
+        )
+
     def _context(
         self, room: Room, conflict: Conflict, options: Mapping[str, Any]
     ) -> ResolutionContext:
@@ -229,3 +329,12 @@ class Settler:
             now=int(time.time() * 1000),
             options=options,
         )
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    try:
+        return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+            b, option=orjson.OPT_SORT_KEYS
+        )
+    except TypeError:
+        return False

@@ -10,8 +10,11 @@ with one of:
   timeout hands it on down the chain).
 
 Strategies are plain objects registered in the ``crealia.strategies`` entry-point group; the entry
-point names a factory called with the strategy's options (a mapping, possibly empty). The
-entry-point name is the strategy's public name. :meth:`ConflictStrategy.resolve` is async: a
+point names a factory called with the strategy's options (a mapping, possibly empty: the
+operator's ``strategy_options`` with the project owner's over them, so options are untrusted
+input: a strategy refuses unknown ones and values outside their documented ranges); the server
+then calls :meth:`ConflictStrategy.configure` with its configuration. The entry-point name is the
+strategy's public name. :meth:`ConflictStrategy.resolve` is async: a
 strategy that does I/O (the AI strategy) must be cancellation-safe, because the server always runs
 it under a deadline inside the room's nursery and cancels it when the deadline passes or the room
 closes. A strategy that raises is treated as declining (and the error is logged).
@@ -21,13 +24,17 @@ from __future__ import annotations
 
 import enum
 import math
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
 from ._backplane import Conflict
+
+if TYPE_CHECKING:
+    from ._config import Config
 
 Choice = Literal["current", "incoming", "custom"]
 
@@ -101,11 +108,40 @@ class ResolutionContext:
 Answer = Resolution | Verdict
 
 
+def plain_text(text: str, limit: int) -> str:
+    """``text`` as one line of plain text: control, format (bidi overrides, zero-width) and
+    surrogate characters dropped, whitespace runs made one space, at most ``limit`` characters
+    (clipped with an ellipsis)."""
+    kept = "".join(
+        " " if ch.isspace() else ch
+        for ch in text[: limit * 4]
+        if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")
+    )
+    kept = " ".join(kept.split())
+    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
+
+
 class ConflictStrategy(ABC):
     """A way of settling conflicts. See the module documentation for the contract."""
 
     #: The strategy's public name (set from the entry-point name when loaded).
     name: str = ""
+    #: Whether :meth:`resolve` may answer :data:`DEFER`. A deferring strategy hands a conflict
+    #: on after its ``timeout`` attribute (seconds; ``None``: never), so a chain refuses one
+    #: without a timeout anywhere but last: the strategies after it would never run.
+    defers: bool = False
+    #: Seconds a deferral waits for a person before the next strategy tries (``None``: forever).
+    timeout: float | None = None
+
+    def configure(self, config: Config) -> None:  # noqa: B027 - optional hook, empty by default
+        """Called by the server once the strategy is built, with the operator's configuration:
+        what only the operator may set (the ``ai`` strategy's providers) comes from here, never
+        from the options, which a project's owner sets.
+
+        Raises:
+            ValueError: the options ask for something the configuration does not allow (the
+                chain is refused with the message).
+        """
 
     @abstractmethod
     async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:

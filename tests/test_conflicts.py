@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -443,7 +444,8 @@ async def test_ai_strategy_over_http_falls_back_on_garbage(
     config = make_config(
         tmp_path,
         strategy_chain=("ai", "priority"),
-        strategy_options={"ai": {"provider": "openai", "url": model.url, "model": "judge"}},
+        strategy_options={"ai": {"provider": "judge"}},
+        ai_providers={"judge": {"url": model.url, "model": "judge"}},
     )
     async with open_server(config) as server:
         clients = Clients(server, "ws", nursery)
@@ -516,3 +518,93 @@ async def test_dismiss_keeps_a_newer_edit(clients: Clients) -> None:
         late = await clients.join("dave")
         assert late.welcome["snapshot"]["elements"]["clip"]["props"]["title"] == "C"
         assert late.welcome["pending_conflicts"] == []  # dismissed: not detected again
+
+
+async def test_strategy_chain_limits_are_bounded_and_refused_clearly(clients: Clients) -> None:
+    server = clients.server
+    owner = server.issue_token("olga", "p1", "owner")
+    path = "/api/projects/p1/strategies"
+    with trio.fail_after(30):
+        for body, message in [
+            ({"strategies": ["merge"] * 90_000}, "at most 8 strategies, got 90000"),
+            ({"strategies": ["merge", "priority"] * 5}, "at most 8 strategies, got 10"),
+            ({"strategies": ["merge", "merge"]}, "once in a chain: merge"),
+            ({"strategies": ["manual", "priority"]}, "give it a timeout or put it last"),
+            ({"strategies": ["manual", "priority"], "options": {"manual": {"timeout": 1e300}}},
+             "timeout must be a number of seconds in 0 < timeout <= 604800"),
+            ({"strategies": ["manual"], "options": {"manual": {"timeout": True}}},
+             "timeout must be a number of seconds"),
+            ({"strategies": ["merge"], "options": {"merge": {"max_diff_steps": 10**12}}},
+             "max_diff_steps must be an integer in 1..1000000"),
+            ({"strategies": ["merge"], "options": {"merge": {"max_text_chars": 10**12}}},
+             "max_text_chars must be an integer in 1..200000"),
+            ({"strategies": ["merge"], "options": {"merge": {"max_diff_ms": 0}}},
+             "max_diff_ms must be an integer in 1..1000"),
+            ({"strategies": ["merge"], "options": {"merge": {"max_dif_steps": 5}}},
+             "unknown options ['max_dif_steps']"),
+            ({"strategies": ["priority"], "options": {"priority": {"tie": "last", "x": 1}}},
+             "unknown options ['x'] (known: tie)"),
+            ({"strategies": ["merge"], "options": {"merge": {"k" * 20_000: 1}}},
+             "over the limit of 16384"),
+            ({"strategies": ["merge"], "optoins": {}}, "optoins"),
+        ]:  # fmt: skip
+            refused = await rest(server, "PUT", path, owner, json=body)
+            assert refused.status_code == 400, (message, refused.text)
+            assert message in refused.json()["error"]["message"], refused.text
+            got = await rest(server, "GET", path, owner)
+            assert got.json()["strategies"] == ["merge", "priority"], "nothing was stored"
+        # At the bounds, and manual without a timeout as the last strategy, are fine.
+        bounds = {"max_diff_steps": 1_000_000, "max_text_chars": 200_000, "max_diff_ms": 1000}
+        chain = {"strategies": ["merge", "priority", "manual"], "options": {"merge": bounds}}
+        ok = await rest(server, "PUT", path, owner, json=chain)
+        assert ok.status_code == 200, ok.text
+
+
+def _texts(kb: int) -> tuple[str, str, str]:
+    words = kb * 1024 // 6
+    base, current, incoming = (" ".join(f"{t}{i:04d}" for i in range(words)) for t in "abc")
+    return base, current, incoming
+
+
+@pytest.mark.settings(rate_limits={"other": "off"})  # the victim pings flat out
+async def test_a_worst_case_merge_does_not_stall_another_project(clients: Clients) -> None:
+    """One project's owner sets the merge limits to their maximum and raises a conflict between
+    15 KB texts with nothing in common (the Myers diff's worst case): another project's pings
+    go on being answered while that merge runs. No absolute timing: the longest silence between
+    two pongs must be well under the time the merge took (it equals it when the merge holds the
+    event loop)."""
+    server = clients.server
+    owner = server.issue_token("olga", "p1", "owner")
+    bounds = {"max_diff_steps": 1_000_000, "max_text_chars": 200_000, "max_diff_ms": 1000}
+    with trio.fail_after(30):
+        ok = await rest(server, "PUT", "/api/projects/p1/strategies", owner,
+                        json={"strategies": ["merge", "priority"],
+                              "options": {"merge": bounds}})  # fmt: skip
+        assert ok.status_code == 200, ok.text
+        victim = await clients.join("vic", project="p2")
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        base, current, incoming = _texts(15)
+        await a.request("timeline_change", insert("c1", "doc", text=base))
+        await a.request("timeline_change", set_op("c2", "doc", "text", current, 1))
+        pongs: list[float] = []
+        done = trio.Event()
+
+        async def ping() -> None:
+            while not done.is_set():
+                await victim.request("ping", {})
+                pongs.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            started = trio.current_time()
+            ack = await b.request("timeline_change", set_op("c3", "doc", "text", incoming, 1))
+            (cid,) = ack["data"]["conflicts"]
+            data = await resolved(b, cid)
+            took = trio.current_time() - started
+            done.set()
+        assert data["resolution"]["strategy"] == "priority"  # the merge declined
+        during = [t for t in pongs if t >= started]
+        gaps = [y - x for x, y in itertools.pairwise([started, *during])]
+        assert during and max(gaps) < took / 2, (max(gaps), took, len(during))
+        await clients.aclose()

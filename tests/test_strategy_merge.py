@@ -6,6 +6,7 @@ Pure computation, no I/O: the async tests only call ``resolve()``, which never w
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from crealia._plugins import StrategyRegistry
 from crealia._strategy import DECLINE, Resolution
 from crealia.strategies.merge import (
+    LIMIT_RANGES,
     Limits,
     Merge,
     MergeStrategy,
@@ -599,3 +601,33 @@ async def test_merge_strategy_never_raises(conflict: Any, trust_null_base: bool)
             assert json_equal(answer.value, conflict.current["value"])
         elif answer.choice == "incoming":
             assert json_equal(answer.value, conflict.incoming["value"])
+
+
+def test_merge_text_declines_past_its_time_budget() -> None:
+    words = 15 * 1024 // 6
+    base, current, incoming = (" ".join(f"{t}{i:04d}" for i in range(words)) for t in "abc")
+    unbounded = Limits(max_diff_steps=10**12, max_text_chars=10**12, max_diff_ms=1)
+    started = time.perf_counter()
+    assert merge_text(base, current, incoming, limits=unbounded) is None
+    # Only the budget stopped it (the steps would allow seconds of work): generous bound here.
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_diff_steps": 10**12}, "max_diff_steps must be an integer in 1..1000000"),
+        ({"max_text_chars": 0}, "max_text_chars must be an integer in 1..200000"),
+        ({"max_depth": 33}, "max_depth must be an integer in 1..32"),
+        ({"max_diff_ms": 1001}, "max_diff_ms must be an integer in 1..1000"),
+        ({"max_diff_ms": 2.5}, "max_diff_ms must be an integer"),
+        ({"max_diff_steps": True}, "max_diff_steps must be an integer"),
+        ({"bogus": 1}, "unknown options ['bogus']"),
+    ],
+)
+def test_merge_options_have_ranges(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MergeStrategy(options)
+    for key, (low, high) in LIMIT_RANGES.items():
+        MergeStrategy({key: low})
+        MergeStrategy({key: high})

@@ -41,9 +41,12 @@ when the current props equal the props at the base (the later writes changed not
 stands. A ``base_value`` of ``None`` is read as "unknown" (the history may not reach back that
 far): then only identical sides are settled, unless the ``trust_null_base`` option says a
 ``None`` base is a real ``null``. Texts longer than ``max_text_chars`` (per conflict, all texts
-together), nesting deeper than ``max_depth`` and diffs costlier than ``max_diff_steps`` decline,
-so one merge takes at most some tens of milliseconds (100,000 characters) and a title's merge
-some microseconds: it runs in the event loop.
+together), nesting deeper than ``max_depth``, diffs costlier than ``max_diff_steps`` and diffs
+still running after ``max_diff_ms`` milliseconds (checked inside the diff loop) decline. Every
+limit has an upper bound (:data:`LIMIT_RANGES`) no project can raise. A merge with more than
+:data:`THREAD_TEXT_CHARS` characters of text runs in a worker thread (one at a time per
+project), so the event loop keeps serving every other project while it runs; a title's merge
+takes some microseconds and runs in the event loop.
 
 Confidence: 1.0 for the trivial rules (nothing to reconcile); 0.95 for objects whose changed keys
 are disjoint; 0.9 for lists of items; text merges start at 0.9 and lose 0.02 per edit beyond two,
@@ -56,9 +59,11 @@ merge has the lowest confidence of its parts.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
@@ -69,6 +74,7 @@ from .._backplane import Conflict
 from .._strategy import DECLINE, Answer, Choice, ConflictStrategy, ResolutionContext
 
 __all__ = [
+    "LIMIT_RANGES",
     "Edit",
     "Limits",
     "Merge",
@@ -101,7 +107,11 @@ Outcome: TypeAlias = Literal["same", "current", "incoming", "merged"]
 
 @attrs.frozen(kw_only=True)
 class Limits:
-    """Bounds that keep one merge cheap; past any of them the merge declines."""
+    """Bounds that keep one merge cheap; past any of them the merge declines.
+
+    Each has a range (:data:`LIMIT_RANGES`): the strategy refuses options outside it, so no
+    project can buy itself an unbounded merge.
+    """
 
     #: Characters of text diffed per merge, all texts together (the longest of the three
     #: versions of each text counts).
@@ -110,9 +120,19 @@ class Limits:
     max_depth: int = 32
     #: Work units of the text diff (about one per compared token), all texts together.
     max_diff_steps: int = 100_000
+    #: Wall-clock milliseconds one merge may spend diffing, checked inside the diff loop: the
+    #: bound that holds whatever the machine's speed.
+    max_diff_ms: int = 250
 
 
 DEFAULT_LIMITS: Final = Limits()
+#: The inclusive range each limit may be set to (by the operator or a project's owner).
+LIMIT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
+    "max_text_chars": (1, 200_000),
+    "max_depth": (1, 32),
+    "max_diff_steps": (1, 1_000_000),
+    "max_diff_ms": (1, 1000),
+}
 
 
 @attrs.frozen(kw_only=True)
@@ -314,6 +334,7 @@ class _Merger:
         self.limits = limits
         self.chars_left = limits.max_text_chars
         self.steps_left = limits.max_diff_steps
+        self.deadline = time.perf_counter() + limits.max_diff_ms / 1000
         self.confidence = CONFIDENCE_TRIVIAL
         self.edits: list[Edit] = []
 
@@ -487,6 +508,8 @@ class _Merger:
         size = max(len(base), len(current), len(incoming))
         if size > self.chars_left:
             raise _Unmergeable("text too long to merge")
+        if time.perf_counter() > self.deadline:
+            raise _Unmergeable("the merge took longer than its time budget")
         self.chars_left -= size
         base_tokens, current_tokens, incoming_tokens = (
             tokenize(base),
@@ -607,6 +630,9 @@ class _Merger:
             steps -= d + 1
             if steps < 0:
                 raise _Unmergeable("the texts differ too much to merge")
+            # Each round costs d + 1 steps: checking the clock every round costs nothing.
+            if time.perf_counter() > self.deadline:
+                raise _Unmergeable("the diff took longer than its time budget")
             trace.append(v[offset - d : offset + d + 1])
         raise AssertionError("unreachable: a script of n + m steps always exists")
 
@@ -841,20 +867,20 @@ def merge_conflict(
 
 # -- the strategy ---------------------------------------------------------------------------
 
-_INT_OPTIONS: Final = ("max_text_chars", "max_depth", "max_diff_steps")
-
 
 def _parse_options(options: Mapping[str, Any], limits: Limits, trust: bool) -> tuple[Limits, bool]:
-    unknown = sorted(set(options) - {*_INT_OPTIONS, "trust_null_base"})
+    unknown = sorted(set(options) - {*LIMIT_RANGES, "trust_null_base"})
     if unknown:
-        known = ", ".join([*_INT_OPTIONS, "trust_null_base"])
+        known = ", ".join([*LIMIT_RANGES, "trust_null_base"])
         raise ValueError(f"unknown options {unknown} (known: {known})")
     changes: dict[str, int] = {}
-    for key in _INT_OPTIONS:
+    for key, (low, high) in LIMIT_RANGES.items():
         if key in options:
             value = options[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"option {key} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(
+                    f"option {key} must be an integer in {low}..{high}, got {_clip(repr(value))}"
+                )
             changes[key] = value
     if "trust_null_base" in options:
         trust = options["trust_null_base"]
@@ -863,14 +889,56 @@ def _parse_options(options: Mapping[str, Any], limits: Limits, trust: bool) -> t
     return attrs.evolve(limits, **changes), trust
 
 
+#: Conflicts with at least this many characters of text are merged in a worker thread.
+THREAD_TEXT_CHARS: Final = 2_000
+
+
+def _text_chars(value: Any, budget: int) -> int:
+    """Characters of text in ``value``, counting at most to ``budget`` (cheap on big values)."""
+    total = 0
+    stack = [value]
+    while stack and total < budget:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return total
+
+
+async def _run_merge(
+    conflict: Conflict, limits: Limits, trust: bool, limiter: trio.CapacityLimiter
+) -> MergeOutcome | None:
+    """:func:`merge_conflict`, in a worker thread when the texts are large enough to matter.
+
+    Measured (benchmarks/strategy_stall.py): another project's ping p99 during worst-case merges
+    is ~30 ms this way against ~380 ms in the event loop (the GIL is handed back every
+    switch interval). The thread cannot be cancelled, but ``limits.max_diff_ms`` ends it soon:
+    cancellation waits for it rather than leaving it behind. ``limiter`` (one per strategy, so
+    one per project) keeps a project to one merge thread at a time. Small merges (a title) stay
+    in the event loop, where they cost microseconds.
+    """
+    sides = (conflict.base_value, conflict.current.get("value"), conflict.incoming.get("value"))
+    if _text_chars(sides, THREAD_TEXT_CHARS) < THREAD_TEXT_CHARS:
+        return merge_conflict(conflict, limits=limits, trust_null_base=trust)
+    return await trio.to_thread.run_sync(
+        functools.partial(merge_conflict, conflict, limits=limits, trust_null_base=trust),
+        limiter=limiter,
+    )
+
+
 class MergeStrategy(ConflictStrategy):
     """Settles a conflict by a three-way merge of both sides against the base value, or
     declines (see the module documentation for the rules and the confidence scale).
 
-    Options (all optional): ``max_text_chars`` (100000), ``max_depth`` (32), ``max_diff_steps``
-    (100000) bound the work of one merge; ``trust_null_base`` (false) reads a ``null`` base value
-    as a real ``null`` instead of "unknown". The project's options in the
-    :class:`~crealia._strategy.ResolutionContext` override the server's.
+    Options (all optional; integers in the range of :data:`LIMIT_RANGES`): ``max_text_chars``
+    (100000, 1..200000), ``max_depth`` (32, 1..32), ``max_diff_steps`` (100000, 1..1000000) and
+    ``max_diff_ms`` (250, 1..1000) bound the work of one merge; ``trust_null_base`` (false) reads
+    a ``null`` base value as a real ``null`` instead of "unknown". Unknown options are refused.
+    The project's options in the :class:`~crealia._strategy.ResolutionContext` override the
+    server's.
 
     Raises:
         ValueError: an unknown option or a bad value (the registry reports it as a
@@ -881,15 +949,17 @@ class MergeStrategy(ConflictStrategy):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.limits, self.trust_null_base = _parse_options(options or {}, DEFAULT_LIMITS, False)
+        self._threads = trio.CapacityLimiter(1)
 
     async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
-        """Merge, or :data:`~crealia._strategy.DECLINE`. CPU-bound and bounded by the limits;
-        one checkpoint first, so cancellation takes effect before any work."""
+        """Merge, or :data:`~crealia._strategy.DECLINE`. CPU-bound and bounded by the limits
+        (large merges in a worker thread); one checkpoint first, so cancellation takes effect
+        before any work, and a thread's merge is waited for (at most ``max_diff_ms``)."""
         await trio.lowlevel.checkpoint()
         limits, trust = self.limits, self.trust_null_base
         if context.options:
             limits, trust = _parse_options(context.options, limits, trust)
-        outcome = merge_conflict(conflict, limits=limits, trust_null_base=trust)
+        outcome = await _run_merge(conflict, limits, trust, self._threads)
         if outcome is None:
             return DECLINE
         return self.resolution(

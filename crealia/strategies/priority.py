@@ -24,9 +24,9 @@ class PriorityStrategy(ConflictStrategy):
         options = dict(options or {})
         tie = options.pop("tie", "last")
         if tie not in ("first", "last"):
-            raise ValueError(f"option tie must be 'first' or 'last', got {tie!r}")
+            raise ValueError(f"option tie must be 'first' or 'last', got {str(tie)[:40]!r}")
         if options:
-            raise ValueError(f"unknown options {sorted(options)}")
+            raise ValueError(f"unknown options {sorted(options)} (known: tie)")
         self.tie = tie
 
     async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:

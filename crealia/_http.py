@@ -460,9 +460,23 @@ def _gdpr_rows(export: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+#: What a spreadsheet takes for the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, a tab
+    or a carriage return gets a leading ``'`` (OWASP's advice), so that a user agent or an id
+    chosen by a client never runs as a formula in an owner's spreadsheet."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv(rows: list[list[Any]], filename: str) -> Response:
+    """Every CSV the server writes goes through here: each cell made :func:`csv_safe`."""
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
+    csv.writer(out, lineterminator="\n").writerows([[csv_safe(c) for c in row] for row in rows])
     response = Response(out.getvalue().encode(), content_type="text/csv; charset=utf-8")
     response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

@@ -418,13 +418,17 @@ class Hub:
     ) -> None:
         backplane, project_id = self.backplane, session.user.project_id
         conflicts = await backplane.pending_conflicts(project_id)
+        epoch = await backplane.epoch(project_id)
         events = None
-        if hello.resume is not None:
-            events = await backplane.events_since(project_id, hello.resume.seq)
+        # Another epoch: the history was rewritten since (PROTOCOL.md §6): a snapshot, always.
+        resume = hello.resume
+        if resume is not None and resume.epoch in (None, epoch):
+            events = await backplane.events_since(project_id, resume.seq)
         data: dict[str, Any] = {
             "session_id": session.id,
             "user": session.user.to_wire(),
             "project_id": project_id,
+            "epoch": epoch,
         }
         if events is None:
             snapshot = await backplane.snapshot(project_id)

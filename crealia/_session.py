@@ -666,9 +666,9 @@ class Hub:
 
     def on_origin_refused(self, origin: str, remote: str, user_agent: str = "") -> None:
         """A transport refused a WebSocket from a site not allowed (cross-site hijacking)."""
-        self.audit.record("origin_refused", user_id=None, project_id=None, resource="websocket",
-                          details={"origin": origin[:200]}, ip_address=remote,
-                          user_agent=user_agent)  # fmt: skip
+        self.audit.refusal("origin_refused", user_id=None, project_id=None, resource="websocket",
+                           details={"origin": origin[:200]}, ip_address=remote,
+                           user_agent=user_agent)  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

@@ -4,12 +4,25 @@
 the event, hands it to the security rules (:mod:`crealia._security`), and queues it for the
 writer task, which stores what is queued in one grouped commit every ``FLUSH_INTERVAL``.
 Queries flush first, so an action is visible as soon as its reply is.
+
+What a client can make the log store is bounded three ways (so that no one, authenticated or
+not, can fill the disk through it):
+
+- every field has a size: ids and addresses are clipped, ``resource`` and ``user_agent`` to
+  :data:`MAX_TEXT_CHARS`, and a row whose data would exceed :data:`MAX_ROW_BYTES` keeps only the
+  size of its ``details``;
+- refusals (:meth:`AuditLog.refusal`: refused tokens, permissions, rate limits) are aggregated:
+  of one address, action and user, one event per ``refusal_window`` seconds is stored, its
+  ``details.refused`` counting them (the security rules still see each one);
+- the operations database has a size cap (``max_bytes``): past it the oldest audit events, then
+  the oldest metric samples, are deleted, and :attr:`AuditLog.size_pruned` counts them.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -50,6 +63,18 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
 FLUSH_INTERVAL = 0.05
 #: Events queued while the store fails before the oldest are dropped (and counted).
 MAX_QUEUED = 100_000
+#: Longest ``resource`` and ``user_agent`` stored, in characters.
+MAX_TEXT_CHARS = 256
+#: Longest user id, project id and address stored, in characters.
+MAX_ID_CHARS = 128
+#: Largest stored row (its JSON data); past it ``details`` is replaced by its size.
+MAX_ROW_BYTES = 8192
+#: Refusal windows open at once (distinct address, action, user); past it the oldest is stored.
+MAX_PENDING = 10_000
+#: Seconds between checks of the operations database's size against its cap.
+SIZE_CHECK_INTERVAL = 10.0
+#: Pruning for size goes down to this share of the cap, so it does not run at every check.
+SIZE_LOW_WATER = 0.9
 
 
 @attrs.frozen(kw_only=True)
@@ -100,6 +125,22 @@ class AuditEvent:
 Observer = Callable[[AuditEvent], None]
 
 
+def _clip(value: str | None, limit: int) -> str | None:
+    if value is None or len(value) <= limit:
+        return value
+    return value[: limit - 1] + "…"
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """A refusal window: its first event stands for every refusal of the window."""
+
+    event: AuditEvent
+    started: float
+    count: int = 1
+    projects: set[str | None] = attrs.Factory(set)
+
+
 @attrs.define(eq=False)
 class AuditLog:
     """Records, stores, prunes and answers queries about audit events."""
@@ -107,8 +148,21 @@ class AuditLog:
     store: Store
     retention_days: float
     observers: list[Observer] = attrs.Factory(list)
+    #: Seconds over which refusals of one address, action and user become one stored event
+    #: (0: each is stored).
+    refusal_window: float = 1.0
+    #: Cap of the operations database in bytes (0: none).
+    max_bytes: int = 0
     dropped: int = 0
     recorded: int = 0
+    #: Refusals counted into another's event instead of being stored on their own.
+    aggregated: int = 0
+    #: Rows deleted (audit events, metric samples) to keep the database under ``max_bytes``,
+    #: the pruning runs that did, and the database's used bytes at the last check.
+    size_pruned: int = 0
+    size_prunes: int = 0
+    db_bytes: int = 0
+    _pending: dict[tuple[str, str, str | None], _Pending] = attrs.Factory(dict)
     #: Rows waiting for the writer: serialized at once, so that what waits is a few strings
     #: and bytes the garbage collector does not track (queued objects would survive into the
     #: older generations and make full collections, which pause every room, more frequent).
@@ -130,50 +184,136 @@ class AuditLog:
         risk_score: int | None = None,
     ) -> AuditEvent:
         """Record one action now; never blocks and never raises for storage trouble."""
+        event = self._event(action, user_id, project_id, resource, details, ip_address,
+                            user_agent, severity, risk_score)  # fmt: skip
+        self._store(event)
+        self._observe(event)
+        return event
+
+    def refusal(
+        self,
+        action: str,
+        *,
+        user_id: str | None,
+        project_id: str | None,
+        resource: str = "",
+        details: Mapping[str, Any] | None = None,
+        ip_address: str = "",
+        user_agent: str = "",
+    ) -> AuditEvent:
+        """Record a refusal (``token_refused``, ``permission_refused``, ``rate_limited``...):
+        like :meth:`record`, but of one address, action and user only the first refusal of each
+        ``refusal_window`` is stored, once the window is over (or at the next query), with
+        ``details.refused`` = how many it stands for. If they named several projects it is
+        stored server-wide (``project_id`` None, ``details.projects`` = how many). The security
+        rules see every refusal as it happens."""
+        event = self._event(action, user_id, project_id, resource, details, ip_address,
+                            user_agent, None, None)  # fmt: skip
+        self._observe(event)
+        if self.refusal_window <= 0:
+            self._store(event)
+            return event
+        key = (event.ip_address, action, event.user_id)
+        now = time.monotonic()
+        pending = self._pending.get(key)
+        if pending is not None and now - pending.started < self.refusal_window:
+            pending.count += 1
+            if len(pending.projects) < 100:
+                pending.projects.add(event.project_id)
+            self.aggregated += 1
+            return event
+        if pending is not None:
+            self._close(key)
+        self._pending[key] = _Pending(event=event, started=now, projects={event.project_id})
+        if len(self._pending) > MAX_PENDING:
+            self._close(next(iter(self._pending)))
+        self._queued.set()
+        return event
+
+    def _event(
+        self,
+        action: str,
+        user_id: str | None,
+        project_id: str | None,
+        resource: str,
+        details: Mapping[str, Any] | None,
+        ip_address: str,
+        user_agent: str,
+        severity: Severity | None,
+        risk_score: int | None,
+    ) -> AuditEvent:
         default_severity, default_risk = ACTIONS.get(action, ("medium", 25))
-        event = AuditEvent(
+        return AuditEvent(
             id=uuid.uuid4().hex,
-            user_id=user_id,
-            project_id=project_id,
+            user_id=_clip(user_id, MAX_ID_CHARS),
+            project_id=_clip(project_id, MAX_ID_CHARS),
             action=action,
-            resource=resource,
+            resource=_clip(resource, MAX_TEXT_CHARS) or "",
             details=details or {},
             timestamp=int(time.time() * 1000),
-            ip_address=ip_address,
-            user_agent=user_agent[:256],
+            ip_address=_clip(ip_address, MAX_ID_CHARS) or "",
+            user_agent=_clip(user_agent, MAX_TEXT_CHARS) or "",
             severity=severity or default_severity,
             risk_score=default_risk if risk_score is None else max(0, min(100, risk_score)),
         )
+
+    def _store(self, event: AuditEvent) -> None:
         self.recorded += 1
         if len(self._queue) >= MAX_QUEUED:
             self._queue.popleft()
             self.dropped += 1
         self._queue.append(_row(event))
         self._queued.set()
+
+    def _observe(self, event: AuditEvent) -> None:
         for observe in self.observers:
             try:
                 observe(event)
             except Exception:  # a broken rule must not cost the action it watches
-                log.exception("audit observer failed on %s", action)
-        return event
+                log.exception("audit observer failed on %s", event.action)
+
+    def _close(self, key: tuple[str, str, str | None]) -> None:
+        """Store a refusal window's event, counting what it stands for."""
+        pending = self._pending.pop(key)
+        event = pending.event
+        details = {**event.details, "refused": pending.count}
+        if len(pending.projects) > 1:
+            details["projects"] = len(pending.projects)
+            event = attrs.evolve(event, project_id=None)
+        self._store(attrs.evolve(event, details=details))
+
+    def _close_windows(self, *, every: bool) -> None:
+        now = time.monotonic()
+        for key in [k for k, p in self._pending.items()
+                    if every or now - p.started >= self.refusal_window]:  # fmt: skip
+            self._close(key)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Store queued events and prune old ones until cancelled (then store what is left)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_pruning, self.prune, "audit log")
+            nursery.start_soon(self._keep_under_cap)
             task_status.started()
             try:
                 while True:
-                    await self._queued.wait()
+                    # An open refusal window is stored once it is over.
+                    with trio.move_on_after(self.refusal_window if self._pending else math.inf):
+                        await self._queued.wait()
                     self._queued = trio.Event()
-                    await self.flush()
+                    self._close_windows(every=False)
+                    await self._write()
                     await trio.sleep(FLUSH_INTERVAL)  # gathers a group per commit
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self.flush()
 
     async def flush(self) -> None:
-        """Store every queued event (events stay queued if the store fails)."""
+        """Store every queued event and open refusal window (events stay queued if the store
+        fails)."""
+        self._close_windows(every=True)
+        await self._write()
+
+    async def _write(self) -> None:
         async with self._flush_lock:
             if not self._queue:
                 return
@@ -198,6 +338,65 @@ class AuditLog:
             return conn.execute("DELETE FROM audit_events WHERE at < ?", (cutoff,)).rowcount
 
         return await self.store.read(delete)
+
+    async def _keep_under_cap(self) -> None:
+        """Check the database's size against ``max_bytes`` every ``SIZE_CHECK_INTERVAL``
+        seconds until cancelled; a failing check is logged and tried again next time."""
+        while True:
+            try:
+                await self.enforce_cap()
+            except CrealiaError as exc:
+                log.warning("operations database size check failed: %s", exc)
+            await trio.sleep(SIZE_CHECK_INTERVAL)  # a period, not synchronization
+
+    async def enforce_cap(self) -> int:
+        """Delete the oldest audit events (then metric samples) while the database holds more
+        than ``max_bytes``, down to ``SIZE_LOW_WATER`` of it; returns how many rows went.
+
+        Raises:
+            StorageError: the store failed.
+        """
+        cap = self.max_bytes
+        low = int(cap * SIZE_LOW_WATER)
+
+        def used(conn: sqlite3.Connection) -> int:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            return int((pages - free) * conn.execute("PRAGMA page_size").fetchone()[0])
+
+        def prune(conn: sqlite3.Connection) -> tuple[int, int]:
+            size, deleted = used(conn), 0
+            if not cap or size <= cap:
+                return size, 0
+            for table, order in (("audit_events", "rowid"), ("metric_samples", "at")):
+                for _round in range(1000):
+                    if size <= low:
+                        return size, deleted
+                    # Table and column names are constants here; values are parameters.
+                    avg = conn.execute(
+                        f"SELECT AVG(LENGTH(data)) FROM (SELECT data FROM {table} "  # noqa: S608
+                        f"ORDER BY {order} LIMIT 256)"
+                    ).fetchone()[0]
+                    if avg is None:
+                        break  # nothing left in this table
+                    # Indexes and page slack: about twice the row data per row.
+                    batch = max(64, int((size - low) / (2 * avg + 64)))
+                    deleted += conn.execute(
+                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "  # noqa: S608
+                        f"ORDER BY {order} LIMIT ?)",
+                        (batch,),
+                    ).rowcount
+                    size = used(conn)
+            return size, deleted
+
+        size, deleted = await self.store.read(prune)
+        self.db_bytes = size
+        if deleted:
+            self.size_pruned += deleted
+            self.size_prunes += 1
+            log.warning("operations database over its cap of %d bytes: deleted the %d oldest "
+                        "rows, %d bytes used now", cap, deleted, size)  # fmt: skip
+        return deleted
 
     async def query(
         self,
@@ -235,9 +434,13 @@ class AuditLog:
 
 
 def _row(event: AuditEvent) -> Statement:
+    data = dumps(event.to_row())
+    if len(data) > MAX_ROW_BYTES:
+        size = len(dumps(dict(event.details)))
+        data = dumps(attrs.evolve(event, details={"truncated": True, "bytes": size}).to_row())
     return (
         "INSERT INTO audit_events (id, at, project_id, user_id, action, severity, risk, data) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (event.id, event.timestamp, event.project_id, event.user_id, event.action,
-         event.severity, event.risk_score, dumps(event.to_row())),
+         event.severity, event.risk_score, data),
     )  # fmt: skip

@@ -269,6 +269,16 @@ class Backplane(ABC):
     async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
         """Every durable event after ``seq``, in order, or ``None`` if some are no longer kept."""
 
+    async def epoch(self, project_id: str) -> str:
+        """The name of the project's history as it stands (PROTOCOL.md §3, ``welcome.epoch``).
+
+        It changes whenever the history is rewritten or restored (a GDPR erasure, a restore from
+        backup), so that a client resuming with another epoch gets a snapshot, never a replay of
+        events that no longer match what it holds. Every process of a cluster answers the same.
+        The default, for a backplane that never rewrites history, is one epoch for ever.
+        """
+        return "0"
+
     @abstractmethod
     async def pending_conflicts(self, project_id: str) -> list[Conflict]:
         """The project's conflicts still waiting for a resolution."""

@@ -20,7 +20,9 @@ What the session does for you:
   buffer. A durable push (``collaboration_event`` with ``seq``, ``conflict_resolved``) whose
   ``seq`` is not above it is a duplicate and is never delivered twice.
 * **Reconnection.** When the connection drops, the session reconnects with jittered exponential
-  backoff and sends ``hello`` with ``resume.seq`` = :attr:`ClientSession.seq`. It then delivers a
+  backoff and sends ``hello`` with ``resume.seq`` = :attr:`ClientSession.seq` and ``resume.epoch``
+  = :attr:`ClientSession.epoch` (a server whose history was rewritten since, by a GDPR erasure
+  say, answers with a snapshot instead of a replay). It then delivers a
   ``welcome`` push (the new welcome's data: a ``snapshot`` there means events were missed and the
   document must be reloaded from it), then the replayed events, then live ones. Requests whose
   reply is still due are handled so: ``timeline_change``, ``comment_add``, ``users_request``,
@@ -378,6 +380,7 @@ class ClientSession:
         token: str,
         project_id: str,
         resume_seq: int | None,
+        resume_epoch: str | None = None,
         subprotocols: Sequence[str],
         reconnect: bool,
         min_backoff: float,
@@ -402,6 +405,7 @@ class ClientSession:
         self._max_frame_size = max_frame_size
 
         self._seq: int | None = resume_seq
+        self._epoch: str | None = resume_epoch
         self._welcome: dict[str, Any] = {}
         self._state = SessionState.CONNECTING
         self._state_lot = trio.lowlevel.ParkingLot()
@@ -437,6 +441,11 @@ class ClientSession:
     def seq(self) -> int | None:
         """The highest durable ``seq`` handed to the push buffer (what a resume starts from)."""
         return self._seq
+
+    @property
+    def epoch(self) -> str | None:
+        """The ``epoch`` of the latest ``welcome`` (what a resume sends with :attr:`seq`)."""
+        return self._epoch
 
     @property
     def reconnects(self) -> int:
@@ -905,6 +914,8 @@ class ClientSession:
         hello_data: dict[str, Any] = {"token": self._token, "project_id": self._project_id}
         if self._seq is not None:
             hello_data["resume"] = {"seq": self._seq}
+            if self._epoch is not None:
+                hello_data["resume"]["epoch"] = self._epoch
         hello = _encode({"type": "hello", "ref": conn.hello_ref, "data": hello_data})
         with conn.wait_scope:
             with trio.move_on_after(self._handshake_timeout) as deadline:
@@ -1065,6 +1076,8 @@ class ClientSession:
             return
         if type_ == "welcome":
             self._welcome = data
+            if isinstance(data.get("epoch"), str):
+                self._epoch = data["epoch"]
             snapshot = data.get("snapshot")
             if isinstance(snapshot, dict):
                 # A full state: replay was not possible (or not asked for); go on from it.
@@ -1146,6 +1159,7 @@ async def connect(
     project_id: str,
     *,
     resume_seq: int | None = None,
+    resume_epoch: str | None = None,
     subprotocols: Sequence[str] = (SUBPROTOCOL,),
     reconnect: bool = True,
     min_backoff: float = 0.1,
@@ -1168,6 +1182,9 @@ async def connect(
         resume_seq: the highest ``seq`` already applied, to have the server replay what came
             after it (as pushes) instead of sending a snapshot; if it no longer holds them all,
             :attr:`ClientSession.welcome` carries a ``snapshot`` all the same.
+        resume_epoch: the ``epoch`` of the welcome ``resume_seq`` came from
+            (:attr:`ClientSession.epoch`): if the server's history was rewritten since, it
+            answers with a snapshot rather than replay events that do not match.
         subprotocols: offered in the handshake.
         reconnect: reconnect when the connection drops. If false, a drop ends the session.
         min_backoff, max_backoff: the bounds, in seconds, of the jittered exponential delay
@@ -1190,6 +1207,7 @@ async def connect(
         token=token,
         project_id=project_id,
         resume_seq=resume_seq,
+        resume_epoch=resume_epoch,
         subprotocols=subprotocols,
         reconnect=reconnect,
         min_backoff=min_backoff,

@@ -17,6 +17,7 @@ from ._auth import check_config as check_jwt_config
 from ._auth import keys_file_path, parse_key_map, parse_public_keys_env
 from ._errors import ConfigurationError
 from ._origin import parse_allowed_hosts, parse_allowed_origins
+from ._preauth import parse_preauth_limit
 
 
 def _int_range(low: int, high: int) -> Any:
@@ -41,6 +42,21 @@ def _float_range(low: float, high: float) -> Any:
             )
 
     return check
+
+
+def _preauth_limit(_inst: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    parse_preauth_limit(attribute.name, value)
+
+
+def _ops_max_bytes(_inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (value == 0 or 1024**2 <= value <= 1024**5)
+    ):
+        raise ConfigurationError(
+            f"{attribute.name} must be 0 (no cap) or an integer from 1 MiB to 1 PiB, got {value!r}"
+        )
 
 
 @attrs.frozen(kw_only=True)
@@ -225,6 +241,22 @@ class Config:
     ai_providers: Mapping[str, AIProviderSettings] = attrs.field(
         factory=dict, converter=parse_ai_providers, repr=False
     )
+    # --- hardening: audit
+    #: Handshakes (``hello``) one address may start per minute before authentication, as
+    #: ``"count/burst"`` (each 1..10,000,000), ``"count"`` or ``"off"``; over it: 4429.
+    preauth_handshake_limit: str = attrs.field(default="600/300", validator=_preauth_limit)
+    #: REST requests one address may make per minute before authentication (same form); over
+    #: it: 429 before the token is looked at.
+    preauth_rest_limit: str = attrs.field(default="6000/600", validator=_preauth_limit)
+    #: Seconds over which refusals (refused tokens, permissions, rate limits) of one address,
+    #: action and user are stored as one audit event counting them (0..60; 0: one event each).
+    audit_refusal_window: float = attrs.field(
+        default=1.0, validator=[attrs.validators.ge(0), attrs.validators.le(60)]
+    )
+    #: Bytes the operations database (``ops.sqlite3``: audit log, alerts, metric samples) may
+    #: hold; past it the oldest audit events (then metric samples) are pruned first. 0 turns the
+    #: cap off; otherwise 1 MiB .. 1 PiB.
+    ops_max_bytes: int = attrs.field(default=1024**3, validator=_ops_max_bytes)
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -426,4 +458,9 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
     ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
     ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),
+    # --- hardening: audit
+    ("CREALIA_PREAUTH_HANDSHAKE_LIMIT", "preauth_handshake_limit", str),
+    ("CREALIA_PREAUTH_REST_LIMIT", "preauth_rest_limit", str),
+    ("CREALIA_AUDIT_REFUSAL_WINDOW", "audit_refusal_window", float),
+    ("CREALIA_OPS_MAX_BYTES", "ops_max_bytes", int),
 ]

@@ -2,9 +2,27 @@
 
 Both work on the embedded store in one call of its worker thread (so in one transaction for the
 erasure). Erasure deletes the user's comments (and blanks their text in the event log),
-pseudonymizes every other trace (events, changes, conflicts, snapshots, audit events, security
-alerts) under a fresh pseudonym, and drops addresses and user agents from the audit trail. The
-timeline itself stays: it is the team's shared work, now attributed to the pseudonym.
+pseudonymizes every other trace under a fresh pseudonym, and drops addresses and user agents from
+the audit trail. The timeline itself stays: it is the team's shared work, now attributed to the
+pseudonym.
+
+Only attribution is rewritten, field by field, never content: a user id is whatever string a
+token's ``sub`` says (``"42"``, ``"clip"``), so the same string may well be another user's
+element id, property name or value, and those must stay as they are. The attribution fields:
+
+- events: the author (``user_id``), the ``writer`` of each effect, and the free-text
+  ``explanation`` of a resolution the user took part in (as a word);
+- changes and comments: ``user_id``;
+- conflicts: ``current.user_id``, ``incoming.user_id``, the keys of ``roles``, and the
+  ``explanation`` of their resolution;
+- snapshots: each element's ``writers`` and ``created_by``, each tombstone's ``user_id``;
+- audit events: ``user_id``, a ``user:<id>`` subject in ``resource``, the ``details`` keys that
+  name a person (``author``, ``user_id``, ``userId``, ``by``), and the free text of the user's own
+  events;
+- security alerts: ``user_id``, a ``user:<id>`` subject, and the message of an alert about them.
+
+Because erasure rewrites history that clients may hold, it gives the project a new *epoch*
+(PROTOCOL.md §3, §6): a client resuming with the old one gets a snapshot, never a replay.
 """
 
 from __future__ import annotations
@@ -24,8 +42,10 @@ if TYPE_CHECKING:
     from ._session import Hub
 
 ERASED_TEXT = "[erased]"
-#: Keys whose string values are free text, where the user id is replaced as a word.
-_TEXT_KEYS = frozenset({"explanation", "message", "subject", "resource"})
+#: Keys of audit ``details`` whose value names a person.
+_PERSON_KEYS = frozenset({"author", "user_id", "userId", "by"})
+#: Keys of audit ``details`` that hold free text about the action.
+_TEXT_KEYS = frozenset({"message", "reason", "explanation"})
 
 
 async def erase_user(
@@ -86,7 +106,7 @@ async def export_user(hub: Hub, project_id: str, user_id: str) -> dict[str, Any]
 
 def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str, Any]:
     """What the projects' store holds about ``user_id`` in ``project_id``: comments, edits
-    authored, and conflicts they were part of."""
+    authored, and conflicts they were part of (as one of the two sides)."""
     comments = [
         {"id": cid, "seq": seq, "elementId": eid, "time": at_time, "text": text, "at": at}
         for cid, seq, eid, at_time, text, at in conn.execute(
@@ -108,37 +128,53 @@ def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str
         "SELECT data FROM conflicts WHERE project_id = ? ORDER BY created_at", (project_id,)
     ):
         conflict = loads(data)
-        if _mentions(conflict, user_id):
+        if user_id in _parties(conflict):
             conflicts.append(conflict)
     return {"comments": comments, "edits": edits, "conflicts": conflicts}
+
+
+def new_epoch() -> str:
+    """A fresh epoch: names one version of a project's history (PROTOCOL.md §3)."""
+    return uuid.uuid4().hex
 
 
 def erase(
     conn: sqlite3.Connection, project_id: str, user_id: str, pseudonym: str
 ) -> dict[str, int]:
-    """Erase ``user_id`` from ``project_id`` in one transaction; returns counts per table."""
+    """Erase ``user_id`` from ``project_id`` in one transaction, and give the project a new
+    epoch; returns counts per table."""
+    alias = _Alias(user_id, pseudonym)
     counts: dict[str, int] = {}
     conn.execute("BEGIN IMMEDIATE")
     try:
         counts["comments"] = conn.execute(
             "DELETE FROM comments WHERE project_id = ? AND user_id = ?", (project_id, user_id)
         ).rowcount
+        conflicts = conn.execute(
+            "SELECT id, data FROM conflicts WHERE project_id = ?", (project_id,)
+        ).fetchall()
         rows = conn.execute(
             "SELECT seq, kind, user_id, payload, effects FROM events WHERE project_id = ?",
             (project_id,),
         ).fetchall()
+        # The conflicts whose free text may name the user: theirs, or settled by them.
+        involved = {cid for cid, data in conflicts if user_id in _parties(loads(data))}
+        for _seq, kind, author, payload, _effects in rows:
+            if kind == "conflict_resolved" and author == user_id:
+                involved.add(loads(payload).get("conflict_id"))
         changed = 0
         for seq, kind, author, payload, effects in rows:
-            new_payload = _rewrite(loads(payload), user_id, pseudonym)
+            event = loads(payload)
+            new_payload = _event_payload(kind, event, alias, involved)
             if kind == "comment_add" and author == user_id:
                 new_payload["comment"]["text"] = ERASED_TEXT
-            new_effects = _rewrite(loads(effects), user_id, pseudonym)
-            new_author = pseudonym if author == user_id else author
-            if (new_author, dumps(new_payload), dumps(new_effects)) != (author, payload, effects):
+            new_effects = dumps([_effect(op, alias) for op in loads(effects)])
+            new_author = alias.id(author)
+            if (new_author, dumps(new_payload), new_effects) != (author, payload, effects):
                 conn.execute(
                     "UPDATE events SET user_id = ?, payload = ?, effects = ? "
                     "WHERE project_id = ? AND seq = ?",
-                    (new_author, dumps(new_payload), dumps(new_effects), project_id, seq),
+                    (new_author, dumps(new_payload), new_effects, project_id, seq),
                 )
                 changed += 1
         counts["events"] = changed
@@ -146,13 +182,27 @@ def erase(
             "UPDATE changes SET user_id = ? WHERE project_id = ? AND user_id = ?",
             (pseudonym, project_id, user_id),
         ).rowcount
-        counts["conflicts"] = _rewrite_blobs(
-            conn, "conflicts", "id", "data", "project_id = ?", (project_id,), user_id, pseudonym
+        changed = 0
+        for cid, data in conflicts:
+            if cid in involved:
+                new = dumps(_conflict(loads(data), alias))
+                if new != data:
+                    conn.execute("UPDATE conflicts SET data = ? WHERE id = ?", (new, cid))
+                    changed += 1
+        counts["conflicts"] = changed
+        changed = 0
+        for key, data in conn.execute(
+            "SELECT project_id, document FROM snapshots WHERE project_id = ?", (project_id,)
+        ).fetchall():
+            new = dumps(_document(loads(data), alias))
+            if new != data:
+                conn.execute("UPDATE snapshots SET document = ? WHERE project_id = ?", (new, key))
+                changed += 1
+        counts["snapshots"] = changed
+        conn.execute(
+            "INSERT OR REPLACE INTO project_epochs (project_id, epoch) VALUES (?, ?)",
+            (project_id, new_epoch()),
         )
-        counts["snapshots"] = _rewrite_blobs(
-            conn, "snapshots", "project_id", "document", "project_id = ?", (project_id,),
-            user_id, pseudonym,
-        )  # fmt: skip
     except BaseException:
         conn.execute("ROLLBACK")
         raise
@@ -165,16 +215,13 @@ def erase_trail(
 ) -> dict[str, int]:
     """Pseudonymize ``user_id`` in the operations store (audit events, security alerts) of
     ``project_id``, in one transaction; returns counts per table."""
+    alias = _Alias(user_id, pseudonym)
     conn.execute("BEGIN IMMEDIATE")
     try:
         counts = {
-            "audit": _erase_audit(conn, project_id, user_id, pseudonym),
-            "security_alerts": _rewrite_blobs(
-                conn, "security_alerts", "id", "data", "project_id = ?", (project_id,),
-                user_id, pseudonym,
-            ),
-        }  # fmt: skip
-        _erase_alert_addresses(conn, project_id, pseudonym)
+            "audit": _erase_audit(conn, project_id, alias),
+            "security_alerts": _erase_alerts(conn, project_id, alias),
+        }
     except BaseException:
         conn.execute("ROLLBACK")
         raise
@@ -182,7 +229,7 @@ def erase_trail(
     return counts
 
 
-def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudonym: str) -> int:
+def _erase_audit(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> int:
     """Pseudonymize the user in every audit event of the project: their own (whose address and
     user agent go too) and others' that name them (a strategy settling their conflict, an
     owner exporting their data)."""
@@ -192,9 +239,18 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudo
     ).fetchall()
     for event_id, actor, data in rows:
         event = loads(data)
-        new = _rewrite(event, user_id, pseudonym)
-        if actor == user_id:
-            new.update(user_id=pseudonym, ip_address="", user_agent="")
+        new = dict(event)
+        own = actor == alias.user_id
+        new["resource"] = alias.subject(event.get("resource"))
+        details = event.get("details")
+        if isinstance(details, dict):
+            new["details"] = {
+                key: alias.id(value) if key in _PERSON_KEYS
+                else alias.text(value) if own and key in _TEXT_KEYS else value
+                for key, value in details.items()
+            }  # fmt: skip
+        if own:
+            new.update(user_id=alias.pseudonym, ip_address="", user_agent="")
         if new != event:
             conn.execute(
                 "UPDATE audit_events SET user_id = ?, data = ? WHERE rowid = ?",
@@ -204,61 +260,108 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, user_id: str, pseudo
     return changed
 
 
-def _erase_alert_addresses(conn: sqlite3.Connection, project_id: str, pseudonym: str) -> None:
-    """Security alerts about the (now pseudonymized) user lose the address they came from."""
+def _erase_alerts(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> int:
+    """Security alerts about the user (their id, or ``user:<id>`` as subject) get the pseudonym
+    and lose the address they came from."""
+    changed = 0
     for alert_id, data in conn.execute(
-        "SELECT id, data FROM security_alerts WHERE project_id = ?", (project_id,)
+        "SELECT id, data FROM security_alerts WHERE project_id = ? OR project_id IS NULL",
+        (project_id,),
     ).fetchall():
         alert = loads(data)
-        if alert.get("user_id") == pseudonym and alert.get("ip_address"):
-            alert["ip_address"] = ""
-            conn.execute(
-                "UPDATE security_alerts SET data = ? WHERE id = ?", (dumps(alert), alert_id)
-            )
-
-
-def _rewrite_blobs(
-    conn: sqlite3.Connection,
-    table: str,
-    key: str,
-    column: str,
-    where: str,
-    params: tuple[Any, ...],
-    user_id: str,
-    pseudonym: str,
-) -> int:
-    changed = 0
-    # Table and column names are this module's constants; values are parameters.
-    select = f"SELECT {key}, {column} FROM {table} WHERE {where}"  # noqa: S608
-    update = f"UPDATE {table} SET {column} = ? WHERE {key} = ?"  # noqa: S608
-    rows = conn.execute(select, params).fetchall()
-    for row_key, data in rows:
-        value = loads(data)
-        if _mentions(value, user_id):
-            new = dumps(_rewrite(value, user_id, pseudonym))
-            conn.execute(update, (new, row_key))
-            changed += 1
+        if alert.get("project_id") is None and project_id not in alert.get("projects", ()):
+            continue  # an address's alert that does not concern this project
+        if alert.get("user_id") != alias.user_id and alert.get("subject") != alias.subject_of:
+            continue
+        alert.update(
+            user_id=alias.id(alert.get("user_id")),
+            subject=alias.subject(alert.get("subject")),
+            message=alias.text(alert.get("message")),
+            ip_address="",
+        )
+        conn.execute("UPDATE security_alerts SET data = ? WHERE id = ?", (dumps(alert), alert_id))
+        changed += 1
     return changed
 
 
-def _mentions(value: Any, user_id: str) -> bool:
-    return bool(_rewrite(value, user_id, "\x00") != value)
+class _Alias:
+    """Replaces one user id by its pseudonym where a field names a person."""
+
+    def __init__(self, user_id: str, pseudonym: str) -> None:
+        self.user_id = user_id
+        self.pseudonym = pseudonym
+        self.subject_of = f"user:{user_id}"
+        self._word = re.compile(rf"(?<![\w-]){re.escape(user_id)}(?![\w-])")
+
+    def id(self, value: Any) -> Any:
+        """A field that holds a user id."""
+        return self.pseudonym if value == self.user_id else value
+
+    def subject(self, value: Any) -> Any:
+        """A field that may hold ``user:<id>`` (an audit resource, an alert subject)."""
+        return f"user:{self.pseudonym}" if value == self.subject_of else value
+
+    def text(self, value: Any) -> Any:
+        """Free text about an action: the id replaced as a word."""
+        return self._word.sub(self.pseudonym, value) if isinstance(value, str) else value
 
 
-def _rewrite(value: Any, user_id: str, pseudonym: str) -> Any:
-    """``value`` with every string equal to ``user_id`` (values and keys) replaced, and the id
-    replaced as a word inside free-text fields."""
-    word = re.compile(rf"(?<![\w-]){re.escape(user_id)}(?![\w-])")
+def _parties(conflict: dict[str, Any]) -> set[Any]:
+    """The authors of a conflict's two sides."""
+    return {side.get("user_id") for side in (conflict.get("current"), conflict.get("incoming"))
+            if isinstance(side, dict)}  # fmt: skip
 
-    def walk(item: Any, key: str = "") -> Any:
-        if isinstance(item, str):
-            if item == user_id:
-                return pseudonym
-            return word.sub(pseudonym, item) if key in _TEXT_KEYS else item
-        if isinstance(item, dict):
-            return {(pseudonym if k == user_id else k): walk(v, k) for k, v in item.items()}
-        if isinstance(item, list):
-            return [walk(v, key) for v in item]
-        return item
 
-    return walk(value)
+def _resolution(resolution: Any, alias: _Alias) -> Any:
+    if not isinstance(resolution, dict) or "explanation" not in resolution:
+        return resolution
+    return {**resolution, "explanation": alias.text(resolution["explanation"])}
+
+
+def _event_payload(
+    kind: str, payload: dict[str, Any], alias: _Alias, involved: set[Any]
+) -> dict[str, Any]:
+    """An event's payload with its attribution rewritten: only a resolution's explanation,
+    when the user took part in that conflict. Changes and comments are content."""
+    if kind == "conflict_resolved" and payload.get("conflict_id") in involved:
+        return {**payload, "resolution": _resolution(payload.get("resolution"), alias)}
+    return dict(payload)
+
+
+def _effect(op: Any, alias: _Alias) -> Any:
+    if isinstance(op, dict) and "writer" in op:
+        return {**op, "writer": alias.id(op["writer"])}
+    return op
+
+
+def _conflict(conflict: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+    new = dict(conflict)
+    for side in ("current", "incoming"):
+        if isinstance(conflict.get(side), dict):
+            new[side] = {**conflict[side], "user_id": alias.id(conflict[side].get("user_id"))}
+    if isinstance(conflict.get("roles"), dict):
+        new["roles"] = {alias.id(user): role for user, role in conflict["roles"].items()}
+    new["resolution"] = _resolution(conflict.get("resolution"), alias)
+    return new
+
+
+def _element(element: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+    return {
+        **element,
+        "writers": {prop: alias.id(w) for prop, w in element.get("writers", {}).items()},
+        "created_by": alias.id(element.get("created_by")),
+    }
+
+
+def _document(doc: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+    """A stored document (``Document.dump``) with who wrote what rewritten; ids, props and
+    values untouched."""
+    return {
+        **doc,
+        "elements": {eid: _element(el, alias) for eid, el in doc.get("elements", {}).items()},
+        "tombstones": {
+            eid: {**t, "user_id": alias.id(t.get("user_id")),
+                  "element": _element(t.get("element", {}), alias)}
+            for eid, t in doc.get("tombstones", {}).items()
+        },
+    }  # fmt: skip

@@ -107,6 +107,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         if query and not header:
             # EventSource cannot set headers: the live feed also takes ?access_token=.
             scheme, token = "bearer", request.args.get("access_token", "")
+        wait = hub.preauth.check(request.remote_addr or "", "rest")
+        if wait:
+            raise RateLimited(f"too many requests from this address: retry in {wait} ms",
+                              retry_after_ms=wait)  # fmt: skip
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing Authorization: Bearer <token> header")
         user = hub.auth.verify(token.strip())
@@ -133,8 +137,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         refused = {Unauthorized: "token_refused", Forbidden: "permission_refused",
                    RateLimited: "rate_limited"}.get(type(exc))  # fmt: skip
         if refused is not None:
+            # Aggregated per address, action and user each second: a flood of refusals is one
+            # event a second, its details counting them.
             ip, agent = origin()
-            hub.audit.record(
+            hub.audit.refusal(
                 refused, user_id=user.id if user else None,
                 project_id=user.project_id if user else request.args.get("projectId"),
                 resource=f"{request.method} {request.path}", details={"message": exc.message},
@@ -356,7 +362,8 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         if status not in (None, "open", "resolved"):
             raise BadRequest("status: must be open or resolved")
         alerts = await security.alerts(project_id, status)
-        return _json({"projectId": project_id, "alerts": [a.to_wire() for a in alerts]})
+        return _json({"projectId": project_id,
+                      "alerts": [a.to_wire(project_id) for a in alerts]})  # fmt: skip
 
     @app.post("/api/collaboration/security/alerts/<alert_id>/resolve")
     async def resolve_security_alert(alert_id: str) -> Response:
@@ -369,7 +376,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         alert = await security.resolve(user.project_id, alert_id, by=user.id, note=note)
         audit(user, "alert_resolution", f"security_alert:{alert_id}",
               {"type": alert.type, "note": note})  # fmt: skip
-        return _json(alert.to_wire())
+        return _json(alert.to_wire(user.project_id))
 
     def gdpr_subject(user: User, data: dict[str, Any]) -> str:
         for_project(user, data.get("projectId") or user.project_id)
@@ -466,9 +473,23 @@ def _gdpr_rows(export: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+#: What a spreadsheet takes for the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, a tab
+    or a carriage return gets a leading ``'`` (OWASP's advice), so that a user agent or an id
+    chosen by a client never runs as a formula in an owner's spreadsheet."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv(rows: list[list[Any]], filename: str) -> Response:
+    """Every CSV the server writes goes through here: each cell made :func:`csv_safe`."""
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
+    csv.writer(out, lineterminator="\n").writerows([[csv_safe(c) for c in row] for row in rows])
     response = Response(out.getvalue().encode(), content_type="text/csv; charset=utf-8")
     response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

@@ -269,6 +269,21 @@ class ServerCollector(Collector):
         for (rule, level), count in sorted(counts.items()):
             firing.add_metric([rule, level], count)
         yield firing
+        # --- hardening: audit
+        audit = monitor.hub.audit
+        for name, doc, value in (
+            ("audit_events_stored", "Audit events queued for the store.", audit.recorded),
+            ("audit_refusals_aggregated", "Refusals counted into another audit event instead of "
+             "stored on their own.", audit.aggregated),
+            ("ops_pruned_rows", "Rows deleted (oldest first) to keep ops.sqlite3 under "
+             "ops_max_bytes.", audit.size_pruned),
+            ("ops_prunes", "Times ops.sqlite3 was pruned for size.", audit.size_prunes),
+            ("preauth_refused", "Handshakes and REST requests refused by the per-address "
+             "limits before authentication.", sum(monitor.hub.preauth.refused.values())),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
+        yield GaugeMetricFamily("crealia_ops_db_bytes", "Bytes used in ops.sqlite3 at the last "
+                                "size check.", value=audit.db_bytes)  # fmt: skip
         for name, doc, histogram in (
             ("fanout_latency_seconds", "Time from a message entering a room (or a reply being "
              "queued) to the frame carrying it being written to the socket.", traffic.fanout),

@@ -420,10 +420,11 @@ class Monitor:
             send.close()
 
     def publish_security_alert(self, alert: Any) -> None:
-        """Feed a new or resolved security alert to its project's subscribers (alerts about no
-        project, e.g. cross-site attempts, go to logs and webhooks only)."""
-        if alert.project_id is not None:
-            self._publish("security_alert", alert.to_wire())
+        """Feed a new or resolved security alert to the subscribers of each project it concerns,
+        as that project sees it (alerts about no project, e.g. cross-site attempts, go to logs
+        and webhooks only)."""
+        for project_id in sorted(alert.concerns()):
+            self._publish("security_alert", alert.to_wire(project_id))
 
     def _publish(self, kind: str, data: dict[str, Any]) -> None:
         project_id = data.get("projectId")

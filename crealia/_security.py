@@ -5,6 +5,12 @@ Audit rules are alert rules (group ``crealia.alert_rules``) of kind ``"audit"``:
 answers with a :class:`SecurityFinding` when the event completes a pattern (a user refused too
 often, bad tokens from one address, one user exporting many projects...). One open alert is kept
 per rule, subject and project: more findings raise its ``count`` until a person resolves it.
+
+An address is one subject whatever projects it names (anyone can name any project), so its alert
+*concerns* every project named by the events that raised or repeated it, and is *server-wide*
+when one of them named none. Every project it concerns sees it (with its own id as
+``projectId``); a server-wide alert is seen by every owner, as server-wide (``projectId`` null),
+never with the ids of the other projects it concerns.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import sqlite3
 import time
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -46,6 +52,9 @@ ALERT_TYPES: tuple[AlertType, ...] = (
 MAX_SUBJECTS = 10_000
 #: Open alerts kept in memory (for counting repeats); the oldest go first.
 MAX_OPEN = 10_000
+#: Projects one alert remembers it concerns; past that it becomes server-wide (every owner
+#: sees it), so that memory stays bounded and no concerned project loses sight of it.
+MAX_ALERT_PROJECTS = 100
 
 
 @attrs.frozen(kw_only=True)
@@ -212,6 +221,10 @@ def abuse(options: Mapping[str, Any]) -> WindowRule:
     )  # fmt: skip
 
 
+def _project_ids(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class SecurityAlert:
     """A security alert (the seed's SecurityAlert), open until a person resolves it."""
@@ -232,8 +245,36 @@ class SecurityAlert:
     resolved_at: int | None = None
     resolved_by: str | None = None
     note: str = ""
+    #: Every project the alert concerns (the events that raised and repeated it named them).
+    projects: tuple[str, ...] = attrs.field(default=(), converter=_project_ids)
+    #: Some of those events named no project: every owner sees the alert, as server-wide.
+    server_wide: bool = False
 
-    def to_wire(self) -> dict[str, Any]:
+    def concerns(self) -> set[str]:
+        """The projects this alert is about."""
+        return set(self.projects) | ({self.project_id} if self.project_id else set())
+
+    def visible_to(self, project_id: str) -> bool:
+        """Whether an owner of ``project_id`` sees this alert."""
+        return project_id in self.concerns() or self.is_server_wide
+
+    @property
+    def is_server_wide(self) -> bool:
+        return self.server_wide or not self.concerns()
+
+    def to_wire(self, viewer: str | None = None) -> dict[str, Any]:
+        """The alert as the API shows it. To an owner of ``viewer`` its ``projectId`` is
+        ``viewer`` if the alert concerns that project, else null (server-wide), and the other
+        projects stay hidden; without ``viewer`` (logs, webhooks: the operator) ``projects``
+        lists them all."""
+        wire = self._wire()
+        if viewer is None:
+            wire.update(projects=sorted(self.concerns()), serverWide=self.is_server_wide)
+        else:
+            wire["projectId"] = viewer if viewer in self.concerns() else None
+        return wire
+
+    def _wire(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "category": "security",
@@ -307,18 +348,31 @@ class SecurityMonitor:
 
     def _raise(self, rule: AuditRule, finding: SecurityFinding, event: AuditEvent) -> None:
         key = _key(rule.name, finding.subject, event.project_id)
+        named = event.project_id
         current = self._open.get(key)
         if current is not None:
+            projects, server_wide = current.projects, current.server_wide or named is None
+            new_project = named is not None and named not in current.concerns()
+            if named is not None and new_project and len(projects) < MAX_ALERT_PROJECTS:
+                projects = (*projects, named)
+            elif new_project:
+                server_wide = True
             alert = attrs.evolve(current, count=current.count + 1, message=finding.message,
-                                 updated_at=event.timestamp)  # fmt: skip
+                                 updated_at=event.timestamp, projects=projects,
+                                 server_wide=server_wide)  # fmt: skip
             self._open[key] = alert
             self._save(alert)
+            if new_project and self.on_change is not None:
+                self.on_change(alert)  # the project it now concerns hears of it
             return
         alert = SecurityAlert(
             id=uuid.uuid4().hex, type=finding.type, severity=finding.severity, rule=rule.name,
             subject=finding.subject, message=finding.message, user_id=event.user_id,
-            project_id=event.project_id, ip_address=event.ip_address, count=1,
+            # An address's alert is no one project's: the row is server-wide, ``projects``
+            # lists the projects it concerns.
+            project_id=key[2], ip_address=event.ip_address, count=1,
             created_at=event.timestamp, updated_at=event.timestamp,
+            projects=() if named is None else (named,), server_wide=named is None,
         )  # fmt: skip
         self._open[key] = alert
         if len(self._open) > MAX_OPEN:
@@ -374,21 +428,24 @@ class SecurityMonitor:
         return await self._query("resolved = 0", ())
 
     async def alerts(self, project_id: str, status: str | None = None) -> list[SecurityAlert]:
-        """A project's alerts, newest first; ``status`` ``open`` or ``resolved`` filters."""
+        """The alerts an owner of ``project_id`` sees (those concerning it, and server-wide
+        ones), newest first; ``status`` ``open`` or ``resolved`` filters."""
         await self.flush()
-        if status is None:
-            return await self._query("project_id = ?", (project_id,))
-        resolved = int(status == "resolved")
-        return await self._query("project_id = ? AND resolved = ?", (project_id, resolved))
+        where = "(project_id = ? OR project_id IS NULL)"
+        params: tuple[Any, ...] = (project_id,)
+        if status is not None:
+            where, params = f"{where} AND resolved = ?", (project_id, int(status == "resolved"))
+        return [a for a in await self._query(where, params) if a.visible_to(project_id)]
 
     async def resolve(self, project_id: str, alert_id: str, by: str, note: str) -> SecurityAlert:
-        """Resolve an open alert of ``project_id``.
+        """Resolve an open alert concerning ``project_id`` (or a server-wide one that concerns
+        no project): one person looked into it, so it is resolved for every project.
 
         Raises:
-            NotFound: no open alert with that id in the project.
+            NotFound: no open alert with that id that this project may resolve.
         """
-        key = next((k for k, a in self._open.items()
-                    if a.id == alert_id and a.project_id == project_id), None)  # fmt: skip
+        key = next((k for k, a in self._open.items() if a.id == alert_id and (
+            project_id in a.concerns() or not a.concerns())), None)  # fmt: skip
         if key is None:
             raise NotFound(f"alert_id: no open security alert {alert_id!r} in this project")
         now = int(time.time() * 1000)

@@ -111,7 +111,9 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     async with open_store(config.data_dir, wal=wal) as store, \
             open_store(config.data_dir, OPS_DB, wal=wal) as ops, \
             _open_backplane(config, store) as backplane:  # fmt: skip
-        audit = AuditLog(ops, retention_days=config.audit_log_retention_days)
+        audit = AuditLog(ops, retention_days=config.audit_log_retention_days,
+                         refusal_window=config.audit_refusal_window,
+                         max_bytes=config.ops_max_bytes)  # fmt: skip
         settler = Settler(registry=registry, backplane=backplane, config=config, audit=audit)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:

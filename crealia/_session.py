@@ -42,6 +42,7 @@ from ._errors import (
 )
 from ._logging import log_context
 from ._metrics import Traffic
+from ._preauth import AddressLimiter
 from ._ratelimit import RateLimiter, event_class
 from ._room import Room, RoomManager
 from ._settle import Settler
@@ -331,6 +332,13 @@ class Hub:
     connections_total: int = 0
     #: Connection and session caps (crealia._edge); sessions per user are counted here.
     gate: ConnectionGate = attrs.Factory(ConnectionGate)
+    #: Limits per client address before authentication (handshakes, REST requests).
+    preauth: AddressLimiter = attrs.Factory(
+        lambda self: AddressLimiter.from_strings(
+            self.config.preauth_handshake_limit, self.config.preauth_rest_limit
+        ),
+        takes_self=True,
+    )
 
     async def serve_connection(self, conn: Connection) -> None:
         """Run one client connection to its end. Never raises but for cancellation."""
@@ -428,12 +436,21 @@ class Hub:
                 await conn.send(_wire.error_envelope(refused, envelope.ref))
                 raise _Close(4400, "expected hello")
             hello: _wire.Hello = envelope.data
+            wait = self.preauth.check(conn.remote, "handshake")
+            if wait:
+                limited = RateLimited(f"too many handshakes from {conn.remote}: retry in {wait} ms",
+                                      retry_after_ms=wait)  # fmt: skip
+                self.audit.refusal("rate_limited", user_id=None, project_id=hello.project_id,
+                                   resource="websocket", details={"message": limited.message},
+                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
+                await conn.send(_wire.error_envelope(limited, envelope.ref))
+                raise _Close(4429, "too many handshakes")
             try:
                 user = self.auth.verify(hello.token, hello.project_id)
             except Unauthorized as exc:
-                self.audit.record("token_refused", user_id=None, project_id=hello.project_id,
-                                  resource="websocket", details={"reason": exc.message},
-                                  ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
+                self.audit.refusal("token_refused", user_id=None, project_id=hello.project_id,
+                                   resource="websocket", details={"reason": exc.message},
+                                   ip_address=conn.remote, user_agent=conn.user_agent)  # fmt: skip
                 await conn.send(_wire.error_envelope(exc, envelope.ref))
                 raise _Close(4401, "unauthorized") from None
             return user, hello, envelope.ref
@@ -444,9 +461,12 @@ class Hub:
     ) -> None:
         backplane, project_id = self.backplane, session.user.project_id
         conflicts = await backplane.pending_conflicts(project_id)
+        epoch = await backplane.epoch(project_id)
         events = None
-        if hello.resume is not None:
-            events = await backplane.events_since(project_id, hello.resume.seq)
+        # Another epoch: the history was rewritten since (PROTOCOL.md §6): a snapshot, always.
+        resume = hello.resume
+        if resume is not None and resume.epoch in (None, epoch):
+            events = await backplane.events_since(project_id, resume.seq)
             budget = min(self.config.replay_max_bytes, self.config.outbox_bytes // 2)
             if events and sum(len(e.encoded) for e in events) > budget:
                 # More than the client can be sent at once: a snapshot instead (never a 4409).
@@ -455,6 +475,7 @@ class Hub:
             "session_id": session.id,
             "user": session.user.to_wire(),
             "project_id": project_id,
+            "epoch": epoch,
         }
         if events is None:
             snapshot = await backplane.snapshot(project_id)
@@ -696,9 +717,9 @@ class Hub:
 
     def on_origin_refused(self, origin: str, remote: str, user_agent: str = "") -> None:
         """A transport refused a WebSocket from a site not allowed (cross-site hijacking)."""
-        self.audit.record("origin_refused", user_id=None, project_id=None, resource="websocket",
-                          details={"origin": origin[:200]}, ip_address=remote,
-                          user_agent=user_agent)  # fmt: skip
+        self.audit.refusal("origin_refused", user_id=None, project_id=None, resource="websocket",
+                           details={"origin": origin[:200]}, ip_address=remote,
+                           user_agent=user_agent)  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

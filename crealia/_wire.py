@@ -29,6 +29,8 @@ T = TypeVar("T")
 MAX_ID_CHARS = 128
 #: Longest other short string (element type, prop name, track) accepted, in characters.
 MAX_NAME_CHARS = 128
+#: Longest ``resume.epoch`` accepted, in characters (the server's epochs have 32).
+MAX_EPOCH_CHARS = 128
 #: Deepest nesting accepted inside a JSON value (props, values).
 MAX_DEPTH = 32
 #: Most operations in one ``timeline_change``.
@@ -202,6 +204,8 @@ def _props(_inst: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -
 @attrs.frozen(kw_only=True)
 class Resume:
     seq: int = attrs.field(validator=attrs.validators.ge(0))
+    #: The ``epoch`` of the welcome the client had (PROTOCOL.md §6); absent: not checked.
+    epoch: str | None = attrs.field(default=None, validator=_id(MAX_EPOCH_CHARS))
 
 
 @attrs.frozen(kw_only=True)

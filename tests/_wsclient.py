@@ -79,10 +79,14 @@ class RawClient:
         await self.send(kind, data, ref)
         return await self.expect(lambda env: env.get("ref") == ref)
 
-    async def hello(self, token: str, project: str, resume: int | None = None) -> dict[str, Any]:
+    async def hello(
+        self, token: str, project: str, resume: int | None = None, epoch: str | None = None
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {"token": token, "project_id": project}
         if resume is not None:
             data["resume"] = {"seq": resume}
+            if epoch is not None:
+                data["resume"]["epoch"] = epoch
         reply = await self.request("hello", data)
         assert reply["type"] == "welcome", reply
         return dict(reply["data"])

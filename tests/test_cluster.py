@@ -164,6 +164,27 @@ async def test_resume_on_another_node_replays_exactly_the_missed_events(
         assert live["data"]["seq"] == 6
 
 
+async def test_every_node_names_the_same_epoch_and_a_new_key_means_a_snapshot(
+    nodes: list[Server], on: dict[tuple[int, str], Clients], redis_server: RedisServer
+) -> None:
+    import redis
+
+    a = await on[0, "ws"].join("alice")
+    with trio.fail_after(15):
+        epoch = a.welcome["epoch"]
+        await a.request("timeline_change", insert("c0", "clip", v=0))
+        await a.request("timeline_change", set_op("c1", "clip", "v", 1, None))
+        elsewhere = await on[2, "http"].join("bob", resume=1, epoch=epoch)
+        assert (elsewhere.welcome["epoch"], elsewhere.welcome["replayed"]) == (epoch, 1)
+        # The history is replaced (as a restore would): its key names another epoch.
+        client = redis.Redis.from_url(redis_server.url)
+        client.set("crealia:{p1}:epoch", "restored")
+        client.close()
+        back = await on[1, "ws"].join("carol", resume=2, epoch=epoch)
+    assert back.welcome["epoch"] == "restored"
+    assert back.welcome["snapshot"]["seq"] == 2
+
+
 async def test_duplicate_change_id_across_nodes(
     nodes: list[Server], on: dict[tuple[int, str], Clients]
 ) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 
-from .conftest import Clients
+from crealia import Server, connect, open_server
+
+from .conftest import Clients, make_config, opened
 from .test_protocol import insert, set_op
 
 
@@ -104,3 +108,78 @@ async def test_events_during_join_are_neither_lost_nor_doubled(clients: Clients)
             for k in range(5):
                 nursery.start_soon(joiner, k)
     assert len(results) == 5
+
+
+# -- epochs (PROTOCOL.md §3, §6) ------------------------------------------------------------------
+
+
+async def test_resume_with_the_welcome_epoch_or_none_replays(clients: Clients) -> None:
+    with trio.fail_after(15):
+        a = await clients.join("alice")
+        epoch = a.welcome["epoch"]
+        assert isinstance(epoch, str) and epoch
+        await seed(a, 4)
+        same = await clients.join("bob", resume=2, epoch=epoch)
+        assert (same.welcome["replayed"], same.welcome["epoch"]) == (2, epoch)
+        # No epoch in the resume: as before epochs, the seq alone decides.
+        legacy = await clients.join("carol", resume=2)
+        assert legacy.welcome["replayed"] == 2 and "snapshot" not in legacy.welcome
+
+
+async def test_resume_with_another_epoch_gets_a_snapshot(clients: Clients) -> None:
+    with trio.fail_after(15):
+        a = await clients.join("alice")
+        await seed(a, 3)
+        b = await clients.join("bob", resume=3, epoch="some-other-history")
+        assert "replayed" not in b.welcome
+        assert b.welcome["snapshot"]["seq"] == 3
+        assert b.welcome["epoch"] == a.welcome["epoch"]
+
+
+@pytest.mark.parametrize(
+    ("resume", "field"),
+    [({"seq": 1, "epoch": 7}, "epoch"), ({"seq": 1, "epoch": ""}, "epoch"),
+     ({"seq": 1, "epoch": "e" * 129}, "epoch")],
+)  # fmt: skip
+async def test_resume_epoch_must_be_a_short_string(
+    clients: Clients, resume: dict[str, object], field: str
+) -> None:
+    with trio.fail_after(10):
+        client = await clients.raw()
+        reply = await client.request(
+            "hello", {"token": clients.token("alice"), "project_id": "p1", "resume": resume}
+        )
+        assert reply["type"] == "error", reply
+        assert reply["data"]["code"] in ("bad_request", "too_large")
+        assert field in reply["data"]["message"]
+        # As for any malformed hello: refused, then closed.
+        assert await client.closed() == 4400
+
+
+async def test_epoch_is_kept_across_a_restart(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data = tmp_path / "data"
+    with trio.fail_after(30):
+        async with open_server(make_config(data)) as server, opened(server, nursery) as clients:
+            a = await clients.join("alice")
+            before = a.welcome["epoch"]
+            await seed(a, 3)
+        async with open_server(make_config(data)) as server, opened(server, nursery) as clients:
+            b = await clients.join("bob", resume=1, epoch=before)
+            assert (b.welcome["epoch"], b.welcome["replayed"]) == (before, 2)
+
+
+async def test_python_client_resumes_with_its_epoch(server: Server) -> None:
+    """The client sends the epoch it was welcomed with; another one gets it a snapshot."""
+    url = f"ws://127.0.0.1:{server.ws_port}/ws"
+    token = server.issue_token("alice", "p1", "editor")
+    with trio.fail_after(20):
+        async with connect(url, token, "p1") as session:
+            await session.change([{"op": "insert", "element_id": "clip", "element_type": "clip",
+                                   "props": {"v": 0}}])  # fmt: skip
+            epoch = session.epoch
+            assert epoch == session.welcome["epoch"]
+        async with connect(url, token, "p1", resume_seq=1, resume_epoch=epoch) as session:
+            assert session.welcome["replayed"] == 0
+        async with connect(url, token, "p1", resume_seq=1, resume_epoch="stale") as session:
+            assert session.welcome["snapshot"]["seq"] == 1
+            assert session.epoch == epoch

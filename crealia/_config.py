@@ -169,7 +169,7 @@ class Config:
     alert_rules: Mapping[str, Any] = attrs.Factory(dict)
     #: Log format of ``crealia serve``: ``json`` (one object a line) or ``text``.
     log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
-    # --- hardening: edge (connection caps, HTTP read deadlines, allowed hosts)
+    # --- the edge: connection caps, HTTP read deadlines, allowed hosts (docs/security.md)
     #: Open TCP connections, both ports together, at most (0 to 1,048,576; 0: three quarters
     #: of the process's RLIMIT_NOFILE). Past it a connection is answered 503 and closed.
     max_connections: int = attrs.field(default=0, validator=_int_range(0, 1 << 20))
@@ -191,7 +191,7 @@ class Config:
     #: ahead of what Redis confirmed; a user spread over N processes gets at most the burst
     #: plus N such slacks (at least one event each).
     cluster_rate_slack: float = attrs.field(default=0.1, validator=_float_range(0.01, 1))
-    # --- hardening: sess (quotas, welcome, replay)
+    # --- project quotas, welcome and replay budgets
     #: Largest single value (a prop, a resolved value, a strategy's answer), JSON-encoded bytes.
     value_max_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
     #: Largest document (its live elements, JSON-encoded bytes): a change that would grow it
@@ -210,7 +210,7 @@ class Config:
     #: Most bytes of missed events replayed after a resumed ``welcome``; a resume that needs
     #: more is answered with a snapshot instead. Never more than half of ``outbox_bytes``.
     replay_max_bytes: int = attrs.field(default=4 << 20, validator=_int_range(64 * 1024, 1 << 30))
-    # --- hardening: store
+    # --- storage: WAL checkpoints
     #: Seconds between passive WAL checkpoints of each SQLite database (0.05..60).
     wal_checkpoint_interval: float = attrs.field(
         default=1.0, validator=[attrs.validators.ge(0.05), attrs.validators.le(60)]
@@ -235,13 +235,13 @@ class Config:
                 f"wal_max_bytes ({value})"
             )
 
-    # --- hardening: strategies
+    # --- strategies: the operator's AI providers
     #: The AI providers a project's ``ai`` strategy may name: the only endpoints it calls
     #: (see :mod:`crealia._aiproviders`). CREALIA_AI_URL/_MODEL/_API_KEY define ``default``.
     ai_providers: Mapping[str, AIProviderSettings] = attrs.field(
         factory=dict, converter=parse_ai_providers, repr=False
     )
-    # --- hardening: audit
+    # --- audit log and limits before authentication
     #: Handshakes (``hello``) one address may start per minute before authentication, as
     #: ``"count/burst"`` (each 1..10,000,000), ``"count"`` or ``"off"``; over it: 4429.
     preauth_handshake_limit: str = attrs.field(default="600/300", validator=_preauth_limit)
@@ -309,7 +309,7 @@ class Config:
         if rate_limits:
             values["rate_limits"] = rate_limits
         values.update({k: v for k, v in overrides.items() if v is not None})
-        # --- hardening: strategies (CREALIA_AI_* define the provider "default")
+        # CREALIA_AI_* define the provider "default".
         providers = dict(values.get("ai_providers") or {})
         env_default = default_from_env(env)
         if env_default is not None and DEFAULT_AI_PROVIDER not in providers:
@@ -441,7 +441,6 @@ _ENV: list[tuple[str, str, Any]] = [
         comma_list,
     ),
     ("CREALIA_LOG_FORMAT", "log_format", str),
-    # --- hardening: edge
     ("CREALIA_MAX_CONNECTIONS", "max_connections", int),
     ("CREALIA_MAX_CONNECTIONS_PER_ADDRESS", "max_connections_per_address", int),
     ("CREALIA_MAX_SESSIONS_PER_USER", "max_sessions_per_user", int),
@@ -449,7 +448,6 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HTTP_BODY_TIMEOUT", "http_body_timeout", float),
     ("CREALIA_ALLOWED_HOSTS", "allowed_hosts", str),
     ("CREALIA_CLUSTER_RATE_SLACK", "cluster_rate_slack", float),
-    # --- hardening: sess
     ("CREALIA_VALUE_MAX_BYTES", "value_max_bytes", int),
     ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),
     ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
@@ -458,7 +456,6 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
     ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
     ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),
-    # --- hardening: audit
     ("CREALIA_PREAUTH_HANDSHAKE_LIMIT", "preauth_handshake_limit", str),
     ("CREALIA_PREAUTH_REST_LIMIT", "preauth_rest_limit", str),
     ("CREALIA_AUDIT_REFUSAL_WINDOW", "audit_refusal_window", float),

@@ -396,13 +396,8 @@ class Store:
         await self._thread.run(probe)
 
     async def _writer(self) -> None:
+        batch: list[_Write] = []
         try:
-            await self._write_loop()
-        finally:
-            self._writer_done.set()
-
-    async def _write_loop(self) -> None:
-        async with self._recv:
             async for first in self._recv:
                 batch = [first]
                 while len(batch) < 1024:
@@ -411,6 +406,21 @@ class Store:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._commit(batch)
+        finally:
+            # Cancelled (or broken) before the queue was drained: whatever was not committed
+            # fails now, so that no caller waits for a writer that is gone (write() waits
+            # shielded) and nothing is taken for durable that was not.
+            closed = StorageError("store is closed")
+            for item in batch:
+                if not item.done.is_set():
+                    _fail(item, closed)
+            while True:
+                try:
+                    _fail(self._recv.receive_nowait(), closed)
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            self._recv.close()
+            self._writer_done.set()
 
     async def _commit(self, batch: list[_Write]) -> None:
         statements = [s for item in batch for s in item.statements]
@@ -445,10 +455,7 @@ class Store:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             for item in batch:
-                item.error = exc
-                if item.on_failed is not None:
-                    item.on_failed()
-                item.done.set()
+                _fail(item, exc)
             return
         self.commits += 1
         self.writes += len(batch)
@@ -459,6 +466,13 @@ class Store:
             if item.on_durable is not None:
                 item.on_durable()
             item.done.set()
+
+
+def _fail(item: _Write, error: StorageError) -> None:
+    item.error = error
+    if item.on_failed is not None:
+        item.on_failed()
+    item.done.set()
 
 
 @asynccontextmanager

@@ -184,8 +184,8 @@ class Config:
     #: Most bytes of durable events kept per project for resume (besides ``history_limit``), in
     #: memory and in the kept log; the last 1,000 events are kept whatever their size.
     history_max_bytes: int = attrs.field(default=64 << 20, validator=_int_range(1 << 20, 4 << 30))
-    #: Largest frame of a ``welcome``: a snapshot that does not fit is sent in ``snapshot_chunk``
-    #: frames of at most this many bytes.
+    #: Largest frame of a ``welcome``: one that would be larger has its snapshot, users and
+    #: pending conflicts sent in ``welcome_chunk`` frames of at most this many bytes.
     welcome_frame_bytes: int = attrs.field(
         default=512 * 1024, validator=_int_range(16 * 1024, 16 << 20)
     )
@@ -208,6 +208,11 @@ class Config:
         default=64 * 1024 * 1024,
         validator=[attrs.validators.ge(1024 * 1024), attrs.validators.le(16 * 1024**3)],
     )
+    # --- hardening: quota (tombstones, resolutions, welcome parts)
+    #: Users present in one project at most (0 to 1,000,000; 0: no cap), counting those of
+    #: every process of a cluster as last shared; the next user's ``hello`` gets ``overloaded``
+    #: and close 1013 (more connections of a user already present are let in).
+    max_members_per_project: int = attrs.field(default=1000, validator=_int_range(0, 1_000_000))
 
     @wal_max_bytes.validator
     def _check_wal(self, _attr: object, value: int) -> None:
@@ -410,4 +415,6 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
     ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
     ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),
+    # --- hardening: quota
+    ("CREALIA_MAX_MEMBERS_PER_PROJECT", "max_members_per_project", int),
 ]

@@ -106,6 +106,26 @@ def test_history_keeps_1000_events_then_bounds_bytes() -> None:
     assert len(small) == 1000 and small[-1].seq == 3001
 
 
+def test_kept_events_cost_their_encoded_size() -> None:
+    """history_max_bytes counts encoded bytes: they must be what the events hold (orjson's
+    result kept about 8 times a 60 KB text, and 4 KiB for a small one)."""
+    import tracemalloc
+
+    events = [
+        DurableEvent(project_id="p", seq=seq, kind="comment_add", user_id="u", at=0,
+                     payload={"comment": {"id": str(seq), "text": big(size)}})
+        for seq, size in enumerate([60_000] * 20 + [10] * 200)
+    ]  # fmt: skip
+    tracemalloc.start()
+    try:
+        encoded = [event.encoded for event in events]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = sum(len(e) for e in encoded)
+    assert held < 1.2 * size + 200 * 100, (held, size)
+
+
 @pytest.mark.settings(rate_limits={"edit": "off"})
 async def test_history_in_memory_is_bounded_by_bytes(server: Server, nursery: trio.Nursery) -> None:
     # history_max_bytes has a floor of 1 MiB; with 1,100 events of ~1.5 KB the byte bound only

@@ -177,7 +177,8 @@ class Config:
     #: Largest single value (a prop, a resolved value, a strategy's answer), JSON-encoded bytes.
     value_max_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
     #: Largest document (its live elements, JSON-encoded bytes): a change that would grow it
-    #: past this is refused with ``too_large``; one that shrinks it is always accepted.
+    #: past this is refused with ``too_large``; one that shrinks it is always accepted. Deleted
+    #: elements kept for conflicts live in what is left (the oldest are forgotten first).
     document_max_bytes: int = attrs.field(
         default=16 << 20, validator=_int_range(64 * 1024, 1 << 30)
     )

@@ -365,6 +365,8 @@ class Hub:
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
             room = await self.rooms.join(user.project_id)
+            if self.config.max_members_per_project and room.clustered:
+                await room.refresh_presence()  # count the other processes' users as they are
             if not room.admits(user.id, self.config.max_members_per_project):
                 limit = self.config.max_members_per_project
                 full = Overloaded(f"too many users in this project (at most {limit}); try again "

@@ -49,8 +49,10 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             async def rest() -> None:
                 async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
                     while True:
-                        response = await http.get(f"/api/projects/{long_id}/snapshot",
-                                                  headers={"Authorization": "Bearer x.y.z"})
+                        response = await http.get(
+                            f"/api/projects/{long_id}/snapshot",
+                            headers={"Authorization": "Bearer x.y.z"},
+                        )
                         sent["rest"] += 1
                         sent["rest_429"] += response.status_code == 429
 
@@ -59,8 +61,11 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
                 while True:
                     try:
                         async with trio_websocket.open_websocket_url(url) as conn:
-                            hello = {"type": "hello", "ref": 1, "data": {
-                                "token": "bad", "project_id": uuid.uuid4().hex}}
+                            hello = {
+                                "type": "hello",
+                                "ref": 1,
+                                "data": {"token": "bad", "project_id": uuid.uuid4().hex},
+                            }
                             await conn.send_message(json.dumps(hello))
                             reply = json.loads(await conn.get_message())
                             sent["ws"] += 1

@@ -271,7 +271,7 @@ class _Connection:
     close_code: int | None = None
     close_reason: str | None = None
     opened_at: float = 0.0
-    #: A ``welcome`` whose snapshot comes in ``snapshot_chunk`` frames, and the pieces so far.
+    #: A ``welcome`` whose big parts come in ``welcome_chunk`` frames, and the pieces so far.
     chunked_welcome: dict[str, Any] | None = None
     chunks: list[str] = attrs.Factory(list)
 
@@ -1030,8 +1030,8 @@ class ClientSession:
             logger.warning("ignoring a %s envelope whose data is not an object", type_)
             return
         ref = envelope.get("ref")
-        if conn.chunked_welcome is not None and type_ == "snapshot_chunk":
-            self._on_snapshot_chunk(conn, data)
+        if conn.chunked_welcome is not None and type_ == "welcome_chunk":
+            self._on_welcome_chunk(conn, data)
         elif ref is None:
             self._on_push(Push(type=type_, data=data))
         elif ref == conn.hello_ref:
@@ -1045,33 +1045,37 @@ class ClientSession:
             else:
                 req.settle(reply=data)
 
-    def _on_snapshot_chunk(self, conn: _Connection, data: dict[str, Any]) -> None:
-        """One piece of a chunked welcome's snapshot; the last one completes the welcome."""
+    def _on_welcome_chunk(self, conn: _Connection, data: dict[str, Any]) -> None:
+        """One piece of a chunked welcome; the last one completes it (the pieces form a JSON
+        object of the welcome's parts that did not fit its frame)."""
         welcome = conn.chunked_welcome
         assert welcome is not None
         piece = data.get("data")
         if data.get("index") != len(conn.chunks) or not isinstance(piece, str):
             conn.chunked_welcome = None
-            conn.hello_error = ConnectionLost("the server sent a snapshot chunk out of order")
+            conn.hello_error = ConnectionLost("the server sent a welcome chunk out of order")
             conn.answered.set()
             return
         conn.chunks.append(piece)
-        if len(conn.chunks) < welcome.get("snapshot_chunks", 0):
+        if len(conn.chunks) < welcome.get("welcome_chunks", 0):
             return
         text, conn.chunks, conn.chunked_welcome = "".join(conn.chunks), [], None
         try:
-            welcome["snapshot"] = orjson.loads(text)
+            parts = orjson.loads(text)
         except orjson.JSONDecodeError:
-            conn.hello_error = ConnectionLost("the server's chunked snapshot is not JSON")
+            parts = None
+        if not isinstance(parts, dict):
+            conn.hello_error = ConnectionLost("the server's chunked welcome is not a JSON object")
             conn.answered.set()
             return
-        del welcome["snapshot_chunks"]
+        welcome.update(parts)
+        del welcome["welcome_chunks"]
         self._on_hello_reply(conn, "welcome", welcome)
 
     def _on_hello_reply(self, conn: _Connection, type_: str, data: dict[str, Any]) -> None:
-        chunks = data.get("snapshot_chunks") if type_ == "welcome" else None
-        if isinstance(chunks, int) and chunks > 0 and "snapshot" not in data:
-            # The snapshot follows in ``chunks`` frames: the welcome is complete with the last.
+        chunks = data.get("welcome_chunks") if type_ == "welcome" else None
+        if isinstance(chunks, int) and chunks > 0 and conn.chunked_welcome is None:
+            # Its big parts follow in ``chunks`` frames: the welcome is complete with the last.
             conn.chunked_welcome = data
             return
         if type_ == "welcome":

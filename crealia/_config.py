@@ -195,15 +195,16 @@ class Config:
     #: Largest single value (a prop, a resolved value, a strategy's answer), JSON-encoded bytes.
     value_max_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
     #: Largest document (its live elements, JSON-encoded bytes): a change that would grow it
-    #: past this is refused with ``too_large``; one that shrinks it is always accepted.
+    #: past this is refused with ``too_large``; one that shrinks it is always accepted. Deleted
+    #: elements kept for conflicts live in what is left (the oldest are forgotten first).
     document_max_bytes: int = attrs.field(
         default=16 << 20, validator=_int_range(64 * 1024, 1 << 30)
     )
     #: Most bytes of durable events kept per project for resume (besides ``history_limit``), in
     #: memory and in the kept log; the last 1,000 events are kept whatever their size.
     history_max_bytes: int = attrs.field(default=64 << 20, validator=_int_range(1 << 20, 4 << 30))
-    #: Largest frame of a ``welcome``: a snapshot that does not fit is sent in ``snapshot_chunk``
-    #: frames of at most this many bytes.
+    #: Largest frame of a ``welcome``: one that would be larger has its snapshot, users and
+    #: pending conflicts sent in ``welcome_chunk`` frames of at most this many bytes.
     welcome_frame_bytes: int = attrs.field(
         default=512 * 1024, validator=_int_range(16 * 1024, 16 << 20)
     )
@@ -226,6 +227,11 @@ class Config:
         default=64 * 1024 * 1024,
         validator=[attrs.validators.ge(1024 * 1024), attrs.validators.le(16 * 1024**3)],
     )
+    # --- members
+    #: Users present in one project at most (0 to 1,000,000; 0: no cap), counting those of
+    #: every process of a cluster as last shared; the next user's ``hello`` gets ``overloaded``
+    #: and close 1013 (more connections of a user already present are let in).
+    max_members_per_project: int = attrs.field(default=1000, validator=_int_range(0, 1_000_000))
 
     @wal_max_bytes.validator
     def _check_wal(self, _attr: object, value: int) -> None:
@@ -460,4 +466,5 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_PREAUTH_REST_LIMIT", "preauth_rest_limit", str),
     ("CREALIA_AUDIT_REFUSAL_WINDOW", "audit_refusal_window", float),
     ("CREALIA_OPS_MAX_BYTES", "ops_max_bytes", int),
+    ("CREALIA_MAX_MEMBERS_PER_PROJECT", "max_members_per_project", int),
 ]

@@ -88,11 +88,20 @@ class Element:
 
 @attrs.define
 class Tombstone:
-    """A deleted element: when, by whom, and what it held."""
+    """A deleted element: when, by whom, and what it held.
+
+    Kept so that an edit based on a version before the delete is a conflict (not ``not_found``)
+    and a resolution can bring the element back. Tombstones count in the document quota with
+    the live elements; the oldest are forgotten first when the two together would be over it.
+    """
 
     seq: int
     user_id: str
     element: Element
+
+    def byte_size(self, element_id: str) -> int:
+        """What this tombstone counts for in the document quota: its element's size."""
+        return element_bytes(element_id, self.element.type, self.element.props)
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +151,14 @@ def _set_conflict(
 
 @attrs.define
 class Document:
-    """A project's elements, versions and tombstones as of ``seq``."""
+    """A project's elements, versions and tombstones as of ``seq``.
+
+    What it holds is bounded by ``quotas.document_bytes``: the live elements may not grow past
+    it (:meth:`plan` refuses), and the tombstones live in what is left: :meth:`apply` forgets
+    the oldest ones (in the order of their deletes) as long as the two together are over it.
+    Which tombstones go depends only on the document and the ops, so every copy of a document
+    (the Redis backplane's mirrors, one reloaded from a stored snapshot) forgets the same ones.
+    """
 
     project_id: str
     seq: int = 0
@@ -152,15 +168,31 @@ class Document:
     quotas: Quotas = attrs.Factory(Quotas)
     #: The live elements' size in bytes, as the document quota counts it (None: not counted yet).
     _bytes: int | None = attrs.field(default=None, init=False, repr=False)
+    #: The tombstones' size in bytes, likewise.
+    _tomb_bytes: int | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def byte_size(self) -> int:
-        """The live elements' size in JSON-encoded bytes (what ``document_max_bytes`` bounds)."""
+        """The live elements' size in JSON-encoded bytes (what a change may not grow past
+        ``document_max_bytes``)."""
         if self._bytes is None:
             self._bytes = sum(
                 element_bytes(eid, el.type, el.props) for eid, el in self.elements.items()
             )
         return self._bytes
+
+    @property
+    def tombstone_bytes(self) -> int:
+        """The tombstones' size, counted like the live elements'."""
+        if self._tomb_bytes is None:
+            self._tomb_bytes = sum(t.byte_size(eid) for eid, t in self.tombstones.items())
+        return self._tomb_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything the document holds, live and deleted (at most ``document_max_bytes``
+        after every :meth:`apply`)."""
+        return self.byte_size + self.tombstone_bytes
 
     def _check_quotas(self, ops: list[Op], applied: list[dict[str, Any]]) -> None:
         """Raises:
@@ -175,6 +207,34 @@ class Document:
             elif isinstance(op, InsertOp):
                 for name, value in op.props.items():
                     check_value(value, path=f"data.changes[{i}].props.{name}", max_bytes=limit)
+        self.check_growth(applied, path="data.changes")
+
+    def check_effects(self, effects: list[dict[str, Any]], *, path: str) -> None:
+        """Check ops the server itself writes (a conflict's resolution) as a client's change is:
+        each value within ``value_max_bytes``, the document within ``document_max_bytes``.
+
+        Raises:
+            BadRequest: a value is not acceptable JSON.
+            TooLarge: a value or the document would be over its quota (the message names
+                ``path`` and the quota).
+        """
+        limit = self.quotas.value_bytes
+        for op in effects:
+            if op["op"] == "set":
+                check_value(op["value"], path=path, max_bytes=limit)
+            elif op["op"] == "insert":
+                for name, value in op.get("props", {}).items():
+                    check_value(value, path=f"{path}.{name}", max_bytes=limit)
+        self.check_growth(effects, path=path)
+
+    def check_growth(self, applied: Iterable[dict[str, Any]], *, path: str) -> None:
+        """Check that ops (wire form, as :meth:`apply` takes them) keep the live elements within
+        ``document_max_bytes``; tombstones do not count here (they make room).
+
+        Raises:
+            TooLarge: they would grow the document past it; the message names ``path`` and
+                the quota.
+        """
         growth = 0
         for done in applied:
             eid = done["element_id"]
@@ -189,7 +249,7 @@ class Document:
                 growth -= element_bytes(eid, element.type, element.props)
         if growth > 0 and self.byte_size + growth > self.quotas.document_bytes:
             raise TooLarge(
-                f"data.changes: document_max_bytes quota: the document would hold "
+                f"{path}: document_max_bytes quota: the document would hold "
                 f"{self.byte_size + growth} bytes, over {self.quotas.document_bytes}"
             )
 
@@ -286,12 +346,13 @@ class Document:
         An op may carry ``"writer"`` to be recorded as written by someone other than
         ``writer`` (a resolved conflict counts as the conflicting author's write).
         """
+        # Counted before the ops change what is held, then kept up to date op by op.
+        live, dead = self.byte_size, self.tombstone_bytes
         for op in ops:
             by = op.get("writer", writer)
             eid = op["element_id"]
             kind = op["op"]
-            if self._bytes is not None:
-                self._bytes += self._growth(op)
+            live += self._growth(op)
             if kind == "insert":
                 props = copy.deepcopy(op.get("props", {}))
                 self.elements[eid] = Element(
@@ -302,7 +363,9 @@ class Document:
                     created=seq,
                     created_by=by,
                 )
-                self.tombstones.pop(eid, None)
+                tomb = self.tombstones.pop(eid, None)
+                if tomb is not None:
+                    dead -= tomb.byte_size(eid)
             elif kind == "set":
                 element = self.elements.get(eid)
                 if element is None:
@@ -313,8 +376,16 @@ class Document:
             elif kind == "delete":
                 element = self.elements.pop(eid, None)
                 if element is not None:
-                    self.tombstones[eid] = Tombstone(seq=seq, user_id=by, element=element)
+                    tomb = Tombstone(seq=seq, user_id=by, element=element)
+                    self.tombstones[eid] = tomb
+                    dead += tomb.byte_size(eid)
         self.seq = seq
+        # Over the quota: the oldest tombstones go (deletes are appended: the first is oldest).
+        limit = self.quotas.document_bytes
+        while self.tombstones and live + dead > limit:
+            eid = next(iter(self.tombstones))
+            dead -= self.tombstones.pop(eid).byte_size(eid)
+        self._bytes, self._tomb_bytes = live, dead
 
     def _growth(self, op: dict[str, Any]) -> int:
         """How much applying ``op`` changes :attr:`byte_size`."""

@@ -227,6 +227,17 @@ class Room:
         if not self.sessions and not self._joining:
             self._emptied.set()
 
+    def admits(self, user_id: str, limit: int) -> bool:
+        """Whether ``user_id`` may join with at most ``limit`` users present (0: no cap): those
+        of this process, joining or in, and those of the other processes as last read. A user
+        already present always may."""
+        if not limit or user_id in self.members:
+            return True
+        present = set(self.members)
+        present.update(j.session.user.id for j in self._joining.values())
+        present.update(str(m.get("user_id")) for m in self._remote)
+        return user_id in present or len(present) < limit
+
     def users(self) -> list[dict[str, Any]]:
         """Everyone present: this process's members and those of the other processes."""
         merged = {m.user_id: m.to_wire() for m in self.members.values()}

@@ -193,6 +193,11 @@ def prepare_settle(
 
     If the target moved since ``expect_seq``, the newer value stands and, when someone other
     than the incoming author wrote it, the incoming value conflicts with it anew.
+
+    Raises:
+        BadRequest, TooLarge: the resolution's value could not be written by a client either
+            (not JSON, over ``value_max_bytes``, or growing the document past
+            ``document_max_bytes``); nothing changes.
     """
     redetected: Conflict | None = None
     if expect_seq is not None and target_state(doc, conflict)[0] != expect_seq:
@@ -216,6 +221,8 @@ def prepare_settle(
         effects: list[dict[str, Any]] = []
     else:
         effects = resolution_effects(doc, conflict, resolution.value, writer)
+        # A resolution is a write like any other: within the value and document quotas.
+        doc.check_effects(effects, path="data.value")
     seq = doc.seq + 1
     wire = resolution.to_wire()
     resolved = attrs.evolve(conflict, status="resolved", resolution=wire)

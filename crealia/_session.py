@@ -187,7 +187,7 @@ class Session:
     #: Set once the session has ended and said so (closed, audited, out of its room).
     ended: trio.Event = attrs.Factory(trio.Event)
     #: Frames the writer sends before anything queued: a ``welcome`` too big for one frame and
-    #: its ``snapshot_chunk`` frames, sent as the client takes them (not counted in the outbox).
+    #: its ``welcome_chunk`` frames, sent as the client takes them (not counted in the outbox).
     preamble: collections.abc.Iterable[bytes] = ()
 
     def strike(self) -> None:
@@ -373,6 +373,14 @@ class Hub:
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
             room = await self.rooms.join(user.project_id)
+            if self.config.max_members_per_project and room.clustered:
+                await room.refresh_presence()  # count the other processes' users as they are
+            if not room.admits(user.id, self.config.max_members_per_project):
+                limit = self.config.max_members_per_project
+                full = Overloaded(f"too many users in this project (at most {limit}); try again "
+                                  "later")  # fmt: skip
+                await conn.send(_wire.error_envelope(full, ref))
+                raise _Close(1013, f"too many users in this project (at most {limit})")
             session.traffic = (self.traffic, room.traffic)
             log.info("session opened", extra={"remote": conn.remote, "role": user.role})
             with session.scope:
@@ -497,10 +505,10 @@ class Hub:
         else:
             data["replayed"] = len(events)
         welcome = _wire.envelope("welcome", data, ref)
-        if events is None and len(welcome) > self.config.welcome_frame_bytes:
-            # Too big for one frame a client can take: the snapshot follows in chunks.
-            del data["snapshot"]
-            session.preamble = _chunked_welcome(data, ref, _wire.dumps(snapshot),
+        if len(welcome) > self.config.welcome_frame_bytes:
+            # Too big for one frame a client can take: its big parts follow in chunks.
+            moved = {key: data.pop(key) for key in _CHUNKED_PARTS if key in data}
+            session.preamble = _chunked_welcome(data, ref, _wire.dumps(moved),
                                                 self.config.welcome_frame_bytes)  # fmt: skip
         else:
             session.push(1, welcome)
@@ -751,16 +759,21 @@ def _chunks(frames: list[bytes]) -> list[list[bytes]]:
     return out
 
 
-#: Room in a ``snapshot_chunk`` frame for everything but its text.
+#: Room in a ``welcome_chunk`` frame for everything but its text.
 _CHUNK_OVERHEAD = 128
+
+#: The parts of a ``welcome`` whose size has no small bound: moved into its chunks when the
+#: welcome would not fit one frame.
+_CHUNKED_PARTS = ("snapshot", "pending_conflicts", "users")
 
 
 def _chunked_welcome(
     data: dict[str, Any], ref: int | None, text: bytes, frame_bytes: int
 ) -> collections.abc.Iterator[bytes]:
-    """The ``welcome`` (with ``snapshot_chunks``: n, without ``snapshot``) and its n
-    ``snapshot_chunk`` frames, each at most ``frame_bytes``: the snapshot's JSON text cut into
-    pieces at character boundaries (``{"index": i, "count": n, "data": piece}``).
+    """The ``welcome`` (with ``welcome_chunks``: n, without the parts moved out) and its n
+    ``welcome_chunk`` frames, each at most ``frame_bytes``: ``text`` (the JSON object of the
+    parts moved out) cut into pieces at character boundaries (``{"index": i, "count": n,
+    "data": piece}``).
 
     The pieces are encoded one at a time, as the writer sends them.
     """
@@ -773,13 +786,13 @@ def _chunked_welcome(
             end -= 1
         bounds.append(end)
     count = len(bounds) - 1
-    data["snapshot_chunks"] = count
+    data["welcome_chunks"] = count
 
     def frames() -> collections.abc.Iterator[bytes]:
         yield _wire.envelope("welcome", data, ref)
         for i in range(count):
             piece = text[bounds[i] : bounds[i + 1]].decode()
-            yield _wire.envelope("snapshot_chunk", {"index": i, "count": count, "data": piece})
+            yield _wire.envelope("welcome_chunk", {"index": i, "count": count, "data": piece})
 
     return frames()
 

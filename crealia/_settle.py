@@ -33,7 +33,7 @@ from . import _wire
 from ._audit import AuditLog
 from ._backplane import Backplane, Conflict
 from ._config import Config
-from ._errors import ConfigurationError, NotFound, ProtocolError
+from ._errors import BadRequest, ConfigurationError, NotFound, ProtocolError, TooLarge
 from ._plugins import StrategyRegistry
 from ._strategy import (
     DECLINE,
@@ -247,6 +247,11 @@ class Settler:
                 )
             except NotFound:
                 return None  # a person settled it first
+            except (BadRequest, TooLarge) as exc:
+                # An answer a client could not write either (over a quota): the next strategy.
+                log.warning("strategy %s's resolution of %s refused: %s", name, conflict.id,
+                            exc.message)  # fmt: skip
+                continue
             except ProtocolError:
                 raise
             except Exception:

@@ -586,7 +586,8 @@ async def _wait_closed(store: Store) -> None:
 
 
 def dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
+    # Of its own size: queued writes may wait a while (see crealia._wire.tight).
+    return bytes(memoryview(orjson.dumps(value)))
 
 
 def loads(value: bytes) -> Any:

@@ -7,35 +7,87 @@ from pathlib import Path
 import pytest
 import trio
 
-from crealia import BadRequest, InternalError, User
+from crealia import BadRequest, InternalError, Overloaded, User
 from crealia._storage import open_store
-from crealia._wire import InsertOp, SetOp, TimelineChange
+from crealia._wire import Comment, InsertOp, SetOp, TimelineChange
 from crealia.transports.memory import MemoryBackplane
 
+USER = User(id="u", name="u", role="editor", project_id="p")
 
-async def test_unencodable_write_marks_project_broken_and_reloads(tmp_path: Path) -> None:
-    user = User(id="u", name="u", role="editor", project_id="p")
+
+def _insert(change_id: str, element_id: str) -> TimelineChange:
+    op = InsertOp(op="insert", element_id=element_id, element_type="clip", props={})
+    return TimelineChange(change_id=change_id, changes=[op])
+
+
+def _set(change_id: str, value: object) -> TimelineChange:
+    return TimelineChange(
+        change_id=change_id, changes=[SetOp(op="set", element_id="e", prop="v", value=value)]
+    )
+
+
+async def test_unencodable_value_is_refused_before_the_document_is_touched(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with open_store(tmp_path) as store:
             backplane = MemoryBackplane(store)
-            first = TimelineChange(
-                change_id="c1",
-                changes=[InsertOp(op="insert", element_id="e", element_type="clip", props={})],
-            )
-            assert (await backplane.commit_change(user, first)).seq == 1
+            assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
             # A value no JSON encoder takes, as a plugin bug might produce (past the message
             # validators): the document's value check refuses it before anything is touched.
-            op = SetOp(op="set", element_id="e", prop="v", value=1)
-            object.__setattr__(op, "value", {1, 2})
-            bad = TimelineChange(change_id="c2", changes=[op])
-            with pytest.raises((InternalError, BadRequest)):
-                await backplane.commit_change(user, bad)
-            good = TimelineChange(
-                change_id="c2",
-                changes=[SetOp(op="set", element_id="e", prop="v", value=3)],
-            )
-            outcome = await backplane.commit_change(user, good)
+            bad = _set("c2", 1)
+            object.__setattr__(bad.changes[0], "value", {1, 2})
+            with pytest.raises(BadRequest):
+                await backplane.commit_change(USER, bad)
+            project = backplane._projects["p"]
+            assert not project.broken
+            outcome = await backplane.commit_change(USER, _set("c2", 3))
             assert (outcome.status, outcome.seq) == ("applied", 2)
+            assert backplane._projects["p"] is project  # not reloaded: nothing was touched
+
+
+async def test_unencodable_write_marks_project_broken_and_reloads(tmp_path: Path) -> None:
+    """A comment whose text no encoder takes (a lone surrogate: valid in a Python str, never in
+    JSON off the wire) passes the message validators; the project's seq has moved on in memory
+    when encoding the event fails. The project is marked broken and reloaded from the store."""
+    with trio.fail_after(10):
+        async with open_store(tmp_path) as store:
+            backplane = MemoryBackplane(store)
+            assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
+            broken = backplane._projects["p"]
+            with pytest.raises(InternalError, match="could not record the write"):
+                await backplane.commit_comment(USER, Comment(id="k", text="a\ud800b"))
+            assert broken.broken
+            assert broken.doc.seq == 2  # memory ran ahead of the store: hence the reload
+            # The next write reloads the project from what is durable: no gap, no seq reused.
+            outcome = await backplane.commit_change(USER, _set("c2", 3))
+            assert (outcome.status, outcome.seq) == ("applied", 2)
+            assert backplane._projects["p"] is not broken
+            assert await backplane.commit_comment(USER, Comment(id="k", text="ok")) == (3, False)
             snapshot = await backplane.snapshot("p")
-            assert snapshot["elements"]["e"]["props"] == {"v": 3}
-            assert [e.seq for e in await backplane.events_since("p", 0) or []] == [1, 2]
+            assert snapshot["seq"] == 3 and snapshot["elements"]["e"]["props"] == {"v": 3}
+            assert [e.seq for e in await backplane.events_since("p", 0) or []] == [1, 2, 3]
+
+
+async def test_failed_commit_marks_project_broken_and_reloads(tmp_path: Path) -> None:
+    """The store's commit fails (the real SQLite transaction is rolled back): the change that
+    was already applied in memory is dropped by reloading the project from the store."""
+    with trio.fail_after(10):
+        async with open_store(tmp_path) as store:
+            backplane = MemoryBackplane(store)
+            assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
+            broken = backplane._projects["p"]
+            store.fail_commits = True
+            with pytest.raises(Overloaded) as caught:
+                await backplane.commit_change(USER, _set("c2", "lost"))
+            assert caught.value.outcome == "not_applied"
+            assert broken.broken
+            # While broken, nothing more is taken from the stale copy.
+            store.fail_commits = False
+            outcome = await backplane.commit_change(USER, _set("c3", "kept"))
+            assert (outcome.status, outcome.seq) == ("applied", 2)
+            assert backplane._projects["p"] is not broken
+            snapshot = await backplane.snapshot("p")
+            assert snapshot["elements"]["e"]["props"] == {"v": "kept"}
+            # The failed change's id was not recorded: sending it again applies it.
+            again = await backplane.commit_change(USER, _set("c2", "lost"))
+            assert (again.status, again.seq) == ("applied", 3)
+            assert [e.seq for e in await backplane.events_since("p", 0) or []] == [1, 2, 3]

@@ -29,7 +29,10 @@ async def nodes(
 ) -> AsyncIterator[list[Server]]:
     """Three servers in this process (each its own data dir) sharing the test's Redis."""
     chain = request.node.get_closest_marker("chain")
-    extra = {"strategy_chain": tuple(chain.args)} if chain else {}
+    extra: dict[str, Any] = {"strategy_chain": tuple(chain.args)} if chain else {}
+    settings = request.node.get_closest_marker("settings")
+    if settings is not None:
+        extra.update(settings.kwargs)
     async with AsyncExitStack() as stack:
         servers = [
             await stack.enter_async_context(
@@ -422,3 +425,57 @@ async def test_gdpr_erasure_is_refused_on_redis_without_closing_the_room(
         assert response.status_code == 501
         assert response.json()["error"]["code"] == "unsupported"
         assert (await member.request("ping", {}))["type"] == "pong"  # still connected
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(document_max_bytes=64 * 1024, snapshot_every=10, rate_limits={"edit": "off"})
+async def test_deleted_elements_are_forgotten_alike_on_every_node(
+    nodes: list[Server], on: dict[tuple[int, str], Clients], redis_server: RedisServer
+) -> None:
+    """The insert/delete loop of test_limits over Redis: every node's copy of the document
+    keeps the same few deleted elements, within the quota, and so does the stored snapshot."""
+    with trio.fail_after(60):
+        a = await on[0, "ws"].join("alice")
+        b = await on[1, "ws"].join("bob")
+        for i in range(20):
+            ok = await a.request("timeline_change", insert(f"i{i}", f"e{i}", blob="x" * 20_000))
+            assert ok["data"]["status"] == "applied", ok
+            gone = {"change_id": f"d{i}", "changes": [{"op": "delete", "element_id": f"e{i}"}]}
+            assert (await a.request("timeline_change", gone))["data"]["status"] == "applied"
+            a.inbox.clear()
+            b.inbox.clear()
+        await b.event("timeline_change", seq=40)
+        docs = [node.hub.backplane._mirrors["p1"].doc for node in nodes[:2]]  # type: ignore[attr-defined]
+        assert list(docs[0].tombstones) == list(docs[1].tombstones) == ["e17", "e18", "e19"]
+        assert all(doc.held_bytes <= 64 * 1024 for doc in docs)
+        import redis as redis_py
+
+        client = redis_py.Redis.from_url(redis_server.url)
+        stored = await trio.to_thread.run_sync(client.hget, "crealia:{p1}:snap", "doc")
+        client.close()
+        assert stored is not None and len(stored) < 80 * 1024
+        # A node that loads the project now (snapshot and log) keeps the same ones.
+        c = await on[2, "ws"].join("carol")
+        assert c.welcome["seq"] == 40
+        fresh = nodes[2].hub.backplane._mirrors["p1"].doc  # type: ignore[attr-defined]
+        assert list(fresh.tombstones) == ["e17", "e18", "e19"]
+        recent = await c.request("timeline_change", set_op("c1", "e19", "blob", "mine", 39))
+        assert recent["data"]["status"] == "conflict", recent
+        old = await b.request("timeline_change", set_op("b1", "e0", "blob", "mine", 1))
+        assert old["data"]["code"] == "not_found", old
+
+
+@pytest.mark.settings(max_members_per_project=2)
+async def test_members_per_project_are_counted_across_nodes(
+    nodes: list[Server], on: dict[tuple[int, str], Clients]
+) -> None:
+    with trio.fail_after(20):
+        await on[0, "ws"].join("alice")
+        await on[1, "ws"].join("bob")
+        carol = await on[2, "ws"].raw()
+        await carol.send("hello", {"token": on[2, "ws"].token("carol"), "project_id": "p1"}, 1)
+        refused = await carol.next()
+        assert refused["data"]["code"] == "overloaded", refused
+        assert await carol.closed() == 1013
+        again = await on[2, "ws"].join("bob")
+        assert {u["user_id"] for u in again.welcome["users"]} == {"alice", "bob"}

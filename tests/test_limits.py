@@ -3,18 +3,21 @@ fits what a client can receive, a resume never livelocks, and ids and numbers ar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import jwt
 import orjson
 import pytest
 import trio
 
-from crealia import Server
-from crealia._backplane import DurableEvent, History
+from crealia import Server, open_server
+from crealia._backplane import Conflict, DurableEvent, History
 from crealia._client import connect
+from crealia._strategy import Answer, ConflictStrategy, ResolutionContext
 
 from ._wsclient import open_raw_client
-from .conftest import JWT_SECRET, Clients, opened
+from .conftest import JWT_SECRET, Clients, make_config, opened
 from .test_protocol import insert, set_op
 
 #: A default WebSocket client's message cap (trio-websocket, browsers' usual proxies): 1 MiB.
@@ -103,6 +106,26 @@ def test_history_keeps_1000_events_then_bounds_bytes() -> None:
     assert len(small) == 1000 and small[-1].seq == 3001
 
 
+def test_kept_events_cost_their_encoded_size() -> None:
+    """history_max_bytes counts encoded bytes: they must be what the events hold (orjson's
+    result kept about 8 times a 60 KB text, and 4 KiB for a small one)."""
+    import tracemalloc
+
+    events = [
+        DurableEvent(project_id="p", seq=seq, kind="comment_add", user_id="u", at=0,
+                     payload={"comment": {"id": str(seq), "text": big(size)}})
+        for seq, size in enumerate([60_000] * 20 + [10] * 200)
+    ]  # fmt: skip
+    tracemalloc.start()
+    try:
+        encoded = [event.encoded for event in events]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = sum(len(e) for e in encoded)
+    assert held < 1.2 * size + 200 * 100, (held, size)
+
+
 @pytest.mark.settings(rate_limits={"edit": "off"})
 async def test_history_in_memory_is_bounded_by_bytes(server: Server, nursery: trio.Nursery) -> None:
     # history_max_bytes has a floor of 1 MiB; with 1,100 events of ~1.5 KB the byte bound only
@@ -162,15 +185,19 @@ async def test_big_document_welcome_fits_a_1mib_client(
             await capped.send("hello", {"token": clients.token("bob"), "project_id": "p1"}, 1)
             welcome = await capped.next()
             assert welcome["type"] == "welcome", welcome
-            count = welcome["data"]["snapshot_chunks"]
+            count = welcome["data"]["welcome_chunks"]
             assert "snapshot" not in welcome["data"] and count >= 2
+            assert "users" not in welcome["data"] and "pending_conflicts" not in welcome["data"]
             pieces = []
             for i in range(count):
                 chunk = await capped.next()
-                assert chunk["type"] == "snapshot_chunk"
+                assert chunk["type"] == "welcome_chunk"
                 assert chunk["data"]["index"] == i and chunk["data"]["count"] == count
                 pieces.append(chunk["data"]["data"])
-            snapshot = orjson.loads("".join(pieces))
+            parts = orjson.loads("".join(pieces))
+            assert set(parts) == {"snapshot", "users", "pending_conflicts"}
+            assert {u["user_id"] for u in parts["users"]} == {"alice", "bob"}
+            snapshot = parts["snapshot"]
             assert snapshot == await get_snapshot(server, clients.token("bob"))
             assert snapshot["seq"] == welcome["data"]["seq"] == 20
             # Live events follow, in order, after the last chunk.
@@ -182,7 +209,8 @@ async def test_big_document_welcome_fits_a_1mib_client(
             async with connect(clients.url, clients.token("carol"), "p1") as session:
                 assert session.welcome["snapshot"]["seq"] == 21
                 assert len(session.welcome["snapshot"]["elements"]) == 20
-                assert "snapshot_chunks" not in session.welcome
+                assert "welcome_chunks" not in session.welcome
+                assert {u["user_id"] for u in session.welcome["users"]} == {"alice", "carol"}
 
 
 @pytest.mark.settings(welcome_frame_bytes=16 * 1024)
@@ -196,8 +224,9 @@ async def test_chunks_stay_under_the_welcome_frame_budget_with_multibyte_text(
         raw = await open_raw_client(nursery, clients.url, max_message_size=16 * 1024)
         await raw.send("hello", {"token": clients.token("bob"), "project_id": "p1"}, 1)
         welcome = (await raw.next())["data"]
-        parts = [(await raw.next())["data"]["data"] for _ in range(welcome["snapshot_chunks"])]
-        assert orjson.loads("".join(parts))["elements"]["e"]["props"]["t"] == text
+        parts = [(await raw.next())["data"]["data"] for _ in range(welcome["welcome_chunks"])]
+        snapshot = orjson.loads("".join(parts))["snapshot"]
+        assert snapshot["elements"]["e"]["props"]["t"] == text
         await raw.aclose()
 
 
@@ -225,11 +254,11 @@ async def test_resume_too_big_to_replay_gets_a_snapshot_not_4409(
                 head = welcome["seq"]
                 assert head == 151
                 # The snapshot comes inline or in chunks; either way it is the document at 151.
-                if "snapshot_chunks" in welcome:
+                if "welcome_chunks" in welcome:
                     parts = [
-                        (await b.next())["data"]["data"] for _ in range(welcome["snapshot_chunks"])
+                        (await b.next())["data"]["data"] for _ in range(welcome["welcome_chunks"])
                     ]
-                    snapshot = orjson.loads("".join(parts))
+                    snapshot = orjson.loads("".join(parts))["snapshot"]
                 else:
                     snapshot = welcome["snapshot"]
                 assert snapshot["seq"] == 151
@@ -317,3 +346,191 @@ async def test_integers_beyond_64_bits_are_refused_naming_the_field(clients: Cli
         snap = await get_snapshot(clients.server, clients.token("alice"))
         assert snap["elements"]["clip"]["props"]["n"] == 2**63 - 1  # type: ignore[index]
         assert snap["seq"] == 2
+
+
+# -- item 7: deleted elements, resolutions and the welcome's other parts -------------------------
+
+
+def delete(change_id: str, element_id: str) -> dict[str, object]:
+    return {"change_id": change_id, "changes": [{"op": "delete", "element_id": element_id}]}
+
+
+async def stored_snapshot_bytes(server: Server, project: str = "p1") -> int:
+    store = server.hub.backplane.store  # type: ignore[attr-defined]
+    row = await store.read(
+        lambda conn: conn.execute(
+            "SELECT length(document) FROM snapshots WHERE project_id = ?", (project,)
+        ).fetchone()
+    )
+    return int(row[0])
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(document_max_bytes=64 * 1024, snapshot_every=10, rate_limits={"edit": "off"})
+async def test_insert_delete_loop_stays_within_the_document_quota(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    """40 elements of 20 KB inserted and deleted one after the other (800 KB of deleted content
+    against a 64 KiB quota): the document (and its stored snapshot) keeps only the most recent
+    deleted elements, edits of those are still conflicts, and edits of forgotten ones are
+    not_found."""
+    async with opened(server, nursery) as clients:
+        with trio.fail_after(60):
+            a = await clients.join("alice")
+            b = await clients.join("bob")
+            for i in range(40):
+                ok = await a.request("timeline_change", insert(f"i{i}", f"e{i}", blob=big(20_000)))
+                assert ok["data"]["status"] == "applied", ok
+                ok = await a.request("timeline_change", delete(f"d{i}", f"e{i}"))
+                assert ok["data"]["status"] == "applied", ok
+                a.inbox.clear()
+                b.inbox.clear()
+            # The stored snapshot (written at seq 80) holds no more than the quota allows.
+            assert await stored_snapshot_bytes(server) < 80 * 1024
+            doc = server.hub.backplane._projects["p1"].doc  # type: ignore[attr-defined]
+            assert doc.elements == {}
+            assert 0 < len(doc.tombstones) <= 3
+            assert doc.held_bytes <= 64 * 1024
+            # e39 was inserted at seq 79 and deleted at 80: bob's edit from 79 still conflicts.
+            recent = await b.request("timeline_change", set_op("b1", "e39", "blob", "mine", 79))
+            assert recent["data"]["status"] == "conflict", recent
+            # e0 was forgotten: there is nothing to conflict with, nor to bring back.
+            old = await b.request("timeline_change", set_op("b2", "e0", "blob", "mine", 1))
+            assert old["data"]["code"] == "not_found", old
+            # The kept tombstone brings e39 back when the conflict is settled for bob.
+            (cid,) = recent["data"]["conflicts"]
+            done = await b.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
+            assert done["type"] == "ack", done
+            snap = await get_snapshot(server, clients.token("alice"))
+            assert snap["elements"] == {"e39": {"type": "clip", "props": {"blob": "mine"}}}
+            # Nothing was lost: a new element of the quota's size minus what is live fits.
+            ok = await a.request("timeline_change", insert("last", "f", blob=big(40_000)))
+            assert ok["data"]["status"] == "applied", ok
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(document_max_bytes=64 * 1024)
+async def test_a_resolution_by_hand_may_not_grow_the_document_past_its_quota(
+    clients: Clients,
+) -> None:
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await a.request("timeline_change", insert("c1", "clip", title="t"))
+        await a.request("timeline_change", set_op("c2", "clip", "title", "alice's", 1))
+        ack = await b.request("timeline_change", set_op("c3", "clip", "title", "bob's", 1))
+        (cid,) = ack["data"]["conflicts"]
+        for i in range(2):
+            ok = await a.request("timeline_change", insert(f"f{i}", f"fill{i}", blob=big(25_000)))
+            assert ok["data"]["status"] == "applied", ok
+        # 30 KB is within value_max_bytes (64 KiB) but not within what the document has left.
+        custom = {"conflict_id": cid, "choice": "custom", "value": big(30_000)}
+        refused = await b.request("conflict_resolve", custom)
+        assert refused["data"]["code"] == "too_large", refused
+        assert refused["data"]["message"].startswith("data.value: document_max_bytes quota")
+        async with httpx.AsyncClient(timeout=10) as http:
+            reply = await http.post(
+                f"{clients.server.http_url}/api/collaboration/conflicts/{cid}/resolve",
+                headers={"Authorization": f"Bearer {clients.token('bob')}"},
+                json={"choice": "custom", "value": big(30_000)},
+            )
+        assert reply.status_code == 413, reply.text
+        assert "document_max_bytes" in reply.json()["error"]["message"]
+        # Still pending, nothing written; a value that fits settles it.
+        late = await clients.join("carol")
+        assert [c["id"] for c in late.welcome["pending_conflicts"]] == [cid]
+        assert late.welcome["seq"] == 4
+        ok = await b.request("conflict_resolve", {**custom, "value": big(5_000)})
+        assert ok["type"] == "ack", ok
+        data = (await a.expect_type("conflict_resolved", conflict_id=cid))["data"]
+        assert data["seq"] == 5
+
+
+class _Bloat(ConflictStrategy):
+    async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
+        return self.resolution(conflict, "custom", big(40_000), 0.9, "bigger is better")
+
+
+async def test_a_strategy_resolution_past_the_quota_is_declined_to_the_next(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    config = make_config(tmp_path, strategies={"bloat": lambda o: _Bloat()},
+                         strategy_chain=("bloat", "priority"),
+                         document_max_bytes=64 * 1024)  # fmt: skip
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(20):
+            a = await clients.join("alice")
+            b = await clients.join("bob")
+            await a.request("timeline_change", insert("fill", "fill", blob=big(40_000)))
+            await a.request("timeline_change", insert("c1", "clip", title="t"))
+            await a.request("timeline_change", set_op("c2", "clip", "title", "A", 2))
+            ack = await b.request("timeline_change", set_op("c3", "clip", "title", "B", 2))
+            (cid,) = ack["data"]["conflicts"]
+            data = (await a.expect_type("conflict_resolved", conflict_id=cid))["data"]
+            assert data["resolution"]["strategy"] == "priority", data
+            assert data["resolution"]["value"] in ("A", "B")
+            snap = await get_snapshot(server, clients.token("alice"))
+            assert snap["elements"]["clip"]["props"]["title"] == data["resolution"]["value"]
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(welcome_frame_bytes=16 * 1024)
+async def test_many_big_pending_conflicts_fit_a_small_client_in_chunks(
+    clients: Clients, nursery: trio.Nursery
+) -> None:
+    """12 pending conflicts carrying 8 KB each (about 100 KB) and a tiny snapshot: a client that
+    takes 16 KiB messages got 1009 on its welcome; now the conflicts come in welcome chunks, on
+    a first join and on a resume alike."""
+    with trio.fail_after(30):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await a.request("timeline_change", insert("c0", "clip", title="t"))
+        await a.request("timeline_change", set_op("c1", "clip", "title", "A", 1))
+        ids = []
+        for i in range(12):
+            ack = await b.request(
+                "timeline_change", set_op(f"b{i}", "clip", "title", big(8_000, str(i % 10)), 1)
+            )
+            ids += ack["data"]["conflicts"]
+        for resume in (None, 2):
+            raw = await open_raw_client(nursery, clients.url, max_message_size=16 * 1024)
+            hello: dict[str, object] = {"token": clients.token("carol"), "project_id": "p1"}
+            if resume is not None:
+                hello["resume"] = {"seq": resume}
+            await raw.send("hello", hello, 1)
+            welcome = (await raw.next())["data"]
+            assert "pending_conflicts" not in welcome
+            pieces = [(await raw.next())["data"]["data"] for _ in range(welcome["welcome_chunks"])]
+            parts = orjson.loads("".join(pieces))
+            assert [c["id"] for c in parts["pending_conflicts"]] == ids
+            assert ("snapshot" in parts) is (resume is None)
+            assert (welcome.get("replayed") == 0) is (resume is not None)
+            assert (await raw.request("ping", {}))["type"] == "pong"
+            await raw.aclose()
+        async with connect(clients.url, clients.token("dave"), "p1") as session:
+            assert len(session.welcome["pending_conflicts"]) == 12
+
+
+@pytest.mark.settings(max_members_per_project=2)
+async def test_members_per_project_are_capped(clients: Clients) -> None:
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        carol = await clients.raw()
+        await carol.send("hello", {"token": clients.token("carol"), "project_id": "p1"}, 1)
+        refused = await carol.next()
+        assert refused["data"]["code"] == "overloaded", refused
+        assert "at most 2" in refused["data"]["message"]
+        assert await carol.closed() == 1013
+        # A user already present may open another connection; other projects are unaffected.
+        again = await clients.join("alice")
+        assert again.welcome["seq"] == 0
+        elsewhere = await clients.join("carol", project="p2")
+        assert elsewhere.welcome["project_id"] == "p2"
+        # Once someone leaves, there is room again.
+        await b.aclose()
+        room = clients.server.hub.rooms.rooms["p1"]
+        while "bob" in room.members:
+            await a.expect(lambda env: env.get("data", {}).get("kind") == "user_left")
+        late = await clients.join("carol")
+        assert {u["user_id"] for u in late.welcome["users"]} == {"alice", "carol"}

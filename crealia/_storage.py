@@ -36,13 +36,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import orjson
 import trio
 
 from ._errors import StorageError
+from ._jobs import JobFailures
 
 T = TypeVar("T")
 
@@ -210,7 +211,7 @@ class _SqliteThread:
         Cancellation waits for ``fn`` to finish: sqlite calls are short and must not be torn.
 
         Raises:
-            StorageError: sqlite raised, or the store is closed.
+            StorageError: sqlite (or the file system around it) raised, or the store is closed.
         """
         conn = self._conn
         if conn is None:
@@ -219,6 +220,8 @@ class _SqliteThread:
             return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite: {exc}") from exc
+        except OSError as exc:  # around sqlite: the WAL file's size, out of descriptors...
+            raise StorageError(f"{self._path.name}: {exc}") from exc
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -260,6 +263,8 @@ class Store:
     writes: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
+    #: Where the checkpointer's failures are counted (the server's, when it opened the store).
+    jobs: JobFailures = attrs.Factory(JobFailures)
     #: The WAL file's size in bytes, as last seen (after a commit or a checkpoint).
     wal_bytes: int = 0
     #: Largest WAL size seen since the store opened.
@@ -364,7 +369,7 @@ class Store:
                 raise
             self.checkpoint_error = None
             self._saw_wal(size)
-            self._wal_at_checkpoint = size
+            self._wal_at_checkpoint = self.wal_bytes
 
     async def _truncate(self) -> int:
         # The readers' turns first, then the writer's: no snapshot of ours pins the WAL while
@@ -379,6 +384,8 @@ class Store:
         return self.wal.max_bytes * 3 // 4
 
     def _saw_wal(self, size: int) -> None:
+        if size < 0:
+            return  # not seen this time: the last size stands
         self.wal_bytes = size
         self.wal_bytes_max = max(self.wal_bytes_max, size)
 
@@ -447,26 +454,36 @@ class Store:
             for item in batch:
                 item.error = exc
                 if item.on_failed is not None:
-                    item.on_failed()
+                    with self.jobs.guard(
+                        "store_writer", self.name
+                    ):  # a bug there must not stop commits
+                        item.on_failed()
                 item.done.set()
             return
         self.commits += 1
         self.writes += len(batch)
         self._saw_wal(size)
-        if size - self._wal_at_checkpoint >= self.wal.checkpoint_bytes:
+        if self.wal_bytes - self._wal_at_checkpoint >= self.wal.checkpoint_bytes:
             self._checkpoint_wanted.set()
         for item in batch:
             if item.on_durable is not None:
-                item.on_durable()
+                with self.jobs.guard(
+                    "store_writer", self.name
+                ):  # a bug there must not stop commits
+                    item.on_durable()
             item.done.set()
 
 
 @asynccontextmanager
 async def open_store(
-    data_dir: Path, name: str = "crealia.sqlite3", *, wal: WalPolicy | None = None
+    data_dir: Path,
+    name: str = "crealia.sqlite3",
+    *,
+    wal: WalPolicy | None = None,
+    jobs: JobFailures | None = None,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the SQLite database ``name`` in ``data_dir`` with its writer
-    and checkpointer tasks.
+    and checkpointer tasks (whose failures count in ``jobs``).
 
     A server keeps two: ``crealia.sqlite3`` (the projects: events, snapshots, comments,
     conflicts) and ``OPS_DB`` (audit events, security alerts, metric samples), so that a
@@ -495,7 +512,7 @@ async def open_store(
         raise
     send, recv = trio.open_memory_channel[_Write](100_000)
     store = Store(path=path, thread=thread, reader=reader, lookups=lookups, send=send,
-                  recv=recv, wal=wal)  # fmt: skip
+                  recv=recv, wal=wal, jobs=jobs or JobFailures())  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)
@@ -521,27 +538,29 @@ OPS_DB = "ops.sqlite3"
 RETENTION_INTERVAL = 3600.0
 
 
-async def keep_pruning(prune: Callable[[], Awaitable[int]], what: str) -> None:
-    """Call ``prune`` now and every ``RETENTION_INTERVAL`` seconds, until cancelled; a failing
-    store is logged and tried again next time."""
-    while True:
-        try:
-            await prune()
-        except StorageError as exc:
-            log.warning("%s retention: %s", what, exc)
-        await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
+async def keep_pruning(
+    prune: Callable[[], Awaitable[int]],
+    job: str,
+    jobs: JobFailures,
+    interval: float = RETENTION_INTERVAL,
+) -> NoReturn:
+    """Call ``prune`` now and every ``interval`` seconds, until cancelled; a failing pruning
+    is logged, counted as ``job`` in ``jobs`` and retried with a backoff."""
+    await jobs.keep_running(job, prune, period=interval)
 
 
-async def _checkpoints(store: Store) -> None:
+async def _checkpoints(store: Store) -> NoReturn:
     """Checkpoint the WAL every ``store.wal.interval`` seconds, or as soon as a commit found it
-    past ``checkpoint_bytes``; a failure is logged and counted (:meth:`Store.checkpoint`) and
-    tried again next time."""
-    while True:
+    past ``checkpoint_bytes``; a failure is logged and counted (:meth:`Store.checkpoint`, and
+    ``wal_checkpoint`` in ``store.jobs``) and retried with a backoff."""
+
+    async def step() -> None:
         with trio.move_on_after(store.wal.interval):  # a period, or sooner when asked
             await store._checkpoint_wanted.wait()
         store._checkpoint_wanted = trio.Event()
-        with suppress(StorageError):
-            await store.checkpoint()
+        await store.checkpoint()
+
+    await store.jobs.keep_running("wal_checkpoint", step, instance=store.name)
 
 
 def _checkpoint(mode: str, path: Path, conn: sqlite3.Connection) -> int:
@@ -557,10 +576,14 @@ def _checkpoint(mode: str, path: Path, conn: sqlite3.Connection) -> int:
 
 
 def _wal_size(path: Path) -> int:
+    """The WAL file's size; -1 when it cannot be seen now (it runs right after a commit, which
+    must not be reported as failed for that)."""
     try:
         return os.stat(f"{path}-wal").st_size
     except FileNotFoundError:
         return 0
+    except OSError:
+        return -1
 
 
 async def _wait_closed(store: Store) -> None:

@@ -152,6 +152,21 @@ def _project_of(channel: str) -> tuple[str, str]:
     return project_id, rest
 
 
+def _presence_share(raw: bytes) -> list[dict[str, Any]] | None:
+    """A node's presence entry (a list of members, each with a string ``user_id``), or None
+    when it is not one."""
+    try:
+        share = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(share, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("user_id"), str)
+        and isinstance(m.get("connections", 0), int) for m in share
+    ):  # fmt: skip
+        return None
+    return share
+
+
 def _event_dict(event: DurableEvent) -> dict[str, Any]:
     return {
         "seq": event.seq,
@@ -737,10 +752,16 @@ class RedisBackplane(Backplane):
             dead = [n for n, up in zip(nodes, alive, strict=True) if up is None]
             if dead:
                 client.hdel(key, *dead)  # a process that stopped answering: forget its users
-            return [orjson.loads(shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
+            return [(n, shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
 
         members: list[dict[str, Any]] = []
-        for share in await self.redis.run(read):
+        for node, raw in await self.redis.run(read):
+            share = _presence_share(raw)
+            if share is None:
+                # Another version's or a broken node's entry: not this process's to fail on.
+                log.warning("project %s: ignored malformed presence of node %r", project_id,
+                            node.decode(errors="replace")[:64])  # fmt: skip
+                continue
             members.extend(share)
         return members
 

@@ -165,6 +165,110 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
+#: The version of what is stored (``PRAGMA user_version``); :func:`_upgrade` brings an older
+#: database up to it once, when a store opens it (a new database too: there is nothing to do).
+#: 1: no secret in stored strategy options nor in ``strategy_change`` audit rows.
+SCHEMA_VERSION = 1
+
+#: Option keys that held an AI endpoint or a secret before AI endpoints became the operator's
+#: (issue 10, item 2); version 1 removes them from every stored strategy option.
+SECRET_OPTION_KEYS = frozenset({"api_key", "api_key_env", "url"})
+
+
+def scrub_chain(chain: Any) -> bool:
+    """Remove :data:`SECRET_OPTION_KEYS` from the strategy options of a stored chain
+    (``{"strategies": [...], "options": {name: {...}}}``, a project's settings or a
+    ``strategy_change`` audit event's details), in place, at any depth of the options; True if
+    something was removed."""
+    if not isinstance(chain, dict):
+        return False
+    return _scrub_keys(chain.get("options"))
+
+
+def _scrub_keys(value: Any) -> bool:
+    changed = False
+    if isinstance(value, dict):
+        for key in [k for k in value if k in SECRET_OPTION_KEYS]:
+            del value[key]
+            changed = True
+        for inner in value.values():
+            changed = _scrub_keys(inner) or changed
+    elif isinstance(value, list):
+        for inner in value:
+            changed = _scrub_keys(inner) or changed
+    return changed
+
+
+def _upgrade(conn: sqlite3.Connection) -> int:
+    """Bring the database up to :data:`SCHEMA_VERSION` (once: the version is stored); returns
+    how many rows were rewritten.
+
+    Version 1 removes endpoints and keys from stored strategy options and from the details of
+    stored ``strategy_change`` audit events. With ``secure_delete`` the old bytes are zeroed,
+    and when a row was rewritten a VACUUM drops free pages that may hold older copies; a
+    TRUNCATE checkpoint then leaves no old frame in the WAL file.
+    """
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return 0
+    secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rewritten = _scrub_secrets(conn)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        try:
+            if rewritten:
+                conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the scrub is committed; only old copies may remain
+            log.error("%s: secrets were removed, but old copies may remain in free pages or "
+                      "the WAL until VACUUM runs: %s", _db_name(conn), exc)  # fmt: skip
+    finally:
+        conn.execute(f"PRAGMA secure_delete={int(secure)}")
+    return rewritten
+
+
+def _scrub_secrets(conn: sqlite3.Connection) -> int:
+    rewritten = 0
+    rows = conn.execute("SELECT project_id, settings FROM project_settings").fetchall()
+    for project_id, raw in rows:
+        settings = _loads_or_none(raw)
+        if scrub_chain(settings):
+            conn.execute("UPDATE project_settings SET settings = ? WHERE project_id = ?",
+                         (dumps(settings), project_id))  # fmt: skip
+            rewritten += 1
+    rows = conn.execute(
+        "SELECT rowid, data FROM audit_events WHERE action = 'strategy_change'"
+    ).fetchall()
+    for rowid, raw in rows:
+        event = _loads_or_none(raw)
+        if isinstance(event, dict) and scrub_chain(event.get("details")):
+            conn.execute("UPDATE audit_events SET data = ? WHERE rowid = ?", (dumps(event), rowid))
+            rewritten += 1
+    if rewritten:
+        log.warning("%s: removed AI endpoints and keys from %d stored strategy settings and "
+                    "audit events (they are the operator's now)", _db_name(conn),
+                    rewritten)  # fmt: skip
+    return rewritten
+
+
+def _loads_or_none(raw: Any) -> Any:
+    try:
+        return loads(raw)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def _db_name(conn: sqlite3.Connection) -> str:
+    row = conn.execute("PRAGMA database_list").fetchone()
+    return Path(row[2]).name if row and row[2] else "database"
+
+
 @attrs.frozen(kw_only=True)
 class WalPolicy:
     """When a store checkpoints its write-ahead log (see the module docstring)."""
@@ -501,6 +605,11 @@ async def open_store(
     path = Path(data_dir) / name
     thread = _SqliteThread(path, size_limit=wal.checkpoint_bytes)
     await thread.open()
+    try:
+        await thread.run(_upgrade)  # before any other connection reads
+    except BaseException:
+        await thread.close()
+        raise
     reader = _SqliteThread(path)
     lookups = _SqliteThread(path)
     try:

@@ -42,6 +42,7 @@ import httpx
 import trio
 
 from ._errors import ConfigurationError
+from ._jobs import JobFailures
 
 log = logging.getLogger("crealia.alerts")
 
@@ -608,6 +609,7 @@ class AlertNotifier:
         backoff: float = 0.5,
         timeout: float = 5.0,
         queue: int = 1000,
+        jobs: JobFailures | None = None,
     ) -> None:
         for url in webhooks:
             try:
@@ -633,6 +635,8 @@ class AlertNotifier:
         #: Queued or in-flight deliveries, and the tasks waiting for there to be none.
         self._pending = 0
         self._idle = trio.lowlevel.ParkingLot()
+        #: Where deliveries that failed in an unexpected way (not an HTTP error) are counted.
+        self.jobs = jobs or JobFailures()
 
     def notify(self, alert: Notice) -> None:
         """Queue ``alert`` for every webhook. Never blocks: when a webhook's queue is full the
@@ -668,7 +672,10 @@ class AlertNotifier:
     ) -> None:
         while True:
             alert = await receive.receive()
-            if await self._deliver(client, url, alert):
+            delivered = False
+            with self.jobs.guard("alert_webhook", url):  # a delivery failing oddly ends nothing
+                delivered = await self._deliver(client, url, alert)
+            if delivered:
                 self.delivered += 1
             else:
                 self.failed += 1

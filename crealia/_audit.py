@@ -27,14 +27,16 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import attrs
 import trio
 
 from ._errors import CrealiaError
+from ._jobs import JobFailures
 from ._logging import iso_time
-from ._storage import Statement, Store, dumps, keep_pruning, loads
+from ._storage import RETENTION_INTERVAL, Statement, Store, dumps, keep_pruning, loads
 
 log = logging.getLogger("crealia.audit")
 
@@ -169,6 +171,10 @@ class AuditLog:
     _queue: collections.deque[Statement] = attrs.Factory(collections.deque)
     _queued: trio.Event = attrs.Factory(trio.Event)
     _flush_lock: trio.Lock = attrs.Factory(trio.Lock)
+    #: Where the writer's, the pruning's and the size check's failures are counted.
+    jobs: JobFailures = attrs.Factory(JobFailures)
+    #: Seconds between deletions of events past their retention.
+    prune_interval: float = RETENTION_INTERVAL
 
     def record(
         self,
@@ -289,45 +295,66 @@ class AuditLog:
             self._close(key)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Store queued events and prune old ones until cancelled (then store what is left)."""
+        """Store queued events and prune old ones until cancelled (then store what is left).
+
+        None of the three jobs ends by failing: a write, a pruning or a size check that fails is
+        logged, counted in :attr:`jobs` and retried with a backoff; events that could not be
+        stored stay queued (up to ``MAX_QUEUED``) for the next attempt."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_pruning, self.prune, "audit log")
-            nursery.start_soon(self._keep_under_cap)
+            nursery.start_soon(keep_pruning, self.prune, "audit_prune", self.jobs,
+                               self.prune_interval)  # fmt: skip
+            nursery.start_soon(partial(self.jobs.keep_running, "ops_size_cap", self.enforce_cap,
+                                       period=SIZE_CHECK_INTERVAL))  # fmt: skip
             task_status.started()
             try:
-                while True:
-                    # An open refusal window is stored once it is over.
-                    with trio.move_on_after(self.refusal_window if self._pending else math.inf):
-                        await self._queued.wait()
-                    self._queued = trio.Event()
-                    self._close_windows(every=False)
-                    await self._write()
-                    await trio.sleep(FLUSH_INTERVAL)  # gathers a group per commit
+                await self.jobs.keep_running("audit_writer", self._write_queued)
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                with trio.CancelScope(shield=True), trio.move_on_after(5), \
+                        self.jobs.guard("audit_writer"):  # fmt: skip
                     await self.flush()
+
+    async def _write_queued(self) -> None:
+        """The writer's step: wait for events (unless some wait already), store them."""
+        if not self._queue:
+            # An open refusal window is stored once it is over.
+            with trio.move_on_after(self.refusal_window if self._pending else math.inf):
+                await self._queued.wait()
+        self._queued = trio.Event()
+        self._close_windows(every=False)
+        await self._write()
+        await trio.sleep(FLUSH_INTERVAL)  # gathers a group per commit
 
     async def flush(self) -> None:
         """Store every queued event and open refusal window (events stay queued if the store
-        fails)."""
+        fails: logged, not raised)."""
         self._close_windows(every=True)
-        await self._write()
+        try:
+            await self._write()
+        except CrealiaError as exc:
+            log.warning("audit events not stored yet: %s", exc)
 
     async def _write(self) -> None:
+        """Store what is queued in one commit.
+
+        Raises:
+            StorageError: the store failed; the events are queued again (oldest first, within
+                ``MAX_QUEUED``).
+        """
         async with self._flush_lock:
             if not self._queue:
                 return
             events, self._queue = self._queue, collections.deque()
             try:
                 await self.store.write(list(events))
-            except CrealiaError as exc:
-                log.warning("audit events not stored yet: %s", exc)
-                # Back in front of what came meanwhile, still within the bound.
+            except BaseException:
+                # Back in front of what came meanwhile, still within the bound: a failed (or
+                # cancelled) write loses nothing.
                 events.extend(self._queue)
                 while len(events) > MAX_QUEUED:
                     events.popleft()
                     self.dropped += 1
                 self._queue = events
+                raise
 
     async def prune(self, now_ms: int | None = None) -> int:
         """Delete events older than the retention; returns how many went."""
@@ -338,16 +365,6 @@ class AuditLog:
             return conn.execute("DELETE FROM audit_events WHERE at < ?", (cutoff,)).rowcount
 
         return await self.store.read(delete)
-
-    async def _keep_under_cap(self) -> None:
-        """Check the database's size against ``max_bytes`` every ``SIZE_CHECK_INTERVAL``
-        seconds until cancelled; a failing check is logged and tried again next time."""
-        while True:
-            try:
-                await self.enforce_cap()
-            except CrealiaError as exc:
-                log.warning("operations database size check failed: %s", exc)
-            await trio.sleep(SIZE_CHECK_INTERVAL)  # a period, not synchronization
 
     async def enforce_cap(self) -> int:
         """Delete the oldest audit events (then metric samples) while the database holds more

@@ -263,6 +263,10 @@ class Config:
     #: hold; past it the oldest audit events (then metric samples) are pruned first. 0 turns the
     #: cap off; otherwise 1 MiB .. 1 PiB.
     ops_max_bytes: int = attrs.field(default=1024**3, validator=_ops_max_bytes)
+    # --- background jobs
+    #: Seconds between deletions of audit events, metric samples and resolved alerts past
+    #: their retention (1 .. 86,400; a failed pruning is retried sooner, with a backoff).
+    retention_interval: float = attrs.field(default=3600.0, validator=_float_range(1, 86_400))
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -467,4 +471,5 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_AUDIT_REFUSAL_WINDOW", "audit_refusal_window", float),
     ("CREALIA_OPS_MAX_BYTES", "ops_max_bytes", int),
     ("CREALIA_MAX_MEMBERS_PER_PROJECT", "max_members_per_project", int),
+    ("CREALIA_RETENTION_INTERVAL", "retention_interval", float),
 ]

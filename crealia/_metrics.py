@@ -237,9 +237,14 @@ class ServerCollector(Collector):
         )
         yield _labelled(CounterMetricFamily, "crealia_errors", "Error replies sent, by code.",
                         "code", traffic.by_error)  # fmt: skip
+        jobs = monitor.jobs
         yield _labelled(CounterMetricFamily, "crealia_background_failures",
-                        "Background jobs (metric samples, health checks, pruning) that failed "
-                        "and were retried, by job.", "job", monitor.failures)  # fmt: skip
+                        "Attempts of background jobs (samples, health checks, pruning, the "
+                        "audit writer, checkpoints, ...) that failed and were retried, by job.",
+                        "job", jobs.counts)  # fmt: skip
+        yield _labelled(GaugeMetricFamily, "crealia_background_job_failing",
+                        "1 while a background job's last attempt failed.", "job",
+                        {job: float(job in jobs.failing) for job in jobs.counts})  # fmt: skip
         gate = getattr(monitor.hub, "gate", None)
         if gate is not None:
             yield GaugeMetricFamily(

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from ._alerts import Alert, AlertEngine, AlertNotifier, log_alert
 from ._backplane import Backplane
 from ._config import Config
 from ._errors import CrealiaError, StorageError
+from ._jobs import JobFailures
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
 from ._storage import Statement, Store, dumps, keep_pruning, loads
@@ -48,9 +50,6 @@ P95_EXACT = 20_000
 CHECKPOINT_PROBE = 2.0
 #: Connections whose WebSocket ping round trip is measured each sampling period.
 PING_SAMPLE = 16
-
-#: Background jobs whose failures are counted (``Monitor.failures``).
-_JOBS = ("sample", "health", "prune")
 
 GLOBAL = ""  # the scope key of server-wide samples
 
@@ -108,53 +107,27 @@ class Monitor:
     _process: psutil.Process = attrs.Factory(psutil.Process)
     _memory_limit: int = attrs.Factory(lambda: _memory_limit())
     _subscribers: set[_Subscriber] = attrs.Factory(set)
-    #: Background jobs that failed since the start, by job (sample, health, prune): each was
-    #: logged and is tried again at its next period.
-    failures: dict[str, int] = attrs.Factory(
-        lambda: dict.fromkeys(("sample", "health", "prune"), 0)
-    )
-    _failing: set[str] = attrs.Factory(set)
+    #: The server's background-job failures (this monitor's jobs: sample, health, prune).
+    jobs: JobFailures = attrs.Factory(JobFailures)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the monitor's tasks until cancelled. None of them ends by failing: a failing
-        sample, health check or pruning is logged, counted in :attr:`failures` and tried again
-        at its next period (a server out of file descriptors must keep serving)."""
+        sample, health check or pruning is logged, counted in :attr:`jobs` and tried again
+        (a server out of file descriptors must keep serving)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.notifier.run)
             try:
                 self._process.cpu_percent(None)  # the first call only starts the measurement
             except (OSError, psutil.Error) as exc:
-                self._failed("sample", exc)
-            nursery.start_soon(keep_pruning, self._pruned, "metrics")
-            nursery.start_soon(self._health_loop)
+                self.jobs.failed("sample", exc)
+            nursery.start_soon(keep_pruning, self.prune, "prune", self.jobs,
+                               self.config.retention_interval)  # fmt: skip
+            nursery.start_soon(partial(self.jobs.keep_running, "health", self.check_health,
+                                       period=self.config.health_interval))  # fmt: skip
             if self.config.metrics_interval > 0:
                 nursery.start_soon(self._lag_probe)
                 nursery.start_soon(self._sampler)
             task_status.started()
-
-    def _failed(self, job: str, exc: BaseException) -> None:
-        """Count a failed background job; logged with its traceback the first time in a row."""
-        self.failures[job] = self.failures.get(job, 0) + 1
-        if job in self._failing:
-            log.warning("%s failed again: %s: %s", job, type(exc).__name__, exc)
-            return
-        self._failing.add(job)
-        log.error("%s failed (retried next period): %s: %s", job, type(exc).__name__, exc,
-                  exc_info=exc)  # fmt: skip
-
-    def _succeeded(self, job: str) -> None:
-        if job in self._failing:
-            self._failing.discard(job)
-            log.warning("%s works again", job)
-
-    async def _pruned(self) -> int:
-        try:
-            pruned = await self.prune()
-        except Exception as exc:
-            self._failed("prune", exc)
-            return 0
-        self._succeeded("prune")
-        return pruned
 
     # -- the sampler --------------------------------------------------------------------------
 
@@ -165,14 +138,14 @@ class Monitor:
                 try:
                     await self.probe_pings(min(interval, 5.0))
                 except Exception as exc:
-                    self._failed("sample", exc)
+                    self.jobs.failed("sample", exc)
                 await trio.sleep_forever()  # the rest of the period
             try:
                 await self.take_sample()
             except Exception as exc:
-                self._failed("sample", exc)
+                self.jobs.failed("sample", exc)
             else:
-                self._succeeded("sample")
+                self.jobs.succeeded("sample")
 
     async def take_sample(self) -> list[dict[str, Any]]:
         """Take one sample of the server and of every open project, store them, run the alert
@@ -298,16 +271,6 @@ class Monitor:
                 nursery.start_soon(one, session.conn)
 
     # -- health -------------------------------------------------------------------------------
-
-    async def _health_loop(self) -> None:
-        while True:
-            try:
-                await self.check_health()
-            except Exception as exc:
-                self._failed("health", exc)
-            else:
-                self._succeeded("health")
-            await trio.sleep(self.config.health_interval)  # a period, not synchronization
 
     async def check_health(self) -> dict[str, HealthCheck]:
         """Run every health check now: storage writable, Redis reachable (when configured) and

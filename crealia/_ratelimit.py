@@ -29,12 +29,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Protocol
 
 import attrs
 import trio
 
 from ._errors import ConfigurationError
+from ._jobs import JobFailures
 
 log = logging.getLogger("crealia.ratelimit")
 
@@ -153,6 +155,7 @@ class RateLimiter:
         sync_interval: float = 0.1,
         slack: float = DEFAULT_SLACK,
         clock: Callable[[], float] = time.monotonic,
+        jobs: JobFailures | None = None,
     ) -> None:
         if isinstance(window_ms, bool) or not isinstance(window_ms, int) or window_ms <= 0:
             raise ValueError(f"window_ms must be a positive integer, got {window_ms!r}")
@@ -168,6 +171,8 @@ class RateLimiter:
         self.sync_interval = sync_interval
         self._shared = shared
         self._clock = clock
+        #: Where failed syncs and sweeps are counted (the server's, when it made this one).
+        self.jobs = jobs or JobFailures()
         self._buckets: dict[str, _Bucket] = {
             cls: _Bucket(
                 interval=window_ms / limit.count,
@@ -181,6 +186,7 @@ class RateLimiter:
         #: Syncs with the shared store that failed since the start.
         self.sync_failures = 0
         self._sync_failing = False
+        self._sync_error: Exception | None = None
         self._sync_lock = trio.Lock()
         #: Set to ask the sync loop for a round now; and set when that round is over.
         self._wake = trio.Event()
@@ -325,7 +331,8 @@ class RateLimiter:
             self.sync_failures += 1
             if not self._sync_failing:
                 self._sync_failing = True
-                log.warning("shared rate limits unavailable, limiting locally: %s", exc)
+                log.warning("shared rate limits unavailable, limiting locally")
+            self._sync_error = exc  # the sync job counts it (and logs why)
             return
         if self._sync_failing:
             self._sync_failing = False
@@ -345,20 +352,29 @@ class RateLimiter:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sync with the shared store every ``sync_interval`` seconds (if there is one) and
-        forget idle keys every :attr:`sweep_interval` seconds, until cancelled."""
-        task_status.started()
-        next_sweep = trio.current_time() + self.sweep_interval
-        while True:
+        forget idle keys every :attr:`sweep_interval` seconds, until cancelled. Neither job
+        ends by failing: a failed round is logged, counted in :attr:`jobs` and retried."""
+        async with trio.open_nursery() as nursery:
             if self._shared is not None:
-                with trio.move_on_after(self.sync_interval):
-                    await self._wake.wait()  # a key ran a slack ahead: sync now
-                self._wake = trio.Event()
-                await self.sync()
-            else:
-                await trio.sleep_until(next_sweep)
-            if trio.current_time() >= next_sweep:
-                self.sweep()
-                next_sweep = trio.current_time() + self.sweep_interval
+                nursery.start_soon(self.jobs.keep_running, "rate_limit_sync", self._sync_round)
+            nursery.start_soon(partial(self.jobs.keep_running, "rate_limit_sweep", self._sweep,
+                                       period=self.sweep_interval))  # fmt: skip
+            task_status.started()
+
+    async def _sync_round(self) -> None:
+        if self._shared is None:
+            await trio.sleep_forever()  # one process after all: nothing to share
+        with trio.move_on_after(self.sync_interval):
+            await self._wake.wait()  # a key ran a slack ahead: sync now
+        self._wake = trio.Event()
+        await self.sync()
+        error, self._sync_error = self._sync_error, None
+        if error is not None:
+            raise error
+
+    async def _sweep(self) -> None:
+        self.sweep()
+        await trio.lowlevel.checkpoint()
 
 
 def rate_limits(overrides: Mapping[str, str]) -> dict[str, Limit]:

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -28,6 +29,7 @@ from . import _wire
 from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
 from ._config import Config
 from ._errors import CrealiaError, Overloaded
+from ._jobs import JobFailures
 from ._logging import log_context
 from ._metrics import Traffic
 
@@ -85,8 +87,10 @@ class Room:
     ready: trio.Event = attrs.Factory(trio.Event)
     #: Set once the room has closed and let go of its subscription.
     done: trio.Event = attrs.Factory(trio.Event)
-    failure: CrealiaError | None = None
+    failure: Exception | None = None
     closed: bool = False
+    #: Where failures of the room's jobs (ticker, presence) are counted.
+    jobs: JobFailures = attrs.Factory(JobFailures)
     #: Highest durable seq handed to this room.
     seq: int = 0
     _joining: dict[str, _Joining] = attrs.Factory(dict)
@@ -110,8 +114,9 @@ class Room:
     traffic: Traffic = attrs.Factory(Traffic)
     #: Trio time the room was created.
     opened_at: float = attrs.Factory(trio.current_time)
-    #: Trio time the oldest message waiting for the next flush arrived.
+    #: Trio time the oldest message waiting for the next flush arrived, and of the last tick.
     _since: float = 0.0
+    _last_tick: float = -math.inf
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -131,10 +136,15 @@ class Room:
                         self._nursery = nursery
                         self.ready.set()
                         if self.config.tick_ms > 0:
-                            nursery.start_soon(self._ticker)
+                            nursery.start_soon(partial(
+                                self.jobs.keep_running, "room_ticker", self._tick,
+                                instance=self.project_id))  # fmt: skip
                         nursery.start_soon(self._idle_watch, nursery.cancel_scope)
                         if self.clustered:
-                            nursery.start_soon(self._presence_heartbeat)
+                            nursery.start_soon(partial(
+                                self.jobs.keep_running, "presence", self.refresh_presence,
+                                period=self.config.presence_interval,
+                                instance=self.project_id))  # fmt: skip
                         # Conflicts left pending when the room last closed get their chain again.
                         # In a cluster, young ones are being settled by the process that
                         # detected them; only those it apparently dropped are taken over.
@@ -144,8 +154,14 @@ class Room:
                         self.settle(pending)
         except CrealiaError as exc:
             self.failure = exc
+        except Exception as exc:
+            # A bug, or an error no adapter mapped: this project's room closes (its sessions
+            # get 1011 and may join again), the server goes on.
+            self.failure = exc
+            self.jobs.failed("room", exc, self.project_id)
         finally:
             self.closed = True
+            self.jobs.forget(self.project_id)  # a closed room's jobs are failing no more
             self._nursery = None  # closed: members leaving now have no one to tell
             self.ready.set()
             self.manager._forget(self)
@@ -275,14 +291,6 @@ class Room:
                                 role=gone.get("role", "viewer"))  # fmt: skip
                 self._enqueue(self._announcement("user_left", member), None, None)
 
-    async def _presence_heartbeat(self) -> None:
-        while True:
-            try:
-                await self.refresh_presence()
-            except CrealiaError as exc:
-                log.warning("presence of %s not shared: %s", self.project_id, exc)
-            await trio.sleep(self.config.presence_interval)  # a period, not synchronization
-
     def _announce(self, kind: str, member: Member, origin: str | None) -> None:
         """Tell every member, on every process, that a user joined or left."""
         message = Ephemeral(project_id=self.project_id,
@@ -293,13 +301,11 @@ class Room:
             self._enqueue(message.encoded, origin, None, to_joining=False)
 
     async def _publish_membership(self, message: Ephemeral) -> None:
-        try:
+        with self.jobs.guard("presence", self.project_id):
             if self.clustered:
                 # Share first: whoever hears of the change and asks for the users sees it.
                 await self.refresh_presence()
             await self.backplane.publish(message)
-        except CrealiaError as exc:
-            log.warning("membership change of %s not shared: %s", self.project_id, exc)
 
     def _announcement(self, kind: str, member: Member) -> bytes:
         return _wire.envelope(
@@ -423,15 +429,13 @@ class Room:
             self._coalesced[key] = (frame, origin)
         self._dirty.set()
 
-    async def _ticker(self) -> None:
-        tick = self.config.tick_ms / 1000
-        last = -math.inf
-        while True:
-            await self._dirty.wait()
-            await trio.sleep_until(last + tick)
-            last = trio.current_time()
-            self._dirty = trio.Event()
-            self.flush()
+    async def _tick(self) -> None:
+        """The ticker's step: once something is queued, wait for the tick and flush."""
+        await self._dirty.wait()
+        await trio.sleep_until(self._last_tick + self.config.tick_ms / 1000)
+        self._last_tick = trio.current_time()
+        self._dirty = trio.Event()
+        self.flush()
 
     def flush(self) -> None:
         """Send everything queued since the last tick: one outbox item per member."""
@@ -473,6 +477,8 @@ class RoomManager:
     rooms: dict[str, Room] = attrs.Factory(dict)
     #: Projects that may not open now (a GDPR erasure is rewriting them).
     blocked: set[str] = attrs.Factory(set)
+    #: Where the rooms' job failures are counted.
+    jobs: JobFailures = attrs.Factory(JobFailures)
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -501,6 +507,7 @@ class RoomManager:
                     config=self.config,
                     manager=self,
                     settler=self.settler,
+                    jobs=self.jobs,
                 )
                 self.rooms[project_id] = room
                 self._nursery.start_soon(room.run)

@@ -31,6 +31,7 @@ import trio
 from ._alerts import AlertNotifier, AlertRule, Finding
 from ._audit import SEVERITIES, AuditEvent, Severity
 from ._errors import CrealiaError, NotFound
+from ._jobs import JobFailures
 from ._logging import iso_time
 from ._storage import Store, dumps, loads
 
@@ -316,19 +317,30 @@ class SecurityMonitor:
     _dirty: dict[str, SecurityAlert] = attrs.Factory(dict)
     _wake: trio.Event = attrs.Factory(trio.Event)
     _lock: trio.Lock = attrs.Factory(trio.Lock)
+    #: Where the alert writer's failures are counted.
+    jobs: JobFailures = attrs.Factory(JobFailures)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the open alerts, then store changes as they come until cancelled."""
         await self.reload()
         task_status.started()
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                await self.flush()
+            await self.jobs.keep_running("security_alerts", self._store_changes)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with trio.CancelScope(shield=True), trio.move_on_after(5), \
+                    self.jobs.guard("security_alerts"):  # fmt: skip
                 await self.flush()
+
+    async def _store_changes(self) -> None:
+        """The writer's step: wait for changed alerts (unless some wait already), store them.
+
+        Raises:
+            StorageError: they stay to be stored at the next attempt.
+        """
+        if not self._dirty:
+            await self._wake.wait()
+        self._wake = trio.Event()
+        await self._write()
 
     async def reload(self) -> None:
         """Read the open alerts again from the store (after it was rewritten)."""
@@ -396,22 +408,31 @@ class SecurityMonitor:
         self._wake.set()
 
     async def flush(self) -> None:
+        """Store the changed alerts now (a failing store is logged, not raised: they stay to
+        be stored later)."""
+        try:
+            await self._write()
+        except CrealiaError as exc:
+            log.warning("security alerts not stored yet: %s", exc)
+
+    async def _write(self) -> None:
         async with self._lock:
             dirty, self._dirty = self._dirty, {}
             if not dirty:
                 return
-            rows = [
-                ("INSERT OR REPLACE INTO security_alerts (id, project_id, type, resolved, "
-                 "created_at, data) VALUES (?, ?, ?, ?, ?, ?)",
-                 (a.id, a.project_id, a.type, int(a.resolved), a.created_at,
-                  dumps(attrs.asdict(a))))
-                for a in dirty.values()
-            ]  # fmt: skip
             try:
+                rows = [
+                    ("INSERT OR REPLACE INTO security_alerts (id, project_id, type, resolved, "
+                     "created_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                     (a.id, a.project_id, a.type, int(a.resolved), a.created_at,
+                      dumps(attrs.asdict(a))))
+                    for a in dirty.values()
+                ]  # fmt: skip
                 await self.store.write(rows)  # type: ignore[arg-type]
-            except CrealiaError as exc:
-                log.warning("security alerts not stored yet: %s", exc)
+            except BaseException:
+                # Newer versions of the same alerts (changed meanwhile) win.
                 self._dirty = {**dirty, **self._dirty}
+                raise
 
     async def _query(self, where: str, params: tuple[Any, ...]) -> list[SecurityAlert]:
         # ``where`` is one of this class's constant conditions; values are parameters.

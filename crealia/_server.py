@@ -20,6 +20,7 @@ from ._config import Config
 from ._document import Quotas
 from ._edge import ConnectionGate, default_max_connections, edge_app, serve_http
 from ._http import create_app
+from ._jobs import JobFailures
 from ._metrics import Traffic
 from ._monitor import Monitor
 from ._origin import HostPolicy
@@ -108,12 +109,15 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
         checkpoint_bytes=config.wal_checkpoint_bytes,
         max_bytes=config.wal_max_bytes,
     )
-    async with open_store(config.data_dir, wal=wal) as store, \
-            open_store(config.data_dir, OPS_DB, wal=wal) as ops, \
+    # Every background job's failures, counted for /metrics: none of them ends the server.
+    jobs = JobFailures()
+    async with open_store(config.data_dir, wal=wal, jobs=jobs) as store, \
+            open_store(config.data_dir, OPS_DB, wal=wal, jobs=jobs) as ops, \
             _open_backplane(config, store) as backplane:  # fmt: skip
         audit = AuditLog(ops, retention_days=config.audit_log_retention_days,
                          refusal_window=config.audit_refusal_window,
-                         max_bytes=config.ops_max_bytes)  # fmt: skip
+                         max_bytes=config.ops_max_bytes, jobs=jobs,
+                         prune_interval=config.retention_interval)  # fmt: skip
         settler = Settler(registry=registry, backplane=backplane, config=config, audit=audit)
         settler.build(list(config.strategy_chain), {})  # options a strategy refuses fail here
         async with trio.open_nursery() as nursery:
@@ -122,6 +126,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 config.rate_limit_window_ms,
                 shared=backplane if config.redis_url else None,
                 slack=config.cluster_rate_slack,
+                jobs=jobs,
             )
             await nursery.start(limiter.run)
             traffic = Traffic()
@@ -130,7 +135,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 max_per_address=config.max_connections_per_address,
                 max_per_user=config.max_sessions_per_user,
             )
-            rooms = RoomManager(backplane, config, settler, traffic=traffic)
+            rooms = RoomManager(backplane, config, settler, traffic=traffic, jobs=jobs)
             await nursery.start(rooms.run)
             hub = Hub(
                 config=config,
@@ -143,7 +148,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 traffic=traffic,
                 gate=gate,
             )
-            notifier = AlertNotifier(config.alert_webhooks)
+            notifier = AlertNotifier(config.alert_webhooks, jobs=jobs)
             monitor = Monitor(
                 config=config,
                 store=store,
@@ -153,6 +158,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 engine=AlertEngine(rules, hold=config.alert_hold),
                 notifier=notifier,
                 traffic=traffic,
+                jobs=jobs,
             )
             security = SecurityMonitor(
                 store=ops,
@@ -161,6 +167,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                                      window=config.security_alert_window),
                 notifier=notifier,
                 on_change=monitor.publish_security_alert,
+                jobs=jobs,
             )  # fmt: skip
             audit.observers.append(security.observe)
             await nursery.start(security.run)

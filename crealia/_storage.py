@@ -36,13 +36,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import attrs
 import orjson
 import trio
 
 from ._errors import StorageError
+from ._jobs import JobFailures
 
 T = TypeVar("T")
 
@@ -164,6 +165,110 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
+#: The version of what is stored (``PRAGMA user_version``); :func:`_upgrade` brings an older
+#: database up to it once, when a store opens it (a new database too: there is nothing to do).
+#: 1: no secret in stored strategy options nor in ``strategy_change`` audit rows.
+SCHEMA_VERSION = 1
+
+#: Option keys that held an AI endpoint or a secret before AI endpoints became the operator's
+#: (issue 10, item 2); version 1 removes them from every stored strategy option.
+SECRET_OPTION_KEYS = frozenset({"api_key", "api_key_env", "url"})
+
+
+def scrub_chain(chain: Any) -> bool:
+    """Remove :data:`SECRET_OPTION_KEYS` from the strategy options of a stored chain
+    (``{"strategies": [...], "options": {name: {...}}}``, a project's settings or a
+    ``strategy_change`` audit event's details), in place, at any depth of the options; True if
+    something was removed."""
+    if not isinstance(chain, dict):
+        return False
+    return _scrub_keys(chain.get("options"))
+
+
+def _scrub_keys(value: Any) -> bool:
+    changed = False
+    if isinstance(value, dict):
+        for key in [k for k in value if k in SECRET_OPTION_KEYS]:
+            del value[key]
+            changed = True
+        for inner in value.values():
+            changed = _scrub_keys(inner) or changed
+    elif isinstance(value, list):
+        for inner in value:
+            changed = _scrub_keys(inner) or changed
+    return changed
+
+
+def _upgrade(conn: sqlite3.Connection) -> int:
+    """Bring the database up to :data:`SCHEMA_VERSION` (once: the version is stored); returns
+    how many rows were rewritten.
+
+    Version 1 removes endpoints and keys from stored strategy options and from the details of
+    stored ``strategy_change`` audit events. With ``secure_delete`` the old bytes are zeroed,
+    and when a row was rewritten a VACUUM drops free pages that may hold older copies; a
+    TRUNCATE checkpoint then leaves no old frame in the WAL file.
+    """
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return 0
+    secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            rewritten = _scrub_secrets(conn)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        try:
+            if rewritten:
+                conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the scrub is committed; only old copies may remain
+            log.error("%s: secrets were removed, but old copies may remain in free pages or "
+                      "the WAL until VACUUM runs: %s", _db_name(conn), exc)  # fmt: skip
+    finally:
+        conn.execute(f"PRAGMA secure_delete={int(secure)}")
+    return rewritten
+
+
+def _scrub_secrets(conn: sqlite3.Connection) -> int:
+    rewritten = 0
+    rows = conn.execute("SELECT project_id, settings FROM project_settings").fetchall()
+    for project_id, raw in rows:
+        settings = _loads_or_none(raw)
+        if scrub_chain(settings):
+            conn.execute("UPDATE project_settings SET settings = ? WHERE project_id = ?",
+                         (dumps(settings), project_id))  # fmt: skip
+            rewritten += 1
+    rows = conn.execute(
+        "SELECT rowid, data FROM audit_events WHERE action = 'strategy_change'"
+    ).fetchall()
+    for rowid, raw in rows:
+        event = _loads_or_none(raw)
+        if isinstance(event, dict) and scrub_chain(event.get("details")):
+            conn.execute("UPDATE audit_events SET data = ? WHERE rowid = ?", (dumps(event), rowid))
+            rewritten += 1
+    if rewritten:
+        log.warning("%s: removed AI endpoints and keys from %d stored strategy settings and "
+                    "audit events (they are the operator's now)", _db_name(conn),
+                    rewritten)  # fmt: skip
+    return rewritten
+
+
+def _loads_or_none(raw: Any) -> Any:
+    try:
+        return loads(raw)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+
+
+def _db_name(conn: sqlite3.Connection) -> str:
+    row = conn.execute("PRAGMA database_list").fetchone()
+    return Path(row[2]).name if row and row[2] else "database"
+
+
 @attrs.frozen(kw_only=True)
 class WalPolicy:
     """When a store checkpoints its write-ahead log (see the module docstring)."""
@@ -210,7 +315,7 @@ class _SqliteThread:
         Cancellation waits for ``fn`` to finish: sqlite calls are short and must not be torn.
 
         Raises:
-            StorageError: sqlite raised, or the store is closed.
+            StorageError: sqlite (or the file system around it) raised, or the store is closed.
         """
         conn = self._conn
         if conn is None:
@@ -219,6 +324,8 @@ class _SqliteThread:
             return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
         except sqlite3.Error as exc:
             raise StorageError(f"sqlite: {exc}") from exc
+        except OSError as exc:  # around sqlite: the WAL file's size, out of descriptors...
+            raise StorageError(f"{self._path.name}: {exc}") from exc
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -260,6 +367,8 @@ class Store:
     writes: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
+    #: Where the checkpointer's failures are counted (the server's, when it opened the store).
+    jobs: JobFailures = attrs.Factory(JobFailures)
     #: The WAL file's size in bytes, as last seen (after a commit or a checkpoint).
     wal_bytes: int = 0
     #: Largest WAL size seen since the store opened.
@@ -364,7 +473,7 @@ class Store:
                 raise
             self.checkpoint_error = None
             self._saw_wal(size)
-            self._wal_at_checkpoint = size
+            self._wal_at_checkpoint = self.wal_bytes
 
     async def _truncate(self) -> int:
         # The readers' turns first, then the writer's: no snapshot of ours pins the WAL while
@@ -379,6 +488,8 @@ class Store:
         return self.wal.max_bytes * 3 // 4
 
     def _saw_wal(self, size: int) -> None:
+        if size < 0:
+            return  # not seen this time: the last size stands
         self.wal_bytes = size
         self.wal_bytes_max = max(self.wal_bytes_max, size)
 
@@ -413,14 +524,21 @@ class Store:
             closed = StorageError("store is closed")
             for item in batch:
                 if not item.done.is_set():
-                    _fail(item, closed)
+                    self._fail(item, closed)
             while True:
                 try:
-                    _fail(self._recv.receive_nowait(), closed)
+                    self._fail(self._recv.receive_nowait(), closed)
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             self._recv.close()
             self._writer_done.set()
+
+    def _fail(self, item: _Write, error: StorageError) -> None:
+        item.error = error
+        if item.on_failed is not None:
+            with self.jobs.guard("store_writer", self.name):  # a bug there must not stop commits
+                item.on_failed()
+        item.done.set()
 
     async def _commit(self, batch: list[_Write]) -> None:
         statements = [s for item in batch for s in item.statements]
@@ -455,32 +573,32 @@ class Store:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             for item in batch:
-                _fail(item, exc)
+                self._fail(item, exc)
             return
         self.commits += 1
         self.writes += len(batch)
         self._saw_wal(size)
-        if size - self._wal_at_checkpoint >= self.wal.checkpoint_bytes:
+        if self.wal_bytes - self._wal_at_checkpoint >= self.wal.checkpoint_bytes:
             self._checkpoint_wanted.set()
         for item in batch:
             if item.on_durable is not None:
-                item.on_durable()
+                with self.jobs.guard(
+                    "store_writer", self.name
+                ):  # a bug there must not stop commits
+                    item.on_durable()
             item.done.set()
-
-
-def _fail(item: _Write, error: StorageError) -> None:
-    item.error = error
-    if item.on_failed is not None:
-        item.on_failed()
-    item.done.set()
 
 
 @asynccontextmanager
 async def open_store(
-    data_dir: Path, name: str = "crealia.sqlite3", *, wal: WalPolicy | None = None
+    data_dir: Path,
+    name: str = "crealia.sqlite3",
+    *,
+    wal: WalPolicy | None = None,
+    jobs: JobFailures | None = None,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the SQLite database ``name`` in ``data_dir`` with its writer
-    and checkpointer tasks.
+    and checkpointer tasks (whose failures count in ``jobs``).
 
     A server keeps two: ``crealia.sqlite3`` (the projects: events, snapshots, comments,
     conflicts) and ``OPS_DB`` (audit events, security alerts, metric samples), so that a
@@ -498,6 +616,11 @@ async def open_store(
     path = Path(data_dir) / name
     thread = _SqliteThread(path, size_limit=wal.checkpoint_bytes)
     await thread.open()
+    try:
+        await thread.run(_upgrade)  # before any other connection reads
+    except BaseException:
+        await thread.close()
+        raise
     reader = _SqliteThread(path)
     lookups = _SqliteThread(path)
     try:
@@ -509,7 +632,7 @@ async def open_store(
         raise
     send, recv = trio.open_memory_channel[_Write](100_000)
     store = Store(path=path, thread=thread, reader=reader, lookups=lookups, send=send,
-                  recv=recv, wal=wal)  # fmt: skip
+                  recv=recv, wal=wal, jobs=jobs or JobFailures())  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)
@@ -535,27 +658,29 @@ OPS_DB = "ops.sqlite3"
 RETENTION_INTERVAL = 3600.0
 
 
-async def keep_pruning(prune: Callable[[], Awaitable[int]], what: str) -> None:
-    """Call ``prune`` now and every ``RETENTION_INTERVAL`` seconds, until cancelled; a failing
-    store is logged and tried again next time."""
-    while True:
-        try:
-            await prune()
-        except StorageError as exc:
-            log.warning("%s retention: %s", what, exc)
-        await trio.sleep(RETENTION_INTERVAL)  # a period, not synchronization
+async def keep_pruning(
+    prune: Callable[[], Awaitable[int]],
+    job: str,
+    jobs: JobFailures,
+    interval: float = RETENTION_INTERVAL,
+) -> NoReturn:
+    """Call ``prune`` now and every ``interval`` seconds, until cancelled; a failing pruning
+    is logged, counted as ``job`` in ``jobs`` and retried with a backoff."""
+    await jobs.keep_running(job, prune, period=interval)
 
 
-async def _checkpoints(store: Store) -> None:
+async def _checkpoints(store: Store) -> NoReturn:
     """Checkpoint the WAL every ``store.wal.interval`` seconds, or as soon as a commit found it
-    past ``checkpoint_bytes``; a failure is logged and counted (:meth:`Store.checkpoint`) and
-    tried again next time."""
-    while True:
+    past ``checkpoint_bytes``; a failure is logged and counted (:meth:`Store.checkpoint`, and
+    ``wal_checkpoint`` in ``store.jobs``) and retried with a backoff."""
+
+    async def step() -> None:
         with trio.move_on_after(store.wal.interval):  # a period, or sooner when asked
             await store._checkpoint_wanted.wait()
         store._checkpoint_wanted = trio.Event()
-        with suppress(StorageError):
-            await store.checkpoint()
+        await store.checkpoint()
+
+    await store.jobs.keep_running("wal_checkpoint", step, instance=store.name)
 
 
 def _checkpoint(mode: str, path: Path, conn: sqlite3.Connection) -> int:
@@ -571,10 +696,14 @@ def _checkpoint(mode: str, path: Path, conn: sqlite3.Connection) -> int:
 
 
 def _wal_size(path: Path) -> int:
+    """The WAL file's size; -1 when it cannot be seen now (it runs right after a commit, which
+    must not be reported as failed for that)."""
     try:
         return os.stat(f"{path}-wal").st_size
     except FileNotFoundError:
         return 0
+    except OSError:
+        return -1
 
 
 async def _wait_closed(store: Store) -> None:

@@ -1050,3 +1050,117 @@ async def test_ai_answers_are_checked_like_a_clients_write(
                 n: case[5] for n, case in enumerate(cases)
             }
         await clients.aclose()
+
+
+# -- secrets stored before the provider allow-list ------------------------------------------------
+
+OLD_KEY = "sk-owner-key-stored-by-an-old-server-5f1c0e"
+OLD_URL = "http://attacker.example/v1"
+OLD_ENV = "OWNER_CHOSEN_KEY_VARIABLE"
+OLD_CHAIN = {"strategies": ["ai", "manual"],
+             "options": {"ai": {"url": OLD_URL, "api_key": OLD_KEY, "api_key_env": OLD_ENV,
+                                "model": "m"}}}  # fmt: skip
+SECRETS = (OLD_KEY, "attacker.example", OLD_ENV)
+
+#: An old server storing a chain with an owner's key (settings and audit row), then killed:
+#: what it wrote is still in the WAL files, as well as in the databases.
+_OLD_SERVER = """
+import json, os, sqlite3, sys, time
+from crealia._audit import AuditEvent, _row
+from crealia._storage import _SCHEMA, dumps
+data, chain = sys.argv[1], json.loads(sys.argv[2])
+for name in ("crealia.sqlite3", "ops.sqlite3"):
+    conn = sqlite3.connect(os.path.join(data, name), isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.executescript(_SCHEMA)
+    conn.execute("INSERT INTO project_settings VALUES (?, ?)", ("p1", dumps(chain)))
+    event = AuditEvent(id="e1", user_id="olga", project_id="p1", action="strategy_change",
+                       resource="project:p1", details=chain, timestamp=int(time.time() * 1000),
+                       ip_address="127.0.0.1", user_agent="old", severity="medium",
+                       risk_score=20)
+    conn.execute(*_row(event))
+os._exit(0)
+"""
+
+
+def files_holding_secrets(data: Path) -> list[str]:
+    """The files of the data dir (databases, WAL files...) whose bytes hold a secret."""
+    return sorted(path.name for path in data.iterdir() if path.is_file()
+                  and any(secret.encode() in path.read_bytes() for secret in SECRETS))  # fmt: skip
+
+
+async def test_secrets_stored_before_the_allow_list_are_scrubbed_when_the_store_opens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run([sys.executable, "-c", _OLD_SERVER, str(data), json.dumps(OLD_CHAIN)],
+                   check=True, timeout=60)  # fmt: skip
+    assert files_holding_secrets(data)  # the old server left them in its files
+    caplog.set_level(logging.DEBUG)
+    responses: list[httpx.Response] = []
+    async with open_server(make_config(data)) as server:
+        with trio.fail_after(30):
+            held_while_running = files_holding_secrets(data)
+
+            def bearer(role: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {server.issue_token(role, 'p1', role)}"}  # type: ignore[arg-type]
+
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+                for role in ("viewer", "owner"):
+                    responses.append(await http.get("/api/projects/p1/strategies",
+                                                    headers=bearer(role)))  # fmt: skip
+                responses.append(await http.get("/api/collaboration/audit",
+                                                params={"action": "strategy_change"},
+                                                headers=bearer("owner")))  # fmt: skip
+                for fmt in ("json", "csv"):
+                    responses.append(await http.post("/api/collaboration/audit/export",
+                                                     json={"format": fmt},
+                                                     headers=bearer("owner")))  # fmt: skip
+    assert held_while_running == []
+    assert files_holding_secrets(data) == []
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert not any(secret in response.text for secret in SECRETS), response.text
+    assert not any(secret in record.getMessage() for record in caplog.records
+                   for secret in SECRETS)  # fmt: skip
+    chain = responses[1].json()
+    assert chain["strategies"] and set(chain["strategies"]) <= set(chain["available"])
+    (event,) = responses[2].json()["events"]
+    assert event["details"] == {"strategies": ["ai", "manual"], "options": {"ai": {"model": "m"}}}
+    for name in ("crealia.sqlite3", "ops.sqlite3"):
+        with sqlite3.connect(data / name) as conn:  # done once: the version is stored
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+
+
+async def test_secrets_in_redis_project_settings_are_scrubbed_when_the_backplane_opens(
+    tmp_path: Path,
+) -> None:
+    import redis
+
+    from ._redis import run_redis
+
+    async with run_redis(tmp_path / "redis") as redis_server:
+        raw = redis.Redis.from_url(redis_server.url)
+        try:
+            raw.set("crealia:{p1}:settings", json.dumps(OLD_CHAIN))
+            config = make_config(tmp_path / "d", redis_url=redis_server.url)
+            async with open_server(config) as server:
+                with trio.fail_after(30):
+                    viewer = {"Authorization": f"Bearer {server.issue_token('v', 'p1', 'viewer')}"}
+                    async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+                        response = await http.get("/api/projects/p1/strategies", headers=viewer)
+            stored = raw.get("crealia:{p1}:settings")
+            scrubbed = raw.get("crealia:settings-scrubbed:1")
+        finally:
+            raw.close()
+    assert response.status_code == 200
+    assert not any(secret in response.text for secret in SECRETS)
+    assert json.loads(stored or b"{}") == {"strategies": ["ai", "manual"],
+                                           "options": {"ai": {"model": "m"}}}  # fmt: skip
+    assert scrubbed == b"1"

@@ -65,6 +65,7 @@ from .._sequencing import (
     record_of,
     value_at,
 )
+from .._storage import scrub_chain
 from .._strategy import Resolution
 
 log = logging.getLogger("crealia.redis")
@@ -124,6 +125,17 @@ return 1
 # epoch milliseconds on Redis's own clock, expiring once it has passed. ARGV holds a (cost,
 # emission interval) pair per key; the answer is each TAT's lead over Redis's now, as a string
 # (a Lua number would come back truncated to an integer).
+#: Set once every project's stored settings are free of AI endpoints and keys.
+SCRUBBED_KEY = "crealia:settings-scrubbed:1"
+
+_COMPARE_AND_SET = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+
 _RATE_LIMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -150,6 +162,21 @@ def _project_of(channel: str) -> tuple[str, str]:
     inner = channel[len("crealia:{") :]
     project_id, _, rest = inner.rpartition("}:")
     return project_id, rest
+
+
+def _presence_share(raw: bytes) -> list[dict[str, Any]] | None:
+    """A node's presence entry (a list of members, each with a string ``user_id``), or None
+    when it is not one."""
+    try:
+        share = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(share, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("user_id"), str)
+        and isinstance(m.get("connections", 0), int) for m in share
+    ):  # fmt: skip
+        return None
+    return share
 
 
 def _event_dict(event: DurableEvent) -> dict[str, Any]:
@@ -635,6 +662,36 @@ class RedisBackplane(Backplane):
         raw = await self.redis.run(read)
         return dict(orjson.loads(raw)) if raw else {}
 
+    async def scrub_secrets(self) -> int:
+        """Remove AI endpoints and keys from every project's stored strategy options (what
+        ``_storage.SCHEMA_VERSION`` 1 does to SQLite), once per Redis: a marker key says it
+        was done. Returns how many projects' settings were rewritten. A settings value changed
+        meanwhile by another process is left to it (compare and set)."""
+
+        def scrub(client: redis.Redis) -> int:
+            if client.exists(SCRUBBED_KEY):
+                return 0
+            rewritten = 0
+            for key in client.scan_iter(match="crealia:{*}:settings", count=1000):
+                raw: bytes | None = client.get(key)  # type: ignore[assignment]
+                if not raw:
+                    continue
+                try:
+                    settings = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+                if scrub_chain(settings):
+                    rewritten += int(client.eval(_COMPARE_AND_SET, 1, key, raw,
+                                                 orjson.dumps(settings)))  # fmt: skip
+            client.set(SCRUBBED_KEY, b"1")
+            return rewritten
+
+        rewritten = await self.redis.run(scrub)
+        if rewritten:
+            log.warning("removed AI endpoints and keys from %d projects' stored strategy "
+                        "settings in redis (they are the operator's now)", rewritten)  # fmt: skip
+        return rewritten
+
     async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
         data = orjson.dumps(settings)
 
@@ -737,10 +794,16 @@ class RedisBackplane(Backplane):
             dead = [n for n, up in zip(nodes, alive, strict=True) if up is None]
             if dead:
                 client.hdel(key, *dead)  # a process that stopped answering: forget its users
-            return [orjson.loads(shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
+            return [(n, shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
 
         members: list[dict[str, Any]] = []
-        for share in await self.redis.run(read):
+        for node, raw in await self.redis.run(read):
+            share = _presence_share(raw)
+            if share is None:
+                # Another version's or a broken node's entry: not this process's to fail on.
+                log.warning("project %s: ignored malformed presence of node %r", project_id,
+                            node.decode(errors="replace")[:64])  # fmt: skip
+                continue
             members.extend(share)
         return members
 
@@ -940,6 +1003,7 @@ async def open_redis_backplane(
                                snapshot_every=snapshot_every)  # fmt: skip
     try:
         await threads.run(lambda client: client.ping())
+        await backplane.scrub_secrets()
         stop = [False]
         token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:

@@ -173,8 +173,9 @@ class Config:
     #: Open TCP connections, both ports together, at most (0 to 1,048,576; 0: three quarters
     #: of the process's RLIMIT_NOFILE). Past it a connection is answered 503 and closed.
     max_connections: int = attrs.field(default=0, validator=_int_range(0, 1 << 20))
-    #: Open TCP connections from one client address at most (0 to 1,048,576; 0: no cap).
-    #: Behind a reverse proxy every client has the proxy's address: raise it or set 0.
+    #: Open TCP connections from one client address at most (0 to 1,048,576; 0: no cap), and
+    #: never more than a quarter of ``max_connections``, so one address cannot take them all.
+    #: Behind a reverse proxy every client has the proxy's address: set 0 there.
     max_connections_per_address: int = attrs.field(default=256, validator=_int_range(0, 1 << 20))
     #: Authenticated sessions of one user at most (0 to 65,536; 0: no cap); the next ``hello``
     #: gets ``overloaded`` and close 1013.

@@ -79,6 +79,14 @@ def default_max_connections() -> int:
     return max(16, soft * 3 // 4)
 
 
+def address_cap(per_address: int, total: int) -> int:
+    """The per-address cap in force: ``per_address``, but never more than a quarter of the
+    global cap ``total``, so that one address cannot take every connection (0: no cap)."""
+    if not per_address or not total:
+        return per_address
+    return min(per_address, max(1, total // 4))
+
+
 @attrs.define(eq=False)
 class ConnectionGate:
     """Caps on open connections (in all, per client address) and on sessions per user.

@@ -33,6 +33,7 @@ from ._errors import (
     NotFound,
     ProtocolError,
     RateLimited,
+    TooLarge,
     Unauthorized,
 )
 from ._logging import iso_time
@@ -148,6 +149,11 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
             )  # fmt: skip
         return error_response(exc)
 
+    @app.errorhandler(413)
+    async def body_too_large(_exc: Exception) -> Response:
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return error_response(TooLarge(f"body: larger than {limit} bytes"))
+
     @app.errorhandler(404)
     async def not_found(_exc: Exception) -> Response:
         return error_response(NotFound(f"no such endpoint: {request.method} {request.path}"))
@@ -248,6 +254,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
             value = orjson.loads(raw or b"{}")
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
+        where = _wire.big_int_path(raw)
+        if where is not None:
+            sep = "" if where[:1] in ("", "[") else "."
+            raise BadRequest(f"body{sep}{where}: {_wire.BIG_INT}")
         if not isinstance(value, dict):
             raise BadRequest("body: expected a JSON object")
         return value

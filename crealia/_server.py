@@ -18,7 +18,7 @@ from ._auth import Role, TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
 from ._document import Quotas
-from ._edge import ConnectionGate, default_max_connections, edge_app, serve_http
+from ._edge import ConnectionGate, address_cap, default_max_connections, edge_app, serve_http
 from ._http import create_app
 from ._jobs import JobFailures
 from ._metrics import Traffic
@@ -130,9 +130,10 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             )
             await nursery.start(limiter.run)
             traffic = Traffic()
+            max_connections = config.max_connections or default_max_connections()
             gate = ConnectionGate(
-                max_connections=config.max_connections or default_max_connections(),
-                max_per_address=config.max_connections_per_address,
+                max_connections=max_connections,
+                max_per_address=address_cap(config.max_connections_per_address, max_connections),
                 max_per_user=config.max_sessions_per_user,
             )
             rooms = RoomManager(backplane, config, settler, traffic=traffic, jobs=jobs)

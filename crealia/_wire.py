@@ -571,16 +571,11 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
         raw = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"frame is not valid JSON: {exc}") from None
-    if _LONG_DIGITS.search(frame.encode() if isinstance(frame, str) else frame):
-        # orjson turns integers beyond 64 bits into floats: find them in the exact parse.
-        where = _big_int_path(json.loads(frame), "")
-        if where is not None:
-            refused = BadRequest(
-                f"{where or 'frame'}: integer out of range: integers must fit in 64 bits (±2**63)"
-            )
-            ref = raw.get("ref") if isinstance(raw, dict) else None
-            valid = isinstance(ref, int) and not isinstance(ref, bool) and 0 < ref <= MAX_REF
-            raise _with_ref(refused, ref if valid else None)
+    where = big_int_path(frame)
+    if where is not None:
+        ref = raw.get("ref") if isinstance(raw, dict) else None
+        valid = isinstance(ref, int) and not isinstance(ref, bool) and 0 < ref <= MAX_REF
+        raise _with_ref(BadRequest(f"{where or 'frame'}: {BIG_INT}"), ref if valid else None)
     if not isinstance(raw, dict):
         raise BadRequest(f"frame must be a JSON object envelope, got {_json_type(raw)}")
     kind = raw.get("type")
@@ -602,6 +597,19 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
     except ProtocolError as exc:
         raise _with_ref(exc, ref) from None
     return Envelope(type=kind, ref=ref, data=value)
+
+
+def big_int_path(text: str | bytes) -> str | None:
+    """Where ``text`` (JSON that orjson parsed) holds an integer beyond 64 bits, which orjson
+    silently turns into a float (``""``: the whole text); None when it holds none. One regex
+    pass in the common case, an exact parse with the standard library otherwise."""
+    if not _LONG_DIGITS.search(text.encode() if isinstance(text, str) else text):
+        return None
+    return _big_int_path(json.loads(text), "")
+
+
+#: The message for an integer beyond 64 bits.
+BIG_INT = "integer out of range: integers must fit in 64 bits (±2**63)"
 
 
 def _big_int_path(value: Any, path: str) -> str | None:

@@ -1366,3 +1366,46 @@ async def test_rest_snapshot_refuses_bad_tokens_and_other_projects(server: Serve
                 error = response.json()["error"]
                 assert error["code"] == ("unauthorized" if status == 401 else "forbidden")
                 assert error["message"], name
+
+
+@pytest.mark.chain("manual")
+async def test_rest_bodies_refuse_integers_beyond_64_bits_and_oversized_bodies_in_json(
+    clients: Clients,
+) -> None:
+    """REST bodies get the WebSocket's rules: an integer orjson would turn into a float is
+    refused naming where it is (nothing applied); a body over the HTTP app's limit gets the JSON
+    error envelope, not an HTML page."""
+    server = clients.server
+    with trio.fail_after(TIMEOUT):
+        alice = await clients.join("alice")
+        bob = await clients.join("bob")
+        ins = {"op": "insert", "element_id": "c1", "element_type": "clip", "props": {"start": 1}}
+        await alice.request("timeline_change", change(ins, change_id="c1"))
+        await alice.request(
+            "timeline_change", change(set_op("c1", value=2, base=1), change_id="c2")
+        )
+        ack = await bob.request("timeline_change", change(set_op("c1", value=3, base=1),
+                                                          change_id="c3"))  # fmt: skip
+        (conflict_id,) = ack["data"]["conflicts"]
+        owner = server.issue_token("olga", "p1", "owner")
+        headers = {"Authorization": f"Bearer {owner}", "Content-Type": "application/json"}
+        path = f"{server.http_url}/api/collaboration/conflicts/{conflict_id}/resolve?projectId=p1"
+        async with httpx.AsyncClient(timeout=5) as http:
+            huge = await http.post(
+                path,
+                headers=headers,
+                content=b'{"choice": "custom", "value": 99999999999999999999}',
+            )
+            top = await http.post(path, headers=headers, content=b"[18446744073709551616]")
+            big = await http.post(path, headers=headers,
+                                  content=b'{"choice": "custom", "value": "' + b"x" * (1 << 21)
+                                  + b'"}')  # fmt: skip
+    assert huge.status_code == 400, huge.text
+    assert huge.json()["error"]["code"] == "bad_request"
+    assert huge.json()["error"]["message"].startswith("body.value: integer out of range")
+    assert top.status_code == 400
+    assert top.json()["error"]["message"].startswith("body[0]: integer out of range")
+    assert big.status_code == 413
+    assert big.json()["error"]["code"] == "too_large"
+    assert big.json()["error"]["message"] == "body: larger than 1048576 bytes"
+    assert (await snapshot(server))["elements"]["c1"]["props"]["start"] == 2  # nothing applied

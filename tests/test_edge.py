@@ -231,6 +231,46 @@ async def test_edge_global_cap_answers_503_and_frees_slots(
     assert seq >= 1
 
 
+async def test_edge_one_address_gets_at_most_a_quarter_of_the_global_cap(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """With the default per-address cap (256) above a quarter of a global cap of 40, one
+    attacking address holds 10 connections, not all 40: the others are still served."""
+    config = make_config(tmp_path / "d", max_connections=40)
+    async with open_server(config) as server:
+        assert server.hub.gate.max_per_address == 10
+        with trio.fail_after(20):
+            held = [await connect_from("127.0.0.2", server.http_port) for _ in range(10)]
+            for stream in held:
+                await stream.send_all(b"POST /api/x HTTP/1.1\r\nHost: x\r\n")  # never ends
+            while server.hub.gate.by_address.get("127.0.0.2") != 10:
+                await trio.sleep(0.01)  # the accept loop counts them in; bounded above
+            extra = await connect_from("127.0.0.2", server.http_port)
+            await extra.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await read_all(extra)
+            await extra.aclose()
+            async with httpx.AsyncClient(base_url=server.http_url) as http:
+                healthy = await http.get("/healthz")
+            seq = await legit_edit(ws_url(server, "ws"), nursery, server.issue_token("u", "p1"),
+                                   "c0")  # fmt: skip
+            for stream in held:
+                await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert answer.endswith(b"too many connections from your address (at most 10)\n")
+    assert healthy.status_code == 200
+    assert seq >= 1
+
+
+def test_edge_address_cap_is_a_quarter_of_the_global_cap_at_most() -> None:
+    from crealia._edge import address_cap
+
+    assert address_cap(256, 192) == 48
+    assert address_cap(20, 192) == 20
+    assert address_cap(0, 192) == 0  # the operator's "no cap" (behind a proxy) stands
+    assert address_cap(256, 0) == 256
+    assert address_cap(256, 2) == 1
+
+
 async def test_edge_sessions_per_user_are_capped_with_1013(
     tmp_path: Path, nursery: trio.Nursery, endpoint: str
 ) -> None:

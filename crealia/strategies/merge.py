@@ -44,8 +44,8 @@ far): then only identical sides are settled, unless the ``trust_null_base`` opti
 together), nesting deeper than ``max_depth``, diffs costlier than ``max_diff_steps`` and diffs
 still running after ``max_diff_ms`` milliseconds (checked inside the diff loop) decline. Every
 limit has an upper bound (:data:`LIMIT_RANGES`) no project can raise. A merge with more than
-:data:`THREAD_TEXT_CHARS` characters of text runs in a worker thread (one at a time per
-project), so the event loop keeps serving every other project while it runs; a title's merge
+:data:`THREAD_TEXT_CHARS` characters of text runs in a worker thread (one at a time in the
+whole server), so the event loop keeps serving every other project while it runs; a title's merge
 takes some microseconds and runs in the event loop.
 
 Confidence: 1.0 for the trivial rules (nothing to reconcile); 0.95 for objects whose changed keys
@@ -908,24 +908,37 @@ def _text_chars(value: Any, budget: int) -> int:
     return total
 
 
-async def _run_merge(
-    conflict: Conflict, limits: Limits, trust: bool, limiter: trio.CapacityLimiter
-) -> MergeOutcome | None:
+#: Merge threads of the whole server (of this Trio run): one at a time. Threads share the GIL, so
+#: more of them merge no faster, they only take more turns from the event loop: six projects
+#: merging at once, each in its own thread, put another project's ping p99 at ~300 ms.
+_MERGE_THREADS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("merge_threads")
+
+
+def _merge_threads() -> trio.CapacityLimiter:
+    try:
+        return _MERGE_THREADS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _MERGE_THREADS.set(limiter)
+        return limiter
+
+
+async def _run_merge(conflict: Conflict, limits: Limits, trust: bool) -> MergeOutcome | None:
     """:func:`merge_conflict`, in a worker thread when the texts are large enough to matter.
 
     Measured (benchmarks/strategy_stall.py): another project's ping p99 during worst-case merges
     is ~30 ms this way against ~380 ms in the event loop (the GIL is handed back every
     switch interval). The thread cannot be cancelled, but ``limits.max_diff_ms`` ends it soon:
-    cancellation waits for it rather than leaving it behind. ``limiter`` (one per strategy, so
-    one per project) keeps a project to one merge thread at a time. Small merges (a title) stay
-    in the event loop, where they cost microseconds.
+    cancellation waits for it rather than leaving it behind. One merge thread runs at a time in
+    the whole server (:data:`_MERGE_THREADS`); the others queue, each under its strategy's
+    timeout. Small merges (a title) stay in the event loop, where they cost microseconds.
     """
     sides = (conflict.base_value, conflict.current.get("value"), conflict.incoming.get("value"))
     if _text_chars(sides, THREAD_TEXT_CHARS) < THREAD_TEXT_CHARS:
         return merge_conflict(conflict, limits=limits, trust_null_base=trust)
     return await trio.to_thread.run_sync(
         functools.partial(merge_conflict, conflict, limits=limits, trust_null_base=trust),
-        limiter=limiter,
+        limiter=_merge_threads(),
     )
 
 
@@ -949,7 +962,6 @@ class MergeStrategy(ConflictStrategy):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.limits, self.trust_null_base = _parse_options(options or {}, DEFAULT_LIMITS, False)
-        self._threads = trio.CapacityLimiter(1)
 
     async def resolve(self, conflict: Conflict, context: ResolutionContext) -> Answer:
         """Merge, or :data:`~crealia._strategy.DECLINE`. CPU-bound and bounded by the limits
@@ -959,7 +971,7 @@ class MergeStrategy(ConflictStrategy):
         limits, trust = self.limits, self.trust_null_base
         if context.options:
             limits, trust = _parse_options(context.options, limits, trust)
-        outcome = await _run_merge(conflict, limits, trust, self._threads)
+        outcome = await _run_merge(conflict, limits, trust)
         if outcome is None:
             return DECLINE
         return self.resolution(

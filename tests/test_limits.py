@@ -629,20 +629,40 @@ async def test_pending_conflicts_are_capped_by_bytes(clients: Clients) -> None:
 async def test_stored_pending_conflicts_count_after_a_restart(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    config = make_config(tmp_path, strategy_chain=("manual",), max_pending_conflicts=2)
+    """Conflicts stored pending count again once the data dir is reopened, by count and bytes."""
+    config = make_config(tmp_path, strategy_chain=("manual",), max_pending_conflicts=3,
+                         pending_conflicts_max_bytes=64 * 1024)  # fmt: skip
     with trio.fail_after(30):
         async with open_server(config) as server, opened(server, nursery) as clients:
             a = await clients.join("alice")
             b = await clients.join("bob")
             await alice_wrote_title(a)
             for i in range(2):
-                ack = await b.request("timeline_change", stale_set(f"b{i}", f"bob {i}"))
+                ack = await b.request("timeline_change", stale_set(f"b{i}", big(25_000)))
                 assert ack["data"]["status"] == "conflict", ack
         async with open_server(config) as server, opened(server, nursery) as clients:
             a = await clients.join("alice")
             b = await clients.join("bob")
-            (first, _second) = [c["id"] for c in b.welcome["pending_conflicts"]]
-            await refused_for(b, stale_set("b2", "bob 2"), "max_pending_conflicts")
-            await dismiss(a, first)
-            ack = await b.request("timeline_change", stale_set("b2", "bob 2"))
+            first, _second = [c["id"] for c in b.welcome["pending_conflicts"]]
+            await refused_for(b, stale_set("b2", big(25_000)), "pending_conflicts_max_bytes")
+            ack = await b.request("timeline_change", stale_set("b3", "small"))
             assert ack["data"]["status"] == "conflict", ack
+            await refused_for(b, stale_set("b4", "small"), "max_pending_conflicts")
+            await dismiss(a, first)
+            ack = await b.request("timeline_change", stale_set("b4", "small"))
+            assert ack["data"]["status"] == "conflict", ack
+
+
+def test_pending_conflict_quotas_have_defaults_ranges_and_env(tmp_path: Path) -> None:
+    from crealia import Config, ConfigurationError
+
+    config = make_config(tmp_path)
+    assert (config.max_pending_conflicts, config.pending_conflicts_max_bytes) == (1000, 16 << 20)
+    env = {"CREALIA_MAX_PENDING_CONFLICTS": "7", "CREALIA_PENDING_CONFLICTS_MAX_BYTES": "65536"}
+    from_env = Config.from_env({**env, "CREALIA_DATA_DIR": str(tmp_path)})
+    assert (from_env.max_pending_conflicts, from_env.pending_conflicts_max_bytes) == (7, 65536)
+    for bad in ({"max_pending_conflicts": 0}, {"max_pending_conflicts": 100_001},
+                {"pending_conflicts_max_bytes": 65535},
+                {"pending_conflicts_max_bytes": (1 << 30) + 1}):  # fmt: skip
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            make_config(tmp_path, **bad)

@@ -212,6 +212,14 @@ class Config:
     #: Most bytes of missed events replayed after a resumed ``welcome``; a resume that needs
     #: more is answered with a snapshot instead. Never more than half of ``outbox_bytes``.
     replay_max_bytes: int = attrs.field(default=4 << 20, validator=_int_range(64 * 1024, 1 << 30))
+    #: Most pending conflicts (awaiting a person or a strategy) per project (1 to 100,000): a
+    #: change that would open more is refused with ``too_large``; resolving one makes room.
+    max_pending_conflicts: int = attrs.field(default=1000, validator=_int_range(1, 100_000))
+    #: Most bytes the pending conflicts of a project may hold (their incoming, current and base
+    #: values, JSON-encoded; 64 KiB to 1 GiB), likewise.
+    pending_conflicts_max_bytes: int = attrs.field(
+        default=16 << 20, validator=_int_range(64 * 1024, 1 << 30)
+    )
     # --- storage: WAL checkpoints
     #: Seconds between passive WAL checkpoints of each SQLite database (0.05..60).
     wal_checkpoint_interval: float = attrs.field(
@@ -464,6 +472,8 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
     ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
     ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
+    ("CREALIA_MAX_PENDING_CONFLICTS", "max_pending_conflicts", int),
+    ("CREALIA_PENDING_CONFLICTS_MAX_BYTES", "pending_conflicts_max_bytes", int),
     ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
     ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
     ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),

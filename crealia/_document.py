@@ -30,11 +30,14 @@ from ._wire import (
 @attrs.frozen(kw_only=True)
 class Quotas:
     """What one project may hold (``Config.value_max_bytes``, ``document_max_bytes``,
-    ``history_max_bytes``), in JSON-encoded bytes."""
+    ``history_max_bytes``, ``max_pending_conflicts``, ``pending_conflicts_max_bytes``), in
+    JSON-encoded bytes or (pending conflicts) a count."""
 
     value_bytes: int = MAX_VALUE_BYTES
     document_bytes: int = 16 << 20
     history_bytes: int = 64 << 20
+    pending_conflicts: int = 1000
+    pending_bytes: int = 16 << 20
 
     @classmethod
     def of(cls, config: Any) -> Quotas:
@@ -43,6 +46,8 @@ class Quotas:
             value_bytes=config.value_max_bytes,
             document_bytes=config.document_max_bytes,
             history_bytes=config.history_max_bytes,
+            pending_conflicts=config.max_pending_conflicts,
+            pending_bytes=config.pending_conflicts_max_bytes,
         )
 
 
@@ -115,6 +120,8 @@ class ConflictSpec:
     base_value: Any
     current: dict[str, Any]
     incoming: dict[str, Any]
+    #: The position of the op in its change (for errors naming ``data.changes[i]``).
+    index: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -136,9 +143,10 @@ def _no_history(_element_id: str, _prop: str | None, _seq: int | None) -> Any:
 
 
 def _set_conflict(
-    op: SetOp, current: dict[str, Any], user_id: str, change_id: str, value_at: ValueAt
+    op: SetOp, current: dict[str, Any], user_id: str, change_id: str, value_at: ValueAt, index: int
 ) -> ConflictSpec:
     return ConflictSpec(
+        index=index,
         op="set",
         element_id=op.element_id,
         prop=op.prop,
@@ -297,7 +305,7 @@ class Document:
                 stale = op.base is not None and op.base < tomb.seq
                 if isinstance(op, SetOp) and stale and tomb.user_id != user_id:
                     current = {"value": None, "user_id": tomb.user_id, "seq": tomb.seq}
-                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at))
+                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at, i))
                     continue
                 raise NotFound(f"{where}: element {eid!r} was deleted at seq {tomb.seq}")
             if isinstance(op, SetOp):
@@ -311,7 +319,7 @@ class Document:
                 ):
                     current = {"value": element.props.get(op.prop), "user_id": writer,
                                "seq": version}  # fmt: skip
-                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at))
+                    conflicts.append(_set_conflict(op, current, user_id, change_id, value_at, i))
                     continue
                 applied.append(unstructure(op))
             else:
@@ -319,6 +327,7 @@ class Document:
                 if op.base is not None and op.base < version and writer != user_id:
                     conflicts.append(
                         ConflictSpec(
+                            index=i,
                             op="delete",
                             element_id=eid,
                             prop=None,

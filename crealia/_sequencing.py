@@ -11,7 +11,7 @@ import copy
 import hashlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -21,7 +21,7 @@ from . import _wire
 from ._auth import User
 from ._backplane import ChangeOutcome, Conflict, DurableEvent
 from ._document import ConflictSpec, Document, ValueAt
-from ._errors import BadRequest
+from ._errors import BadRequest, TooLarge
 from ._strategy import Resolution
 
 
@@ -123,6 +123,59 @@ def new_conflict(
     )
 
 
+@attrs.frozen
+class PendingLoad:
+    """What a project's pending conflicts hold: how many, and their bytes
+    (:func:`conflict_bytes`), against ``max_pending_conflicts`` and
+    ``pending_conflicts_max_bytes``."""
+
+    count: int = 0
+    bytes: int = 0
+
+    @classmethod
+    def of(cls, conflicts: Iterable[Conflict]) -> PendingLoad:
+        """The load of these conflicts (those pending among them)."""
+        pending = [c for c in conflicts if c.status == "pending"]
+        return cls(len(pending), sum(conflict_bytes(c) for c in pending))
+
+
+def conflict_bytes(conflict: Conflict | ConflictSpec) -> int:
+    """What a pending conflict counts for in ``pending_conflicts_max_bytes``: its incoming,
+    current and base values, JSON-encoded."""
+    return (
+        _wire.value_bytes(conflict.incoming)
+        + _wire.value_bytes(conflict.current)
+        + _wire.value_bytes(conflict.base_value)
+    )
+
+
+def check_pending(specs: Sequence[ConflictSpec], load: PendingLoad, doc: Document) -> None:
+    """Check that opening these conflicts keeps the project's pending conflicts within
+    ``doc.quotas``.
+
+    Raises:
+        TooLarge: one of them would be past ``max_pending_conflicts`` or
+            ``pending_conflicts_max_bytes``; the message names its op and the quota.
+    """
+    quotas = doc.quotas
+    count, held = load.count, load.bytes
+    for spec in specs:
+        count += 1
+        held += conflict_bytes(spec)
+        where = f"data.changes[{spec.index}]"
+        if count > quotas.pending_conflicts:
+            raise TooLarge(
+                f"{where}: max_pending_conflicts quota: the project would have {count} pending "
+                f"conflicts, over {quotas.pending_conflicts}; resolve or dismiss some first"
+            )
+        if held > quotas.pending_bytes:
+            raise TooLarge(
+                f"{where}: pending_conflicts_max_bytes quota: the project's pending conflicts "
+                f"would hold {held} bytes, over {quotas.pending_bytes}; resolve or dismiss some "
+                "first"
+            )
+
+
 def prepare_change(
     doc: Document,
     user: User,
@@ -132,13 +185,21 @@ def prepare_change(
     roles: dict[str, str],
     lookup: ValueAt,
     at: int,
+    pending: PendingLoad | None,
 ) -> tuple[ChangeOutcome, DurableEvent | None]:
     """The outcome and (when something applies) the event of ``change`` at ``doc.seq + 1``.
 
+    ``pending`` is what the project's pending conflicts hold (``None``: the caller checks the
+    quotas itself, atomically, with :func:`check_pending`).
+
     Raises:
         BadRequest, NotFound: the change contradicts the document.
+        TooLarge: it would grow the document, a value, or the pending conflicts past a quota
+            (the message names it); nothing changes.
     """
     plan = doc.plan(user.id, change.change_id, change.changes, lookup)
+    if pending is not None:
+        check_pending(plan.conflicts, pending, doc)
     event = None
     seq = None
     if plan.applied:

@@ -479,3 +479,46 @@ async def test_members_per_project_are_counted_across_nodes(
         assert await carol.closed() == 1013
         again = await on[2, "ws"].join("bob")
         assert {u["user_id"] for u in again.welcome["users"]} == {"alice", "bob"}
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(max_pending_conflicts=2, rate_limits={"edit": "off"})
+async def test_pending_conflicts_are_capped_across_nodes(
+    nodes: list[Server], on: dict[tuple[int, str], Clients], redis_server: RedisServer
+) -> None:
+    """Stale sets from two nodes share one count in Redis; the next is refused whole on a
+    third; conflicts stored before the count (its key gone) are counted again; a dismissal
+    makes room."""
+    import redis as redis_py
+
+    with trio.fail_after(30):
+        a = await on[0, "ws"].join("alice")
+        b = await on[1, "http"].join("bob")
+        c = await on[2, "ws"].join("carol")
+        await a.request("timeline_change", insert("a1", "clip", title="t"))
+        await a.request("timeline_change", set_op("a2", "clip", "title", "alice's", 1))
+        ids = []
+        for i, who in enumerate((b, c)):
+            ack = await who.request("timeline_change", set_op(f"s{i}", "clip", "title", i, 1))
+            assert ack["data"]["status"] == "conflict", ack
+            ids += ack["data"]["conflicts"]
+        over = {"change_id": "s2", "changes": [
+            {"op": "insert", "element_id": "extra", "element_type": "clip", "props": {}},
+            {"op": "set", "element_id": "clip", "prop": "title", "value": 2, "base": 1},
+        ]}  # fmt: skip
+        refused = await c.request("timeline_change", over)
+        assert refused["data"]["code"] == "too_large", refused
+        assert refused["data"]["message"].startswith("data.changes[1]: max_pending_conflicts")
+        client = redis_py.Redis.from_url(redis_server.url)
+        await trio.to_thread.run_sync(client.delete, "crealia:{p1}:pending")
+        client.close()
+        refused = await b.request("timeline_change", over)
+        assert refused["data"]["code"] == "too_large", refused
+        assert (await b.request("ping", {}))["type"] == "pong"
+        assert len(await nodes[2].hub.backplane.pending_conflicts("p1")) == 2
+        snap = await nodes[0].hub.backplane.snapshot("p1")
+        assert "extra" not in snap["elements"] and snap["seq"] == 2
+        ack = await a.request("conflict_dismiss", {"conflict_id": ids[0]})
+        assert ack["type"] == "ack", ack
+        again = await c.request("timeline_change", over)
+        assert again["data"]["status"] == "partial", again

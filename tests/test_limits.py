@@ -16,7 +16,7 @@ from crealia._backplane import Conflict, DurableEvent, History
 from crealia._client import connect
 from crealia._strategy import Answer, ConflictStrategy, ResolutionContext
 
-from ._wsclient import open_raw_client
+from ._wsclient import RawClient, open_raw_client
 from .conftest import JWT_SECRET, Clients, make_config, opened
 from .test_protocol import insert, set_op
 
@@ -534,3 +534,135 @@ async def test_members_per_project_are_capped(clients: Clients) -> None:
             await a.expect(lambda env: env.get("data", {}).get("kind") == "user_left")
         late = await clients.join("carol")
         assert {u["user_id"] for u in late.welcome["users"]} == {"alice", "carol"}
+
+
+# -- item 7: pending conflicts ---------------------------------------------------------------------
+
+
+def stale_set(change_id: str, value: object, *, also: str | None = None) -> dict[str, object]:
+    """``title`` set from base 1 (alice wrote it at 2: a conflict), after an insert of ``also``
+    that applies on its own."""
+    change = set_op(change_id, "clip", "title", value, 1)
+    if also is not None:
+        change["changes"] = [*insert("-", also, n=1)["changes"], *change["changes"]]  # type: ignore[misc]
+    return change
+
+
+async def alice_wrote_title(a: RawClient) -> None:
+    await a.request("timeline_change", insert("a1", "clip", title="t"))
+    ok = await a.request("timeline_change", set_op("a2", "clip", "title", "alice's", 1))
+    assert ok["data"]["status"] == "applied", ok
+
+
+async def refused_for(client: RawClient, change: dict[str, object], quota: str) -> None:
+    refused = await client.request("timeline_change", change)
+    assert refused["type"] == "error" and refused["data"]["code"] == "too_large", refused
+    message = refused["data"]["message"]
+    assert message.startswith(f"data.changes[{len(change['changes']) - 1}]: {quota} quota"), message  # type: ignore[arg-type]
+
+
+async def dismiss(client: RawClient, cid: str) -> None:
+    ack = await client.request("conflict_dismiss", {"conflict_id": cid})
+    assert ack["type"] == "ack", ack
+    await client.expect_type("conflict_resolved", conflict_id=cid)
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(max_pending_conflicts=3, rate_limits={"edit": "off"})
+async def test_pending_conflicts_are_capped_by_count(clients: Clients) -> None:
+    """The reviewer's scenario scaled down: stale sets on one property pile up as pending
+    conflicts until the count quota; the next change is refused whole, nothing applied."""
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await alice_wrote_title(a)
+        ids = []
+        for i in range(3):
+            ack = await b.request("timeline_change", stale_set(f"b{i}", f"bob {i}"))
+            assert ack["data"]["status"] == "conflict", ack
+            ids += ack["data"]["conflicts"]
+        # Its insert would apply, but its conflict is one too many: the whole change is refused.
+        await refused_for(b, stale_set("b3", "bob 3", also="extra"), "max_pending_conflicts")
+        late = await clients.join("carol")
+        assert late.welcome["seq"] == 2
+        assert "extra" not in late.welcome["snapshot"]["elements"]
+        assert [c["id"] for c in late.welcome["pending_conflicts"]] == ids
+        # Other writes go on; dismissing one makes room, and the id was not recorded.
+        ok = await a.request("timeline_change", set_op("a3", "clip", "other", "x", None))
+        assert ok["data"]["status"] == "applied"
+        await dismiss(a, ids[0])
+        again = await b.request("timeline_change", stale_set("b3", "bob 3", also="extra"))
+        assert again["data"]["status"] == "partial", again
+        await refused_for(b, stale_set("b4", "bob 4"), "max_pending_conflicts")
+        pending = await clients.server.hub.backplane.pending_conflicts("p1")
+        assert len(pending) == 3
+
+
+@pytest.mark.chain("manual")
+@pytest.mark.settings(pending_conflicts_max_bytes=64 * 1024, rate_limits={"edit": "off"})
+async def test_pending_conflicts_are_capped_by_bytes(clients: Clients) -> None:
+    """Three conflicts carrying 20 KB each fit 64 KiB; a fourth does not, while a small one
+    does; resolving a big one makes room for another."""
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        await alice_wrote_title(a)
+        ids = []
+        for i in range(3):
+            ack = await b.request("timeline_change", stale_set(f"b{i}", big(20_000, str(i))))
+            assert ack["data"]["status"] == "conflict", ack
+            ids += ack["data"]["conflicts"]
+        await refused_for(b, stale_set("b3", big(20_000), also="extra"),
+                          "pending_conflicts_max_bytes")  # fmt: skip
+        late = await clients.join("carol")
+        assert late.welcome["seq"] == 2
+        assert len(late.welcome["pending_conflicts"]) == 3
+        small = await b.request("timeline_change", stale_set("b4", "small"))
+        assert small["data"]["status"] == "conflict", small
+        ack = await a.request("conflict_resolve", {"conflict_id": ids[1], "choice": "current"})
+        assert ack["type"] == "ack", ack
+        await a.expect_type("conflict_resolved", conflict_id=ids[1])
+        again = await b.request("timeline_change", stale_set("b3", big(20_000), also="extra"))
+        assert again["data"]["status"] == "partial", again
+
+
+async def test_stored_pending_conflicts_count_after_a_restart(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Conflicts stored pending count again once the data dir is reopened, by count and bytes."""
+    config = make_config(tmp_path, strategy_chain=("manual",), max_pending_conflicts=3,
+                         pending_conflicts_max_bytes=64 * 1024)  # fmt: skip
+    with trio.fail_after(30):
+        async with open_server(config) as server, opened(server, nursery) as clients:
+            a = await clients.join("alice")
+            b = await clients.join("bob")
+            await alice_wrote_title(a)
+            for i in range(2):
+                ack = await b.request("timeline_change", stale_set(f"b{i}", big(25_000)))
+                assert ack["data"]["status"] == "conflict", ack
+        async with open_server(config) as server, opened(server, nursery) as clients:
+            a = await clients.join("alice")
+            b = await clients.join("bob")
+            first, _second = [c["id"] for c in b.welcome["pending_conflicts"]]
+            await refused_for(b, stale_set("b2", big(25_000)), "pending_conflicts_max_bytes")
+            ack = await b.request("timeline_change", stale_set("b3", "small"))
+            assert ack["data"]["status"] == "conflict", ack
+            await refused_for(b, stale_set("b4", "small"), "max_pending_conflicts")
+            await dismiss(a, first)
+            ack = await b.request("timeline_change", stale_set("b4", "small"))
+            assert ack["data"]["status"] == "conflict", ack
+
+
+def test_pending_conflict_quotas_have_defaults_ranges_and_env(tmp_path: Path) -> None:
+    from crealia import Config, ConfigurationError
+
+    config = make_config(tmp_path)
+    assert (config.max_pending_conflicts, config.pending_conflicts_max_bytes) == (1000, 16 << 20)
+    env = {"CREALIA_MAX_PENDING_CONFLICTS": "7", "CREALIA_PENDING_CONFLICTS_MAX_BYTES": "65536"}
+    from_env = Config.from_env({**env, "CREALIA_DATA_DIR": str(tmp_path)})
+    assert (from_env.max_pending_conflicts, from_env.pending_conflicts_max_bytes) == (7, 65536)
+    for bad in ({"max_pending_conflicts": 0}, {"max_pending_conflicts": 100_001},
+                {"pending_conflicts_max_bytes": 65535},
+                {"pending_conflicts_max_bytes": (1 << 30) + 1}):  # fmt: skip
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            make_config(tmp_path, **bad)

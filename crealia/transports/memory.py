@@ -44,6 +44,8 @@ from .._document import Document, Quotas
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
 from .._sequencing import (
     ChangeRecord,
+    PendingLoad,
+    conflict_bytes,
     duplicate_of,
     now_ms,
     prepare_change,
@@ -118,6 +120,8 @@ class _Project:
     comments: _Ids[int]
     pending: dict[str, Conflict]
     snapshot_seq: int
+    #: What ``pending`` holds in bytes (:func:`~crealia._sequencing.conflict_bytes`).
+    pending_bytes: int = 0
     #: The history's epoch (PROTOCOL.md §3); ``epoch_stored`` once the store holds it (it is
     #: written with the project's first event).
     epoch: str = attrs.Factory(_gdpr.new_epoch)
@@ -235,12 +239,15 @@ class MemoryBackplane(Backplane):
             if event.seq > doc.seq:
                 doc.apply(event.effects, event.seq, event.user_id)
         kept = History(events, limit=self.history_limit, max_bytes=self.quotas.history_bytes)
+        conflicts = {c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in pending)}
         return _Project(
             doc=doc,
             history=kept,
             changes=_Ids(self.id_cache),
             comments=_Ids(self.id_cache),
-            pending={c.id: c for c in (_conflict_from_row(loads(d)) for (d,) in pending)},
+            pending=conflicts,
+            # Stored pending conflicts count in the quotas like new ones.
+            pending_bytes=PendingLoad.of(conflicts.values()).bytes,
             snapshot_seq=row[0] if row else 0,
             durable_seq=doc.seq,
             **({"epoch": epoch[0], "epoch_stored": True} if epoch else {}),
@@ -364,6 +371,7 @@ class MemoryBackplane(Backplane):
         outcome, event = prepare_change(
             project.doc, user, change, strategy=strategy, roles=project.roles,
             lookup=value_at(project.history), at=now_ms(),
+            pending=PendingLoad(len(project.pending), project.pending_bytes),
         )  # fmt: skip
         with _guarded(project):
             record = record_of(user, change, outcome)
@@ -373,6 +381,7 @@ class MemoryBackplane(Backplane):
             conflicts = outcome.detected
             for conflict in conflicts:
                 project.pending[conflict.id] = conflict
+                project.pending_bytes += conflict_bytes(conflict)
             project.changes.begin(change_id, record)
             statements: list[Statement] = [
                 (
@@ -515,9 +524,12 @@ class MemoryBackplane(Backplane):
             )  # fmt: skip
             project.doc.apply(event.effects, event.seq, writer)
             del project.pending[conflict_id]
+            project.pending_bytes -= conflict_bytes(conflict)
             statements = [_conflict_row(resolved)]
             if redetected is not None:
+                # It takes the settled one's place: a resolution is never refused for room.
                 project.pending[redetected.id] = redetected
+                project.pending_bytes += conflict_bytes(redetected)
                 statements.append(_conflict_row(redetected))
         await self._commit(
             project_id, project, statements, event, [redetected] if redetected else []

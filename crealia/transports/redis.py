@@ -57,6 +57,7 @@ from .._document import Document, Quotas
 from .._errors import NotFound, Overloaded, ProtocolError, TransportError
 from .._sequencing import (
     ChangeRecord,
+    PendingLoad,
     duplicate_of,
     now_ms,
     prepare_change,
@@ -76,6 +77,9 @@ T = TypeVar("T")
 #: process wrote to the same project in between).
 MAX_ATTEMPTS = 64
 
+#: A write that opens and settles no conflict.
+_NO_PENDING = PendingLoad()
+
 _COMMIT = """
 local mode = ARGV[2]
 if mode == 'settle' then
@@ -87,6 +91,17 @@ else
 end
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if cur ~= tonumber(ARGV[1]) then return {'stale', tostring(cur)} end
+-- What the pending conflicts hold (count, bytes): a change may not open more past the quotas.
+local dn, db = tonumber(ARGV[9]), tonumber(ARGV[10])
+local n, held = 0, 0
+if dn ~= 0 or db ~= 0 then
+  local counted = redis.call('HMGET', KEYS[6], 'n', 'bytes')
+  if not counted[1] then return {'uncounted', ''} end
+  n, held = tonumber(counted[1]), tonumber(counted[2] or '0')
+  if mode == 'change' and (n + dn > tonumber(ARGV[11]) or held + db > tonumber(ARGV[12])) then
+    return {'quota', tostring(n) .. ' ' .. tostring(held)}
+  end
+end
 local seq = cur
 if ARGV[5] ~= '' then
   seq = cur + 1
@@ -103,10 +118,13 @@ if mode ~= 'settle' then
     for j = 1, #old, 2 do redis.call('HDEL', KEYS[3], old[j]) end
   end
 end
-local i = 9
+local i = 13
 while i < #ARGV do
   redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
   i = i + 2
+end
+if dn ~= 0 or db ~= 0 then
+  redis.call('HSET', KEYS[6], 'n', math.max(0, n + dn), 'bytes', math.max(0, held + db))
 end
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
 return {'ok', tostring(seq)}
@@ -377,7 +395,11 @@ class RedisBackplane(Backplane):
         dedup_value: bytes,
         event: DurableEvent | None,
         conflicts: list[Conflict],
+        pending: PendingLoad = _NO_PENDING,
     ) -> tuple[str, bytes]:
+        """Run the commit script: ``pending`` is what the write changes in the project's pending
+        conflicts (a change that would take them past the quotas gets ``quota``, and
+        ``uncounted`` while the project has no count yet: :meth:`_count_pending`)."""
         notice = orjson.dumps(
             {
                 "node": self.node_id,
@@ -395,6 +417,10 @@ class RedisBackplane(Backplane):
             self.history_limit,
             _key(project_id, "events"),
             notice if (event or conflicts) else b"",
+            pending.count,
+            pending.bytes,
+            self.quotas.pending_conflicts,
+            self.quotas.pending_bytes,
         ]
         for conflict in conflicts:
             args += [conflict.id, orjson.dumps(attrs.asdict(conflict))]
@@ -405,6 +431,7 @@ class RedisBackplane(Backplane):
             _key(project_id, ids),
             _key(project_id, "conflicts"),
             _key(project_id, f"{ids}-order"),
+            _key(project_id, "pending"),
         ]
 
         def run(client: redis.Redis) -> Any:
@@ -483,7 +510,7 @@ class RedisBackplane(Backplane):
                 try:
                     outcome, event = prepare_change(
                         mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
-                        lookup=value_at(mirror.history), at=now_ms(),
+                        lookup=value_at(mirror.history), at=now_ms(), pending=None,
                     )  # fmt: skip
                 except ProtocolError:
                     # A resend of an accepted change may no longer fit the document (its insert
@@ -494,12 +521,25 @@ class RedisBackplane(Backplane):
                         return _duplicate(first, user, change)
                     raise
                 stored = _stored_change(user, change, outcome)
+                # The quotas on pending conflicts are checked by the script, atomically.
                 status, value = await self._commit(
                     project_id, mirror, "change", change.change_id, stored, event,
-                    outcome.detected,
+                    outcome.detected, PendingLoad.of(outcome.detected),
                 )  # fmt: skip
                 if status == "dup":
                     return _duplicate(value, user, change)
+                if status == "quota":
+                    count, held = (int(float(x)) for x in value.split())
+                    # Raises the same ``too_large`` as the embedded backplane.
+                    prepare_change(
+                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
+                        lookup=value_at(mirror.history), at=now_ms(),
+                        pending=PendingLoad(count, held),
+                    )  # fmt: skip
+                    continue  # room was made meanwhile
+                if status == "uncounted":
+                    await self._count_pending(project_id)
+                    continue
                 if status == "ok":
                     # Before any await: the event is in Redis, so it must reach this
                     # process's rooms whatever happens next.
@@ -563,9 +603,15 @@ class RedisBackplane(Backplane):
                     expect_seq=expect_seq, at=now_ms(), redetect=redetect,
                 )  # fmt: skip
                 written = [resolved] + ([redetected] if redetected else [])
+                # The redetected one takes the settled one's place: never refused for room.
+                freed, taken = PendingLoad.of([conflict]), PendingLoad.of(written)
                 status, _value = await self._commit(
-                    project_id, mirror, "settle", conflict_id, b"", event, written
-                )
+                    project_id, mirror, "settle", conflict_id, b"", event, written,
+                    PendingLoad(taken.count - freed.count, taken.bytes - freed.bytes),
+                )  # fmt: skip
+                if status == "uncounted":
+                    await self._count_pending(project_id)
+                    continue
                 if status == "gone":
                     raise NotFound(
                         f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
@@ -576,6 +622,20 @@ class RedisBackplane(Backplane):
                     return Settled(seq=event.seq, redetected=redetected)
                 await self._catch_up(project_id, mirror)
         raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def _count_pending(self, project_id: str) -> None:
+        """Count the project's stored pending conflicts for the quotas, once (conflicts stored
+        before the count was kept). No write touches them while the count is missing."""
+        load = PendingLoad.of(await self._all_conflicts(project_id))
+        key = _key(project_id, "pending")
+
+        def write(client: redis.Redis) -> Any:
+            pipe = client.pipeline(transaction=True)
+            pipe.hsetnx(key, "n", load.count)
+            pipe.hsetnx(key, "bytes", load.bytes)
+            return pipe.execute()
+
+        await self.redis.run(write)
 
     async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
         def read(client: redis.Redis) -> Any:

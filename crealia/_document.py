@@ -22,6 +22,7 @@ from ._wire import (
     Op,
     SetOp,
     check_value,
+    check_value_size,
     unstructure,
     value_bytes,
 )
@@ -208,13 +209,15 @@ class Document:
         TooLarge: a value is over ``value_max_bytes``, or the applied ops would grow the
             document past ``document_max_bytes``.
         """
+        # The converter checked these values as JSON when it built the ops: sizes only here.
         limit = self.quotas.value_bytes
         for i, op in enumerate(ops):
             if isinstance(op, SetOp):
-                check_value(op.value, path=f"data.changes[{i}].value", max_bytes=limit)
+                check_value_size(op.value, path=f"data.changes[{i}].value", max_bytes=limit)
             elif isinstance(op, InsertOp):
                 for name, value in op.props.items():
-                    check_value(value, path=f"data.changes[{i}].props.{name}", max_bytes=limit)
+                    check_value_size(value, path=f"data.changes[{i}].props.{name}",
+                                     max_bytes=limit)  # fmt: skip
         self.check_growth(applied, path="data.changes")
 
     def check_effects(self, effects: list[dict[str, Any]], *, path: str) -> None:

@@ -247,8 +247,10 @@ async def _refuse_at_once(stream: trio.SocketStream, reason: str) -> None:
     try:
         os.write(fd, _unavailable(reason))
         stream.socket.shutdown(trio.socket.SHUT_WR)
-        while os.read(fd, 65536):
-            pass
+        # What is buffered now, bounded: a client streaming into it must not hold the loop.
+        for _ in range(4):
+            if not os.read(fd, 65536):
+                break
     except OSError:  # BlockingIOError: nothing more to read now; others: the client is gone
         pass
     await stream.aclose()

@@ -254,7 +254,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
             value = orjson.loads(raw or b"{}")
         except orjson.JSONDecodeError as exc:
             raise BadRequest(f"body is not valid JSON: {exc}") from None
-        where = _wire.big_int_path(raw)
+        where = _wire.big_int_path(raw, value)
         if where is not None:
             sep = "" if where[:1] in ("", "[") else "."
             raise BadRequest(f"body{sep}{where}: {_wire.BIG_INT}")

@@ -44,6 +44,7 @@ import trio
 
 from ._errors import StorageError
 from ._jobs import JobFailures
+from ._wire import tight
 
 T = TypeVar("T")
 
@@ -715,8 +716,8 @@ async def _wait_closed(store: Store) -> None:
 
 
 def dumps(value: Any) -> bytes:
-    # Of its own size: queued writes may wait a while (see crealia._wire.tight).
-    return bytes(memoryview(orjson.dumps(value)))
+    # Of its own size: queued writes may wait a while.
+    return tight(orjson.dumps(value))
 
 
 def loads(value: bytes) -> Any:

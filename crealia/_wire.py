@@ -48,6 +48,10 @@ MAX_VALUE_BYTES = 64 * 1024
 _BAD_ID_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 #: A run of digits long enough to be an integer beyond 64 bits (2**63 has 19 digits).
 _LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19,}")
+#: Up to this length a frame is scanned for long digit runs; longer ones (a 60 KB text costs
+#: ~650 µs to scan) are searched in their parsed tree for a number orjson could have rounded.
+_SCAN_CHARS = 2048
 
 
 class _Missing:
@@ -157,6 +161,16 @@ def check_value(value: Any, *, path: str, max_bytes: int = MAX_VALUE_BYTES) -> N
         check_json_value(value)
     except ValueError as exc:
         raise BadRequest(f"{path}: {exc}") from None
+    check_value_size(value, path=path, max_bytes=max_bytes)
+
+
+def check_value_size(value: Any, *, path: str, max_bytes: int = MAX_VALUE_BYTES) -> None:
+    """The size half of :func:`check_value`, for values the converter already checked (a
+    client's ops): one encoding, no second walk.
+
+    Raises:
+        TooLarge: over ``max_bytes``; the message names ``path`` and the quota.
+    """
     size = value_bytes(value)
     if size > max_bytes:
         raise TooLarge(
@@ -571,7 +585,7 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
         raw = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"frame is not valid JSON: {exc}") from None
-    where = big_int_path(frame)
+    where = big_int_path(frame, raw)
     if where is not None:
         ref = raw.get("ref") if isinstance(raw, dict) else None
         valid = isinstance(ref, int) and not isinstance(ref, bool) and 0 < ref <= MAX_REF
@@ -599,13 +613,34 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
     return Envelope(type=kind, ref=ref, data=value)
 
 
-def big_int_path(text: str | bytes) -> str | None:
-    """Where ``text`` (JSON that orjson parsed) holds an integer beyond 64 bits, which orjson
-    silently turns into a float (``""``: the whole text); None when it holds none. One regex
-    pass in the common case, an exact parse with the standard library otherwise."""
-    if not _LONG_DIGITS.search(text.encode() if isinstance(text, str) else text):
+def big_int_path(text: str | bytes, parsed: Any) -> str | None:
+    """Where ``text`` (JSON that orjson parsed into ``parsed``) holds an integer beyond 64 bits,
+    which orjson silently turns into a float (``""``: the whole text); None when it holds none.
+
+    Cheap in the common case: a short text is scanned for a run of 19 digits, a long one's tree
+    for a number of 2**63 or more; only then is it parsed again, exactly, by the standard
+    library."""
+    if len(text) <= _SCAN_CHARS:
+        found = (_LONG_DIGITS_TEXT.search(text) if isinstance(text, str)
+                 else _LONG_DIGITS.search(text))  # fmt: skip
+        if found is None:
+            return None
+    elif not _holds_huge_number(parsed):
         return None
     return _big_int_path(json.loads(text), "")
+
+
+def _holds_huge_number(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float | int) and not isinstance(item, bool) and abs(item) >= 2**63:
+            return True
+    return False
 
 
 #: The message for an integer beyond 64 bits.

@@ -23,13 +23,13 @@ import httpx
 import pytest
 import redis
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from crealia import Config, ConfigurationError, Server, open_server
 from crealia._jobs import JOBS, MAX_BACKOFF, JobFailures
 
 from ._process import run_server
 from ._redis import RedisServer, run_redis
+from ._scrape import fetch_metrics, parse_metrics
 from ._wsclient import RawClient, open_raw_client
 from .conftest import make_config, opened
 from .test_process import SECRET, token
@@ -48,15 +48,7 @@ def failing(job: str) -> str:
 
 async def scrape(base_url: str) -> dict[str, float]:
     """/metrics of a server, parsed: ``{name{label=value,...}: value}``."""
-    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
-        response = await http.get("/metrics")
-    assert response.status_code == 200
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
+    return parse_metrics((await fetch_metrics(base_url)).text)
 
 
 async def until(base_url: str, holds: Callable[[dict[str, float]], bool]) -> dict[str, float]:

@@ -22,13 +22,13 @@ import h11
 import httpx
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from crealia import Config, ConfigurationError, Server, open_server
 from crealia._storage import dumps
 
 from ._http_receiver import start_receiver
 from ._process import run_server
+from ._scrape import fetch_metrics, parse_metrics
 from ._wsclient import RawClient, open_raw_client
 from .conftest import JWT_SECRET, Clients, make_config, opened
 
@@ -66,16 +66,9 @@ def auth(
 
 async def scrape(server: Server) -> dict[str, float]:
     """/metrics parsed by prometheus-client's own parser: ``{sample name{labels}: value}``."""
-    async with httpx.AsyncClient(base_url=server.http_url, timeout=5) as http:
-        response = await http.get("/metrics")
-    assert response.status_code == 200
+    response = await fetch_metrics(server.http_url)
     assert response.headers["content-type"].startswith("text/plain")
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
+    return parse_metrics(response.text)
 
 
 # -- Prometheus -----------------------------------------------------------------------------------

@@ -415,17 +415,10 @@ class MemoryBackplane(Backplane):
         return outcome
 
     async def _stored_change(self, project_id: str, change_id: str) -> ChangeRecord | None:
-        def read(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT user_id, seq, status, conflicts, digest FROM changes "
-                "WHERE project_id = ? AND change_id = ?",
-                (project_id, change_id),
-            ).fetchone()
-
-        try:
-            row = await self.store.lookup(read)
-        except StorageError as exc:
-            raise Overloaded(f"storage unavailable, nothing was applied: {exc}") from exc
+        row = await self._lookup(
+            "SELECT user_id, seq, status, conflicts, digest FROM changes "
+            "WHERE project_id = ? AND change_id = ?", (project_id, change_id),
+        )  # fmt: skip
         if row is None:
             return None
         user_id, seq, status, conflicts, digest = row
@@ -435,17 +428,18 @@ class MemoryBackplane(Backplane):
         return ChangeRecord(outcome=outcome, user_id=user_id, digest=digest)
 
     async def _stored_comment(self, project_id: str, comment_id: str) -> int | None:
-        def read(conn: sqlite3.Connection) -> Any:
-            return conn.execute(
-                "SELECT seq FROM comments WHERE project_id = ? AND comment_id = ?",
-                (project_id, comment_id),
-            ).fetchone()
+        row = await self._lookup(
+            "SELECT seq FROM comments WHERE project_id = ? AND comment_id = ?",
+            (project_id, comment_id),
+        )
+        return None if row is None else int(row[0])
 
+    async def _lookup(self, sql: str, params: tuple[str, str]) -> Any:
+        """One row by primary key on the store's lookup connection (None: no such row)."""
         try:
-            row = await self.store.lookup(read)
+            return await self.store.lookup(lambda conn: conn.execute(sql, params).fetchone())
         except StorageError as exc:
             raise Overloaded(f"storage unavailable, nothing was applied: {exc}") from exc
-        return None if row is None else int(row[0])
 
     async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
         project_id = user.project_id

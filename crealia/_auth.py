@@ -1,5 +1,5 @@
 """Tokens and roles: JWTs (HS256 secrets, RS256/ES256 public keys, rotation by ``kid``), the jwt
-secret's home, and the role matrix of PROTOCOL.md §4."""
+secret's home, and the role matrix of docs/protocol.md §4."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ Role = Literal["owner", "editor", "commenter", "viewer"]
 ROLES: tuple[Role, ...] = ("viewer", "commenter", "editor", "owner")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
-#: The least role each client event needs (PROTOCOL.md §4). ``live_stop`` also needs to be the
+#: The least role each client event needs (docs/protocol.md §4). ``live_stop`` also needs to be the
 #: session's host and ``webrtc_signal``/``stream_stats`` a session member: checked where handled.
 REQUIRED_ROLE: dict[str, Role] = {
     "cursor_update": "viewer",
@@ -291,7 +291,7 @@ def token_claims(
     ttl: float = 3600.0,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """The claims of PROTOCOL.md §1 for a new token.
+    """The claims of docs/protocol.md §1 for a new token.
 
     Raises:
         ConfigurationError: an unknown role.
@@ -471,7 +471,7 @@ class TokenAuthority:
         now: float | None = None,
         kid: str | None = None,
     ) -> str:
-        """A token with the claims of PROTOCOL.md §1, signed HS256 with the secret of ``kid``
+        """A token with the claims of docs/protocol.md §1, signed HS256 with the secret of ``kid``
         (``None``: ``secret``, and no ``kid`` in the header).
 
         Raises:

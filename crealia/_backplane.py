@@ -64,7 +64,7 @@ class DurableEvent:
         return _wire.dumps(self.to_wire())
 
 
-#: Events a project's history keeps whatever their size (PROTOCOL.md §6: at least 1,000).
+#: Events a project's history keeps whatever their size (docs/protocol.md §6: at least 1,000).
 MIN_HISTORY_EVENTS = 1000
 
 
@@ -95,7 +95,7 @@ class History(collections.deque[DurableEvent]):
 
 @attrs.frozen(kw_only=True)
 class Conflict:
-    """A conflict of PROTOCOL.md §5, with what the server needs to settle it."""
+    """A conflict of docs/protocol.md §5, with what the server needs to settle it."""
 
     id: str
     project_id: str
@@ -263,14 +263,14 @@ class Backplane(ABC):
 
     @abstractmethod
     async def snapshot(self, project_id: str) -> dict[str, Any]:
-        """The project's document as a wire snapshot (PROTOCOL.md §5)."""
+        """The project's document as a wire snapshot (docs/protocol.md §5)."""
 
     @abstractmethod
     async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
         """Every durable event after ``seq``, in order, or ``None`` if some are no longer kept."""
 
     async def epoch(self, project_id: str) -> str:
-        """The name of the project's history as it stands (PROTOCOL.md §3, ``welcome.epoch``).
+        """The name of the project's history as it stands (docs/protocol.md §3, ``welcome.epoch``).
 
         It changes whenever the history is rewritten or restored (a GDPR erasure, a restore from
         backup), so that a client resuming with another epoch gets a snapshot, never a replay of

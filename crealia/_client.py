@@ -1,4 +1,4 @@
-"""The Python client for Trio programs: one collaboration session over PROTOCOL.md.
+"""The Python client for Trio programs: one collaboration session over docs/protocol.md.
 
 Use :func:`connect`; it yields a :class:`ClientSession` once the server has welcomed it::
 

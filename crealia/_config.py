@@ -76,7 +76,7 @@ class Config:
 
     #: Outbound batching tick in milliseconds; 0 turns batching off (one frame per message).
     tick_ms: float = 20.0
-    #: Largest client frame, after decompression (PROTOCOL.md §2).
+    #: Largest client frame, after decompression (docs/protocol.md §2).
     max_frame_bytes: int = 64 * 1024
     #: Seconds a new connection has to send ``hello``.
     hello_timeout: float = 10.0

@@ -1,4 +1,4 @@
-"""The project document of PROTOCOL.md §5, its per-property versions, and conflict detection.
+"""The project document of docs/protocol.md §5, its per-property versions, and conflict detection.
 
 A :class:`Document` is plain in-memory state with no I/O. Changing it takes two steps so that a
 dry run and the real thing share one code path: :meth:`Document.plan` validates a change against
@@ -422,7 +422,7 @@ class Document:
     # -- views ----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The wire snapshot of PROTOCOL.md §5."""
+        """The wire snapshot of docs/protocol.md §5."""
         return {
             "project_id": self.project_id,
             "seq": self.seq,

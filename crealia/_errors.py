@@ -6,7 +6,7 @@ Every error crealia raises on purpose derives from :class:`CrealiaError`::
     ├── ConfigurationError        bad settings, unknown plugin names, unusable data dir
     ├── TransportError            a backplane or client transport failed (storage, Redis, socket)
     │   └── StorageError          the embedded store could not read or commit
-    ├── ProtocolError             a client message broke PROTOCOL.md; carries the wire error code
+    ├── ProtocolError             a client message broke docs/protocol.md; carries the wire code
     │   ├── BadRequest            ``bad_request``: malformed JSON, unknown type, invalid field
     │   ├── Unauthorized          ``unauthorized``: bad, expired or foreign token
     │   ├── Forbidden             ``forbidden``: the role does not allow the action

@@ -22,7 +22,7 @@ element id, property name or value, and those must stay as they are. The attribu
 - security alerts: ``user_id``, a ``user:<id>`` subject, and the message of an alert about them.
 
 Because erasure rewrites history that clients may hold, it gives the project a new *epoch*
-(PROTOCOL.md §3, §6): a client resuming with the old one gets a snapshot, never a replay.
+(docs/protocol.md §3, §6): a client resuming with the old one gets a snapshot, never a replay.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str
 
 
 def new_epoch() -> str:
-    """A fresh epoch: names one version of a project's history (PROTOCOL.md §3)."""
+    """A fresh epoch: names one version of a project's history (docs/protocol.md §3)."""
     return uuid.uuid4().hex
 
 

@@ -6,7 +6,7 @@ out at the sustained rate. With an emission interval ``T = window / count`` and 
 ``τ = burst · T``, an event of cost ``c`` arriving at ``now`` is admitted when
 ``max(TAT, now) + c·T - now <= τ``, and then the TAT moves to ``max(TAT, now) + c·T``. So a key
 idle for long may send ``burst`` events at once, then one every ``T``; a refused event records
-nothing and learns how long to wait (PROTOCOL.md §7, ``rate_limited`` with ``retry_after_ms``).
+nothing and learns how long to wait (docs/protocol.md §7, ``rate_limited`` with ``retry_after_ms``).
 
 Every decision is local and immediate (:meth:`RateLimiter.check` is synchronous and O(1)). In a
 cluster, :meth:`RateLimiter.run` sends each key's consumption to a shared store every
@@ -40,7 +40,7 @@ from ._jobs import JobFailures
 
 log = logging.getLogger("crealia.ratelimit")
 
-#: Event classes and the client message types in them (PROTOCOL.md §4). ``rest`` counts every
+#: Event classes and the client message types in them (docs/protocol.md §4). ``rest`` counts every
 #: REST call (the HTTP app charges it); a type listed nowhere is ``other``.
 CLASSES: dict[str, tuple[str, ...]] = {
     "cursor": ("cursor_update", "element_active", "typing_start", "typing_stop"),

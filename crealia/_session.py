@@ -471,7 +471,7 @@ class Hub:
         conflicts = await backplane.pending_conflicts(project_id)
         epoch = await backplane.epoch(project_id)
         events = None
-        # Another epoch: the history was rewritten since (PROTOCOL.md §6): a snapshot, always.
+        # Another epoch: the history was rewritten since (docs/protocol.md §6): a snapshot, always.
         resume = hello.resume
         if resume is not None and resume.epoch in (None, epoch):
             events = await backplane.events_since(project_id, resume.seq)

@@ -101,7 +101,7 @@ CREATE TABLE IF NOT EXISTS project_settings (
     project_id TEXT PRIMARY KEY,
     settings BLOB NOT NULL
 );
--- The epoch of each project's history (PROTOCOL.md §3): written with its first event, replaced
+-- The epoch of each project's history (docs/protocol.md §3): written with its first event, replaced
 -- whenever the history is rewritten (a GDPR erasure).
 CREATE TABLE IF NOT EXISTS project_epochs (
     project_id TEXT PRIMARY KEY,

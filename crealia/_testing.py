@@ -75,7 +75,7 @@ def make_conflict(
     created_at: int = CREATED_AT,
     strategy: str = "",
 ) -> Conflict:
-    """A pending :class:`~crealia.Conflict` shaped as the server detects it (PROTOCOL.md §5).
+    """A pending :class:`~crealia.Conflict` shaped as the server detects it (docs/protocol.md §5).
 
     ``current`` is the value the document holds (written by ``current_user`` at
     ``current_seq``, by default ``base + 1``); ``incoming`` is the value of the change that

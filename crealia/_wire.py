@@ -218,7 +218,7 @@ def _props(_inst: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -
 @attrs.frozen(kw_only=True)
 class Resume:
     seq: int = attrs.field(validator=attrs.validators.ge(0))
-    #: The ``epoch`` of the welcome the client had (PROTOCOL.md §6); absent: not checked.
+    #: The ``epoch`` of the welcome the client had (docs/protocol.md §6); absent: not checked.
     epoch: str | None = attrs.field(default=None, validator=_id(MAX_EPOCH_CHARS))
 
 

@@ -14,7 +14,7 @@ Envelope = dict[str, Any]
 
 
 class RawClient:
-    """One WebSocket speaking PROTOCOL.md with explicit frames."""
+    """One WebSocket speaking docs/protocol.md with explicit frames."""
 
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self.ws = ws

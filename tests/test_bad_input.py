@@ -1,9 +1,9 @@
-"""Bad input (DESIGN.md "Bad input", PROTOCOL.md §2, §3 and §7) over real sockets, both endpoints.
+"""Bad input (DESIGN.md "Bad input", docs/protocol.md §2, §3, §7) over real sockets, both endpoints.
 
 Every bad message gets an ``error`` with the right code, a message naming what is wrong, and the
 request's ``ref`` when the server could read it; nothing changes (the project's ``seq``, its
 document, recorded change and comment ids, what other members receive) and the session goes on.
-Frame-level faults close with the code PROTOCOL.md gives them.
+Frame-level faults close with the code docs/protocol.md gives them.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ FAST: Backoff = {"min_backoff": 0.05, "max_backoff": 0.5}
 
 
 def make_token(user: str, project: str = "p1", role: str = "editor", secret: str = SECRET) -> str:
-    """A token with the claims PROTOCOL.md §1 names, signed like ``crealia token`` does."""
+    """A token with the claims docs/protocol.md §1 names, signed like ``crealia token`` does."""
     now = int(time.time())
     claims = {
         "sub": user,

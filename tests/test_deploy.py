@@ -3,7 +3,7 @@
 Nothing here builds an image or starts a container: the Dockerfile, .dockerignore, the Compose
 file, the Redis and HAProxy configurations and the Kubernetes manifests are parsed and checked
 against the command line (``crealia serve --help``), the configuration (``crealia._config``) and
-the protocol's defaults (PROTOCOL.md §1).
+the protocol's defaults (docs/protocol.md §1).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 REDIS_CONF = DEPLOY / "redis.conf"
 HAPROXY_CFG = DEPLOY / "haproxy.cfg"
 
-#: PROTOCOL.md §1: HTTP on 3000, the fast-path WebSocket on 3001.
+#: docs/protocol.md §1: HTTP on 3000, the fast-path WebSocket on 3001.
 HTTP_PORT = 3000
 WS_PORT = 3001
 

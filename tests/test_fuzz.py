@@ -7,7 +7,7 @@ within 64 KiB and valid UTF-8, so the server must never close the connection. Pr
 
 - the server never crashes and the connection stays open;
 - every message with a ``ref`` gets exactly one reply carrying it, of the right type;
-- every error has a code of PROTOCOL.md §7 (never ``internal``) and a non-empty message;
+- every error has a code of docs/protocol.md §7 (never ``internal``) and a non-empty message;
 - the project's ``seq`` moves only for accepted ``timeline_change``/``comment_add`` messages,
   gap-free, and every member sees the same durable events; nothing leaks to another project.
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md §2-§5 over real sockets, on both WebSocket endpoints."""
+"""docs/protocol.md §2-§5 over real sockets, on both WebSocket endpoints."""
 
 from __future__ import annotations
 

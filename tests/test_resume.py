@@ -1,4 +1,4 @@
-"""Resume (PROTOCOL.md §6): exact replay after welcome, snapshot when too far behind."""
+"""Resume (docs/protocol.md §6): exact replay after welcome, snapshot when too far behind."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ async def test_events_during_join_are_neither_lost_nor_doubled(clients: Clients)
     assert len(results) == 5
 
 
-# -- epochs (PROTOCOL.md §3, §6) ------------------------------------------------------------------
+# -- epochs (docs/protocol.md §3, §6) -----------------------------------------------------------
 
 
 async def test_resume_with_the_welcome_epoch_or_none_replays(clients: Clients) -> None:

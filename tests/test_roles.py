@@ -1,4 +1,4 @@
-"""The role matrix of PROTOCOL.md §4: every role and every client event, on both endpoints.
+"""The role matrix of docs/protocol.md §4: every role and every client event, on both endpoints.
 
 Allowed events are answered (``ack``, ``pong``, ``users_list``; the live-session events, which
 the server does not offer yet, with an error that is not ``forbidden``) and take effect. Refused
@@ -22,7 +22,7 @@ TIMEOUT = 10
 ROLES = ("viewer", "commenter", "editor", "owner")
 RANK = {role: rank for rank, role in enumerate(ROLES)}
 
-#: The least role each client event needs, as PROTOCOL.md §4 states it. ``live_stop`` (host),
+#: The least role each client event needs, as docs/protocol.md §4 states it. ``live_stop`` (host),
 #: ``webrtc_signal`` and ``stream_stats`` (session member) are not role-gated: any role passes
 #: the role check and the session check decides.
 REQUIRED = {

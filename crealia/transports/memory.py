@@ -122,7 +122,7 @@ class _Project:
     snapshot_seq: int
     #: What ``pending`` holds in bytes (:func:`~crealia._sequencing.conflict_bytes`).
     pending_bytes: int = 0
-    #: The history's epoch (PROTOCOL.md §3); ``epoch_stored`` once the store holds it (it is
+    #: The history's epoch (docs/protocol.md §3); ``epoch_stored`` once the store holds it (it is
     #: written with the project's first event).
     epoch: str = attrs.Factory(_gdpr.new_epoch)
     epoch_stored: bool = False

@@ -15,7 +15,7 @@ operations, so that only the same change resent is a ``duplicate``), trimmed old
 last ``history_limit`` ids like the log: a resend older than that is taken for a new change.
 
 The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
-and serves resume (``crealia:{p}:epoch`` names that history, PROTOCOL.md §3); a snapshot
+and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §3); a snapshot
 (``crealia:{p}:snap``) is written every ``snapshot_every`` events so a mirror can be rebuilt
 from the snapshot plus the stream. Notices (``crealia:{p}:events``) and ephemeral traffic
 (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices catches up from the

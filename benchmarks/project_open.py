@@ -24,7 +24,7 @@ import trio
 from crealia import User
 from crealia._storage import open_store
 from crealia._wire import InsertOp, SetOp, TimelineChange
-from crealia.transports.memory import MemoryBackplane
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 PROJECT = "long-lived"
 USER = User(id="alice", name="alice", role="editor", project_id=PROJECT)
@@ -37,7 +37,7 @@ def _set(change_id: str, value: int) -> TimelineChange:
 
 async def build(data_dir: Path, changes: int) -> None:
     async with open_store(data_dir) as store:
-        backplane = MemoryBackplane(store)
+        backplane = SQLiteBackplane(store)
         insert = InsertOp(op="insert", element_id="clip", element_type="clip", props={})
         await backplane.commit_change(USER, TimelineChange(change_id="seed", changes=[insert]))
 
@@ -55,7 +55,7 @@ async def build(data_dir: Path, changes: int) -> None:
 async def measure(data_dir: Path, after: int) -> dict[str, float]:
     process = psutil.Process()
     async with open_store(data_dir) as store:
-        backplane = MemoryBackplane(store)
+        backplane = SQLiteBackplane(store)
         gc.collect()
         rss = process.memory_info().rss
         start = time.perf_counter()

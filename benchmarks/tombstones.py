@@ -26,7 +26,7 @@ import trio
 from crealia import User
 from crealia._storage import open_store
 from crealia._wire import DeleteOp, InsertOp, TimelineChange
-from crealia.transports.memory import MemoryBackplane
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 PROJECT = "bloat"
 USER = User(id="mallory", name="mallory", role="editor", project_id=PROJECT)
@@ -35,7 +35,7 @@ USER = User(id="mallory", name="mallory", role="editor", project_id=PROJECT)
 async def run(data_dir: Path, loops: int, size: int) -> dict[str, float]:
     process = psutil.Process()
     async with open_store(data_dir) as store:
-        backplane = MemoryBackplane(store)
+        backplane = SQLiteBackplane(store)
         gc.collect()
         rss = process.memory_info().rss
         for i in range(loops):

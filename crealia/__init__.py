@@ -1,8 +1,8 @@
 """crealia: the real-time collaboration layer for a creative timeline editor, on Trio."""
 
 from ._alerts import Alert, AlertEngine, Finding, ThresholdRule
-from ._auth import ROLES, Role, TokenAuthority, User
-from ._backplane import Backplane, ChangeOutcome, Conflict, DurableEvent, Ephemeral, Listener
+from ._auth import TokenAuthority
+from ._backplane import Backplane, Listener
 from ._client import (
     ClientClosed,
     ClientError,
@@ -30,18 +30,20 @@ from ._errors import (
     TransportError,
     Unauthorized,
 )
+from ._model import (
+    ROLES,
+    ChangeOutcome,
+    Choice,
+    Conflict,
+    DurableEvent,
+    Ephemeral,
+    Resolution,
+    Role,
+    User,
+)
 from ._server import Server, open_server, serve
 from ._session import Connection, ConnectionClosed
-from ._strategy import (
-    DECLINE,
-    DEFER,
-    Answer,
-    Choice,
-    Participant,
-    Resolution,
-    ResolutionContext,
-    Verdict,
-)
+from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
 
 __version__ = "0.1.0"
 

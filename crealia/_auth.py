@@ -9,19 +9,18 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import jwt
 
 from ._errors import ConfigurationError, Forbidden, Unauthorized
+from ._model import ROLES, Role, User
 from ._wire import id_problem
 
 if TYPE_CHECKING:
     from ._config import Config
 
-Role = Literal["owner", "editor", "commenter", "viewer"]
-ROLES: tuple[Role, ...] = ("viewer", "commenter", "editor", "owner")
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
 #: The least role each client event needs (docs/protocol.md §4). ``live_stop`` also needs to be the
@@ -62,19 +61,6 @@ REQUIRED_ROLE: dict[str, Role] = {
 }
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name, not a secret
-
-
-@attrs.frozen(kw_only=True)
-class User:
-    """An authenticated caller: who, in which project, with which role."""
-
-    id: str
-    name: str
-    role: Role
-    project_id: str
-
-    def to_wire(self) -> dict[str, str]:
-        return {"id": self.id, "name": self.name, "role": self.role}
 
 
 def allows(role: Role, action: str) -> bool:

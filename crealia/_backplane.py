@@ -4,65 +4,21 @@ A backplane owns each project's ordered, durable history. Rooms hand it changes,
 conflict resolutions; it checks them against the document, gives accepted ones the next ``seq``,
 makes them durable, and only then tells every subscribed room, in ``seq`` order, on every node.
 Ephemeral traffic (cursors, typing, membership) goes through :meth:`Backplane.publish` and is
-never stored. The in-memory backplane (``crealia.transports.memory``) serves one process; a
+never stored. The SQLite backplane (``crealia.backplanes.sqlite``) serves one process; a
 cluster backplane serves many processes from one shared store.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-
-import attrs
+from typing import Any, Protocol
 
 from . import _wire
-from ._auth import User
 from ._errors import Unsupported
-
-if TYPE_CHECKING:
-    from ._strategy import Resolution
-
-DurableKind = Literal["timeline_change", "comment_add", "conflict_resolved"]
-
-
-@attrs.frozen(kw_only=True)
-class DurableEvent:
-    """One sequenced, durable event of a project."""
-
-    project_id: str
-    seq: int
-    kind: DurableKind
-    user_id: str
-    at: int
-    #: What clients see as ``payload`` (or, for ``conflict_resolved``, the push's data).
-    payload: dict[str, Any]
-    #: The document operations this event applied (wire form, optionally with ``writer``).
-    effects: list[dict[str, Any]] = attrs.Factory(list)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The server envelope clients receive for this event, live and on replay."""
-        if self.kind == "conflict_resolved":
-            return {"type": "conflict_resolved", "data": self.payload}
-        return {
-            "type": "collaboration_event",
-            "data": {
-                "kind": self.kind,
-                "user_id": self.user_id,
-                "at": self.at,
-                "seq": self.seq,
-                "payload": self.payload,
-            },
-        }
-
-    @functools.cached_property
-    def encoded(self) -> bytes:
-        """:meth:`to_wire`, encoded once and shared by every connection."""
-        return _wire.dumps(self.to_wire())
-
+from ._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 
 #: Events a project's history keeps whatever their size (docs/protocol.md §6: at least 1,000).
 MIN_HISTORY_EVENTS = 1000
@@ -91,83 +47,6 @@ class History(collections.deque[DurableEvent]):
             self.bytes > self.max_bytes and len(self) > MIN_HISTORY_EVENTS
         ):
             self.bytes -= len(self.popleft().encoded)
-
-
-@attrs.frozen(kw_only=True)
-class Conflict:
-    """A conflict of docs/protocol.md §5, with what the server needs to settle it."""
-
-    id: str
-    project_id: str
-    element_id: str
-    prop: str | None
-    op: Literal["set", "delete"]
-    base: int | None
-    base_value: Any
-    current: dict[str, Any]
-    incoming: dict[str, Any]
-    strategy: str
-    status: Literal["pending", "resolved"] = "pending"
-    created_at: int = 0
-    resolution: dict[str, Any] | None = None
-    #: The roles of the two authors when known ({user_id: role}); not part of the wire object.
-    roles: dict[str, str] = attrs.Factory(dict)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The conflict object clients see."""
-        return {
-            "id": self.id,
-            "element_id": self.element_id,
-            "prop": self.prop,
-            "base_value": self.base_value,
-            "current": self.current,
-            "incoming": self.incoming,
-            "strategy": self.strategy,
-            "status": self.status,
-        }
-
-
-@attrs.frozen(kw_only=True)
-class ChangeOutcome:
-    """What happened to a ``timeline_change``: the data of its ack."""
-
-    change_id: str
-    seq: int | None
-    status: Literal["applied", "partial", "conflict", "duplicate"]
-    conflicts: list[str]
-    #: The conflicts this change raised (empty for a duplicate); not part of the ack.
-    detected: list[Conflict] = attrs.field(factory=list, eq=False)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "change_id": self.change_id,
-            "seq": self.seq,
-            "status": self.status,
-            "conflicts": self.conflicts,
-        }
-
-
-@attrs.frozen(kw_only=True)
-class Settled:
-    """What settling a conflict did: the resolution's seq, and a conflict detected again."""
-
-    seq: int
-    redetected: Conflict | None = None
-
-
-@attrs.frozen(kw_only=True)
-class Ephemeral:
-    """An ephemeral message for a project's members: never stored, may be dropped.
-
-    ``key`` coalesces: of messages with the same key within one fan-out tick only the latest
-    is delivered (``None``: never coalesced). ``origin`` is the connection that sent it, which
-    does not receive it back.
-    """
-
-    project_id: str
-    encoded: bytes
-    origin: str | None = None
-    key: tuple[str, str] | None = None
 
 
 class Listener(Protocol):

@@ -13,7 +13,6 @@ from pathlib import Path
 import trio
 
 from ._auth import (
-    ROLES,
     TokenAuthority,
     default_algorithm,
     has_configured_keys,
@@ -25,6 +24,7 @@ from ._auth import (
 from ._config import Config, comma_list, read_secret_file
 from ._errors import ConfigurationError, CrealiaError
 from ._logging import configure as configure_logging
+from ._model import ROLES
 from ._plugins import StrategyRegistry
 from ._server import open_server
 

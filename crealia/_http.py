@@ -24,8 +24,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from . import _gdpr, _wire
-from ._auth import User, require
-from ._backplane import Conflict
+from ._auth import require
 from ._errors import (
     BadRequest,
     ConfigurationError,
@@ -38,6 +37,7 @@ from ._errors import (
 )
 from ._logging import iso_time
 from ._metrics import ServerCollector
+from ._model import Conflict, User
 from ._monitor import Monitor
 from ._security import SecurityMonitor
 from ._session import Hub

@@ -26,12 +26,13 @@ import attrs
 import trio
 
 from . import _wire
-from ._backplane import Backplane, Conflict, DurableEvent, Ephemeral
+from ._backplane import Backplane
 from ._config import Config
 from ._errors import CrealiaError, Overloaded
 from ._jobs import JobFailures
 from ._logging import log_context
 from ._metrics import Traffic
+from ._model import Conflict, DurableEvent, Ephemeral
 
 log = logging.getLogger("crealia.room")
 

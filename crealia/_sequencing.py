@@ -18,11 +18,9 @@ import attrs
 import orjson
 
 from . import _wire
-from ._auth import User
-from ._backplane import ChangeOutcome, Conflict, DurableEvent
 from ._document import ConflictSpec, Document, ValueAt
 from ._errors import BadRequest, TooLarge
-from ._strategy import Resolution
+from ._model import ChangeOutcome, Conflict, DurableEvent, Resolution, User
 
 
 def now_ms() -> int:

@@ -14,7 +14,7 @@ import trio
 
 from ._alerts import AlertEngine, AlertNotifier
 from ._audit import AuditLog
-from ._auth import Role, TokenAuthority, load_or_create_secret
+from ._auth import TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
 from ._document import Quotas
@@ -22,6 +22,7 @@ from ._edge import ConnectionGate, address_cap, default_max_connections, edge_ap
 from ._http import create_app
 from ._jobs import JobFailures
 from ._metrics import Traffic
+from ._model import Role
 from ._monitor import Monitor
 from ._origin import HostPolicy
 from ._plugins import AlertRuleRegistry, StrategyRegistry
@@ -31,8 +32,8 @@ from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
 from ._storage import OPS_DB, Store, WalPolicy, open_store
+from .backplanes.sqlite import SQLiteBackplane
 from .transports._trio_ws import serve_trio_websocket
-from .transports.memory import MemoryBackplane
 
 log = logging.getLogger("crealia")
 
@@ -231,7 +232,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
 async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backplane]:
     if config.redis_url:
         # Imported here: the core never imports a concrete transport or redis.
-        from .transports.redis import open_redis_backplane
+        from .backplanes.redis import open_redis_backplane
 
         async with open_redis_backplane(
             config.redis_url,
@@ -242,7 +243,7 @@ async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backpla
             backplane.quotas = Quotas.of(config)
             yield backplane
     else:
-        yield MemoryBackplane(
+        yield SQLiteBackplane(
             store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
             quotas=Quotas.of(config),
         )  # fmt: skip

@@ -24,7 +24,7 @@ import trio
 
 from . import _wire
 from ._audit import AuditLog
-from ._auth import TokenAuthority, User, require
+from ._auth import TokenAuthority, require
 from ._backplane import Backplane
 from ._config import Config
 from ._edge import ConnectionGate
@@ -42,11 +42,11 @@ from ._errors import (
 )
 from ._logging import log_context
 from ._metrics import Traffic
+from ._model import Resolution, User
 from ._preauth import AddressLimiter
 from ._ratelimit import RateLimiter, event_class
 from ._room import Room, RoomManager
 from ._settle import Settler
-from ._strategy import Resolution
 
 log = logging.getLogger("crealia.session")
 

@@ -31,19 +31,12 @@ import trio
 
 from . import _wire
 from ._audit import AuditLog
-from ._backplane import Backplane, Conflict
+from ._backplane import Backplane
 from ._config import Config
 from ._errors import BadRequest, ConfigurationError, NotFound, ProtocolError, TooLarge
+from ._model import Conflict, Resolution
 from ._plugins import StrategyRegistry
-from ._strategy import (
-    DECLINE,
-    DEFER,
-    ConflictStrategy,
-    Participant,
-    Resolution,
-    ResolutionContext,
-    plain_text,
-)
+from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext, plain_text
 
 if TYPE_CHECKING:
     from ._room import Room

@@ -23,20 +23,17 @@ closes. A strategy that raises is treated as declining (and the error is logged)
 from __future__ import annotations
 
 import enum
-import math
 import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from ._backplane import Conflict
+from ._model import Choice, Conflict, Resolution
 
 if TYPE_CHECKING:
     from ._config import Config
-
-Choice = Literal["current", "incoming", "custom"]
 
 
 class Verdict(enum.Enum):
@@ -50,32 +47,6 @@ class Verdict(enum.Enum):
 DECLINE = Verdict.DECLINE
 #: Leave the conflict pending for a person (see the ``manual`` strategy).
 DEFER = Verdict.DEFER
-
-
-def _confidence(_inst: Any, _attr: attrs.Attribute[Any], value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"confidence must be a number in 0..1, got {value!r}")
-
-
-@attrs.frozen(kw_only=True)
-class Resolution:
-    """How a conflict was settled. ``value`` becomes the property's value (for a conflicting
-    ``delete``: ``None`` deletes the element, a mapping sets those props)."""
-
-    value: Any
-    choice: Choice
-    strategy: str
-    confidence: float = attrs.field(validator=_confidence)
-    explanation: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
-            "choice": self.choice,
-            "strategy": self.strategy,
-            "confidence": self.confidence,
-            "explanation": self.explanation,
-        }
 
 
 @attrs.frozen(kw_only=True)

@@ -32,15 +32,8 @@ import attrs
 import orjson
 import trio
 
-from ._backplane import Conflict
-from ._strategy import (
-    DECLINE,
-    DEFER,
-    ConflictStrategy,
-    Participant,
-    Resolution,
-    ResolutionContext,
-)
+from ._model import Conflict, Resolution
+from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext
 
 __all__ = ["check_strategy", "make_conflict", "make_context"]
 

@@ -10,7 +10,7 @@ import trio
 from crealia import BadRequest, InternalError, Overloaded, User
 from crealia._storage import open_store
 from crealia._wire import Comment, InsertOp, SetOp, TimelineChange
-from crealia.transports.memory import MemoryBackplane
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 USER = User(id="u", name="u", role="editor", project_id="p")
 
@@ -29,7 +29,7 @@ def _set(change_id: str, value: object) -> TimelineChange:
 async def test_unencodable_value_is_refused_before_the_document_is_touched(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with open_store(tmp_path) as store:
-            backplane = MemoryBackplane(store)
+            backplane = SQLiteBackplane(store)
             assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
             # A value no JSON encoder takes, as a plugin bug might produce (past the message
             # validators): the document's value check refuses it before anything is touched.
@@ -50,7 +50,7 @@ async def test_unencodable_write_marks_project_broken_and_reloads(tmp_path: Path
     when encoding the event fails. The project is marked broken and reloaded from the store."""
     with trio.fail_after(10):
         async with open_store(tmp_path) as store:
-            backplane = MemoryBackplane(store)
+            backplane = SQLiteBackplane(store)
             assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
             broken = backplane._projects["p"]
             with pytest.raises(InternalError, match="could not record the write"):
@@ -72,7 +72,7 @@ async def test_failed_commit_marks_project_broken_and_reloads(tmp_path: Path) ->
     was already applied in memory is dropped by reloading the project from the store."""
     with trio.fail_after(10):
         async with open_store(tmp_path) as store:
-            backplane = MemoryBackplane(store)
+            backplane = SQLiteBackplane(store)
             assert (await backplane.commit_change(USER, _insert("c1", "e"))).seq == 1
             broken = backplane._projects["p"]
             store.fail_commits = True

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from crealia import Server, open_server
-from crealia._backplane import Conflict
+from crealia._model import Conflict
 from crealia._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
 
 from .conftest import Clients, make_config

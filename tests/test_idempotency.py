@@ -18,7 +18,7 @@ import trio
 from crealia import BadRequest, Server, User, open_server
 from crealia._storage import open_store
 from crealia._wire import InsertOp, SetOp, TimelineChange
-from crealia.transports.memory import MemoryBackplane
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 from ._redis import RedisServer, run_redis
 from ._wsclient import RawClient
@@ -126,7 +126,7 @@ async def test_opening_a_project_reads_no_change_ids_and_keeps_a_bounded_cache(
     mallory = User(id="mallory", name="mallory", role="editor", project_id="p")
     with trio.fail_after(30):
         async with open_store(tmp_path) as store:
-            backplane = MemoryBackplane(store, id_cache=16)
+            backplane = SQLiteBackplane(store, id_cache=16)
             insert_op = InsertOp(op="insert", element_id="e", element_type="clip", props={})
             await backplane.commit_change(alice, TimelineChange(change_id="i", changes=[insert_op]))
             for i in range(200):

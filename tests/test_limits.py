@@ -12,8 +12,9 @@ import pytest
 import trio
 
 from crealia import Server, open_server
-from crealia._backplane import Conflict, DurableEvent, History
+from crealia._backplane import History
 from crealia._client import connect
+from crealia._model import Conflict, DurableEvent
 from crealia._strategy import Answer, ConflictStrategy, ResolutionContext
 
 from ._wsclient import RawClient, open_raw_client

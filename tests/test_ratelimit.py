@@ -22,8 +22,8 @@ from crealia._ratelimit import (
 )
 from crealia._storage import open_store
 from crealia._wire import CLIENT_MESSAGES
-from crealia.transports.memory import MemoryBackplane
-from crealia.transports.redis import RATE_LIMIT_BATCH, open_redis_backplane
+from crealia.backplanes.redis import RATE_LIMIT_BATCH, open_redis_backplane
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 from ._redis import RedisServer, run_redis
 
@@ -213,7 +213,7 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
 async def test_memory_backplane_shares_nothing(tmp_path: Path) -> None:
     with trio.fail_after(10):
         async with open_store(tmp_path) as store:
-            backplane = MemoryBackplane(store)
+            backplane = SQLiteBackplane(store)
             limits = limiter(60, 2, shared=backplane, clock=FakeClock())
             assert limits.shared
             assert limits.check("u", "edit") == 0

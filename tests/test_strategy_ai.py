@@ -29,7 +29,8 @@ from crealia import Conflict, open_server
 from crealia._aiproviders import parse_ai_providers
 from crealia._config import Config
 from crealia._errors import ConfigurationError
-from crealia._strategy import DECLINE, Participant, Resolution, ResolutionContext
+from crealia._model import Resolution
+from crealia._strategy import DECLINE, Participant, ResolutionContext
 from crealia.strategies.ai import (
     MAX_RESPONSE_BYTES,
     AIAnswer,

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from crealia._model import Resolution
 from crealia._plugins import StrategyRegistry
-from crealia._strategy import DECLINE, Resolution
+from crealia._strategy import DECLINE
 from crealia.strategies.merge import (
     LIMIT_RANGES,
     Limits,

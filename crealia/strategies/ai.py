@@ -61,12 +61,11 @@ import orjson
 import trio
 
 from .._aiproviders import OFFLINE, AIProviderSettings, redact_url
-from .._backplane import Conflict
 from .._errors import ConfigurationError, CrealiaError, ProtocolError
+from .._model import Choice, Conflict
 from .._strategy import (
     DECLINE,
     Answer,
-    Choice,
     ConflictStrategy,
     Participant,
     ResolutionContext,

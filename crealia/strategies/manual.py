@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .._backplane import Conflict
+from .._model import Conflict
 from .._strategy import DEFER, Answer, ConflictStrategy, ResolutionContext
 
 #: The longest ``timeout`` accepted, in seconds (one week).

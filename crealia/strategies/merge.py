@@ -70,8 +70,8 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 import trio
 
-from .._backplane import Conflict
-from .._strategy import DECLINE, Answer, Choice, ConflictStrategy, ResolutionContext
+from .._model import Choice, Conflict
+from .._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
 
 __all__ = [
     "LIMIT_RANGES",

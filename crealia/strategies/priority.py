@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .._auth import ROLES
-from .._backplane import Conflict
+from .._model import ROLES, Conflict
 from .._strategy import Answer, ConflictStrategy, ResolutionContext
 
 _RANK: dict[str, int] = {role: rank for rank, role in enumerate(ROLES)}

@@ -28,20 +28,10 @@ import attrs
 import trio
 
 from .. import _gdpr, _wire
-from .._auth import User
-from .._backplane import (
-    MIN_HISTORY_EVENTS,
-    Backplane,
-    ChangeOutcome,
-    Conflict,
-    DurableEvent,
-    Ephemeral,
-    History,
-    Listener,
-    Settled,
-)
+from .._backplane import MIN_HISTORY_EVENTS, Backplane, History, Listener
 from .._document import Document, Quotas
 from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
+from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 from .._sequencing import (
     ChangeRecord,
     PendingLoad,
@@ -55,7 +45,6 @@ from .._sequencing import (
     value_at,
 )
 from .._storage import Statement, Store, dumps, loads
-from .._strategy import Resolution
 
 #: Recent change ids (and, apart, comment ids) whose outcome each loaded project keeps in memory;
 #: older ones are read from the store.
@@ -150,7 +139,7 @@ class _Project:
 
 
 @attrs.define(eq=False)
-class MemoryBackplane(Backplane):
+class SQLiteBackplane(Backplane):
     """The embedded backplane over a :class:`~crealia._storage.Store`."""
 
     store: Store

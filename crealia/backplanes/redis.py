@@ -42,19 +42,10 @@ import redis
 import trio
 
 from .. import _wire
-from .._auth import User
-from .._backplane import (
-    Backplane,
-    ChangeOutcome,
-    Conflict,
-    DurableEvent,
-    Ephemeral,
-    History,
-    Listener,
-    Settled,
-)
+from .._backplane import Backplane, History, Listener
 from .._document import Document, Quotas
 from .._errors import NotFound, Overloaded, ProtocolError, TransportError
+from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 from .._sequencing import (
     ChangeRecord,
     PendingLoad,
@@ -67,7 +58,6 @@ from .._sequencing import (
     value_at,
 )
 from .._storage import scrub_chain
-from .._strategy import Resolution
 
 log = logging.getLogger("crealia.redis")
 

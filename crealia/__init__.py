@@ -39,11 +39,14 @@ from ._model import (
     Ephemeral,
     Resolution,
     Role,
+    Settled,
     User,
 )
+from ._sequencing import ChangeRecord, PreparedWrite, Sequencer
 from ._server import Server, open_server, serve
 from ._session import Connection, ConnectionClosed
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
+from ._wire import Comment, TimelineChange
 
 __version__ = "0.1.0"
 
@@ -57,10 +60,12 @@ __all__ = [
     "Backplane",
     "BadRequest",
     "ChangeOutcome",
+    "ChangeRecord",
     "Choice",
     "ClientClosed",
     "ClientError",
     "ClientSession",
+    "Comment",
     "Config",
     "ConfigurationError",
     "Conflict",
@@ -77,6 +82,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Participant",
+    "PreparedWrite",
     "ProtocolError",
     "Push",
     "RateLimited",
@@ -84,11 +90,14 @@ __all__ = [
     "ResolutionContext",
     "Role",
     "RoomError",
+    "Sequencer",
     "Server",
     "ServerError",
     "SessionState",
+    "Settled",
     "StorageError",
     "ThresholdRule",
+    "TimelineChange",
     "TokenAuthority",
     "TooLarge",
     "TransportError",

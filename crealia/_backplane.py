@@ -4,24 +4,46 @@ A backplane owns each project's ordered, durable history. Rooms hand it changes,
 conflict resolutions; it checks them against the document, gives accepted ones the next ``seq``,
 makes them durable, and only then tells every subscribed room, in ``seq`` order, on every node.
 Ephemeral traffic (cursors, typing, membership) goes through :meth:`Backplane.publish` and is
-never stored. The SQLite backplane (``crealia.backplanes.sqlite``) serves one process; a
-cluster backplane serves many processes from one shared store.
+never stored.
+
+Everything the core needs from a backplane is on :class:`Backplane`, the core imports nothing
+else of it: the durable and ephemeral methods, and the capabilities a simple one-process
+backplane may leave at their defaults (:meth:`~Backplane.release`,
+:attr:`~Backplane.shares_presence`, :attr:`~Backplane.shares_rate_limits`,
+:attr:`~Backplane.supports_gdpr`, :meth:`~Backplane.health_checks`, :meth:`~Backplane.metrics`).
+A server is handed one (``open_server(config, backplane=...)``, like httpcore's
+``network_backend=``) or builds one from ``Config.backplane_url`` through a
+:class:`BackplaneFactory` registered in the ``crealia.backplanes`` entry-point group, where the
+built-ins (``sqlite``: one process, ``redis``: a cluster) are registered like a third party's.
+
+``crealia.testing.check_backplane`` runs the contract's conformance suite over any backplane;
+:class:`~crealia.Sequencer` is the pure, in-memory part of sequencing (document checks,
+conflict detection, resume windows) that a new backplane can build on.
 """
 
 from __future__ import annotations
 
 import collections
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _wire
 from ._errors import Unsupported
 from ._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 
+if TYPE_CHECKING:
+    from prometheus_client import Metric
+
+    from ._config import Config
+
 #: Events a project's history keeps whatever their size (docs/protocol.md §6: at least 1,000).
 MIN_HISTORY_EVENTS = 1000
+
+#: A health probe: returns when healthy, raises (any exception, its message the detail) when not.
+#: The server runs each under a deadline of its own (5 s), so a probe needs none.
+HealthProbe = Callable[[], Awaitable[None]]
 
 
 class History(collections.deque[DurableEvent]):
@@ -50,43 +72,85 @@ class History(collections.deque[DurableEvent]):
 
 
 class Listener(Protocol):
-    """What a backplane calls on a subscribed room. Calls are synchronous and must not block."""
+    """What a backplane calls on a subscribed room (:meth:`Backplane.subscribe`).
 
-    def on_durable(self, event: DurableEvent) -> None: ...
+    Calls are synchronous, from the Trio thread, and must not block: a room only queues what
+    it hears. A backplane makes them in ``seq`` order for durable events, never twice for one
+    event, and never from inside another listener call.
+    """
 
-    def on_conflicts(self, conflicts: list[Conflict]) -> None: ...
+    def on_durable(self, event: DurableEvent) -> None:
+        """A durable event of the project, the next in ``seq`` order."""
 
-    def on_ephemeral(self, message: Ephemeral) -> None: ...
+    def on_conflicts(self, conflicts: list[Conflict]) -> None:
+        """Conflicts detected (or detected again) in the project, already stored pending."""
+
+    def on_ephemeral(self, message: Ephemeral) -> None:
+        """An ephemeral message of the project (the room skips its ``origin``)."""
 
 
 class Backplane(ABC):
     """Sequencing, durable history and fan-out between rooms, for every project.
 
-    Every method may be called concurrently from many tasks. Durable methods return only once
-    the event is durable *and* has been handed to every subscribed listener, so an ack sent after
-    they return never overtakes the event. Cancelling a durable call never leaves half an event:
-    either it is sequenced and stored, or nothing is.
+    Every method may be called concurrently from many tasks, for one project or many.
+
+    **Durable writes** (:meth:`commit_change`, :meth:`commit_comment`, :meth:`settle`) give each
+    accepted event the project's next ``seq``, with no gap and no seq handed out twice (across
+    every process of a cluster). They return only once the event is durable *and* has been
+    handed to every listener subscribed to the project in this process, so an ack sent after
+    they return never overtakes the event.
+
+    **Cancellation.** Like :meth:`trio.abc.SendStream.send_all`, a cancelled durable write may or
+    may not have happened, but never half: either the event is sequenced, stored and (possibly
+    after the cancellation) delivered to every listener, with its id recorded, or nothing of it
+    is, and its ``seq`` goes to the next write. Resending with the same ``change_id`` or comment
+    id tells which (``duplicate`` with the first ``seq``, or applied now). ``trio.Cancelled`` is
+    never swallowed. A cancelled read changes nothing.
+
+    **Errors** are the project's own (:mod:`crealia._errors`): a backplane maps its library's
+    exceptions at its boundary, :class:`~crealia.Overloaded` for a store it cannot reach now
+    (``outcome="unknown"`` when the write may have been applied).
+
+    **Lifetime.** A backplane is opened by its :class:`BackplaneFactory` (an async context
+    manager that owns its tasks and connections) or by whoever builds it; the server that is
+    handed one uses it as is and never closes it.
     """
+
+    # -- durable writes -----------------------------------------------------------------------
 
     @abstractmethod
     async def commit_change(
         self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
     ) -> ChangeOutcome:
-        """Check, sequence and store a ``timeline_change``.
+        """Check, sequence and store a ``timeline_change`` (docs/protocol.md §5).
 
-        Conflicts it detects are stored pending, naming ``strategy`` (the first of the project's
-        chain) as the one settling them, and come back in :attr:`ChangeOutcome.detected`.
+        The operations that apply become one event at the next ``seq``; those that conflict
+        become conflicts, stored pending before this returns, naming ``strategy`` (the first of
+        the project's chain) as the one settling them; they come back in
+        :attr:`ChangeOutcome.detected` and are told to every subscribed listener, on every
+        process (:meth:`Listener.on_conflicts`). A ``change_id`` already accepted in the
+        project is a ``duplicate``: nothing is recorded and the first ``seq`` comes back, once
+        the first is durable.
+
+        Cancelled: the whole change (event, conflicts, id) is recorded, or none of it.
 
         Raises:
-            BadRequest, NotFound: the change contradicts the document; nothing is recorded.
-            Overloaded: the store cannot take the write now; nothing is recorded.
+            BadRequest, NotFound: the change contradicts the document, or its ``change_id`` was
+                first used by another user or for other operations; nothing is recorded.
+            TooLarge: it would take the document, a value or the pending conflicts past a
+                quota; nothing is recorded.
+            Overloaded: the store cannot take the write now (``outcome`` says whether it may
+                have been applied).
         """
 
     @abstractmethod
     async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
         """Sequence and store a comment; returns ``(seq, duplicate)``.
 
-        A comment id already stored in the project is a duplicate: its first ``seq`` comes back.
+        A comment id already stored in the project is a duplicate: nothing is recorded and its
+        first ``seq`` comes back, once the first is durable.
+
+        Cancelled: the comment is recorded whole (event and id) or not at all.
 
         Raises:
             Overloaded: the store cannot take the write now.
@@ -104,24 +168,47 @@ class Backplane(ABC):
         expect_seq: int | None = None,
         redetect: bool = True,
     ) -> Settled:
-        """Settle a pending conflict: the resolution becomes a durable event with its own seq.
+        """Settle a pending conflict: the resolution becomes a durable event with its own seq,
+        and the conflict is stored as resolved.
 
         ``by`` is who settled it (the event's user), ``writer`` who the resolved value counts as
         written by. With ``expect_seq``, the target must still be at that version: if it moved,
         the newer value stands (the conflict is resolved as ``current``) and, when the newer
         value is someone else's (and ``redetect``), the incoming value is detected again as a new
-        conflict, which :class:`Settled` returns.
+        pending conflict, which :class:`Settled` returns and the listeners hear of.
+
+        Cancelled: the conflict is resolved with its event (and any conflict detected again),
+        or it is still pending and nothing was recorded.
 
         Raises:
-            NotFound: no pending conflict with that id in the project.
+            NotFound: no pending conflict with that id in the project (already settled).
+            BadRequest, TooLarge: the resolved value could not be written by a client either.
             Overloaded: the store cannot take the write now.
         """
+
+    @abstractmethod
+    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
+        """Replace the project's stored settings (a JSON object).
+
+        Cancelled: the old or the new settings are stored, never a mix.
+
+        Raises:
+            Overloaded: the store cannot take the write now.
+        """
+
+    # -- reads --------------------------------------------------------------------------------
 
     @abstractmethod
     async def conflicts(
         self, project_id: str, *, status: str | None = None, limit: int = 200
     ) -> list[Conflict]:
-        """The project's conflicts, newest first (``status``: only pending or resolved)."""
+        """The project's conflicts, newest first, at most ``limit`` (``status``: only
+        ``"pending"`` or ``"resolved"`` ones)."""
+
+    @abstractmethod
+    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
+        """The project's conflicts still waiting for a resolution (every one stored pending by a
+        write that returned, on any process)."""
 
     @abstractmethod
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
@@ -134,19 +221,19 @@ class Backplane(ABC):
 
     @abstractmethod
     async def get_settings(self, project_id: str) -> dict[str, Any]:
-        """The project's stored settings (``{}`` when none)."""
-
-    @abstractmethod
-    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
-        """Replace the project's stored settings."""
+        """The project's stored settings (``{}`` when none were ever set)."""
 
     @abstractmethod
     async def snapshot(self, project_id: str) -> dict[str, Any]:
-        """The project's document as a wire snapshot (docs/protocol.md §5)."""
+        """The project's document as a wire snapshot (docs/protocol.md §5), with its ``seq``:
+        every event up to it is durable, every write that returned before the call is in it."""
 
     @abstractmethod
     async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
-        """Every durable event after ``seq``, in order, or ``None`` if some are no longer kept."""
+        """Every durable event after ``seq``, in order and without a gap, up to the project's
+        latest; ``[]`` at the latest, and ``None`` when that cannot be answered exactly: some
+        of them are no longer kept, or ``seq`` is beyond the latest (a client of another
+        history). At least the last :data:`MIN_HISTORY_EVENTS` events are kept."""
 
     async def epoch(self, project_id: str) -> str:
         """The name of the project's history as it stands (docs/protocol.md §3, ``welcome.epoch``).
@@ -158,28 +245,72 @@ class Backplane(ABC):
         """
         return "0"
 
-    @abstractmethod
-    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
-        """The project's conflicts still waiting for a resolution."""
+    # -- fan-out ------------------------------------------------------------------------------
 
     @abstractmethod
     def subscribe(self, project_id: str, listener: Listener) -> AbstractAsyncContextManager[None]:
         """Deliver the project's durable events, conflicts and ephemeral messages to
-        ``listener`` while the context is open."""
+        ``listener`` while the context is open.
+
+        Every durable event that becomes durable after the context was entered (written by any
+        process) is delivered once, in ``seq`` order; what came before is read with
+        :meth:`events_since`. Leaving the context (or cancelling its entry) stops delivery at
+        once and leaves nothing registered.
+        """
 
     @abstractmethod
     async def publish(self, message: Ephemeral) -> None:
-        """Send an ephemeral message to every subscribed listener of its project."""
+        """Send an ephemeral message to every listener subscribed to its project, on every
+        process (its room skips the ``origin`` connection). Never stored; under load it may be
+        dropped, never reordered after a later message of the same ``key``.
 
-    async def share_presence(  # noqa: B027 - an optional hook: nothing to share in one process
-        self, project_id: str, members: list[dict[str, Any]]
+        Cancelled: it was sent or it was not.
+        """
+
+    def release(self, project_id: str) -> None:  # noqa: B027 - a hook: nothing held by default
+        """The last room of the project in this process closed: forget what is held in memory
+        for it, if no listener is subscribed (it is loaded again on demand). Synchronous and
+        never fails; the default holds nothing."""
+
+    # -- presence across processes ------------------------------------------------------------
+
+    @property
+    def shares_presence(self) -> bool:
+        """Whether other processes may serve the same projects (a cluster): then rooms call
+        :meth:`share_presence` on every membership change and every ``presence_interval``,
+        and merge :meth:`remote_presence` into their member list. ``False`` by default."""
+        return False
+
+    async def share_presence(  # noqa: B027 - a hook: nothing to share in one process
+        self, project_id: str, members: list[dict[str, Any]], *, ttl: float
     ) -> None:
-        """Tell the other processes who is in this process's room of the project (a heartbeat:
-        called on every membership change and every few seconds). One process: nothing to do."""
+        """Tell the other processes who is in this process's room of the project (the members'
+        wire objects, docs/protocol.md §4; ``[]``: nobody any more).
+
+        A heartbeat: the share lasts ``ttl`` seconds (three of the room's heartbeats), after
+        which a process that stopped calling counts as gone and its members leave. Called only
+        when :attr:`shares_presence`. Cancelled: the previous share or this one stands.
+
+        Raises:
+            Overloaded: the shared store is unreachable (the room tries again next beat).
+        """
 
     async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
-        """The members of the project's rooms in the other live processes."""
+        """The members of the project's rooms in the other live processes, as shared with
+        :meth:`share_presence` (``[]`` by default).
+
+        Raises:
+            Overloaded: the shared store is unreachable.
+        """
         return []
+
+    # -- rate limits across processes ---------------------------------------------------------
+
+    @property
+    def shares_rate_limits(self) -> bool:
+        """Whether the rate limiter syncs with :meth:`sync_rate_limits`, so that a user spread
+        over several processes is limited once. ``False`` by default."""
+        return False
 
     async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float] | None:
         """Share rate-limit consumption with the other processes (GCRA, ``crealia._ratelimit``).
@@ -192,12 +323,22 @@ class Backplane(ABC):
         how many milliseconds the name's TAT now lies ahead of the store's clock, which the caller
         adds to its own now: so the processes' clocks need not agree.
 
-        Returns ``None`` when there is nothing to share (one process: the default).
+        Returns ``None`` when there is nothing to share (one process: the default). Called only
+        when :attr:`shares_rate_limits`. Cancelled: the updates were recorded or not (the
+        caller sends them again).
 
         Raises:
             Overloaded: the shared store is unreachable; nothing may have been recorded.
         """
         return None
+
+    # -- GDPR ---------------------------------------------------------------------------------
+
+    @property
+    def supports_gdpr(self) -> bool:
+        """Whether :meth:`user_data` and :meth:`erase_user` work. When ``False`` (the default)
+        the server answers GDPR requests with ``unsupported`` before touching anything."""
+        return False
 
     async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
         """What the backplane stores about a user in a project (GDPR export): ``comments``,
@@ -205,22 +346,69 @@ class Backplane(ABC):
 
         Raises:
             Unsupported: this backplane cannot (the default).
+            Overloaded: the store cannot be read now.
         """
         raise Unsupported(f"GDPR export is not available with {type(self).__name__} yet")
 
     async def erase_user(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
-        """Erase a user from a project (GDPR): delete their content, pseudonymize the rest.
-        The project's room must be closed. Returns what was changed, per kind.
+        """Erase a user from a project (GDPR): delete their content, pseudonymize the rest, and
+        give the project a new :meth:`epoch`. The server closes the project's room first.
+        Returns what was changed, per kind.
+
+        Cancelled: the erasure is done whole or not at all.
 
         Raises:
             Unsupported: this backplane cannot (the default).
+            Overloaded: the project is open, or the store failed; nothing was changed.
         """
         raise Unsupported(f"GDPR erasure is not available with {type(self).__name__} yet")
 
+    # -- health and metrics -------------------------------------------------------------------
+
     @abstractmethod
     async def check(self) -> None:
-        """Prove the backplane is usable (for ``/readyz``).
+        """Prove the backplane is usable now: that a write can commit.
 
         Raises:
-            TransportError: it is not.
+            TransportError: it is not (the message says why).
         """
+
+    def health_checks(self) -> Mapping[str, HealthProbe]:
+        """The backplane's health checks by name, for ``/readyz`` and
+        ``crealia_health_check_up{check}``: ``{"backplane": self.check}`` by default.
+
+        The server runs them beside its own (``storage``, for its operations database, and
+        ``event_loop``); a check named like one of the server's is folded into it (both must
+        pass). The built-ins name theirs ``storage`` (SQLite) and ``redis``.
+        """
+        return {"backplane": self.check}
+
+    def metrics(self) -> Iterable[Metric]:
+        """The backplane's own Prometheus metric families, read at every scrape of
+        ``/metrics`` (none by default). Must not block.
+
+        A family named like one of the server's is merged into it: its samples are added, and
+        a sample with the same labels as the server's is combined with it (counters add up,
+        gauges take the larger value), so a backplane can count its own background jobs in
+        ``crealia_background_failures_total{job}``.
+        """
+        return ()
+
+
+class BackplaneFactory(Protocol):
+    """What an entry point of the ``crealia.backplanes`` group names.
+
+    ``open_backplane(url, config)`` opens a backplane for ``url`` (the server's
+    ``Config.backplane_url``, or ``"sqlite:"`` when none is set) and the server's ``config``
+    (its quotas, history limits, presence interval, data dir, ...). It is an async context
+    manager that owns everything the backplane starts (connections, tasks) and closes it all on
+    exit, also when cancelled. The entry point's name is the URL scheme it serves; it may serve
+    more schemes, listed in a ``schemes`` attribute of the factory (``redis`` lists ``rediss``
+    and ``unix``).
+
+    Opening raises :class:`~crealia.ConfigurationError` for a URL it cannot use and
+    :class:`~crealia.TransportError` (or :class:`~crealia.Overloaded`) for a store it cannot
+    reach.
+    """
+
+    def __call__(self, url: str, config: Config, /) -> AbstractAsyncContextManager[Backplane]: ...

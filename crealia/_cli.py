@@ -51,7 +51,15 @@ def _parser() -> argparse.ArgumentParser:
         "--ws-port", type=int, default=None, help="fast-path WebSocket port (default 3001)"
     )
     serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
-    serve.add_argument("--redis", default=None, help="join a cluster on this Redis URL")
+    serve.add_argument(
+        "--backplane",
+        "--redis",
+        dest="backplane",
+        default=None,
+        metavar="URL",
+        help="the backplane: sqlite: (the default, in the data dir) or redis://HOST:PORT/DB to "
+        "join a cluster (CREALIA_BACKPLANE; --redis and REDIS_URL are older names)",
+    )
     serve.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
     serve.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
     serve.add_argument(
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             ws_port=args.ws_port,
             data_dir=args.data_dir,
-            redis_url=args.redis,
+            backplane_url=args.backplane,
             jwt_secret=secret,
             jwt_public_keys=_public_keys(args.jwt_public_key),
             jwt_keys_file=args.jwt_keys_file,

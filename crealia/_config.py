@@ -70,6 +70,7 @@ class Config:
     port: int = 3000
     ws_port: int = 3001
     data_dir: Path = Path("./crealia-data")
+    #: The older name of ``backplane_url`` (``--redis``, ``REDIS_URL``): setting it sets that.
     redis_url: str | None = None
     jwt_secret: str | None = None
     dev: bool = False
@@ -276,6 +277,22 @@ class Config:
     #: Seconds between deletions of audit events, metric samples and resolved alerts past
     #: their retention (1 .. 86,400; a failed pruning is retried sooner, with a backoff).
     retention_interval: float = attrs.field(default=3600.0, validator=_float_range(1, 86_400))
+    # --- backplane (issue 11): which backplane a server opens when none is passed in
+    #: The backplane's URL (``--backplane``, ``CREALIA_BACKPLANE``): its scheme names the entry
+    #: point of the ``crealia.backplanes`` group that opens it, e.g. ``sqlite:`` (SQLite in
+    #: ``data_dir``), ``sqlite:///var/lib/crealia`` or ``redis://host:6379/0`` (a cluster).
+    #: ``None`` or empty: SQLite in ``data_dir``. ``redis_url`` is an older name for it.
+    backplane_url: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.redis_url:
+            if self.backplane_url is None:
+                object.__setattr__(self, "backplane_url", self.redis_url)
+            elif self.backplane_url != self.redis_url:
+                raise ConfigurationError(
+                    f"backplane_url ({self.backplane_url!r}) and redis_url, its older name "
+                    f"({self.redis_url!r}), disagree: set one of them"
+                )
 
     @history_limit.validator
     def _check_history(self, _attr: object, value: int) -> None:
@@ -321,6 +338,7 @@ class Config:
                     values[field] = kind(raw)
                 except ValueError as exc:
                     raise ConfigurationError(f"{name}={raw!r}: {exc}") from exc
+        from_env = dict(values)
         for field, value in file_values.items():
             values.setdefault(field, value)
         if alert_options:
@@ -328,6 +346,7 @@ class Config:
         if rate_limits:
             values["rate_limits"] = rate_limits
         values.update({k: v for k, v in overrides.items() if v is not None})
+        _backplane_alias(values, [overrides, from_env, file_values])
         # CREALIA_AI_* define the provider "default".
         providers = dict(values.get("ai_providers") or {})
         env_default = default_from_env(env)
@@ -341,6 +360,19 @@ class Config:
             return cls(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from exc
+
+
+def _backplane_alias(values: dict[str, Any], layers: list[Mapping[str, Any]]) -> None:
+    """``backplane_url`` and its older name ``redis_url`` are one setting: the flag wins over
+    the environment, which wins over the file, whichever name each uses (``--backplane`` over
+    ``REDIS_URL``); ``redis_url`` is kept only when it is the winner."""
+    for layer in layers:
+        for key in ("backplane_url", "redis_url"):
+            if layer.get(key) is not None:
+                values["backplane_url"] = layer[key]
+                if values.get("redis_url") != layer[key]:
+                    values.pop("redis_url", None)
+                return
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -420,6 +452,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("WS_PORT", "ws_port", int),
     ("CREALIA_WS_PORT", "ws_port", int),
     ("CREALIA_DATA_DIR", "data_dir", str),
+    ("CREALIA_BACKPLANE", "backplane_url", str),
     ("REDIS_URL", "redis_url", str),
     ("CREALIA_JWT_SECRET", "jwt_secret", str),
     ("JWT_SECRET", "jwt_secret", str),

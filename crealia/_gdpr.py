@@ -33,7 +33,6 @@ import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._backplane import Backplane
 from ._errors import Overloaded, StorageError, Unsupported
 from ._storage import dumps, loads
 
@@ -55,10 +54,10 @@ async def erase_user(
     and resume once it is done), rewrite the store, and return the pseudonym and the counts.
 
     Raises:
-        Unsupported: the backplane cannot erase (the Redis backplane, for now).
+        Unsupported: the backplane does not support GDPR (``supports_gdpr``).
         Overloaded: the store failed (nothing was changed).
     """
-    if type(hub.backplane).erase_user is Backplane.erase_user:
+    if not hub.backplane.supports_gdpr:
         # Before anything is closed: refusing must not cost the project's members their session.
         raise Unsupported(f"GDPR erasure is not available with {type(hub.backplane).__name__}")
     pseudonym = f"erased-{uuid.uuid4().hex[:12]}"
@@ -86,8 +85,10 @@ async def export_user(hub: Hub, project_id: str, user_id: str) -> dict[str, Any]
     ``conflicts`` (the backplane's) and ``audit`` events (the operations store's).
 
     Raises:
-        Unsupported: the backplane cannot (the Redis backplane, for now).
+        Unsupported: the backplane does not support GDPR (``supports_gdpr``).
     """
+    if not hub.backplane.supports_gdpr:
+        raise Unsupported(f"GDPR export is not available with {type(hub.backplane).__name__}")
     await hub.audit.flush()  # what was just done is stored, so it is exported too
     content = await hub.backplane.user_data(project_id, user_id)
 

@@ -9,7 +9,8 @@ Prometheus exposition is built from the same numbers at scrape time by :class:`S
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -20,9 +21,14 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
+    from ._jobs import JobFailures
     from ._monitor import Monitor
+    from ._storage import Store
+
+log = logging.getLogger("crealia.metrics")
 
 #: Histogram bucket upper bounds, in seconds (Prometheus convention).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
@@ -170,6 +176,16 @@ class ServerCollector(Collector):
         self._monitor = monitor
 
     def collect(self) -> Iterator[Metric]:
+        """The server's families, with the backplane's own merged in
+        (:meth:`crealia.abc.Backplane.metrics`)."""
+        try:
+            extra = list(self._monitor.backplane.metrics())
+        except Exception:  # an adapter's bug must not take /metrics down
+            log.exception("the backplane's metrics failed; scraped without them")
+            extra = []
+        return merge_families(self._own(), extra)
+
+    def _own(self) -> Iterator[Metric]:
         monitor = self._monitor
         live = monitor.live_counts()
         traffic = monitor.traffic
@@ -204,30 +220,11 @@ class ServerCollector(Collector):
              traffic.conflicts_detected),
             ("conflicts_resolved", "Conflict resolutions in projects open here.",
              traffic.conflicts_settled),
-            ("store_commits", "SQLite transactions committed.", monitor.store.commits),
             ("alert_notifications_failed", "Webhook deliveries that failed after retries.",
              monitor.notifier.failed),
         ):  # fmt: skip
             yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
-        stores = (monitor.store, monitor.ops)
-        yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_bytes",
-                        "Size of each SQLite database's write-ahead log file, as last seen.",
-                        "db", {store.name: store.wal_bytes for store in stores})  # fmt: skip
-        yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_max_bytes",
-                        "The bound each WAL is kept under (a TRUNCATE checkpoint at half).",
-                        "db", {store.name: store.wal.max_bytes for store in stores})  # fmt: skip
-        checkpoints = CounterMetricFamily(
-            "crealia_sqlite_checkpoints", "WAL checkpoints completed, by database and mode.",
-            labels=["db", "mode"],
-        )  # fmt: skip
-        for store in stores:
-            for mode, count in sorted(store.checkpoints.items()):
-                checkpoints.add_metric([store.name, mode], count)
-        yield checkpoints
-        failures = {store.name: store.checkpoint_failures for store in stores}
-        yield _labelled(CounterMetricFamily, "crealia_sqlite_checkpoint_failures",
-                        "WAL checkpoints that failed (logged as 'WAL checkpoint failed').",
-                        "db", failures)  # fmt: skip
+        yield from sqlite_metrics([monitor.ops])
         yield _labelled(
             CounterMetricFamily,
             "crealia_messages_received",
@@ -237,14 +234,7 @@ class ServerCollector(Collector):
         )
         yield _labelled(CounterMetricFamily, "crealia_errors", "Error replies sent, by code.",
                         "code", traffic.by_error)  # fmt: skip
-        jobs = monitor.jobs
-        yield _labelled(CounterMetricFamily, "crealia_background_failures",
-                        "Attempts of background jobs (samples, health checks, pruning, the "
-                        "audit writer, checkpoints, ...) that failed and were retried, by job.",
-                        "job", jobs.counts)  # fmt: skip
-        yield _labelled(GaugeMetricFamily, "crealia_background_job_failing",
-                        "1 while a background job's last attempt failed.", "job",
-                        {job: float(job in jobs.failing) for job in jobs.counts})  # fmt: skip
+        yield from job_metrics(monitor.jobs)
         gate = getattr(monitor.hub, "gate", None)
         if gate is not None:
             yield GaugeMetricFamily(
@@ -298,6 +288,76 @@ class ServerCollector(Collector):
             yield HistogramMetricFamily(
                 f"crealia_{name}", doc, buckets=histogram.buckets(), sum_value=histogram.total
             )
+
+
+def sqlite_metrics(stores: Iterable[Store]) -> Iterator[Metric]:
+    """The WAL and checkpoint families of SQLite stores, labelled by database name (the
+    server's operations database, and the SQLite backplane's)."""
+    stores = list(stores)
+    yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_bytes",
+                    "Size of each SQLite database's write-ahead log file, as last seen.",
+                    "db", {store.name: store.wal_bytes for store in stores})  # fmt: skip
+    yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_max_bytes",
+                    "The bound each WAL is kept under (a TRUNCATE checkpoint at half).",
+                    "db", {store.name: store.wal.max_bytes for store in stores})  # fmt: skip
+    checkpoints = CounterMetricFamily(
+        "crealia_sqlite_checkpoints", "WAL checkpoints completed, by database and mode.",
+        labels=["db", "mode"],
+    )  # fmt: skip
+    for store in stores:
+        for mode, count in sorted(store.checkpoints.items()):
+            checkpoints.add_metric([store.name, mode], count)
+    yield checkpoints
+    failures = {store.name: store.checkpoint_failures for store in stores}
+    yield _labelled(CounterMetricFamily, "crealia_sqlite_checkpoint_failures",
+                    "WAL checkpoints that failed (logged as 'WAL checkpoint failed').",
+                    "db", failures)  # fmt: skip
+
+
+def job_metrics(jobs: JobFailures) -> Iterator[Metric]:
+    """The background-job families of one :class:`~crealia._jobs.JobFailures` (the server's,
+    or the jobs of a backplane's own, merged into the server's by :func:`merge_families`)."""
+    yield _labelled(CounterMetricFamily, "crealia_background_failures",
+                    "Attempts of background jobs (samples, health checks, pruning, the "
+                    "audit writer, checkpoints, ...) that failed and were retried, by job.",
+                    "job", jobs.counts)  # fmt: skip
+    yield _labelled(GaugeMetricFamily, "crealia_background_job_failing",
+                    "1 while a background job's last attempt failed.", "job",
+                    {job: float(job in jobs.failing) for job in jobs.counts})  # fmt: skip
+
+
+def merge_families(own: Iterable[Metric], extra: Iterable[Metric]) -> Iterator[Metric]:
+    """``own`` families with ``extra`` ones merged in: a family of a new name is added; one
+    named like one of ``own`` (and of its type) adds its samples to it, a sample with the same
+    name and labels being combined (gauges take the larger value, counters and histograms add
+    up). A family of another type under a taken name is dropped, with a warning."""
+    families = {family.name: family for family in own}
+    for family in extra:
+        mine = families.get(family.name)
+        if mine is None:
+            families[family.name] = family
+            continue
+        if mine.type != family.type:
+            log.warning("backplane metric %s is a %s, the server's a %s: dropped", family.name,
+                        family.type, mine.type)  # fmt: skip
+            continue
+        index = {_sample_key(sample): i for i, sample in enumerate(mine.samples)}
+        for sample in family.samples:
+            key = _sample_key(sample)
+            at = index.get(key)
+            if at is None:
+                index[key] = len(mine.samples)
+                mine.samples.append(sample)
+                continue
+            old = mine.samples[at]
+            value = (max(old.value, sample.value) if family.type == "gauge"
+                     else old.value + sample.value)  # fmt: skip
+            mine.samples[at] = old._replace(value=value)
+    yield from families.values()
+
+
+def _sample_key(sample: Sample) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return sample.name, tuple(sorted(sample.labels.items()))
 
 
 def _labelled(family: Any, name: str, doc: str, label: str, values: Mapping[str, float]) -> Metric:

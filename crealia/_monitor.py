@@ -16,7 +16,7 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -28,9 +28,9 @@ import trio
 
 from . import _wire
 from ._alerts import Alert, AlertEngine, AlertNotifier, log_alert
-from ._backplane import Backplane
+from ._backplane import Backplane, HealthProbe
 from ._config import Config
-from ._errors import CrealiaError, StorageError
+from ._errors import CrealiaError
 from ._jobs import JobFailures
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
@@ -46,8 +46,6 @@ RING_PROJECTS = 256
 LAG_PROBE = 0.25
 #: Values per field a report's p95 is computed from exactly (past that, an even subsample).
 P95_EXACT = 20_000
-#: Seconds the storage health check waits for a WAL checkpoint of its own.
-CHECKPOINT_PROBE = 2.0
 #: Connections whose WebSocket ping round trip is measured each sampling period.
 PING_SAMPLE = 16
 
@@ -86,9 +84,9 @@ class Monitor:
     """Samples, health, alerts and the live feed of one server."""
 
     config: Config
-    #: The projects' store (health checks, commit counts) and the operations store (samples).
-    store: Store
+    #: The operations store (samples, alerts; the ``storage`` health check).
     ops: Store
+    #: Its health checks and metrics are merged with the server's.
     backplane: Backplane
     hub: Any  # the session Hub (typed loosely: the hub module imports nothing of this one)
     engine: AlertEngine
@@ -273,8 +271,10 @@ class Monitor:
     # -- health -------------------------------------------------------------------------------
 
     async def check_health(self) -> dict[str, HealthCheck]:
-        """Run every health check now: storage writable, Redis reachable (when configured) and
-        the event loop's lag; the results are kept for /readyz and /metrics."""
+        """Run every health check now: the operations store writable (``storage``), the
+        backplane's own checks (:meth:`~crealia.abc.Backplane.health_checks`: the SQLite
+        backplane's store is folded into ``storage``) and the event loop's lag; the results are
+        kept for /readyz and /metrics."""
         if self._checking is not None:
             # One check at a time: a burst of /readyz calls shares the one in flight.
             await self._checking.wait()
@@ -287,12 +287,9 @@ class Monitor:
             self._checking = None
 
     async def _run_checks(self) -> dict[str, HealthCheck]:
-        checks: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("storage", self._check_storage)]  # fmt: skip
-        if self.config.redis_url:
-            checks.append(("redis", self.backplane.check))
+        checks = self._checks()
         results: dict[str, HealthCheck] = {}
-        for name, probe in checks:
+        for name, probe in checks.items():
             ok, detail = True, "ok"
             with trio.move_on_after(5) as scope:
                 try:
@@ -319,30 +316,18 @@ class Monitor:
         self.health = results
         return results
 
-    async def _check_storage(self) -> None:
-        # A real commit through each grouped writer, then a real checkpoint of what it wrote:
-        # the stores take writes and can copy them into the database file (a WAL that cannot
-        # be checkpointed grows until the disk is full), not just open.
-        for store in (self.store, self.ops):
-            try:
-                await store.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)",
-                                    (_now_ms(),))])  # fmt: skip
-            except StorageError as exc:
-                raise StorageError(f"{store.path.name}: a write cannot commit: {exc}") from exc
-            # A checkpoint waits for the reader's turn: behind a long report, the background
-            # checkpointer's last result stands in for this one.
-            with trio.move_on_after(CHECKPOINT_PROBE):
-                try:
-                    await store.checkpoint()
-                except StorageError as exc:
-                    raise StorageError(f"{store.path.name}: WAL checkpoint failed: {exc}") from exc
-            if store.checkpoint_error is not None:
-                raise StorageError(
-                    f"{store.path.name}: WAL checkpoint failed: {store.checkpoint_error}"
-                )
-            if store.wal_bytes > store.wal.max_bytes:
-                raise StorageError(f"{store.path.name}: the WAL ({store.wal_bytes} bytes) is "
-                                   f"over its bound of {store.wal.max_bytes}")  # fmt: skip
+    def _checks(self) -> dict[str, HealthProbe]:
+        """The server's checks and the backplane's, by name; a name both have runs the
+        backplane's probe, then the server's (the first failure is the check's)."""
+        checks: dict[str, HealthProbe] = {}
+        for name, probe in self.backplane.health_checks().items():
+            checks[name] = probe
+        own: dict[str, HealthProbe] = {"storage": self.ops.probe}
+        for name, probe in own.items():
+            theirs = checks.get(name)
+            checks[name] = probe if theirs is None else partial(_both, theirs, probe)
+        # The server's own check first, as /readyz has always listed it.
+        return {**{name: checks[name] for name in own}, **checks}
 
     def health_ok(self) -> dict[str, bool]:
         return {name: check.ok for name, check in self.health.items()}
@@ -504,6 +489,11 @@ def _memory_limit() -> int:
         if raw.isdigit() and 0 < int(raw) < total:
             return int(raw)
     return total
+
+
+async def _both(first: HealthProbe, second: HealthProbe) -> None:
+    await first()
+    await second()
 
 
 def _now_ms() -> int:

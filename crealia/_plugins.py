@@ -1,33 +1,45 @@
 """Plugin registries built from entry points when a server starts (no import-time globals).
 
-Two groups, one mechanism:
+Three groups, one mechanism:
 
 - ``crealia.strategies`` holds conflict strategies (see :mod:`crealia._strategy`);
-- ``crealia.alert_rules`` holds alert rules (see :mod:`crealia._alerts`).
+- ``crealia.alert_rules`` holds alert rules (see :mod:`crealia._alerts`);
+- ``crealia.backplanes`` holds backplane factories (see :class:`crealia.abc.BackplaneFactory`),
+  chosen by the scheme of ``Config.backplane_url``.
 
 The built-ins register through the same groups, in crealia's own setup.cfg, as third-party plugins
-do. The entry-point name is the public identifier; its object is a factory called with the
-plugin's options mapping. A plugin that fails to load is kept out and reported with its
-distribution.
+do. The entry-point name is the public identifier; a strategy's or rule's object is a factory
+called with the plugin's options mapping, a backplane's one called with the URL and the config.
+A plugin that fails to load is kept out and reported with its distribution.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar, cast
+from urllib.parse import urlsplit
 
 import attrs
 
 from ._alerts import AlertRule
+from ._backplane import Backplane, BackplaneFactory
 from ._errors import ConfigurationError
 from ._strategy import ConflictStrategy
+
+if TYPE_CHECKING:
+    from ._config import Config
 
 log = logging.getLogger("crealia.plugins")
 
 STRATEGY_GROUP = "crealia.strategies"
 ALERT_RULE_GROUP = "crealia.alert_rules"
+BACKPLANE_GROUP = "crealia.backplanes"
+
+#: The backplane of a server whose config names none: SQLite in ``Config.data_dir``.
+DEFAULT_BACKPLANE_URL = "sqlite:"
 
 StrategyFactory = Callable[[Mapping[str, Any]], ConflictStrategy]
 AlertRuleFactory = Callable[[Mapping[str, Any]], AlertRule]
@@ -182,3 +194,84 @@ class AlertRuleRegistry(_Registry[AlertRule]):
         options = options or {}
         self.check(sorted(options))
         return [self.create(name, options.get(name)) for name in self.names()]
+
+
+@attrs.define(eq=False)
+class BackplaneRegistry:
+    """The backplanes this server can open, by URL scheme (group ``crealia.backplanes``).
+
+    An entry point's name is the scheme it serves (``sqlite``, ``redis``); its factory may list
+    more in a ``schemes`` attribute (``redis``: ``rediss``, ``unix``). An entry point's own
+    name wins over another's listed scheme. Built when the server starts: nothing is loaded at
+    import time.
+    """
+
+    factories: dict[str, BackplaneFactory]
+    plugins: list[PluginInfo]
+    #: Every known URL scheme and the entry point serving it.
+    schemes: dict[str, str]
+
+    @classmethod
+    def discover(cls) -> Self:
+        """Load every entry point of ``crealia.backplanes`` (a broken one is logged, kept out
+        and reported when its scheme is asked for)."""
+        loaded, plugins = load_entry_points(BACKPLANE_GROUP, "backplane")
+        factories = cast(dict[str, BackplaneFactory], loaded)
+        schemes = {name: name for name in factories}
+        for plugin in plugins:
+            schemes.setdefault(plugin.name, plugin.name)
+        for name, factory in factories.items():
+            for scheme in getattr(factory, "schemes", ()):
+                schemes.setdefault(str(scheme).lower(), name)
+        return cls(factories=factories, plugins=plugins, schemes=schemes)
+
+    def resolve(self, url: str) -> str:
+        """The entry point serving ``url``.
+
+        Raises:
+            ConfigurationError: ``url`` has no scheme or an unknown one (the message lists the
+                known ones), or its plugin failed to load (the message names its distribution).
+        """
+        scheme = urlsplit(url).scheme.lower()
+        known = ", ".join(sorted(self.schemes))
+        if not scheme:
+            raise ConfigurationError(
+                f"backplane URL {url!r} has no scheme (such as sqlite: or redis://); known: "
+                f"{known}"
+            )
+        name = self.schemes.get(scheme)
+        if name is None:
+            raise ConfigurationError(
+                f"backplane URL {url!r}: unknown scheme {scheme!r}; known: {known}"
+            )
+        if name not in self.factories:
+            plugin = next(p for p in self.plugins if p.name == name)
+            raise ConfigurationError(
+                f"backplane {name!r} from {plugin.distribution} {plugin.version} failed to "
+                f"load: {plugin.error}"
+            )
+        return name
+
+    @asynccontextmanager
+    async def open(self, url: str | None, config: Config) -> AsyncIterator[Backplane]:
+        """Open the backplane ``url`` names (:data:`DEFAULT_BACKPLANE_URL` for ``None`` or an
+        empty URL) for the ``async with`` block: its factory owns it, and closes it on exit.
+
+        Raises:
+            ConfigurationError: see :meth:`resolve`; or the factory refused the URL, or gave
+                something that is not a :class:`~crealia.abc.Backplane`.
+            TransportError, Overloaded: what the factory raises for a store it cannot reach.
+        """
+        url = url or DEFAULT_BACKPLANE_URL
+        name = self.resolve(url)
+        try:
+            opening = self.factories[name](url, config)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"backplane {name!r}: {exc}") from exc
+        async with opening as backplane:
+            if not isinstance(backplane, Backplane):
+                raise ConfigurationError(
+                    f"backplane {name!r}: its factory gave a {type(backplane).__name__}, not a "
+                    "crealia.abc.Backplane"
+                )
+            yield backplane

@@ -173,7 +173,7 @@ class Room:
     @property
     def clustered(self) -> bool:
         """Whether other processes serve this project too (the backplane shares presence)."""
-        return type(self.backplane).share_presence is not Backplane.share_presence
+        return self.backplane.shares_presence
 
     def close(self) -> None:
         """Close the room now (its sessions are closed with 1011)."""
@@ -281,7 +281,9 @@ class Room:
             if user.id not in local:
                 local[user.id] = Member(user_id=user.id, name=user.name, role=user.role,
                                         connections={session.id}).to_wire()  # fmt: skip
-        await self.backplane.share_presence(self.project_id, list(local.values()))
+        # Three heartbeats: a process silent for that long is taken for gone.
+        await self.backplane.share_presence(self.project_id, list(local.values()),
+                                            ttl=3 * self.config.presence_interval)  # fmt: skip
         remote = await self.backplane.remote_presence(self.project_id)
         before = {m["user_id"]: m for m in self._remote}
         self._remote = remote
@@ -533,9 +535,8 @@ class RoomManager:
     def _forget(self, room: Room) -> None:
         if self.rooms.get(room.project_id) is room:
             del self.rooms[room.project_id]
-        release = getattr(self.backplane, "release", None)
-        if release is not None and room.project_id not in self.rooms:
-            release(room.project_id)
+        if room.project_id not in self.rooms:
+            self.backplane.release(room.project_id)
 
     def all_sessions(self) -> Iterable[Session]:
         for room in list(self.rooms.values()):

@@ -1,8 +1,15 @@
 """What a backplane does to a document for each durable write, without storing anything.
 
-Both backplanes (in-process and Redis) prepare writes here, then make them durable their own way
-and apply the prepared event to their copy of the document. Every function is pure: it reads the
-document and returns what would happen; nothing changes until the caller applies the event.
+Both built-in backplanes (SQLite and Redis) prepare writes here, then make them durable their
+own way and apply the prepared event to their copy of the document. Every function is pure: it
+reads the document and returns what would happen; nothing changes until the caller applies the
+event.
+
+:class:`Sequencer` (public, ``crealia.Sequencer``) puts the same steps behind one object for
+a new backplane: a project's document, recent history and pending conflicts in memory, a
+``prepare_*`` per durable write (which checks it and changes nothing) and :meth:`Sequencer.commit`
+once the backplane has made the prepared write durable. The backplane keeps the ids, the store
+and the fan-out; the sequencer keeps the rules of docs/protocol.md §5 and §6.
 """
 
 from __future__ import annotations
@@ -11,19 +18,22 @@ import copy
 import hashlib
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
 import orjson
 
 from . import _wire
-from ._document import ConflictSpec, Document, ValueAt
-from ._errors import BadRequest, TooLarge
-from ._model import ChangeOutcome, Conflict, DurableEvent, Resolution, User
+from ._backplane import History
+from ._config import Config
+from ._document import ConflictSpec, Document, Quotas, ValueAt
+from ._errors import BadRequest, NotFound, TooLarge
+from ._model import ChangeOutcome, Conflict, DurableEvent, Resolution, Settled, User
 
 
 def now_ms() -> int:
+    """The server's clock in epoch milliseconds (an event's ``at``)."""
     return int(time.time() * 1000)
 
 
@@ -45,6 +55,7 @@ def change_digest(change: _wire.TimelineChange) -> str:
 
 
 def record_of(user: User, change: _wire.TimelineChange, outcome: ChangeOutcome) -> ChangeRecord:
+    """What to remember of ``change``'s id once its ``outcome`` is durable."""
     return ChangeRecord(
         outcome=attrs.evolve(outcome, detected=[]), user_id=user.id, digest=change_digest(change)
     )
@@ -339,3 +350,259 @@ def resolution_effects(
                  "props": props, "writer": writer}]  # fmt: skip
     return [{"op": "set", "element_id": eid, "prop": conflict.prop, "value": value,
              "writer": writer}]  # fmt: skip
+
+
+@attrs.frozen(kw_only=True)
+class PreparedWrite:
+    """A durable write checked by a :class:`Sequencer` at ``base_seq``; nothing changed yet.
+
+    The backplane stores what it says (the event, the conflicts, the change's id with
+    ``record``) atomically, then hands it to :meth:`Sequencer.commit` and tells its listeners.
+    """
+
+    #: The sequencer's ``seq`` when it was prepared: it may only be committed at that seq.
+    base_seq: int
+    #: The event to store at ``base_seq + 1``; ``None`` when nothing applies (a change whose
+    #: operations all conflict), which takes no seq.
+    event: DurableEvent | None
+    #: The conflicts to store, as they must be stored: a change's new pending ones, or a settled
+    #: one (resolved) and the one detected again (pending).
+    conflicts: list[Conflict]
+    #: Who wrote it (their role is remembered for strategies weighing roles).
+    user: User | None = None
+    #: A change's outcome (its ack's data), and what to remember of its ``change_id``.
+    outcome: ChangeOutcome | None = None
+    record: ChangeRecord | None = None
+    #: A settlement's answer.
+    settled: Settled | None = None
+
+    @property
+    def new_conflicts(self) -> list[Conflict]:
+        """The pending conflicts this write raises (what listeners hear in ``on_conflicts``)."""
+        return [c for c in self.conflicts if c.status == "pending"]
+
+
+class Sequencer:
+    """One project's document at its latest ``seq``, its recent history and its pending
+    conflicts, in memory: the pure part of a backplane (docs/protocol.md §5, §6).
+
+    ``prepare_change``, ``prepare_comment`` and ``prepare_settle`` check a write against the
+    document (the rules, the quotas of ``config``, conflict detection) and return a
+    :class:`PreparedWrite` without changing anything; :meth:`commit` applies it once the
+    backplane made it durable; :meth:`apply` applies an event sequenced elsewhere (another
+    process, a reload). No I/O, no awaits: a backplane serializes a project's writes (a lock,
+    or an atomic compare-and-set on ``base_seq``) and calls these in between.
+
+    Build one empty, or restore it from what a backplane stored: ``document`` (a :meth:`dump`),
+    the ``events`` after it (and before it, to fill the history kept for resume) and the
+    ``pending`` conflicts.
+
+    Raises (the constructor):
+        ValueError: ``events`` leave a gap after the document's seq.
+    """
+
+    def __init__(
+        self,
+        project_id: str,
+        *,
+        config: Config | None = None,
+        document: Mapping[str, Any] | None = None,
+        events: Iterable[DurableEvent] = (),
+        pending: Iterable[Conflict] = (),
+        roles: Mapping[str, str] | None = None,
+    ) -> None:
+        config = config or Config()
+        quotas = Quotas.of(config)
+        doc = (
+            Document.load(project_id, dict(document))
+            if document
+            else Document(project_id=project_id)
+        )
+        doc.quotas = quotas
+        history = History(limit=config.history_limit, max_bytes=quotas.history_bytes)
+        for event in events:
+            if event.seq > doc.seq + 1:
+                raise ValueError(f"events {doc.seq + 1}..{event.seq - 1} are missing")
+            if event.seq == doc.seq + 1:
+                doc.apply(event.effects, event.seq, event.user_id)
+            history.append(event)
+        self.project_id = project_id
+        self._doc = doc
+        self._history = history
+        self._pending = {c.id: c for c in pending if c.status == "pending"}
+        self._pending_bytes = PendingLoad.of(self._pending.values()).bytes
+        self._roles = dict(roles or {})
+
+    @property
+    def seq(self) -> int:
+        """The seq of the latest event applied (0 for a new project)."""
+        return self._doc.seq
+
+    @property
+    def history(self) -> Sequence[DurableEvent]:
+        """The recent events kept for resume, oldest first (read only)."""
+        return self._history
+
+    @property
+    def pending(self) -> list[Conflict]:
+        """The pending conflicts, oldest first."""
+        return list(self._pending.values())
+
+    # -- prepared writes ----------------------------------------------------------------------
+
+    def prepare_change(
+        self,
+        user: User,
+        change: _wire.TimelineChange,
+        *,
+        strategy: str = "manual",
+        at: int | None = None,
+    ) -> PreparedWrite:
+        """Check ``change`` and sort its operations into the event that applies and the
+        conflicts it raises (naming ``strategy`` as the one settling them). Its ``change_id`` is
+        not looked at: the backplane checks it was not used before (:meth:`duplicate`).
+
+        Raises:
+            BadRequest, NotFound: the change contradicts the document.
+            TooLarge: it would take the document, a value or the pending conflicts past a quota.
+        """
+        outcome, event = prepare_change(
+            self._doc, user, change, strategy=strategy, roles=self._roles,
+            lookup=value_at(self._history), at=now_ms() if at is None else at,
+            pending=PendingLoad(len(self._pending), self._pending_bytes),
+        )  # fmt: skip
+        return PreparedWrite(base_seq=self.seq, event=event, conflicts=list(outcome.detected),
+                             user=user, outcome=outcome,
+                             record=record_of(user, change, outcome))  # fmt: skip
+
+    def prepare_comment(
+        self, user: User, comment: _wire.Comment, *, at: int | None = None
+    ) -> PreparedWrite:
+        """The ``comment_add`` event of ``comment`` (its id is the backplane's to check)."""
+        event = prepare_comment(self._doc, user, comment, now_ms() if at is None else at)
+        return PreparedWrite(base_seq=self.seq, event=event, conflicts=[], user=user)
+
+    def prepare_settle(
+        self,
+        conflict_id: str,
+        resolution: Resolution,
+        *,
+        by: str,
+        writer: str,
+        expect_seq: int | None = None,
+        redetect: bool = True,
+        at: int | None = None,
+    ) -> PreparedWrite:
+        """The ``conflict_resolved`` event settling a pending conflict (see
+        :meth:`crealia.abc.Backplane.settle` for ``by``, ``writer``, ``expect_seq`` and
+        ``redetect``).
+
+        Raises:
+            NotFound: no pending conflict ``conflict_id``.
+            BadRequest, TooLarge: the resolved value could not be written by a client either.
+        """
+        conflict = self._pending.get(conflict_id)
+        if conflict is None:
+            raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        event, resolved, redetected = prepare_settle(
+            self._doc, conflict, resolution, by=by, writer=writer, expect_seq=expect_seq,
+            at=now_ms() if at is None else at, redetect=redetect,
+        )  # fmt: skip
+        return PreparedWrite(
+            base_seq=self.seq,
+            event=event,
+            conflicts=[resolved] + ([redetected] if redetected else []),
+            settled=Settled(seq=event.seq, redetected=redetected),
+        )
+
+    def commit(self, prepared: PreparedWrite) -> None:
+        """Apply a prepared write the backplane made durable: its event to the document and
+        the history, its conflicts to the pending ones.
+
+        Raises:
+            ValueError: it was prepared at another seq (prepare it again); nothing changes.
+        """
+        if prepared.base_seq != self.seq:
+            raise ValueError(
+                f"prepared at seq {prepared.base_seq}, the project is at {self.seq}: prepare it "
+                "again"
+            )
+        if prepared.user is not None:
+            self._roles[prepared.user.id] = prepared.user.role
+        if prepared.event is not None:
+            self.apply(prepared.event)
+        for conflict in prepared.conflicts:
+            self._forget(conflict.id)
+            if conflict.status == "pending":
+                self._pending[conflict.id] = conflict
+                self._pending_bytes += conflict_bytes(conflict)
+
+    def apply(self, event: DurableEvent) -> None:
+        """Apply the project's next event, sequenced elsewhere (another process, a reload); a
+        ``conflict_resolved`` one settles its conflict here too.
+
+        Raises:
+            ValueError: it is not the next event (``seq`` must be ``self.seq + 1``).
+        """
+        if event.seq != self.seq + 1:
+            raise ValueError(f"event {event.seq} is not the next one (the project is at "
+                             f"{self.seq})")  # fmt: skip
+        self._doc.apply(event.effects, event.seq, event.user_id)
+        self._history.append(event)
+        if event.kind == "conflict_resolved":
+            self._forget(str(event.payload.get("conflict_id")))
+
+    def _forget(self, conflict_id: str) -> None:
+        gone = self._pending.pop(conflict_id, None)
+        if gone is not None:
+            self._pending_bytes -= conflict_bytes(gone)
+
+    @staticmethod
+    def duplicate(first: ChangeRecord, user: User, change: _wire.TimelineChange) -> ChangeOutcome:
+        """The ``duplicate`` outcome of ``change`` resent, its ``change_id`` first accepted as
+        ``first`` (a :attr:`PreparedWrite.record` the backplane kept).
+
+        Raises:
+            BadRequest: the id was first used by another user or for other operations.
+        """
+        return duplicate_of(first, user, change)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The wire snapshot of docs/protocol.md §5 at :attr:`seq`."""
+        return self._doc.snapshot()
+
+    def dump(self) -> dict[str, Any]:
+        """Everything that rebuilds the document exactly (for storing a snapshot; pass it back
+        as ``document``)."""
+        return self._doc.dump()
+
+    def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
+        """What ``change`` would do now (:meth:`crealia.abc.Backplane.dry_run`).
+
+        Raises:
+            BadRequest, NotFound: the change contradicts the document.
+        """
+        plan = self._doc.plan(user.id, change.change_id, change.changes, value_at(self._history))
+        return {
+            "applies": plan.applied,
+            "conflicts": [
+                {"element_id": s.element_id, "prop": s.prop, "base_value": s.base_value,
+                 "current": s.current, "incoming": s.incoming}
+                for s in plan.conflicts
+            ],
+        }  # fmt: skip
+
+    def events_since(self, seq: int) -> list[DurableEvent] | None:
+        """The kept events after ``seq`` (:meth:`crealia.abc.Backplane.events_since`): ``[]``
+        at :attr:`seq`, ``None`` beyond it or before what is kept."""
+        head = self.seq
+        if seq > head:
+            return None
+        if seq == head:
+            return []
+        history = self._history
+        if not history or history[0].seq > seq + 1:
+            return None
+        return list(history)[seq + 1 - history[0].seq :]

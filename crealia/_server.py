@@ -1,4 +1,12 @@
-"""The server: one nursery holding the store, the backplane, the rooms and both transports."""
+"""The server: one nursery holding the operations store, the rooms and both transports, beside
+a backplane it is handed or opens.
+
+Like httpcore's ``network_backend=``, the backplane is passed in: ``open_server(config,
+backplane=...)`` uses the one given as is (its lifetime stays the caller's); with none, the
+server opens one from ``config.backplane_url`` through the ``crealia.backplanes`` entry points
+(:class:`~crealia._plugins.BackplaneRegistry`; SQLite in ``data_dir`` by default) and closes it
+last. The core talks to it only through :class:`crealia.abc.Backplane`.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,6 @@ from ._audit import AuditLog
 from ._auth import TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
-from ._document import Quotas
 from ._edge import ConnectionGate, address_cap, default_max_connections, edge_app, serve_http
 from ._http import create_app
 from ._jobs import JobFailures
@@ -25,14 +32,18 @@ from ._metrics import Traffic
 from ._model import Role
 from ._monitor import Monitor
 from ._origin import HostPolicy
-from ._plugins import AlertRuleRegistry, StrategyRegistry
+from ._plugins import (
+    DEFAULT_BACKPLANE_URL,
+    AlertRuleRegistry,
+    BackplaneRegistry,
+    StrategyRegistry,
+)
 from ._ratelimit import RateLimiter, rate_limits
 from ._room import RoomManager
 from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
 from ._storage import OPS_DB, Store, WalPolicy, open_store
-from .backplanes.sqlite import SQLiteBackplane
 from .transports._trio_ws import serve_trio_websocket
 
 log = logging.getLogger("crealia")
@@ -44,7 +55,6 @@ class Server:
 
     config: Config
     hub: Hub
-    store: Store
     #: The operations store: audit log, security alerts, metric samples.
     ops: Store
     monitor: Monitor
@@ -53,6 +63,11 @@ class Server:
     ws_port: int
     _stop_http: trio.Event
     _cancel: trio.CancelScope
+
+    @property
+    def backplane(self) -> Backplane:
+        """The backplane the server runs on (handed in, or opened from the config)."""
+        return self.hub.backplane
 
     @property
     def ws_url(self) -> str:
@@ -88,20 +103,33 @@ class Server:
 
 
 @asynccontextmanager
-async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
+async def open_server(
+    config: Config | None = None, *, backplane: Backplane | None = None
+) -> AsyncIterator[Server]:
     """Run a crealia server for the duration of the ``async with`` block.
 
+    ``backplane``: the :class:`~crealia.abc.Backplane` to run on, used as is: the caller opened
+    it and closes it after the block (build it from the same config, whose quotas and limits
+    it should share). Without one, the server opens the backplane ``config.backplane_url``
+    names through the ``crealia.backplanes`` entry points (SQLite in ``config.data_dir`` when
+    unset) and closes it after everything else.
+
     The block starts once both ports accept connections. Leaving it (or cancelling it) shuts the
-    server down gracefully, then flushes and closes the store.
+    server down gracefully, then flushes and closes the stores.
 
     Raises:
-        ConfigurationError: unusable configuration or data dir.
-        StorageError: the store cannot be opened.
+        ConfigurationError: unusable configuration or data dir, or a backplane URL no installed
+            backplane serves (the message lists the known schemes).
+        StorageError: a store cannot be opened.
+        TransportError, Overloaded: the backplane's store cannot be reached.
         OSError: a port cannot be bound.
     """
     config = config or Config()
     registry = StrategyRegistry.discover(config.strategies)
     registry.check(list(config.strategy_chain))  # before anything is created on disk
+    backplanes = None if backplane is not None else BackplaneRegistry.discover()
+    if backplanes is not None:
+        backplanes.resolve(config.backplane_url or DEFAULT_BACKPLANE_URL)  # likewise
     rules = AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
     limits = rate_limits(config.rate_limits)
     secret = config.jwt_secret or load_or_create_secret(config.data_dir)
@@ -112,9 +140,8 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     )
     # Every background job's failures, counted for /metrics: none of them ends the server.
     jobs = JobFailures()
-    async with open_store(config.data_dir, wal=wal, jobs=jobs) as store, \
-            open_store(config.data_dir, OPS_DB, wal=wal, jobs=jobs) as ops, \
-            _open_backplane(config, store) as backplane:  # fmt: skip
+    async with _open_backplane(config, backplanes, backplane) as backplane, \
+            open_store(config.data_dir, OPS_DB, wal=wal, jobs=jobs) as ops:  # fmt: skip
         audit = AuditLog(ops, retention_days=config.audit_log_retention_days,
                          refusal_window=config.audit_refusal_window,
                          max_bytes=config.ops_max_bytes, jobs=jobs,
@@ -125,7 +152,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             limiter = RateLimiter(
                 limits,
                 config.rate_limit_window_ms,
-                shared=backplane if config.redis_url else None,
+                shared=backplane if backplane.shares_rate_limits else None,
                 slack=config.cluster_rate_slack,
                 jobs=jobs,
             )
@@ -153,7 +180,6 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             notifier = AlertNotifier(config.alert_webhooks, jobs=jobs)
             monitor = Monitor(
                 config=config,
-                store=store,
                 ops=ops,
                 backplane=backplane,
                 hub=hub,
@@ -212,7 +238,6 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             server = Server(
                 config=config,
                 hub=hub,
-                store=store,
                 ops=ops,
                 monitor=monitor,
                 security=security,
@@ -229,24 +254,15 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
 
 
 @asynccontextmanager
-async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backplane]:
-    if config.redis_url:
-        # Imported here: the core never imports a concrete transport or redis.
-        from .backplanes.redis import open_redis_backplane
-
-        async with open_redis_backplane(
-            config.redis_url,
-            history_limit=config.history_limit,
-            snapshot_every=config.snapshot_every,
-        ) as backplane:
-            backplane.presence_ttl = 3 * config.presence_interval
-            backplane.quotas = Quotas.of(config)
-            yield backplane
-    else:
-        yield SQLiteBackplane(
-            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
-            quotas=Quotas.of(config),
-        )  # fmt: skip
+async def _open_backplane(
+    config: Config, backplanes: BackplaneRegistry | None, given: Backplane | None
+) -> AsyncIterator[Backplane]:
+    if given is not None:
+        yield given  # the caller's: it opened it and closes it
+        return
+    assert backplanes is not None
+    async with backplanes.open(config.backplane_url, config) as backplane:
+        yield backplane
 
 
 def _install_http_deflate(max_frame_bytes: int) -> None:
@@ -258,9 +274,13 @@ def _install_http_deflate(max_frame_bytes: int) -> None:
 
 
 async def serve(
-    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    backplane: Backplane | None = None,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a server until cancelled; reports the running :class:`Server` via ``task_status``."""
-    async with open_server(config) as server:
+    """Run a server until cancelled (``backplane`` as for :func:`open_server`); reports the
+    running :class:`Server` via ``task_status``."""
+    async with open_server(config, backplane=backplane) as server:
         task_status.started(server)
         await trio.sleep_forever()

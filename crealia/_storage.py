@@ -32,6 +32,7 @@ import logging
 import operator
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -47,6 +48,9 @@ from ._jobs import JobFailures
 from ._wire import tight
 
 T = TypeVar("T")
+
+#: Seconds the storage health check (:meth:`Store.probe`) waits for a WAL checkpoint of its own.
+CHECKPOINT_PROBE = 2.0
 
 log = logging.getLogger("crealia.storage")
 
@@ -506,6 +510,34 @@ class Store:
             conn.execute("ROLLBACK")
 
         await self._thread.run(probe)
+
+    async def probe(self) -> None:
+        """The ``storage`` health check of this store: a real commit through the grouped
+        writer, then a real checkpoint of what it wrote, so that the store is known to take
+        writes and to copy them into the database file (a WAL that cannot be checkpointed grows
+        until the disk is full), not just to open.
+
+        Raises:
+            StorageError: a write cannot commit, the WAL cannot be checkpointed, or it is over
+                its bound (the message names the database file).
+        """
+        at = int(time.time() * 1000)
+        try:
+            await self.write([("INSERT OR REPLACE INTO health (id, at) VALUES (1, ?)", (at,))])
+        except StorageError as exc:
+            raise StorageError(f"{self.path.name}: a write cannot commit: {exc}") from exc
+        # A checkpoint waits for the reader's turn: behind a long report, the background
+        # checkpointer's last result stands in for this one.
+        with trio.move_on_after(CHECKPOINT_PROBE):
+            try:
+                await self.checkpoint()
+            except StorageError as exc:
+                raise StorageError(f"{self.path.name}: WAL checkpoint failed: {exc}") from exc
+        if self.checkpoint_error is not None:
+            raise StorageError(f"{self.path.name}: WAL checkpoint failed: {self.checkpoint_error}")
+        if self.wal_bytes > self.wal.max_bytes:
+            raise StorageError(f"{self.path.name}: the WAL ({self.wal_bytes} bytes) is "
+                               f"over its bound of {self.wal.max_bytes}")  # fmt: skip
 
     async def _writer(self) -> None:
         batch: list[_Write] = []

@@ -255,6 +255,8 @@ class Typing:
 
 @attrs.frozen(kw_only=True)
 class Comment:
+    """A comment of ``comment_add`` (docs/protocol.md §4), as validated off the wire."""
+
     id: str = attrs.field(validator=_id())
     text: str
     element_id: str | None = attrs.field(default=None, validator=_id())
@@ -307,6 +309,8 @@ def _ops(_inst: Any, attribute: attrs.Attribute[Any], value: list[Op]) -> None:
 
 @attrs.frozen(kw_only=True)
 class TimelineChange:
+    """The data of a ``timeline_change`` (docs/protocol.md §5), as validated off the wire."""
+
     change_id: str = attrs.field(validator=_id())
     changes: list[Op] = attrs.field(validator=_ops)
 

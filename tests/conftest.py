@@ -10,6 +10,8 @@ import pytest
 import trio
 
 from crealia import Config, Server, open_server
+from crealia._storage import Store
+from crealia.backplanes.sqlite import SQLiteBackplane
 
 from ._wsclient import RawClient, open_raw_client
 
@@ -27,6 +29,13 @@ def make_config(data_dir: Path, **overrides: object) -> Config:
     }
     values.update(overrides)
     return Config(**values)  # type: ignore[arg-type]
+
+
+def data_store(server: Server) -> Store:
+    """The projects' store of a server on the SQLite backplane (the default)."""
+    backplane = server.backplane
+    assert isinstance(backplane, SQLiteBackplane), backplane
+    return backplane.store
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from crealia._model import Conflict, DurableEvent
 from crealia._strategy import Answer, ConflictStrategy, ResolutionContext
 
 from ._wsclient import RawClient, open_raw_client
-from .conftest import JWT_SECRET, Clients, make_config, opened
+from .conftest import JWT_SECRET, Clients, data_store, make_config, opened
 from .test_protocol import insert, set_op
 
 #: A default WebSocket client's message cap (trio-websocket, browsers' usual proxies): 1 MiB.
@@ -357,7 +357,7 @@ def delete(change_id: str, element_id: str) -> dict[str, object]:
 
 
 async def stored_snapshot_bytes(server: Server, project: str = "p1") -> int:
-    store = server.hub.backplane.store  # type: ignore[attr-defined]
+    store = data_store(server)
     row = await store.read(
         lambda conn: conn.execute(
             "SELECT length(document) FROM snapshots WHERE project_id = ?", (project,)

@@ -30,7 +30,7 @@ from ._http_receiver import start_receiver
 from ._process import run_server
 from ._scrape import fetch_metrics, parse_metrics
 from ._wsclient import RawClient, open_raw_client
-from .conftest import JWT_SECRET, Clients, make_config, opened
+from .conftest import JWT_SECRET, Clients, data_store, make_config, opened
 
 SEED_FIELDS = {
     "activeUsers", "activeProjects", "activeSessions", "websocketConnections", "webrtcStreams",
@@ -444,12 +444,12 @@ async def test_readyz_turns_503_when_storage_fails_and_back(quiet: Server) -> No
             ready = await http.get("/readyz")
             assert ready.status_code == 200
             assert ready.json()["checks"] == {"storage": "ok", "event_loop": "ok"}
-            quiet.store.fail_commits = True
+            data_store(quiet).fail_commits = True
             try:
                 failing = await http.get("/readyz")
                 metrics = await scrape(quiet)
             finally:
-                quiet.store.fail_commits = False
+                data_store(quiet).fail_commits = False
             assert failing.status_code == 503
             assert failing.json()["checks"]["storage"].startswith("failing: ")
             assert metrics["crealia_health_check_up{check=storage}"] == 0

@@ -12,7 +12,7 @@ import trio_websocket
 from crealia import open_server
 
 from ._wsclient import RawClient
-from .conftest import Clients, make_config
+from .conftest import Clients, data_store, make_config
 
 
 async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
@@ -161,7 +161,7 @@ async def test_storage_failure_is_overloaded_and_applies_nothing(clients: Client
                 ],
             },
         )
-        store = clients.server.store
+        store = data_store(clients.server)
         store.fail_commits = True
         failed = await a.request(
             "timeline_change",

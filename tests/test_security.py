@@ -23,7 +23,7 @@ import trio
 from crealia import Server, open_server
 
 from ._wsclient import RawClient
-from .conftest import Clients, make_config, opened
+from .conftest import Clients, data_store, make_config, opened
 
 ROLES = ("viewer", "commenter", "editor", "owner")
 RANK = {role: rank for rank, role in enumerate(ROLES)}
@@ -581,7 +581,7 @@ async def test_gdpr_export_matches_the_stored_data(server: Server, clients: Clie
         path = "/api/collaboration/gdpr/export"
         export = (await call(server, "POST", path, {"userId": "alice"}, owner)).json()
         as_csv = await call(server, "POST", path, {"userId": "alice", "format": "csv"}, owner)
-    with sqlite3.connect(server.store.path) as conn:
+    with sqlite3.connect(data_store(server).path) as conn:
         comments = conn.execute("SELECT comment_id, text FROM comments WHERE user_id = 'alice'")
         stored_comments = [tuple(row) for row in comments]
         stored_edits = [row[0] for row in conn.execute(
@@ -634,7 +634,7 @@ async def test_gdpr_erasure_deletes_content_and_pseudonymizes_the_rest(
     assert export["comments"] == export["edits"] == export["conflicts"] == export["audit"] == []
     text = json.dumps(snapshot)
     assert "alice" not in text.replace("alice's", "")  # the value bob's edit replaced stays out
-    with sqlite3.connect(server.store.path) as conn:
+    with sqlite3.connect(data_store(server).path) as conn:
         dump = "\n".join(conn.iterdump())
         bob_comment = conn.execute("SELECT text FROM comments WHERE comment_id = 'm2'").fetchone()
     with sqlite3.connect(server.ops.path) as conn:
@@ -685,7 +685,7 @@ async def test_gdpr_erasure_rewrites_attribution_never_content(
         await bob.expect_type("conflict_resolved")
         head = (await call(server, "GET", "/api/projects/p1/snapshot", None,
                            bearer(server, "bob", "viewer"))).json()  # fmt: skip
-        with sqlite3.connect(server.store.path) as conn:
+        with sqlite3.connect(data_store(server).path) as conn:
             bobs_before = conn.execute(
                 "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
                 "ORDER BY seq").fetchall()  # fmt: skip
@@ -703,7 +703,7 @@ async def test_gdpr_erasure_rewrites_attribution_never_content(
     }  # fmt: skip
     assert snapshot["versions"]["42"] == head["versions"]["42"]
     assert snapshot["elements"]["clip-of-42"] == head["elements"]["clip-of-42"]
-    with sqlite3.connect(server.store.path) as conn:
+    with sqlite3.connect(data_store(server).path) as conn:
         bobs_after = conn.execute(
             "SELECT seq, kind, user_id, payload, effects FROM events WHERE user_id = 'bob' "
             "ORDER BY seq").fetchall()  # fmt: skip

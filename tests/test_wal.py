@@ -23,7 +23,7 @@ from crealia import Config, ConfigurationError, Server, open_server
 
 from ._process import run_server
 from ._wsclient import open_raw_client
-from .conftest import make_config, opened
+from .conftest import data_store, make_config, opened
 from .test_metrics import scrape
 from .test_process import SECRET, token
 
@@ -72,7 +72,7 @@ async def _reader(server: Server) -> None:
         conn.execute("COMMIT")
 
     while True:
-        await server.store.read_aside(hold)
+        await data_store(server).read_aside(hold)
 
 
 async def _write_flat_out(tmp_path: Path, nursery: trio.Nursery, seconds: float,
@@ -101,7 +101,7 @@ async def _write_flat_out(tmp_path: Path, nursery: trio.Nursery, seconds: float,
                 inner.cancel_scope.cancel()
             metrics = await scrape(server)
             heads = [(await server.hub.backplane.snapshot(f"p{i}"))["seq"] for i in range(WRITERS)]
-            store = server.store
+            store = data_store(server)
             figures = {"bound": bound, "largest": largest, "acked": sum(acked.values()),
                        "seconds": round(elapsed, 1), "checkpoints": dict(store.checkpoints),
                        "store_max": store.wal_bytes_max,

@@ -1,5 +1,10 @@
 """The Redis backplane: any number of crealia processes serving every project from one Redis.
 
+Registered as ``redis`` in the ``crealia.backplanes`` entry-point group, for ``redis://``,
+``rediss://`` (TLS) and ``unix://`` URLs (``--backplane``; ``--redis`` and ``REDIS_URL`` are
+older spellings). It shares presence and rate limits between the processes, names its health
+check ``redis``, and does not support GDPR export and erasure yet.
+
 Sequencing is optimistic and atomic. Each process keeps a mirror of every project it serves (the
 document at some ``seq``, recent history, roles). To write, it prepares the event against its
 mirror (the same pure code as the in-process backplane) and runs one Lua script that, in a single
@@ -32,7 +37,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
@@ -42,9 +47,10 @@ import redis
 import trio
 
 from .. import _wire
-from .._backplane import Backplane, History, Listener
+from .._backplane import Backplane, HealthProbe, History, Listener
+from .._config import Config
 from .._document import Document, Quotas
-from .._errors import NotFound, Overloaded, ProtocolError, TransportError
+from .._errors import ConfigurationError, NotFound, Overloaded, ProtocolError, TransportError
 from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 from .._sequencing import (
     ChangeRecord,
@@ -812,18 +818,27 @@ class RedisBackplane(Backplane):
             with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
                 await self.redis.run(send)
 
-    #: Seconds a process's presence lives without a heartbeat (three heartbeats).
-    presence_ttl: float = 6.0
+    @property
+    def shares_presence(self) -> bool:
+        """Every process of the cluster serves every project."""
+        return True
 
-    async def share_presence(self, project_id: str, members: list[dict[str, Any]]) -> None:
+    @property
+    def shares_rate_limits(self) -> bool:
+        """Rate limits are counted in Redis, on its clock, for the whole cluster."""
+        return True
+
+    async def share_presence(
+        self, project_id: str, members: list[dict[str, Any]], *, ttl: float
+    ) -> None:
         key = _key(project_id, "presence")
         data = orjson.dumps(members)
         alive = f"crealia:node:{self.node_id}"
-        ttl = max(1, round(self.presence_ttl))
+        seconds = max(1, round(ttl))
 
         def write(client: redis.Redis) -> Any:
             pipe = client.pipeline(transaction=False)
-            pipe.set(alive, b"1", ex=ttl)
+            pipe.set(alive, b"1", ex=seconds)
             if members:
                 pipe.hset(key, self.node_id, data)
             else:
@@ -875,6 +890,10 @@ class RedisBackplane(Backplane):
         if not updates:
             return []
         return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
+
+    def health_checks(self) -> Mapping[str, HealthProbe]:
+        """``redis``: a real write, and no open project behind this process."""
+        return {"redis": self.check}
 
     async def check(self) -> None:
         # A real write (Redis out of memory under ``noeviction`` still answers PING but refuses
@@ -1040,17 +1059,49 @@ class RedisBackplane(Backplane):
 
 
 @asynccontextmanager
+async def open_backplane(url: str, config: Config) -> AsyncIterator[RedisBackplane]:
+    """The ``redis`` entry point (:class:`~crealia.abc.BackplaneFactory`): a Redis backplane on
+    ``url`` (``redis://``, ``rediss://`` or ``unix://``) with the config's history limits and
+    quotas, for the ``async with`` block.
+
+    Raises:
+        ConfigurationError: ``url`` is not a Redis URL.
+        Overloaded: Redis cannot be reached at start.
+    """
+    async with open_redis_backplane(
+        url,
+        history_limit=config.history_limit,
+        snapshot_every=config.snapshot_every,
+        quotas=Quotas.of(config),
+    ) as backplane:
+        yield backplane
+
+
+#: The URL schemes :func:`open_backplane` serves besides its entry point's name (``redis``).
+open_backplane.schemes = ("rediss", "unix")  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
 async def open_redis_backplane(
-    url: str, *, history_limit: int = 10_000, snapshot_every: int = 500
+    url: str,
+    *,
+    history_limit: int = 10_000,
+    snapshot_every: int = 500,
+    quotas: Quotas | None = None,
 ) -> AsyncIterator[RedisBackplane]:
     """A Redis backplane on ``url`` with its pub/sub listener, for the ``async with`` block.
 
     Raises:
+        ConfigurationError: ``url`` is not a Redis URL.
         Overloaded: Redis cannot be reached at start.
     """
-    threads = _RedisThreads(url)
+    try:
+        threads = _RedisThreads(url)
+    except ValueError as exc:  # redis-py's word for a URL it cannot use
+        raise ConfigurationError(f"backplane URL {url!r}: {exc}") from exc
     backplane = RedisBackplane(threads, history_limit=history_limit,
-                               snapshot_every=snapshot_every)  # fmt: skip
+                               snapshot_every=snapshot_every,
+                               quotas=quotas or Quotas())  # fmt: skip
     try:
         await threads.run(lambda client: client.ping())
         await backplane.scrub_secrets()

@@ -1,4 +1,11 @@
-"""The in-process backplane: one process, durable state in the embedded SQLite store.
+"""The SQLite backplane: one process, durable state in the embedded SQLite store.
+
+Registered as ``sqlite`` in the ``crealia.backplanes`` entry-point group: the server's default
+when ``Config.backplane_url`` is unset, or with ``sqlite:`` (``Config.data_dir``) or
+``sqlite:///absolute/dir``. :func:`open_backplane` opens the store (``crealia.sqlite3``) and
+closes it, committing what is queued, when it ends. Its health check is ``storage`` (a real
+commit and checkpoint), its metrics the store's WAL, checkpoints and background jobs; it
+supports GDPR export and erasure.
 
 Each loaded project keeps its :class:`~crealia._document.Document` and its recent history (for
 resume) in memory. Change and comment ids are looked up in the store (by primary key, on a
@@ -19,18 +26,30 @@ from __future__ import annotations
 import collections
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import trio
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from .. import _gdpr, _wire
-from .._backplane import MIN_HISTORY_EVENTS, Backplane, History, Listener
+from .._backplane import MIN_HISTORY_EVENTS, Backplane, HealthProbe, History, Listener
+from .._config import Config
 from .._document import Document, Quotas
-from .._errors import InternalError, NotFound, Overloaded, ProtocolError, StorageError
+from .._errors import (
+    ConfigurationError,
+    InternalError,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    StorageError,
+)
+from .._metrics import job_metrics, sqlite_metrics
 from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 from .._sequencing import (
     ChangeRecord,
@@ -44,7 +63,7 @@ from .._sequencing import (
     record_of,
     value_at,
 )
-from .._storage import Statement, Store, dumps, loads
+from .._storage import Statement, Store, WalPolicy, dumps, loads, open_store
 
 #: Recent change ids (and, apart, comment ids) whose outcome each loaded project keeps in memory;
 #: older ones are read from the store.
@@ -140,7 +159,8 @@ class _Project:
 
 @attrs.define(eq=False)
 class SQLiteBackplane(Backplane):
-    """The embedded backplane over a :class:`~crealia._storage.Store`."""
+    """The embedded backplane over a :class:`~crealia._storage.Store` (opened by whoever
+    builds it: :func:`open_backplane` opens its own)."""
 
     store: Store
     history_limit: int = 10_000
@@ -243,7 +263,8 @@ class SQLiteBackplane(Backplane):
         )
 
     def release(self, project_id: str) -> None:
-        """Forget a project's in-memory state if no room listens to it (it reloads on demand)."""
+        """Forget a project's in-memory state if no room listens to it (it reloads on demand);
+        what is durable stays in the store."""
         if not self._listeners.get(project_id):
             self._projects.pop(project_id, None)
             self._loading.pop(project_id, None)
@@ -662,8 +683,71 @@ class SQLiteBackplane(Backplane):
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
 
+    @property
+    def supports_gdpr(self) -> bool:
+        """GDPR export and erasure work on the store, in one transaction each."""
+        return True
+
     async def check(self) -> None:
-        await self.store.check()
+        """The store's probe: a real commit, a WAL checkpoint, the WAL within its bound.
+
+        Raises:
+            StorageError: one of them failed (the message names the database file).
+        """
+        await self.store.probe()
+
+    def health_checks(self) -> Mapping[str, HealthProbe]:
+        """``storage``: folded into the server's check of its operations database."""
+        return {"storage": self.check}
+
+    def metrics(self) -> Iterable[Metric]:
+        """The store's commits, WAL size and checkpoints (``db`` label ``crealia``) and its
+        background jobs (``wal_checkpoint``, ``store_writer``)."""
+        yield CounterMetricFamily("crealia_store_commits", "SQLite transactions committed.",
+                                  value=self.store.commits)  # fmt: skip
+        yield from sqlite_metrics([self.store])
+        yield from job_metrics(self.store.jobs)
+
+
+@asynccontextmanager
+async def open_backplane(url: str, config: Config) -> AsyncIterator[SQLiteBackplane]:
+    """The ``sqlite`` entry point (:class:`~crealia.abc.BackplaneFactory`): a backplane on its
+    own store, ``crealia.sqlite3`` in the directory ``url`` names, for the ``async with``
+    block, with the config's history limits, quotas and WAL policy.
+
+    ``url`` is ``sqlite:`` (or ``sqlite://``) for ``config.data_dir``, or ``sqlite:///dir``
+    (absolute) / ``sqlite:dir`` (relative) for another directory. On exit (also when
+    cancelled) what is queued is committed and the store closed.
+
+    Raises:
+        ConfigurationError: ``url`` is not such a URL.
+        StorageError: the directory or database cannot be created or opened.
+    """
+    wal = WalPolicy(
+        interval=config.wal_checkpoint_interval,
+        checkpoint_bytes=config.wal_checkpoint_bytes,
+        max_bytes=config.wal_max_bytes,
+    )
+    async with open_store(data_dir(url, config), wal=wal) as store:
+        yield SQLiteBackplane(
+            store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
+            quotas=Quotas.of(config),
+        )  # fmt: skip
+
+
+def data_dir(url: str, config: Config) -> Path:
+    """The directory a ``sqlite:`` URL names (``config.data_dir`` when it names none).
+
+    Raises:
+        ConfigurationError: not a ``sqlite:`` URL, or one with a host, query or fragment.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"backplane URL {url!r}: expected sqlite: (the data dir), sqlite:///absolute/dir "
+            "or sqlite:relative/dir"
+        )
+    return Path(parts.path) if parts.path else Path(config.data_dir)
 
 
 def _history_start(conn: sqlite3.Connection, project_id: str, after: int, max_bytes: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from prometheus_client.core import (
@@ -22,7 +22,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ._monitor import Monitor
+    from ._alerts import AlertEngine, AlertNotifier
+    from ._jobs import JobFailures
+    from ._storage import Store
 
 #: Histogram bucket upper bounds, in seconds (Prometheus convention).
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0)
@@ -158,6 +160,28 @@ def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 3) if whole > 0 else 0.0
 
 
+class Monitored(Protocol):
+    """What :class:`ServerCollector` reads at scrape time (:class:`crealia._monitor.Monitor` is
+    one: naming only this keeps the monitor above the counters it keeps)."""
+
+    traffic: Traffic
+    ping: LatencyHistogram
+    #: Worst event-loop lag (seconds) seen in the last sampling period.
+    loop_lag: float
+    store: Store
+    ops: Store
+    notifier: AlertNotifier
+    engine: AlertEngine
+    jobs: JobFailures
+    hub: Any
+
+    def live_counts(self) -> dict[str, int]:
+        """Connections, sessions, users, projects and streams open now."""
+
+    def health_ok(self) -> dict[str, bool]:
+        """Whether each health check passed at its last run."""
+
+
 class ServerCollector(Collector):
     """The server's metrics in Prometheus form, read from the monitor at scrape time.
 
@@ -166,7 +190,7 @@ class ServerCollector(Collector):
     would grow without bound).
     """
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitored) -> None:
         self._monitor = monitor
 
     def collect(self) -> Iterator[Metric]:

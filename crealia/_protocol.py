@@ -115,12 +115,17 @@ class MessageType:
     handler: str = attrs.field(validator=_identifier)
 
 
+#: What a member in ``users_list`` has besides its presence fields.
+_MEMBER_FIELDS = frozenset({"user_id", "name", "role", "connections"})
+
+
 def table(entries: Iterable[MessageType]) -> Mapping[str, MessageType]:
     """A protocol table of ``entries``, read-only, keyed by type, in their order.
 
     Raises:
-        ValueError: two entries for one type, or a presence slot that two entries map to
-            different fields.
+        ValueError: two entries for one type, a presence slot that two entries map to
+            different fields, or a presence field that is a member's own (``user_id``, ``name``,
+            ``role``, ``connections``).
     """
     out: dict[str, MessageType] = {}
     fields: dict[str, str] = {}
@@ -130,6 +135,9 @@ def table(entries: Iterable[MessageType]) -> Mapping[str, MessageType]:
         out[entry.name] = entry
         presence = entry.presence
         if presence is not None:
+            if presence.field in _MEMBER_FIELDS:
+                raise ValueError(f"protocol table: {entry.name!r} would set the member's "
+                                 f"{presence.field!r}")  # fmt: skip
             field = fields.setdefault(presence.slot, presence.field)
             if field != presence.field:
                 raise ValueError(

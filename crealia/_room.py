@@ -7,10 +7,11 @@ closes, unless someone joins again. Nothing crosses rooms: a room only hears its
 the backplane, and only writes to its own members' outboxes.
 
 Fan-out is batched: durable events, conflict pushes and membership changes are appended to an
-ordered list, and presence updates are coalesced per user and kind (latest wins). Every tick the
-ticker turns those into one outbox item per member (one frame), each event encoded once and the
-shared batch joined once; only members that sent something this tick get a frame of their own
-with their own ephemeral updates left out.
+ordered list, and presence updates are coalesced per user and slot (latest wins; each presence
+type's slot is in the protocol table, :mod:`crealia._protocol`). Every tick the ticker turns
+those into one outbox item per member (one frame), each event encoded once and the shared batch
+joined once; only members that sent something this tick get a frame of their own with their own
+ephemeral updates left out.
 """
 
 from __future__ import annotations

@@ -326,7 +326,8 @@ class Hub:
     of this class (``handle_*``), bound when the hub is built.
 
     Raises:
-        TypeError: (when built) an entry of ``protocol`` names no coroutine method of the hub.
+        TypeError: (when built) an entry of ``protocol`` names no coroutine method of the hub
+            or is handled as presence without a slot, or ``protocol`` has no ``hello``.
     """
 
     config: Config
@@ -363,6 +364,8 @@ class Hub:
     _classes: dict[str, type[Any]] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
+        if "hello" not in self.protocol:
+            raise TypeError("protocol table: no hello, the message every session starts with")
         for name, entry in self.protocol.items():
             method = getattr(self, entry.handler, None)
             if method is None or not inspect.iscoroutinefunction(method):
@@ -370,6 +373,9 @@ class Hub:
                     f"protocol table: {name!r} is handled by {entry.handler!r}, which is no "
                     f"coroutine method of {type(self).__name__}"
                 )
+            if entry.handler == "handle_presence" and entry.presence is None:
+                raise TypeError(f"protocol table: {name!r} is handled as presence but has no "
+                                "presence slot")  # fmt: skip
             self._handlers[name] = method
         self._classes = data_classes(self.protocol)
 
@@ -621,7 +627,7 @@ class Hub:
     ) -> tuple[str, Any]:
         """Any presence type: the room keeps and fans out what its entry's presence says."""
         presence = self.protocol[envelope.type].presence
-        if presence is None:
+        if presence is None:  # refused when the hub was built
             raise InternalError(f"{envelope.type} is handled as presence but has no slot")
         data = _wire.unstructure(envelope.data)
         await room.publish_presence(session, envelope.type, data, presence)
@@ -630,6 +636,7 @@ class Hub:
     async def handle_ping(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``ping``: ``pong`` with the server's clock (pushed too when there is no ``ref``)."""
         pong: dict[str, Any] = {"timestamp": int(time.time() * 1000)}
         if envelope.data.t is not None:
             pong["t"] = envelope.data.t
@@ -640,6 +647,8 @@ class Hub:
     async def handle_users_request(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``users_request``: ``users_list`` of everyone present (pushed too when there is no
+        ``ref``); in a cluster the other processes' members are read first."""
         if room.clustered:
             await room.refresh_presence()
         users = {"users": room.users()}
@@ -650,6 +659,12 @@ class Hub:
     async def handle_timeline_change(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``timeline_change``: commit it through the backplane (conflicts go to the room's
+        strategy chain), audit it, and ack the outcome.
+
+        Raises:
+            ProtocolError: what the backplane refuses (``overloaded``, ``too_large``, ...).
+        """
         user, data = session.user, envelope.data
         strategy = await self.settler.first(user.project_id)
         outcome = await self.backplane.commit_change(user, data, strategy=strategy)
@@ -670,8 +685,10 @@ class Hub:
     async def handle_comment_add(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
-        """Raises:
-        TooLarge: the text is longer than ``comment_max_chars``.
+        """``comment_add``: commit the comment (idempotent on its id), audit it, ack its seq.
+
+        Raises:
+            TooLarge: the text is longer than ``comment_max_chars``.
         """
         comment = envelope.data.comment
         if len(comment.text) > self.config.comment_max_chars:
@@ -687,6 +704,11 @@ class Hub:
     async def handle_conflict_resolve(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``conflict_resolve``: settle a pending conflict by hand (:meth:`resolve_by_hand`).
+
+        Raises:
+            NotFound, BadRequest, TooLarge: as :meth:`resolve_by_hand`.
+        """
         data = envelope.data
         value = None if data.value is _wire.MISSING else data.value
         await self.resolve_by_hand(session.user, data.conflict_id, data.choice, value,
@@ -696,6 +718,11 @@ class Hub:
     async def handle_conflict_dismiss(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``conflict_dismiss``: settle a pending conflict keeping the current value.
+
+        Raises:
+            NotFound: as :meth:`resolve_by_hand`.
+        """
         await self.resolve_by_hand(session.user, envelope.data.conflict_id, "current", None,
                                    dismiss=True, origin=_origin(session))  # fmt: skip
         return "ack", {}
@@ -703,20 +730,24 @@ class Hub:
     async def handle_metrics_subscribe(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``metrics_subscribe``: start the session's live metrics feed."""
         self.metric_subscribers[session.id] = session
         return "ack", {}
 
     async def handle_metrics_unsubscribe(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
+        """``metrics_unsubscribe``: stop the session's live metrics feed."""
         self.metric_subscribers.pop(session.id, None)
         return "ack", {}
 
     async def handle_live_start(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
-        """Raises:
-        BadRequest: always: live sessions are not served yet (docs/protocol.md §8).
+        """``live_start``: refused, live sessions are not served yet (docs/protocol.md §8).
+
+        Raises:
+            BadRequest: always.
         """
         raise BadRequest("type: live sessions are not enabled on this server")
 

@@ -9,42 +9,23 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import Any, Protocol
 
 import attrs
 import jwt
 
 from ._errors import ConfigurationError, Forbidden, Unauthorized
 from ._model import ROLES, Role, User
+from ._protocol import PROTOCOL
 from ._wire import id_problem
-
-if TYPE_CHECKING:
-    from ._config import Config
 
 _RANK = {role: rank for rank, role in enumerate(ROLES)}
 
-#: The least role each client event needs (docs/protocol.md §4). ``live_stop`` also needs to be the
-#: session's host and ``webrtc_signal``/``stream_stats`` a session member: checked where handled.
-REQUIRED_ROLE: dict[str, Role] = {
-    "cursor_update": "viewer",
-    "element_active": "viewer",
-    "typing_start": "commenter",
-    "typing_stop": "commenter",
-    "comment_add": "commenter",
-    "timeline_change": "editor",
-    "conflict_resolve": "editor",
-    "conflict_dismiss": "editor",
-    "users_request": "viewer",
-    "ping": "viewer",
-    "live_start": "editor",
-    "live_join": "viewer",
-    "live_leave": "viewer",
-    "live_stop": "viewer",
-    "webrtc_signal": "viewer",
-    "stream_stats": "viewer",
-    "metrics_subscribe": "owner",
-    "metrics_unsubscribe": "owner",
-    # REST actions beside the WebSocket messages, checked with require() the same way.
+#: The least role of each REST action that is not also a client message (docs/protocol.md §14,
+#: §16); the messages' roles are in the protocol table (crealia._protocol), which REST calls
+#: doing what a message does (``conflict_resolve``) share.
+REST_ROLES: Mapping[str, Role] = MappingProxyType({
     "snapshot_read": "viewer",
     "conflicts_read": "viewer",
     "conflicts_detect": "editor",
@@ -58,24 +39,51 @@ REQUIRED_ROLE: dict[str, Role] = {
     "security_alert_resolve": "owner",
     "gdpr_export": "owner",
     "gdpr_erase": "owner",
-}
+})  # fmt: skip
+
+#: The least role of every action, client messages (from the protocol table) and REST actions.
+#: ``live_stop`` also needs to be the session's host and ``webrtc_signal``/``stream_stats`` a
+#: session member: checked where handled.
+REQUIRED_ROLE: Mapping[str, Role] = MappingProxyType(
+    {
+        **{name: entry.role for name, entry in PROTOCOL.items() if entry.role is not None},
+        **REST_ROLES,
+    }
+)
 
 SECRET_FILE = "jwt-secret"  # noqa: S105 - a file name, not a secret
 
 
 def allows(role: Role, action: str) -> bool:
-    """Whether ``role`` may perform the client event ``action``."""
+    """Whether ``role`` may perform ``action`` (a client message type or a REST action)."""
     needed = REQUIRED_ROLE.get(action)
     return needed is not None and _RANK[role] >= _RANK[needed]
 
 
 def require(user: User, action: str) -> None:
-    """Raises:
-    Forbidden: ``user``'s role does not allow ``action``.
+    """Check ``user`` may perform ``action`` (a client message type or a REST action; an
+    unknown one needs more than any role).
+
+    Raises:
+        Forbidden: ``user``'s role does not allow ``action``.
     """
     if not allows(user.role, action):
-        needed = REQUIRED_ROLE.get(action, "owner")
-        raise Forbidden(f"{action} needs role {needed} or higher; you are {user.role}")
+        raise _refused(user, action, REQUIRED_ROLE.get(action, "owner"))
+
+
+def require_role(user: User, action: str, needed: Role) -> None:
+    """Check ``user``'s role is at least ``needed`` for ``action`` (the role a protocol table's
+    entry names).
+
+    Raises:
+        Forbidden: ``user``'s role ranks below ``needed``.
+    """
+    if _RANK[user.role] < _RANK[needed]:
+        raise _refused(user, action, needed)
+
+
+def _refused(user: User, action: str, needed: Role) -> Forbidden:
+    return Forbidden(f"{action} needs role {needed} or higher; you are {user.role}")
 
 
 def load_or_create_secret(data_dir: Path) -> str:
@@ -240,14 +248,32 @@ def keys_file_path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def has_configured_keys(config: Config) -> bool:
+class JwtSettings(Protocol):
+    """The JWT settings this module reads from a configuration (:class:`crealia.Config` has
+    them; naming only these keeps the configuration module above this one)."""
+
+    @property
+    def jwt_secret(self) -> str | None: ...
+    @property
+    def jwt_secrets(self) -> Mapping[str, str]: ...
+    @property
+    def jwt_public_keys(self) -> Mapping[str, str]: ...
+    @property
+    def jwt_keys_file(self) -> str | Path | None: ...
+    @property
+    def jwt_leeway(self) -> float: ...
+    @property
+    def jwt_algorithms(self) -> tuple[str, ...]: ...
+
+
+def has_configured_keys(config: JwtSettings) -> bool:
     """Whether ``config`` names keys of its own (then no generated secret is used)."""
     return bool(
         config.jwt_secret or config.jwt_secrets or config.jwt_public_keys or config.jwt_keys_file
     )
 
 
-def check_config(config: Config, _attribute: Any = None, _value: Any = None) -> None:
+def check_config(config: JwtSettings, _attribute: Any = None, _value: Any = None) -> None:
     """Validate the JWT settings of ``config`` (an attrs validator of :class:`Config`): the
     algorithms, and that every key loads and fits one of them.
 
@@ -412,7 +438,7 @@ class TokenAuthority:
             )
 
     @classmethod
-    def from_config(cls, config: Config, fallback_secret: str | None = None) -> TokenAuthority:
+    def from_config(cls, config: JwtSettings, fallback_secret: str | None = None) -> TokenAuthority:
         """The authority of ``config``'s JWT settings.
 
         Args:

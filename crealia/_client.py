@@ -80,6 +80,7 @@ import trio
 import trio_websocket
 
 from ._errors import CrealiaError
+from ._protocol import PRESENCE_KINDS
 
 __all__ = [
     "ClientClosed",
@@ -100,10 +101,6 @@ SUBPROTOCOL: Final = "crealia.v1"
 #: Requests that are safe to send again: changes and comments are idempotent on their ids.
 _RESENDABLE: Final = frozenset(
     {"timeline_change", "comment_add", "users_request", "ping", "conflict_dismiss"}
-)
-#: ``collaboration_event`` kinds that only describe presence: a newer one supersedes them.
-_PRESENCE_KINDS: Final = frozenset(
-    {"cursor_update", "element_active", "typing_start", "typing_stop"}
 )
 #: Hello errors after which trying again cannot help.
 _FATAL_HELLO_CODES: Final = frozenset(
@@ -226,7 +223,7 @@ class Push:
         return (
             self.type == "collaboration_event"
             and self.seq is None
-            and self.data.get("kind") in _PRESENCE_KINDS
+            and self.data.get("kind") in PRESENCE_KINDS
         )
 
 

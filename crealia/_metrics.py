@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from prometheus_client.core import (
@@ -24,8 +24,9 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
+    from ._alerts import AlertEngine, AlertNotifier
+    from ._backplane import Backplane
     from ._jobs import JobFailures
-    from ._monitor import Monitor
     from ._storage import Store
 
 log = logging.getLogger("crealia.metrics")
@@ -164,6 +165,28 @@ def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 3) if whole > 0 else 0.0
 
 
+class Monitored(Protocol):
+    """What :class:`ServerCollector` reads at scrape time (:class:`crealia._monitor.Monitor` is
+    one: naming only this keeps the monitor above the counters it keeps)."""
+
+    traffic: Traffic
+    ping: LatencyHistogram
+    #: Worst event-loop lag (seconds) seen in the last sampling period.
+    loop_lag: float
+    backplane: Backplane
+    ops: Store
+    notifier: AlertNotifier
+    engine: AlertEngine
+    jobs: JobFailures
+    hub: Any
+
+    def live_counts(self) -> dict[str, int]:
+        """Connections, sessions, users, projects and streams open now."""
+
+    def health_ok(self) -> dict[str, bool]:
+        """Whether each health check passed at its last run."""
+
+
 class ServerCollector(Collector):
     """The server's metrics in Prometheus form, read from the monitor at scrape time.
 
@@ -172,7 +195,7 @@ class ServerCollector(Collector):
     would grow without bound).
     """
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitored) -> None:
         self._monitor = monitor
 
     def collect(self) -> Iterator[Metric]:

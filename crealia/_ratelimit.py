@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
+from types import MappingProxyType
 from typing import Protocol
 
 import attrs
@@ -37,33 +38,26 @@ import trio
 
 from ._errors import ConfigurationError
 from ._jobs import JobFailures
+from ._protocol import PROTOCOL, RATE_CLASSES
 
 log = logging.getLogger("crealia.ratelimit")
 
-#: Event classes and the client message types in them (docs/protocol.md §4). ``rest`` counts every
-#: REST call (the HTTP app charges it); a type listed nowhere is ``other``.
-CLASSES: dict[str, tuple[str, ...]] = {
-    "cursor": ("cursor_update", "element_active", "typing_start", "typing_stop"),
-    "edit": ("timeline_change", "conflict_resolve", "conflict_dismiss"),
-    "comment": ("comment_add",),
-    "signal": (
-        "live_start",
-        "live_join",
-        "live_leave",
-        "live_stop",
-        "webrtc_signal",
-        "stream_stats",
-    ),
-    "rest": (),
-    "other": ("ping", "users_request", "metrics_subscribe", "metrics_unsubscribe"),
-}
-
-_CLASS_OF: dict[str, str] = {t: cls for cls, types in CLASSES.items() for t in types}
+#: The rate-limit classes and the client message types in them, read from the protocol table
+#: (docs/protocol.md §11; every type names its class there). ``rest`` counts every REST call
+#: (the HTTP app charges it) and holds no message type.
+CLASSES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        cls: tuple(name for name, entry in PROTOCOL.items() if entry.rate_class == cls)
+        for cls in RATE_CLASSES
+    }
+)
 
 
 def event_class(message_type: str) -> str:
-    """The class of a client message type: a key of :data:`CLASSES`, ``"other"`` if unlisted."""
-    return _CLASS_OF.get(message_type, "other")
+    """The rate class of a client message type (its protocol table entry's); ``"other"`` for a
+    name that is no message type (nothing can be sent under it: decoding refuses it)."""
+    entry = PROTOCOL.get(message_type)
+    return "other" if entry is None else entry.rate_class
 
 
 def _at_least_one(instance: Limit, attribute: attrs.Attribute[int], value: int) -> None:
@@ -132,11 +126,11 @@ class _Bucket:
 class RateLimiter:
     """GCRA limits per key and class, decided locally, optionally synced across processes.
 
-    ``limits`` maps a class (see :data:`CLASSES`) to its :class:`Limit` per ``window_ms``; a
-    class without a limit is not limited. ``clock`` returns seconds (monotonic); inject one to
-    test timing. With ``shared``, :meth:`run` syncs with it every ``sync_interval`` seconds, and
-    each key may run ahead of the cluster by ``slack`` times its class's burst (at least one
-    event; see the module docstring).
+    ``limits`` maps a class (see :data:`~crealia._protocol.RATE_CLASSES`) to its :class:`Limit`
+    per ``window_ms``; a class without a limit is not limited. ``clock`` returns seconds
+    (monotonic); inject one to test timing. With ``shared``, :meth:`run` syncs with it every
+    ``sync_interval`` seconds, and each key may run ahead of the cluster by ``slack`` times its
+    class's burst (at least one event; see the module docstring).
 
     Raises:
         ValueError: ``window_ms`` or ``sync_interval`` is not positive, ``slack`` is not in
@@ -386,9 +380,9 @@ def rate_limits(overrides: Mapping[str, str]) -> dict[str, Limit]:
     """
     limits = dict(DEFAULT_LIMITS)
     for cls, raw in overrides.items():
-        if cls not in CLASSES:
+        if cls not in RATE_CLASSES:
             raise ConfigurationError(
-                f"rate limit {cls!r}: unknown class; known: {', '.join(CLASSES)}"
+                f"rate limit {cls!r}: unknown class; known: {', '.join(RATE_CLASSES)}"
             )
         text = str(raw).strip().lower()
         if text in ("off", "0", "none"):

@@ -7,10 +7,11 @@ closes, unless someone joins again. Nothing crosses rooms: a room only hears its
 the backplane, and only writes to its own members' outboxes.
 
 Fan-out is batched: durable events, conflict pushes and membership changes are appended to an
-ordered list, and presence updates are coalesced per user and kind (latest wins). Every tick the
-ticker turns those into one outbox item per member (one frame), each event encoded once and the
-shared batch joined once; only members that sent something this tick get a frame of their own
-with their own ephemeral updates left out.
+ordered list, and presence updates are coalesced per user and slot (latest wins; each presence
+type's slot is in the protocol table, :mod:`crealia._protocol`). Every tick the ticker turns
+those into one outbox item per member (one frame), each event encoded once and the shared batch
+joined once; only members that sent something this tick get a frame of their own with their own
+ephemeral updates left out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import time
 from collections.abc import Iterable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -32,13 +33,40 @@ from ._errors import CrealiaError, Overloaded
 from ._jobs import JobFailures
 from ._logging import log_context
 from ._metrics import Traffic
-from ._model import Conflict, DurableEvent, Ephemeral
+from ._model import Conflict, DurableEvent, Ephemeral, User
+from ._protocol import PRESENCE_FIELDS, Presence
 
 log = logging.getLogger("crealia.room")
 
-if TYPE_CHECKING:
-    from ._session import Session
-    from ._settle import Settler
+
+class Session(Protocol):
+    """A connection in a room, as the room sees it (:class:`crealia._session.Session` is one):
+    the room hands it frames and may end it, nothing more."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> User: ...
+
+    @property
+    def ended(self) -> trio.Event:
+        """Set once the session has ended and left the room."""
+
+    def push(self, count: int, body: bytes, since: float | None = None) -> None:
+        """Queue ``count`` comma-joined envelopes for the client; never blocks (a session that
+        cannot keep up ends itself)."""
+
+    def kill(self, code: int, reason: str) -> None:
+        """End the session with close ``code``."""
+
+
+class Settler(Protocol):
+    """What settles a room's conflicts (:class:`crealia._settle.Settler` is one)."""
+
+    async def run(self, room: Room, conflict: Conflict) -> None:
+        """Run the project's strategy chain on ``conflict``, in ``room``'s nursery, until it is
+        settled or left to a person."""
 
 
 @attrs.define(eq=False)
@@ -49,9 +77,15 @@ class Member:
     name: str
     role: str
     connections: set[str] = attrs.Factory(set)
-    cursor: dict[str, Any] | None = None
-    active_element: dict[str, Any] | None = None
-    typing: str | bool | None = None
+    #: Presence by ``users_list`` field (``cursor``, ``active_element``, ``typing``: the fields
+    #: of the protocol table's presence types), as the user's last presence messages set it.
+    presence: dict[str, Any] = attrs.Factory(lambda: dict.fromkeys(PRESENCE_FIELDS))
+
+    @property
+    def active_element(self) -> dict[str, Any] | None:
+        """The element the user has active (``element_active``'s data), if any."""
+        active: dict[str, Any] | None = self.presence.get("active_element")
+        return active
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -59,9 +93,7 @@ class Member:
             "name": self.name,
             "role": self.role,
             "connections": len(self.connections),
-            "cursor": self.cursor,
-            "active_element": self.active_element,
-            "typing": self.typing,
+            **self.presence,
         }
 
 
@@ -324,19 +356,13 @@ class Room:
     # -- presence -----------------------------------------------------------------------------
 
     async def publish_presence(
-        self, session: Session, kind: str, payload: dict[str, Any], slot: str
+        self, session: Session, kind: str, payload: dict[str, Any], presence: Presence
     ) -> None:
-        """Update the sender's presence and send it to the others, coalesced per user."""
+        """Update the sender's presence as the message ``kind``'s ``presence`` says and send it
+        to the others, coalesced per user and slot."""
         member = self.members.get(session.user.id)
         if member is not None:
-            if slot == "cursor":
-                member.cursor = payload.get("position")
-            elif slot == "active":
-                member.active_element = payload if payload.get("element_id") else None
-            elif slot == "typing":
-                member.typing = (
-                    (payload.get("element_id") or True) if kind == "typing_start" else None
-                )
+            member.presence[presence.field] = presence.state(payload)
         frame = _wire.envelope(
             "collaboration_event",
             {"kind": kind, "user_id": session.user.id, "at": _now_ms(), "payload": payload},
@@ -346,7 +372,7 @@ class Room:
                 project_id=self.project_id,
                 encoded=frame,
                 origin=session.id,
-                key=(session.user.id, slot),
+                key=(session.user.id, presence.slot),
             )
         )
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 import collections
 import collections.abc
 import contextlib
+import inspect
 import logging
 import math
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -24,7 +26,7 @@ import trio
 
 from . import _wire
 from ._audit import AuditLog
-from ._auth import TokenAuthority, require
+from ._auth import TokenAuthority, require_role
 from ._backplane import Backplane
 from ._config import Config
 from ._edge import ConnectionGate
@@ -44,7 +46,8 @@ from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
 from ._preauth import AddressLimiter
-from ._ratelimit import RateLimiter, event_class
+from ._protocol import PROTOCOL, MessageType, data_classes
+from ._ratelimit import RateLimiter
 from ._room import Room, RoomManager
 from ._settle import Settler
 
@@ -308,9 +311,24 @@ def _join(parts: list[bytes], count: int) -> bytes:
     return parts[0] if count == 1 else b"[" + b",".join(parts) + b"]"
 
 
+#: A message handler: a :class:`Hub` method an entry of the protocol table names, called with
+#: the session, its room and the decoded envelope once the sender's role and rate were checked;
+#: it returns the reply (type and data) sent when the message has a ``ref``.
+Handler = Callable[[Session, Room, _wire.Envelope], Awaitable[tuple[str, Any]]]
+
+
 @attrs.define(eq=False)
 class Hub:
-    """What every connection shares: config, tokens, rooms and the backplane."""
+    """What every connection shares: config, tokens, rooms and the backplane.
+
+    Client messages are decoded, checked and dispatched through ``protocol``
+    (:data:`crealia._protocol.PROTOCOL` unless given): each entry names its handler, a method
+    of this class (``handle_*``), bound when the hub is built.
+
+    Raises:
+        TypeError: (when built) an entry of ``protocol`` names no coroutine method of the hub
+            or is handled as presence without a slot, or ``protocol`` has no ``hello``.
+    """
 
     config: Config
     auth: TokenAuthority
@@ -339,6 +357,27 @@ class Hub:
         ),
         takes_self=True,
     )
+    #: The protocol table the hub decodes and dispatches with.
+    protocol: Mapping[str, MessageType] = PROTOCOL
+    #: Each type's bound handler, and the class its ``data`` decodes into (from ``protocol``).
+    _handlers: dict[str, Handler] = attrs.field(init=False, factory=dict)
+    _classes: dict[str, type[Any]] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if "hello" not in self.protocol:
+            raise TypeError("protocol table: no hello, the message every session starts with")
+        for name, entry in self.protocol.items():
+            method = getattr(self, entry.handler, None)
+            if method is None or not inspect.iscoroutinefunction(method):
+                raise TypeError(
+                    f"protocol table: {name!r} is handled by {entry.handler!r}, which is no "
+                    f"coroutine method of {type(self).__name__}"
+                )
+            if entry.handler == "handle_presence" and entry.presence is None:
+                raise TypeError(f"protocol table: {name!r} is handled as presence but has no "
+                                "presence slot")  # fmt: skip
+            self._handlers[name] = method
+        self._classes = data_classes(self.protocol)
 
     async def serve_connection(self, conn: Connection) -> None:
         """Run one client connection to its end. Never raises but for cancellation."""
@@ -355,7 +394,8 @@ class Hub:
                 raise _Close(1001, "server shutting down")
             user, hello, ref = await self._handshake(conn)
             try:
-                await self.wait_rate(user, "other")  # a reconnect loop is limited like pings
+                # Each accepted hello counts: a reconnect loop is limited like pings.
+                await self.wait_rate(user, self.protocol["hello"].rate_class)
             except RateLimited as exc:
                 self.audit.record("rate_limited", user_id=user.id, project_id=user.project_id,
                                   resource="hello", details={"message": exc.message},
@@ -435,7 +475,7 @@ class Hub:
         with trio.move_on_after(self.config.hello_timeout):
             frame = await conn.receive()
             try:
-                envelope = _wire.decode_client_frame(frame)
+                envelope = _wire.decode_client_frame(frame, self._classes)
             except ProtocolError as exc:
                 await conn.send(_wire.error_envelope(exc, _wire.error_ref(exc)))
                 raise _Close(4400, "expected hello") from None
@@ -527,7 +567,7 @@ class Hub:
             ref = None
             kind = "invalid"
             try:
-                envelope = _wire.decode_client_frame(frame)
+                envelope = _wire.decode_client_frame(frame, self._classes)
                 ref, kind = envelope.ref, envelope.type
                 reply = await self._handle(session, room, envelope)
             except ProtocolError as exc:
@@ -563,75 +603,163 @@ class Hub:
     async def _handle(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
-        user, data, kind = session.user, envelope.data, envelope.type
-        if kind == "hello":
-            raise BadRequest("type: hello was already accepted on this connection")
-        require(user, kind)
-        await self.wait_rate(user, event_class(kind))
-        match kind:
-            case "cursor_update" | "element_active" | "typing_start" | "typing_stop":
-                slot = {"cursor_update": "cursor", "element_active": "active"}.get(kind, "typing")
-                await room.publish_presence(session, kind, _wire.unstructure(data), slot)
-                return "ack", {}
-            case "ping":
-                pong: dict[str, Any] = {"timestamp": int(time.time() * 1000)}
-                if data.t is not None:
-                    pong["t"] = data.t
-                if envelope.ref is None:
-                    session.reply(_wire.envelope("pong", pong))
-                return "pong", pong
-            case "users_request":
-                if room.clustered:
-                    await room.refresh_presence()
-                users = {"users": room.users()}
-                if envelope.ref is None:
-                    session.reply(_wire.envelope("users_list", users))
-                return "users_list", users
-            case "timeline_change":
-                strategy = await self.settler.first(user.project_id)
-                outcome = await self.backplane.commit_change(user, data, strategy=strategy)
-                room.settle(outcome.detected)
-                conflicted = int(bool(outcome.detected))
-                for counted in (self.traffic, room.traffic):
-                    counted.changes += 1
-                    counted.conflicted_changes += conflicted
-                details = {
-                    "status": outcome.status,
-                    "seq": outcome.seq,
-                    "operations": len(data.changes),
-                    "conflicts": outcome.conflicts,
-                }
-                self._audit(session, "edit", f"timeline:{data.change_id}", details)
-                return "ack", outcome.to_wire()
-            case "comment_add":
-                if len(data.comment.text) > self.config.comment_max_chars:
-                    raise TooLarge(
-                        f"data.comment.text: longer than {self.config.comment_max_chars} characters"
-                    )
-                seq, duplicate = await self.backplane.commit_comment(user, data.comment)
-                status = "duplicate" if duplicate else "applied"
-                self._audit(session, "comment", f"comment:{data.comment.id}",
-                            {"seq": seq, "status": status})  # fmt: skip
-                return "ack", {"seq": seq, "status": status}
-            case "conflict_resolve":
-                value = None if data.value is _wire.MISSING else data.value
-                await self.resolve_by_hand(user, data.conflict_id, data.choice, value,
-                                           origin=_origin(session))  # fmt: skip
-                return "ack", {}
-            case "conflict_dismiss":
-                await self.resolve_by_hand(user, data.conflict_id, "current", None, dismiss=True,
-                                           origin=_origin(session))  # fmt: skip
-                return "ack", {}
-            case "metrics_subscribe":
-                self.metric_subscribers[session.id] = session
-                return "ack", {}
-            case "metrics_unsubscribe":
-                self.metric_subscribers.pop(session.id, None)
-                return "ack", {}
-            case "live_start":
-                raise BadRequest("type: live sessions are not enabled on this server")
-            case _:
-                raise NotFound(f"data.session_id: no live session {data.session_id!r}")
+        """Check the sender's role and rate for the message's type, then run its handler."""
+        entry = self.protocol[envelope.type]  # decoding admits only the table's types
+        if entry.role is not None:
+            require_role(session.user, entry.name, entry.role)
+            await self.wait_rate(session.user, entry.rate_class)
+        return await self._handlers[entry.name](session, room, envelope)
+
+    # -- message handlers (named by the protocol table) -------------------------------------
+
+    async def handle_hello(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """Refuse a second ``hello``: the handshake took the first one.
+
+        Raises:
+            BadRequest: always.
+        """
+        raise BadRequest("type: hello was already accepted on this connection")
+
+    async def handle_presence(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """Any presence type: the room keeps and fans out what its entry's presence says."""
+        presence = self.protocol[envelope.type].presence
+        if presence is None:  # refused when the hub was built
+            raise InternalError(f"{envelope.type} is handled as presence but has no slot")
+        data = _wire.unstructure(envelope.data)
+        await room.publish_presence(session, envelope.type, data, presence)
+        return "ack", {}
+
+    async def handle_ping(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``ping``: ``pong`` with the server's clock (pushed too when there is no ``ref``)."""
+        pong: dict[str, Any] = {"timestamp": int(time.time() * 1000)}
+        if envelope.data.t is not None:
+            pong["t"] = envelope.data.t
+        if envelope.ref is None:
+            session.reply(_wire.envelope("pong", pong))
+        return "pong", pong
+
+    async def handle_users_request(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``users_request``: ``users_list`` of everyone present (pushed too when there is no
+        ``ref``); in a cluster the other processes' members are read first."""
+        if room.clustered:
+            await room.refresh_presence()
+        users = {"users": room.users()}
+        if envelope.ref is None:
+            session.reply(_wire.envelope("users_list", users))
+        return "users_list", users
+
+    async def handle_timeline_change(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``timeline_change``: commit it through the backplane (conflicts go to the room's
+        strategy chain), audit it, and ack the outcome.
+
+        Raises:
+            ProtocolError: what the backplane refuses (``overloaded``, ``too_large``, ...).
+        """
+        user, data = session.user, envelope.data
+        strategy = await self.settler.first(user.project_id)
+        outcome = await self.backplane.commit_change(user, data, strategy=strategy)
+        room.settle(outcome.detected)
+        conflicted = int(bool(outcome.detected))
+        for counted in (self.traffic, room.traffic):
+            counted.changes += 1
+            counted.conflicted_changes += conflicted
+        details = {
+            "status": outcome.status,
+            "seq": outcome.seq,
+            "operations": len(data.changes),
+            "conflicts": outcome.conflicts,
+        }
+        self._audit(session, "edit", f"timeline:{data.change_id}", details)
+        return "ack", outcome.to_wire()
+
+    async def handle_comment_add(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``comment_add``: commit the comment (idempotent on its id), audit it, ack its seq.
+
+        Raises:
+            TooLarge: the text is longer than ``comment_max_chars``.
+        """
+        comment = envelope.data.comment
+        if len(comment.text) > self.config.comment_max_chars:
+            raise TooLarge(
+                f"data.comment.text: longer than {self.config.comment_max_chars} characters"
+            )
+        seq, duplicate = await self.backplane.commit_comment(session.user, comment)
+        status = "duplicate" if duplicate else "applied"
+        self._audit(session, "comment", f"comment:{comment.id}",
+                    {"seq": seq, "status": status})  # fmt: skip
+        return "ack", {"seq": seq, "status": status}
+
+    async def handle_conflict_resolve(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``conflict_resolve``: settle a pending conflict by hand (:meth:`resolve_by_hand`).
+
+        Raises:
+            NotFound, BadRequest, TooLarge: as :meth:`resolve_by_hand`.
+        """
+        data = envelope.data
+        value = None if data.value is _wire.MISSING else data.value
+        await self.resolve_by_hand(session.user, data.conflict_id, data.choice, value,
+                                   origin=_origin(session))  # fmt: skip
+        return "ack", {}
+
+    async def handle_conflict_dismiss(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``conflict_dismiss``: settle a pending conflict keeping the current value.
+
+        Raises:
+            NotFound: as :meth:`resolve_by_hand`.
+        """
+        await self.resolve_by_hand(session.user, envelope.data.conflict_id, "current", None,
+                                   dismiss=True, origin=_origin(session))  # fmt: skip
+        return "ack", {}
+
+    async def handle_metrics_subscribe(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``metrics_subscribe``: start the session's live metrics feed."""
+        self.metric_subscribers[session.id] = session
+        return "ack", {}
+
+    async def handle_metrics_unsubscribe(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``metrics_unsubscribe``: stop the session's live metrics feed."""
+        self.metric_subscribers.pop(session.id, None)
+        return "ack", {}
+
+    async def handle_live_start(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``live_start``: refused, live sessions are not served yet (docs/protocol.md §8).
+
+        Raises:
+            BadRequest: always.
+        """
+        raise BadRequest("type: live sessions are not enabled on this server")
+
+    async def handle_live_session(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """The messages about one live session (join, leave, stop, signal, stats).
+
+        Raises:
+            NotFound: always: no live session can exist yet (docs/protocol.md §8).
+        """
+        raise NotFound(f"data.session_id: no live session {envelope.data.session_id!r}")
 
     async def resolve_by_hand(
         self,
@@ -704,7 +832,7 @@ class Hub:
     def _audit_rate_limited(self, session: Session, kind: str, exc: RateLimited) -> None:
         """Audit a refusal for rate, at most once per ``audit_rate_limited_every`` seconds per
         user and class (with how many refusals it stands for)."""
-        key = (session.user.id, event_class(kind))
+        key = (session.user.id, self.protocol[kind].rate_class)
         now = trio.current_time()
         last, count = self._limited.get(key, (-math.inf, 0))
         if now - last < self.config.audit_rate_limited_every:

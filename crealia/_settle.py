@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 import orjson
@@ -36,10 +36,8 @@ from ._config import Config
 from ._errors import BadRequest, ConfigurationError, NotFound, ProtocolError, TooLarge
 from ._model import Conflict, Resolution
 from ._plugins import StrategyRegistry
+from ._room import Room
 from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext, plain_text
-
-if TYPE_CHECKING:
-    from ._room import Room
 
 log = logging.getLogger("crealia.strategies")
 

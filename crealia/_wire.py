@@ -1,9 +1,10 @@
 """Wire format: envelopes, client message types, and the one cattrs converter.
 
 Every client frame is decoded here: JSON, then the envelope (``type``, ``ref``, ``data``), then
-``data`` into the attrs class registered for ``type``. Any failure becomes a :class:`BadRequest`
-or :class:`TooLarge` whose message names the offending field (``data.position.x: expected a
-number``), so the edge can answer with an ``error`` and change nothing.
+``data`` into the attrs class the protocol table (:mod:`crealia._protocol`) names for ``type``.
+Any failure becomes a :class:`BadRequest` or :class:`TooLarge` whose message names the offending
+field (``data.position.x: expected a number``), so the edge can answer with an ``error`` and
+change nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -212,7 +213,8 @@ def _props(_inst: Any, attribute: attrs.Attribute[Any], value: dict[str, Any]) -
 
 
 # ---------------------------------------------------------------------------------------------
-# Client messages (the ``data`` of each client envelope)
+# Client messages (the ``data`` of each client envelope; crealia._protocol says which type
+# decodes into which)
 
 
 @attrs.frozen(kw_only=True)
@@ -369,30 +371,6 @@ class StreamStats:
     fps: float = attrs.field(default=0.0, validator=_finite)
     width: int = 0
     height: int = 0
-
-
-#: Every client event type and the class its ``data`` decodes into.
-CLIENT_MESSAGES: dict[str, type[Any]] = {
-    "hello": Hello,
-    "cursor_update": CursorUpdate,
-    "element_active": ElementActive,
-    "typing_start": Typing,
-    "typing_stop": Typing,
-    "comment_add": CommentAdd,
-    "timeline_change": TimelineChange,
-    "conflict_resolve": ConflictResolve,
-    "conflict_dismiss": ConflictDismiss,
-    "users_request": Empty,
-    "ping": Ping,
-    "live_start": LiveStart,
-    "live_join": LiveRef,
-    "live_leave": LiveRef,
-    "live_stop": LiveRef,
-    "webrtc_signal": WebrtcSignal,
-    "stream_stats": StreamStats,
-    "metrics_subscribe": Empty,
-    "metrics_unsubscribe": Empty,
-}
 
 
 @attrs.frozen(kw_only=True)
@@ -576,8 +554,11 @@ def _tidy(message: str) -> str:
 # Decoding and encoding
 
 
-def decode_client_frame(frame: str | bytes) -> Envelope:
+def decode_client_frame(frame: str | bytes, messages: Mapping[str, type[Any]]) -> Envelope:
     """Decode one client frame into an envelope with typed ``data``.
+
+    ``messages`` maps each client message type to the class its ``data`` decodes into (the
+    protocol table's view, ``crealia._protocol.CLIENT_MESSAGES``).
 
     Raises:
         BadRequest: binary frame, malformed JSON, bad envelope, unknown type, invalid data.
@@ -604,7 +585,7 @@ def decode_client_frame(frame: str | bytes) -> Envelope:
         raise BadRequest("ref: must be a positive integer")
     if not isinstance(kind, str):
         raise _with_ref(BadRequest("type: must be a string naming the event"), ref)
-    cls = CLIENT_MESSAGES.get(kind)
+    cls = messages.get(kind)
     if cls is None:
         raise _with_ref(BadRequest(f"type: unknown event type {kind[:64]!r}"), ref)
     data = raw.get("data", {})

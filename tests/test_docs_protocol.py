@@ -7,7 +7,7 @@ import inspect
 import re
 from pathlib import Path
 
-from crealia import _errors, _wire
+from crealia import _errors, _protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
@@ -68,7 +68,7 @@ def test_doc_names_every_message_type() -> None:
     text = DOC.read_text()
     pushes = _pushes_in_code()
     assert {"welcome", "welcome_chunk", "conflict_detected", "error"} <= pushes  # the scan works
-    names = set(_wire.CLIENT_MESSAGES) | _PUSHES | pushes
+    names = set(_protocol.CLIENT_MESSAGES) | _PUSHES | pushes
     missing = sorted(name for name in names if f"`{name}`" not in text)
     assert not missing, f"docs/protocol.md does not name: {missing}"
 

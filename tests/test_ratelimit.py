@@ -12,6 +12,7 @@ import pytest
 import redis
 import trio
 
+from crealia._protocol import CLIENT_MESSAGES
 from crealia._ratelimit import (
     CLASSES,
     DEFAULT_LIMITS,
@@ -21,7 +22,6 @@ from crealia._ratelimit import (
     event_class,
 )
 from crealia._storage import open_store
-from crealia._wire import CLIENT_MESSAGES
 from crealia.backplanes.redis import RATE_LIMIT_BATCH, open_redis_backplane
 from crealia.backplanes.sqlite import SQLiteBackplane
 

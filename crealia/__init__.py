@@ -42,8 +42,9 @@ from ._model import (
     User,
 )
 from ._server import Server, open_server, serve
-from ._session import Connection, ConnectionClosed
+from ._session import ConnectionClosed
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
+from ._transport import Acceptor, Connection, HandshakeRefusal
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "DECLINE",
     "DEFER",
     "ROLES",
+    "Acceptor",
     "Alert",
     "AlertEngine",
     "Answer",
@@ -72,6 +74,7 @@ __all__ = [
     "Ephemeral",
     "Finding",
     "Forbidden",
+    "HandshakeRefusal",
     "InternalError",
     "Listener",
     "NotFound",

@@ -1,9 +1,9 @@
-"""The server: one nursery holding the store, the backplane, the rooms and both transports."""
+"""The server: one nursery holding the store, the backplane, the rooms and the transports."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -32,8 +32,10 @@ from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
 from ._storage import OPS_DB, Store, WalPolicy, open_store
+from ._transport import Transport
 from .backplanes.sqlite import SQLiteBackplane
-from .transports._trio_ws import serve_trio_websocket
+from .transports._asgi import configure_hypercorn, websocket_route
+from .transports._trio_ws import TrioWebSocketTransport
 
 log = logging.getLogger("crealia")
 
@@ -53,6 +55,8 @@ class Server:
     ws_port: int
     _stop_http: trio.Event
     _cancel: trio.CancelScope
+    #: What each transport reported when it started (its port, or None), the fast path first.
+    transport_ports: dict[Transport, int | None] = attrs.Factory(dict)
 
     @property
     def ws_url(self) -> str:
@@ -88,11 +92,17 @@ class Server:
 
 
 @asynccontextmanager
-async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
+async def open_server(
+    config: Config | None = None, *, transports: Sequence[Transport] = ()
+) -> AsyncIterator[Server]:
     """Run a crealia server for the duration of the ``async with`` block.
 
-    The block starts once both ports accept connections. Leaving it (or cancelling it) shuts the
-    server down gracefully, then flushes and closes the store.
+    ``transports`` are run beside the built-in ones (the fast path on ``ws_port``, the ``/ws``
+    route of the HTTP app), in the server's nursery, each given the same
+    :class:`~crealia.Acceptor` (see :class:`~crealia.abc.Transport`).
+
+    The block starts once every transport and the HTTP port accept connections. Leaving it (or
+    cancelling it) shuts the server down gracefully, then flushes and closes the store.
 
     Raises:
         ConfigurationError: unusable configuration or data dir.
@@ -175,29 +185,28 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
             await nursery.start(security.run)
             await nursery.start(audit.run)
             await nursery.start(monitor.run)
-            bound: dict[str, int] = {}  # the HTTP port, once hypercorn has it (for same-origin)
-            ws_port = await nursery.start(
-                partial(serve_trio_websocket, http_port=lambda: bound.get("http")),
-                hub, config.host, config.ws_port,
-            )  # fmt: skip
+            acceptor = hub.acceptor()
+            fast_path = TrioWebSocketTransport(config.host, config.ws_port)
+            started: dict[Transport, int | None] = {}
+            for transport in (fast_path, *transports):
+                started[transport] = await nursery.start(transport.serve, acceptor)
             stop_http = trio.Event()
             hconfig = hypercorn.config.Config()
-            hconfig.websocket_max_message_size = config.max_frame_bytes
             hconfig.graceful_timeout = 2.0
             # Idle keep-alive connections hold a descriptor each: at most 5 s (or less when
             # headers must come sooner); the read deadlines are crealia._edge's.
             hconfig.keep_alive_timeout = min(5.0, config.http_header_timeout)
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
-            _install_http_deflate(config.max_frame_bytes)
+            configure_hypercorn(hconfig, config.max_frame_bytes)
             app: Any = edge_app(
-                create_app(hub, monitor, security),
+                websocket_route(acceptor, create_app(hub, monitor, security)),
                 hosts=HostPolicy.from_hosts(config.allowed_hosts),
                 header_timeout=config.http_header_timeout,
                 body_timeout=config.http_body_timeout,
                 gate=gate,
             )
-            http_port = bound["http"] = await nursery.start(
+            http_port = await nursery.start(
                 partial(
                     serve_http,
                     app,
@@ -209,6 +218,9 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                     shutdown_trigger=stop_http.wait,
                 )
             )
+            acceptor.page_ports = (http_port,)  # its pages are same-origin on every transport
+            ws_port = started[fast_path]
+            assert ws_port is not None
             server = Server(
                 config=config,
                 hub=hub,
@@ -220,6 +232,7 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
                 ws_port=ws_port,
                 stop_http=stop_http,
                 cancel=nursery.cancel_scope,
+                transport_ports=started,
             )
             try:
                 yield server
@@ -247,14 +260,6 @@ async def _open_backplane(config: Config, store: Store) -> AsyncIterator[Backpla
             store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
             quotas=Quotas.of(config),
         )  # fmt: skip
-
-
-def _install_http_deflate(max_frame_bytes: int) -> None:
-    try:
-        from .transports._deflate import install_hypercorn_deflate
-    except ImportError:  # pragma: no cover - the deflate module ships with crealia
-        return
-    install_hypercorn_deflate(max_frame_bytes)
 
 
 async def serve(

@@ -1,10 +1,12 @@
-"""The session core: one WebSocket connection from handshake to close, whatever its transport.
+"""The session core: one client connection from handshake to close, whatever its transport.
 
-Transports (the trio-websocket fast path, the ASGI route on hypercorn) wrap their socket in a
-:class:`Connection` and hand it to :meth:`Hub.serve_connection`. A session lives exactly as long
-as that call: a reader task decodes, checks and handles client messages one at a time, and a
-writer task drains the session's bounded outbox into frames. A full outbox means the client
-cannot keep up: the session is closed with 4409 and the room never waits for it.
+Transports (the trio-websocket fast path, the ASGI route on hypercorn, any
+:class:`~crealia._transport.Transport` passed to ``open_server``) wrap their socket in a
+:class:`~crealia._transport.Connection` and hand it to the :class:`~crealia._transport.Acceptor`
+that :meth:`Hub.acceptor` builds, which runs :meth:`Hub.serve_connection`. A session lives
+exactly as long as that call: a reader task decodes, checks and handles client messages one at
+a time, and a writer task drains the session's bounded outbox into frames. A full outbox means
+the client cannot keep up: the session is closed with 4409 and the room never waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import math
 import time
 import uuid
-from abc import ABC, abstractmethod
 from typing import Any
 
 import attrs
@@ -43,10 +44,12 @@ from ._errors import (
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
+from ._origin import HostPolicy, OriginPolicy
 from ._preauth import AddressLimiter
 from ._ratelimit import RateLimiter, event_class
 from ._room import Room, RoomManager
 from ._settle import Settler
+from ._transport import Acceptor, Connection
 
 log = logging.getLogger("crealia.session")
 
@@ -61,47 +64,6 @@ class ConnectionClosed(TransportError):
         super().__init__(f"connection closed ({code}) {reason}".strip())
         self.code = code
         self.reason = reason
-
-
-class Connection(ABC):
-    """A client WebSocket as the session core sees it. Implemented by each transport adapter.
-
-    The adapter enforces the frame size limit (close 1009) and UTF-8 validity of text frames
-    (close 1007) itself; the core sees only whole messages.
-    """
-
-    #: Remote address and the client's User-Agent header, for logs and audit.
-    remote: str = ""
-    user_agent: str = ""
-
-    @abstractmethod
-    async def receive(self) -> str | bytes:
-        """The next whole message: ``str`` for a text frame, ``bytes`` for a binary one.
-
-        Raises:
-            ConnectionClosed: the peer closed or the connection broke.
-        """
-
-    @abstractmethod
-    async def send(self, frame: bytes) -> None:
-        """Send one text frame holding ``frame`` (UTF-8 JSON).
-
-        Raises:
-            ConnectionClosed: the connection is gone.
-        """
-
-    @abstractmethod
-    async def close(self, code: int, reason: str = "") -> None:
-        """Close with ``code``; never raises, returns once the close is sent or the peer gone."""
-
-    @abstractmethod
-    async def abort(self) -> None:
-        """Drop the connection without a close frame (the stream is no longer usable)."""
-
-    async def round_trip(self) -> float | None:
-        """Send a WebSocket ping and return seconds until its pong, or None when the transport
-        cannot tell (the caller bounds the wait)."""
-        return None
 
 
 #: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
@@ -728,6 +690,22 @@ class Hub:
         self.audit.refusal("origin_refused", user_id=None, project_id=None, resource="websocket",
                            details={"origin": origin[:200]}, ip_address=remote,
                            user_agent=user_agent)  # fmt: skip
+
+    def acceptor(self) -> Acceptor:
+        """What this hub gives its transports: sessions run by :meth:`serve_connection`, the
+        config's limits and handshake policy, the connection gate, refused origins audited."""
+        config = self.config
+        return Acceptor(
+            run_session=self.serve_connection,
+            is_accepting=lambda: self.accepting,
+            on_origin_refused=self.on_origin_refused,
+            max_frame_bytes=config.max_frame_bytes,
+            handshake_timeout=config.hello_timeout,
+            origins=OriginPolicy.from_origins(config.allowed_origins),
+            hosts=HostPolicy.from_hosts(config.allowed_hosts),
+            gate=self.gate,
+            page_ports=(config.port,) if config.port else (),
+        )
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

@@ -151,6 +151,9 @@ class Session:
     #: Frames the writer sends before anything queued: a ``welcome`` too big for one frame and
     #: its ``welcome_chunk`` frames, sent as the client takes them (not counted in the outbox).
     preamble: collections.abc.Iterable[bytes] = ()
+    #: True once the writer has returned; the event is made only when someone waits for it.
+    writer_ended: bool = False
+    _writer_done: trio.Event | None = None
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -217,6 +220,33 @@ class Session:
 
     async def writer(self) -> None:
         """Send queued items until the session is killed: merged into frames when batching."""
+        try:
+            await self._write()
+        finally:
+            self.writer_ended = True
+            if self._writer_done is not None:
+                self._writer_done.set()
+
+    async def wait_writer(self) -> None:
+        """Wait for the writer to return.
+
+        Cancellation: if cancelled (the session's close deadline, the server stopping) while
+        the writer is inside a send, it aborts the connection before it raises: a transport
+        may be unable to cancel a send (hypercorn shields its socket writes), and
+        :meth:`~crealia._transport.Connection.abort` is what ends such a send.
+        """
+        if self.writer_ended:
+            await trio.lowlevel.checkpoint()
+            return
+        self._writer_done = done = trio.Event()
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            if self.sending:
+                await self.conn.abort()
+            raise
+
+    async def _write(self) -> None:
         batching = self.config.tick_ms > 0
         timing = self.config.metrics_interval > 0
         preamble, self.preamble = self.preamble, ()
@@ -357,6 +387,7 @@ class Hub:
                         # The reader runs in this task: one task less per connection.
                         await self._reader(session, room)
                         session.outbox.close()  # the reader ended: let the writer finish
+                        await session.wait_writer()
                 except* ConnectionClosed:
                     code = -1  # the peer is gone: nothing to close
         except _Close as exc:

@@ -31,10 +31,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, RejectConnection, RejectData, Request
 
-from crealia import Config, Server, TokenAuthority, open_server
+from crealia import Acceptor, Config, Server, TokenAuthority, open_server
 from crealia._auth import sign_token, token_claims
 from crealia._errors import ConfigurationError, Unauthorized
-from crealia import Acceptor
 from crealia._origin import HostPolicy, OriginPolicy, normalize_origin
 from crealia.transports._asgi import Receive, Scope, Send, _refuse
 

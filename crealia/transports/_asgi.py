@@ -15,6 +15,7 @@ from typing import Any
 import hypercorn.config
 import trio
 
+from .._edge import STREAM_KEY
 from .._origin import header
 from .._session import ConnectionClosed
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection
@@ -37,8 +38,15 @@ class ASGIWebSocketConnection(Connection):
     """A :class:`Connection` over an accepted ASGI websocket.
 
     hypercorn enforces the frame limit (close 1009; the app then sees a disconnect with 1006)
-    and wsproto the UTF-8 validity of text frames (close 1007). An ASGI app cannot drop its
-    stream, so :meth:`abort` closes with 1011.
+    and wsproto the UTF-8 validity of text frames (close 1007).
+
+    hypercorn shields its socket writes from cancellation, so a :meth:`send` to a client that
+    stops reading cannot be cancelled: :meth:`abort` (which the core calls from its other task
+    when a send outlives the session's close deadline) closes the socket under it, through the
+    edge's stream in the scope (``crealia._edge.STREAM_KEY``). Without that stream (the route
+    served by another server) it can only close with 1011. :meth:`close` hands over its close
+    frame only once the socket can take it, and aborts when it cannot within
+    :data:`CLOSE_SEND_TIMEOUT`.
     """
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -47,6 +55,7 @@ class ASGIWebSocketConnection(Connection):
         self._closed = False
         #: The close code, once closed (the client's as hypercorn reports it, or ours).
         self._code: int | None = None
+        self._stream: trio.abc.Stream | None = (scope.get("state") or {}).get(STREAM_KEY)
         client = scope.get("client")
         self.remote = client[0] if client else ""
         self.user_agent = header(scope.get("headers") or [], b"user-agent") or ""
@@ -85,24 +94,49 @@ class ASGIWebSocketConnection(Connection):
                 pass
 
     async def abort(self) -> None:
-        await self._send_close(1011, "aborted")
+        stream = self._stream
+        if stream is None:
+            await self._send_close(1011, "aborted")
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await stream.aclose()  # also wakes a send blocked on it, shielded or not
 
     async def _send_close(self, code: int, reason: str) -> bool:
         """Hand hypercorn the close, once; True when it took it."""
         if self._closed:
             return False
-        self._closed = True
-        self._code = code
-        # Sent even when cancelled (bounded): an ASGI app cannot drop its stream, so without
-        # the close frame the client would wait until the app returns.
+        # Even when cancelled (bounded): without the close frame the client would wait until
+        # the app returns.
         with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_SEND_TIMEOUT):
+            if not await self._can_send():
+                await self.abort()
+                return False
+            self._closed = True
+            self._code = code
             try:
                 await self._send({"type": "websocket.close", "code": code,
                                   "reason": reason[:MAX_CLOSE_REASON]})  # fmt: skip
             except (OSError, RuntimeError):
                 return False
             return True
+        self._closed = True
         return False  # the close could not be handed over in time
+
+    async def _can_send(self) -> bool:
+        """Whether the socket can take a small frame: hypercorn's writes cannot be cancelled,
+        so one must not start on a socket whose client stopped reading."""
+        if self._stream is None:
+            return True
+        with trio.move_on_after(CLOSE_SEND_TIMEOUT):
+            try:
+                await self._stream.wait_send_all_might_not_block()
+            except trio.BusyResourceError:
+                pass  # hypercorn is sending (a pong): its lock orders the close behind it
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+            return True
+        return False
 
 
 def configure_hypercorn(config: hypercorn.config.Config, max_frame_bytes: int) -> None:

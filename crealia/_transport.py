@@ -112,7 +112,10 @@ class Connection(ABC):
 
         Cancellation: the frame may have been sent in part. The connection must then not be
         sent on again, and a close frame after half a frame would be garbage: call
-        :meth:`abort` (the core does).
+        :meth:`abort` (the core does). A transport that cannot cancel a blocked send (hypercorn
+        shields its socket writes) must let :meth:`abort`, called from another task, end it
+        (return or raise): the core does that when a send outlives the session's close
+        deadline.
         """
 
     @abstractmethod
@@ -120,7 +123,8 @@ class Connection(ABC):
         """Close with ``code`` and ``reason`` (at most :data:`MAX_CLOSE_REASON` characters).
 
         Sends the close so that the peer receives ``code``, waits a bounded time for the peer's
-        answer where the protocol has one, and releases the connection. Once the connection
+        answer where the protocol has one, and releases the connection. A peer that does not
+        read must not make it wait without bound: drop the connection instead. Once the connection
         is closed (by either side, or aborted) it returns at once, so it may be called any
         number of times, also after the peer went away. Afterwards ``receive`` and ``send``
         raise :class:`~crealia.ConnectionClosed`.
@@ -135,8 +139,8 @@ class Connection(ABC):
         """Drop the connection now, without a close handshake: what is left after a cancelled
         :meth:`send`, when a close frame after half a frame would be garbage.
 
-        The peer sees the connection end (WebSocket: 1006). A transport that cannot drop its
-        stream (an ASGI app) closes with 1011 instead. Afterwards ``receive`` and ``send`` raise
+        The peer sees the connection end (WebSocket: 1006). A ``receive`` or ``send`` blocked
+        in another task ends too (returns or raises). Afterwards ``receive`` and ``send`` raise
         :class:`~crealia.ConnectionClosed`. Never raises; returns promptly, also when cancelled.
         """
 

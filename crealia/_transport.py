@@ -28,8 +28,8 @@ The life of a connection, as every transport runs it::
     clean up                  acceptor.release(key); drop the socket
 
 ``crealia.testing.check_connection`` checks a :class:`Connection` implementation against the
-rules below; ``crealia.testing.ConnectionCatcher`` is an :class:`Acceptor` that hands connections
-to a test instead of a session.
+rules below; ``crealia.testing.ConnectionCatcher`` gives a transport under test an
+:class:`Acceptor` that hands each connection to the test instead of a session.
 """
 
 from __future__ import annotations

@@ -44,8 +44,9 @@ from ._model import (
 )
 from ._sequencing import ChangeRecord, PreparedWrite, Sequencer
 from ._server import Server, open_server, serve
-from ._session import Connection, ConnectionClosed
+from ._session import ConnectionClosed
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
+from ._transport import Acceptor, Connection, HandshakeRefusal
 from ._wire import Comment, TimelineChange
 
 __version__ = "0.1.0"
@@ -54,6 +55,7 @@ __all__ = [
     "DECLINE",
     "DEFER",
     "ROLES",
+    "Acceptor",
     "Alert",
     "AlertEngine",
     "Answer",
@@ -77,6 +79,7 @@ __all__ = [
     "Ephemeral",
     "Finding",
     "Forbidden",
+    "HandshakeRefusal",
     "InternalError",
     "Listener",
     "NotFound",

@@ -81,6 +81,7 @@ import trio_websocket
 
 from ._errors import CrealiaError
 from ._protocol import PRESENCE_KINDS
+from ._wire import SUBPROTOCOL
 
 __all__ = [
     "ClientClosed",
@@ -95,8 +96,6 @@ __all__ = [
 
 logger = logging.getLogger("crealia.client")
 
-#: The subprotocol a client offers by default.
-SUBPROTOCOL: Final = "crealia.v1"
 #: Requests that are sent again, unchanged, when the connection drops before their reply.
 #: Requests that are safe to send again: changes and comments are idempotent on their ids.
 _RESENDABLE: Final = frozenset(

@@ -1,4 +1,5 @@
-"""The HTTP app (quart-trio): REST API, health endpoints, and the ``/ws`` route in front of it.
+"""The HTTP app (quart-trio): REST API and health endpoints (the server mounts the ``/ws`` route,
+``crealia/transports/_asgi.py``, in front of it).
 
 Every error answers ``{"error": {"code", "message"}}`` with the status of its
 :class:`~crealia._errors.ProtocolError`.
@@ -25,6 +26,7 @@ from quart_trio import QuartTrio
 
 from . import _gdpr, _wire
 from ._auth import require
+from ._edge import ASGIApp
 from ._errors import (
     BadRequest,
     ConfigurationError,
@@ -41,7 +43,6 @@ from ._model import Conflict, User
 from ._monitor import Monitor
 from ._security import SecurityMonitor
 from ._session import Hub
-from .transports._asgi import ASGIApp, websocket_route
 
 T = TypeVar("T")
 
@@ -92,7 +93,8 @@ def conflict_view(conflict: Conflict) -> dict[str, Any]:
 
 
 def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp:
-    """The ASGI app served on ``--port``: REST, health, metrics, and the ``/ws`` route."""
+    """The ASGI app served on ``--port``: REST, health, metrics (not ``/ws``: the server puts
+    the route in front)."""
     app = QuartTrio("crealia")
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.config["BODY_TIMEOUT"] = hub.config.http_body_timeout  # the socket's deadline: _edge
@@ -417,7 +419,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         audit(user, "erasure", f"user:{pseudonym}", {"erased": counts})
         return _json({"userId": subject, "pseudonym": pseudonym, "erased": counts})
 
-    return websocket_route(hub, app)  # type: ignore[arg-type]
+    return app  # type: ignore[return-value]
 
 
 #: 9999-12-31T23:59:59Z in epoch milliseconds: later dates are refused.

@@ -1,8 +1,10 @@
 """The WebSocket Origin allow-list: refuse cross-site WebSocket hijacking.
 
 Browsers send an ``Origin`` header with every WebSocket handshake and let any page open a
-WebSocket to any server; only the server can refuse a page of another site. Both transports ask
-:class:`OriginPolicy` before they accept a handshake and answer 403 when it says no.
+WebSocket to any server; only the server can refuse a page of another site. Every transport asks
+:meth:`crealia._transport.Acceptor.check_handshake` before it accepts a handshake, which applies
+:class:`OriginPolicy` (and :class:`HostPolicy`, which the HTTP edge applies to every request
+too), audits a refused origin, and tells the transport to answer 403 (421 for a host).
 
 The rules:
 
@@ -11,8 +13,8 @@ The rules:
 - the origin is in ``allowed_origins`` (exact ``scheme://host[:port]``, host case-insensitive,
   default ports normalized away): allowed;
 - otherwise only the same origin is: the page's origin must name the host and port of the
-  ``Host`` header (http or https), or the same host with one of the server's other ports (the
-  fast path counts the HTTP app's port, since the app's pages connect to it).
+  ``Host`` header (http or https), or the same host with the port the server's pages come from
+  (the HTTP app's: its pages connect to the fast path's port too).
 """
 
 from __future__ import annotations
@@ -99,8 +101,7 @@ class OriginPolicy:
         """Whether a handshake with these ``Origin`` and ``Host`` headers may go on.
 
         Args:
-            ports: the server's other ports a same-origin page may come from (the HTTP app's
-                port, for the fast path).
+            ports: the server's ports a same-origin page may come from (the HTTP app's).
         """
         if origin is None or self.any:
             return True
@@ -134,13 +135,6 @@ def refusal_body(origin: str) -> bytes:
     """The short 403 body naming a refused origin (printable ASCII, at most 200 characters)."""
     shown = "".join(c if " " <= c <= "~" else "?" for c in origin[:200])
     return f"origin not allowed: {shown}\n".encode("ascii")
-
-
-def report_refusal(hub: object, origin: str, remote: str) -> None:
-    """Tell the hub of a refused origin, when it listens (``hub.on_origin_refused``)."""
-    callback = getattr(hub, "on_origin_refused", None)
-    if callback is not None:
-        callback(origin, remote)
 
 
 # -- allowed hosts (DNS rebinding) ------------------------------------------------------------

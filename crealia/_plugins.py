@@ -236,8 +236,7 @@ class BackplaneRegistry:
         known = ", ".join(sorted(self.schemes))
         if not scheme:
             raise ConfigurationError(
-                f"backplane URL {url!r} has no scheme (such as sqlite: or redis://); known: "
-                f"{known}"
+                f"backplane URL {url!r} has no scheme (such as sqlite: or redis://); known: {known}"
             )
         name = self.schemes.get(scheme)
         if name is None:

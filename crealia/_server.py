@@ -1,4 +1,4 @@
-"""The server: one nursery holding the operations store, the rooms and both transports, beside
+"""The server: one nursery holding the operations store, the rooms and the transports, beside
 a backplane it is handed or opens.
 
 Like httpcore's ``network_backend=``, the backplane is passed in: ``open_server(config,
@@ -11,7 +11,7 @@ last. The core talks to it only through :class:`crealia.abc.Backplane`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -44,7 +44,9 @@ from ._security import AuditContext, AuditRule, SecurityMonitor
 from ._session import Hub
 from ._settle import Settler
 from ._storage import OPS_DB, Store, WalPolicy, open_store
-from .transports._trio_ws import serve_trio_websocket
+from ._transport import Transport
+from .transports._asgi import configure_hypercorn, websocket_route
+from .transports._trio_ws import TrioWebSocketTransport
 
 log = logging.getLogger("crealia")
 
@@ -63,6 +65,8 @@ class Server:
     ws_port: int
     _stop_http: trio.Event
     _cancel: trio.CancelScope
+    #: What each transport reported when it started (its port, or None), the fast path first.
+    transport_ports: dict[Transport, int | None] = attrs.Factory(dict)
 
     @property
     def backplane(self) -> Backplane:
@@ -104,7 +108,10 @@ class Server:
 
 @asynccontextmanager
 async def open_server(
-    config: Config | None = None, *, backplane: Backplane | None = None
+    config: Config | None = None,
+    *,
+    backplane: Backplane | None = None,
+    transports: Sequence[Transport] = (),
 ) -> AsyncIterator[Server]:
     """Run a crealia server for the duration of the ``async with`` block.
 
@@ -114,8 +121,12 @@ async def open_server(
     names through the ``crealia.backplanes`` entry points (SQLite in ``config.data_dir`` when
     unset) and closes it after everything else.
 
-    The block starts once both ports accept connections. Leaving it (or cancelling it) shuts the
-    server down gracefully, then flushes and closes the stores.
+    ``transports`` are run beside the built-in ones (the fast path on ``ws_port``, the ``/ws``
+    route of the HTTP app), in the server's nursery, each given the same
+    :class:`~crealia.Acceptor` (see :class:`~crealia.abc.Transport`).
+
+    The block starts once every transport and the HTTP port accept connections. Leaving it (or
+    cancelling it) shuts the server down gracefully, then flushes and closes the stores.
 
     Raises:
         ConfigurationError: unusable configuration or data dir, or a backplane URL no installed
@@ -201,29 +212,28 @@ async def open_server(
             await nursery.start(security.run)
             await nursery.start(audit.run)
             await nursery.start(monitor.run)
-            bound: dict[str, int] = {}  # the HTTP port, once hypercorn has it (for same-origin)
-            ws_port = await nursery.start(
-                partial(serve_trio_websocket, http_port=lambda: bound.get("http")),
-                hub, config.host, config.ws_port,
-            )  # fmt: skip
+            acceptor = hub.acceptor()
+            fast_path = TrioWebSocketTransport(config.host, config.ws_port)
+            started: dict[Transport, int | None] = {}
+            for transport in (fast_path, *transports):
+                started[transport] = await nursery.start(transport.serve, acceptor)
             stop_http = trio.Event()
             hconfig = hypercorn.config.Config()
-            hconfig.websocket_max_message_size = config.max_frame_bytes
             hconfig.graceful_timeout = 2.0
             # Idle keep-alive connections hold a descriptor each: at most 5 s (or less when
             # headers must come sooner); the read deadlines are crealia._edge's.
             hconfig.keep_alive_timeout = min(5.0, config.http_header_timeout)
             hconfig.accesslog = None
             hconfig.errorlog = logging.getLogger("crealia.http")
-            _install_http_deflate(config.max_frame_bytes)
+            configure_hypercorn(hconfig, config.max_frame_bytes)
             app: Any = edge_app(
-                create_app(hub, monitor, security),
+                websocket_route(acceptor, create_app(hub, monitor, security)),
                 hosts=HostPolicy.from_hosts(config.allowed_hosts),
                 header_timeout=config.http_header_timeout,
                 body_timeout=config.http_body_timeout,
                 gate=gate,
             )
-            http_port = bound["http"] = await nursery.start(
+            http_port = await nursery.start(
                 partial(
                     serve_http,
                     app,
@@ -235,6 +245,9 @@ async def open_server(
                     shutdown_trigger=stop_http.wait,
                 )
             )
+            acceptor.page_ports = (http_port,)  # its pages are same-origin on every transport
+            ws_port = started[fast_path]
+            assert ws_port is not None
             server = Server(
                 config=config,
                 hub=hub,
@@ -245,6 +258,7 @@ async def open_server(
                 ws_port=ws_port,
                 stop_http=stop_http,
                 cancel=nursery.cancel_scope,
+                transport_ports=started,
             )
             try:
                 yield server
@@ -265,22 +279,15 @@ async def _open_backplane(
         yield backplane
 
 
-def _install_http_deflate(max_frame_bytes: int) -> None:
-    try:
-        from .transports._deflate import install_hypercorn_deflate
-    except ImportError:  # pragma: no cover - the deflate module ships with crealia
-        return
-    install_hypercorn_deflate(max_frame_bytes)
-
-
 async def serve(
     config: Config,
     *,
     backplane: Backplane | None = None,
+    transports: Sequence[Transport] = (),
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a server until cancelled (``backplane`` as for :func:`open_server`); reports the
-    running :class:`Server` via ``task_status``."""
-    async with open_server(config, backplane=backplane) as server:
+    """Run a server until cancelled (``backplane`` and ``transports`` as for
+    :func:`open_server`); reports the running :class:`Server` via ``task_status``."""
+    async with open_server(config, backplane=backplane, transports=transports) as server:
         task_status.started(server)
         await trio.sleep_forever()

@@ -1,10 +1,12 @@
-"""The session core: one WebSocket connection from handshake to close, whatever its transport.
+"""The session core: one client connection from handshake to close, whatever its transport.
 
-Transports (the trio-websocket fast path, the ASGI route on hypercorn) wrap their socket in a
-:class:`Connection` and hand it to :meth:`Hub.serve_connection`. A session lives exactly as long
-as that call: a reader task decodes, checks and handles client messages one at a time, and a
-writer task drains the session's bounded outbox into frames. A full outbox means the client
-cannot keep up: the session is closed with 4409 and the room never waits for it.
+Transports (the trio-websocket fast path, the ASGI route on hypercorn, any
+:class:`~crealia._transport.Transport` passed to ``open_server``) wrap their socket in a
+:class:`~crealia._transport.Connection` and hand it to the :class:`~crealia._transport.Acceptor`
+that :meth:`Hub.acceptor` builds, which runs :meth:`Hub.serve_connection`. A session lives
+exactly as long as that call: a reader task decodes, checks and handles client messages one at
+a time, and a writer task drains the session's bounded outbox into frames. A full outbox means
+the client cannot keep up: the session is closed with 4409 and the room never waits for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import logging
 import math
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -45,11 +46,13 @@ from ._errors import (
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
+from ._origin import HostPolicy, OriginPolicy
 from ._preauth import AddressLimiter
 from ._protocol import PROTOCOL, MessageType, data_classes
 from ._ratelimit import RateLimiter
 from ._room import Room, RoomManager
 from ._settle import Settler
+from ._transport import Acceptor, Connection
 
 log = logging.getLogger("crealia.session")
 
@@ -64,47 +67,6 @@ class ConnectionClosed(TransportError):
         super().__init__(f"connection closed ({code}) {reason}".strip())
         self.code = code
         self.reason = reason
-
-
-class Connection(ABC):
-    """A client WebSocket as the session core sees it. Implemented by each transport adapter.
-
-    The adapter enforces the frame size limit (close 1009) and UTF-8 validity of text frames
-    (close 1007) itself; the core sees only whole messages.
-    """
-
-    #: Remote address and the client's User-Agent header, for logs and audit.
-    remote: str = ""
-    user_agent: str = ""
-
-    @abstractmethod
-    async def receive(self) -> str | bytes:
-        """The next whole message: ``str`` for a text frame, ``bytes`` for a binary one.
-
-        Raises:
-            ConnectionClosed: the peer closed or the connection broke.
-        """
-
-    @abstractmethod
-    async def send(self, frame: bytes) -> None:
-        """Send one text frame holding ``frame`` (UTF-8 JSON).
-
-        Raises:
-            ConnectionClosed: the connection is gone.
-        """
-
-    @abstractmethod
-    async def close(self, code: int, reason: str = "") -> None:
-        """Close with ``code``; never raises, returns once the close is sent or the peer gone."""
-
-    @abstractmethod
-    async def abort(self) -> None:
-        """Drop the connection without a close frame (the stream is no longer usable)."""
-
-    async def round_trip(self) -> float | None:
-        """Send a WebSocket ping and return seconds until its pong, or None when the transport
-        cannot tell (the caller bounds the wait)."""
-        return None
 
 
 #: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
@@ -192,6 +154,9 @@ class Session:
     #: Frames the writer sends before anything queued: a ``welcome`` too big for one frame and
     #: its ``welcome_chunk`` frames, sent as the client takes them (not counted in the outbox).
     preamble: collections.abc.Iterable[bytes] = ()
+    #: True once the writer has returned; the event is made only when someone waits for it.
+    writer_ended: bool = False
+    _writer_done: trio.Event | None = None
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -258,6 +223,33 @@ class Session:
 
     async def writer(self) -> None:
         """Send queued items until the session is killed: merged into frames when batching."""
+        try:
+            await self._write()
+        finally:
+            self.writer_ended = True
+            if self._writer_done is not None:
+                self._writer_done.set()
+
+    async def wait_writer(self) -> None:
+        """Wait for the writer to return.
+
+        Cancellation: if cancelled (the session's close deadline, the server stopping) while
+        the writer is inside a send, it aborts the connection before it raises: a transport
+        may be unable to cancel a send (hypercorn shields its socket writes), and
+        :meth:`~crealia._transport.Connection.abort` is what ends such a send.
+        """
+        if self.writer_ended:
+            await trio.lowlevel.checkpoint()
+            return
+        self._writer_done = done = trio.Event()
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            if self.sending:
+                await self.conn.abort()
+            raise
+
+    async def _write(self) -> None:
         batching = self.config.tick_ms > 0
         timing = self.config.metrics_interval > 0
         preamble, self.preamble = self.preamble, ()
@@ -435,6 +427,7 @@ class Hub:
                         # The reader runs in this task: one task less per connection.
                         await self._reader(session, room)
                         session.outbox.close()  # the reader ended: let the writer finish
+                        await session.wait_writer()
                 except* ConnectionClosed:
                     code = -1  # the peer is gone: nothing to close
         except _Close as exc:
@@ -856,6 +849,22 @@ class Hub:
         self.audit.refusal("origin_refused", user_id=None, project_id=None, resource="websocket",
                            details={"origin": origin[:200]}, ip_address=remote,
                            user_agent=user_agent)  # fmt: skip
+
+    def acceptor(self) -> Acceptor:
+        """What this hub gives its transports: sessions run by :meth:`serve_connection`, the
+        config's limits and handshake policy, the connection gate, refused origins audited."""
+        config = self.config
+        return Acceptor(
+            run_session=self.serve_connection,
+            is_accepting=lambda: self.accepting,
+            on_origin_refused=self.on_origin_refused,
+            max_frame_bytes=config.max_frame_bytes,
+            handshake_timeout=config.hello_timeout,
+            origins=OriginPolicy.from_origins(config.allowed_origins),
+            hosts=HostPolicy.from_hosts(config.allowed_hosts),
+            gate=self.gate,
+            page_ports=(config.port,) if config.port else (),
+        )
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

@@ -14,7 +14,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 import cattrs
@@ -25,6 +25,10 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from ._errors import BadRequest, ProtocolError, TooLarge
 
 T = TypeVar("T")
+
+#: The WebSocket subprotocol of docs/protocol.md: the server selects it when a client offers it,
+#: and crealia's client offers it. One constant for every transport and the client.
+SUBPROTOCOL: Final = "crealia.v1"
 
 #: Longest id (element, change, comment, conflict, session, user) accepted, in characters.
 MAX_ID_CHARS = 128

@@ -1,10 +1,10 @@
-"""The contracts other code implements: backplanes (and the factories entry points name),
-their listeners, client connections, conflict strategies and alert rules."""
+"""The contracts other code implements: backplanes (and the factories entry points name), their
+listeners, client transports and their connections, conflict strategies and alert rules."""
 
 from ._alerts import AlertRule
 from ._backplane import Backplane, BackplaneFactory, Listener
-from ._session import Connection
 from ._strategy import ConflictStrategy
+from ._transport import Connection, Transport
 
 __all__ = [
     "AlertRule",
@@ -13,4 +13,5 @@ __all__ = [
     "ConflictStrategy",
     "Connection",
     "Listener",
+    "Transport",
 ]

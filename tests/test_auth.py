@@ -31,12 +31,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Message, RejectConnection, RejectData, Request
 
-from crealia import Config, Server, TokenAuthority, open_server
+from crealia import Acceptor, Config, Server, TokenAuthority, open_server
 from crealia._auth import sign_token, token_claims
 from crealia._errors import ConfigurationError, Unauthorized
-from crealia._origin import OriginPolicy, normalize_origin, report_refusal
+from crealia._origin import HostPolicy, OriginPolicy, normalize_origin
 from crealia.transports._asgi import Receive, Scope, Send, _refuse
-from crealia.transports._trio_ws import serve_trio_websocket
 
 from .conftest import JWT_SECRET, make_config, ws_url
 
@@ -459,19 +458,16 @@ async def test_origin_star_allows_any(tmp_path: Path, endpoint: str) -> None:
             assert (await handshake(url, origin))[0] == 101
 
 
-async def test_origin_fast_path_accepts_the_http_apps_pages(
-    tmp_path: Path, nursery: trio.Nursery
-) -> None:
+async def test_origin_fast_path_accepts_the_http_apps_pages(tmp_path: Path) -> None:
     """A page of the HTTP app (its port) may connect to the fast path on the ws port."""
     async with keyed_server(tmp_path / "data") as server:
-        serve = partial(serve_trio_websocket, http_port=lambda: server.http_port)
-        port = await nursery.start(serve, server.hub, "127.0.0.1", 0)
+        port = server.ws_port
         url = f"ws://127.0.0.1:{port}/ws"
         assert (await handshake(url, f"http://127.0.0.1:{server.http_port}"))[0] == 101
         assert (await handshake(url, f"http://127.0.0.1:{port}"))[0] == 101
         assert (await handshake(url, f"https://127.0.0.1:{server.http_port}"))[0] == 101
-        assert (await handshake(url, f"http://127.0.0.1:{server.http_port + 1}"))[0] == 403
-        nursery.cancel_scope.cancel()
+        other = next(p for p in range(server.http_port + 1, 65536) if p != port)
+        assert (await handshake(url, f"http://127.0.0.1:{other}"))[0] == 403
 
 
 async def test_origin_close_before_accept_is_403_in_hypercorn(nursery: trio.Nursery) -> None:
@@ -515,13 +511,31 @@ def test_origin_policy_rules() -> None:
     assert not policy.allows("http://h.example:3002", "h.example:3001", ports=(3000,))
 
 
-def test_origin_refusal_reaches_the_hub_hook() -> None:
-    heard: list[tuple[str, str]] = []
+async def _no_session(conn: object) -> None:
+    raise AssertionError("no connection is served here")
 
-    class Hub:
-        def on_origin_refused(self, origin: str, remote: str) -> None:
-            heard.append((origin, remote))
 
-    report_refusal(Hub(), "https://evil.example", "127.0.0.1")
-    report_refusal(object(), "https://evil.example", "127.0.0.1")  # no hook: nothing happens
-    assert heard == [("https://evil.example", "127.0.0.1")]
+def test_origin_acceptor_check_handshake_reports_refusals() -> None:
+    heard: list[tuple[str, str, str]] = []
+    acceptor = Acceptor(
+        run_session=_no_session,
+        on_origin_refused=lambda *refused: heard.append(refused),
+        origins=OriginPolicy.from_origins(["https://app.example.com"]),
+        hosts=HostPolicy.from_hosts(["h.example"]),
+        page_ports=(3000,),
+    )
+    check = partial(acceptor.check_handshake, remote="10.0.0.1", user_agent="UA")
+    assert check(host="h.example:3001", origin=None) is None
+    assert check(host="h.example:3001", origin="https://app.example.com") is None
+    assert check(host="h.example:3001", origin="http://h.example:3000") is None  # a page port
+    refused = check(host="h.example:3001", origin="https://evil.example")
+    assert refused is not None
+    assert (refused.status, refused.reason) == (403, "origin")
+    assert refused.body == b"origin not allowed: https://evil.example\n"
+    assert heard == [("https://evil.example", "10.0.0.1", "UA")]
+    misdirected = check(host="evil.example", origin="https://evil.example")
+    assert misdirected is not None
+    assert (misdirected.status, misdirected.reason) == (421, "host")
+    assert misdirected.body == b"host not allowed: evil.example\n"
+    assert acceptor.gate.refused["host"] == 1
+    assert len(heard) == 1  # a refused host is not also an origin refusal

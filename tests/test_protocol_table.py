@@ -35,7 +35,7 @@ from crealia._protocol import (
 from crealia._room import Room
 from crealia._session import Hub, Session
 from crealia._wire import Envelope
-from crealia.transports._trio_ws import serve_trio_websocket
+from crealia.transports._trio_ws import TrioWebSocketTransport
 
 from ._wsclient import RawClient, open_raw_client
 
@@ -312,7 +312,7 @@ async def test_protocol_table_new_types_are_served_over_a_real_socket(
     extended = table([*PROTOCOL.values(), _selection(), _ECHO])
     hub = _rebuilt(server.hub, EchoHub, extended)
     with trio.fail_after(20):
-        port = await nursery.start(serve_trio_websocket, hub, "127.0.0.1", 0)
+        port = await nursery.start(TrioWebSocketTransport("127.0.0.1", 0).serve, hub.acceptor())
         url = f"ws://127.0.0.1:{port}/ws"
         ann = await _join(url, server, nursery, "ann", "editor")
         bob = await _join(url, server, nursery, "bob", "viewer")

@@ -6,33 +6,30 @@ stream that trio-websocket leaves open when the peer closed first (both checked 
 connection is wrapped), and reading the handshake's ``Host`` (for the Origin check: a request
 without it can only come from an allow-listed origin or none).
 
-Each accepted WebSocket is wrapped in a :class:`~crealia._session.Connection` and served by the
-hub in the handler nursery that trio-websocket gives it. trio-websocket enforces the frame limit
-(close 1009) and wsproto the UTF-8 validity of text frames (close 1007).
+:class:`TrioWebSocketTransport` is a :class:`~crealia._transport.Transport` like any other: the
+server runs it with the same :class:`~crealia._transport.Acceptor` it gives every transport.
+Each accepted WebSocket is wrapped in a :class:`TrioWebSocketConnection` and handed to the
+acceptor in the handler nursery that trio-websocket gives it. trio-websocket enforces the frame
+limit (close 1009) and wsproto the UTF-8 validity of text frames (close 1007); permessage-deflate
+is negotiated when offered (:mod:`crealia.transports._deflate`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 from wsproto.events import TextMessage
 
 from .._edge import ConnectionGate, GatedListener
-from .._origin import (
-    HostPolicy,
-    OriginPolicy,
-    header,
-    misdirected_body,
-    refusal_body,
-    report_refusal,
-)
-from .._session import Connection, ConnectionClosed, Hub
-
-SUBPROTOCOL = "crealia.v1"
+from .._origin import header
+from .._session import ConnectionClosed
+from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
+from .._wire import SUBPROTOCOL
+from ._deflate import accept_websocket
 
 
 class TrioWebSocketConnection(Connection):
@@ -51,8 +48,7 @@ class TrioWebSocketConnection(Connection):
         try:
             return await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise ConnectionClosed(reason.code if reason else None) from exc
+            raise _closed(exc) from exc
 
     async def send(self, frame: bytes) -> None:
         ws = self._ws
@@ -71,8 +67,7 @@ class TrioWebSocketConnection(Connection):
                     return
             await ws.send_message(frame.decode())
         except trio_websocket.ConnectionClosed as exc:
-            reason = exc.reason
-            raise ConnectionClosed(reason.code if reason else None) from exc
+            raise _closed(exc) from exc
 
     async def _send_direct(self, frame: bytes) -> None:
         """Frame with wsproto and write straight to the socket, holding trio-websocket's lock.
@@ -107,7 +102,7 @@ class TrioWebSocketConnection(Connection):
 
     async def close(self, code: int, reason: str = "") -> None:
         try:
-            await self._ws.aclose(code, reason[:120])
+            await self._ws.aclose(code, reason[:MAX_CLOSE_REASON])
         except trio_websocket.ConnectionClosed:
             pass
         finally:
@@ -115,8 +110,15 @@ class TrioWebSocketConnection(Connection):
             await self.abort()
 
     async def abort(self) -> None:
+        # Closed, the descriptor number may be reused by another socket: never write to it.
+        self._fd = -1
         with trio.CancelScope(shield=True):
             await self._ws._close_stream()
+
+
+def _closed(exc: trio_websocket.ConnectionClosed) -> ConnectionClosed:
+    reason = exc.reason
+    return ConnectionClosed(reason.code, reason.reason or "") if reason else ConnectionClosed()
 
 
 async def _reject(
@@ -136,90 +138,77 @@ async def _reject(
 
 async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
-    try:
-        from ._deflate import accept_websocket
-    except ImportError:  # pragma: no cover - the deflate module ships with crealia
-        return await request.accept(subprotocol=subprotocol)
     return await accept_websocket(
         request, subprotocol=subprotocol, max_message_size=max_frame_bytes
     )
 
 
-async def serve_trio_websocket(
-    hub: Hub,
-    host: str,
-    port: int,
-    *,
-    http_port: Callable[[], int | None] | None = None,
-    gate: ConnectionGate | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the hub's WebSocket protocol on ``ws://host:port/ws``; reports the bound port.
+@attrs.define(eq=False)
+class TrioWebSocketTransport(Transport):
+    """The fast path: the protocol on ``ws://host:port/ws``, served by trio-websocket.
 
-    Handshakes whose ``Origin`` the config's ``allowed_origins`` does not allow get 403 (see
-    :mod:`crealia._origin`). Same-origin here also means a page of the HTTP app: the same host
-    with the HTTP port, which ``http_port`` tells when asked (it may be bound after this
-    transport starts); without it, the configured ``port`` when it is not 0.
-
-    Connections are admitted through ``gate`` (the hub's by default) before any handshake work
-    (see :mod:`crealia._edge`); handshakes naming a ``Host`` the config's ``allowed_hosts`` does
-    not allow get 421.
+    Connections are admitted through the acceptor's gate before any handshake work (see
+    :mod:`crealia._edge`). A handshake to another path gets 404; one the acceptor's handshake
+    policy refuses gets its status (421 for the ``Host``, 403 for the ``Origin``: see
+    :meth:`~crealia._transport.Acceptor.check_handshake`); one during shutdown gets 503.
     """
-    origins = OriginPolicy.from_origins(hub.config.allowed_origins)
-    hosts = HostPolicy.from_hosts(hub.config.allowed_hosts)
-    gate = gate if gate is not None else hub.gate
 
-    def same_origin_ports() -> tuple[int, ...]:
-        known = http_port() if http_port is not None else hub.config.port
-        return (known,) if known else ()
+    host: str
+    port: int
 
-    async def handler(request: trio_websocket.WebSocketRequest) -> None:
-        if request.path.split("?", 1)[0] != "/ws":
-            await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
-            return
-        origin = header(request.headers, b"origin")
-        # wsproto keeps Host out of the extra headers, on the handshake event.
-        host = getattr(getattr(request, "_event", None), "host", None)
-        if not hosts.allows(host):
-            gate.refused["host"] += 1
-            await _reject(
-                request,
-                421,
-                extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
-                body=misdirected_body(host or ""),
-            )
-            return
-        if origin is not None and not origins.allows(origin, host, same_origin_ports()):
+    async def serve(
+        self,
+        acceptor: Acceptor,
+        *,
+        task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound port.
+
+        Raises:
+            OSError: the port cannot be bound.
+        """
+        gate = acceptor.gate
+
+        async def handler(request: trio_websocket.WebSocketRequest) -> None:
+            if request.path.split("?", 1)[0] != "/ws":
+                await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
+                return
             remote = request.remote
-            report_refusal(hub, origin, str(getattr(remote, "address", remote)))
-            await _reject(
-                request,
-                403,
-                extra_headers=[(b"Content-Type", b"text/plain; charset=utf-8")],
-                body=refusal_body(origin),
+            agent = header(request.headers, b"user-agent") or ""
+            refusal = acceptor.check_handshake(
+                # wsproto keeps Host out of the extra headers, on the handshake event.
+                host=getattr(getattr(request, "_event", None), "host", None),
+                origin=header(request.headers, b"origin"),
+                remote=str(getattr(remote, "address", remote)),
+                user_agent=agent,
             )
-            return
-        if not hub.accepting:
-            await _reject(request, 503, body=b"server shutting down")
-            return
-        ws = await _accept(request, hub.config.max_frame_bytes)
-        agent = header(request.headers, b"user-agent") or ""
-        await hub.serve_connection(TrioWebSocketConnection(ws, agent))
+            if refusal is not None:
+                await _reject(request, refusal.status, extra_headers=[_TEXT_PLAIN],
+                              body=refusal.body)  # fmt: skip
+                return
+            if not acceptor.accepting:
+                await _reject(request, 503, body=b"server shutting down")
+                return
+            ws = await _accept(request, acceptor.max_frame_bytes)
+            await acceptor.serve(TrioWebSocketConnection(ws, agent))
 
-    async with trio.open_nursery() as nursery:
-        listeners = [GatedListener(listener, gate, nursery)
-                     for listener in await trio.open_tcp_listeners(port, host=host)]  # fmt: skip
-        server = _GatedWebSocketServer(
-            gate,
-            handler,
-            listeners,
-            handler_nursery=nursery,
-            max_message_size=hub.config.max_frame_bytes,
-            connect_timeout=hub.config.hello_timeout,
-            disconnect_timeout=2,
-        )
-        await nursery.start(server.run)
-        task_status.started(listeners[0].port)
+        async with trio.open_nursery() as nursery:
+            bound = await trio.open_tcp_listeners(self.port, host=self.host)
+            listeners = [GatedListener(listener, gate, nursery) for listener in bound]
+            server = _GatedWebSocketServer(
+                gate,
+                handler,
+                listeners,
+                handler_nursery=nursery,
+                max_message_size=acceptor.max_frame_bytes,
+                connect_timeout=acceptor.handshake_timeout,
+                disconnect_timeout=2,
+            )
+            await nursery.start(server.run)
+            task_status.started(listeners[0].port)
+
+
+_TEXT_PLAIN = (b"Content-Type", b"text/plain; charset=utf-8")
 
 
 class _GatedWebSocketServer(trio_websocket.WebSocketServer):

@@ -3,20 +3,16 @@
 from ._alerts import Alert, AlertEngine, Finding, ThresholdRule
 from ._auth import TokenAuthority
 from ._backplane import Backplane, Listener
-from ._client import (
-    ClientClosed,
-    ClientError,
-    ClientSession,
-    ConnectionLost,
-    Push,
-    ServerError,
-    SessionState,
-    connect,
-)
+from ._client import ClientSession, Push, SessionState, connect, open_session
 from ._config import Config
 from ._errors import (
+    AIProviderError,
     BadRequest,
+    ClientClosed,
+    ClientError,
     ConfigurationError,
+    ConnectionClosed,
+    ConnectionLost,
     CrealiaError,
     Forbidden,
     InternalError,
@@ -25,10 +21,13 @@ from ._errors import (
     ProtocolError,
     RateLimited,
     RoomError,
+    ServerError,
     StorageError,
+    StrategyError,
     TooLarge,
     TransportError,
     Unauthorized,
+    Unsupported,
 )
 from ._model import (
     ROLES,
@@ -42,7 +41,7 @@ from ._model import (
     User,
 )
 from ._server import Server, open_server, serve
-from ._session import Connection, ConnectionClosed
+from ._session import Connection
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
 
 __version__ = "0.1.0"
@@ -51,6 +50,7 @@ __all__ = [
     "DECLINE",
     "DEFER",
     "ROLES",
+    "AIProviderError",
     "Alert",
     "AlertEngine",
     "Answer",
@@ -88,14 +88,17 @@ __all__ = [
     "ServerError",
     "SessionState",
     "StorageError",
+    "StrategyError",
     "ThresholdRule",
     "TokenAuthority",
     "TooLarge",
     "TransportError",
     "Unauthorized",
+    "Unsupported",
     "User",
     "Verdict",
     "connect",
     "open_server",
+    "open_session",
     "serve",
 ]

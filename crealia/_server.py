@@ -19,6 +19,7 @@ from ._backplane import Backplane
 from ._config import Config
 from ._document import Quotas
 from ._edge import ConnectionGate, address_cap, default_max_connections, edge_app, serve_http
+from ._errors import raising_lone_errors
 from ._http import create_app
 from ._jobs import JobFailures
 from ._metrics import Traffic
@@ -87,6 +88,7 @@ class Server:
             self._cancel.cancel()
 
 
+@raising_lone_errors
 @asynccontextmanager
 async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
     """Run a crealia server for the duration of the ``async with`` block.
@@ -98,6 +100,9 @@ async def open_server(config: Config | None = None) -> AsyncIterator[Server]:
         ConfigurationError: unusable configuration or data dir.
         StorageError: the store cannot be opened.
         OSError: a port cannot be bound.
+
+    Each as itself: an error that comes alone out of the server's nurseries is not wrapped in
+    an :class:`ExceptionGroup`.
     """
     config = config or Config()
     registry = StrategyRegistry.discover(config.strategies)

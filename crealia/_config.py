@@ -151,15 +151,12 @@ def _preauth_limit(_inst: Any, attribute: attrs.Attribute[str], value: str) -> N
     parse_preauth_limit(attribute.name, value)
 
 
-def _ops_max_bytes(_inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not (value == 0 or 1024**2 <= value <= 1024**5)
-    ):
-        raise ConfigurationError(
-            f"{attribute.name} must be 0 (no cap) or an integer from 1 MiB to 1 PiB, got {value!r}"
-        )
+def _is_ops_max_bytes(value: object) -> bool:
+    in_range = _int_range(1024**2, 1024**5).accepts(value)
+    return in_range or (value == 0 and type(value) is int)
+
+
+_ops_max_bytes = _Rule("0 (no cap) or an integer from 1 MiB to 1 PiB", _is_ops_max_bytes)
 
 
 @attrs.frozen(kw_only=True)

@@ -95,6 +95,12 @@ def _to_path(value: str | os.PathLike[str]) -> Path:
     return Path(value)
 
 
+def _data_dir(value: str | os.PathLike[str]) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(f"data_dir must be a path, got {value!r}")
+    return Path(value)
+
+
 def _non_empty(_inst: Any, attribute: attrs.Attribute[str], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{attribute.name} must be a non-empty string, got {value!r}")
@@ -172,7 +178,8 @@ class Config:
     port: int = attrs.field(default=3000, validator=_int_range(0, 65535))
     #: The fast-path WebSocket port; 0: any free port.
     ws_port: int = attrs.field(default=3001, validator=_int_range(0, 65535))
-    data_dir: Path = attrs.field(default=Path("./crealia-data"), converter=_to_path)
+    #: Where the stores (and the generated JWT secret) live; created if missing.
+    data_dir: Path = attrs.field(default=Path("./crealia-data"), converter=_data_dir)
     redis_url: str | None = attrs.field(default=None, validator=_redis_url, repr=False)
     jwt_secret: str | None = attrs.field(default=None, repr=False)
     dev: bool = attrs.field(default=False, validator=_boolean)

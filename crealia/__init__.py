@@ -3,20 +3,16 @@
 from ._alerts import Alert, AlertEngine, Finding, ThresholdRule
 from ._auth import TokenAuthority
 from ._backplane import Backplane, Listener
-from ._client import (
-    ClientClosed,
-    ClientError,
-    ClientSession,
-    ConnectionLost,
-    Push,
-    ServerError,
-    SessionState,
-    connect,
-)
+from ._client import ClientSession, Push, SessionState, connect, open_session
 from ._config import Config
 from ._errors import (
+    AIProviderError,
     BadRequest,
+    ClientClosed,
+    ClientError,
     ConfigurationError,
+    ConnectionClosed,
+    ConnectionLost,
     CrealiaError,
     Forbidden,
     InternalError,
@@ -25,10 +21,13 @@ from ._errors import (
     ProtocolError,
     RateLimited,
     RoomError,
+    ServerError,
     StorageError,
+    StrategyError,
     TooLarge,
     TransportError,
     Unauthorized,
+    Unsupported,
 )
 from ._model import (
     ROLES,
@@ -44,7 +43,6 @@ from ._model import (
 )
 from ._sequencing import ChangeRecord, PreparedWrite, Sequencer
 from ._server import Server, open_server, serve
-from ._session import ConnectionClosed
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
 from ._transport import Acceptor, Connection, HandshakeRefusal
 from ._wire import Comment, TimelineChange
@@ -55,6 +53,7 @@ __all__ = [
     "DECLINE",
     "DEFER",
     "ROLES",
+    "AIProviderError",
     "Acceptor",
     "Alert",
     "AlertEngine",
@@ -99,15 +98,18 @@ __all__ = [
     "SessionState",
     "Settled",
     "StorageError",
+    "StrategyError",
     "ThresholdRule",
     "TimelineChange",
     "TokenAuthority",
     "TooLarge",
     "TransportError",
     "Unauthorized",
+    "Unsupported",
     "User",
     "Verdict",
     "connect",
     "open_server",
+    "open_session",
     "serve",
 ]

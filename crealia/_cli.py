@@ -1,18 +1,46 @@
-"""The ``crealia`` command: ``serve`` and ``token``."""
+"""The ``crealia`` command.
+
+Subcommands::
+
+    crealia serve          run the server
+    crealia check-config   check the settings as serve would, and print them with secrets masked
+    crealia token          print a token for a user
+    crealia check-token    verify a token as the server would, and print its claims
+    crealia plugins        the strategies, alert rules and backplanes, and where each comes from
+    crealia strategies     the strategies only, and which are in the default chain
+    crealia --version
+
+Every value is checked for its type and range wherever it comes from (a flag, a variable, the
+TOML file: see :mod:`crealia._config`). A failure to start (a bad setting, a port in use, Redis
+unreachable, a bad URL, a strategy refusing its options, an unusable data dir) is one line on
+stderr, ``crealia: ...``, and exit status 2, never a traceback; so is a bad command line.
+``check-token`` exits 1 for a refused token. Help is plain text.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
+import json
 import logging
+import math
 import os
 import signal
+import socket
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, NoReturn, cast
 
+import attrs
+import jwt
 import trio
 
+from . import __version__
+from ._aiproviders import AIProviderSettings, redact_url
 from ._auth import (
+    SECRET_FILE,
     TokenAuthority,
     default_algorithm,
     has_configured_keys,
@@ -21,12 +49,25 @@ from ._auth import (
     sign_token,
     token_claims,
 )
-from ._config import Config, comma_list, read_secret_file
-from ._errors import ConfigurationError, CrealiaError
+from ._backplane import Backplane
+from ._config import Config, Source, load_config, read_secret_file, redact_url_password
+from ._errors import ConfigurationError, CrealiaError, Unauthorized
 from ._logging import configure as configure_logging
 from ._model import ROLES
-from ._plugins import StrategyRegistry
+from ._plugins import (
+    ALERT_RULE_GROUP,
+    STRATEGY_GROUP,
+    AlertRuleRegistry,
+    PluginInfo,
+    StrategyRegistry,
+    load_entry_points,
+)
+from ._ratelimit import rate_limits
 from ._server import open_server
+from ._settle import Settler
+
+#: The entry-point group of backplanes (``crealia.backplanes``), listed by ``crealia plugins``.
+BACKPLANE_GROUP = "crealia.backplanes"
 
 _HS256_FLAG_HELP = (
     "the HS256 secret; visible to every local user in ps: prefer CREALIA_JWT_SECRET or "
@@ -38,31 +79,57 @@ CMDLINE_KEY_WARNING = (
     "--jwt-secret puts the secret on the command line, where every local user can read it "
     "(ps, /proc/<pid>/cmdline): set CREALIA_JWT_SECRET or use --jwt-secret-file instead"
 )
+#: The longest lifetime ``crealia token --ttl`` gives a token: a year (and a leap day).
+MAX_TOKEN_TTL = 366 * 86_400
+
+#: The flags of ``serve`` and ``check-config`` that set a :class:`Config` field: (flag, field,
+#: help). Their text is read and checked like the variables' (see crealia._config).
+SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--host", "host", "the address both ports listen on (default 127.0.0.1; CREALIA_HOST)"),
+    ("--port", "port", "HTTP port, 0 to 65535 (default 3000; 0: any free port; PORT)"),
+    ("--ws-port", "ws_port", "fast-path WebSocket port, 0 to 65535 (default 3001; WS_PORT)"),
+    ("--data-dir", "data_dir", "where the stores live (default ./crealia-data)"),
+    ("--backplane", "backplane_url",
+     "the backplane: sqlite: (the default, in the data dir) or redis://HOST:PORT/DB to join a "
+     "cluster (CREALIA_BACKPLANE)"),
+    ("--redis", "redis_url", "the older name of --backplane for a Redis URL (REDIS_URL)"),
+    ("--jwt-keys-file", "jwt_keys_file",
+     "a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)"),
+    ("--allowed-origins", "allowed_origins",
+     "browser origins allowed to open a WebSocket besides the server's own, comma-separated; "
+     "* allows any (CREALIA_ALLOWED_ORIGINS)"),
+    ("--allowed-hosts", "allowed_hosts",
+     "host names requests may carry in Host (.example.com: and its subdomains), "
+     "comma-separated; default any (CREALIA_ALLOWED_HOSTS)"),
+    ("--tick-ms", "tick_ms", "outbound batching tick in ms, 0 to 1000 (0: batching off)"),
+    ("--history", "history_limit", "durable events kept per project for resume (default 10000)"),
+    ("--metrics-interval", "metrics_interval",
+     "seconds between metric samples and alert checks (default 5; 0: metrics off)"),
+    ("--log-format", "log_format", "json or text (default json; CREALIA_LOG_FORMAT)"),
+    ("--log-level", "log_level",
+     "debug, info, warning or error (default warning, debug with --dev; CREALIA_LOG_LEVEL)"),
+    ("--strategies", "strategy_chain",
+     "default strategy chain, comma-separated (default merge,priority)"),
+)  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crealia", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with plain-text help (no colour, whatever the Python) and one-line errors."""
 
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None, help="HTTP port (default 3000)")
-    serve.add_argument(
-        "--ws-port", type=int, default=None, help="fast-path WebSocket port (default 3001)"
-    )
-    serve.add_argument("--data-dir", default=None, help="default ./crealia-data")
-    serve.add_argument(
-        "--backplane",
-        "--redis",
-        dest="backplane",
-        default=None,
-        metavar="URL",
-        help="the backplane: sqlite: (the default, in the data dir) or redis://HOST:PORT/DB to "
-        "join a cluster (CREALIA_BACKPLANE; --redis and REDIS_URL are older names)",
-    )
-    serve.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
-    serve.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
-    serve.add_argument(
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if sys.version_info >= (3, 14):
+            kwargs.setdefault("color", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_key_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how tokens are verified (serve, check-config, check-token)."""
+    parser.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
+    parser.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
+    parser.add_argument(
         "--jwt-public-key",
         action="append",
         default=None,
@@ -70,66 +137,59 @@ def _parser() -> argparse.ArgumentParser:
         help="a public key verifying RS256/ES256 tokens with this kid (repeatable; "
         "CREALIA_JWT_PUBLIC_KEYS)",
     )
-    serve.add_argument(
-        "--jwt-keys-file",
-        default=None,
-        help="a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)",
-    )
-    serve.add_argument(
-        "--allowed-origins",
-        default=None,
-        help="browser origins allowed to open a WebSocket besides the server's own, "
-        "comma-separated; * allows any (CREALIA_ALLOWED_ORIGINS)",
-    )
-    serve.add_argument(
-        "--allowed-hosts",
-        default=None,
-        help="host names requests may carry in Host (.example.com: and its subdomains), "
-        "comma-separated; default any (CREALIA_ALLOWED_HOSTS)",
-    )
-    serve.add_argument("--dev", action="store_true", default=None)
-    serve.add_argument(
-        "--tick-ms", type=float, default=None, help="outbound batching tick in ms (0: batching off)"
-    )
-    serve.add_argument(
-        "--history",
-        type=int,
-        default=None,
-        help="durable events kept per project for resume (default 10000)",
-    )
 
-    serve.add_argument("--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)")
-    serve.add_argument(
-        "--metrics-interval",
-        type=float,
-        default=None,
-        help="seconds between metric samples and alert checks (default 5; 0: metrics off)",
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``serve``, which ``check-config`` takes too."""
+    for flag, field, text in SETTING_FLAGS:
+        parser.add_argument(flag, dest=field, default=None, metavar=field.upper(), help=text)
+    parser.add_argument(
+        "--dev", action="store_const", const="true", default=None,
+        help="development mode: more logging (CREALIA_DEV)",
+    )  # fmt: skip
+    _add_key_flags(parser)
+    parser.add_argument("--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="crealia",
+        description="crealia: the real-time collaboration server for a creative timeline editor.",
     )
-    serve.add_argument("--log-format", choices=("json", "text"), default=None)
-    serve.add_argument(
-        "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        default=None,
-        help="default warning (debug with --dev); also CREALIA_LOG_LEVEL",
+    parser.add_argument("--version", action="version", version=f"crealia {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    _add_setting_flags(serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="check the settings (flags, environment, file) as serve would and print them, "
+        "secrets masked",
     )
+    _add_setting_flags(check)
+
     commands.add_parser(
         "strategies", help="list the installed conflict strategies and where they come from"
     )
-    serve.add_argument(
-        "--strategies",
-        default=None,
-        help="default strategy chain, comma-separated (default merge,priority)",
+    plugins = commands.add_parser(
+        "plugins",
+        help="list the strategies, alert rules and backplanes and where each comes from",
     )
+    plugins.add_argument("--json", action="store_true", help="one JSON array instead of text")
 
     token = commands.add_parser("token", help="print a token for a user")
     token.add_argument("--user", required=True)
     token.add_argument("--project", required=True)
     token.add_argument("--role", required=True, choices=ROLES)
     token.add_argument("--name", default=None)
-    token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
+    token.add_argument(
+        "--ttl", default="3600", help=f"seconds, 1 to {MAX_TOKEN_TTL} (default 3600)"
+    )
     token.add_argument("--jwt-secret", default=None, help=_HS256_FLAG_HELP)
     token.add_argument("--jwt-secret-file", default=None, help=_HS256_FILE_HELP)
-    token.add_argument("--data-dir", default=None)
+    token.add_argument("--data-dir", dest="data_dir", default=None)
+    token.add_argument("--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)")
     token.add_argument(
         "--private-key",
         default=None,
@@ -146,41 +206,45 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--kid", default=None, help="the key id to put in the token's header (selects the key)"
     )
+
+    check_token = commands.add_parser(
+        "check-token",
+        help="verify a token as the server would (same keys as serve) and print its claims",
+    )
+    check_token.add_argument("token", metavar="TOKEN")
+    check_token.add_argument(
+        "--project", default=None, help="refuse the token unless it is for this project"
+    )
+    check_token.add_argument("--data-dir", dest="data_dir", default=None)
+    check_token.add_argument(
+        "--jwt-keys-file", dest="jwt_keys_file", default=None,
+        help="a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)",
+    )  # fmt: skip
+    _add_key_flags(check_token)
+    check_token.add_argument(
+        "--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)"
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``crealia`` command; its exit status (0 ok, 1 refused or failed plugins, 2 a
+    failure to start or a bad setting)."""
     args = _parser().parse_args(argv)
+    config: Config | None = None
     try:
         if args.command == "token":
             return _token(args)
+        if args.command == "check-token":
+            return _check_token(args)
         if args.command == "strategies":
             return _strategies()
-        secret = _secret(args)
-        config = Config.from_env(
-            config_file=args.config,
-            metrics_interval=args.metrics_interval,
-            log_format=args.log_format,
-            host=args.host,
-            port=args.port,
-            ws_port=args.ws_port,
-            data_dir=args.data_dir,
-            backplane_url=args.backplane,
-            jwt_secret=secret,
-            jwt_public_keys=_public_keys(args.jwt_public_key),
-            jwt_keys_file=args.jwt_keys_file,
-            allowed_origins=args.allowed_origins,
-            allowed_hosts=args.allowed_hosts,
-            dev=args.dev,
-            tick_ms=args.tick_ms,
-            history_limit=args.history,
-            strategy_chain=None if args.strategies is None else comma_list(args.strategies),
-        )  # fmt: skip
-        level = args.log_level or os.environ.get("CREALIA_LOG_LEVEL") or (
-            "debug" if config.dev else "warning")  # fmt: skip
-        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigurationError(f"CREALIA_LOG_LEVEL={level!r}: expected debug, info, "
-                                     "warning or error")  # fmt: skip
+        if args.command == "plugins":
+            return _plugins(as_json=args.json)
+        config, sources = _settings(args)
+        if args.command == "check-config":
+            return _check_config(config, sources)
+        level = config.log_level or ("debug" if config.dev else "warning")
         configure_logging(config.log_format, getattr(logging, level.upper()))
         for noisy in ("httpx", "httpcore", "hpack"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -192,9 +256,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crealia: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"crealia: {exc}", file=sys.stderr)
-        return 1
+        print(f"crealia: {_start_failure(exc, config)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
+
+
+def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Source]]:
+    """The config of ``serve``'s (or ``check-config``'s) flags, environment and file.
+
+    Raises:
+        ConfigurationError: a value is unusable (the message names where it came from).
+    """
+    flags: dict[str, tuple[str, Any]] = {
+        field: (flag, getattr(args, field)) for flag, field, _text in SETTING_FLAGS
+    }
+    flags["dev"] = ("--dev", args.dev)
+    secret = _secret(args)
+    if secret is not None:
+        flags["jwt_secret"] = secret
+    flags["jwt_public_keys"] = ("--jwt-public-key", _public_keys(args.jwt_public_key))
+    return load_config(config_file=args.config, flags=flags)
+
+
+def _start_failure(exc: OSError, config: Config | None) -> str:
+    """One line for an OSError that stopped the server from starting."""
+    if exc.errno == errno.EADDRINUSE and config is not None:
+        for flag, port in (("--port", config.port), ("--ws-port", config.ws_port)):
+            if port and _in_use(config.host, port):
+                return f"cannot listen on {config.host}:{port} ({flag}): address already in use"
+    return f"cannot start: {exc}"
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound (asked after the server failed to bind one of its
+    two ports, to say which)."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def _gc_thresholds() -> list[int]:
+    """CREALIA_GC_THRESHOLD="g0,g1,g2" (default 20000,20,10).
+
+    Raises:
+        ConfigurationError: not up to three non-negative integers.
+    """
+    raw = os.environ.get("CREALIA_GC_THRESHOLD", "20000,20,10")
+    try:
+        thresholds = [int(part) for part in raw.split(",")]
+    except ValueError:
+        thresholds = []
+    if not 1 <= len(thresholds) <= 3 or min(thresholds) < 0:
+        raise ConfigurationError(
+            f"CREALIA_GC_THRESHOLD={raw!r}: must be one to three non-negative integers, "
+            "comma-separated (g0,g1,g2)"
+        )
+    return thresholds
 
 
 def _tune_gc() -> None:
@@ -206,12 +327,111 @@ def _tune_gc() -> None:
     benchmark. CREALIA_GC_THRESHOLD="g0,g1,g2" overrides. Only ``crealia serve`` does this: a
     program that embeds crealia keeps its own settings.
     """
-    raw = os.environ.get("CREALIA_GC_THRESHOLD", "20000,20,10")
-    try:
-        thresholds = [int(part) for part in raw.split(",")]
-        gc.set_threshold(*thresholds)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"CREALIA_GC_THRESHOLD={raw!r}: {exc}") from exc
+    gc.set_threshold(*_gc_thresholds())
+
+
+# -- check-config -------------------------------------------------------------------------------
+
+
+def _check_config(config: Config, sources: Mapping[str, Source]) -> int:
+    _preflight(config)
+    print("# crealia check-config: these settings are valid; secrets are masked.")
+    print("# A comment says where a value came from (none: the default).")
+    for field in attrs.fields(Config):
+        value = _masked(field.name, getattr(config, field.name))
+        source = sources.get(field.name)
+        where = f"  # {_where(source)}" if source is not None else ""
+        if value is None:
+            print(f"# {field.name} is not set{where}")
+        else:
+            print(f"{field.name} = {json.dumps(value, default=str)}{where}")
+    return 0
+
+
+def _where(source: Source) -> str:
+    return "set in code" if source.kind == "code" else f"from {source.name}"
+
+
+def _preflight(config: Config) -> None:
+    """What ``serve`` checks before it opens anything, without opening anything: the plugins
+    and their options, the default chain, the rate limits, the data dir, the GC thresholds.
+
+    Raises:
+        ConfigurationError: naming what is wrong.
+    """
+    _gc_thresholds()
+    registry = StrategyRegistry.discover(config.strategies)
+    registry.check(list(config.strategy_chain))
+    AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
+    rate_limits(config.rate_limits)
+    # build() reads the registry and the config only; the backplane serves running chains.
+    settler = Settler(registry=registry, backplane=cast(Backplane, None), config=config)
+    settler.build(list(config.strategy_chain), {})
+    _check_data_dir(Path(config.data_dir))
+
+
+def _check_data_dir(path: Path) -> None:
+    """Raises:
+    ConfigurationError: ``path`` is not a directory this process may write, nor can it be made.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigurationError(f"data dir {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"data dir {path}: {existing} is not writable")
+
+
+def _masked(name: str, value: Any) -> Any:
+    """``value`` of setting ``name`` as check-config prints it: JSON, with secrets masked."""
+    if value is None:
+        return None
+    if name == "jwt_secret":
+        return "***"
+    if name == "jwt_secrets":
+        return {kid: "***" for kid in value}
+    if name == "jwt_public_keys":
+        return {kid: "(PEM text)" if "-----BEGIN" in key else key for kid, key in value.items()}
+    if name in ("redis_url", "backplane_url"):
+        return redact_url_password(value)
+    if name == "alert_webhooks":
+        return [_masked_webhook(url) for url in value]
+    if name == "ai_providers":
+        return {provider: _masked_provider(settings) for provider, settings in value.items()}
+    if name in ("strategies", "alert_rules"):  # objects registered in code: their names
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _masked(name, v) if isinstance(v, Mapping) else v for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _masked_webhook(url: str) -> str:
+    """A webhook URL with what may be a credential masked: the password of its user info,
+    its path (chat services put the key there) and its query."""
+    shown = redact_url(url)
+    scheme, _sep, rest = shown.partition("://")
+    host, slash, path = rest.partition("/")
+    user = "***@" if "@" in url.partition("://")[2].partition("/")[0] else ""
+    return f"{scheme}://{user}{host}{slash}{'***' if path else ''}"
+
+
+def _masked_provider(settings: AIProviderSettings) -> dict[str, Any]:
+    shown = {f.name: getattr(settings, f.name) for f in attrs.fields(AIProviderSettings)}
+    shown["url"] = redact_url(settings.url)
+    shown["models"] = list(settings.models)
+    if settings.api_key is not None:
+        shown["api_key"] = "***"
+    return shown
+
+
+# -- plugins ------------------------------------------------------------------------------------
 
 
 def _strategies() -> int:
@@ -227,15 +447,43 @@ def _strategies() -> int:
     return 1 if any(p.error for p in registry.plugins) else 0
 
 
-def _secret(args: argparse.Namespace) -> str | None:
-    """The secret of ``--jwt-secret`` (with a warning on stderr) or ``--jwt-secret-file``."""
+def _plugins(*, as_json: bool) -> int:
+    """Every plugin of the three groups, built-ins included (they register the same way)."""
+    groups = (("strategies", STRATEGY_GROUP, "strategy"),
+              ("alert rules", ALERT_RULE_GROUP, "alert rule"),
+              ("backplanes", BACKPLANE_GROUP, "backplane"))  # fmt: skip
+    found: list[tuple[str, list[PluginInfo]]] = [
+        (title, load_entry_points(group, kind)[1]) for title, group, kind in groups
+    ]
+    every = [info for _title, infos in found for info in infos]
+    if as_json:
+        print(json.dumps([attrs.asdict(info) for info in every], indent=2))
+    else:
+        width = max((len(info.name) for info in every), default=4)
+        for (title, infos), (_title, group, _kind) in zip(found, groups, strict=True):
+            print(f"{title} ({group}):")
+            for info in infos:
+                state = f"  FAILED: {info.error}" if info.error else ""
+                print(f"  {info.name:<{width}}  {info.distribution} {info.version}  "
+                      f"{info.target}{state}")  # fmt: skip
+            if not infos:
+                print("  (none)")
+    return 1 if any(info.error for info in every) else 0
+
+
+# -- tokens -------------------------------------------------------------------------------------
+
+
+def _secret(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The secret of ``--jwt-secret`` (with a warning on stderr) or ``--jwt-secret-file``, with
+    the flag that gave it."""
     if args.jwt_secret is not None and args.jwt_secret_file is not None:
         raise ConfigurationError("--jwt-secret and --jwt-secret-file: give one of them")
     if args.jwt_secret is not None:
         print(f"crealia: warning: {CMDLINE_KEY_WARNING}", file=sys.stderr, flush=True)
-        return str(args.jwt_secret)
+        return "--jwt-secret", str(args.jwt_secret)
     if args.jwt_secret_file is not None:
-        return read_secret_file(Path(args.jwt_secret_file))
+        return "--jwt-secret-file", read_secret_file(Path(args.jwt_secret_file))
     return None
 
 
@@ -254,9 +502,39 @@ def _public_keys(values: list[str] | None) -> dict[str, str] | None:
     return keys
 
 
+def _ttl(raw: str) -> float:
+    """Raises:
+    ConfigurationError: ``--ttl`` is not a number of seconds from 1 to :data:`MAX_TOKEN_TTL`.
+    """
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = math.nan
+    if not 1 <= ttl <= MAX_TOKEN_TTL:
+        raise ConfigurationError(
+            f"--ttl {raw}: must be a number of seconds from 1 to {MAX_TOKEN_TTL}"
+        )
+    return ttl
+
+
+def _token_config(args: argparse.Namespace) -> Config:
+    """The settings that say which keys sign and verify tokens, as ``serve`` reads them."""
+    flags: dict[str, tuple[str, Any]] = {"data_dir": ("--data-dir", args.data_dir)}
+    secret = _secret(args)
+    if secret is not None:
+        flags["jwt_secret"] = secret
+    if getattr(args, "jwt_keys_file", None) is not None:
+        flags["jwt_keys_file"] = ("--jwt-keys-file", args.jwt_keys_file)
+    keys = _public_keys(getattr(args, "jwt_public_key", None))
+    if keys is not None:
+        flags["jwt_public_keys"] = ("--jwt-public-key", keys)
+    return load_config(config_file=args.config, flags=flags)[0]
+
+
 def _token(args: argparse.Namespace) -> int:
+    ttl = _ttl(args.ttl)
     claims = token_claims(
-        user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=args.ttl
+        user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=ttl
     )
     if args.private_key:
         key = load_private_key(Path(args.private_key))
@@ -265,7 +543,7 @@ def _token(args: argparse.Namespace) -> int:
         return 0
     if args.alg:
         raise ConfigurationError("--alg needs --private-key (the secret signs HS256)")
-    config = Config.from_env(jwt_secret=_secret(args), data_dir=args.data_dir)
+    config = _token_config(args)
     fallback = None
     if not has_configured_keys(config):
         fallback = load_or_create_secret(Path(config.data_dir))
@@ -276,11 +554,43 @@ def _token(args: argparse.Namespace) -> int:
             project_id=args.project,
             role=args.role,
             name=args.name,
-            ttl=args.ttl,
+            ttl=ttl,
             kid=args.kid,
         )
     )
     return 0
+
+
+def _check_token(args: argparse.Namespace) -> int:
+    """Verify the token with the keys ``serve`` would use: print its header, claims and user
+    (exit 0), or one line saying why it is refused (exit 1)."""
+    config = _token_config(args)
+    fallback = None
+    if not has_configured_keys(config):
+        # The secret serve generates in its data dir; a check never creates one.
+        path = Path(config.data_dir) / SECRET_FILE
+        if not path.exists():
+            raise ConfigurationError(
+                f"no key is configured and {path} does not exist (crealia serve or crealia "
+                "token creates it): give --data-dir, a secret or public keys"
+            )
+        fallback = load_or_create_secret(Path(config.data_dir))
+    authority = TokenAuthority.from_config(config, fallback_secret=fallback)
+    try:
+        user = authority.verify(args.token, args.project)
+    except Unauthorized as exc:
+        print(f"crealia: token refused: {exc.message}", file=sys.stderr)
+        return 1
+    shown = {
+        "header": jwt.get_unverified_header(args.token),
+        "claims": jwt.decode(args.token, options={"verify_signature": False}),
+        "user": {**user.to_wire(), "project_id": user.project_id},
+    }
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------------
 
 
 async def _serve(config: Config) -> None:

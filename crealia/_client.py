@@ -1,8 +1,8 @@
 """The Python client for Trio programs: one collaboration session over docs/protocol.md.
 
-Use :func:`connect`; it yields a :class:`ClientSession` once the server has welcomed it::
+Use :func:`open_session`; it yields a :class:`ClientSession` once the server has welcomed it::
 
-    async with crealia.connect("ws://127.0.0.1:3001/ws", token, "p1") as session:
+    async with crealia.open_session("ws://127.0.0.1:3001/ws", token, "p1") as session:
         ack = await session.change([{"op": "insert", "element_id": "clip-1",
                                      "element_type": "clip", "props": {"start": 0}}])
         async for push in session:
@@ -46,7 +46,9 @@ What the session does for you:
   ``welcome`` carries the current users and pending conflicts. :attr:`ClientSession.dropped`
   counts the pushes the buffer has let go.
 
-Errors (all derive from :class:`crealia.CrealiaError`)::
+``crealia.connect`` is the former name of :func:`open_session`, kept as an alias.
+
+Errors (all derive from :class:`crealia.CrealiaError`; defined in :mod:`crealia._errors`)::
 
     ClientError           base of the client's errors
     ├── ServerError       the server answered ``error`` (``code``, ``message``, ``retry_after_ms``);
@@ -72,14 +74,21 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, cast
 
 import attrs
 import orjson
 import trio
 import trio_websocket
 
-from ._errors import CrealiaError
+from ._errors import (
+    ClientClosed,
+    ClientError,
+    ConnectionLost,
+    ServerError,
+    reraise,
+    sole_exception,
+)
 from ._protocol import PRESENCE_KINDS
 from ._wire import SUBPROTOCOL
 
@@ -92,6 +101,7 @@ __all__ = [
     "ServerError",
     "SessionState",
     "connect",
+    "open_session",
 ]
 
 logger = logging.getLogger("crealia.client")
@@ -118,71 +128,10 @@ _UNKNOWN_OUTCOME_RESENDS: Final = 5
 _CLOSE_GRACE: Final = 2.0
 
 
-class ClientError(CrealiaError):
-    """Base of every error the client raises on purpose."""
-
-
-class ServerError(ClientError):
-    """The server answered a request with ``error``.
-
-    Attributes:
-        code: the wire error code (``bad_request``, ``unauthorized``, ``forbidden``,
-            ``not_found``, ``rate_limited``, ``too_large``, ``overloaded``, ``internal``).
-        message: the server's explanation, naming the offending field where it can.
-        retry_after_ms: for ``rate_limited``, how long to wait before trying again.
-        outcome: for ``overloaded``, ``"not_applied"`` (nothing changed) or ``"unknown"`` (the
-            write may have been applied: resend it with the same id); ``None`` otherwise.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        retry_after_ms: int | None = None,
-        outcome: str | None = None,
-    ) -> None:
-        super().__init__(code, message, retry_after_ms)
-        self.code = code
-        self.message = message
-        self.retry_after_ms = retry_after_ms
-        self.outcome = outcome
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
-
-
-class ConnectionLost(ClientError):
-    """The connection could not be opened, or it was lost and the session will not reopen it.
-
-    Also raised by a request whose connection dropped before its reply when sending it again
-    would not be safe: it may or may not have taken effect.
-
-    Attributes:
-        close_code: the WebSocket close code, when the connection got as far as closing
-            (1006 when it ended without a closing handshake); ``None`` otherwise.
-        reason: the close reason the server gave, if any.
-    """
-
-    def __init__(
-        self, message: str, close_code: int | None = None, reason: str | None = None
-    ) -> None:
-        super().__init__(message, close_code, reason)
-        self.message = message
-        self.close_code = close_code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class ClientClosed(ClientError):
-    """The session was closed by its owner; it cannot be used any more."""
-
-
 class SessionState(enum.Enum):
     """Where a :class:`ClientSession`'s connection stands."""
 
-    #: Opening the first connection (never seen from inside ``async with connect(...)``).
+    #: Opening the first connection (never seen from inside ``async with open_session(...)``).
     CONNECTING = "connecting"
     #: Welcomed; requests go out at once.
     CONNECTED = "connected"
@@ -364,7 +313,7 @@ def _clone(exc: ClientError) -> ClientError:
 class ClientSession:
     """A collaboration session on one project, kept connected across drops.
 
-    Made by :func:`connect`, which owns its background task; do not construct it yourself.
+    Made by :func:`open_session`, which owns its background task; do not construct it yourself.
     Use it from any task of the program; only one task should read its pushes (each push goes
     to one reader).
     """
@@ -769,7 +718,7 @@ class ClientSession:
     # -- the connection loop ---------------------------------------------------------
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the session connected until it is closed or ends; started by :func:`connect`.
+        """Keep the session connected until it is closed or ends; started by :func:`open_session`.
 
         Reports ready once the first connection is welcomed; if that fails, raises its error.
         """
@@ -1127,33 +1076,8 @@ class ClientSession:
         return False
 
 
-def _sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception in ``group`` that is not a :class:`trio.Cancelled`, if there is one."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else None
-
-
-def _reraise(exc: BaseException) -> NoReturn:
-    """Raise ``exc`` again, keeping the context it had rather than the group it came in."""
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, context
-
-
 @asynccontextmanager
-async def connect(
+async def open_session(
     url: str,
     token: str,
     project_id: str,
@@ -1227,7 +1151,12 @@ async def connect(
     except BaseExceptionGroup as group:
         # Our task reports through the session and never raises after it started, so a group
         # here wraps the body's exception or the first connection's error: raise it as itself.
-        sole = _sole_exception(group)
+        sole = sole_exception(group)
         if sole is None:
             raise
-        _reraise(sole)
+        reraise(sole)
+
+
+#: The former name of :func:`open_session`, kept as an alias for existing programs (an async
+#: context manager that owns what it starts is an ``open_*``, in trio's naming).
+connect = open_session

@@ -1,14 +1,39 @@
-"""Server configuration: one frozen object built from defaults, the environment and flags."""
+"""Server configuration: one frozen object built from defaults, a TOML file, the environment
+and flags.
+
+Every value is checked for its type and its range wherever it comes from:
+
+- **types** by one cattrs converter (:data:`converter`), strict as the protocol's: an integer
+  setting takes an integer (not ``"4420"``, not ``true``), a number an integer or a float, a
+  list a list of strings or one comma-separated string, a table a table. Text from the
+  environment and from flags is first read as the setting's type (``"4420"`` is an integer
+  there);
+- **ranges** by each field's validator (:func:`_int_range`, :func:`_float_range` and the
+  settings' own parsers), which :class:`Config` runs however it is built; relations between
+  settings (``snapshot_every`` below ``history_limit``, the WAL bounds, the JWT keys) are
+  checked once all are known.
+
+A refused value is a :class:`~crealia.ConfigurationError` naming what the user wrote: the flag
+(``--ws-port 70000: must be an integer from 0 to 65535``), the variable
+(``CREALIA_TICK_MS='-3': tick_ms must be a number from 0 to 1000``) or the file key
+(``metrics_interval in crealia.toml must be a number from 0 to 86400, got 'five'``). Secrets are
+never shown.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import UnionType
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
+import cattrs
 
 from ._aiproviders import DEFAULT as DEFAULT_AI_PROVIDER
 from ._aiproviders import AIProviderSettings, default_from_env, parse_ai_providers
@@ -20,43 +45,124 @@ from ._origin import parse_allowed_hosts, parse_allowed_origins
 from ._preauth import parse_preauth_limit
 
 
-def _int_range(low: int, high: int) -> Any:
-    def check(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigurationError(
-                f"{attribute.name} must be an integer from {low} to {high}, got {value!r}"
-            )
+@attrs.frozen
+class _Rule:
+    """A field validator that can say what it expects: ``accepts`` tells a good value."""
 
-    return check
+    expected: str
+    accepts: Callable[[Any], bool] = attrs.field(eq=False)
+
+    def __call__(self, _instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not self.accepts(value):
+            raise ConfigurationError(f"{attribute.name} must be {self.expected}, got {value!r}")
 
 
-def _float_range(low: float, high: float) -> Any:
-    def check(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (low <= value <= high)
-        ):
-            raise ConfigurationError(
-                f"{attribute.name} must be a number from {low} to {high}, got {value!r}"
-            )
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
-    return check
+
+def _int_range(low: int, high: int, text: str | None = None) -> _Rule:
+    """A validator: an integer from ``low`` to ``high`` (never a boolean)."""
+
+    def accepts(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    return _Rule(text or f"an integer from {low} to {high}", accepts)
+
+
+def _float_range(low: float, high: float, text: str | None = None) -> _Rule:
+    """A validator: an integer or a float from ``low`` to ``high`` (never a boolean)."""
+
+    def accepts(value: Any) -> bool:
+        return (
+            isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+        )
+
+    return _Rule(text or f"a number from {_number(low)} to {_number(high)}", accepts)
+
+
+def _one_of(*choices: str, optional: bool = False) -> _Rule:
+    """A validator: one of ``choices`` (or None, if ``optional``)."""
+    return _Rule(
+        f"one of {', '.join(choices)}",
+        lambda value: value in choices or (optional and value is None),
+    )
+
+
+def _to_path(value: str | os.PathLike[str]) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(f"expected a path, got {value!r}")
+    return Path(value)
+
+
+def _data_dir(value: str | os.PathLike[str]) -> Path:
+    if not isinstance(value, str | os.PathLike):
+        raise ConfigurationError(f"data_dir must be a path, got {value!r}")
+    return Path(value)
+
+
+def _non_empty(_inst: Any, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{attribute.name} must be a non-empty string, got {value!r}")
+
+
+def _boolean(_inst: Any, attribute: attrs.Attribute[bool], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{attribute.name} must be true or false, got {value!r}")
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a Redis URL, or None (``redis://``, ``rediss://`` or
+    ``unix://``, with a port that is a number)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in _REDIS_SCHEMES:
+        return "not a redis://, rediss:// or unix:// URL"
+    if parts.scheme == "unix" and not parts.path:
+        return "a unix:// URL needs the socket's path"
+    return None
+
+
+def _is_redis_url(value: object) -> bool:
+    return value is None or (isinstance(value, str) and redis_url_problem(value) is None)
+
+
+_redis_url = _Rule("a redis://host[:port], rediss://host[:port] or unix:///path URL", _is_redis_url)
+
+
+def _lower(value: str | None) -> str | None:
+    return value.lower() if isinstance(value, str) else value
+
+
+def redact_url_password(url: str) -> str:
+    """``url`` with the password of its user info masked (``redis://:***@host``)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a malformed URL)"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def _preauth_limit(_inst: Any, attribute: attrs.Attribute[str], value: str) -> None:
     parse_preauth_limit(attribute.name, value)
 
 
-def _ops_max_bytes(_inst: Any, attribute: attrs.Attribute[int], value: int) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not (value == 0 or 1024**2 <= value <= 1024**5)
-    ):
-        raise ConfigurationError(
-            f"{attribute.name} must be 0 (no cap) or an integer from 1 MiB to 1 PiB, got {value!r}"
-        )
+def _is_ops_max_bytes(value: object) -> bool:
+    in_range = _int_range(1024**2, 1024**5).accepts(value)
+    return in_range or (value == 0 and type(value) is int)
+
+
+_ops_max_bytes = _Rule("0 (no cap) or an integer from 1 MiB to 1 PiB", _is_ops_max_bytes)
 
 
 @attrs.frozen(kw_only=True)
@@ -66,46 +172,56 @@ class Config:
     Durations that are configuration live here, in seconds unless the name says otherwise.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 3000
-    ws_port: int = 3001
-    data_dir: Path = Path("./crealia-data")
+    #: The address both ports listen on.
+    host: str = attrs.field(default="127.0.0.1", validator=_non_empty)
+    #: The HTTP port (REST, metrics and the WebSocket route); 0: any free port.
+    port: int = attrs.field(default=3000, validator=_int_range(0, 65535))
+    #: The fast-path WebSocket port; 0: any free port.
+    ws_port: int = attrs.field(default=3001, validator=_int_range(0, 65535))
+    #: Where the stores (and the generated JWT secret) live; created if missing.
+    data_dir: Path = attrs.field(default=Path("./crealia-data"), converter=_data_dir)
     #: The older name of ``backplane_url`` (``--redis``, ``REDIS_URL``): setting it sets that.
-    redis_url: str | None = None
-    jwt_secret: str | None = None
-    dev: bool = False
+    redis_url: str | None = attrs.field(default=None, validator=_redis_url, repr=False)
+    jwt_secret: str | None = attrs.field(default=None, repr=False)
+    dev: bool = attrs.field(default=False, validator=_boolean)
 
-    #: Outbound batching tick in milliseconds; 0 turns batching off (one frame per message).
-    tick_ms: float = 20.0
-    #: Largest client frame, after decompression (docs/protocol.md §2).
-    max_frame_bytes: int = 64 * 1024
-    #: Seconds a new connection has to send ``hello``.
-    hello_timeout: float = 10.0
+    #: Outbound batching tick in milliseconds (0 to 1,000); 0 turns batching off (one frame per
+    #: message).
+    tick_ms: float = attrs.field(default=20.0, validator=_float_range(0, 1000))
+    #: Largest client frame, after decompression (docs/protocol.md §2), 1 KiB to 16 MiB.
+    max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
+    #: Seconds a new connection has to send ``hello`` (0.1 to 3,600).
+    hello_timeout: float = attrs.field(default=10.0, validator=_float_range(0.1, 3600))
     #: Frames a connection may have queued before it is closed as a slow consumer (4409).
-    outbox_frames: int = 512
+    outbox_frames: int = attrs.field(default=512, validator=_int_range(16, 1_000_000))
     #: Bytes a connection may have queued before it is closed as a slow consumer (4409).
-    outbox_bytes: int = 8 * 1024 * 1024
+    outbox_bytes: int = attrs.field(
+        default=8 * 1024 * 1024, validator=_int_range(64 * 1024, 1 << 30)
+    )
     #: Refused or invalid messages a connection may send within ``abuse_window`` seconds before
     #: it is closed with 4429.
-    abuse_errors: int = 200
-    abuse_window: float = 10.0
-    #: Seconds a closing session may take to finish its frame and send its close.
-    close_timeout: float = 5.0
-    #: Durable events kept per project for resume (at least 1,000).
-    history_limit: int = attrs.field(default=10_000)
+    abuse_errors: int = attrs.field(default=200, validator=_int_range(1, 10**9))
+    abuse_window: float = attrs.field(default=10.0, validator=_float_range(0.1, 86_400))
+    #: Seconds a closing session may take to finish its frame and send its close (0.1 to 300).
+    close_timeout: float = attrs.field(default=5.0, validator=_float_range(0.1, 300))
+    #: Durable events kept per project for resume (1,000 to 10,000,000).
+    history_limit: int = attrs.field(
+        default=10_000,
+        validator=_int_range(1000, 10_000_000, "at least 1000 and at most 10000000"),
+    )
     #: Seconds between presence heartbeats in a cluster; a process silent for three of them is
-    #: taken for dead and its users leave.
-    presence_interval: float = 2.0
-    #: Seconds a room stays open after its last member leaves.
-    room_grace: float = 5.0
-    #: A snapshot is stored every this many durable events.
-    snapshot_every: int = 500
+    #: taken for dead and its users leave (0.05 to 60).
+    presence_interval: float = attrs.field(default=2.0, validator=_float_range(0.05, 60))
+    #: Seconds a room stays open after its last member leaves (0 to 86,400).
+    room_grace: float = attrs.field(default=5.0, validator=_float_range(0, 86_400))
+    #: A snapshot is stored every this many durable events (below ``history_limit``).
+    snapshot_every: int = attrs.field(default=500, validator=_int_range(1, 1_000_000))
     #: Longest comment text, in characters.
-    comment_max_chars: int = 10_000
-    #: Seconds to wait for connections to close on shutdown before forcing them.
-    shutdown_grace: float = 5.0
-    #: Allowed JWT clock skew, seconds.
-    jwt_leeway: float = 5.0
+    comment_max_chars: int = attrs.field(default=10_000, validator=_int_range(1, 1_000_000))
+    #: Seconds to wait for connections to close on shutdown before forcing them (0 to 3,600).
+    shutdown_grace: float = attrs.field(default=5.0, validator=_float_range(0, 3600))
+    #: Allowed JWT clock skew, seconds (0 to 3,600).
+    jwt_leeway: float = attrs.field(default=5.0, validator=_float_range(0, 3600))
     #: HMAC secrets by key id (the ``kid`` of a token's header), beside the kid-less
     #: ``jwt_secret``: configure the new and the old one at once while keys rotate.
     jwt_secrets: Mapping[str, str] = attrs.field(factory=dict, repr=False)
@@ -118,11 +234,7 @@ class Config:
     jwt_algorithms: tuple[str, ...] = attrs.field(default=(), converter=check_jwt_algorithms)
     #: A file of more public keys: a JSON object of key id to PEM text or a path (relative to
     #: the file), or one PEM public key (the key of tokens without ``kid``).
-    jwt_keys_file: Path | None = attrs.field(
-        default=None,
-        converter=keys_file_path,
-        validator=check_jwt_config,
-    )
+    jwt_keys_file: Path | None = attrs.field(default=None, converter=keys_file_path)
     #: Browser origins (``scheme://host[:port]``) allowed to open a WebSocket besides the
     #: server's own; ``*`` allows every origin. Requests without ``Origin`` are always allowed.
     allowed_origins: tuple[str, ...] = attrs.field(default=(), converter=parse_allowed_origins)
@@ -131,45 +243,46 @@ class Config:
     #: Options per strategy name, e.g. ``{"priority": {"tie": "first"}, "manual": {"timeout":
     #: 60}}``; a project's own options override these key by key.
     strategy_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
-    #: Seconds each strategy may take on one conflict before the next one is asked.
-    strategy_timeout: float = 3.0
+    #: Seconds each strategy may take on one conflict before the next one is asked (0.01 to
+    #: 3,600).
+    strategy_timeout: float = attrs.field(default=3.0, validator=_float_range(0.01, 3600))
     #: In a cluster, seconds after which a pending conflict found when a room opens is taken
     #: for dropped by the process that detected it (it died), and its chain is run again.
-    orphan_conflict_age: float = 30.0
+    orphan_conflict_age: float = attrs.field(default=30.0, validator=_float_range(1, 86_400))
     #: Strategies registered in code by an embedding program, beside the entry points.
     strategies: Mapping[str, Any] = attrs.Factory(dict)
     #: The window rate limits are counted over, in milliseconds.
-    rate_limit_window_ms: int = attrs.field(default=60_000, validator=attrs.validators.gt(0))
+    rate_limit_window_ms: int = attrs.field(default=60_000, validator=_int_range(1, 86_400_000))
     #: Limits per event class (cursor, edit, comment, signal, rest, other) per window, over the
     #: defaults: ``"count/burst"``, ``"count"`` (burst a tenth of it) or ``"off"``.
     rate_limits: Mapping[str, str] = attrs.Factory(dict)
     #: Seconds between metric samples (and alert evaluations); 0 turns metrics sampling,
     #: fan-out timing and alerting off.
-    metrics_interval: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
-    #: Days metric samples and alerts are kept in the store.
-    metrics_retention_days: int = 30
-    audit_log_retention_days: int = 90
+    metrics_interval: float = attrs.field(default=5.0, validator=_float_range(0, 86_400))
+    #: Days metric samples and alerts are kept in the store (1 to 3,650), and audit events.
+    metrics_retention_days: int = attrs.field(default=30, validator=_int_range(1, 3650))
+    audit_log_retention_days: int = attrs.field(default=90, validator=_int_range(1, 3650))
     #: Suspicious events (refused actions, bad tokens, ...) within ``security_alert_window``
     #: seconds that make a security alert, for rules without a threshold of their own.
-    security_alert_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    security_alert_window: float = attrs.field(default=300.0, validator=attrs.validators.gt(0))
+    security_alert_threshold: int = attrs.field(default=5, validator=_int_range(1, 1_000_000))
+    security_alert_window: float = attrs.field(default=300.0, validator=_float_range(1, 86_400))
     #: A user kept over a rate limit is audited at most once per this many seconds and class
     #: (the event counts the refusals), so a flood cannot flood the audit log.
-    audit_rate_limited_every: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    audit_rate_limited_every: float = attrs.field(default=1.0, validator=_float_range(0, 3600))
     #: Seconds between health checks (storage writable, Redis reachable, event-loop lag).
-    health_interval: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
+    health_interval: float = attrs.field(default=30.0, validator=_float_range(0.1, 86_400))
     #: Event-loop lag, in seconds, past which the server reports itself unhealthy.
-    max_loop_lag: float = 1.0
+    max_loop_lag: float = attrs.field(default=1.0, validator=_float_range(0.01, 3600))
     #: Options per alert rule name, e.g. ``{"latency": {"warning": 150, "critical": 400}}``.
     alert_options: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
     #: Seconds a rule's condition (or its end) must hold before an alert fires (or resolves).
-    alert_hold: float = 15.0
+    alert_hold: float = attrs.field(default=15.0, validator=_float_range(0, 86_400))
     #: URLs every alert change is POSTed to (JSON), with retries.
-    alert_webhooks: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    alert_webhooks: tuple[str, ...] = attrs.field(default=(), converter=tuple, repr=False)
     #: Alert rules registered in code by an embedding program, beside the entry points.
     alert_rules: Mapping[str, Any] = attrs.Factory(dict)
     #: Log format of ``crealia serve``: ``json`` (one object a line) or ``text``.
-    log_format: str = attrs.field(default="json", validator=attrs.validators.in_(("json", "text")))
+    log_format: str = attrs.field(default="json", validator=_one_of("json", "text"))
     # --- the edge: connection caps, HTTP read deadlines, allowed hosts (docs/security.md)
     #: Open TCP connections, both ports together, at most (0 to 1,048,576; 0: three quarters
     #: of the process's RLIMIT_NOFILE). Past it a connection is answered 503 and closed.
@@ -223,33 +336,22 @@ class Config:
     )
     # --- storage: WAL checkpoints
     #: Seconds between passive WAL checkpoints of each SQLite database (0.05..60).
-    wal_checkpoint_interval: float = attrs.field(
-        default=1.0, validator=[attrs.validators.ge(0.05), attrs.validators.le(60)]
-    )
+    wal_checkpoint_interval: float = attrs.field(default=1.0, validator=_float_range(0.05, 60))
     #: WAL growth in bytes that starts a passive checkpoint before the interval is up
     #: (64 KiB..``wal_max_bytes``).
     wal_checkpoint_bytes: int = attrs.field(
-        default=4 * 1024 * 1024, validator=attrs.validators.ge(64 * 1024)
+        default=4 * 1024 * 1024, validator=_int_range(64 * 1024, 16 * 1024**3)
     )
     #: The bound on each WAL file, in bytes (1 MiB..16 GiB): a TRUNCATE checkpoint starts at
     #: half of it.
     wal_max_bytes: int = attrs.field(
-        default=64 * 1024 * 1024,
-        validator=[attrs.validators.ge(1024 * 1024), attrs.validators.le(16 * 1024**3)],
+        default=64 * 1024 * 1024, validator=_int_range(1024 * 1024, 16 * 1024**3)
     )
     # --- members
     #: Users present in one project at most (0 to 1,000,000; 0: no cap), counting those of
     #: every process of a cluster as last shared; the next user's ``hello`` gets ``overloaded``
     #: and close 1013 (more connections of a user already present are let in).
     max_members_per_project: int = attrs.field(default=1000, validator=_int_range(0, 1_000_000))
-
-    @wal_max_bytes.validator
-    def _check_wal(self, _attr: object, value: int) -> None:
-        if self.wal_checkpoint_bytes > value:
-            raise ConfigurationError(
-                f"wal_checkpoint_bytes ({self.wal_checkpoint_bytes}) must not exceed "
-                f"wal_max_bytes ({value})"
-            )
 
     # --- strategies: the operator's AI providers
     #: The AI providers a project's ``ai`` strategy may name: the only endpoints it calls
@@ -266,9 +368,7 @@ class Config:
     preauth_rest_limit: str = attrs.field(default="6000/600", validator=_preauth_limit)
     #: Seconds over which refusals (refused tokens, permissions, rate limits) of one address,
     #: action and user are stored as one audit event counting them (0..60; 0: one event each).
-    audit_refusal_window: float = attrs.field(
-        default=1.0, validator=[attrs.validators.ge(0), attrs.validators.le(60)]
-    )
+    audit_refusal_window: float = attrs.field(default=1.0, validator=_float_range(0, 60))
     #: Bytes the operations database (``ops.sqlite3``: audit log, alerts, metric samples) may
     #: hold; past it the oldest audit events (then metric samples) are pruned first. 0 turns the
     #: cap off; otherwise 1 MiB .. 1 PiB.
@@ -282,27 +382,44 @@ class Config:
     #: point of the ``crealia.backplanes`` group that opens it, e.g. ``sqlite:`` (SQLite in
     #: ``data_dir``), ``sqlite:///var/lib/crealia`` or ``redis://host:6379/0`` (a cluster).
     #: ``None`` or empty: SQLite in ``data_dir``. ``redis_url`` is an older name for it.
-    backplane_url: str | None = None
+    backplane_url: str | None = attrs.field(default=None, repr=False)
+
+    # --- cli: what only ``crealia serve`` reads
+    #: Log level of ``crealia serve`` (debug, info, warning or error); unset: warning, or debug
+    #: with ``dev``.
+    log_level: str | None = attrs.field(
+        default=None,
+        converter=_lower,
+        validator=_one_of("debug", "info", "warning", "error", optional=True),
+    )
 
     def __attrs_post_init__(self) -> None:
+        """The checks that relate several settings (each field checked its own already).
+
+        Raises:
+            ConfigurationError: naming the settings.
+        """
         if self.redis_url:
             if self.backplane_url is None:
                 object.__setattr__(self, "backplane_url", self.redis_url)
             elif self.backplane_url != self.redis_url:
                 raise ConfigurationError(
-                    f"backplane_url ({self.backplane_url!r}) and redis_url, its older name "
-                    f"({self.redis_url!r}), disagree: set one of them"
+                    f"backplane_url ({redact_url_password(self.backplane_url)!r}) and redis_url, "
+                    f"its older name ({redact_url_password(self.redis_url)!r}), disagree: set "
+                    "one of them"
                 )
-
-    @history_limit.validator
-    def _check_history(self, _attr: object, value: int) -> None:
-        if value < 1000:
-            raise ConfigurationError(f"history_limit must be at least 1000, got {value}")
-        if self.snapshot_every >= value:
+        if self.snapshot_every >= self.history_limit:
             # A snapshot must land inside the kept log, or a project cannot be rebuilt.
             raise ConfigurationError(
-                f"snapshot_every ({self.snapshot_every}) must be below history_limit ({value})"
+                f"snapshot_every ({self.snapshot_every}) must be below history_limit "
+                f"({self.history_limit})"
             )
+        if self.wal_checkpoint_bytes > self.wal_max_bytes:
+            raise ConfigurationError(
+                f"wal_checkpoint_bytes ({self.wal_checkpoint_bytes}) must not exceed "
+                f"wal_max_bytes ({self.wal_max_bytes})"
+            )
+        check_jwt_config(self)
 
     @classmethod
     def from_env(
@@ -310,69 +427,306 @@ class Config:
         environ: Mapping[str, str] | None = None,
         *,
         config_file: str | Path | None = None,
+        flags: Mapping[str, tuple[str, Any]] | None = None,
         **overrides: Any,
     ) -> Config:
-        """Build a config from a TOML file, then environment variables, then ``overrides``
-        (flags win over the environment, which wins over the file).
+        """Build a config from a TOML file, then environment variables, then flags, then
+        ``overrides`` (each wins over those before it).
 
-        The file is ``config_file``, else ``CREALIA_CONFIG`` if set. Overrides whose value is
-        ``None`` are ignored, so unset flags fall through.
+        The file is ``config_file``, else ``CREALIA_CONFIG`` if set. ``flags`` maps a field to
+        the flag that set it and what was given (``{"ws_port": ("--ws-port", "70000")}``): text
+        is read as the field's type, like a variable's, and errors name the flag. ``overrides``
+        are values from code; those whose value is ``None`` are ignored, so unset flags fall
+        through. Every value is checked as the module docstring says.
 
         Raises:
-            ConfigurationError: the file, a variable or an override has an unusable value.
+            ConfigurationError: the file, a variable, a flag or an override has an unusable
+                value; the message names it and what was expected.
         """
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        path = config_file if config_file is not None else env.get("CREALIA_CONFIG")
-        file_values = _read_file(Path(path)) if path else {}
-        alert_options = _env_alert_options(env, file_values.pop("alert_options", {}))
-        rate_limits = {
-            **{str(k): str(v) for k, v in file_values.pop("rate_limits", {}).items()},
-            **{key[len(_RATE_PREFIX) :].lower(): raw for key, raw in env.items()
-               if key.startswith(_RATE_PREFIX)},
-        }  # fmt: skip
-        for name, field, kind in _ENV:
-            if name in env and field not in values:
-                raw = env[name]
-                try:
-                    values[field] = kind(raw)
-                except ValueError as exc:
-                    raise ConfigurationError(f"{name}={raw!r}: {exc}") from exc
-        from_env = dict(values)
-        for field, value in file_values.items():
-            values.setdefault(field, value)
-        if alert_options:
-            values["alert_options"] = alert_options
-        if rate_limits:
-            values["rate_limits"] = rate_limits
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        _backplane_alias(values, [overrides, from_env, file_values])
-        # CREALIA_AI_* define the provider "default".
-        providers = dict(values.get("ai_providers") or {})
-        env_default = default_from_env(env)
-        if env_default is not None and DEFAULT_AI_PROVIDER not in providers:
-            providers[DEFAULT_AI_PROVIDER] = env_default
-        if providers:
-            values["ai_providers"] = parse_ai_providers(providers, env)
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(str(exc)) from exc
+        return load_config(environ, config_file=config_file, flags=flags, **overrides)[0]
 
 
-def _backplane_alias(values: dict[str, Any], layers: list[Mapping[str, Any]]) -> None:
-    """``backplane_url`` and its older name ``redis_url`` are one setting: the flag wins over
-    the environment, which wins over the file, whichever name each uses (``--backplane`` over
-    ``REDIS_URL``); ``redis_url`` is kept only when it is the winner."""
-    for layer in layers:
-        for key in ("backplane_url", "redis_url"):
-            if layer.get(key) is not None:
-                values["backplane_url"] = layer[key]
-                if values.get("redis_url") != layer[key]:
-                    values.pop("redis_url", None)
-                return
+@attrs.frozen
+class Source:
+    """Where a setting's value came from: ``kind`` is ``"file"`` (``name``: the file),
+    ``"env"`` (the variable), ``"flag"`` (the flag) or ``"code"``; ``raw`` is what was written."""
+
+    kind: str
+    name: str
+    raw: Any = attrs.field(repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def load_config(
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    flags: Mapping[str, tuple[str, Any]] | None = None,
+    **overrides: Any,
+) -> tuple[Config, dict[str, Source]]:
+    """:meth:`Config.from_env`, also saying where each setting that is not a default came from.
+
+    Raises:
+        ConfigurationError: as :meth:`Config.from_env`.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, tuple[Any, Source]] = {}
+    path = config_file if config_file is not None else env.get("CREALIA_CONFIG")
+    file_values = _read_file(Path(path)) if path else {}
+    alert_options = _env_alert_options(env, file_values.pop("alert_options", {}))
+    file_rates = file_values.pop("rate_limits", {})
+    if not isinstance(file_rates, Mapping):
+        raise ConfigurationError(f"rate_limits in {path} must be a table, got {file_rates!r}")
+    rate_limits = {
+        **{str(k): str(v) for k, v in file_rates.items()},
+        **{key[len(_RATE_PREFIX) :].lower(): raw for key, raw in env.items()
+           if key.startswith(_RATE_PREFIX)},
+    }  # fmt: skip
+    for key, value in file_values.items():
+        values[key] = (value, Source("file", str(path), value))
+    env_set: set[str] = set()
+    for name, field, kind in _ENV:
+        if name in env and field not in env_set:
+            raw = env[name]
+            source = Source("env", name, raw)
+            try:
+                values[field] = (kind(raw), source)
+            except ValueError:
+                raise ConfigurationError(_refusal(source, field, _expected(field), raw)) from None
+            env_set.add(field)
+    for field, (flag, given) in (flags or {}).items():
+        if given is None:
+            continue
+        source = Source("flag", flag, given)
+        if isinstance(given, str):
+            try:
+                given = _from_text(_field(field).type, given)
+            except ValueError:
+                raise ConfigurationError(
+                    _refusal(source, field, _expected(field), source.raw)
+                ) from None
+        values[field] = (given, source)
+    if alert_options:
+        values["alert_options"] = (alert_options, Source("file", str(path or "env"), None))
+    if rate_limits:
+        values["rate_limits"] = (rate_limits, Source("file", str(path or "env"), None))
+    for field, value in overrides.items():
+        if value is not None:
+            values[field] = (value, Source("code", field, value))
+    # CREALIA_AI_* define the provider "default".
+    providers = dict(values.get("ai_providers", ({}, None))[0] or {})
+    env_default = default_from_env(env)
+    if env_default is not None and DEFAULT_AI_PROVIDER not in providers:
+        providers[DEFAULT_AI_PROVIDER] = env_default
+    if providers:
+        where = values.get("ai_providers", (None, Source("env", "CREALIA_AI_URL", None)))[1]
+        values["ai_providers"] = (parse_ai_providers(providers, env), where)
+    known = {a.name for a in attrs.fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigurationError(f"unknown setting {unknown[0]!r}")
+    _backplane_alias(values)
+    checked = {name: _check(name, value, source) for name, (value, source) in values.items()}
+    try:
+        config = Config(**checked)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from exc
+    return config, {name: source for name, (_value, source) in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking one setting
+
+
+def _string_list(value: Any, _type: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return comma_list(value)
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise TypeError("expected a list of strings")
+
+
+def _strict(kind: type[Any]) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _type: Any) -> Any:
+        # bool is an int to Python, never to a setting.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise TypeError(f"expected {kind.__name__}")
+        return value
+
+    return structure
+
+
+def _structure_number(value: Any, _type: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("expected a number")
+    return value
+
+
+def _is_mapping(type_: Any) -> bool:
+    return typing.get_origin(type_) is Mapping
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter()
+    conv.register_structure_hook(int, _strict(int))
+    conv.register_structure_hook(float, _structure_number)
+    conv.register_structure_hook(str, _strict(str))
+    conv.register_structure_hook(bool, _strict(bool))
+    conv.register_structure_hook(Path, lambda value, _type: _to_path(value))
+    conv.register_structure_hook(Any, lambda value, _type: value)
+    # Settings objects pass through: Config's converter checks them.
+    conv.register_structure_hook(AIProviderSettings, lambda value, _type: value)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_list)
+
+    def mapping(type_: Any) -> Callable[[Any, Any], Any]:
+        key_type, value_type = typing.get_args(type_)
+
+        def structure(value: Any, _type: Any) -> dict[Any, Any]:
+            if not isinstance(value, Mapping):
+                raise TypeError("expected a table")
+            return {
+                conv.structure(k, key_type): conv.structure(v, value_type) for k, v in value.items()
+            }
+
+        return structure
+
+    conv.register_structure_hook_factory(_is_mapping, mapping)
+    return conv
+
+
+#: The converter every setting's value goes through (strict: no ``"4420"`` for an integer).
+converter = _make_converter()
+
+#: Settings whose values are never shown, in messages or by ``crealia check-config``.
+SECRET_SETTINGS = frozenset({"jwt_secret", "jwt_secrets", "ai_providers"})
+
+
+def _field(name: str) -> attrs.Attribute[Any]:
+    return getattr(attrs.fields(Config), name)  # type: ignore[no-any-return]
+
+
+def _describe(type_: Any) -> str:
+    args = [arg for arg in typing.get_args(type_) if arg is not type(None)]
+    if typing.get_origin(type_) in (typing.Union, UnionType) and len(args) == 1:
+        return _describe(args[0])
+    if type_ == tuple[str, ...]:
+        return "a list of strings (or one comma-separated string)"
+    if _is_mapping(type_):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            Path: "a path"}.get(type_, str(type_))  # fmt: skip
+
+
+def _expected(name: str) -> str:
+    field = _field(name)
+    if isinstance(field.validator, _Rule):
+        return field.validator.expected
+    return _describe(field.type)
+
+
+def _from_text(type_: Any, raw: str) -> Any:
+    """A flag's text as a value of ``type_`` (as the environment's variables are read).
+
+    Raises:
+        ValueError: not a value of that type.
+    """
+    args = [arg for arg in typing.get_args(type_) if arg is not type(None)]
+    if typing.get_origin(type_) in (typing.Union, UnionType) and len(args) == 1:
+        type_ = args[0]
+    if type_ is bool:
+        return _flag(raw)
+    if type_ is int:
+        return int(raw)
+    if type_ is float:
+        return float(raw)
+    if type_ == tuple[str, ...]:
+        return comma_list(raw)
+    return raw
+
+
+def _shown(name: str, value: Any) -> str:
+    """``value`` of setting ``name`` as a message may show it."""
+    if name in SECRET_SETTINGS:
+        return "(hidden)"
+    if name in ("redis_url", "backplane_url", "alert_webhooks") and isinstance(value, str):
+        return repr(redact_url_password(value))
+    return repr(value)
+
+
+def _refusal(source: Source, name: str, expected: str, value: Any) -> str:
+    """The message refusing ``value`` of setting ``name`` from ``source``."""
+    shown = _shown(name, value)
+    if source.kind == "file":
+        return f"{name} in {source.name} must be {expected}, got {shown}"
+    if source.kind == "env":
+        return f"{source.name}={shown}: {name} must be {expected}"
+    if source.kind == "flag":
+        given = shown if name in SECRET_SETTINGS or not isinstance(value, str) else value
+        return f"{source.name} {shlex.quote(given)}: must be {expected}"
+    return f"{name} must be {expected}, got {shown}"
+
+
+def _prefixed(source: Source, name: str, message: str) -> str:
+    """A setting's own complaint (it names the setting), prefixed with where the value came
+    from."""
+    shown = _shown(name, source.raw)
+    if source.kind == "file":
+        return f"{source.name}: {message}"
+    if source.kind == "env":
+        return f"{source.name}={shown}: {message}"
+    if source.kind == "flag":
+        given = shown if name in SECRET_SETTINGS or not isinstance(source.raw, str) else source.raw
+        return f"{source.name} {shlex.quote(given)}: {message}"
+    return message
+
+
+def _check(name: str, value: Any, source: Source) -> Any:
+    """``value`` for setting ``name``, of its type and within its range, as Config will take it.
+
+    Raises:
+        ConfigurationError: it is not; the message names ``source``.
+    """
+    field = _field(name)
+    try:
+        value = converter.structure(value, field.type or Any)
+    except (TypeError, ValueError, ConfigurationError, cattrs.BaseValidationError):
+        raise ConfigurationError(_refusal(source, name, _expected(name), source.raw)) from None
+    # The field's own converter and validator, as Config runs them, to say where the value
+    # came from when they refuse it. None of them looks at the other settings.
+    validator = field.validator
+    try:
+        converted = field.converter(value) if callable(field.converter) else value
+        if isinstance(validator, _Rule):
+            if not validator.accepts(converted):
+                raise _Refused
+        elif validator is not None:
+            validator(None, field, converted)
+    except _Refused:
+        raise ConfigurationError(_refusal(source, name, _expected(name), source.raw)) from None
+    except (TypeError, ValueError, ConfigurationError) as exc:
+        raise ConfigurationError(_prefixed(source, name, str(exc))) from None
+    return value
+
+
+class _Refused(Exception):
+    pass
+
+
+_RANK = {"file": 0, "env": 1, "flag": 2, "code": 3}
+
+
+def _backplane_alias(values: dict[str, tuple[Any, Source]]) -> None:
+    """``backplane_url`` and its older name ``redis_url`` are one setting: code wins over a
+    flag, which wins over the environment, which wins over the file, whichever name each uses
+    (``--backplane`` over ``REDIS_URL``); the loser is dropped."""
+    if "backplane_url" in values and "redis_url" in values:
+        new, old = values["backplane_url"][1], values["redis_url"][1]
+        if _RANK[new.kind] > _RANK[old.kind]:
+            del values["redis_url"]
+        elif _RANK[old.kind] > _RANK[new.kind]:
+            del values["backplane_url"]
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -442,7 +796,17 @@ def read_secret_file(path: Path) -> str:
 
 
 def _flag(raw: str) -> bool:
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+    """``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (or empty), any case.
+
+    Raises:
+        ValueError: anything else.
+    """
+    word = raw.strip().lower()
+    if word in {"1", "true", "yes", "on"}:
+        return True
+    if word in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
 
 
 _ENV: list[tuple[str, str, Any]] = [
@@ -516,4 +880,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_OPS_MAX_BYTES", "ops_max_bytes", int),
     ("CREALIA_MAX_MEMBERS_PER_PROJECT", "max_members_per_project", int),
     ("CREALIA_RETENTION_INTERVAL", "retention_interval", float),
+    # --- cli
+    ("CREALIA_LOG_LEVEL", "log_level", str),
 ]
+attrs.resolve_types(Config)

@@ -38,7 +38,7 @@ import attrs
 import trio
 import trio.testing
 
-from ._session import ConnectionClosed
+from ._errors import ConnectionClosed
 from ._transport import Acceptor, Connection
 
 __all__ = ["ConnectionCatcher", "ConnectionFactory", "ConnectionPeer", "check_connection"]

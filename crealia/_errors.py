@@ -1,11 +1,13 @@
 """The crealia error tree.
 
-Every error crealia raises on purpose derives from :class:`CrealiaError`::
+Every error crealia raises on purpose derives from :class:`CrealiaError`, and every class below is
+exported by :mod:`crealia` (``tests/test_errors.py`` checks this drawing against the classes)::
 
     CrealiaError
     ├── ConfigurationError        bad settings, unknown plugin names, unusable data dir
     ├── TransportError            a backplane or client transport failed (storage, Redis, socket)
-    │   └── StorageError          the embedded store could not read or commit
+    │   ├── StorageError          the embedded store could not read or commit
+    │   └── ConnectionClosed      a client connection was closed or broke; ``code``: close code
     ├── ProtocolError             a client message broke docs/protocol.md; carries the wire code
     │   ├── BadRequest            ``bad_request``: malformed JSON, unknown type, invalid field
     │   ├── Unauthorized          ``unauthorized``: bad, expired or foreign token
@@ -15,17 +17,36 @@ Every error crealia raises on purpose derives from :class:`CrealiaError`::
     │   ├── RateLimited           ``rate_limited``: carries ``retry_after_ms``
     │   ├── Overloaded            ``overloaded``: the server cannot take the write now;
     │   │                         ``outcome``: "not_applied" or "unknown" (resend, same id)
-    │   └── Unsupported           ``unsupported`` (REST 501): not possible in this setup
-    ├── RoomError                 a room was used after it closed
-    └── InternalError             a bug: reported to the client as ``internal``
+    │   ├── Unsupported           ``unsupported`` (REST 501): not possible in this setup
+    │   └── InternalError         ``internal`` (REST 500): a bug, reported to the client
+    ├── RoomError                 a room was used after it closed (join again)
+    ├── StrategyError             a conflict strategy could not answer (the chain goes on)
+    │   └── AIProviderError       the ``ai`` strategy's provider gave no usable answer
+    └── ClientError               the Python client (:func:`crealia.open_session`)
+        ├── ServerError           the server answered ``error`` (``code``, ``message``, ...)
+        ├── ConnectionLost        the connection could not be opened or was lost for good
+        └── ClientClosed          the session was closed by its owner
+
+:class:`InternalError` is a :class:`ProtocolError` because it travels like one: the edges turn it
+into an ``internal`` error envelope or a 500 response, as they do every protocol error.
 
 Adapters map library exceptions into this tree at the boundary (``raise ... from exc``); edges turn
-:class:`ProtocolError` into an ``error`` envelope or an HTTP response with its status.
+:class:`ProtocolError` into an ``error`` envelope or an HTTP response with its status. Context
+managers that own a nursery (:func:`crealia.open_server`, :func:`crealia.open_session`) raise a
+lone error as itself rather than in the :class:`ExceptionGroup` its nursery wrapped it in.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Literal, NoReturn, ParamSpec, TypeVar
+
+import trio
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class CrealiaError(Exception):
@@ -44,8 +65,30 @@ class StorageError(TransportError):
     """The store could not read or commit."""
 
 
+class ConnectionClosed(TransportError):
+    """The peer closed the connection or it broke; ``code`` is the close code if known."""
+
+    def __init__(self, code: int | None = None, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code}) {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
 class RoomError(CrealiaError):
-    """A room was used after it was closed."""
+    """A room was used after it closed: a session entering it must join again (a new room
+    opens), and the hub answers it ``overloaded`` and closes it with 1013 so the client does."""
+
+
+class StrategyError(CrealiaError):
+    """A conflict strategy could not give an answer; the settler takes it for a decline and asks
+    the next strategy of the chain."""
+
+
+class AIProviderError(StrategyError):
+    """A provider could not give a usable answer (network, HTTP status, JSON, contract).
+
+    Raised by the providers of :mod:`crealia.strategies.ai`, which re-exports it.
+    """
 
 
 class ProtocolError(CrealiaError):
@@ -149,3 +192,118 @@ class Unsupported(ProtocolError):
 
     code = "unsupported"
     http_status = 501
+
+
+class ClientError(CrealiaError):
+    """Base of every error the Python client raises on purpose."""
+
+
+class ServerError(ClientError):
+    """The server answered a request with ``error``.
+
+    Attributes:
+        code: the wire error code (``bad_request``, ``unauthorized``, ``forbidden``,
+            ``not_found``, ``rate_limited``, ``too_large``, ``overloaded``, ``internal``).
+        message: the server's explanation, naming the offending field where it can.
+        retry_after_ms: for ``rate_limited``, how long to wait before trying again.
+        outcome: for ``overloaded``, ``"not_applied"`` (nothing changed) or ``"unknown"`` (the
+            write may have been applied: resend it with the same id); ``None`` otherwise.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retry_after_ms: int | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        super().__init__(code, message, retry_after_ms)
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ConnectionLost(ClientError):
+    """The connection could not be opened, or it was lost and the session will not reopen it.
+
+    Also raised by a request whose connection dropped before its reply when sending it again
+    would not be safe: it may or may not have taken effect.
+
+    Attributes:
+        close_code: the WebSocket close code, when the connection got as far as closing
+            (1006 when it ended without a closing handshake); ``None`` otherwise.
+        reason: the close reason the server gave, if any.
+    """
+
+    def __init__(
+        self, message: str, close_code: int | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message, close_code, reason)
+        self.message = message
+        self.close_code = close_code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClientClosed(ClientError):
+    """The session was closed by its owner; it cannot be used any more."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Lone errors out of nurseries
+
+
+def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception in ``group`` (however deeply nested) that is not a
+    :class:`trio.Cancelled`, if there is exactly one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` again, keeping the context it had rather than the group it came in."""
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, context
+
+
+def raising_lone_errors(
+    func: Callable[P, AbstractAsyncContextManager[T]],
+) -> Callable[P, AbstractAsyncContextManager[T]]:
+    """Wrap an ``open_*`` async context manager so that a :class:`CrealiaError` or
+    :class:`OSError` that comes alone out of its nurseries is raised as itself, not in the
+    :class:`ExceptionGroup` (one per nursery level) trio wrapped it in. Groups of several
+    errors, and lone errors of other kinds (a bug, the body's own), propagate unchanged.
+    """
+
+    @functools.wraps(func)
+    @asynccontextmanager
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[T]:
+        try:
+            async with func(*args, **kwargs) as value:
+                yield value
+        except BaseExceptionGroup as group:
+            sole = sole_exception(group)
+            if not isinstance(sole, CrealiaError | OSError):
+                raise
+            reraise(sole)
+
+    return wrapper

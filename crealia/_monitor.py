@@ -48,6 +48,8 @@ LAG_PROBE = 0.25
 P95_EXACT = 20_000
 #: Connections whose WebSocket ping round trip is measured each sampling period.
 PING_SAMPLE = 16
+#: Seconds the sampler waits for those pings at most (less when the sampling period is shorter).
+PING_DEADLINE = 5.0
 
 GLOBAL = ""  # the scope key of server-wide samples
 
@@ -134,7 +136,8 @@ class Monitor:
         while True:
             with trio.move_on_after(interval):
                 try:
-                    await self.probe_pings(min(interval, 5.0))
+                    with trio.move_on_after(min(interval, PING_DEADLINE)):
+                        await self.probe_pings()
                 except Exception as exc:
                     self.jobs.failed("sample", exc)
                 await trio.sleep_forever()  # the rest of the period
@@ -247,22 +250,24 @@ class Monitor:
             await trio.sleep(LAG_PROBE)
             self._lag_max = max(self._lag_max, trio.current_time() - start - LAG_PROBE)
 
-    async def probe_pings(self, timeout: float) -> None:
-        """Measure the WebSocket ping round trip of a few random connections (each bounded by
-        ``timeout`` seconds)."""
+    async def probe_pings(self) -> None:
+        """Measure the WebSocket ping round trip of a few random connections, all at once.
+
+        The caller bounds the wait (the sampler gives it :data:`PING_DEADLINE` at most); pings
+        still unanswered when it is cancelled are not counted.
+        """
         sessions = [s for _conn, s in list(self.hub.live.values()) if s is not None]
         chosen = random.sample(sessions, min(PING_SAMPLE, len(sessions)))
         if not chosen:
             return
 
         async def one(conn: Any) -> None:
-            with trio.move_on_after(timeout):
-                try:
-                    rtt = await conn.round_trip()
-                except CrealiaError:
-                    return
-                if rtt is not None:
-                    self.ping.observe(rtt)
+            try:
+                rtt = await conn.round_trip()
+            except CrealiaError:
+                return
+            if rtt is not None:
+                self.ping.observe(rtt)
 
         async with trio.open_nursery() as nursery:
             for session in chosen:

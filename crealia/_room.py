@@ -29,7 +29,7 @@ import trio
 from . import _wire
 from ._backplane import Backplane
 from ._config import Config
-from ._errors import CrealiaError, Overloaded
+from ._errors import CrealiaError, Overloaded, RoomError
 from ._jobs import JobFailures
 from ._logging import log_context
 from ._metrics import Traffic
@@ -231,7 +231,14 @@ class Room:
     # -- membership ---------------------------------------------------------------------------
 
     def add_joining(self, session: Session) -> None:
-        """Start buffering what ``session`` must see once its welcome is sent."""
+        """Start buffering what ``session`` must see once its welcome is sent.
+
+        Raises:
+            RoomError: the room has closed (it closed while the session was on its way in); a
+                session let in now would hear nothing. :meth:`RoomManager.join` opens a new one.
+        """
+        if self.closed:
+            raise RoomError(f"the room of project {self.project_id!r} has closed")
         self._joining[session.id] = _Joining(session)
         self._occupied.set()
 
@@ -388,18 +395,16 @@ class Room:
     def is_pending(self, conflict_id: str) -> bool:
         return conflict_id in self._pending
 
-    async def wait_settled(self, conflict_id: str, timeout: float | None) -> bool:
-        """Wait until the conflict is settled (True) or ``timeout`` seconds pass (False)."""
+    async def wait_settled(self, conflict_id: str) -> None:
+        """Wait until the conflict is settled (the caller bounds the wait)."""
         if conflict_id not in self._pending:
-            return True
+            return
         event = self._settled_events.setdefault(conflict_id, trio.Event())
         try:
-            with trio.move_on_after(math.inf if timeout is None else timeout):
-                await event.wait()
+            await event.wait()
         finally:
             if not event.is_set():
                 self._settled_events.pop(conflict_id, None)
-        return event.is_set()
 
     # -- backplane listener -------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from ._auth import TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
 from ._edge import ConnectionGate, address_cap, default_max_connections, edge_app, serve_http
+from ._errors import raising_lone_errors
 from ._http import create_app
 from ._jobs import JobFailures
 from ._metrics import Traffic
@@ -106,6 +107,7 @@ class Server:
             self._cancel.cancel()
 
 
+@raising_lone_errors
 @asynccontextmanager
 async def open_server(
     config: Config | None = None,
@@ -134,6 +136,9 @@ async def open_server(
         StorageError: a store cannot be opened.
         TransportError, Overloaded: the backplane's store cannot be reached.
         OSError: a port cannot be bound.
+
+    Each as itself: an error that comes alone out of the server's nurseries is not wrapped in
+    an :class:`ExceptionGroup`.
     """
     config = config or Config()
     registry = StrategyRegistry.discover(config.strategies)

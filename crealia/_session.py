@@ -39,10 +39,13 @@ from ._errors import (
     Overloaded,
     ProtocolError,
     RateLimited,
+    RoomError,
     TooLarge,
-    TransportError,
     Unauthorized,
 )
+
+# Defined with the other errors; the transports import it from here, beside Connection.
+from ._errors import ConnectionClosed as ConnectionClosed
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
@@ -58,15 +61,6 @@ log = logging.getLogger("crealia.session")
 
 #: Largest frame the writer builds by merging queued outbox items.
 _MAX_MERGED_FRAME = 256 * 1024
-
-
-class ConnectionClosed(TransportError):
-    """The peer closed the connection or it broke; ``code`` is the close code if known."""
-
-    def __init__(self, code: int | None = None, reason: str = "") -> None:
-        super().__init__(f"connection closed ({code}) {reason}".strip())
-        self.code = code
-        self.reason = reason
 
 
 #: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
@@ -416,7 +410,11 @@ class Hub:
             session.traffic = (self.traffic, room.traffic)
             log.info("session opened", extra={"remote": conn.remote, "role": user.role})
             with session.scope:
-                room.add_joining(session)
+                try:
+                    room.add_joining(session)
+                except RoomError as exc:
+                    # It closed while this session was on its way in: the client joins again.
+                    raise Overloaded(f"{exc}; join again") from None
                 await self._welcome(session, room, hello, ref)
                 joined = True
                 self._audit(session, "join", f"project:{user.project_id}",

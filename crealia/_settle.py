@@ -21,6 +21,7 @@ strategy tries.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -211,7 +212,8 @@ class Settler:
                 answer = DECLINE
             if answer is DEFER:
                 timeout = getattr(strategy, "timeout", None)
-                if await room.wait_settled(conflict.id, timeout):
+                with trio.move_on_after(math.inf if timeout is None else timeout):
+                    await room.wait_settled(conflict.id)
                     return None
                 if not room.is_pending(conflict.id):
                     return None

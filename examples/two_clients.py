@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from crealia import ClientSession, Push, connect
+from crealia import ClientSession, Push, open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(rb"crealia listening http=(\d+) ws=(\d+)")
@@ -158,8 +158,8 @@ async def demo(url: str, secret: str, project: str) -> None:
     alice_token = await make_token(secret, "alice", project, "editor")
     bob_token = await make_token(secret, "bob", project, "editor")
     async with (
-        connect(url, alice_token, project) as alice,
-        connect(url, bob_token, project) as bob,
+        open_session(url, alice_token, project) as alice,
+        open_session(url, bob_token, project) as bob,
         trio.open_nursery() as nursery,
     ):
         views = {"alice": View("alice", alice), "bob": View("bob", bob)}

@@ -1,4 +1,4 @@
-"""The Python client (``crealia.connect``) against a real ``crealia serve`` subprocess.
+"""The Python client (``crealia.open_session``) against a real ``crealia serve`` subprocess.
 
 Policy: loopback only; the server picks its ports (port 0) and keeps them across restarts; every
 test runs under ``trio.fail_after``; nothing sleeps to synchronize: tests wait for the pushes and
@@ -30,7 +30,7 @@ from crealia._client import (
     Push,
     ServerError,
     SessionState,
-    connect,
+    open_session,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,7 +250,7 @@ ENDPOINTS = pytest.mark.parametrize("endpoint", ["ws", "http"])
 @ENDPOINTS
 async def test_client_request_reply(served: ServerProcess, endpoint: str) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(served.url_for(endpoint), make_token("ann"), "p1") as ann:
+        async with open_session(served.url_for(endpoint), make_token("ann"), "p1") as ann:
             assert ann.state is SessionState.CONNECTED
             assert ann.welcome["user"]["id"] == "ann"
             assert ann.welcome["project_id"] == "p1"
@@ -274,7 +274,7 @@ async def test_client_request_reply(served: ServerProcess, endpoint: str) -> Non
 
 async def test_client_role_refusal_is_server_error(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(served.url, make_token("vic", role="viewer"), "p1") as vic:
+        async with open_session(served.url, make_token("vic", role="viewer"), "p1") as vic:
             with pytest.raises(ServerError) as info:
                 await vic.change([insert("clip-1", start=0)])
             assert info.value.code == "forbidden"
@@ -289,8 +289,8 @@ async def test_client_role_refusal_is_server_error(served: ServerProcess) -> Non
 async def test_client_pushes_between_two_clients(served: ServerProcess, endpoint: str) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(served.url_for(endpoint), make_token("ann"), "p1") as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(served.url_for(endpoint), make_token("ann"), "p1") as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
         ):
             joined = await next_push(ann, event("user_joined"))
             assert joined.data["user_id"] == "bob"
@@ -318,8 +318,8 @@ async def test_client_pushes_between_two_clients(served: ServerProcess, endpoint
 async def test_client_change_ack(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(served.url, make_token("ann"), "p1") as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(served.url, make_token("ann"), "p1") as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
         ):
             ack = await ann.change([insert("clip-1", start=0, duration=5)], change_id="chg-1")
             assert ack["change_id"] == "chg-1"
@@ -347,11 +347,13 @@ async def test_client_change_ack(served: ServerProcess) -> None:
 
 async def test_client_resume_seq_replays_missed_events(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(served.url, make_token("bob"), "p1") as bob:
+        async with open_session(served.url, make_token("bob"), "p1") as bob:
             first = await bob.change([insert("clip-1", start=0)])
             await bob.change([insert("clip-2", start=5)])
             await bob.comment("two clips")
-        async with connect(served.url, make_token("ann"), "p1", resume_seq=first["seq"]) as ann:
+        async with open_session(
+            served.url, make_token("ann"), "p1", resume_seq=first["seq"]
+        ) as ann:
             assert ann.welcome["replayed"] == 2
             assert "snapshot" not in ann.welcome
             assert await durable_seqs_until(ann, first["seq"] + 2) == [2, 3]
@@ -363,8 +365,8 @@ async def test_client_reconnects_and_resumes_without_duplicates(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(relay.url, make_token("ann"), "p1", **FAST) as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(relay.url, make_token("ann"), "p1", **FAST) as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
         ):
             first = await ann.change([insert("clip-1", start=0)])
             assert await durable_seqs_until(ann, first["seq"]) == [first["seq"]]
@@ -396,8 +398,8 @@ async def test_client_resends_unacked_change_with_same_change_id(
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(relay.url, make_token("ann"), "p1", **FAST) as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(relay.url, make_token("ann"), "p1", **FAST) as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
             trio.open_nursery() as nursery,
         ):
             acks: list[dict[str, Any]] = []
@@ -426,8 +428,8 @@ async def test_client_resends_unacked_change_with_same_change_id(
 async def test_client_resent_change_is_delivered_once(served: ServerProcess, relay: Relay) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(relay.url, make_token("ann"), "p1", **FAST) as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(relay.url, make_token("ann"), "p1", **FAST) as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
             trio.open_nursery() as nursery,
         ):
             acks: list[dict[str, Any]] = []
@@ -449,7 +451,7 @@ async def test_client_resent_change_is_delivered_once(served: ServerProcess, rel
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_client_reconnects_after_server_restart(served: ServerProcess, sig: int) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(served.url, make_token("ann"), "p1", **FAST) as ann:
+        async with open_session(served.url, make_token("ann"), "p1", **FAST) as ann:
             first = await ann.change([insert("clip-1", start=0)])
             assert await durable_seqs_until(ann, first["seq"]) == [first["seq"]]
 
@@ -468,7 +470,7 @@ async def test_client_reconnects_after_server_restart(served: ServerProcess, sig
 
 async def test_client_without_reconnect_ends_on_drop(served: ServerProcess, relay: Relay) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(relay.url, make_token("ann"), "p1", reconnect=False) as ann:
+        async with open_session(relay.url, make_token("ann"), "p1", reconnect=False) as ann:
             relay.cut()
             with pytest.raises(ConnectionLost) as info:
                 await ann.receive()
@@ -490,14 +492,14 @@ async def test_client_without_reconnect_ends_on_drop(served: ServerProcess, rela
 async def test_client_unauthorized_raises(served: ServerProcess, token: str) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         with pytest.raises(ServerError) as info:
-            async with connect(served.url, token, "p1"):
+            async with open_session(served.url, token, "p1"):
                 pytest.fail("connected with a bad token")
         assert info.value.code == "unauthorized"
 
 
 async def test_client_reconnect_refused_ends_session(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with connect(served.url, make_token("ann"), "p1", **FAST) as ann:
+        async with open_session(served.url, make_token("ann"), "p1", **FAST) as ann:
             await served.stop()
             await ann.wait_disconnected()
             served.secret = "a-new-secret-that-ann-token-was-not-signed-with"
@@ -520,7 +522,7 @@ async def test_client_connect_refused_raises_connection_lost(tmp_path: Path) -> 
         port = listener.getsockname()[1]
         listener.close()  # nothing listens there now
         with pytest.raises(ConnectionLost):
-            async with connect(f"ws://127.0.0.1:{port}/ws", make_token("ann"), "p1"):
+            async with open_session(f"ws://127.0.0.1:{port}/ws", make_token("ann"), "p1"):
                 pytest.fail("connected to nothing")
 
 
@@ -536,7 +538,7 @@ async def test_client_cli_token(served: ServerProcess) -> None:
             cwd=ROOT,
         )  # fmt: skip
         token = result.stdout.decode().strip()
-        async with connect(served.url, token, "p1") as session:
+        async with open_session(served.url, token, "p1") as session:
             assert session.welcome["user"] == {
                 "id": "cli-user",
                 "name": "cli-user",
@@ -548,7 +550,7 @@ async def test_client_cli_token(served: ServerProcess) -> None:
 async def test_client_close_ends_iteration_and_calls(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(served.url, make_token("ann"), "p1") as ann,
+            open_session(served.url, make_token("ann"), "p1") as ann,
             trio.open_nursery() as nursery,
         ):
             seen: list[Push] = []
@@ -571,8 +573,8 @@ async def test_client_close_ends_iteration_and_calls(served: ServerProcess) -> N
 async def test_client_small_push_buffer_resyncs_without_loss(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(served.url, make_token("ann"), "p1", max_pushes=4, **FAST) as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(served.url, make_token("ann"), "p1", max_pushes=4, **FAST) as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
         ):
             # Ann reads nothing while 30 durable events arrive: more than her buffer holds.
             for n in range(30):
@@ -584,8 +586,8 @@ async def test_client_small_push_buffer_resyncs_without_loss(served: ServerProce
 async def test_client_conflict_resolution_is_a_durable_push(served: ServerProcess) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with (
-            connect(served.url, make_token("ann"), "p1") as ann,
-            connect(served.url, make_token("bob"), "p1") as bob,
+            open_session(served.url, make_token("ann"), "p1") as ann,
+            open_session(served.url, make_token("bob"), "p1") as bob,
         ):
             base = (await ann.change([insert("clip-1", label="a")]))["seq"]
             first = await ann.change(

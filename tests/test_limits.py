@@ -13,7 +13,7 @@ import trio
 
 from crealia import Server, open_server
 from crealia._backplane import History
-from crealia._client import connect
+from crealia._client import open_session
 from crealia._model import Conflict, DurableEvent
 from crealia._strategy import Answer, ConflictStrategy, ResolutionContext
 
@@ -207,7 +207,7 @@ async def test_big_document_welcome_fits_a_1mib_client(
             assert event["data"]["seq"] == 21
             await capped.aclose()
             # The Python client puts the pieces together: its welcome has a snapshot.
-            async with connect(clients.url, clients.token("carol"), "p1") as session:
+            async with open_session(clients.url, clients.token("carol"), "p1") as session:
                 assert session.welcome["snapshot"]["seq"] == 21
                 assert len(session.welcome["snapshot"]["elements"]) == 20
                 assert "welcome_chunks" not in session.welcome
@@ -508,7 +508,7 @@ async def test_many_big_pending_conflicts_fit_a_small_client_in_chunks(
             assert (welcome.get("replayed") == 0) is (resume is not None)
             assert (await raw.request("ping", {}))["type"] == "pong"
             await raw.aclose()
-        async with connect(clients.url, clients.token("dave"), "p1") as session:
+        async with open_session(clients.url, clients.token("dave"), "p1") as session:
             assert len(session.welcome["pending_conflicts"]) == 12
 
 

@@ -72,7 +72,7 @@ async def test_redis_paused_mid_write_says_outcome_unknown_and_resend_is_not_los
 async def test_python_client_resends_a_change_of_unknown_outcome(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    from crealia import connect
+    from crealia import open_session
 
     async with (
         run_redis(tmp_path / "redis") as redis_server,
@@ -82,7 +82,7 @@ async def test_python_client_resends_a_change_of_unknown_outcome(
         pid = redis_server.process.pid
         url = f"ws://127.0.0.1:{node.ws_port}/ws"
         with trio.fail_after(60):
-            async with connect(url, node.issue_token("alice", "p1"), "p1") as session:
+            async with open_session(url, node.issue_token("alice", "p1"), "p1") as session:
                 await session.change(insert("c1", "clip", start=0)["changes"])  # type: ignore[arg-type]
                 acks: list[dict[str, object]] = []
 

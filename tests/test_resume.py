@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from crealia import Server, connect, open_server
+from crealia import Server, open_server, open_session
 
 from .conftest import Clients, make_config, opened
 from .test_protocol import insert, set_op
@@ -173,13 +173,13 @@ async def test_python_client_resumes_with_its_epoch(server: Server) -> None:
     url = f"ws://127.0.0.1:{server.ws_port}/ws"
     token = server.issue_token("alice", "p1", "editor")
     with trio.fail_after(20):
-        async with connect(url, token, "p1") as session:
+        async with open_session(url, token, "p1") as session:
             await session.change([{"op": "insert", "element_id": "clip", "element_type": "clip",
                                    "props": {"v": 0}}])  # fmt: skip
             epoch = session.epoch
             assert epoch == session.welcome["epoch"]
-        async with connect(url, token, "p1", resume_seq=1, resume_epoch=epoch) as session:
+        async with open_session(url, token, "p1", resume_seq=1, resume_epoch=epoch) as session:
             assert session.welcome["replayed"] == 0
-        async with connect(url, token, "p1", resume_seq=1, resume_epoch="stale") as session:
+        async with open_session(url, token, "p1", resume_seq=1, resume_epoch="stale") as session:
             assert session.welcome["snapshot"]["seq"] == 1
             assert session.epoch == epoch

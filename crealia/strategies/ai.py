@@ -32,11 +32,9 @@ untrusted data; a custom value must be built from the two sides' material (:func
 and then passes the checks of a client's write (the server's); the explanation becomes
 length-capped plain text. Anything else declines.
 
-Errors (the module's addition to the :mod:`crealia._errors` tree)::
-
-    CrealiaError
-    └── AIProviderError   a provider could not give a usable answer: network failure, HTTP
-                          status, a response that is not JSON, an answer that breaks the contract
+Errors: :class:`AIProviderError` (drawn in the :mod:`crealia._errors` tree, under
+``StrategyError``, and re-exported here): a provider could not give a usable answer (network
+failure, HTTP status, a response that is not JSON, an answer that breaks the contract).
 
 Cancellation: the server runs :meth:`AIStrategy.resolve` under a deadline in the room's nursery.
 Cancelling it abandons the request (httpx closes that connection) and leaves nothing behind; the
@@ -61,7 +59,7 @@ import orjson
 import trio
 
 from .._aiproviders import OFFLINE, AIProviderSettings, redact_url
-from .._errors import ConfigurationError, CrealiaError, ProtocolError
+from .._errors import AIProviderError, ConfigurationError, ProtocolError
 from .._model import Choice, Conflict
 from .._strategy import (
     DECLINE,
@@ -100,10 +98,6 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 
 #: Role ranks: a higher role wins ties.
 ROLE_RANK = {"owner": 4, "editor": 3, "commenter": 2, "viewer": 1}
-
-
-class AIProviderError(CrealiaError):
-    """A provider could not give a usable answer (network, HTTP status, JSON, contract)."""
 
 
 # ---------------------------------------------------------------------------------------------

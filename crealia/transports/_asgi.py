@@ -16,8 +16,8 @@ import hypercorn.config
 import trio
 
 from .._edge import STREAM_KEY
+from .._errors import ConnectionClosed
 from .._origin import header
-from .._session import ConnectionClosed
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection
 from .._wire import SUBPROTOCOL
 from ._deflate import install_hypercorn_deflate

@@ -25,8 +25,8 @@ import trio_websocket
 from wsproto.events import TextMessage
 
 from .._edge import ConnectionGate, GatedListener
+from .._errors import ConnectionClosed
 from .._origin import header
-from .._session import ConnectionClosed
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
 from .._wire import SUBPROTOCOL
 from ._deflate import accept_websocket

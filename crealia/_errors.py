@@ -75,8 +75,9 @@ class ConnectionClosed(TransportError):
 
 
 class RoomError(CrealiaError):
-    """A room was used after it closed: a session entering it must join again (a new room
-    opens), and the hub answers it ``overloaded`` and closes it with 1013 so the client does."""
+    """A room was used after it closed (:meth:`Room.add_joining <crealia._room.Room.add_joining>`):
+    a session let into a closed room would hear nothing, so it must join again, which opens a
+    new room. The hub joins again when a room closes while a session is on its way in."""
 
 
 class StrategyError(CrealiaError):

@@ -39,7 +39,6 @@ from ._errors import (
     Overloaded,
     ProtocolError,
     RateLimited,
-    RoomError,
     TooLarge,
     Unauthorized,
 )
@@ -399,8 +398,13 @@ class Hub:
             log_context.set((user.project_id, user.id, session.id))
             self.live[key] = (conn, session)
             room = await self.rooms.join(user.project_id)
-            if self.config.max_members_per_project and room.clustered:
+            while self.config.max_members_per_project and room.clustered:
                 await room.refresh_presence()  # count the other processes' users as they are
+                if not room.closed:
+                    break
+                # It closed meanwhile (it was empty, and this session not in it yet): entering
+                # it would raise RoomError; the next join opens a new one.
+                room = await self.rooms.join(user.project_id)
             if not room.admits(user.id, self.config.max_members_per_project):
                 limit = self.config.max_members_per_project
                 full = Overloaded(f"too many users in this project (at most {limit}); try again "
@@ -410,11 +414,7 @@ class Hub:
             session.traffic = (self.traffic, room.traffic)
             log.info("session opened", extra={"remote": conn.remote, "role": user.role})
             with session.scope:
-                try:
-                    room.add_joining(session)
-                except RoomError as exc:
-                    # It closed while this session was on its way in: the client joins again.
-                    raise Overloaded(f"{exc}; join again") from None
+                room.add_joining(session)  # nothing awaited since join: the room is open
                 await self._welcome(session, room, hello, ref)
                 joined = True
                 self._audit(session, "join", f"project:{user.project_id}",

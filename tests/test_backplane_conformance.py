@@ -8,6 +8,7 @@ Policy: loopback only, port 0, a deadline on every I/O test, real servers and st
 
 from __future__ import annotations
 
+import ast
 import itertools
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -359,3 +360,28 @@ def _secret(tmp_path: Path) -> Path:
     path = tmp_path / "secret"
     path.write_text("a-test-secret-of-at-least-32-bytes-long!!")
     return path
+
+
+# -- the core names no backplane -------------------------------------------------------------
+
+
+def test_the_core_imports_no_backplane_and_tests_no_redis_url() -> None:
+    """Only the adapters in crealia/backplanes/ import redis or name a backplane; ``redis_url``
+    lives on in the config, as the older name of ``backplane_url``, and nowhere else."""
+    core = sorted((Path(__file__).resolve().parent.parent / "crealia").glob("*.py"))
+    assert core
+    for path in core:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                if isinstance(node, ast.Attribute) and node.attr == "redis_url":
+                    assert path.name == "_config.py", f"{path.name} reads redis_url"
+                continue
+            for name in names:
+                assert not name.startswith(("redis", "backplanes", "crealia.backplanes")), (
+                    f"{path.name} imports {name}"
+                )

@@ -237,7 +237,7 @@ def test_builtin_backplanes_register_through_the_entry_points() -> None:
     ("url", "message"),
     [
         ("nats://127.0.0.1:4222", r"unknown scheme 'nats'; known: redis, rediss, sqlite, unix"),
-        ("127.0.0.1:6379", r"has no scheme \(such as sqlite: or redis://\); known: redis"),
+        ("127.0.0.1:6379", r"has no scheme \(the part before the colon, as in sqlite:\); known"),
         ("sqlite://somehost/dir", r"expected sqlite: \(the data dir\), sqlite:///absolute/dir"),
         ("redis://127.0.0.1:notaport/0", r"backplane URL 'redis://127.0.0.1:notaport/0': Port"),
     ],

@@ -236,7 +236,8 @@ class BackplaneRegistry:
         known = ", ".join(sorted(self.schemes))
         if not scheme:
             raise ConfigurationError(
-                f"backplane URL {url!r} has no scheme (such as sqlite: or redis://); known: {known}"
+                f"backplane URL {url!r} has no scheme (the part before the colon, as in "
+                f"sqlite:); known: {known}"
             )
         name = self.schemes.get(scheme)
         if name is None:

@@ -1,6 +1,7 @@
-"""Conformance checks and helpers for people who write strategies and transports (and for
-crealia's tests)."""
+"""Conformance checks and helpers for people who write strategies, backplanes and transports
+(and for crealia's own tests)."""
 
+from ._conformance import check_backplane
 from ._conformance_connection import (
     ConnectionCatcher,
     ConnectionFactory,
@@ -13,6 +14,7 @@ __all__ = [
     "ConnectionCatcher",
     "ConnectionFactory",
     "ConnectionPeer",
+    "check_backplane",
     "check_connection",
     "check_strategy",
     "make_conflict",

@@ -720,12 +720,13 @@ _RANK = {"file": 0, "env": 1, "flag": 2, "code": 3}
 def _backplane_alias(values: dict[str, tuple[Any, Source]]) -> None:
     """``backplane_url`` and its older name ``redis_url`` are one setting: code wins over a
     flag, which wins over the environment, which wins over the file, whichever name each uses
-    (``--backplane`` over ``REDIS_URL``); the loser is dropped."""
+    (``--backplane`` over ``REDIS_URL``), and from one place the newer name wins
+    (``CREALIA_BACKPLANE`` over ``REDIS_URL``); the loser is dropped."""
     if "backplane_url" in values and "redis_url" in values:
         new, old = values["backplane_url"][1], values["redis_url"][1]
-        if _RANK[new.kind] > _RANK[old.kind]:
+        if _RANK[new.kind] >= _RANK[old.kind]:
             del values["redis_url"]
-        elif _RANK[old.kind] > _RANK[new.kind]:
+        else:
             del values["backplane_url"]
 
 

@@ -344,16 +344,19 @@ def test_redis_url_is_an_older_name_of_backplane_url(tmp_path: Path) -> None:
 def test_cli_serve_refuses_an_unknown_backplane_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for flag in ("--backplane", "--redis"):
+    # --redis, the older name, takes only Redis URLs; --backplane any installed backplane's.
+    for flag, line in (
+        ("--backplane", "crealia: backplane URL 'nats://127.0.0.1:4222': unknown scheme 'nats'; "
+                        "known: redis, rediss, sqlite, unix"),
+        ("--redis", "crealia: --redis nats://127.0.0.1:4222: must be a redis://host[:port], "
+                    "rediss://host[:port] or unix:///path URL"),
+    ):  # fmt: skip
         status = main(["serve", flag, "nats://127.0.0.1:4222", "--data-dir", str(tmp_path),
                        "--port", "0", "--ws-port", "0",
                        "--jwt-secret-file", str(_secret(tmp_path))])  # fmt: skip
         err = capsys.readouterr().err
         assert status == 2, err
-        assert err.splitlines() == [
-            "crealia: backplane URL 'nats://127.0.0.1:4222': unknown scheme 'nats'; known: "
-            "redis, rediss, sqlite, unix"
-        ], err
+        assert err.splitlines() == [line], err
 
 
 def _secret(tmp_path: Path) -> Path:

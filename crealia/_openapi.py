@@ -177,6 +177,11 @@ def _json(schema: Schema, description: str) -> Schema:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+#: What every CSV the server writes does to its cells (crealia/_http.py ``csv_safe``).
+_CSV_SAFE = ("A cell starting with `=`, `+`, `-`, `@`, a tab or a carriage return gets a leading "
+             "`'`, so that no spreadsheet runs it as a formula.")  # fmt: skip
+
+
 def _json_or_csv(schema: Schema, description: str, csv: str) -> Schema:
     return {
         "description": description,
@@ -243,7 +248,8 @@ def _operation(
     if action is not None:
         role = REQUIRED_ROLE[action]
         operation["x-crealia-role"] = role
-        description = f"Role: **{role}** or higher. {description}"
+        least = "" if role == "owner" else " or higher"
+        description = f"Role: **{role}**{least}. {description}"
         operation["security"] = security or _SECURED
     else:
         operation["security"] = []
@@ -266,8 +272,13 @@ def _operation(
 
 
 def _paths() -> dict[str, Any]:
-    secured = ("400", "401", "403", "413", "429")
-    conflict_statuses = (*secured, "404", "503")
+    # What a handler can answer besides 200, read from it: every one authenticates (401),
+    # checks the role and the project (403) and the rate (429); one that reads a body can find
+    # it malformed (400) or too large (413); one that reads a parameter can find it bad (400).
+    token = ("401", "403", "429")
+    query = ("400", *token)
+    body = ("400", "413", *token)
+    conflict_statuses = (*body, "404", "503")
     return {
         "/healthz": {"get": _operation(
             "healthz", "health", "Liveness",
@@ -299,14 +310,14 @@ def _paths() -> dict[str, Any]:
         "/openapi.json": {"get": _operation(
             "openapi", "meta", "This document",
             "The OpenAPI 3.1 description of this API (docs/api-reference.md is rendered from "
-            "it). No token.",
+            "it).",
             _responses(_json(_ANY_OBJECT, "The OpenAPI document.")),
         )},
         "/api/projects/{project_id}/snapshot": {"get": _operation(
             "snapshot", "projects", "Project snapshot",
             "The project's document as of its latest `seq` (docs/protocol.md §5). A project "
             "that is not open on this process is built from the store and not kept in memory.",
-            _responses(_json(_ref("Snapshot"), "The snapshot."), *secured, "503"),
+            _responses(_json(_ref("Snapshot"), "The snapshot."), *token, "503"),
             action="snapshot_read", parameters=[_PROJECT_PATH],
         )},
         "/api/projects/{project_id}/strategies": {
@@ -314,7 +325,7 @@ def _paths() -> dict[str, Any]:
                 "get_strategies", "strategies", "A project's strategy chain",
                 "The chain conflicts of the project go through, with its options, and the "
                 "names of every installed strategy.",
-                _responses(_json(_ref("Chain"), "The chain."), *secured, "503"),
+                _responses(_json(_ref("Chain"), "The chain."), *token, "503"),
                 action="strategies_read", parameters=[_PROJECT_PATH],
             ),
             "put": _operation(
@@ -324,7 +335,7 @@ def _paths() -> dict[str, Any]:
                 "(`manual` without `timeout`) only last; options at most 16 KiB of JSON; every "
                 "strategy refuses unknown options and values outside their ranges "
                 "(docs/security.md lists them). Nothing is stored when it is refused.",
-                _responses(_json(_ref("Chain"), "The chain now in use."), *secured, "503"),
+                _responses(_json(_ref("Chain"), "The chain now in use."), *body, "503"),
                 action="strategies_write", parameters=[_PROJECT_PATH],
                 body=_obj({
                     "strategies": {"type": "array", "items": _STRING,
@@ -344,7 +355,7 @@ def _paths() -> dict[str, Any]:
             _responses(_json(_all({
                 "project_id": _STRING,
                 "conflicts": {"type": "array", "items": _ref("ConflictView")},
-            }), "The conflicts."), *secured, "503"),
+            }), "The conflicts."), *query, "503"),
             action="conflicts_read",
             parameters=[_PROJECT_QUERY, _query(
                 "status", {"enum": ["pending", "resolved"]}, "Only conflicts in this state.")],
@@ -361,7 +372,7 @@ def _paths() -> dict[str, Any]:
             action="conflicts_detect",
             body=_obj({
                 "changes": {"type": "array", "items": _ref("Op"), "minItems": 1,
-                            "maxItems": 1000},
+                            "maxItems": 1000, "description": "1 to 1,000 operations."},
                 "projectId": {**_STRING, "description": "Default the token's; must be it."},
             }, ["changes"]),
             examples={"an edit": {"changes": [
@@ -398,7 +409,7 @@ def _paths() -> dict[str, Any]:
             "The samples kept in memory (the last 120, oldest first) for the project and for "
             "the whole server, the alerts firing now and the last health checks.",
             _responses(_json(_ref("PerformanceMetrics"), "Samples, alerts and health."),
-                       "401", "403", "429"),
+                       *token),
             action="performance_metrics", parameters=[_PROJECT_QUERY],
         )},
         "/api/collaboration/performance/report": {"post": _operation(
@@ -409,12 +420,12 @@ def _paths() -> dict[str, Any]:
             _responses(_json_or_csv(
                 _ref("Report"), "The report.",
                 f"The metrics table ({', '.join(REPORT_CSV_COLUMNS)}), an empty line, then the "
-                f"alerts table ({', '.join(REPORT_ALERT_CSV_COLUMNS)}).",
-            ), *secured),
+                f"alerts table ({', '.join(REPORT_ALERT_CSV_COLUMNS)}). {_CSV_SAFE}",
+            ), *body),
             action="performance_report",
             body=_obj({
                 "startDate": _DATE_INPUT,
-                "endDate": {**_DATE_INPUT, "description": "After `startDate`; "
+                "endDate": {**_DATE_INPUT, "description": "After `startDate`. "
                             + _DATE_INPUT["description"]},
                 "format": {"enum": ["json", "csv"], "default": "json"},
                 "projectId": {**_STRING, "description": "Must be the token's; absent: the "
@@ -437,7 +448,7 @@ def _paths() -> dict[str, Any]:
                 "description": "The live feed.",
                 "headers": {"Cache-Control": {"schema": {"const": "no-cache"}}},
                 "content": {"text/event-stream": {"schema": _STRING}},
-            }, "401", "403", "429"),
+            }, *token),
             action="performance_metrics",
             parameters=[_PROJECT_QUERY, _query(
                 "access_token", _STRING,
@@ -449,7 +460,7 @@ def _paths() -> dict[str, Any]:
             "Audit events of the project, newest first. Refusals are stored aggregated (one "
             "row per address, action and user each `audit_refusal_window`, `details.refused` "
             "counting them).",
-            _responses(_json(_ref("AuditEvents"), "The events."), *secured),
+            _responses(_json(_ref("AuditEvents"), "The events."), *query),
             action="audit_read",
             parameters=[
                 _PROJECT_QUERY,
@@ -468,9 +479,8 @@ def _paths() -> dict[str, Any]:
             "as JSON or CSV. Audited as `export`.",
             _responses(_json_or_csv(
                 _ref("AuditEvents"), "The events.",
-                f"Columns {', '.join(AUDIT_CSV_COLUMNS)} (`details` as JSON); cells starting "
-                "with `=`, `+`, `-`, `@`, a tab or a carriage return get a leading `'`.",
-            ), *secured),
+                f"Columns {', '.join(AUDIT_CSV_COLUMNS)} (`details` as JSON). {_CSV_SAFE}",
+            ), *body),
             action="audit_export",
             body=_obj({
                 "projectId": {**_STRING, "description": "Default the token's; must be it."},
@@ -490,7 +500,7 @@ def _paths() -> dict[str, Any]:
             _responses(_json(_all({
                 "projectId": _STRING,
                 "alerts": {"type": "array", "items": _ref("SecurityAlert")},
-            }), "The alerts."), *secured),
+            }), "The alerts."), *query),
             action="security_alerts_read",
             parameters=[_PROJECT_QUERY, _query(
                 "status", {"enum": ["open", "resolved"]}, "Only alerts in this state.")],
@@ -499,7 +509,7 @@ def _paths() -> dict[str, Any]:
             "resolve_security_alert", "security", "Resolve a security alert",
             "Resolves an open alert concerning the project, or a server-wide one concerning "
             "no project, for every project (404 otherwise). Audited as `alert_resolution`.",
-            _responses(_json(_ref("SecurityAlert"), "The resolved alert."), *secured, "404"),
+            _responses(_json(_ref("SecurityAlert"), "The resolved alert."), *body, "404"),
             action="security_alert_resolve",
             parameters=[_path("alert_id", "An open security alert.")],
             body=_obj({
@@ -514,8 +524,8 @@ def _paths() -> dict[str, Any]:
             "were a side of, audit events. Audited as `export`.",
             _responses(_json_or_csv(
                 _ref("GdprExport"), "The user's data.",
-                f"One row per item: {', '.join(GDPR_CSV_COLUMNS)} (`data` as JSON).",
-            ), *secured, "501", "503"),
+                f"One row per item: {', '.join(GDPR_CSV_COLUMNS)} (`data` as JSON). {_CSV_SAFE}",
+            ), *body, "501", "503"),
             action="gdpr_export",
             body=_obj({
                 "userId": {"type": "string", "minLength": 1},
@@ -531,7 +541,7 @@ def _paths() -> dict[str, Any]:
             "agents from their audit trail, and gives the project a new `epoch`. The "
             "project's room closes with 1011 during the rewrite (members reconnect and "
             "resume). Audited as `erasure`.",
-            _responses(_json(_ref("GdprErasure"), "What was erased."), *secured, "501", "503"),
+            _responses(_json(_ref("GdprErasure"), "What was erased."), *body, "501", "503"),
             action="gdpr_erase",
             body=_obj({
                 "userId": {"type": "string", "minLength": 1},
@@ -554,11 +564,15 @@ def _error_codes() -> list[str]:
 def _schemas() -> dict[str, Schema]:
     nullable_number = {"type": ["number", "null"]}
     sample_fields = {name: nullable_number for name in FIELDS}
-    conflict_side = {"type": "object", "properties": {"value": {}, "user_id": _STRING}}
+    current = _obj({"value": {}, "user_id": _STRING, "seq": _INTEGER}, ["value"],
+                   description="The value now, who wrote it and at which seq.")  # fmt: skip
+    incoming = _obj({"value": {}, "user_id": _STRING, "change_id": _STRING}, ["value"],
+                    description="What the conflicting change wanted, whose, which.")  # fmt: skip
     return {
         "Error": _all({"error": _obj({
-            "code": {"enum": _error_codes()},
-            "message": _STRING,
+            "code": {"enum": _error_codes(), "description": "The HTTP status follows it."},
+            "message": {**_STRING, "description": "What is wrong, the field's path first "
+                                                  "(`body.changes[0].op: ...`)."},
             "retry_after_ms": {**_INTEGER, "description": "`rate_limited`: when to retry."},
             "outcome": {"enum": ["not_applied", "unknown"],
                         "description": "`overloaded`: whether anything was applied."},
@@ -604,8 +618,8 @@ def _schemas() -> dict[str, Schema]:
             "prop": {"type": ["string", "null"],
                      "description": "null for a conflicting delete."},
             "base_value": {},
-            "current": conflict_side,
-            "incoming": conflict_side,
+            "current": current,
+            "incoming": incoming,
             "strategy": _STRING,
             "status": {"enum": ["pending", "resolved"]},
         }),
@@ -626,8 +640,8 @@ def _schemas() -> dict[str, Schema]:
                 "element_id": _STRING,
                 "prop": {"type": ["string", "null"]},
                 "base_value": {},
-                "current": conflict_side,
-                "incoming": conflict_side,
+                "current": current,
+                "incoming": incoming,
             })},
         }),
         "Snapshot": _all({

@@ -73,15 +73,24 @@ _ISO_TIME: Schema = {
     "type": "string",
     "description": "ISO 8601, UTC, milliseconds: `2026-11-27T04:35:24.123Z`",
 }
+#: An audit action to filter on: any text (one that names no action matches nothing).
+_ACTION: Schema = {
+    "type": "string",
+    "description": "Only events of this action ("
+    + ", ".join(f"`{action}`" for action in ACTIONS)
+    + "); another text matches none.",
+}
+#: A date a client sends: what Python's ``datetime.fromisoformat`` reads (crealia/_http.py).
 _DATE_TEXT: Schema = {
-    "anyOf": [{"type": "string", "format": "date-time"}, {"type": "string", "format": "date"}],
+    "type": "string",
     "description": "An ISO 8601 date or date-time (UTC when it has no offset).",
+    "examples": ["2026-11-27", "2026-11-27T04:35:24Z", "2026-11-27T05:35:24+01:00"],
 }
 _DATE_INPUT: Schema = {
     "description": "An ISO 8601 date or date-time (UTC when it has no offset) or epoch "
     "milliseconds (0 to the end of year 9999).",
     "anyOf": [
-        *_DATE_TEXT["anyOf"],
+        {"type": "string"},
         {"type": "number", "minimum": 0, "maximum": 253_402_300_799_000},
     ],
 }
@@ -465,10 +474,11 @@ def _paths() -> dict[str, Any]:
             parameters=[
                 _PROJECT_QUERY,
                 _query("userId", _STRING, "Only this user's events."),
-                _query("action", {"enum": list(ACTIONS)}, "Only this action."),
-                _query("startDate", _DATE_TEXT,
-                       "From this ISO 8601 date or date-time (UTC without an offset)."),
-                _query("endDate", _DATE_TEXT, "Before this ISO 8601 date or date-time."),
+                _query("action", _ACTION, _ACTION["description"], example="edit"),
+                _query("startDate", _DATE_TEXT, "From this ISO 8601 date or date-time (UTC "
+                       "without an offset); empty: no bound.", example="2026-11-27"),
+                _query("endDate", _DATE_TEXT, "Before this ISO 8601 date or date-time; empty: "
+                       "no bound.", example="2026-11-28T00:00:00Z"),
                 _query("limit", _INTEGER,
                        "At most this many (default 1000; clamped to 1..10000)."),
             ],
@@ -485,7 +495,7 @@ def _paths() -> dict[str, Any]:
             body=_obj({
                 "projectId": {**_STRING, "description": "Default the token's; must be it."},
                 "userId": _STRING,
-                "action": {"enum": list(ACTIONS)},
+                "action": _ACTION,
                 "startDate": _DATE_INPUT,
                 "endDate": _DATE_INPUT,
                 "limit": {**_INTEGER, "description": "Default 1000; clamped to 1..10000."},

@@ -352,6 +352,11 @@ def edge_app(
             return message
 
         async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not complete:
+                # Answered before its body was read, the connection serves no other request (it
+                # closes after the linger): say so, or a client that reuses it loses the next.
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 linger = header_timeout if complete else EARLY_RESPONSE_LINGER

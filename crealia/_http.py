@@ -24,7 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from . import _gdpr, _wire
+from . import _gdpr, _openapi, _wire
 from ._auth import require
 from ._edge import ASGIApp
 from ._errors import (
@@ -93,9 +93,9 @@ def conflict_view(conflict: Conflict) -> dict[str, Any]:
 
 
 def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp:
-    """The ASGI app served on ``--port``: REST, health, metrics (not ``/ws``: the server puts
-    the route in front)."""
-    app = QuartTrio("crealia")
+    """The ASGI app served on ``--port``: REST, health, metrics, the OpenAPI document (not
+    ``/ws``: the server puts the route in front)."""
+    app = QuartTrio("crealia", static_folder=None)  # no static files: no /static route
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.config["BODY_TIMEOUT"] = hub.config.http_body_timeout  # the socket's deadline: _edge
     registry = CollectorRegistry(auto_describe=False)
@@ -184,6 +184,12 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+
+    described = _wire.dumps(_openapi.document())
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return Response(described, content_type="application/json")
 
     @app.get("/api/collaboration/performance/metrics")
     async def performance_metrics() -> Response:

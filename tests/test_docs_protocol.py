@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
 
 #: Where a reader of the project could follow a reference.
-_SCANNED = ("README.md", "docs", "deploy", "crealia", "tests", "examples", "benchmarks", "plugins")
+_SCANNED = ("README.md", "CHANGELOG.md", "docs", "deploy", "crealia", "tests", "examples",
+            "benchmarks", "plugins", "scripts")  # fmt: skip
 #: The outside contract this project no longer refers to (spelled in pieces so this file passes).
 _FOREIGN = ("../" + "shared", "PROTOCOL" + ".md")
 

@@ -436,3 +436,40 @@ async def test_edge_jwt_secret_flag_warns_and_the_file_is_the_way(
     assert failed.returncode == 2
     assert "is empty" in failed.stderr
     assert json.dumps(SECRET) not in failed.stderr
+
+
+async def test_edge_early_response_says_connection_close(tmp_path: Path) -> None:
+    # A response sent before its request's body was read ends the connection (the body is not
+    # skipped): it must say so, or a keep-alive client sends its next request into a
+    # connection that will not answer it (schemathesis found this: the request after a 401
+    # got nothing and the connection was dropped a second later).
+    async with open_server(make_config(tmp_path / "d")) as server:
+        token = server.issue_token("o", "p1", "owner")
+        with trio.fail_after(10):
+            early = await connect_from("127.0.0.1", server.http_port)
+            await early.send_all(slow_request())  # no token: 401 before the body is read
+            answer = await read_all(early)
+            await early.aclose()
+            # A request whose body was read keeps its connection for the next one.
+            kept = await connect_from("127.0.0.1", server.http_port)
+            body = b'{"startDate": 0, "endDate": 1}'
+            head_lines = [
+                "POST /api/collaboration/performance/report HTTP/1.1",
+                "Host: 127.0.0.1",
+                "Content-Type: application/json",
+                f"Authorization: Bearer {token}",
+                f"Content-Length: {len(body)}",
+            ]
+            await kept.send_all("\r\n".join(head_lines).encode() + b"\r\n\r\n" + body)
+            first = b""
+            while b"\r\n\r\n" not in first:
+                first += await kept.receive_some(65536)
+            await kept.send_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            second = b""
+            while b"HTTP/1.1 200" not in second:
+                second += await kept.receive_some(65536)
+            await kept.aclose()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 401 ")
+    assert b"\r\nconnection: close" in head
+    assert b"connection: close" not in first.split(b"\r\n\r\n", 1)[0].lower()

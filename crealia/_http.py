@@ -11,7 +11,9 @@ import csv
 import datetime
 import io
 import math
+import re
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeVar
 
@@ -509,8 +511,18 @@ def _csv(rows: list[list[Any]], filename: str) -> Response:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows([[csv_safe(c) for c in row] for row in rows])
     response = Response(out.getvalue().encode(), content_type="text/csv; charset=utf-8")
-    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.headers["Content-Disposition"] = _attachment(filename)
     return response
+
+
+def _attachment(filename: str) -> str:
+    """A ``Content-Disposition`` naming ``filename``, whatever ids it holds: an ASCII
+    ``filename`` (other characters made ``_``) and the exact name as RFC 6266's ``filename*``."""
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    if plain == filename:
+        return f'attachment; filename="{filename}"'
+    exact = urllib.parse.quote(filename, safe="")
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{exact}"
 
 
 def _report_rows(report: dict[str, Any]) -> list[list[Any]]:

@@ -735,3 +735,21 @@ async def test_cross_site_websocket_attempts_are_audited_and_alerted(
     assert [e.details["origin"] for e in refused] == ["https://evil.example"]
     assert refused[0].ip_address == "127.0.0.1" and refused[0].project_id is None
     assert [(a.type, a.subject) for a in alerts] == [("suspicious_activity", "ip:127.0.0.1")]
+
+
+async def test_csv_export_names_any_user_id_in_a_valid_header(server: Server) -> None:
+    """A GDPR export of a user id that is not plain ASCII (found by schemathesis: the header
+    was refused by h11 and the request answered 500) names its file in an ASCII ``filename``
+    and the exact id in RFC 6266's ``filename*``."""
+    owner = bearer(server, "olga", "owner")
+    with trio.fail_after(20):
+        odd = await call(server, "POST", "/api/collaboration/gdpr/export",
+                         {"userId": 'ú"é;\x12', "format": "csv"}, owner)  # fmt: skip
+        plain = await call(server, "POST", "/api/collaboration/gdpr/export",
+                           {"userId": "alice", "format": "csv"}, owner)  # fmt: skip
+    assert odd.status_code == 200, odd.text
+    assert odd.headers["content-disposition"] == (
+        'attachment; filename="crealia-user-_____.csv"; '
+        "filename*=UTF-8''crealia-user-%C3%BA%22%C3%A9%3B%12.csv"
+    )
+    assert plain.headers["content-disposition"] == 'attachment; filename="crealia-user-alice.csv"'

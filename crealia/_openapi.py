@@ -381,7 +381,7 @@ def _paths() -> dict[str, Any]:
             action="conflicts_detect",
             body=_obj({
                 "changes": {"type": "array", "items": _ref("Op"), "minItems": 1,
-                            "maxItems": 1000, "description": "1 to 1,000 operations."},
+                            "maxItems": 1000},
                 "projectId": {**_STRING, "description": "Default the token's; must be it."},
             }, ["changes"]),
             examples={"an edit": {"changes": [

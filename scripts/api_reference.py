@@ -168,11 +168,30 @@ def _rows(schema: Schema, prefix: str) -> list[str]:
     rows = []
     for field, spec in schema["properties"].items():
         default = f" Default `{json.dumps(spec['default'])}`." if "default" in spec else ""
+        default = _bounds(spec) + default
         rows.append(f"| `{prefix}{field}` | {_type(spec)} | {'yes' if field in required else 'no'}"
                     f" | {_cell(spec.get('description', '') + default)} |")  # fmt: skip
         if spec.get("type") == "object" and spec.get("properties"):
             rows += _rows(spec, f"{prefix}{field}.")
     return rows
+
+
+def _bounds(schema: Schema) -> str:
+    """The limits a schema states, as a sentence (`` 1 to 128 characters.``), or ""."""
+    for low, high, unit in (
+        ("minLength", "maxLength", " characters"),
+        ("minItems", "maxItems", " items"),
+        ("minimum", "maximum", ""),
+    ):
+        if low in schema or high in schema:
+            if low in schema and high in schema:
+                return f" {schema[low]:,} to {schema[high]:,}{unit}."
+            if high in schema:
+                return f" At most {schema[high]:,}{unit}."
+            if schema[low] == 1 and unit:
+                return " Not empty."
+            return f" At least {schema[low]:,}{unit}."
+    return ""  # fmt: skip
 
 
 def _type(schema: Schema) -> str:

@@ -110,9 +110,9 @@ async def open_server(
 
     ``backplane``: the :class:`~crealia.abc.Backplane` to run on, used as is: the caller opened
     it and closes it after the block (build it from the same config, whose quotas and limits
-    it should share); ``config.backplane_url`` is then not looked at. Without one, the server opens the backplane ``config.backplane_url``
-    names through the ``crealia.backplanes`` entry points (SQLite in ``config.data_dir`` when
-    unset) and closes it after everything else.
+    it should share); ``config.backplane_url`` is then not looked at. Without one, the server
+    opens the backplane ``config.backplane_url`` names through the ``crealia.backplanes`` entry
+    points (SQLite in ``config.data_dir`` when unset) and closes it after everything else.
 
     The block starts once both ports accept connections. Leaving it (or cancelling it) shuts the
     server down gracefully, then flushes and closes the stores.

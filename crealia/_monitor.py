@@ -324,9 +324,7 @@ class Monitor:
     def _checks(self) -> dict[str, HealthProbe]:
         """The server's checks and the backplane's, by name; a name both have runs the
         backplane's probe, then the server's (the first failure is the check's)."""
-        checks: dict[str, HealthProbe] = {}
-        for name, probe in self.backplane.health_checks().items():
-            checks[name] = probe
+        checks = dict(self.backplane.health_checks())
         own: dict[str, HealthProbe] = {"storage": self.ops.probe}
         for name, probe in own.items():
             theirs = checks.get(name)

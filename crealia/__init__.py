@@ -45,9 +45,8 @@ from ._sequencing import ChangeRecord, PreparedWrite, Sequencer
 from ._server import Server, open_server, serve
 from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
 from ._transport import Acceptor, Connection, HandshakeRefusal
+from ._version import __version__ as __version__
 from ._wire import Comment, TimelineChange
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DECLINE",

@@ -37,7 +37,6 @@ import attrs
 import jwt
 import trio
 
-from . import __version__
 from ._aiproviders import AIProviderSettings, redact_url
 from ._auth import (
     SECRET_FILE,
@@ -65,6 +64,7 @@ from ._plugins import (
 from ._ratelimit import rate_limits
 from ._server import open_server
 from ._settle import Settler
+from ._version import __version__
 
 #: The entry-point group of backplanes (``crealia.backplanes``), listed by ``crealia plugins``.
 BACKPLANE_GROUP = "crealia.backplanes"

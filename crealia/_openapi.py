@@ -27,6 +27,7 @@ from ._audit import ACTIONS, SEVERITIES
 from ._auth import REQUIRED_ROLE
 from ._monitor import FIELDS
 from ._security import ALERT_TYPES
+from ._version import __version__
 
 Schema = dict[str, Any]
 
@@ -789,8 +790,6 @@ over a connection cap. A request whose headers or body do not arrive within
 
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the HTTP app (a new dict each call)."""
-    from . import __version__  # the package imports this module: read it once loaded
-
     return {
         "openapi": "3.1.0",
         "info": {

@@ -13,9 +13,24 @@ from crealia import Config, Server, open_server
 from crealia._storage import Store
 from crealia.backplanes.sqlite import SQLiteBackplane
 
+from ._netns import enter_loopback_namespace, loopback_only_reason
 from ._wsclient import RawClient, open_raw_client
 
 JWT_SECRET = "test-secret-of-at-least-32-bytes-long!!"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test, server or thread: the suite runs on a network that is only loopback.
+    enter_loopback_namespace()
+
+
+@pytest.fixture
+def loopback_only() -> None:
+    """Skip the test, saying why, unless the suite runs in a loopback-only network namespace
+    (WebRTC tests: their peers would otherwise gather every interface of the machine)."""
+    reason = loopback_only_reason()
+    if reason is not None:
+        pytest.skip(f"WebRTC media must stay on loopback: {reason}")
 
 
 def make_config(data_dir: Path, **overrides: object) -> Config:

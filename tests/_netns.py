@@ -35,7 +35,7 @@ def enter_loopback_namespace() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         error = os.strerror(ctypes.get_errno())
-        _refused = f"cannot create a network namespace (unshare(CLONE_NEWNET): {error}; run as root)"
+        _refused = f"cannot create a network namespace (unshare: {error}; run as root)"
         return
     try:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True,

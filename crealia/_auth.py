@@ -29,6 +29,7 @@ REST_ROLES: Mapping[str, Role] = MappingProxyType({
     "snapshot_read": "viewer",
     "conflicts_read": "viewer",
     "conflicts_detect": "editor",
+    "live_read": "viewer",
     "strategies_read": "viewer",
     "strategies_write": "owner",
     "performance_metrics": "owner",

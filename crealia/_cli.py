@@ -108,6 +108,9 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--log-format", "log_format", "json or text (default json; CREALIA_LOG_FORMAT)"),
     ("--log-level", "log_level",
      "debug, info, warning or error (default warning, debug with --dev; CREALIA_LOG_LEVEL)"),
+    ("--webrtc-listen-ip", "webrtc_listen_ips",
+     "the addresses the server's WebRTC peers take media on, comma-separated (default every "
+     "non-loopback address; WEBRTC_LISTEN_IPS)"),
     ("--strategies", "strategy_chain",
      "default strategy chain, comma-separated (default merge,priority)"),
 )  # fmt: skip

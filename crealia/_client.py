@@ -576,6 +576,93 @@ class ClientSession:
         await self.request("ping", {"t": int(time.time() * 1000)})
         return trio.current_time() - start
 
+    # ------------------------------------------------------------------------ live sessions
+
+    async def live_start(self, kind: str = "camera", mode: str = "p2p") -> dict[str, Any]:
+        """Go live (``live_start``): ``kind`` ``camera`` or ``screen``, ``mode`` ``p2p`` (the
+        server only signals) or ``relay`` (the server is a peer). Returns the ack:
+        ``session_id``, ``kind``, ``mode``, ``ice_servers``. Needs the editor role.
+
+        Raises:
+            ServerError: e.g. ``forbidden`` (a viewer or commenter), ``overloaded`` (the
+                project has as many live sessions as it may). ConnectionLost, ClientClosed: as
+                for :meth:`request`.
+        """
+        return await self.request("live_start", {"kind": kind, "mode": mode})
+
+    async def live_join(self, session_id: str) -> dict[str, Any]:
+        """Watch a live session (``live_join``). Returns the ack: ``session_id``, ``host``,
+        ``kind``, ``mode``, ``ice_servers``, ``viewers``.
+
+        Raises:
+            ServerError: ``not_found`` (no such session), ``overloaded`` (at its viewer limit).
+                ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        return await self.request("live_join", {"session_id": session_id})
+
+    async def live_leave(self, session_id: str) -> None:
+        """Stop watching a live session (``live_leave``); the host leaving ends it.
+
+        Raises:
+            ServerError, ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        await self.request("live_leave", {"session_id": session_id})
+
+    async def live_stop(self, session_id: str) -> None:
+        """End a live session (``live_stop``): its host or an owner.
+
+        Raises:
+            ServerError: ``forbidden`` (neither host nor owner), ``not_found``.
+                ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        await self.request("live_stop", {"session_id": session_id})
+
+    async def signal(
+        self,
+        session_id: str,
+        to: str,
+        *,
+        description: Mapping[str, Any] | None = None,
+        candidate: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send a WebRTC description (``{"type", "sdp"}``) or ICE candidate to a member of a
+        live session, or to ``"server"`` in a relay session (``webrtc_signal``, acked).
+        Signals sent to this session arrive as ``webrtc_signal`` pushes with ``from``.
+
+        Raises:
+            ServerError: ``not_found`` (``to`` is not in the session), ``forbidden`` (this
+                connection is not), ``bad_request``/``too_large`` (not a description or
+                candidate). ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        data: dict[str, Any] = {"session_id": session_id, "to": to}
+        if description is not None:
+            data["description"] = dict(description)
+        if candidate is not None:
+            data["candidate"] = dict(candidate)
+        await self.request("webrtc_signal", data)
+
+    async def stream_stats(
+        self,
+        session_id: str,
+        *,
+        bitrate_kbps: float,
+        rtt_ms: float,
+        packet_loss: float,
+        fps: float = 0.0,
+        width: int = 0,
+        height: int = 0,
+    ) -> None:
+        """Report this connection's media statistics (``stream_stats``, about once a second);
+        a viewer's feed the server's quality choice, answered with ``quality_change`` pushes.
+
+        Raises:
+            ServerError, ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        await self.request("stream_stats", {
+            "session_id": session_id, "bitrate_kbps": bitrate_kbps, "rtt_ms": rtt_ms,
+            "packet_loss": packet_loss, "fps": fps, "width": width, "height": height,
+        })  # fmt: skip
+
     # ----------------------------------------------------------------------------- pushes
 
     async def receive(self) -> Push:

@@ -22,6 +22,7 @@ never shown.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 import tomllib
@@ -163,6 +164,56 @@ def _is_ops_max_bytes(value: object) -> bool:
 
 
 _ops_max_bytes = _Rule("0 (no cap) or an integer from 1 MiB to 1 PiB", _is_ops_max_bytes)
+
+
+def parse_listen_ips(value: Any) -> tuple[str, ...]:
+    """``webrtc_listen_ips``: IP addresses (IPv4 or IPv6) the machine has, not a wildcard.
+
+    Raises:
+        ConfigurationError: an entry that is no IP address, or is ``0.0.0.0``/``::``.
+    """
+    entries = comma_list(value) if isinstance(value, str) else tuple(value)
+    for entry in entries:
+        try:
+            address = ipaddress.ip_address(entry)
+        except ValueError:
+            raise ConfigurationError(
+                f"webrtc_listen_ips: {entry!r} is not an IP address (e.g. 192.0.2.10)"
+            ) from None
+        if address.is_unspecified:
+            raise ConfigurationError(
+                f"webrtc_listen_ips: {entry!r} is a wildcard; name the addresses media should "
+                "reach (leave the setting empty for every address of the machine)"
+            )
+    return entries
+
+
+def parse_stun_urls(value: Any) -> tuple[str, ...]:
+    """``webrtc_stun_servers``: ``stun:``/``stuns:`` URLs (:func:`parse_ice_urls`)."""
+    return parse_ice_urls(value, ("stun", "stuns"))
+
+
+def parse_turn_urls(value: Any) -> tuple[str, ...]:
+    """``webrtc_turn_servers``: ``turn:``/``turns:`` URLs (:func:`parse_ice_urls`)."""
+    return parse_ice_urls(value, ("turn", "turns"))
+
+
+def parse_ice_urls(value: Any, schemes: tuple[str, ...]) -> tuple[str, ...]:
+    """``webrtc_stun_servers`` / ``webrtc_turn_servers``: URLs of one of ``schemes``.
+
+    Raises:
+        ConfigurationError: an entry with another scheme or no host.
+    """
+    entries = comma_list(value) if isinstance(value, str) else tuple(value)
+    setting = "webrtc_stun_servers" if "stun" in schemes else "webrtc_turn_servers"
+    for entry in entries:
+        scheme, _, rest = entry.partition(":")
+        if scheme.lower() not in schemes or not rest.split("?")[0].strip("/"):
+            raise ConfigurationError(
+                f"{setting}: {entry!r} is not a {' or '.join(schemes)} URL (e.g. "
+                f"{schemes[0]}:host.example.com:3478)"
+            )
+    return entries
 
 
 @attrs.frozen(kw_only=True)
@@ -377,6 +428,34 @@ class Config:
     #: Seconds between deletions of audit events, metric samples and resolved alerts past
     #: their retention (1 .. 86,400; a failed pruning is retried sooner, with a backoff).
     retention_interval: float = attrs.field(default=3600.0, validator=_float_range(1, 86_400))
+    # --- live sessions (WebRTC, docs/protocol.md §8)
+    #: The addresses the server's own WebRTC peers (relay sessions) gather host candidates on,
+    #: i.e. where media reaches the server; empty: every non-loopback address of the machine.
+    webrtc_listen_ips: tuple[str, ...] = attrs.field(default=(), converter=parse_listen_ips)
+    #: STUN and TURN server URLs (``stun:host:port``, ``turn:host:port?transport=udp``) given
+    #: to every peer of a live session as ``ice_servers``, the server's own peers included.
+    webrtc_stun_servers: tuple[str, ...] = attrs.field(default=(), converter=parse_stun_urls)
+    webrtc_turn_servers: tuple[str, ...] = attrs.field(default=(), converter=parse_turn_urls)
+    #: The TURN servers' username and credential (long-term credentials), if they need them.
+    webrtc_turn_username: str | None = attrs.field(default=None, repr=False)
+    webrtc_turn_credential: str | None = attrs.field(default=None, repr=False)
+    #: Live sessions one project may have at once (1 to 100).
+    live_sessions_per_project: int = attrs.field(default=4, validator=_int_range(1, 100))
+    #: Viewers of one ``p2p`` session at most (1 to 64): the host sends one stream to each.
+    live_p2p_viewers: int = attrs.field(default=8, validator=_int_range(1, 64))
+    #: Share of one CPU core, in percent (1 to 6,400), that one ``relay`` session may use: the
+    #: server decodes the host's video once and encodes it for each viewer, so this sets the
+    #: session's viewer limit (docs/live.md gives the measured cost of a viewer per rung).
+    live_relay_cpu_budget: float = attrs.field(default=100.0, validator=_float_range(1, 6400))
+    #: Largest SDP in a ``webrtc_signal`` (bytes, 1 KiB to 60 KiB) and largest candidate line.
+    live_sdp_max_bytes: int = attrs.field(default=32 * 1024, validator=_int_range(1024, 60 * 1024))
+    live_candidate_max_bytes: int = attrs.field(default=1024, validator=_int_range(64, 8192))
+    #: Seconds a viewer's quality must hold without trouble before it goes up a rung (the
+    #: period doubles after a rise that had to be undone), 1 to 600.
+    live_stable_period: float = attrs.field(default=10.0, validator=_float_range(1, 600))
+    #: Seconds the server's peers have to close when a session ends, and the server to set one
+    #: of them up (answer an offer), 0.5 to 60.
+    live_peer_timeout: float = attrs.field(default=5.0, validator=_float_range(0.5, 60))
     # --- backplane (issue 11): which backplane a server opens when none is passed in
     #: The backplane's URL (``--backplane``, ``CREALIA_BACKPLANE``): its scheme names the entry
     #: point of the ``crealia.backplanes`` group that opens it, e.g. ``sqlite:`` (SQLite in
@@ -600,7 +679,8 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 #: Settings whose values are never shown, in messages or by ``crealia check-config``.
-SECRET_SETTINGS = frozenset({"jwt_secret", "jwt_secrets", "ai_providers"})
+SECRET_SETTINGS = frozenset({"jwt_secret", "jwt_secrets", "ai_providers",
+                             "webrtc_turn_credential"})  # fmt: skip
 
 
 def _field(name: str) -> attrs.Attribute[Any]:
@@ -881,6 +961,12 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_OPS_MAX_BYTES", "ops_max_bytes", int),
     ("CREALIA_MAX_MEMBERS_PER_PROJECT", "max_members_per_project", int),
     ("CREALIA_RETENTION_INTERVAL", "retention_interval", float),
+    ("WEBRTC_LISTEN_IPS", "webrtc_listen_ips", comma_list),
+    ("WEBRTC_STUN_SERVERS", "webrtc_stun_servers", comma_list),
+    ("WEBRTC_TURN_SERVERS", "webrtc_turn_servers", comma_list),
+    ("WEBRTC_TURN_USERNAME", "webrtc_turn_username", str),
+    ("WEBRTC_TURN_CREDENTIAL", "webrtc_turn_credential", str),
+    ("CREALIA_LIVE_RELAY_CPU_BUDGET", "live_relay_cpu_budget", float),
     # --- cli
     ("CREALIA_LOG_LEVEL", "log_level", str),
 ]

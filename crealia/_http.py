@@ -291,6 +291,15 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         return _json({"project_id": project_id,
                       "conflicts": [conflict_view(c) for c in conflicts]})  # fmt: skip
 
+    @app.get("/api/collaboration/live")
+    async def list_live_sessions() -> Response:
+        user = bearer("live_read")
+        project_id = project_param(user)
+        room = hub.rooms.rooms.get(project_id)
+        sessions = [] if room is None else [s.details() for s in room.live.sessions.values()
+                                            if not s.ended]  # fmt: skip
+        return _json({"project_id": project_id, "sessions": sessions})
+
     @app.post("/api/collaboration/conflicts/detect")
     async def detect_conflicts() -> Response:
         user = bearer("conflicts_detect")

@@ -287,6 +287,10 @@ class ServerCollector(Collector):
         for (rule, level), count in sorted(counts.items()):
             firing.add_metric([rule, level], count)
         yield firing
+        # --- live sessions
+        rooms = getattr(monitor.hub, "rooms", None)
+        if rooms is not None:
+            yield from live_metrics(rooms)
         # --- hardening: audit
         audit = monitor.hub.audit
         for name, doc, value in (
@@ -388,3 +392,37 @@ def _labelled(family: Any, name: str, doc: str, label: str, values: Mapping[str,
     for key, value in sorted(values.items()):
         metric.add_metric([key], value)
     return metric  # type: ignore[no-any-return]
+
+
+def live_metrics(rooms: Any) -> Iterator[Metric]:
+    """The live sessions' families: open now (by mode, viewers by rung, their statistics) and
+    the counters since start (labels: modes, reasons and rungs, all the protocol's own)."""
+    from ._live import live_figures  # the room layer imports this module
+
+    figures = live_figures(live for room in list(rooms.rooms.values())
+                           for live in room.live.sessions.values())  # fmt: skip
+    totals = rooms.live_totals
+    yield _labelled(GaugeMetricFamily, "crealia_live_sessions", "Live sessions open, by mode.",
+                    "mode", figures["sessions"])  # fmt: skip
+    yield _labelled(GaugeMetricFamily, "crealia_live_viewers",
+                    "Connections watching a live session, by the rung they are sent.", "quality",
+                    figures["viewers"])  # fmt: skip
+    stats = GaugeMetricFamily("crealia_live_viewer_stat", "Live viewers' latest statistics: "
+                              "average and worst (bitrate_kbps, rtt_ms, packet_loss).",
+                              labels=["stat", "of"])  # fmt: skip
+    for name, (average, worst) in figures["stats"].items():
+        stats.add_metric([name, "avg"], average)
+        stats.add_metric([name, "max"], worst)
+    yield stats
+    yield _labelled(CounterMetricFamily, "crealia_live_sessions_started",
+                    "Live sessions started, by mode.", "mode", totals.started)  # fmt: skip
+    yield _labelled(CounterMetricFamily, "crealia_live_sessions_ended",
+                    "Live sessions ended, by reason.", "reason", totals.ended)  # fmt: skip
+    yield _labelled(CounterMetricFamily, "crealia_live_quality_changes",
+                    "Quality changes sent to viewers, by reason.", "reason",
+                    totals.quality_changes)  # fmt: skip
+    for name, doc, value in (
+        ("live_signals_forwarded", "WebRTC signals forwarded between members.", totals.signals),
+        ("live_offers_answered", "Offers the server's relay peers answered.", totals.answered),
+    ):  # fmt: skip
+        yield CounterMetricFamily(f"crealia_{name}", doc, value=value)

@@ -192,8 +192,9 @@ class Monitor:
         hub = self.hub
         rooms = list(hub.rooms.rooms.values())
         users: set[str] = set()
-        sessions = projects = 0
+        sessions = projects = streams = 0
         for room in rooms:
+            streams += len(room.live.sessions)
             if room.sessions:
                 projects += 1
                 sessions += len(room.sessions)
@@ -203,7 +204,7 @@ class Monitor:
             "activeProjects": projects,
             "activeSessions": sessions,
             "websocketConnections": len(hub.live),
-            "webrtcStreams": 0,  # live sessions are not served yet: none can exist
+            "webrtcStreams": streams,
         }
 
     def _global_sample(self, now: float) -> dict[str, Any]:
@@ -231,7 +232,8 @@ class Monitor:
             "activeUsers": len(room.users()),
             "activeSessions": len(room.sessions),
             "websocketConnections": len(room.sessions),
-            "webrtcStreams": 0,
+            "webrtcStreams": len(room.live.sessions),
+            "webrtc": [live.summary() for live in room.live.sessions.values()],
         }
         sample.update(self._rates(project_id, room.traffic, room.opened_at))
         return sample

@@ -370,6 +370,18 @@ def _paths() -> dict[str, Any]:
             parameters=[_PROJECT_QUERY, _query(
                 "status", {"enum": ["pending", "resolved"]}, "Only conflicts in this state.")],
         )},
+        "/api/collaboration/live": {"get": _operation(
+            "list_live_sessions", "live", "List live sessions",
+            "The project's live sessions open on this process (docs/protocol.md §8), each with "
+            "its members: the host's and viewers' connections, the rung each viewer is sent, "
+            "its latest `stream_stats` and, in relay mode, the server's own statistics of its "
+            "connection.",
+            _responses(_json(_all({
+                "project_id": _STRING,
+                "sessions": {"type": "array", "items": _ref("LiveSession")},
+            }), "The live sessions."), *query),
+            action="live_read", parameters=[_PROJECT_QUERY],
+        )},
         "/api/collaboration/conflicts/detect": {"post": _operation(
             "detect_conflicts", "conflicts", "Dry-run a change",
             "Checks operations against the document as `timeline_change` would and says "
@@ -634,6 +646,24 @@ def _schemas() -> dict[str, Schema]:
             "strategy": _STRING,
             "status": {"enum": ["pending", "resolved"]},
         }),
+        "LiveSession": _all({
+            "session_id": _ID,
+            "host": _STRING,
+            "kind": {"enum": ["camera", "screen"]},
+            "mode": {"enum": ["p2p", "relay"]},
+            "viewers": {"type": "array", "items": _STRING},
+            "started_at": _EPOCH_MS,
+            "host_size": _nullable({"type": "array", "items": _INTEGER}),
+            "quality_changes": _INTEGER,
+            "members": {"type": "array", "items": _all({
+                "user_id": _STRING,
+                "connection": _STRING,
+                "role": {"enum": ["host", "viewer"]},
+                "quality": _nullable({"enum": ["360p", "480p", "720p", "1080p"]}),
+                "stats": _nullable(_ANY_OBJECT),
+                "link": _nullable(_ANY_OBJECT),
+            })},
+        }),
         "ConflictView": {"allOf": [_ref("Conflict"), _all({
             "created_at": _EPOCH_MS,
             "resolution": _nullable(_obj({
@@ -805,6 +835,7 @@ def document() -> dict[str, Any]:
             {"name": "projects", "description": "A project's document."},
             {"name": "strategies", "description": "How a project's conflicts are settled."},
             {"name": "conflicts", "description": "Conflicts: list, dry-run, settle by hand."},
+            {"name": "live", "description": "Live sessions (WebRTC) and their statistics."},
             {"name": "performance", "description": "Metric samples, reports, the live feed."},
             {"name": "audit", "description": "The audit log."},
             {"name": "security", "description": "Security alerts."},

@@ -176,13 +176,12 @@ PROTOCOL: Mapping[str, MessageType] = table([
                 presence=None, handler="handle_users_request"),
     MessageType(name="ping", data=_wire.Ping, role="viewer", rate_class="other",
                 presence=None, handler="handle_ping"),
-    # Live sessions are not served yet (§8): their roles and rates apply, then a refusal.
+    # Live sessions (§8). The host (live_stop) and session members (webrtc_signal,
+    # stream_stats) are checked where handled: the role here is the least any sender needs.
     MessageType(name="live_start", data=_wire.LiveStart, role="editor", rate_class="signal",
                 presence=None, handler="handle_live_start"),
-    # The host (live_stop) and session members (webrtc_signal, stream_stats) are checked where
-    # handled: the role here is the least any sender needs.
     *(MessageType(name=name, data=data, role="viewer", rate_class="signal", presence=None,
-                  handler="handle_live_session")
+                  handler=f"handle_{name}")
       for name, data in (("live_join", _wire.LiveRef), ("live_leave", _wire.LiveRef),
                          ("live_stop", _wire.LiveRef), ("webrtc_signal", _wire.WebrtcSignal),
                          ("stream_stats", _wire.StreamStats))),

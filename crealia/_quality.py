@@ -138,19 +138,26 @@ def _decision(index: int, reason: str) -> Decision:
     return Decision(quality=rung.name, max_bitrate_kbps=rung.max_kbps, reason=reason)
 
 
-def _trouble(sample: Sample, rung: Rung) -> str | None:
-    """The reason ``sample`` calls for going down from ``rung``, by precedence; None if clean."""
+def _trouble(sample: Sample, rung: Rung, *, bandwidth: bool = True) -> str | None:
+    """The reason ``sample`` calls for going down from ``rung``, by precedence; None if clean.
+    ``bandwidth`` False: the bitrate is not judged (the sender is still ramping up)."""
     if sample.packet_loss > LOSS_DOWN:
         return "loss"
     if sample.rtt_ms > RTT_DOWN_MS:
         return "rtt"
-    if sample.bitrate_kbps < rung.need_kbps:
+    if bandwidth and sample.bitrate_kbps < rung.need_kbps:
         return "bandwidth"
     return None
 
 
 def calculate_optimal_quality(
-    window: Sequence[Sample], current: str, *, ceiling: str, since_change: float, stable_for: float
+    window: Sequence[Sample],
+    current: str,
+    *,
+    ceiling: str,
+    since_change: float,
+    stable_for: float,
+    ramp: float = 0.0,
 ) -> Decision | None:
     """The rung a viewer at ``current`` should move to, or None to stay.
 
@@ -172,6 +179,11 @@ def calculate_optimal_quality(
     The ceiling only bounds going up: a viewer above it is left for
     :meth:`QualityController.set_ceiling` to bring down.
 
+    ``ramp``: for that many seconds after a change the bitrate is not judged (loss and delay
+    still are). A sender moved up a rung takes a moment to reach the new rung's bitrate, and
+    until it does, what it sends is at most the old rung's cap, which is the new rung's need:
+    judged at once, every rise would be undone by the next sample.
+
     Raises:
         ValueError: ``current`` or ``ceiling`` is no rung's name.
     """
@@ -179,7 +191,8 @@ def calculate_optimal_quality(
     if not window:
         return None
     latest = window[-1]
-    reason = _trouble(latest, LADDER[here])
+    changed = latest.at - since_change
+    reason = _trouble(latest, LADDER[here], bandwidth=since_change >= ramp)
     if reason is not None:
         if here == 0:
             return None
@@ -191,7 +204,8 @@ def calculate_optimal_quality(
     start = latest.at - stable_for
     if window[0].at > start:
         return None
-    if any(_trouble(s, LADDER[here]) for s in window if s.at > start):
+    if any(_trouble(s, LADDER[here], bandwidth=s.at - changed >= ramp)
+           for s in window if s.at > start):  # fmt: skip
         return None
     return _decision(here + 1, "stable")
 
@@ -222,6 +236,7 @@ class QualityController:
         stable_for: float = 10.0,
         window: float = 30.0,
         max_stable_for: float = 80.0,
+        ramp: float = 3.0,
     ) -> None:
         _index(ceiling)
         durations = (stable_for, window, max_stable_for)
@@ -236,6 +251,9 @@ class QualityController:
         self._period = stable_for
         self._window = window
         self._max_period = max_stable_for
+        self._ramp = ramp
+        #: Whether the last change was a rise (the sender ramps up: see ``ramp``).
+        self._rose = False
         self._samples: deque[Sample] = deque(maxlen=MAX_SAMPLES)
         #: When the rung last changed; None until the next sample (which then starts the clock).
         self._changed_at: float | None = None
@@ -278,6 +296,7 @@ class QualityController:
         self._current = name
         self._changed_at = None
         self._up_at = None
+        self._rose = False
         return _decision(top, "ceiling")
 
     def observe(self, sample: Sample) -> Decision | None:
@@ -309,9 +328,11 @@ class QualityController:
             ceiling=self._ceiling,
             since_change=sample.at - self._changed_at,
             stable_for=self._period,
+            ramp=self._ramp if self._rose else 0.0,
         )
         if decision is None:
             return None
+        self._rose = decision.reason == "stable"
         if decision.reason == "stable":
             self._up_at = sample.at
         elif self._up_at is not None:

@@ -31,6 +31,7 @@ from ._backplane import Backplane
 from ._config import Config
 from ._errors import CrealiaError, Overloaded, RoomError
 from ._jobs import JobFailures
+from ._live import LiveSessions, LiveTotals
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Conflict, DurableEvent, Ephemeral, User
@@ -150,6 +151,8 @@ class Room:
     #: Trio time the oldest message waiting for the next flush arrived, and of the last tick.
     _since: float = 0.0
     _last_tick: float = -math.inf
+    #: The room's live sessions (WebRTC, docs/protocol.md §8).
+    live: LiveSessions = attrs.Factory(lambda self: LiveSessions(self), takes_self=True)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -210,6 +213,15 @@ class Room:
     def close(self) -> None:
         """Close the room now (its sessions are closed with 1011)."""
         self._cancel.cancel()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """Where the room's tasks run (its live sessions too); None once it has closed."""
+        return self._nursery
+
+    def broadcast(self, frame: bytes) -> None:
+        """Send ``frame`` to every member of the room on this process (and those joining)."""
+        self._enqueue(frame, None, None)
 
     async def _idle_watch(self, scope: trio.CancelScope) -> None:
         while True:
@@ -273,6 +285,7 @@ class Room:
     def remove(self, session: Session) -> None:
         """Take a session out of the room (joining or member); the last one out leaves."""
         self._joining.pop(session.id, None)
+        self.live.connection_left(session)
         if self.sessions.pop(session.id, None) is not None:
             member = self.members.get(session.user.id)
             if member is not None:
@@ -513,6 +526,8 @@ class RoomManager:
     blocked: set[str] = attrs.Factory(set)
     #: Where the rooms' job failures are counted.
     jobs: JobFailures = attrs.Factory(JobFailures)
+    #: The live sessions' counters, over every room.
+    live_totals: LiveTotals = attrs.Factory(LiveTotals)
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -531,6 +531,7 @@ class Hub:
         data["seq"] = seq
         data["users"] = room.users()
         data["pending_conflicts"] = [c.to_wire() for c in conflicts if c.status == "pending"]
+        data["live_sessions"] = room.live.to_wire()
         if events is None:
             data["snapshot"] = snapshot
         else:
@@ -735,22 +736,78 @@ class Hub:
     async def handle_live_start(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
-        """``live_start``: refused, live sessions are not served yet (docs/protocol.md §8).
+        """``live_start``: a live session hosted by this connection (docs/protocol.md §8).
 
         Raises:
-            BadRequest: always.
+            Overloaded: the project has as many live sessions as it may.
         """
-        raise BadRequest("type: live sessions are not enabled on this server")
+        live = await room.live.start(session, envelope.data)
+        self._audit(session, "live_start", f"live:{live.id}", {"kind": live.kind,
+                                                                "mode": live.mode})  # fmt: skip
+        return "ack", {"session_id": live.id, "kind": live.kind, "mode": live.mode,
+                       "ice_servers": live.ice_servers}  # fmt: skip
 
-    async def handle_live_session(
+    async def handle_live_join(
         self, session: Session, room: Room, envelope: _wire.Envelope
     ) -> tuple[str, Any]:
-        """The messages about one live session (join, leave, stop, signal, stats).
+        """``live_join``: this connection watches the session.
 
         Raises:
-            NotFound: always: no live session can exist yet (docs/protocol.md §8).
+            NotFound: no such session. Overloaded: it is at its viewer limit.
         """
-        raise NotFound(f"data.session_id: no live session {envelope.data.session_id!r}")
+        live = room.live.join(session, envelope.data.session_id)
+        self._audit(session, "live_join", f"live:{live.id}", {"host": live.host})
+        return "ack", {"session_id": live.id, "host": live.host, "kind": live.kind,
+                       "mode": live.mode, "ice_servers": live.ice_servers,
+                       "viewers": live.viewers()}  # fmt: skip
+
+    async def handle_live_leave(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``live_leave``: this connection stops watching (the host's last one ends it).
+
+        Raises:
+            NotFound: no such session. Forbidden: this connection is not in it.
+        """
+        room.live.leave(session, envelope.data.session_id)
+        self._audit(session, "live_leave", f"live:{envelope.data.session_id}", {})
+        return "ack", {}
+
+    async def handle_live_stop(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``live_stop``: the host or an owner ends the session.
+
+        Raises:
+            NotFound: no such session. Forbidden: neither its host nor an owner.
+        """
+        live = room.live.stop(session, envelope.data.session_id)
+        self._audit(session, "live_stop", f"live:{live.id}", {"host": live.host})
+        return "ack", {}
+
+    async def handle_webrtc_signal(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``webrtc_signal``: forwarded to its target's connections in the session, or taken
+        by the server's peer in a relay session.
+
+        Raises:
+            NotFound, Forbidden, BadRequest, TooLarge, Overloaded: as
+            :meth:`crealia._live.LiveSessions.signal`.
+        """
+        await room.live.signal(session, envelope.data)
+        return "ack", {}
+
+    async def handle_stream_stats(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``stream_stats``: a member's statistics, kept and fed to its quality controller.
+
+        Raises:
+            NotFound, Forbidden, BadRequest: as :meth:`crealia._live.LiveSessions.stats`.
+        """
+        room.live.stats(session, envelope.data)
+        return "ack", {}
 
     async def resolve_by_hand(
         self,

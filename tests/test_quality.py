@@ -401,3 +401,26 @@ def test_frame_sizes_must_be_positive() -> None:
         rung_for_size(0, 720)
     with pytest.raises(ValueError, match="1280x-1"):
         fit(RUNGS["720p"], 1280, -1)
+
+
+def test_controller_gives_a_rise_time_to_ramp_before_judging_its_bitrate() -> None:
+    # At 360p (cap 800) a viewer receives at most ~790 kbps; the rise to 480p needs 800. Judged
+    # at once, the first sample after the rise would undo it.
+    controller = QualityController(ceiling="480p", stable_for=10.0, ramp=3.0)
+    controller.observe(Sample(at=0, bitrate_kbps=300, rtt_ms=20, packet_loss=0.0))
+    assert controller.current == "360p"
+    decisions = {}
+    for t in range(1, 20):
+        decision = controller.observe(Sample(at=t, bitrate_kbps=790, rtt_ms=20, packet_loss=0.0))
+        if decision is not None:
+            decisions[t] = (decision.quality, decision.reason)
+    # Up after the stable period; the bitrate under 480p's need is judged only 3 s later.
+    assert decisions == {10: ("480p", "stable"), 13: ("360p", "bandwidth")}
+    # Loss is judged at once, ramp or not.
+    controller = QualityController(ceiling="480p", stable_for=10.0, ramp=3.0)
+    controller.observe(Sample(at=0, bitrate_kbps=300, rtt_ms=20, packet_loss=0.0))
+    for t in range(1, 12):
+        controller.observe(Sample(at=t, bitrate_kbps=1000, rtt_ms=20, packet_loss=0.0))
+    assert controller.current == "480p"
+    decision = controller.observe(Sample(at=12, bitrate_kbps=1000, rtt_ms=20, packet_loss=0.2))
+    assert decision is not None and (decision.quality, decision.reason) == ("360p", "loss")

@@ -100,6 +100,22 @@ def test_config_file_values_are_typed_and_named_with_the_file(
         ({"REDIS_URL": "redis://:hunter2@h:x"},
          "REDIS_URL='redis://:***@h:x': redis_url must be a redis://host[:port], "
          "rediss://host[:port] or unix:///path URL"),
+        ({"WEBRTC_LISTEN_IPS": "10.0.0.1,nope"},
+         "WEBRTC_LISTEN_IPS='10.0.0.1,nope': webrtc_listen_ips: 'nope' is not an IP address "
+         "(e.g. 192.0.2.10)"),
+        ({"WEBRTC_LISTEN_IPS": "0.0.0.0"},
+         "WEBRTC_LISTEN_IPS='0.0.0.0': webrtc_listen_ips: '0.0.0.0' is a wildcard; name the "
+         "addresses media should reach (leave the setting empty for every address of the "
+         "machine)"),
+        ({"WEBRTC_STUN_SERVERS": "http://x"},
+         "WEBRTC_STUN_SERVERS='http://x': webrtc_stun_servers: 'http://x' is not a stun or "
+         "stuns URL (e.g. stun:host.example.com:3478)"),
+        ({"WEBRTC_TURN_SERVERS": "turn:"},
+         "WEBRTC_TURN_SERVERS='turn:': webrtc_turn_servers: 'turn:' is not a turn or turns URL "
+         "(e.g. turn:host.example.com:3478)"),
+        ({"CREALIA_LIVE_RELAY_CPU_BUDGET": "0"},
+         "CREALIA_LIVE_RELAY_CPU_BUDGET='0': live_relay_cpu_budget must be a number from 1 to "
+         "6400"),
     ],
 )  # fmt: skip
 def test_config_variables_are_named_with_their_value(env: dict[str, str], message: str) -> None:
@@ -118,6 +134,9 @@ def test_config_variables_are_named_with_their_value(env: dict[str, str], messag
         ({"tick_ms": ("--tick-ms", "-3")}, "--tick-ms -3: must be a number from 0 to 1000"),
         ({"log_format": ("--log-format", "x m l")},
          "--log-format 'x m l': must be one of json, text"),
+        ({"webrtc_listen_ips": ("--webrtc-listen-ip", "x.y")},
+         "--webrtc-listen-ip x.y: webrtc_listen_ips: 'x.y' is not an IP address "
+         "(e.g. 192.0.2.10)"),
     ],
 )  # fmt: skip
 def test_config_flags_are_read_like_variables_and_named(
@@ -164,6 +183,15 @@ def test_config_unknown_settings_are_refused_by_name(tmp_path: Path) -> None:
     path.write_text("colour = 'blue'\n")
     with pytest.raises(ConfigurationError, match="unknown setting 'colour'"):
         Config.from_env({}, config_file=path)
+
+
+def test_config_webrtc_lists_are_read_from_comma_separated_variables() -> None:
+    config = Config.from_env({"WEBRTC_LISTEN_IPS": "127.0.0.1, ::1",
+                              "WEBRTC_STUN_SERVERS": "stun:a.example:3478,stuns:b.example",
+                              "WEBRTC_TURN_CREDENTIAL": "hunter2"})  # fmt: skip
+    assert config.webrtc_listen_ips == ("127.0.0.1", "::1")
+    assert config.webrtc_stun_servers == ("stun:a.example:3478", "stuns:b.example")
+    assert "hunter2" not in repr(config)
 
 
 def test_config_secrets_are_kept_out_of_repr() -> None:

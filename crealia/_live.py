@@ -226,11 +226,18 @@ class LiveSession:
                 self.end("host_left")
             return participant
         if self.relay is not None and self._nursery is not None:
-            self._nursery.start_soon(self.relay.drop, conn.id)
+            self._nursery.start_soon(self._drop, self.relay, conn.id)
         if not self.connections_of(participant.user_id):
             payload = {"session_id": self.id, "user_id": participant.user_id}
             self.tell_members(self._event("live_left", participant.user_id, payload))
         return participant
+
+    async def _drop(self, relay: Relay, key: str) -> None:
+        with (
+            self.jobs.guard("live_drop", self.project_id),
+            trio.move_on_after(self.config.live_peer_timeout),
+        ):
+            await relay.drop(key)
 
     def tell_members(self, frame: bytes, *, but: str | None = None) -> None:
         """Send ``frame`` to every connection in the session (but the one named)."""
@@ -315,7 +322,10 @@ class LiveSession:
             now = trio.current_time()
             for key, participant in list(self.participants.items()):
                 if not participant.host:
-                    with self.jobs.guard("live_stats", self.project_id):
+                    with (
+                        self.jobs.guard("live_stats", self.project_id),
+                        trio.move_on_after(self.config.live_peer_timeout),
+                    ):
                         await self._watch_link(relay, key, participant, now)
 
     async def _watch_link(
@@ -519,9 +529,14 @@ class LiveSessions:
         self.totals.started[live.mode] += 1
         try:
             await nursery.start(self._run, live)
-        except BaseException:
-            self.sessions.pop(live.id, None)
-            raise
+        except Exception as exc:
+            # The relay could not start (counted and logged by _run): refused, nothing announced.
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            raise Overloaded(f"data.mode: the relay could not start ({why}); try again, or "
+                             "p2p") from None  # fmt: skip
+        finally:
+            if not live.ready:
+                self.sessions.pop(live.id, None)
         room.broadcast(live._event("live_started", live.host, {
             "session_id": live.id, "host": live.host, "kind": live.kind, "mode": live.mode,
             "ice_servers": live.ice_servers,
@@ -534,9 +549,9 @@ class LiveSessions:
         except Exception as exc:
             # The relay failed (a bug, aiortc): this session ends, the room goes on.
             self.room.jobs.failed("live_session", exc, live.id)
-            live.end("stopped")
             if not live.ready:
                 raise
+            live.end("stopped")
         finally:
             self.sessions.pop(live.id, None)
             if live.reason is None:

@@ -38,7 +38,7 @@ import trio
 from . import _wire
 from ._errors import BadRequest, Forbidden, NotFound, Overloaded, TooLarge
 from ._jobs import JobFailures
-from ._quality import RUNGS, Decision, QualityController, Sample, fit, rung_for_size
+from ._quality import RUNGS, Decision, QualityController, Sample, rung_for_size
 
 if TYPE_CHECKING:
     from ._config import Config
@@ -417,8 +417,7 @@ class LiveSession:
         if self.relay is None or participant.controller is None:
             return
         rung = RUNGS[participant.controller.current]
-        width, height = fit(rung, *self.host_size) if self.host_size else (rung.width, rung.height)
-        self.relay.set_quality(participant.conn.id, width=width, height=height,
+        self.relay.set_quality(participant.conn.id, quality=rung.name,
                                max_bitrate_kbps=rung.max_kbps)  # fmt: skip
 
     def viewer_limit(self) -> int:

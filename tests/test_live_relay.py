@@ -1,0 +1,247 @@
+"""Live sessions with real WebRTC peers (aiortc) through the server: p2p signalling, the relay
+with two viewers (one joining before the host's media), quality applied to one viewer's frames,
+and each of the four ways a session ends closing every peer in time.
+
+Media stays on loopback: the suite runs in a loopback-only network namespace (``loopback_only``)
+and every peer, the server's included, gathers candidates on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from crealia import Server, open_server
+from crealia._quality import RUNGS, fit
+from crealia._webrtc import Peer, Source, open_peer
+
+from ._wsclient import Envelope, RawClient
+from .conftest import Clients, make_config, opened
+
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
+TIMEOUT = 30
+LOOPBACK = ("127.0.0.1",)
+
+
+def relay_config(tmp_path: Path, **overrides: object) -> Any:
+    return make_config(tmp_path / "data", webrtc_listen_ips=LOOPBACK, live_peer_timeout=5.0,
+                       **overrides)  # fmt: skip
+
+
+@pytest.fixture
+async def relay_server(tmp_path: Path) -> AsyncIterator[Server]:
+    async with open_server(relay_config(tmp_path)) as server:
+        yield server
+
+
+async def signal(client: RawClient, sid: str, to: str, **fields: Any) -> None:
+    reply = await client.request("webrtc_signal", {"session_id": sid, "to": to, **fields})
+    assert reply["type"] == "ack", reply
+
+
+async def answer_from(client: RawClient, sender: str) -> dict[str, Any]:
+    """The next description ``client`` is sent by ``sender``."""
+
+    def pred(env: Envelope) -> bool:
+        data = env.get("data", {})
+        return (
+            env.get("type") == "webrtc_signal"
+            and data.get("from") == sender
+            and ("description" in data)
+        )
+
+    return dict((await client.expect(pred))["data"]["description"])
+
+
+async def connect_to_server(peer: Peer, client: RawClient, sid: str, **offer: Any) -> None:
+    """Offer ``peer``'s media to the relay over ``client``'s session and take its answer."""
+    description = await peer.offer(**offer)
+    await signal(client, sid, "server", description=description)
+    await peer.accept(await answer_from(client, "server"))
+
+
+async def start(client: RawClient, mode: str) -> str:
+    reply = await client.request("live_start", {"kind": "camera", "mode": mode})
+    assert reply["type"] == "ack", reply
+    return str(reply["data"]["session_id"])
+
+
+async def join(client: RawClient, sid: str) -> None:
+    reply = await client.request("live_join", {"session_id": sid})
+    assert reply["type"] == "ack", reply
+
+
+def on_loopback(peer: Peer) -> None:
+    pair = peer.selected_pair()
+    assert pair is not None and pair[0] == "127.0.0.1" and pair[1] == "127.0.0.1", pair
+
+
+async def test_p2p_the_server_signals_and_the_viewer_decodes_the_hosts_frames(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with opened(server, nursery) as clients, AsyncExitStack() as stack:
+            hana = await clients.join("hana")
+            olga = await clients.join("olga", role="viewer")
+            sid = await start(hana, "p2p")
+            await join(olga, sid)
+            host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            viewer = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            # The viewer offers to the host through the server; the host answers with its tracks.
+            await signal(olga, sid, "hana", description=await viewer.offer(receive=True))
+            offer = await answer_from(hana, "olga")
+            answer = await host.answer(offer, send=Source(width=320, height=240, fps=15))
+            await signal(hana, sid, "olga", description=answer)
+            await viewer.accept(await answer_from(olga, "hana"))
+            sizes = await viewer.frames(5)
+            assert sizes[-1] == (320, 240)
+            on_loopback(viewer)
+            on_loopback(host)
+
+
+async def test_relay_two_viewers_one_before_the_hosts_media_both_decode(
+    relay_server: Server, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with opened(relay_server, nursery) as clients, AsyncExitStack() as stack:
+            hana = await clients.join("hana")
+            olga = await clients.join("olga", role="viewer")
+            pete = await clients.join("pete", role="viewer")
+            sid = await start(hana, "relay")
+            # Olga joins and connects before the host has sent anything.
+            await join(olga, sid)
+            early = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            await connect_to_server(early, olga, sid, receive=True)
+            host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            await connect_to_server(host, hana, sid, send=Source(width=640, height=360, fps=15),
+                                    audio=True)  # fmt: skip
+            await join(pete, sid)
+            late = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            await connect_to_server(late, pete, sid, receive=True)
+            for viewer in (early, late):
+                sizes = await viewer.frames(5)
+                assert sizes[-1] == (640, 360)
+                on_loopback(viewer)
+            on_loopback(host)
+
+
+async def test_relay_bad_statistics_shrink_one_viewers_frames_and_not_the_others(
+    relay_server: Server, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with opened(relay_server, nursery) as clients, AsyncExitStack() as stack:
+            hana = await clients.join("hana")
+            olga = await clients.join("olga", role="viewer")
+            pete = await clients.join("pete", role="viewer")
+            sid = await start(hana, "relay")
+            host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+            await connect_to_server(host, hana, sid, send=Source(width=854, height=480, fps=15))
+            viewers = {}
+            for name, client in (("olga", olga), ("pete", pete)):
+                await join(client, sid)
+                viewers[name] = peer = await stack.enter_async_context(
+                    open_peer(listen_ips=LOOPBACK)
+                )
+                await connect_to_server(peer, client, sid, receive=True)
+                assert (await peer.frames(3))[-1] == (854, 480)
+            lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30, "packet_loss": 0.2,
+                     "fps": 15, "width": 854, "height": 480}  # fmt: skip
+            assert (await olga.request("stream_stats", lossy))["type"] == "ack"
+            for member in (olga, hana):
+                change = await member.expect_type("quality_change")
+                assert change["data"] == {"session_id": sid, "quality": "360p",
+                                          "max_bitrate_kbps": 800, "reason": "loss",
+                                          "viewer": "olga"}  # fmt: skip
+            # Within seconds olga's frames fit 360p (aspect kept: 640x358); pete's stay as the
+            # host sends them.
+            shrunk = fit(RUNGS["360p"], 854, 480)
+            assert shrunk == (640, 358)
+            with trio.fail_after(10):
+                while (await viewers["olga"].frames(1))[-1] != shrunk:
+                    pass
+            assert (await viewers["pete"].frames(5))[-1] == (854, 480)
+
+
+@asynccontextmanager
+async def live_relay(
+    server: Server, clients: Clients, stack: AsyncExitStack
+) -> AsyncIterator[tuple[RawClient, RawClient, str]]:
+    """A relay session with its host's media flowing to one viewer."""
+    hana = await clients.join("hana")
+    olga = await clients.join("olga", role="viewer")
+    sid = await start(hana, "relay")
+    host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+    await connect_to_server(host, hana, sid, send=Source(width=320, height=240, fps=15))
+    await join(olga, sid)
+    viewer = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
+    await connect_to_server(viewer, olga, sid, receive=True)
+    await viewer.frames(2)
+    yield hana, olga, sid
+
+
+def live_session(server: Server, sid: str) -> Any:
+    room = server.hub.rooms.rooms["p1"]
+    return room.live.sessions[sid]
+
+
+async def wait_closed(live: Any, relay: Any, deadline: float) -> None:
+    """The session's peers (host and viewer) are closed and its tasks gone within
+    ``deadline`` seconds."""
+    with trio.fail_after(deadline):
+        await live.closed.wait()
+    assert live.relay is None
+    assert relay.open_peers() == 0
+
+
+@pytest.mark.parametrize("cause", ["stopped", "host_left", "room_closed"])
+async def test_relay_ending_closes_every_peer_within_its_deadline(
+    tmp_path: Path, nursery: trio.Nursery, cause: str
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_server(relay_config(tmp_path)) as server,
+            opened(server, nursery) as clients,
+            AsyncExitStack() as stack,
+            live_relay(server, clients, stack) as (hana, olga, sid),
+        ):
+            room = server.hub.rooms.rooms["p1"]
+            live = live_session(server, sid)
+            tasks_before = len(room.nursery.child_tasks) - 1  # the session's own task
+            relay = live.relay
+            assert relay.open_peers() == 2
+            if cause == "stopped":
+                reply = await hana.request("live_stop", {"session_id": sid})
+                assert reply["type"] == "ack", reply
+            elif cause == "host_left":
+                await hana.aclose()
+            else:
+                room.close()
+            await wait_closed(live, relay, server.config.live_peer_timeout + 1)
+            if cause != "room_closed":
+                ended = await olga.event("live_ended")
+                assert ended["data"]["payload"] == {"session_id": sid, "reason": cause}
+                assert len(room.nursery.child_tasks) == tasks_before
+            assert server.hub.rooms.live_totals.ended[cause] == 1
+
+
+async def test_relay_server_shutdown_closes_every_peer(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_server(relay_config(tmp_path)) as server,
+            opened(server, nursery) as clients,
+            AsyncExitStack() as stack,
+            live_relay(server, clients, stack) as (_hana, _olga, sid),
+        ):
+            live = live_session(server, sid)
+            relay = live.relay
+            assert relay.open_peers() == 2
+            await server.aclose()
+            await wait_closed(live, relay, server.config.live_peer_timeout + 1)

@@ -30,7 +30,7 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
 import trio
@@ -42,13 +42,38 @@ from ._quality import RUNGS, Decision, QualityController, Sample, rung_for_size
 
 if TYPE_CHECKING:
     from ._config import Config
-    from ._room import Room
-    from ._room import Session as Connection
+    from ._model import User
     from ._webrtc import Relay
 
 log = logging.getLogger("crealia.live")
 
 T = TypeVar("T")
+
+
+class Connection(Protocol):
+    """What a live session needs of a connection (a :class:`crealia._session.Session`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def user(self) -> User: ...
+
+    def push(self, count: int, body: bytes, since: float | None = None) -> None: ...
+
+
+class Room(Protocol):
+    """What live sessions need of their room (a :class:`crealia._room.Room`)."""
+
+    project_id: str
+    config: Config
+    jobs: JobFailures
+
+    @property
+    def nursery(self) -> trio.Nursery | None: ...
+
+    def broadcast(self, frame: bytes) -> None: ...
+
 
 #: The relay's cost of one viewer, in percent of one core, by the rung it is sent
 #: (``benchmarks/relay.py`` on a 2-core x86-64 machine: decode once, scale and VP8-encode per
@@ -471,15 +496,13 @@ class LiveSessions:
     """A room's live sessions, and the protocol's side of them (one coroutine per message)."""
 
     room: Room
+    #: The server's counters (its room manager's).
+    totals: LiveTotals = attrs.Factory(LiveTotals)
     sessions: dict[str, LiveSession] = attrs.Factory(dict)
 
     @property
     def config(self) -> Config:
         return self.room.config
-
-    @property
-    def totals(self) -> LiveTotals:
-        return self.room.manager.live_totals
 
     def get(self, session_id: str) -> LiveSession:
         """Raises: NotFound: no such session in this room."""

@@ -152,7 +152,9 @@ class Room:
     _since: float = 0.0
     _last_tick: float = -math.inf
     #: The room's live sessions (WebRTC, docs/protocol.md §8).
-    live: LiveSessions = attrs.Factory(lambda self: LiveSessions(self), takes_self=True)
+    live: LiveSessions = attrs.Factory(
+        lambda self: LiveSessions(self, self.manager.live_totals), takes_self=True
+    )
 
     # -- lifetime -----------------------------------------------------------------------------
 

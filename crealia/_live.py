@@ -707,7 +707,8 @@ class LiveSessions:
             if candidate is not None:
                 await live.call(lambda: relay.add_candidate(key, candidate))
         except PeerError as exc:
-            raise BadRequest(f"data.description: the server's peer refused it: {exc}") from None
+            field = "data.description" if description is not None else "data.candidate"
+            raise BadRequest(f"{field}: the server's peer refused it: {exc}") from None
 
     def stats(self, conn: Connection, data: _wire.StreamStats) -> None:
         """``stream_stats``: kept for the member, fed to its quality controller.

@@ -214,8 +214,8 @@ async def _add_candidate(pc: RTCPeerConnection, candidate: Mapping[str, Any] | N
         return  # the end of the other side's candidates: aiortc needs no word of it
     try:
         parsed = candidate_from_sdp(line.removeprefix("a=").removeprefix("candidate:"))
-    except (ValueError, IndexError) as exc:
-        raise PeerError(f"not an ICE candidate: {exc}") from None
+    except (ValueError, IndexError, AssertionError) as exc:  # aiortc asserts its field count
+        raise PeerError(f"not an ICE candidate: {exc or 'too few fields'}") from None
     parsed.sdpMid = candidate.get("sdpMid") if candidate else None
     parsed.sdpMLineIndex = candidate.get("sdpMLineIndex") if candidate else None
     await pc.addIceCandidate(parsed)
@@ -254,8 +254,9 @@ async def _call(loop: trio_asyncio.TrioEventLoop, function: Any, *args: Any) -> 
         return await trio_asyncio.aio_as_trio(function, loop=loop)(*args)
     except asyncio.CancelledError:
         raise PeerError("the peer has closed") from None
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
-        raise PeerError(f"{type(exc).__name__}: {exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, AssertionError) as exc:
+        # aiortc's SDP parser asserts what it expects.
+        raise PeerError(f"{type(exc).__name__}: {exc}" if str(exc) else "malformed") from None
     except Exception as exc:
         if type(exc).__module__.startswith(("aiortc", "aioice")):
             raise PeerError(f"{type(exc).__name__}: {exc}") from None
@@ -403,7 +404,12 @@ class Relay:
         if self._host is not None:
             raise PeerError("the host's media is already connected; stop and start again")
         pc = self._host = self._new_pc()
-        answer = await _call(self._loop, self._answer_host, pc, _description(offer))
+        try:
+            answer = await _call(self._loop, self._answer_host, pc, _description(offer))
+        except BaseException:
+            self._host = None  # the host may offer again
+            await _close(self._loop, pc, self._close_timeout)
+            raise
         return answer  # type: ignore[no-any-return]
 
     async def _answer_host(
@@ -463,7 +469,7 @@ class Relay:
         except BaseException:
             if self._viewers.get(key) is viewer:
                 del self._viewers[key]
-                self._nursery.start_soon(_close, self._loop, pc, self._close_timeout)
+            await _close(self._loop, pc, self._close_timeout)  # shielded: also when cancelled
             raise
         return answer  # type: ignore[no-any-return]
 

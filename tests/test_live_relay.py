@@ -245,3 +245,36 @@ async def test_relay_server_shutdown_closes_every_peer(
             assert relay.open_peers() == 2
             await server.aclose()
             await wait_closed(live, relay, server.config.live_peer_timeout + 1)
+
+
+async def test_relay_refusals_name_what_the_servers_peer_cannot_take(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    # A budget that pays for one viewer at the host's rung (camera: 720p before its frames).
+    config = relay_config(tmp_path, live_relay_cpu_budget=40.0)
+    with trio.fail_after(TIMEOUT):
+        async with open_server(config) as server, opened(server, nursery) as clients:
+            hana = await clients.join("hana")
+            olga = await clients.join("olga", role="viewer")
+            pete = await clients.join("pete", role="viewer")
+            sid = await start(hana, "relay")
+            ref = {"session_id": sid, "to": "server"}
+            refusals = [
+                ({"description": {"type": "answer", "sdp": "v=0\r\n"}}, "answers offers"),
+                ({"description": {"type": "offer", "sdp": "v=0\r\nm=video x\r\n"}},
+                 "refused it"),
+                ({"candidate": {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host",
+                                "sdpMid": "0"}}, "send the offer first"),
+            ]  # fmt: skip
+            for fields, words in refusals:
+                reply = await hana.request("webrtc_signal", {**ref, **fields})
+                assert reply["type"] == "error", reply
+                assert reply["data"]["code"] == "bad_request", reply
+                assert words in reply["data"]["message"], reply
+            await join(olga, sid)
+            reply = await pete.request("live_join", {"session_id": sid})
+            assert reply["data"]["code"] == "overloaded", reply
+            assert "CPU budget" in reply["data"]["message"], reply
+            # The session still takes the host's offer after all that.
+            async with open_peer(listen_ips=LOOPBACK) as host:
+                await connect_to_server(host, hana, sid, send=Source(width=320, height=240))

@@ -75,10 +75,14 @@ class Room(Protocol):
     def broadcast(self, frame: bytes) -> None: ...
 
 
-#: The relay's cost of one viewer, in percent of one core, by the rung it is sent
-#: (``benchmarks/relay.py`` on a 2-core x86-64 machine: decode once, scale and VP8-encode per
-#: viewer at 15 fps). ``live_relay_cpu_budget`` divided by it is a session's viewer limit.
-RELAY_VIEWER_CPU: dict[str, float] = {"360p": 11.0, "480p": 18.0, "720p": 35.0, "1080p": 70.0}
+#: What a relay session costs, in percent of one core, by the rung of the host's frames:
+#: decoding them once, and scaling and VP8-encoding them for each viewer, at 15 frames a second.
+#: Measured with ``benchmarks/relay.py`` on a 2-core x86-64 machine (360p: 17.3 % with one
+#: viewer, 27.6 % with two, 40.3 % with four; 720p: 44.0 % and 68.6 %); 480p and 1080p
+#: scaled from them by pixels. ``live_relay_cpu_budget`` less the decoding, over a viewer's
+#: share, is a session's viewer limit.
+RELAY_DECODE_CPU: dict[str, float] = {"360p": 7.0, "480p": 10.0, "720p": 19.0, "1080p": 40.0}
+RELAY_VIEWER_CPU: dict[str, float] = {"360p": 10.3, "480p": 15.0, "720p": 25.0, "1080p": 50.0}
 
 #: The rung a session's host is expected to send before its first frame says (the viewer
 #: limit of a relay session is counted at it).
@@ -451,7 +455,8 @@ class LiveSession:
         if self.mode == "p2p":
             return self.config.live_p2p_viewers
         rung = rung_for_size(*self.host_size).name if self.host_size else EXPECTED_RUNG[self.kind]
-        return max(1, int(self.config.live_relay_cpu_budget // RELAY_VIEWER_CPU[rung]))
+        left = self.config.live_relay_cpu_budget - RELAY_DECODE_CPU[rung]
+        return max(1, int(left // RELAY_VIEWER_CPU[rung]))
 
 
 @attrs.define(eq=False)
@@ -595,10 +600,10 @@ class LiveSessions:
             watching = sum(1 for p in live.participants.values() if not p.host)
             limit = live.viewer_limit()
             if watching >= limit:
-                what = ("what the relay's CPU budget allows" if live.mode == "relay"
-                        else "live_p2p_viewers")  # fmt: skip
-                raise Overloaded(f"live session {live.id!r} has {watching} viewers, {what} (at "
-                                 f"most {limit}); try again later")  # fmt: skip
+                what = ("what live_relay_cpu_budget pays for at the host's frame size"
+                        if live.mode == "relay" else "live_p2p_viewers")  # fmt: skip
+                raise Overloaded(f"live session {live.id!r} is full: {watching} viewers, at most "
+                                 f"{limit} ({what}); try again later")  # fmt: skip
         first = not live.connections_of(conn.user.id)
         live.add(conn, host=host)
         if first:

@@ -274,7 +274,7 @@ async def test_relay_refusals_name_what_the_servers_peer_cannot_take(
             await join(olga, sid)
             reply = await pete.request("live_join", {"session_id": sid})
             assert reply["data"]["code"] == "overloaded", reply
-            assert "CPU budget" in reply["data"]["message"], reply
+            assert "live_relay_cpu_budget" in reply["data"]["message"], reply
             # The session still takes the host's offer after all that.
             async with open_peer(listen_ips=LOOPBACK) as host:
                 await connect_to_server(host, hana, sid, send=Source(width=320, height=240))

@@ -649,6 +649,8 @@ class Peer:
         self._sizes: list[tuple[int, int]] = []
         self._arrived = trio.Event()
         self._reading = False
+        #: Audio frames received (decoded) so far.
+        self.audio_frames = 0
 
     async def offer(
         self, *, send: Source | None = None, audio: bool = False, receive: bool = False
@@ -697,7 +699,7 @@ class Peer:
         if self._reading:
             return
         for transceiver in self._pc.getTransceivers():
-            if transceiver.kind == "video" and transceiver.direction == "recvonly":
+            if transceiver.direction == "recvonly":
                 self._reading = True
                 self._nursery.start_soon(self._read, transceiver.receiver.track)
 
@@ -708,6 +710,9 @@ class Peer:
                 frame = await recv()
             except MediaStreamError:
                 return
+            if isinstance(frame, av.AudioFrame):
+                self.audio_frames += 1
+                continue
             self._sizes.append((frame.width, frame.height))
             del self._sizes[:-64]
             self._arrived.set()

@@ -367,3 +367,40 @@ async def test_the_json_api_and_the_metrics_show_live_sessions(
         assert metrics["crealia_live_sessions_started_total{mode=p2p}"] == 1
         sample = (await server.monitor.take_sample())[0]
         assert sample["webrtcStreams"] == 1
+
+
+async def test_the_python_client_drives_a_session_and_it_is_audited(server: Server) -> None:
+    from crealia import open_session
+
+    url = f"ws://127.0.0.1:{server.ws_port}/ws"
+    hana_token = server.issue_token("hana", "p1", "editor")
+    olga_token = server.issue_token("olga", "p1", "viewer")
+    with trio.fail_after(TIMEOUT):
+        async with (
+            open_session(url, hana_token, "p1") as hana,
+            open_session(url, olga_token, "p1") as olga,
+        ):
+            started = await hana.live_start("screen", "p2p")
+            assert started["kind"] == "screen" and started["ice_servers"] == []
+            sid = started["session_id"]
+            joined = await olga.live_join(sid)
+            assert joined["host"] == "hana" and joined["viewers"] == ["olga"]
+            await olga.signal(sid, "hana", description=OFFER)
+            async for push in hana:
+                if push.type == "webrtc_signal":
+                    assert push.data["from"] == "olga" and push.data["description"] == OFFER
+                    break
+            await olga.stream_stats(sid, bitrate_kbps=100, rtt_ms=20, packet_loss=0.3)
+            async for push in olga:
+                if push.type == "quality_change":
+                    assert push.data["viewer"] == "olga" and push.data["reason"] == "loss"
+                    break
+            with pytest.raises(Exception, match="forbidden"):
+                await olga.live_stop(sid)
+            await olga.live_leave(sid)
+            await hana.live_stop(sid)
+        await server.hub.audit.flush()
+        events = await server.hub.audit.query(project_id="p1")
+    actions = [(e.action, e.user_id) for e in events if e.action.startswith("live_")]
+    assert sorted(actions) == sorted([("live_start", "hana"), ("live_join", "olga"),
+                                      ("live_leave", "olga"), ("live_stop", "hana")])  # fmt: skip

@@ -129,6 +129,9 @@ async def test_relay_two_viewers_one_before_the_hosts_media_both_decode(
                 assert sizes[-1] == (640, 360)
                 on_loopback(viewer)
             on_loopback(host)
+            # The host's audio is relayed too (aiortc's silence, 50 frames a second).
+            await early.frames(10)
+            assert early.audio_frames > 0 and late.audio_frames > 0
 
 
 async def test_relay_bad_statistics_shrink_one_viewers_frames_and_not_the_others(

@@ -283,16 +283,44 @@ def _scale(frame: av.VideoFrame, size: tuple[int, int]) -> av.VideoFrame:
     return frame.reformat(width=size[0], height=size[1], format="yuv420p")
 
 
-class _ViewerTrack(MediaStreamTrack):  # type: ignore[misc]
-    """One viewer's video: the host's frames from the relay, scaled to the viewer's rung. It
-    exists before the host's media does (a viewer may join first) and waits for it."""
-
-    kind = "video"
+class _Relayed(MediaStreamTrack):  # type: ignore[misc]
+    """One viewer's track of the host's media of one kind, through the relay. It exists
+    before the host's media does (a viewer may join first) and waits for it."""
 
     def __init__(self, relay: Relay) -> None:
         super().__init__()
         self._relay = relay
         self._source: MediaStreamTrack | None = None
+
+    async def _next(self) -> av.VideoFrame | av.AudioFrame:
+        if self._source is None:
+            await self._relay._host_ready[self.kind].wait()
+            host = self._relay._host_tracks[self.kind]
+            self._source = self._relay._media.subscribe(host, buffered=False)
+        frame = await self._source.recv()
+        assert isinstance(frame, av.VideoFrame | av.AudioFrame)  # a media track's frames
+        return frame
+
+    async def recv(self) -> av.VideoFrame | av.AudioFrame:
+        return await self._next()
+
+    def stop(self) -> None:
+        if self._source is not None:
+            self._source.stop()
+        super().stop()
+
+
+class _ViewerAudio(_Relayed):
+    kind = "audio"
+
+
+class _ViewerTrack(_Relayed):
+    """One viewer's video: the host's frames scaled to the viewer's rung, its encoder capped."""
+
+    kind = "video"
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
         self.rung: Rung | None = None  # None: as the host sends
         self.sent = 0
         self.last: tuple[int, int] = (0, 0)
@@ -301,12 +329,8 @@ class _ViewerTrack(MediaStreamTrack):  # type: ignore[misc]
         self._capped = False
 
     async def recv(self) -> av.VideoFrame:
-        if self._source is None:
-            await self._relay._host_video.wait()
-            self._source = self._relay._media.subscribe(self._relay._host_tracks["video"],
-                                                        buffered=False)  # fmt: skip
-        frame = await self._source.recv()
-        assert isinstance(frame, av.VideoFrame)  # a video track's frames
+        frame = await self._next()
+        assert isinstance(frame, av.VideoFrame)
         if self.sender is not None and not self._capped:
             self._capped = _cap_encoder(self.sender, self.cap_kbps)
         size = (frame.width, frame.height)
@@ -320,36 +344,6 @@ class _ViewerTrack(MediaStreamTrack):  # type: ignore[misc]
         self.sent += 1
         self.last = (frame.width, frame.height)
         return frame
-
-    def stop(self) -> None:
-        if self._source is not None:
-            self._source.stop()
-        super().stop()
-
-
-class _ViewerAudio(MediaStreamTrack):  # type: ignore[misc]
-    """One viewer's audio: the host's, once it sends any."""
-
-    kind = "audio"
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__()
-        self._relay = relay
-        self._source: MediaStreamTrack | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        if self._source is None:
-            await self._relay._host_audio.wait()
-            self._source = self._relay._media.subscribe(self._relay._host_tracks["audio"],
-                                                        buffered=False)  # fmt: skip
-        frame = await self._source.recv()
-        assert isinstance(frame, av.AudioFrame)  # an audio track's frames
-        return frame
-
-    def stop(self) -> None:
-        if self._source is not None:
-            self._source.stop()
-        super().stop()
 
 
 @attrs.define(eq=False)
@@ -383,8 +377,8 @@ class Relay:
         self._media = MediaRelay()
         self._host: RTCPeerConnection | None = None
         self._host_tracks: dict[str, MediaStreamTrack] = {}
-        self._host_video = asyncio.Event()
-        self._host_audio = asyncio.Event()
+        #: Set (in asyncio) once the host's track of each kind is there for viewers to take.
+        self._host_ready = {"video": asyncio.Event(), "audio": asyncio.Event()}
         self._viewers: dict[str, _Viewer] = {}
         self._made: list[RTCPeerConnection] = []
         #: The size of the host's latest decoded video frame (None until its media arrives).
@@ -425,7 +419,7 @@ class Relay:
                 continue
             self._host_tracks[transceiver.kind] = track
             if transceiver.kind == "audio":
-                self._host_audio.set()
+                self._host_ready["audio"].set()
         if "video" in self._host_tracks:
             self._nursery.start_soon(self._watch_host, self._host_tracks["video"])
         return _wire(pc.localDescription)
@@ -451,7 +445,7 @@ class Relay:
         return self._media.subscribe(track, buffered=False)
 
     async def _open_video(self) -> None:
-        self._host_video.set()
+        self._host_ready["video"].set()
 
     async def accept_viewer(self, key: str, offer: Mapping[str, Any]) -> dict[str, Any]:
         """A viewer's offer (receive-only transceivers): the server's answer. A new offer of
@@ -699,9 +693,10 @@ class Peer:
         if self._reading:
             return
         for transceiver in self._pc.getTransceivers():
-            if transceiver.direction == "recvonly":
+            track = transceiver.receiver.track
+            if transceiver.currentDirection == "recvonly" and track is not None:
                 self._reading = True
-                self._nursery.start_soon(self._read, transceiver.receiver.track)
+                self._nursery.start_soon(self._read, track)
 
     async def _read(self, track: MediaStreamTrack) -> None:
         recv = trio_asyncio.aio_as_trio(track.recv, loop=self._loop)

@@ -365,8 +365,14 @@ async def test_the_json_api_and_the_metrics_show_live_sessions(
         assert metrics["crealia_live_viewers{quality=360p}"] == 1
         assert metrics["crealia_live_viewer_stat{of=max,stat=rtt_ms}"] == 42
         assert metrics["crealia_live_sessions_started_total{mode=p2p}"] == 1
-        sample = (await server.monitor.take_sample())[0]
-        assert sample["webrtcStreams"] == 1
+        samples = await server.monitor.take_sample()
+        assert samples[0]["webrtcStreams"] == 1  # the server's
+        [project] = [s for s in samples if s["projectId"] == "p1"]
+        assert project["webrtcStreams"] == 1
+        [live] = project["webrtc"]
+        assert live["sessionId"] == sid and live["mode"] == "p2p"
+        assert live["viewers"] == [{"userId": "olga", "quality": "360p", "bitrate_kbps": 900,
+                                    "rtt_ms": 42, "packet_loss": 0.01, "fps": 24}]  # fmt: skip
 
 
 async def test_the_python_client_drives_a_session_and_it_is_audited(server: Server) -> None:

@@ -49,7 +49,14 @@ from ._auth import (
     token_claims,
 )
 from ._backplane import Backplane
-from ._config import Config, Source, load_config, read_secret_file, redact_url_password
+from ._config import (
+    SECRET_SETTINGS,
+    Config,
+    Source,
+    load_config,
+    read_secret_file,
+    redact_url_password,
+)
 from ._errors import ConfigurationError, CrealiaError, Unauthorized
 from ._logging import configure as configure_logging
 from ._model import ROLES
@@ -390,7 +397,7 @@ def _masked(name: str, value: Any) -> Any:
     """``value`` of setting ``name`` as check-config prints it: JSON, with secrets masked."""
     if value is None:
         return None
-    if name == "jwt_secret":
+    if name in SECRET_SETTINGS and isinstance(value, str):  # jwt_secret, the TURN credential
         return "***"
     if name == "jwt_secrets":
         return {kid: "***" for kid in value}

@@ -249,6 +249,7 @@ async def test_cli_check_config_prints_the_effective_config_with_secrets_masked(
         "hook_password": "hook-password-0123456789",
         "hook_path": "T000-B000-webhookpathkey",
         "redis": "redis-password-0123456789",
+        "turn": "turn-credential-0123456789",
     }
     toml = tmp_path / "crealia.toml"
     toml.write_text(
@@ -262,6 +263,7 @@ async def test_cli_check_config_prints_the_effective_config_with_secrets_masked(
     env = clean_env(
         CREALIA_JWT_SECRETS=json.dumps({"old": secrets["kid"]}),
         REDIS_URL=f"redis://:{secrets['redis']}@127.0.0.1:6379/0",
+        WEBRTC_TURN_CREDENTIAL=secrets["turn"],
         CREALIA_TICK_MS="5",
     )
     run = await crealia_cli("check-config", "--config", str(toml), "--port", "4420",
@@ -276,6 +278,7 @@ async def test_cli_check_config_prints_the_effective_config_with_secrets_masked(
     assert f'jwt_secret = "***"  # from {toml}' in lines
     assert 'jwt_secrets = {"old": "***"}  # from CREALIA_JWT_SECRETS' in lines
     assert 'redis_url = "redis://:***@127.0.0.1:6379/0"  # from REDIS_URL' in lines
+    assert 'webrtc_turn_credential = "***"  # from WEBRTC_TURN_CREDENTIAL' in lines
     assert f'alert_webhooks = ["https://***@hooks.example.com/***"]  # from {toml}' in lines
     (ai,) = [line for line in lines if line.startswith("ai_providers = ")]
     assert '"api_key": "***"' in ai and '"url": "https://api.example.com/v1"' in ai

@@ -149,14 +149,25 @@ def _nominated(pc: RTCPeerConnection) -> tuple[str, str] | None:
 # -- shared ---------------------------------------------------------------------------------------
 
 
+#: Worker threads one loop's encoders and scalers may use at once.
+ENCODER_THREADS = 8
+
+
 class _Executor(trio_asyncio.TrioExecutor):  # type: ignore[misc]
     """aiortc's encoders run in the loop's executor. trio-asyncio's waits, when the waiting
     asyncio task is cancelled, for the thread to hand back a result it resolves nothing with,
     and a sender being stopped then never ends (seen with audio: ``pc.close()`` hung). This
     one lets go of the thread when cancelled; the frame it was encoding is dropped."""
 
+    def __init__(self) -> None:
+        # Its own limit: media encoding cannot take the threads the rest of the server
+        # (the stores) needs from Trio's default limiter.
+        super().__init__(limiter=trio.CapacityLimiter(ENCODER_THREADS))
+
     async def submit(self, func: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(func, *args, abandon_on_cancel=True)
+        return await trio.to_thread.run_sync(
+            func, *args, abandon_on_cancel=True, limiter=self._limiter
+        )
 
 
 #: Seconds a loop has to wind down (its asyncio tasks cancelled) once its peers are closed.

@@ -60,7 +60,17 @@ def test_the_bitrate_cap_holds_against_remb() -> None:
 def test_the_executor_lets_go_of_a_thread_when_cancelled() -> None:
     source = inspect.getsource(_webrtc._Executor.submit)
     assert "abandon_on_cancel=True" in source
+    # trio-asyncio's run_in_executor takes only its own executor class, and awaits submit.
     assert issubclass(_webrtc._Executor, _webrtc.trio_asyncio.TrioExecutor)
+    assert "executor.submit" in inspect.getsource(
+        _webrtc.trio_asyncio.TrioEventLoop.run_in_executor
+    )
+
+
+async def test_the_executor_runs_jobs_on_its_own_thread_limit() -> None:
+    executor = _webrtc._Executor()
+    assert executor._limiter.total_tokens == _webrtc.ENCODER_THREADS
+    assert await executor.submit(sum, [1, 2, 3]) == 6
 
 
 def test_ice_servers_are_always_explicit() -> None:

@@ -94,6 +94,9 @@ REPORT_FRESH = 3.0
 #: Seconds between reads of the relay's own statistics of each viewer.
 LINK_INTERVAL = 1.0
 
+#: What signals name the server's own peer by, in ``to`` and ``from``.
+SERVER = "server"
+
 DESCRIPTION_TYPES = ("offer", "answer", "pranswer", "rollback")
 CANDIDATE_KEYS = frozenset({"candidate", "sdpMid", "sdpMLineIndex", "usernameFragment"})
 
@@ -238,8 +241,9 @@ class LiveSession:
         if not host:
             ceiling = rung_for_size(*self.host_size) if self.host_size else None
             start = ceiling.name if ceiling else EXPECTED_RUNG[self.kind]
+            period = self.config.live_stable_period
             participant.controller = QualityController(
-                ceiling=start, stable_for=self.config.live_stable_period
+                ceiling=start, stable_for=period, max_stable_for=max(80.0, 8 * period)
             )
         self.participants[conn.id] = participant
         return participant
@@ -532,10 +536,12 @@ class LiveSessions:
                 room is closing.
         """
         room = self.room
+        _not_reserved(conn)
         limit = self.config.live_sessions_per_project
-        if len(self.sessions) >= limit:
-            raise Overloaded(f"this project has {len(self.sessions)} live sessions already (at "
-                             f"most {limit}); stop one first")  # fmt: skip
+        open_now = len(self.to_wire())  # those ending (closing their peers) no longer count
+        if open_now >= limit:
+            raise Overloaded(f"this project has {open_now} live sessions already (at most "
+                             f"{limit}); stop one first")  # fmt: skip
         nursery = room.nursery
         if nursery is None:
             raise Overloaded("the project's room is closing; try again")
@@ -553,7 +559,6 @@ class LiveSessions:
         )
         live.add(conn, host=True)
         self.sessions[live.id] = live
-        self.totals.started[live.mode] += 1
         try:
             await nursery.start(self._run, live)
         except Exception as exc:
@@ -564,6 +569,7 @@ class LiveSessions:
         finally:
             if not live.ready:
                 self.sessions.pop(live.id, None)
+        self.totals.started[live.mode] += 1
         room.broadcast(live._event("live_started", live.host, {
             "session_id": live.id, "host": live.host, "kind": live.kind, "mode": live.mode,
             "ice_servers": live.ice_servers,
@@ -581,10 +587,10 @@ class LiveSessions:
             live.end("stopped")
         finally:
             self.sessions.pop(live.id, None)
-            if live.reason is None:
-                # Not ended by a member: the room is closing, or the relay failed.
-                live.reason = "room_closed"
-            self.totals.ended[live.reason] += 1
+            if live.ready:  # a relay that never started was refused, not ended
+                if live.reason is None:
+                    live.reason = "room_closed"  # cancelled: the room or the server closing
+                self.totals.ended[live.reason] += 1
 
     def join(self, conn: Connection, session_id: str) -> LiveSession:
         """``live_join``: ``conn`` watches (the host's own connections join as host).
@@ -593,6 +599,7 @@ class LiveSessions:
             NotFound: no such session. Overloaded: it is at its viewer limit.
         """
         live = self.get(session_id)
+        _not_reserved(conn)
         if conn.id in live.participants:
             return live  # joined already: the same answer again
         host = conn.user.id == live.host
@@ -660,7 +667,7 @@ class LiveSessions:
         candidate = check_candidate(data.candidate, self.config.live_candidate_max_bytes)
         if description is None and candidate is None:
             raise BadRequest("data: a webrtc_signal carries a description or a candidate")
-        if data.to == "server":
+        if data.to == SERVER:
             if live.mode != "relay":
                 raise NotFound("data.to: the server is a peer only in relay sessions; signal "
                                "the host")  # fmt: skip
@@ -690,7 +697,7 @@ class LiveSessions:
     ) -> None:
         from ._webrtc import PeerError
 
-        key = participant.conn.id
+        key = "host" if participant.host else participant.conn.id
         relay = live.relay
         if relay is None:
             raise NotFound(f"data.session_id: the live session {live.id!r} has ended")
@@ -736,6 +743,13 @@ class LiveSessions:
 
     def to_wire(self) -> list[dict[str, Any]]:
         return [live.to_wire() for live in self.sessions.values() if not live.ended]
+
+
+def _not_reserved(conn: Connection) -> None:
+    """Raises: Forbidden: the user's id is ``server``, which names the server's own peer in
+    signals (a member with it could pass its signals off as the server's)."""
+    if conn.user.id == SERVER:
+        raise Forbidden(f"user id {SERVER!r} is reserved for the server's peer in live sessions")
 
 
 def check_description(value: Any, max_bytes: int) -> dict[str, Any] | None:

@@ -213,7 +213,9 @@ class Room:
         return self.backplane.shares_presence
 
     def close(self) -> None:
-        """Close the room now (its sessions are closed with 1011)."""
+        """Close the room now (its live sessions end, its sessions are closed with 1011)."""
+        self.live.end_all("room_closed")
+        self.flush()  # the live_ended announcements go out before the sessions close
         self._cancel.cancel()
 
     @property

@@ -392,6 +392,7 @@ class Relay:
         self._host_ready = {"video": asyncio.Event(), "audio": asyncio.Event()}
         self._viewers: dict[str, _Viewer] = {}
         self._made: list[RTCPeerConnection] = []
+        self._closing = False
         #: The size of the host's latest decoded video frame (None until its media arrives).
         self.host_size: tuple[int, int] | None = None
         self._host_media = trio.Event()
@@ -443,8 +444,8 @@ class Relay:
             while True:
                 try:
                     frame = await trio_asyncio.aio_as_trio(source.recv, loop=self._loop)()
-                except MediaStreamError:
-                    return  # the host's track ended
+                except (MediaStreamError, asyncio.CancelledError):
+                    return  # the host's track ended (or the loop is stopping)
                 self.host_size = (frame.width, frame.height)
                 if not self._host_media.is_set():
                     self._host_media.set()
@@ -551,6 +552,8 @@ class Relay:
         return sum(1 for pc in self._made if pc.connectionState != "closed")
 
     def _new_pc(self) -> RTCPeerConnection:
+        if self._closing:
+            raise PeerError("the relay is closing")
         pc = RTCPeerConnection(configuration=_configuration(self._configuration))
         self._made.append(pc)
         del self._made[:-256]
@@ -583,6 +586,7 @@ async def open_relay(
         try:
             yield relay
         finally:
+            relay._closing = True  # no new peer from here on: it would outlive the loop
             nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await relay._close_all()

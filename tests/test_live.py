@@ -410,3 +410,38 @@ async def test_the_python_client_drives_a_session_and_it_is_audited(server: Serv
     actions = [(e.action, e.user_id) for e in events if e.action.startswith("live_")]
     assert sorted(actions) == sorted([("live_start", "hana"), ("live_join", "olga"),
                                       ("live_leave", "olga"), ("live_stop", "hana")])  # fmt: skip
+
+
+async def test_the_servers_name_is_reserved_in_live_sessions(room: Clients) -> None:
+    # A member named "server" could pass its signals off as the server's peer's.
+    with trio.fail_after(TIMEOUT):
+        hana = await room.join("hana")
+        mallory = await room.join("server", role="editor")
+        sid = await start(hana)
+        error(await mallory.request("live_start", {"kind": "camera"}), "forbidden", "reserved")
+        error(await mallory.request("live_join", {"session_id": sid}), "forbidden", "reserved")
+
+
+@pytest.mark.settings(live_stable_period=120.0)
+async def test_a_long_stable_period_is_taken(room: Clients) -> None:
+    with trio.fail_after(TIMEOUT):
+        hana = await room.join("hana")
+        olga = await room.join("olga", role="viewer")
+        sid = await start(hana)
+        assert (await join(olga, sid))["viewers"] == ["olga"]
+
+
+async def test_closing_the_room_ends_its_sessions_as_room_closed(
+    server: Server, room: Clients
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        hana = await room.join("hana")
+        sid = await start(hana)
+        live_room = server.hub.rooms.rooms["p1"]
+        live = live_room.live.sessions[sid]
+        live_room.close()
+        with trio.fail_after(5):
+            await live.closed.wait()
+        assert live.reason == "room_closed"
+        assert server.hub.rooms.live_totals.ended == {"stopped": 0, "host_left": 0,
+                                                      "room_closed": 1}  # fmt: skip

@@ -278,6 +278,14 @@ async def test_relay_refusals_name_what_the_servers_peer_cannot_take(
             reply = await pete.request("live_join", {"session_id": sid})
             assert reply["data"]["code"] == "overloaded", reply
             assert "live_relay_cpu_budget" in reply["data"]["message"], reply
-            # The session still takes the host's offer after all that.
+            # The session still takes the host's offer after all that, and its trickled
+            # candidates (the one in its SDP again, then the end of them).
             async with open_peer(listen_ips=LOOPBACK) as host:
-                await connect_to_server(host, hana, sid, send=Source(width=320, height=240))
+                description = await host.offer(send=Source(width=320, height=240))
+                await signal(hana, sid, "server", description=description)
+                await host.accept(await answer_from(hana, "server"))
+                line = next(part for part in description["sdp"].split("\r\n")
+                            if part.startswith("a=candidate:"))  # fmt: skip
+                for candidate in ({"candidate": line[2:], "sdpMid": "0", "sdpMLineIndex": 0},
+                                  {"candidate": "", "sdpMid": "0"}):  # fmt: skip
+                    await signal(hana, sid, "server", candidate=candidate)

@@ -31,7 +31,7 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import attrs
 import jwt
@@ -48,7 +48,6 @@ from ._auth import (
     sign_token,
     token_claims,
 )
-from ._backplane import Backplane
 from ._config import (
     SECRET_SETTINGS,
     Config,
@@ -70,7 +69,7 @@ from ._plugins import (
 )
 from ._ratelimit import rate_limits
 from ._server import open_server
-from ._settle import Settler
+from ._settle import build_chain
 from ._version import __version__
 
 #: The entry-point group of backplanes (``crealia.backplanes``), listed by ``crealia plugins``.
@@ -374,9 +373,7 @@ def _preflight(config: Config) -> None:
     registry.check(list(config.strategy_chain))
     AlertRuleRegistry.discover(config.alert_rules).create_all(config.alert_options)
     rate_limits(config.rate_limits)
-    # build() reads the registry and the config only; the backplane serves running chains.
-    settler = Settler(registry=registry, backplane=cast(Backplane, None), config=config)
-    settler.build(list(config.strategy_chain), {})
+    build_chain(registry, config, list(config.strategy_chain), {})
     _check_data_dir(Path(config.data_dir))
 
 

@@ -72,6 +72,59 @@ class Chain:
         return {"strategies": self.names, "options": self.options}
 
 
+def build_chain(
+    registry: StrategyRegistry,
+    config: Config,
+    names: list[str],
+    options: Mapping[str, Mapping[str, Any]],
+) -> Chain:
+    """A chain of new strategy instances from ``registry`` (the server's options in ``config``
+    under the chain's own). Pure: checking a configuration (``crealia check-config``) needs no
+    running server.
+
+    Raises:
+        ConfigurationError: an unknown strategy, or options a strategy refuses.
+    """
+    if not names:
+        raise ConfigurationError("a strategy chain needs at least one strategy")
+    if len(names) > MAX_CHAIN:
+        raise ConfigurationError(
+            f"a strategy chain holds at most {MAX_CHAIN} strategies, got {len(names)}"
+        )
+    registry.check(names)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigurationError(f"a strategy may appear once in a chain: {', '.join(twice)}")
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ConfigurationError(f"options given for strategies not in the chain: {stray}")
+    try:
+        size = len(orjson.dumps(dict(options)))
+    except TypeError as exc:
+        raise ConfigurationError(f"options must be JSON: {exc}") from None
+    if size > MAX_OPTIONS_BYTES:
+        raise ConfigurationError(
+            f"options are {size} bytes of JSON, over the limit of {MAX_OPTIONS_BYTES}"
+        )
+    merged = {
+        name: {**config.strategy_options.get(name, {}), **options.get(name, {})} for name in names
+    }
+    strategies = [registry.create(name, merged[name]) for name in names]
+    for name, strategy in zip(names, strategies, strict=True):
+        try:
+            strategy.configure(config)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"strategy {name!r}: {exc}") from None
+    for name, strategy in zip(names[:-1], strategies[:-1], strict=True):
+        if strategy.defers and strategy.timeout is None:
+            raise ConfigurationError(
+                f"strategy {name!r} waits for a person without a timeout, so the strategies "
+                f"after it would never run: give it a timeout or put it last"
+            )
+    return Chain(names=list(names), options={k: dict(v) for k, v in options.items()},
+                 strategies=strategies)  # fmt: skip
+
+
 @attrs.define(eq=False)
 class Settler:
     """Builds chains from the registry and runs them on conflicts."""
@@ -84,50 +137,12 @@ class Settler:
     _chains: dict[str, Chain] = attrs.Factory(dict)
 
     def build(self, names: list[str], options: Mapping[str, Mapping[str, Any]]) -> Chain:
-        """A chain of new strategy instances.
+        """A chain of new strategy instances (:func:`build_chain`).
 
         Raises:
             ConfigurationError: an unknown strategy, or options a strategy refuses.
         """
-        if not names:
-            raise ConfigurationError("a strategy chain needs at least one strategy")
-        if len(names) > MAX_CHAIN:
-            raise ConfigurationError(
-                f"a strategy chain holds at most {MAX_CHAIN} strategies, got {len(names)}"
-            )
-        self.registry.check(names)
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ConfigurationError(f"a strategy may appear once in a chain: {', '.join(twice)}")
-        stray = sorted(set(options) - set(names))
-        if stray:
-            raise ConfigurationError(f"options given for strategies not in the chain: {stray}")
-        try:
-            size = len(orjson.dumps(dict(options)))
-        except TypeError as exc:
-            raise ConfigurationError(f"options must be JSON: {exc}") from None
-        if size > MAX_OPTIONS_BYTES:
-            raise ConfigurationError(
-                f"options are {size} bytes of JSON, over the limit of {MAX_OPTIONS_BYTES}"
-            )
-        merged = {
-            name: {**self.config.strategy_options.get(name, {}), **options.get(name, {})}
-            for name in names
-        }
-        strategies = [self.registry.create(name, merged[name]) for name in names]
-        for name, strategy in zip(names, strategies, strict=True):
-            try:
-                strategy.configure(self.config)
-            except (TypeError, ValueError) as exc:
-                raise ConfigurationError(f"strategy {name!r}: {exc}") from None
-        for name, strategy in zip(names[:-1], strategies[:-1], strict=True):
-            if strategy.defers and strategy.timeout is None:
-                raise ConfigurationError(
-                    f"strategy {name!r} waits for a person without a timeout, so the strategies "
-                    f"after it would never run: give it a timeout or put it last"
-                )
-        return Chain(names=list(names), options={k: dict(v) for k, v in options.items()},
-                     strategies=strategies)  # fmt: skip
+        return build_chain(self.registry, self.config, names, options)
 
     async def chain(self, project_id: str) -> Chain:
         """The project's chain (its stored settings, else the server's default)."""

@@ -190,22 +190,21 @@ def parse_listen_ips(value: Any) -> tuple[str, ...]:
 
 def parse_stun_urls(value: Any) -> tuple[str, ...]:
     """``webrtc_stun_servers``: ``stun:``/``stuns:`` URLs (:func:`parse_ice_urls`)."""
-    return parse_ice_urls(value, ("stun", "stuns"))
+    return parse_ice_urls(value, "webrtc_stun_servers", ("stun", "stuns"))
 
 
 def parse_turn_urls(value: Any) -> tuple[str, ...]:
     """``webrtc_turn_servers``: ``turn:``/``turns:`` URLs (:func:`parse_ice_urls`)."""
-    return parse_ice_urls(value, ("turn", "turns"))
+    return parse_ice_urls(value, "webrtc_turn_servers", ("turn", "turns"))
 
 
-def parse_ice_urls(value: Any, schemes: tuple[str, ...]) -> tuple[str, ...]:
+def parse_ice_urls(value: Any, setting: str, schemes: tuple[str, ...]) -> tuple[str, ...]:
     """``webrtc_stun_servers`` / ``webrtc_turn_servers``: URLs of one of ``schemes``.
 
     Raises:
         ConfigurationError: an entry with another scheme or no host.
     """
     entries = comma_list(value) if isinstance(value, str) else tuple(value)
-    setting = "webrtc_stun_servers" if "stun" in schemes else "webrtc_turn_servers"
     for entry in entries:
         scheme, _, rest = entry.partition(":")
         if scheme.lower() not in schemes or not rest.split("?")[0].strip("/"):

@@ -296,8 +296,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         user = bearer("live_read")
         project_id = project_param(user)
         room = hub.rooms.rooms.get(project_id)
-        sessions = [] if room is None else [s.details() for s in room.live.sessions.values()
-                                            if not s.ended]  # fmt: skip
+        sessions = [] if room is None else [live.details() for live in room.live.open()]
         return _json({"project_id": project_id, "sessions": sessions})
 
     @app.post("/api/collaboration/conflicts/detect")

@@ -25,7 +25,6 @@ sends that viewer.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import uuid
@@ -44,8 +43,6 @@ if TYPE_CHECKING:
     from ._config import Config
     from ._model import User
     from ._webrtc import Relay
-
-log = logging.getLogger("crealia.live")
 
 T = TypeVar("T")
 
@@ -277,6 +274,12 @@ class LiveSession:
         for participant in self.participants.values():
             if participant.conn.id != but:
                 participant.conn.push(1, frame)
+
+    def description(self) -> dict[str, Any]:
+        """What ``live_start``'s ack says of the session (``live_join``'s and ``live_started``
+        add to it)."""
+        return {"session_id": self.id, "kind": self.kind, "mode": self.mode,
+                "ice_servers": self.ice_servers}  # fmt: skip
 
     def to_wire(self) -> dict[str, Any]:
         """What members are told of the session (``welcome``'s ``live_sessions``)."""
@@ -538,7 +541,7 @@ class LiveSessions:
         room = self.room
         _not_reserved(conn)
         limit = self.config.live_sessions_per_project
-        open_now = len(self.to_wire())  # those ending (closing their peers) no longer count
+        open_now = len(self.open())
         if open_now >= limit:
             raise Overloaded(f"this project has {open_now} live sessions already (at most "
                              f"{limit}); stop one first")  # fmt: skip
@@ -570,10 +573,8 @@ class LiveSessions:
             if not live.ready:
                 self.sessions.pop(live.id, None)
         self.totals.started[live.mode] += 1
-        room.broadcast(live._event("live_started", live.host, {
-            "session_id": live.id, "host": live.host, "kind": live.kind, "mode": live.mode,
-            "ice_servers": live.ice_servers,
-        }))  # fmt: skip
+        payload = {**live.description(), "host": live.host}
+        room.broadcast(live._event("live_started", live.host, payload))
         return live
 
     async def _run(self, live: LiveSession, *, task_status: trio.TaskStatus[None]) -> None:
@@ -741,8 +742,12 @@ class LiveSessions:
                 raise BadRequest(f"data.{name}: from 0 to 16384 pixels")
         live.report(participant, data)
 
+    def open(self) -> list[LiveSession]:
+        """The sessions not ended (those still closing their peers no longer count)."""
+        return [live for live in self.sessions.values() if not live.ended]
+
     def to_wire(self) -> list[dict[str, Any]]:
-        return [live.to_wire() for live in self.sessions.values() if not live.ended]
+        return [live.to_wire() for live in self.open()]
 
 
 def _not_reserved(conn: Connection) -> None:

@@ -23,6 +23,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from ._live import live_figures
+
 if TYPE_CHECKING:
     from ._alerts import AlertEngine, AlertNotifier
     from ._backplane import Backplane
@@ -397,10 +399,8 @@ def _labelled(family: Any, name: str, doc: str, label: str, values: Mapping[str,
 def live_metrics(rooms: Any) -> Iterator[Metric]:
     """The live sessions' families: open now (by mode, viewers by rung, their statistics) and
     the counters since start (labels: modes, reasons and rungs, all the protocol's own)."""
-    from ._live import live_figures  # the room layer imports this module
-
     figures = live_figures(live for room in list(rooms.rooms.values())
-                           for live in room.live.sessions.values())  # fmt: skip
+                           for live in room.live.open())  # fmt: skip
     totals = rooms.live_totals
     yield _labelled(GaugeMetricFamily, "crealia_live_sessions", "Live sessions open, by mode.",
                     "mode", figures["sessions"])  # fmt: skip

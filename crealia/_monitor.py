@@ -194,7 +194,7 @@ class Monitor:
         users: set[str] = set()
         sessions = projects = streams = 0
         for room in rooms:
-            streams += len(room.live.sessions)
+            streams += len(room.live.open())
             if room.sessions:
                 projects += 1
                 sessions += len(room.sessions)
@@ -226,14 +226,15 @@ class Monitor:
         return sample
 
     def _project_sample(self, project_id: str, room: Any, now: float) -> dict[str, Any]:
+        live = room.live.open()
         sample: dict[str, Any] = {
             "at": int(now * 1000),
             "projectId": project_id,
             "activeUsers": len(room.users()),
             "activeSessions": len(room.sessions),
             "websocketConnections": len(room.sessions),
-            "webrtcStreams": len(room.live.sessions),
-            "webrtc": [live.summary() for live in room.live.sessions.values()],
+            "webrtcStreams": len(live),
+            "webrtc": [session.summary() for session in live],
         }
         sample.update(self._rates(project_id, room.traffic, room.opened_at))
         return sample

@@ -744,8 +744,7 @@ class Hub:
         live = await room.live.start(session, envelope.data)
         self._audit(session, "live_start", f"live:{live.id}", {"kind": live.kind,
                                                                 "mode": live.mode})  # fmt: skip
-        return "ack", {"session_id": live.id, "kind": live.kind, "mode": live.mode,
-                       "ice_servers": live.ice_servers}  # fmt: skip
+        return "ack", live.description()
 
     async def handle_live_join(
         self, session: Session, room: Room, envelope: _wire.Envelope
@@ -757,9 +756,7 @@ class Hub:
         """
         live = room.live.join(session, envelope.data.session_id)
         self._audit(session, "live_join", f"live:{live.id}", {"host": live.host})
-        return "ack", {"session_id": live.id, "host": live.host, "kind": live.kind,
-                       "mode": live.mode, "ice_servers": live.ice_servers,
-                       "viewers": live.viewers()}  # fmt: skip
+        return "ack", {**live.description(), "host": live.host, "viewers": live.viewers()}
 
     async def handle_live_leave(
         self, session: Session, room: Room, envelope: _wire.Envelope

@@ -416,6 +416,9 @@ class Relay:
             self._host = None  # the host may offer again
             await _close(self._loop, pc, self._close_timeout)
             raise
+        video = self._host_tracks.get("video")
+        if video is not None:
+            self._nursery.start_soon(self._watch_host, video)
         return answer  # type: ignore[no-any-return]
 
     async def _answer_host(
@@ -432,8 +435,6 @@ class Relay:
             self._host_tracks[transceiver.kind] = track
             if transceiver.kind == "audio":
                 self._host_ready["audio"].set()
-        if "video" in self._host_tracks:
-            self._nursery.start_soon(self._watch_host, self._host_tracks["video"])
         return _wire(pc.localDescription)
 
     async def _watch_host(self, track: MediaStreamTrack) -> None:

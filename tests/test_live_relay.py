@@ -59,11 +59,16 @@ async def answer_from(client: RawClient, sender: str) -> dict[str, Any]:
     return dict((await client.expect(pred))["data"]["description"])
 
 
-async def connect_to_server(peer: Peer, client: RawClient, sid: str, **offer: Any) -> None:
-    """Offer ``peer``'s media to the relay over ``client``'s session and take its answer."""
+async def connect_to_server(
+    stack: AsyncExitStack, client: RawClient, sid: str, **offer: Any
+) -> Peer:
+    """A new peer (closed with ``stack``) offering to the relay over ``client``'s session, its
+    answer taken."""
+    peer = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
     description = await peer.offer(**offer)
     await signal(client, sid, "server", description=description)
     await peer.accept(await answer_from(client, "server"))
+    return peer
 
 
 async def start(client: RawClient, mode: str) -> str:
@@ -116,14 +121,11 @@ async def test_relay_two_viewers_one_before_the_hosts_media_both_decode(
             sid = await start(hana, "relay")
             # Olga joins and connects before the host has sent anything.
             await join(olga, sid)
-            early = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-            await connect_to_server(early, olga, sid, receive=True)
-            host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-            await connect_to_server(host, hana, sid, send=Source(width=640, height=360, fps=15),
-                                    audio=True)  # fmt: skip
+            early = await connect_to_server(stack, olga, sid, receive=True)
+            source = Source(width=640, height=360, fps=15)
+            host = await connect_to_server(stack, hana, sid, send=source, audio=True)
             await join(pete, sid)
-            late = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-            await connect_to_server(late, pete, sid, receive=True)
+            late = await connect_to_server(stack, pete, sid, receive=True)
             for viewer in (early, late):
                 sizes = await viewer.frames(5)
                 assert sizes[-1] == (640, 360)
@@ -143,15 +145,11 @@ async def test_relay_bad_statistics_shrink_one_viewers_frames_and_not_the_others
             olga = await clients.join("olga", role="viewer")
             pete = await clients.join("pete", role="viewer")
             sid = await start(hana, "relay")
-            host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-            await connect_to_server(host, hana, sid, send=Source(width=854, height=480, fps=15))
+            await connect_to_server(stack, hana, sid, send=Source(width=854, height=480, fps=15))
             viewers = {}
             for name, client in (("olga", olga), ("pete", pete)):
                 await join(client, sid)
-                viewers[name] = peer = await stack.enter_async_context(
-                    open_peer(listen_ips=LOOPBACK)
-                )
-                await connect_to_server(peer, client, sid, receive=True)
+                viewers[name] = peer = await connect_to_server(stack, client, sid, receive=True)
                 assert (await peer.frames(3))[-1] == (854, 480)
             lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30, "packet_loss": 0.2,
                      "fps": 15, "width": 854, "height": 480}  # fmt: skip
@@ -179,11 +177,9 @@ async def live_relay(
     hana = await clients.join("hana")
     olga = await clients.join("olga", role="viewer")
     sid = await start(hana, "relay")
-    host = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-    await connect_to_server(host, hana, sid, send=Source(width=320, height=240, fps=15))
+    await connect_to_server(stack, hana, sid, send=Source(width=320, height=240, fps=15))
     await join(olga, sid)
-    viewer = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
-    await connect_to_server(viewer, olga, sid, receive=True)
+    viewer = await connect_to_server(stack, olga, sid, receive=True)
     await viewer.frames(2)
     yield hana, olga, sid
 

@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup run test lint typecheck pytest bench soak clean
+.PHONY: setup setup-test run test lint typecheck pytest bench soak clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -21,10 +21,14 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-pytest: setup
+# The tests also need what only they use (Debian's chromium for the browser tests).
+setup-test:
+	@sh scripts/bootstrap.sh --test
+
+pytest: setup-test
 	$(PY) -m pytest -q -p no:cacheprovider
 
-test: setup lint typecheck pytest
+test: setup-test lint typecheck pytest
 
 bench: setup
 	$(PY) benchmarks/fanout.py --compare-batching

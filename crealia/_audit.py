@@ -55,6 +55,9 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
     "rate_limited": ("medium", 30),
     "token_refused": ("high", 60),
     "origin_refused": ("high", 70),
+    # Under --dev: a developer's page on an origin not allowed yet is not an attack.
+    "dev_origin_refused": ("low", 5),
+    "dev_token": ("medium", 20),
     "abuse_closed": ("high", 75),
     "export": ("medium", 35),
     "erasure": ("high", 50),

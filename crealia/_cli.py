@@ -81,6 +81,14 @@ _HS256_FLAG_HELP = (
 )
 _HS256_FILE_HELP = "read the HS256 secret from this file (CREALIA_JWT_SECRET_FILE)"
 #: Printed (and logged) when the secret comes on the command line.
+#: What ``crealia serve --dev`` says once it listens.
+DEV_NOTICE = (
+    "crealia: --dev: pages at http://127.0.0.1:{http}/ can mint tokens (POST /api/dev/token); "
+    "WebSocket and CORS also allow the origins http://localhost:*, http://127.0.0.1:* and "
+    "http://[::1]:*; refused origins are audited as dev_origin_refused, with no security alert. "
+    "Never run --dev where others can reach it."
+)
+
 CMDLINE_KEY_WARNING = (
     "--jwt-secret puts the secret on the command line, where every local user can read it "
     "(ps, /proc/<pid>/cmdline): set CREALIA_JWT_SECRET or use --jwt-secret-file instead"
@@ -606,6 +614,8 @@ async def _serve(config: Config) -> None:
             # What exists now lives as long as the server: keep it out of every collection.
             gc.freeze()
             print(f"crealia listening http={server.http_port} ws={server.ws_port}", flush=True)
+            if config.dev:
+                print(DEV_NOTICE.format(http=server.http_port), file=sys.stderr, flush=True)
             async for _signum in signals:
                 break
         # Leaving the block closed every connection with 1001 and flushed the store.

@@ -26,7 +26,7 @@ from prometheus_client.process_collector import ProcessCollector
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from . import _gdpr, _openapi, _wire
+from . import _gdpr, _openapi, _pages, _wire
 from ._auth import require
 from ._edge import ASGIApp
 from ._errors import (
@@ -435,6 +435,7 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         audit(user, "erasure", f"user:{pseudonym}", {"erased": counts})
         return _json({"userId": subject, "pseudonym": pseudonym, "erased": counts})
 
+    _pages.install(app, config=hub.config, auth=hub.auth, audit=hub.audit, json_body=json_body)
     return app  # type: ignore[return-value]
 
 

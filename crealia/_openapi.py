@@ -323,6 +323,37 @@ def _paths() -> dict[str, Any]:
             "it).",
             _responses(_json(_ANY_OBJECT, "The OpenAPI document.")),
         )},
+        "/api/info": {"get": _operation(
+            "info", "meta", "What is running",
+            "The server's name, version, protocol version, whether it runs with `--dev`, its "
+            "uptime and the path of its WebSocket route. No token: the landing page shows it.",
+            _responses(_json(_all({
+                "name": {"const": "crealia"}, "version": _STRING,
+                "protocol": {"type": "integer"}, "dev": {"type": "boolean"},
+                "uptime_s": {"type": "number"}, "started_at": {"type": "integer"},
+                "websocket": _STRING,
+            }), "What is running.")),
+        )},
+        "/api/dev/token": {"post": _operation(
+            "dev_token", "meta", "Mint a token (--dev only)",
+            "Only with `crealia serve --dev` (404 otherwise): a token for the user, project and "
+            "role given, signed like `crealia token`'s, so that the pages can be tried without "
+            "the command line. `ttl` in seconds, 60 to 604800 (default 8 hours). Audited as "
+            "`dev_token`.",
+            _responses(_json(_all({
+                "token": _STRING,
+                "claims": _all({"sub": _STRING, "name": _STRING, "project": _STRING,
+                                "role": _STRING, "exp": {"type": "integer"}}),
+            }), "The token and its claims."), "400", "404", "413"),
+            body=_obj({
+                "user": {**_STRING, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"},
+                "project": {**_STRING, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"},
+                "role": {"enum": ["owner", "editor", "commenter", "viewer"]},
+                "name": {**_STRING, "minLength": 1, "maxLength": 64},
+                "ttl": {"type": "number", "minimum": 60, "maximum": 604800},
+            }, ["user", "project", "role"]),
+            examples={"alice": {"user": "alice", "project": "p1", "role": "owner"}},
+        )},
         "/api/projects/{project_id}/snapshot": {"get": _operation(
             "snapshot", "projects", "Project snapshot",
             "The project's document as of its latest `seq` (docs/protocol.md §5). A project "
@@ -831,7 +862,7 @@ def document() -> dict[str, Any]:
         },
         "tags": [
             {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
-            {"name": "meta", "description": "This document."},
+            {"name": "meta", "description": "This document, what is running, `--dev` tokens."},
             {"name": "projects", "description": "A project's document."},
             {"name": "strategies", "description": "How a project's conflicts are settled."},
             {"name": "conflicts", "description": "Conflicts: list, dry-run, settle by hand."},

@@ -12,9 +12,13 @@ The rules:
 - ``allowed_origins`` holds ``*``: every origin is allowed;
 - the origin is in ``allowed_origins`` (exact ``scheme://host[:port]``, host case-insensitive,
   default ports normalized away): allowed;
+- with ``dev`` (``crealia serve --dev``): ``http://localhost``, ``http://127.0.0.1`` and
+  ``http://[::1]`` on any port, for pages a developer serves locally;
 - otherwise only the same origin is: the page's origin must name the host and port of the
   ``Host`` header (http or https), or the same host with the port the server's pages come from
   (the HTTP app's: its pages connect to the fast path's port too).
+
+The same policy decides which origins get CORS headers from the REST API (``_pages``).
 """
 
 from __future__ import annotations
@@ -86,16 +90,32 @@ class OriginPolicy:
 
     allowed: frozenset[str] = frozenset()
     any: bool = False
+    #: Also allow local development origins (http://localhost:*, 127.0.0.1, [::1]).
+    dev: bool = False
 
     @classmethod
-    def from_origins(cls, origins: Iterable[str]) -> OriginPolicy:
-        """A policy for the ``allowed_origins`` setting.
+    def from_origins(cls, origins: Iterable[str], *, dev: bool = False) -> OriginPolicy:
+        """A policy for the ``allowed_origins`` setting (and ``dev``).
 
         Raises:
             ConfigurationError: an entry is not an origin.
         """
         parsed = parse_allowed_origins(origins)
-        return cls(allowed=frozenset(o for o in parsed if o != "*"), any="*" in parsed)
+        return cls(allowed=frozenset(o for o in parsed if o != "*"), any="*" in parsed, dev=dev)
+
+    def listed(self, origin: str | None) -> bool:
+        """Whether ``origin`` is allowed by the settings alone (listed, ``*``, or a local origin
+        under ``dev``), whatever the ``Host``: what earns CORS headers."""
+        if origin is None:
+            return False
+        if self.any:
+            return True
+        normalized = normalize_origin(origin)
+        if normalized is None:
+            return False
+        return normalized in self.allowed or (
+            self.dev and _DEV_ORIGIN.fullmatch(normalized) is not None
+        )
 
     def allows(self, origin: str | None, host: str | None, ports: Sequence[int] = ()) -> bool:
         """Whether a handshake with these ``Origin`` and ``Host`` headers may go on.
@@ -105,11 +125,11 @@ class OriginPolicy:
         """
         if origin is None or self.any:
             return True
+        if self.listed(origin):
+            return True
         normalized = normalize_origin(origin)
         if normalized is None:
             return False
-        if normalized in self.allowed:
-            return True
         if not host:
             return False
         scheme = normalized.split(":", 1)[0]
@@ -131,10 +151,21 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
+#: Local development origins, allowed under ``dev``.
+_DEV_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?")
+
+#: How to allow an origin, said wherever one is refused.
+ALLOW_HINT = "allow it with --allowed-origins or CREALIA_ALLOWED_ORIGINS"
+
+
+def shown_origin(origin: str) -> str:
+    """``origin`` as it may be logged and sent back: printable ASCII, at most 200 characters."""
+    return "".join(c if " " <= c <= "~" else "?" for c in origin[:200])
+
+
 def refusal_body(origin: str) -> bytes:
-    """The short 403 body naming a refused origin (printable ASCII, at most 200 characters)."""
-    shown = "".join(c if " " <= c <= "~" else "?" for c in origin[:200])
-    return f"origin not allowed: {shown}\n".encode("ascii")
+    """The short 403 body naming a refused origin and the setting that would allow it."""
+    return f"origin not allowed: {shown_origin(origin)} ({ALLOW_HINT})\n".encode("ascii")
 
 
 # -- allowed hosts (DNS rebinding) ------------------------------------------------------------

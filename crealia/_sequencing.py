@@ -302,7 +302,14 @@ def prepare_settle(
         kind="conflict_resolved",
         user_id=by,
         at=at,
-        payload={"conflict_id": conflict.id, "seq": seq, "resolution": wire},
+        payload={
+            "conflict_id": conflict.id,
+            "seq": seq,
+            "element_id": conflict.element_id,
+            "prop": conflict.prop,
+            "resolution": wire,
+            "changes": [wire_op(effect) for effect in effects],
+        },
         effects=effects,
     )
     return event, resolved, redetected
@@ -319,6 +326,11 @@ def target_state(doc: Document, conflict: Conflict) -> tuple[int | None, str | N
         return seq, writer, copy.deepcopy(element.props)
     prop = conflict.prop
     return element.versions.get(prop), element.writers.get(prop), element.props.get(prop)
+
+
+def wire_op(effect: dict[str, Any]) -> dict[str, Any]:
+    """A document op as clients see it: what it does, not who counts as its writer."""
+    return {key: value for key, value in effect.items() if key != "writer"}
 
 
 def resolution_effects(

@@ -48,7 +48,7 @@ from ._errors import ConnectionClosed as ConnectionClosed
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
-from ._origin import HostPolicy, OriginPolicy
+from ._origin import ALLOW_HINT, HostPolicy, OriginPolicy, shown_origin
 from ._preauth import AddressLimiter
 from ._protocol import PROTOCOL, MessageType, data_classes
 from ._ratelimit import RateLimiter
@@ -897,8 +897,12 @@ class Hub:
                           user_agent=conn.user_agent)  # fmt: skip
 
     def on_origin_refused(self, origin: str, remote: str, user_agent: str = "") -> None:
-        """A transport refused a WebSocket from a site not allowed (cross-site hijacking)."""
-        self.audit.refusal("origin_refused", user_id=None, project_id=None, resource="websocket",
+        """A transport refused a WebSocket from a site not allowed (cross-site hijacking).
+        Under ``dev`` it is audited as ``dev_origin_refused`` (low: no security alert)."""
+        log.warning("refused a WebSocket from origin %s at %s: %s", shown_origin(origin), remote,
+                    ALLOW_HINT)  # fmt: skip
+        action = "dev_origin_refused" if self.config.dev else "origin_refused"
+        self.audit.refusal(action, user_id=None, project_id=None, resource="websocket",
                            details={"origin": origin[:200]}, ip_address=remote,
                            user_agent=user_agent)  # fmt: skip
 
@@ -912,7 +916,7 @@ class Hub:
             on_origin_refused=self.on_origin_refused,
             max_frame_bytes=config.max_frame_bytes,
             handshake_timeout=config.hello_timeout,
-            origins=OriginPolicy.from_origins(config.allowed_origins),
+            origins=OriginPolicy.from_origins(config.allowed_origins, dev=config.dev),
             hosts=HostPolicy.from_hosts(config.allowed_hosts),
             gate=self.gate,
             page_ports=(config.port,) if config.port else (),

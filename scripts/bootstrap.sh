@@ -1,12 +1,19 @@
 #!/bin/sh
 # Set up everything crealia needs from this checkout: system packages (when missing), a venv,
 # and the package with its test and dev extras. Safe to run again; it only does what is missing.
+# With --test it also sees to what only the tests use: Debian's chromium for the browser tests
+# (installed when root; otherwise they skip, and this says what to install).
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 # System packages the test suite drives for real. Empty entries are skipped.
 SYSTEM_PACKAGES="${CREALIA_SYSTEM_PACKAGES:-redis-server}"
+
+TEST_PACKAGES=""
+if [ "${1:-}" = "--test" ]; then
+    TEST_PACKAGES="${CREALIA_TEST_PACKAGES:-chromium}"
+fi
 
 need_apt=""
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -22,6 +29,15 @@ for pkg in $SYSTEM_PACKAGES; do
         chromium) command -v chromium >/dev/null 2>&1 || need_apt="$need_apt chromium" ;;
         *) dpkg -s "$pkg" >/dev/null 2>&1 || need_apt="$need_apt $pkg" ;;
     esac
+done
+for pkg in $TEST_PACKAGES; do
+    if ! command -v "$pkg" >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            need_apt="$need_apt $pkg"
+        else
+            echo "note: the browser tests will be skipped: they need $pkg (sudo apt-get install -y $pkg)" >&2
+        fi
+    fi
 done
 if [ -n "$need_apt" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

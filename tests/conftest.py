@@ -13,6 +13,7 @@ from crealia import Config, Server, open_server
 from crealia._storage import Store
 from crealia.backplanes.sqlite import SQLiteBackplane
 
+from ._browser import browser, crealia_server, pages  # noqa: F401 - fixtures
 from ._netns import enter_loopback_namespace, loopback_only_reason
 from ._wsclient import RawClient, open_raw_client
 

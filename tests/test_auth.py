@@ -34,7 +34,7 @@ from wsproto.events import AcceptConnection, Message, RejectConnection, RejectDa
 from crealia import Acceptor, Config, Server, TokenAuthority, open_server
 from crealia._auth import sign_token, token_claims
 from crealia._errors import ConfigurationError, Unauthorized
-from crealia._origin import HostPolicy, OriginPolicy, normalize_origin
+from crealia._origin import ALLOW_HINT, HostPolicy, OriginPolicy, normalize_origin
 from crealia.transports._asgi import Receive, Scope, Send, _refuse
 
 from .conftest import JWT_SECRET, make_config, ws_url
@@ -420,7 +420,7 @@ async def test_origin_cross_site_refused(tmp_path: Path, endpoint: str) -> None:
         url = ws_url(server, endpoint)
         status, body = await handshake(url, "https://evil.example")
         assert status == 403
-        assert body.decode().strip() == "origin not allowed: https://evil.example"
+        assert body.decode().strip() == f"origin not allowed: https://evil.example ({ALLOW_HINT})"
         # Same port, another host name: another origin.
         port = server.ws_port if endpoint == "ws" else server.http_port
         assert (await handshake(url, f"http://localhost:{port}"))[0] == 403
@@ -531,7 +531,7 @@ def test_origin_acceptor_check_handshake_reports_refusals() -> None:
     refused = check(host="h.example:3001", origin="https://evil.example")
     assert refused is not None
     assert (refused.status, refused.reason) == (403, "origin")
-    assert refused.body == b"origin not allowed: https://evil.example\n"
+    assert refused.body == f"origin not allowed: https://evil.example ({ALLOW_HINT})\n".encode()
     assert heard == [("https://evil.example", "10.0.0.1", "UA")]
     misdirected = check(host="evil.example", origin="https://evil.example")
     assert misdirected is not None

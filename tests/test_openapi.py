@@ -39,7 +39,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from crealia import Server, _http, _openapi, open_server
+from crealia import Server, _http, _openapi, _pages, open_server
 
 from ._redis import run_redis
 from .conftest import make_config, opened
@@ -71,13 +71,19 @@ def _quart_app(asgi: Any) -> Quart:
     return app
 
 
+def _is_page(path: str) -> bool:
+    """The browser's files and pages are not API operations (docs/protocol.md §9 lists them)."""
+    return (path in _pages.PAGES or path.lstrip("/") in _pages.ROOT_FILES
+            or path.startswith("/static/"))  # fmt: skip
+
+
 async def test_openapi_lists_every_route_of_the_app(server: Server) -> None:
     app = _quart_app(_http.create_app(server.hub, server.monitor, server.security))
     routes = {
         (method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)): rule.endpoint
         for rule in app.url_map.iter_rules()
         for method in rule.methods or ()
-        if method not in ("HEAD", "OPTIONS")
+        if method not in ("HEAD", "OPTIONS") and not _is_page(rule.rule)
     }
     documented = {
         (method.upper(), path): operation["operationId"]

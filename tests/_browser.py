@@ -19,6 +19,8 @@ server is another process, and nothing of Trio's loop runs while the browser is 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -288,14 +290,32 @@ def screenshot(page: Any, name: str) -> Path:
 # -- fixtures (conftest.py imports these) ------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+class _Stop:
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def close(self) -> None:
+        self.manager.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     reason = browser_skip_reason()
     if reason is not None:
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
+    # Playwright's sync API runs an asyncio loop of its own, made by the event-loop policy;
+    # trio-asyncio (imported by the WebRTC adapter) installs one whose loops must not be
+    # left running between Trio tests. Playwright gets a plain asyncio loop.
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        manager = sync_playwright()
+        playwright = manager.__enter__()
+    finally:
+        asyncio.set_event_loop_policy(policy)
+    with contextlib.closing(_Stop(manager)):
         chromium = playwright.chromium.launch(executable_path=chromium_path(),
                                               args=CHROMIUM_ARGS, timeout=30_000)  # fmt: skip
         try:

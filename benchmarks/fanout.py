@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zlib
 from array import array
 from collections import Counter, deque
 from pathlib import Path
@@ -60,36 +59,27 @@ import jwt
 import orjson
 import psutil
 import trio
-from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
-    Pong,
-    RejectConnection,
-    Request,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from crealia._loadgen import _BASE_NS, NET_ERRORS, Connection, HandshakeRefused, now_ms  # noqa: E402
+
 LISTENING_RE = re.compile(rb"crealia listening http=(\d+) ws=(\d+)")
 SUBPROTOCOL = "crealia.v1"
 ELEMENT_ID = "bench-el"
 RECV_SIZE = 256 * 1024
-NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_BASE_NS = time.monotonic_ns()
 _monotonic_ns = time.monotonic_ns
 _loads = orjson.loads
 _dumps = orjson.dumps
-
-
-def now_ms() -> float:
-    """Milliseconds on this process's monotonic clock (the clock embedded in messages)."""
-    return (_monotonic_ns() - _BASE_NS) / 1e6
 
 
 class BenchError(Exception):
@@ -409,10 +399,15 @@ class Bench:
             self.all_done.set()
 
 
-class Client:
-    """One WebSocket client: raw trio socket + wsproto, lean reader, one sender task."""
+class Client(Connection):
+    """One WebSocket client: the package's lean connection (raw trio socket, wsproto for the
+    handshake and sends, the inline reader) and one sender task."""
 
     def __init__(self, bench: Bench, idx: int, room: int) -> None:
+        super().__init__(
+            deflate=bench.cfg.deflate,
+            subprotocol=None if bench.cfg.no_subprotocol else SUBPROTOCOL,
+        )
         self.b = bench
         self.idx = idx
         self.room = room
@@ -420,14 +415,8 @@ class Client:
         self.uid = f"bench-{bench.run_id}-{idx}"
         self.prop = f"{bench.prop_prefix}{idx}"
         self.token = bench.token(self.uid, self.project)
-        self.stream: trio.SocketStream | None = None
-        self.ws = WSConnection(ConnectionType.CLIENT)
         self.ok = False  # welcomed
         self._settled = False
-        self.alive = False
-        self.closing = False
-        self.closed_by_server = False
-        self.reader_done = trio.Event()
         self.next_ref = 2
         self.waiters: dict[int, list[Any]] = {}  # ref -> [event, envelope]
         self.pending_edits: dict[int, float] = {}  # ref -> send ms
@@ -437,13 +426,7 @@ class Client:
         self.seq_stale = 0
         self.has_element = False
         self.edit_n = 0
-        self._busy = False
-        self._outq: list[bytes] = []
         self._partial: list[str] = []
-        self._leftover = b""
-        self._inflater: Any = None  # zlib decompressobj when permessage-deflate is on
-        self._inflate_new = False  # server_no_context_takeover
-        self.rx_ms = 0.0
         # counters
         self.cursor_sent_win = 0
         self.cursor_sent_total = 0
@@ -466,25 +449,8 @@ class Client:
 
     # ---------------------------------------------------------------- sending
 
-    async def _send_raw(self, data: bytes) -> None:
-        """Send bytes; concurrent callers queue behind the one in send_all (order kept)."""
-        if self._busy:
-            self._outq.append(data)
-            return
-        stream = self.stream
-        assert stream is not None
-        self._busy = True
-        try:
-            await stream.send_all(data)
-            while self._outq:
-                more = b"".join(self._outq)
-                self._outq.clear()
-                await stream.send_all(more)
-        finally:
-            self._busy = False
-
     async def send_msg(self, msg: dict[str, Any]) -> None:
-        await self._send_raw(self.ws.send(TextMessage(data=_dumps(msg).decode())))
+        await self.send_bytes(self.ws.send(TextMessage(data=_dumps(msg).decode())))
 
     async def request(self, typ: str, data: dict[str, Any], timeout: float) -> dict[str, Any]:
         ref = self.next_ref
@@ -508,9 +474,7 @@ class Client:
             if not self._settled:
                 self._settled = True
                 b.client_settled(False)
-            if self.stream is not None:
-                with trio.CancelScope(shield=True), contextlib.suppress(*NET_ERRORS):
-                    await self.stream.aclose()
+            await self.aclose()
             b.client_done()
 
     async def _run(self, nursery: trio.Nursery) -> None:
@@ -521,9 +485,7 @@ class Client:
                 async with b.connect_sem:
                     t0 = now_ms()
                     await self._open()
-                    nursery.start_soon(
-                        self._reader_wsproto if b.cfg.wsproto_reader else self._reader
-                    )
+                    nursery.start_soon(self._reader_wsproto if b.cfg.wsproto_reader else self.read)
                     await self._hello()
                     b.welcome_lat.append(now_ms() - t0)
         except trio.TooSlowError:
@@ -550,48 +512,18 @@ class Client:
             b.exceptions[exc_key(exc)] += 1
 
     async def _open(self) -> None:
-        """TCP connect and the WebSocket handshake (wsproto). Bytes after the 101 response's
-        header are kept in ``self._leftover`` for the reader."""
+        """TCP connect and the WebSocket handshake."""
         b = self.b
         port = b.ports[self.idx % len(b.ports)]
-        self.stream = await trio.open_tcp_stream(b.host, port)
-        deflate = PerMessageDeflate() if b.cfg.deflate else None
-        subprotocols = [] if b.cfg.no_subprotocol else [SUBPROTOCOL]
-        req = Request(
-            host=f"{b.host}:{port}",
-            target=b.target,
-            subprotocols=subprotocols,
-            extensions=[deflate] if deflate else [],
-        )
-        await self.stream.send_all(self.ws.send(req))
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            data = await self.stream.receive_some(RECV_SIZE)
-            if not data:
-                b.connect_errors["EOF during handshake"] += 1
-                raise _Abort
-            buf += data
-            if len(buf) > 1 << 20:
-                b.connect_errors["handshake response too large"] += 1
-                raise _Abort
-        head_end = buf.index(b"\r\n\r\n") + 4
-        self.ws.receive_data(buf[:head_end])
-        self._leftover = buf[head_end:]
-        for ev in self.ws.events():
-            if isinstance(ev, AcceptConnection):
-                if ev.extensions and deflate is not None:
-                    b.deflate_negotiated += 1
-                    self._inflate_new = deflate.server_no_context_takeover
-                    self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-                if ev.subprotocol:
-                    b.subprotocol_selected += 1
-                self.alive = True
-                return
-            if isinstance(ev, RejectConnection):
-                b.connect_errors[f"handshake rejected: HTTP {ev.status_code}"] += 1
-                raise _Abort
-        b.connect_errors["incomplete handshake response"] += 1
-        raise _Abort
+        try:
+            await self.open(b.host, port, b.target)
+        except HandshakeRefused as exc:
+            b.connect_errors[str(exc)] += 1
+            raise _Abort from None
+        if self.deflated:
+            b.deflate_negotiated += 1
+        if self.selected_subprotocol:
+            b.subprotocol_selected += 1
 
     async def _hello(self) -> None:
         b = self.b
@@ -651,7 +583,7 @@ class Client:
             return
         try:
             if self.ws.state is ConnectionState.OPEN:
-                await self._send_raw(self.ws.send(CloseConnection(code=1000)))
+                await self.send_bytes(self.ws.send(CloseConnection(code=1000)))
         except NET_ERRORS:
             return
         except Exception as exc:  # wsproto LocalProtocolError etc.
@@ -681,7 +613,7 @@ class Client:
         current_time = trio.current_time
         sleep_until = trio.sleep_until
         ws_send = self.ws.send
-        send_raw = self._send_raw
+        send_raw = self.send_bytes
         base_ns = _BASE_NS
         mono = _monotonic_ns
         try:
@@ -746,122 +678,36 @@ class Client:
         self.edit_sent_total += 1
         if b.m0_ms <= ts < b.m1_ms:
             self.edit_sent_win += 1
-        await self._send_raw(self.ws.send(TextMessage(data=_dumps(msg).decode())))
+        await self.send_bytes(self.ws.send(TextMessage(data=_dumps(msg).decode())))
 
     # ---------------------------------------------------------------- reader
 
-    async def _reader(self) -> None:
-        """Lean reader: parses server frames inline (unmasked; text, continuation, close, ping,
-        pong; permessage-deflate via zlib). wsproto did the handshake and still does all sending;
-        wsproto's pure-Python frame parser costs ~8 us per frame, which would make this process
-        the bottleneck with batching off."""
-        b = self.b
-        stream = self.stream
-        assert stream is not None
-        recv = stream.receive_some
-        on_text = self._on_text
-        from_bytes = int.from_bytes
-        buf = self._leftover
-        self._leftover = b""
-        frag: list[bytes] = []
-        frag_rsv1 = False
+    async def read(self) -> None:
+        """The package's lean reader (wsproto's parser costs ~8 us a frame, which would make
+        this process the bottleneck with batching off); waiters woken when it ends."""
         try:
-            while True:
-                pos = 0
-                size = len(buf)
-                while size - pos >= 2:
-                    b0 = buf[pos]
-                    b1 = buf[pos + 1]
-                    n = b1 & 0x7F
-                    if n < 126:
-                        start = pos + 2
-                    elif n == 126:
-                        if size - pos < 4:
-                            break
-                        n = from_bytes(buf[pos + 2 : pos + 4], "big")
-                        start = pos + 4
-                    else:
-                        if size - pos < 10:
-                            break
-                        n = from_bytes(buf[pos + 2 : pos + 10], "big")
-                        start = pos + 10
-                    if b1 & 0x80:
-                        raise _ProtocolError("masked frame from server")
-                    end = start + n
-                    if end > size:
-                        break
-                    payload = buf[start:end]
-                    pos = end
-                    opcode = b0 & 0x0F
-                    if opcode == 1 and b0 & 0x80 and not frag:  # the usual case
-                        if b0 & 0x40:
-                            payload = self._inflate(payload)
-                        on_text(payload)
-                    elif opcode < 3:  # fragmented message (or binary)
-                        if opcode:
-                            if frag:
-                                raise _ProtocolError("new data frame inside a fragmented one")
-                            frag_rsv1 = bool(b0 & 0x40)
-                            frag.append(b"\x01" if opcode == 1 else b"\x02")
-                        elif not frag:
-                            raise _ProtocolError("unexpected continuation frame")
-                        frag.append(payload)
-                        if b0 & 0x80:
-                            kind = frag[0]
-                            whole = b"".join(frag[1:])
-                            frag.clear()
-                            if frag_rsv1:
-                                whole = self._inflate(whole)
-                            if kind == b"\x01":
-                                on_text(whole)
-                            else:
-                                b.push_types["<binary frame>"] += 1
-                    elif opcode == 8:
-                        await self._on_close_frame(payload)
-                        return
-                    elif opcode == 9:
-                        await self._send_raw(self.ws.send(Pong(payload=payload)))
-                    elif opcode != 10:
-                        raise _ProtocolError(f"unknown opcode {opcode}")
-                buf = buf[pos:] if pos else buf
-                data = await recv(RECV_SIZE)
-                if not data:
-                    if not self.closing:
-                        b.closes_during_run["EOF without close frame"] += 1
-                    return
-                self.rx_ms = (_monotonic_ns() - _BASE_NS) / 1e6
-                n = len(data)
-                self.wire_bytes_total += n
-                if b.in_window:
-                    self.wire_bytes_win += n
-                buf = buf + data if buf else data
-        except NET_ERRORS as exc:
-            if not self.closing:
-                b.closes_during_run[f"socket error: {type(exc).__name__}"] += 1
-        except Exception as exc:  # protocol error, bad JSON...: record and drop the connection
-            b.exceptions["reader: " + exc_key(exc)] += 1
+            await super().read()
         finally:
-            self.alive = False
-            self.reader_done.set()
             for w in self.waiters.values():
                 w[0].set()
             self.waiters.clear()
 
-    def _inflate(self, payload: bytes) -> bytes:
-        if self._inflater is None:
-            raise _ProtocolError("compressed frame but permessage-deflate was not negotiated")
-        if self._inflate_new:
-            self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        return self._inflater.decompress(payload + b"\x00\x00\xff\xff")
+    def on_bytes(self, count: int) -> None:
+        self.wire_bytes_total += count
+        if self.b.in_window:
+            self.wire_bytes_win += count
 
-    async def _on_close_frame(self, payload: bytes) -> None:
-        code = from_be16(payload[:2]) if len(payload) >= 2 else 1005
-        reason = payload[2:].decode("utf-8", "replace")
+    def on_lost(self, why: str) -> None:
+        self.b.closes_during_run[why] += 1
+
+    def on_reader_error(self, exc: Exception) -> None:
+        self.b.exceptions["reader: " + exc_key(exc)] += 1
+
+    def on_text(self, payload: bytes) -> None:
+        self._on_text(payload)
+
+    def on_close(self, code: int, reason: str) -> None:
         self._on_close(CloseConnection(code=code, reason=reason))
-        if self.ws.state is ConnectionState.OPEN:  # the server started the close: echo it
-            with contextlib.suppress(*NET_ERRORS):
-                reply = 1000 if code in (1005, 1006, 1015) else code
-                await self._send_raw(self.ws.send(CloseConnection(code=reply)))
 
     async def _reader_wsproto(self) -> None:
         """Reader that lets wsproto parse every frame (--wsproto-reader, for cross-checks)."""
@@ -882,10 +728,7 @@ class Client:
                         b.closes_during_run["EOF without close frame"] += 1
                     return
                 self.rx_ms = (_monotonic_ns() - _BASE_NS) / 1e6
-                n = len(data)
-                self.wire_bytes_total += n
-                if b.in_window:
-                    self.wire_bytes_win += n
+                self.on_bytes(len(data))
                 ws.receive_data(data)
                 for ev in ws.events():
                     cls = type(ev)
@@ -901,13 +744,15 @@ class Client:
                             text = ev.data
                         self._on_text(text)
                     elif cls is CloseConnection:
+                        self.alive = False
+                        self.closed_by_server = not self.closing
                         self._on_close(ev)
                         if ws.state is ConnectionState.REMOTE_CLOSING:
                             with contextlib.suppress(*NET_ERRORS):
-                                await self._send_raw(ws.send(ev.response()))
+                                await self.send_bytes(ws.send(ev.response()))
                         return
                     elif cls is Ping:
-                        await self._send_raw(ws.send(ev.response()))
+                        await self.send_bytes(ws.send(ev.response()))
                     elif cls is BytesMessage:
                         b.push_types["<binary frame>"] += 1
         except NET_ERRORS as exc:
@@ -924,19 +769,17 @@ class Client:
 
     def _on_close(self, ev: CloseConnection) -> None:
         b = self.b
-        self.alive = False  # stops the sender before we echo the close
         code = str(ev.code)
         if self.closing:
             b.closes_at_end[code] += 1
         else:
-            self.closed_by_server = True
             b.closes_during_run[code] += 1
             if ev.reason and code not in b.close_reasons:
                 b.close_reasons[code] = ev.reason[:200]
             started = b.traffic_start_t != math.inf
             b.close_times.append(trio.current_time() - b.traffic_start_t if started else None)
 
-    def _on_text(self, text: str) -> None:
+    def _on_text(self, text: str | bytes) -> None:
         b = self.b
         obj = _loads(text)
         self.frames_total += 1
@@ -1063,14 +906,6 @@ def exc_key(exc: BaseException) -> str:
     if isinstance(exc, LocalProtocolError):
         return "LocalProtocolError (send on a closed connection)"
     return f"{type(exc).__name__}: {str(exc)[:100]}"
-
-
-class _ProtocolError(Exception):
-    """The server broke RFC 6455 framing."""
-
-
-def from_be16(b: bytes) -> int:
-    return int.from_bytes(b, "big")
 
 
 class _Abort(Exception):

@@ -8,13 +8,15 @@ Subcommands::
     crealia check-token    verify a token as the server would, and print its claims
     crealia plugins        the strategies, alert rules and backplanes, and where each comes from
     crealia strategies     the strategies only, and which are in the default chain
+    crealia loadtest       drive a running server with simulated users and report what it did
     crealia --version
 
 Every value is checked for its type and range wherever it comes from (a flag, a variable, the
 TOML file: see :mod:`crealia._config`). A failure to start (a bad setting, a port in use, Redis
 unreachable, a bad URL, a strategy refusing its options, an unusable data dir) is one line on
 stderr, ``crealia: ...``, and exit status 2, never a traceback; so is a bad command line.
-``check-token`` exits 1 for a refused token. Help is plain text.
+``check-token`` exits 1 for a refused token, ``loadtest`` 1 for a server it cannot reach.
+Help is plain text.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import ipaddress
 import json
 import logging
 import math
@@ -32,6 +35,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import attrs
 import jwt
@@ -57,8 +61,11 @@ from ._config import (
     redact_url_password,
 )
 from ._errors import ConfigurationError, CrealiaError, Unauthorized
+from ._loadtest import LoadtestOptions, parse_duration
+from ._loadtest import run_command as run_loadtest_command
 from ._logging import configure as configure_logging
 from ._model import ROLES
+from ._pages import ID_PATTERN as _PROJECT_ID
 from ._plugins import (
     ALERT_RULE_GROUP,
     STRATEGY_GROUP,
@@ -241,7 +248,212 @@ def _parser() -> argparse.ArgumentParser:
     check_token.add_argument(
         "--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)"
     )
+    _add_loadtest(commands)
     return parser
+
+
+def _count(low: int, high: int) -> Any:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float) -> Any:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
+def _period(low: float, high: float, *, zero: bool) -> Any:
+    def parse(raw: str) -> float:
+        try:
+            seconds = parse_duration(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if zero and seconds == 0:
+            return 0.0
+        if not low <= seconds <= high:
+            allowed = f"0 (off) or from {low:g} s" if zero else f"from {low:g} s"
+            raise argparse.ArgumentTypeError(f"{raw!r}: must be {allowed} to {high:g} s")
+        return seconds
+
+    return parse
+
+
+def _ws_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or port == -1:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not a WebSocket URL (ws://HOST:PORT/ws or wss://...)"
+        )
+    return raw
+
+
+def _add_loadtest(commands: Any) -> None:
+    loadtest = commands.add_parser(
+        "loadtest", help="drive a running server with simulated users and report what it did"
+    )
+    loadtest.add_argument(
+        "--url",
+        action="append",
+        type=_ws_url,
+        required=True,
+        metavar="URL",
+        help="the server's WebSocket URL, ws://HOST:WS_PORT/ws (repeat it for the nodes of a "
+        "cluster: users are spread over them)",
+    )
+    loadtest.add_argument(
+        "--jwt-secret",
+        default=None,
+        help="the secret the server signs tokens with (CREALIA_JWT_SECRET)",
+    )
+    loadtest.add_argument(
+        "--data-dir", default=None, help="the server's data dir, to use the secret it keeps there"
+    )
+    loadtest.add_argument(
+        "--users", type=_count(1, 20_000), default=50, help="simulated users (default 50)"
+    )
+    loadtest.add_argument(
+        "--projects",
+        type=_count(1, 10_000),
+        default=5,
+        help="projects the users are spread over (default 5)",
+    )
+    loadtest.add_argument(
+        "--duration",
+        type=_period(0.1, 86_400, zero=False),
+        default=600.0,
+        help="how long the traffic runs: 90, 30s, 10m, 1h (default 10m)",
+    )
+    loadtest.add_argument(
+        "--cursor-hz",
+        type=_number(0, 60),
+        default=10.0,
+        help="cursor moves per user per second, 0 to 60 (default 10)",
+    )
+    loadtest.add_argument(
+        "--edit-every",
+        type=_period(0.05, 86_400, zero=True),
+        default=5.0,
+        help="time between a user's edits, 0: none (default 5s)",
+    )
+    loadtest.add_argument(
+        "--comment-every",
+        type=_period(0.05, 86_400, zero=True),
+        default=30.0,
+        help="time between a user's comments, 0: none (default 30s)",
+    )
+    loadtest.add_argument(
+        "--conflict-rate",
+        type=_number(0, 1),
+        default=0.0,
+        help="the share of edits made to a clip every user of the project "
+        "edits, with a stale base: conflicts (0 to 1, default 0)",
+    )
+    loadtest.add_argument(
+        "--streams",
+        type=_count(0, 100),
+        default=0,
+        help="relay live sessions (an aiortc host and viewer each) beside the traffic (default 0)",
+    )
+    loadtest.add_argument(
+        "--media-ip",
+        default=None,
+        metavar="IP[,IP...]",
+        help="the addresses the streams' peers take media on (default "
+        "127.0.0.1 for a loopback server, else every address)",
+    )
+    loadtest.add_argument(
+        "--project-prefix",
+        default="loadtest",
+        help="projects are PREFIX-0 ... PREFIX-(N-1) (default loadtest)",
+    )
+    loadtest.add_argument(
+        "--seed",
+        type=_count(0, 2**63),
+        default=None,
+        help="seed the users' timing and conflict picks (default random)",
+    )
+    loadtest.set_defaults(command_parser=loadtest)
+    loadtest.add_argument(
+        "--json",
+        action="store_true",
+        help="end with one JSON object on stdout (the table goes to stderr)",
+    )
+
+
+def _loadtest_options(args: argparse.Namespace) -> LoadtestOptions:
+    """The options of ``loadtest``'s checked arguments (exits 2, in one line, on a bad one)."""
+    command: argparse.ArgumentParser = args.command_parser
+    if args.jwt_secret is not None and args.data_dir is not None:
+        command.error("--jwt-secret and --data-dir: give one of them")
+    secret = args.jwt_secret or os.environ.get("CREALIA_JWT_SECRET")
+    if secret is None:
+        if args.data_dir is None:
+            command.error(
+                "give --jwt-secret (or CREALIA_JWT_SECRET) or --data-dir: the "
+                "secret the server verifies tokens with"
+            )
+        path = Path(args.data_dir) / SECRET_FILE
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            command.error(
+                f"--data-dir {args.data_dir}: cannot read the server's secret "
+                f"{path} ({exc.strerror or exc})"
+            )
+    if args.projects > args.users:
+        command.error(f"--projects {args.projects}: more projects than --users {args.users}")
+    last = f"{args.project_prefix}-{args.projects - 1}"
+    if not _PROJECT_ID.fullmatch(args.project_prefix) or len(last) > 64:
+        command.error(
+            f"--project-prefix {args.project_prefix!r}: project ids like {last!r} "
+            "must be 1 to 64 letters, digits or _.:@- and start with a letter or "
+            "digit"
+        )
+    if args.media_ip is None:
+        hosts = {urlsplit(url).hostname for url in args.url}
+        media = ("127.0.0.1",) if hosts <= {"127.0.0.1", "localhost", "::1"} else ()
+    else:
+        media = tuple(part.strip() for part in args.media_ip.split(",") if part.strip())
+        for address in media:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                command.error(f"--media-ip: {address!r} is not an IP address")
+    return LoadtestOptions(
+        urls=tuple(args.url),
+        secret=secret,
+        users=args.users,
+        projects=args.projects,
+        duration=args.duration,
+        cursor_hz=args.cursor_hz,
+        edit_every=args.edit_every,
+        comment_every=args.comment_every,
+        conflict_rate=args.conflict_rate,
+        streams=args.streams,
+        project_prefix=args.project_prefix,
+        media_ips=media,
+        seed=args.seed,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failure to start or a bad setting)."""
     args = _parser().parse_args(argv)
     config: Config | None = None
+    if args.command == "loadtest":
+        return run_loadtest_command(_loadtest_options(args), as_json=args.json)
     try:
         if args.command == "token":
             return _token(args)

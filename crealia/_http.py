@@ -23,7 +23,7 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
-from quart import Response, g, request
+from quart import Response, g, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 
 from . import _gdpr, _openapi, _pages, _wire
@@ -160,6 +160,8 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
 
     @app.errorhandler(404)
     async def not_found(_exc: Exception) -> Response:
+        if has_websocket_context():  # a WebSocket upgrade to a path that is not /ws
+            return error_response(NotFound(f"no WebSocket endpoint at {websocket.path}"))
         return error_response(NotFound(f"no such endpoint: {request.method} {request.path}"))
 
     @app.errorhandler(405)

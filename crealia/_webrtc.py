@@ -641,6 +641,9 @@ class _SyntheticVideo(MediaStreamTrack):  # type: ignore[misc]
         return frame
 
 
+_RTP_HEADER = 12
+
+
 class Peer:
     """One WebRTC peer connection driven from Trio: a host sending a :class:`Source`, or a
     viewer receiving. Made by :func:`open_peer`."""
@@ -661,6 +664,8 @@ class Peer:
         self._reading = False
         #: Audio frames received (decoded) so far.
         self.audio_frames = 0
+        #: Bytes of video RTP received so far (12-byte headers and payloads).
+        self.rtp_bytes = 0
 
     async def offer(
         self, *, send: Source | None = None, audio: bool = False, receive: bool = False
@@ -712,6 +717,7 @@ class Peer:
             track = transceiver.receiver.track
             if transceiver.currentDirection == "recvonly" and track is not None:
                 self._reading = True
+                self._count_rtp(transceiver.receiver)
                 self._nursery.start_soon(self._read, track)
 
     async def _read(self, track: MediaStreamTrack) -> None:
@@ -740,6 +746,17 @@ class Peer:
     def selected_pair(self) -> tuple[str, str] | None:
         """(local, remote) address of the nominated ICE candidate pair, once connected."""
         return _nominated(self._pc)
+
+    def _count_rtp(self, receiver: Any) -> None:
+        """Count the RTP bytes ``receiver`` is handed (aiortc's own statistics count no bytes
+        per stream, and its transport's count stops after the DTLS handshake)."""
+        handle = receiver._handle_rtp_packet
+
+        async def counted(packet: Any, arrival_time_ms: int) -> None:
+            self.rtp_bytes += _RTP_HEADER + len(packet.payload)
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = counted
 
 
 @asynccontextmanager

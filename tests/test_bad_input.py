@@ -1434,3 +1434,25 @@ async def _raw_post(
             assert chunk, body
             body += chunk
     return int(head.split(b" ", 2)[1]), body
+
+
+async def test_websocket_upgrade_to_an_unknown_path_is_404_and_the_server_goes_on(
+    server: Server, clients: Clients
+) -> None:
+    """Not the 500 of a 404 handler that looked for an HTTP request in a WebSocket's context."""
+    upgrade = (b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               b"Sec-WebSocket-Version: 13\r\n\r\n")  # fmt: skip
+    with trio.fail_after(10):
+        for port in (server.http_port, server.ws_port):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                await stream.send_all(upgrade)
+                response = b""
+                while chunk := await stream.receive_some(65536):
+                    response += chunk
+                    if b"\r\n\r\n" in response and port == server.ws_port:
+                        break
+            assert response.startswith(b"HTTP/1.1 404"), (port, response[:200])
+            if port == server.http_port:
+                assert b"no WebSocket endpoint at /nope" in response, response
+        await clients.join("after")

@@ -123,6 +123,8 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
      "host names requests may carry in Host (.example.com: and its subdomains), "
      "comma-separated; default any (CREALIA_ALLOWED_HOSTS)"),
     ("--tick-ms", "tick_ms", "outbound batching tick in ms, 0 to 1000 (0: batching off)"),
+    ("--batch-frames-per-s", "batch_frames_per_s",
+     "frames a second the fan-out sends before it coalesces, up to the tick (default 20000)"),
     ("--history", "history_limit", "durable events kept per project for resume (default 10000)"),
     ("--metrics-interval", "metrics_interval",
      "seconds between metric samples and alert checks (default 5; 0: metrics off)"),

@@ -238,6 +238,10 @@ class Config:
     #: Outbound batching tick in milliseconds (0 to 1,000); 0 turns batching off (one frame per
     #: message).
     tick_ms: float = attrs.field(default=20.0, validator=_float_range(0, 1000))
+    #: Frames a second the fan-out may send over every room before it coalesces (1,000 to
+    #: 10,000,000): a room flushes at most every ``members / batch_frames_per_s`` seconds, up
+    #: to the tick, so quiet and small rooms send each message at once.
+    batch_frames_per_s: float = attrs.field(default=20_000.0, validator=_float_range(1000, 1e7))
     #: Largest client frame, after decompression (docs/protocol.md §2), 1 KiB to 16 MiB.
     max_frame_bytes: int = attrs.field(default=64 * 1024, validator=_int_range(1024, 16 << 20))
     #: Seconds a new connection has to send ``hello`` (0.1 to 3,600).
@@ -912,6 +916,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_JWT_LEEWAY", "jwt_leeway", float),
     ("CREALIA_ALLOWED_ORIGINS", "allowed_origins", str),
     ("CREALIA_TICK_MS", "tick_ms", float),
+    ("CREALIA_BATCH_FRAMES_PER_S", "batch_frames_per_s", float),
     ("CREALIA_HISTORY_LIMIT", "history_limit", int),
     ("CREALIA_MAX_FRAME_BYTES", "max_frame_bytes", int),
     ("RATE_LIMIT_WINDOW_MS", "rate_limit_window_ms", int),

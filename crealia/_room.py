@@ -281,6 +281,8 @@ class Room:
         if member is None:
             member = self.members[user.id] = Member(user_id=user.id, name=user.name, role=user.role)
         member.connections.add(session.id)
+        if session.id not in self.sessions:
+            self.manager.members += 1
         self.sessions[session.id] = session
         if first:
             self._announce("user_joined", member, origin=session.id)
@@ -291,6 +293,7 @@ class Room:
         self._joining.pop(session.id, None)
         self.live.connection_left(session)
         if self.sessions.pop(session.id, None) is not None:
+            self.manager.members -= 1
             member = self.members.get(session.user.id)
             if member is not None:
                 member.connections.discard(session.id)
@@ -481,12 +484,23 @@ class Room:
         self._dirty.set()
 
     async def _tick(self) -> None:
-        """The ticker's step: once something is queued, wait for the tick and flush."""
+        """The ticker's step: once something is queued, flush it, at most once per
+        :meth:`interval`. What arrives after a quiet spell goes out at once; only messages that
+        come faster than the interval wait, and coalesce."""
         await self._dirty.wait()
-        await trio.sleep_until(self._last_tick + self.config.tick_ms / 1000)
+        await trio.sleep_until(self._last_tick + self.interval())
         self._last_tick = trio.current_time()
         self._dirty = trio.Event()
         self.flush()
+
+    def interval(self) -> float:
+        """The least time between two of the room's flushes, in seconds: the process's
+        members over ``batch_frames_per_s`` (a flush costs one frame per member), up to the
+        tick. Every room keeping to it keeps the whole process within that many frames a
+        second, however its members are spread over rooms; a small, busy room flushes almost
+        every message at once, a large one coalesces up to the tick."""
+        tick = self.config.tick_ms / 1000
+        return min(tick, self.manager.members / self.config.batch_frames_per_s)
 
     def flush(self) -> None:
         """Send everything queued since the last tick: one outbox item per member."""
@@ -532,6 +546,8 @@ class RoomManager:
     jobs: JobFailures = attrs.Factory(JobFailures)
     #: The live sessions' counters, over every room.
     live_totals: LiveTotals = attrs.Factory(LiveTotals)
+    #: Sessions that are members of a room, over every room (the fan-out's frames per flush).
+    members: int = 0
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -73,19 +73,31 @@ class _Outbox:
     bytes per idle connection instead of about two kilobytes. One reader at a time.
     """
 
-    __slots__ = ("_items", "_waiter", "closed", "limit")
+    __slots__ = ("_items", "_waiter", "closed", "limit", "merge")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, merge: bool = False) -> None:
         self._items: list[_Item] = []
         self._waiter: trio.lowlevel.Task | None = None
         self.closed = False
         self.limit = limit
+        #: Whether items may be merged (batching on): once the outbox is half full, a new item
+        #: joins the last one (as the writer would) up to a merged frame's size, so a backlog of
+        #: many small flushes is bounded by bytes, not by their number.
+        self.merge = merge
 
     def put_nowait(self, item: _Item) -> bool:
         """Queue ``item``; False when the outbox is full or closed."""
-        if self.closed or len(self._items) >= self.limit:
+        items = self._items
+        if self.closed:
             return False
-        self._items.append(item)
+        if self.merge and len(items) >= self.limit // 2:
+            count, body, since = items[-1]
+            if len(body) + len(item[1]) < _MAX_MERGED_FRAME:
+                items[-1] = (count + item[0], body + b"," + item[1], since)
+                return True
+        if len(items) >= self.limit:
+            return False
+        items.append(item)
         self._wake()
         return True
 
@@ -170,7 +182,7 @@ class Session:
             user=user,
             conn=conn,
             config=config,
-            outbox=_Outbox(config.outbox_frames),
+            outbox=_Outbox(config.outbox_frames, merge=config.tick_ms > 0),
         )
 
     def push(self, count: int, body: bytes, since: float | None = None) -> None:

@@ -90,6 +90,9 @@ def test_config_file_values_are_typed_and_named_with_the_file(
     [
         ({"CREALIA_TICK_MS": "-3"},
          "CREALIA_TICK_MS='-3': tick_ms must be a number from 0 to 1000"),
+        ({"CREALIA_BATCH_FRAMES_PER_S": "10"},
+         "CREALIA_BATCH_FRAMES_PER_S='10': batch_frames_per_s must be a number from 1000 to "
+         "10000000"),
         ({"PORT": "eighty"}, "PORT='eighty': port must be an integer from 0 to 65535"),
         ({"WS_PORT": "70000"}, "WS_PORT='70000': ws_port must be an integer from 0 to 65535"),
         ({"CREALIA_DEV": "maybe"}, "CREALIA_DEV='maybe': dev must be true or false"),
@@ -132,6 +135,8 @@ def test_config_variables_are_named_with_their_value(env: dict[str, str], messag
          "--ws-port 70000: must be an integer from 0 to 65535"),
         ({"port": ("--port", "http")}, "--port http: must be an integer from 0 to 65535"),
         ({"tick_ms": ("--tick-ms", "-3")}, "--tick-ms -3: must be a number from 0 to 1000"),
+        ({"batch_frames_per_s": ("--batch-frames-per-s", "many")},
+         "--batch-frames-per-s many: must be a number from 1000 to 10000000"),
         ({"log_format": ("--log-format", "x m l")},
          "--log-format 'x m l': must be one of json, text"),
         ({"webrtc_listen_ips": ("--webrtc-listen-ip", "x.y")},

@@ -310,6 +310,7 @@ async def test_protocol_table_new_types_are_served_over_a_real_socket(
     # tick): the room flushes only when the test says so, so two presence messages are
     # coalesced exactly when they share a slot.
     object.__setattr__(server.config, "tick_ms", 600_000.0)
+    object.__setattr__(server.config, "batch_frames_per_s", 1e-9)  # the interval is the tick
     extended = table([*PROTOCOL.values(), _selection(), _ECHO])
     hub = _rebuilt(server.hub, EchoHub, extended)
     with trio.fail_after(20):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import pytest
 import trio
 import trio_websocket
 
-from crealia import open_server
+from crealia import Server, open_server
+from crealia._session import _Outbox
 
 from ._wsclient import RawClient
 from .conftest import Clients, data_store, make_config
+from .test_protocol import insert, set_op
 
 
 async def open_stalled_client(nursery: trio.Nursery, port: int) -> RawClient:
@@ -212,8 +215,11 @@ async def test_flood_of_garbage_is_closed_with_4429_and_others_go_on(clients: Cl
         assert reply["type"] == "pong"
 
 
-# Floods on purpose: not what the rate limits are for here.
-@pytest.mark.settings(rate_limits={"cursor": "off", "edit": "off", "comment": "off"})
+# Floods on purpose: not what the rate limits are for here. A budget of 1,000 frames a second
+# makes the room of two flush at most every 2 ms, so the flood coalesces.
+@pytest.mark.settings(
+    rate_limits={"cursor": "off", "edit": "off", "comment": "off"}, batch_frames_per_s=1000
+)
 async def test_flood_of_cursors_is_coalesced_and_others_go_on(clients: Clients) -> None:
     with trio.fail_after(20):
         watcher = await clients.join("watcher")
@@ -232,3 +238,59 @@ async def test_flood_of_cursors_is_coalesced_and_others_go_on(clients: Clients) 
         reply = await watcher.request("ping", {})
         assert reply["type"] == "pong"
         assert (await flooder.request("ping", {}))["type"] == "pong"
+
+
+@pytest.mark.settings(tick_ms=600)
+async def test_a_message_after_a_quiet_spell_does_not_wait_for_the_tick(
+    clients: Clients,
+) -> None:
+    """Batching coalesces only what comes faster than the room's interval (members over
+    ``batch_frames_per_s``, here 0.1 ms): two edits in a row both go out at once, where a
+    fixed 600 ms tick held the second one until the tick."""
+    with trio.fail_after(20):
+        writer = await clients.join("writer")
+        reader = await clients.join("reader")
+        assert (await writer.request("timeline_change", insert("c0", "clip")))["type"] == "ack"
+        await reader.event("timeline_change")
+        for n in range(3):
+            change = set_op(f"c{n + 1}", "clip", "x", n, None)
+            reply = await writer.request("timeline_change", change)
+            assert reply["data"]["status"] == "applied", reply
+            with trio.fail_after(0.4):  # well under the tick
+                await reader.event("timeline_change", seq=reply["data"]["seq"])
+
+
+@pytest.mark.settings(tick_ms=5, batch_frames_per_s=1000)
+async def test_the_flush_interval_grows_with_the_members_up_to_the_tick(
+    server: Server, clients: Clients
+) -> None:
+    with trio.fail_after(20):
+        first = await clients.join("a")
+        room = server.hub.rooms.rooms["p1"]
+        assert room.interval() == pytest.approx(0.001)  # 1 member / 1000 frames a second
+        others = [await clients.join(f"u{i}", project="p2") for i in range(3)]
+        # the budget is the process's: members of every room count
+        assert room.interval() == pytest.approx(0.004)
+        second = await clients.join("b")
+        assert room.interval() == 0.005  # capped by the tick
+        await second.aclose()
+        await first.event("user_left")  # announced once the room has let b go
+        assert room.interval() == pytest.approx(0.004)
+        assert len(others) == 3
+
+
+def test_a_backlog_of_small_flushes_merges_instead_of_filling_the_outbox() -> None:
+    """Adaptive batching flushes often; a writer stuck behind a slow socket must not see its
+    frame limit reached by hundreds of tiny items (the byte budget still applies)."""
+    merging = _Outbox(8, merge=True)
+    for n in range(1000):
+        assert merging.put_nowait((1, b'{"n":%d}' % n, float(n)))
+    items = merging._items
+    assert len(items) <= 8
+    assert sum(count for count, _body, _since in items) == 1000
+    joined = b",".join(body for _count, body, _since in items)
+    assert [value["n"] for value in json.loads(b"[" + joined + b"]")] == list(range(1000))
+    assert items[-1][2] < 1000  # the oldest message's time, for the fan-out latency
+    plain = _Outbox(8)
+    assert all(plain.put_nowait((1, b"{}", 0.0)) for _ in range(8))
+    assert not plain.put_nowait((1, b"{}", 0.0))  # batching off: one frame per item

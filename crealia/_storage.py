@@ -345,6 +345,32 @@ class _SqliteThread:
 
 
 @attrs.define(eq=False)
+class _Lookup:
+    fn: Callable[[sqlite3.Connection], Any]
+    done: trio.Event = attrs.Factory(trio.Event)
+    value: Any = None
+    error: StorageError | None = None
+
+    def settle(self, value: Any, error: StorageError | None) -> None:
+        if not self.done.is_set():
+            self.value, self.error = value, error
+            self.done.set()
+
+
+def _each(fns: list[Callable[[sqlite3.Connection], Any]], conn: sqlite3.Connection) -> list[Any]:
+    """Run every lookup of a batch in the lookup thread; each its own result or error."""
+    out: list[Any] = []
+    for fn in fns:
+        try:
+            out.append((fn(conn), None))
+        except sqlite3.Error as exc:
+            out.append((None, StorageError(f"sqlite: {exc}")))
+        except OSError as exc:
+            out.append((None, StorageError(f"lookup: {exc}")))
+    return out
+
+
+@attrs.define(eq=False)
 class _Write:
     statements: list[Statement]
     on_durable: Callable[[], None] | None
@@ -370,6 +396,9 @@ class Store:
     #: Transactions committed and writes grouped into them, for metrics and benchmarks.
     commits: int = 0
     writes: int = 0
+    #: Point reads asked for, and the thread calls that ran them (several per call under load).
+    lookups_done: int = 0
+    lookup_batches: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
     #: Where the checkpointer's failures are counted (the server's, when it opened the store).
@@ -389,6 +418,9 @@ class Store:
     #: ``checkpoint_bytes`` (a restarted WAL is reused from its start, not shrunk).
     _wal_at_checkpoint: int = 0
     _checkpointing: trio.Lock = attrs.Factory(trio.Lock)
+    _lookup_queue: list[_Lookup] = attrs.Factory(list)
+    _lookup_wanted: trio.Event = attrs.Factory(trio.Event)
+    _lookups_closed: bool = False
 
     @property
     def name(self) -> str:
@@ -444,12 +476,49 @@ class Store:
 
     async def lookup(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run a short indexed read on the store's lookup connection: it never waits behind a
-        commit or a long read, and sees every commit made before it starts.
+        commit or a long read, and sees every commit made before it is queued.
+
+        Lookups queued while one batch runs go together in the next, one thread call for all
+        of them: a thread hop per lookup made every edit wait for the GIL behind the event
+        loop (up to its 5 ms switch interval), which capped a busy server's edits. A cancelled
+        caller's lookup still runs (it only reads) and its result is dropped.
 
         Raises:
-            StorageError: sqlite raised.
+            StorageError: sqlite raised, or the store is closed.
         """
-        return await self._lookups.run(fn)
+        if self._lookups_closed:
+            raise StorageError("store is closed")
+        item = _Lookup(fn)
+        self._lookup_queue.append(item)
+        self._lookup_wanted.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.value  # type: ignore[no-any-return]
+
+    async def _lookup_batches(self) -> None:
+        """Run the queued lookups, a batch per thread call, until cancelled; then fail what is
+        left."""
+        batch: list[_Lookup] = []
+        try:
+            while True:
+                await self._lookup_wanted.wait()
+                self._lookup_wanted = trio.Event()
+                batch, self._lookup_queue = self._lookup_queue, []
+                try:
+                    results = await self._lookups.run(partial(_each, [i.fn for i in batch]))
+                except StorageError as exc:
+                    results = [(None, exc)] * len(batch)
+                self.lookup_batches += 1
+                self.lookups_done += len(batch)
+                for item, (value, error) in zip(batch, results, strict=True):
+                    item.settle(value, error)
+        finally:
+            self._lookups_closed = True
+            closed = StorageError("store is closed")
+            for item in [*batch, *self._lookup_queue]:
+                item.settle(None, closed)
+            self._lookup_queue.clear()
 
     async def checkpoint(self, *, urgent: bool = False) -> None:
         """Checkpoint the WAL now: PASSIVE, or TRUNCATE once the WAL is past half its bound.
@@ -669,6 +738,7 @@ async def open_store(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store._writer)
+            nursery.start_soon(store._lookup_batches)
             nursery.start_soon(_checkpoints, store)
             try:
                 yield store

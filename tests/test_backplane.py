@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from crealia import BadRequest, InternalError, Overloaded, User
+from crealia._errors import StorageError
 from crealia._storage import open_store
 from crealia._wire import Comment, InsertOp, SetOp, TimelineChange
 from crealia.backplanes.sqlite import SQLiteBackplane
@@ -91,3 +92,37 @@ async def test_failed_commit_marks_project_broken_and_reloads(tmp_path: Path) ->
             again = await backplane.commit_change(USER, _set("c2", "lost"))
             assert (again.status, again.seq) == ("applied", 3)
             assert [e.seq for e in await backplane.events_since("p", 0) or []] == [1, 2, 3]
+
+
+async def test_concurrent_lookups_share_thread_calls_and_keep_their_own_results(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(10):
+        async with open_store(tmp_path) as store:
+            backplane = SQLiteBackplane(store)
+            for n in range(20):
+                await backplane.commit_change(USER, _insert(f"c{n}", f"e{n}"))
+            found: dict[int, object] = {}
+
+            async def look(n: int) -> None:
+                found[n] = await store.lookup(
+                    lambda conn: conn.execute(
+                        "SELECT seq FROM changes WHERE project_id = 'p' AND change_id = ?",
+                        (f"c{n}",),
+                    ).fetchone()
+                )
+
+            async def broken() -> None:
+                with pytest.raises(StorageError, match="sqlite: no such table: nowhere"):
+                    await store.lookup(lambda conn: conn.execute("SELECT * FROM nowhere"))
+
+            before = store.lookup_batches
+            async with trio.open_nursery() as nursery:
+                for n in range(25):  # five of them for ids never stored
+                    nursery.start_soon(look, n)
+                nursery.start_soon(broken)
+            assert found == {n: (n + 1,) if n < 20 else None for n in range(25)}
+            # queued together: one thread call (two if the first began before the rest came)
+            assert store.lookup_batches - before <= 2, store.lookup_batches - before
+        with pytest.raises(StorageError, match="store is closed"):
+            await store.lookup(lambda conn: None)

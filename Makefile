@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup setup-test run test lint typecheck pytest bench soak clean
+.PHONY: setup setup-test run test lint typecheck pytest bench compare soak clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -32,6 +32,11 @@ test: setup-test lint typecheck pytest
 
 bench: setup
 	$(PY) benchmarks/fanout.py --compare-batching
+
+# crealia against python-socketio on uvicorn, the same workloads in one run (prints the ratios).
+compare: setup
+	$(VENV)/bin/pip install -q -e '.[bench]'
+	$(PY) benchmarks/compare.py
 
 # A minute of flat-out writes with the WAL under its default bound (prints the figures).
 soak: setup

@@ -210,6 +210,9 @@ class ServerProc:
         cmd += list(self.cfg.server_arg or [])
         self.cmd = cmd
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # every client comes from 127.0.0.1: lift the per-address caps unless the caller set them
+        env.setdefault("CREALIA_MAX_CONNECTIONS_PER_ADDRESS", "0")
+        env.setdefault("CREALIA_PREAUTH_HANDSHAKE_LIMIT", "off")
         self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - kept for the run
         t0 = time.monotonic()
         self.proc = await trio.lowlevel.open_process(

@@ -14,7 +14,7 @@ from crealia import Server, open_server
 from crealia._session import _Outbox
 
 from ._wsclient import RawClient
-from .conftest import Clients, data_store, make_config
+from .conftest import Clients, data_store, make_config, opened
 from .test_protocol import insert, set_op
 
 
@@ -294,3 +294,22 @@ def test_a_backlog_of_small_flushes_merges_instead_of_filling_the_outbox() -> No
     plain = _Outbox(8)
     assert all(plain.put_nowait((1, b"{}", 0.0)) for _ in range(8))
     assert not plain.put_nowait((1, b"{}", 0.0))  # batching off: one frame per item
+
+
+async def test_an_open_connection_keeps_nothing_of_its_handshake(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    """wsproto keeps the whole h11 handshake for a connection's life (about 2.5 KiB of an idle
+    connection); the fast path drops it once the connection is open, and messages still flow
+    both ways."""
+    with trio.fail_after(10):
+        async with opened(server, nursery) as clients:
+            ann = await clients.join("ann")
+            bob = await clients.join("bob")
+            room = server.hub.rooms.rooms["p1"]
+            for session in room.sessions.values():
+                wsproto_connection = session.conn._ws._wsproto  # type: ignore[attr-defined]
+                assert type(wsproto_connection.handshake).__name__ == "_SpentHandshake"
+            await ann.send("cursor_update", {"position": {"x": 1, "y": 2}})
+            await bob.event("cursor_update")
+            assert (await bob.request("ping", {}))["type"] == "pong"

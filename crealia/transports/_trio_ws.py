@@ -17,6 +17,7 @@ is negotiated when offered (:mod:`crealia.transports._deflate`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -138,9 +139,31 @@ async def _reject(
 
 async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
-    return await accept_websocket(
-        request, subprotocol=subprotocol, max_message_size=max_frame_bytes
-    )
+    ws = await accept_websocket(request, subprotocol=subprotocol, max_message_size=max_frame_bytes)
+    _forget_handshake(ws._wsproto)
+    return ws
+
+
+class _SpentHandshake:
+    """What a wsproto connection keeps of its handshake once it is open: nothing. wsproto keeps
+    the whole ``H11Handshake`` (an h11 connection, its buffers and state, two deques) for the
+    connection's life, about 2.5 KiB of an idle connection's 31; it only ever asks it for
+    events again, and it has none left."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Any]:
+        return iter(())
+
+
+_SPENT = _SpentHandshake()
+
+
+def _forget_handshake(wsproto_connection: Any) -> None:
+    """Drop an open wsproto connection's finished handshake (see :class:`_SpentHandshake`);
+    nothing if it is not open (the handshake may still be needed)."""
+    if wsproto_connection.connection is not None:
+        wsproto_connection.handshake = _SPENT
 
 
 @attrs.define(eq=False)

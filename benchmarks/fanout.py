@@ -714,11 +714,18 @@ class Client(Connection):
             # carry a ref, are parsed): the samplers measure latency and order.
             self.frames_total += 1
             if self.b.in_window:
+                cfg = self.b.cfg
                 self.frames_win += 1
                 self.payload_bytes_win += len(payload)
-                self.envelopes_win += payload.count(b'{"type":')
-                self.cursor_recv_win += payload.count(b'"kind":"cursor_update"')
-                self.edit_push_win += payload.count(b'"kind":"timeline_change"')
+                # one scan of the frame per kind of traffic (envelopes: the ones counted)
+                if cfg.cursor_hz > 0:
+                    cursors = payload.count(b'"kind":"cursor_update"')
+                    self.cursor_recv_win += cursors
+                    self.envelopes_win += cursors
+                if cfg.edit_hz > 0:
+                    edits = payload.count(b'"kind":"timeline_change"')
+                    self.edit_push_win += edits
+                    self.envelopes_win += edits
             return
         self._on_text(payload)
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from crealia import Server, open_server
 from crealia._session import _Outbox
+from crealia.transports._trio_ws import _text_frame
 
 from ._wsclient import RawClient
 from .conftest import Clients, data_store, make_config, opened
@@ -313,3 +316,18 @@ async def test_an_open_connection_keeps_nothing_of_its_handshake(
             await ann.send("cursor_update", {"position": {"x": 1, "y": 2}})
             await bob.event("cursor_update")
             assert (await bob.request("ping", {}))["type"] == "pong"
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 300_000])
+def test_plain_text_frames_are_framed_as_wsproto_frames_them(size: int) -> None:
+    """The fast path frames uncompressed text itself; byte for byte what wsproto sends."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/ws")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    payload = ('{"n":"' + "é" * size + '"}').encode()
+    assert _text_frame(payload) == server.send(TextMessage(data=payload.decode()))
+    client.receive_data(_text_frame(payload))
+    (event,) = client.events()
+    assert isinstance(event, TextMessage) and event.data == payload.decode()

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
 from .._edge import ConnectionGate, GatedListener
@@ -44,6 +45,10 @@ class TrioWebSocketConnection(Connection):
         stream = getattr(ws, "_stream", None)
         socket = getattr(stream, "socket", None)
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket else -1
+        #: wsproto's open connection when no extension was agreed: frames are then framed here
+        #: (a header and the bytes as they are), not by wsproto.
+        opened = ws._wsproto.connection
+        self._plain = opened if opened is not None and not opened._proto.extensions else None
 
     async def receive(self) -> str | bytes:
         try:
@@ -78,7 +83,11 @@ class TrioWebSocketConnection(Connection):
         server's CPU under fan-out load. What does not fit goes through the stream as usual.
         """
         ws = self._ws
-        data = ws._wsproto.send(TextMessage(data=frame.decode()))
+        plain = self._plain
+        if plain is not None and plain.state is ConnectionState.OPEN:
+            data = _text_frame(frame)
+        else:  # compressed, or closing (wsproto refuses data then, as it should)
+            data = ws._wsproto.send(TextMessage(data=frame.decode()))
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -142,6 +151,18 @@ async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int
     ws = await accept_websocket(request, subprotocol=subprotocol, max_message_size=max_frame_bytes)
     _forget_handshake(ws._wsproto)
     return ws
+
+
+def _text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame of ``payload`` (RFC 6455 §5.2), as wsproto frames it
+    when no extension is agreed: about 0.3 µs where wsproto takes 5 to 15 (it decodes the
+    bytes to text and encodes them again)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 class _SpentHandshake:

@@ -64,6 +64,8 @@ _MAX_MERGED_FRAME = 256 * 1024
 
 #: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
 _Item = tuple[int, bytes, float]
+#: What :meth:`_Outbox.put_nowait` did with an item.
+_QUEUED, _MERGED = 1, 2
 
 
 class _Outbox:
@@ -85,21 +87,22 @@ class _Outbox:
         #: many small flushes is bounded by bytes, not by their number.
         self.merge = merge
 
-    def put_nowait(self, item: _Item) -> bool:
-        """Queue ``item``; False when the outbox is full or closed."""
+    def put_nowait(self, item: _Item) -> int:
+        """Queue ``item``: :data:`_QUEUED`, :data:`_MERGED` (joined to the last item, one comma
+        between them), or 0 when the outbox is full or closed."""
         items = self._items
         if self.closed:
-            return False
+            return 0
         if self.merge and len(items) >= self.limit // 2:
             count, body, since = items[-1]
             if len(body) + len(item[1]) < _MAX_MERGED_FRAME:
                 items[-1] = (count + item[0], body + b"," + item[1], since)
-                return True
+                return _MERGED
         if len(items) >= self.limit:
-            return False
+            return 0
         items.append(item)
         self._wake()
-        return True
+        return _QUEUED
 
     def close(self) -> None:
         self.closed = True
@@ -201,8 +204,11 @@ class Session:
             return
         if since is None:
             since = trio.current_time()
-        if not self.outbox.put_nowait((count, body, since)):
+        queued = self.outbox.put_nowait((count, body, since))
+        if not queued:
             self.kill(4409, "slow consumer: too far behind, reconnect and resume")
+        elif queued == _MERGED:
+            self.queued_bytes += 1  # the comma the merge added, which the writer counts off
 
     def reply(self, frame: bytes) -> None:
         self.push(1, frame)

@@ -299,6 +299,26 @@ def test_a_backlog_of_small_flushes_merges_instead_of_filling_the_outbox() -> No
     assert not plain.put_nowait((1, b"{}", 0.0))  # batching off: one frame per item
 
 
+async def test_merged_outbox_items_keep_the_byte_count_exact(
+    server: Server, nursery: trio.Nursery
+) -> None:
+    """The bytes a session counts as queued go back to 0 once its writer sent everything,
+    merged items (and the commas between them) included."""
+    with trio.fail_after(10):
+        async with opened(server, nursery) as clients:
+            ann = await clients.join("ann")
+            (session,) = server.hub.rooms.rooms["p1"].sessions.values()
+            half = session.outbox.limit // 2
+            for n in range(half + 50):  # the last 50 merge (the writer has not run yet)
+                session.push(1, b'{"type":"x","data":{"n":%d}}' % n)
+            assert len(session.outbox._items) == half
+            assert session.queued_bytes > 0
+            last = half + 49
+            await ann.expect(lambda env: env.get("data", {}).get("n") == last)
+            assert session.queued_bytes == 0  # was -50: a byte a merge, counted off but not on
+            assert session.close_code is None
+
+
 async def test_an_open_connection_keeps_nothing_of_its_handshake(
     server: Server, nursery: trio.Nursery
 ) -> None:

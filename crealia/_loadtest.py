@@ -400,9 +400,7 @@ class _User(_Peer):
             return
         ref = envelope.get("ref")
         pending = self.pending.pop(ref, None) if ref is not None else None
-        if pending is None:
-            if kind == "conflict_detected":
-                pass  # counted from the acks, once per conflict
+        if pending is None:  # a reply to set-up, or a push (conflicts are counted from acks)
             super().on_envelope(envelope)
             return
         run = self.run

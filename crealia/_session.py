@@ -62,10 +62,25 @@ log = logging.getLogger("crealia.session")
 _MAX_MERGED_FRAME = 256 * 1024
 
 
-#: An outbox item: (envelopes in it, their comma-joined bytes, trio time they were queued).
-_Item = tuple[int, bytes, float]
-#: What :meth:`_Outbox.put_nowait` did with an item.
-_QUEUED, _MERGED = 1, 2
+class _Parts(list[bytes]):
+    """Outbox items merged while the writer was behind: their bodies, joined once when sent
+    (joining on every merge copied the growing body each time)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, first: bytes, second: bytes) -> None:
+        super().__init__((first, second))
+        #: The bodies' bytes, commas not counted (as :meth:`Session.push` counts them).
+        self.size = len(first) + len(second)
+
+
+#: An outbox item: (envelopes in it, their comma-joined bytes, or the bodies of merged items,
+#: trio time the oldest was queued).
+_Item = tuple[int, bytes | _Parts, float]
+
+
+def _size(body: bytes | _Parts) -> int:
+    return body.size if isinstance(body, _Parts) else len(body)
 
 
 class _Outbox:
@@ -87,22 +102,27 @@ class _Outbox:
         #: many small flushes is bounded by bytes, not by their number.
         self.merge = merge
 
-    def put_nowait(self, item: _Item) -> int:
-        """Queue ``item``: :data:`_QUEUED`, :data:`_MERGED` (joined to the last item, one comma
-        between them), or 0 when the outbox is full or closed."""
+    def put_nowait(self, item: tuple[int, bytes, float]) -> bool:
+        """Queue ``item``; False when the outbox is full or closed."""
         items = self._items
         if self.closed:
-            return 0
+            return False
         if self.merge and len(items) >= self.limit // 2:
             count, body, since = items[-1]
-            if len(body) + len(item[1]) < _MAX_MERGED_FRAME:
-                items[-1] = (count + item[0], body + b"," + item[1], since)
-                return _MERGED
+            added = item[1]
+            if _size(body) + len(added) < _MAX_MERGED_FRAME:
+                if isinstance(body, _Parts):
+                    body.append(added)
+                    body.size += len(added)
+                else:
+                    body = _Parts(body, added)
+                items[-1] = (count + item[0], body, since)
+                return True
         if len(items) >= self.limit:
-            return 0
+            return False
         items.append(item)
         self._wake()
-        return _QUEUED
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -204,11 +224,8 @@ class Session:
             return
         if since is None:
             since = trio.current_time()
-        queued = self.outbox.put_nowait((count, body, since))
-        if not queued:
+        if not self.outbox.put_nowait((count, body, since)):
             self.kill(4409, "slow consumer: too far behind, reconnect and resume")
-        elif queued == _MERGED:
-            self.queued_bytes += 1  # the comma the merge added, which the writer counts off
 
     def reply(self, frame: bytes) -> None:
         self.push(1, frame)
@@ -291,19 +308,23 @@ class Session:
 def _frames(items: list[_Item], batching: bool) -> list[tuple[bytes, int, int, float]]:
     """Turn queued items into frames, merging when batching: (frame, queued bytes, envelopes,
     when the oldest of them was queued)."""
-    if not batching:
-        return [(body, len(body), count, since) for count, body, since in items]
+    if not batching:  # never merged: every body is bytes
+        return [(body, len(body), count, since) for count, body, since in items]  # type: ignore[misc]
     frames: list[tuple[bytes, int, int, float]] = []
     parts: list[bytes] = []
     total = size = 0
     oldest = math.inf
     for count, body, since in items:
-        if parts and size + len(body) > _MAX_MERGED_FRAME:
+        body_size = _size(body)
+        if parts and size + body_size > _MAX_MERGED_FRAME:
             frames.append((_join(parts, total), size, total, oldest))
             parts, total, size, oldest = [], 0, 0, math.inf
-        parts.append(body)
+        if isinstance(body, _Parts):
+            parts.extend(body)
+        else:
+            parts.append(body)
         total += count
-        size += len(body)
+        size += body_size
         oldest = min(oldest, since)
     if parts:
         frames.append((_join(parts, total), size, total, oldest))

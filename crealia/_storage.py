@@ -349,16 +349,18 @@ class _Lookup:
     fn: Callable[[sqlite3.Connection], Any]
     done: trio.Event = attrs.Factory(trio.Event)
     value: Any = None
-    error: StorageError | None = None
+    error: Exception | None = None
 
-    def settle(self, value: Any, error: StorageError | None) -> None:
+    def settle(self, value: Any, error: Exception | None) -> None:
         if not self.done.is_set():
             self.value, self.error = value, error
             self.done.set()
 
 
 def _each(fns: list[Callable[[sqlite3.Connection], Any]], conn: sqlite3.Connection) -> list[Any]:
-    """Run every lookup of a batch in the lookup thread; each its own result or error."""
+    """Run every lookup of a batch in the lookup thread; each its own result or error (what
+    sqlite or the file system raised as :class:`StorageError`, anything else as it was: a bug
+    in one lookup reaches its own caller, not the batch or the store)."""
     out: list[Any] = []
     for fn in fns:
         try:
@@ -367,6 +369,8 @@ def _each(fns: list[Callable[[sqlite3.Connection], Any]], conn: sqlite3.Connecti
             out.append((None, StorageError(f"sqlite: {exc}")))
         except OSError as exc:
             out.append((None, StorageError(f"lookup: {exc}")))
+        except Exception as exc:
+            out.append((None, exc))
     return out
 
 
@@ -485,6 +489,7 @@ class Store:
 
         Raises:
             StorageError: sqlite raised, or the store is closed.
+            Exception: what ``fn`` raised otherwise.
         """
         if self._lookups_closed:
             raise StorageError("store is closed")

@@ -407,13 +407,10 @@ def _loadtest_options(args: argparse.Namespace) -> LoadtestOptions:
     command: argparse.ArgumentParser = args.command_parser
     if args.jwt_secret is not None and args.data_dir is not None:
         command.error("--jwt-secret and --data-dir: give one of them")
-    secret = args.jwt_secret or os.environ.get("CREALIA_JWT_SECRET")
-    if secret is None:
-        if args.data_dir is None:
-            command.error(
-                "give --jwt-secret (or CREALIA_JWT_SECRET) or --data-dir: the "
-                "secret the server verifies tokens with"
-            )
+    # What the command line says wins over the environment: --jwt-secret, --data-dir, then
+    # CREALIA_JWT_SECRET.
+    secret = args.jwt_secret
+    if secret is None and args.data_dir is not None:
         path = Path(args.data_dir) / SECRET_FILE
         try:
             secret = path.read_text().strip()
@@ -422,6 +419,15 @@ def _loadtest_options(args: argparse.Namespace) -> LoadtestOptions:
                 f"--data-dir {args.data_dir}: cannot read the server's secret "
                 f"{path} ({exc.strerror or exc})"
             )
+        if not secret:
+            command.error(f"--data-dir {args.data_dir}: the server's secret {path} is empty")
+    if secret is None:
+        secret = os.environ.get("CREALIA_JWT_SECRET")
+    if not secret:
+        command.error(
+            "give --jwt-secret (or CREALIA_JWT_SECRET) or --data-dir: the "
+            "secret the server verifies tokens with"
+        )
     if args.projects > args.users:
         command.error(f"--projects {args.projects}: more projects than --users {args.users}")
     last = f"{args.project_prefix}-{args.projects - 1}"

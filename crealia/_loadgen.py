@@ -331,18 +331,21 @@ class Connection:
     # -- closing -------------------------------------------------------------------------------
 
     async def close(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a deadline
-        """Send a 1000 close frame and wait up to ``timeout`` s for the reader to end; whether
-        it did (False also when the connection was gone already)."""
+        """Send a 1000 close frame and wait for the reader to end, both within ``timeout`` s,
+        then drop the connection if it did not (a server that reads nothing never takes the
+        close frame); whether the reader ended (False also when the connection was gone)."""
         self.closing = True
         if not self.alive or self.stream is None:
             return False
-        try:
-            if self.ws.state is ConnectionState.OPEN:
-                await self.send_bytes(self.ws.send(CloseConnection(code=1000)))
-        except NET_ERRORS:
-            return False
         with trio.move_on_after(timeout):
+            try:
+                if self.ws.state is ConnectionState.OPEN:
+                    await self.send_bytes(self.ws.send(CloseConnection(code=1000)))
+            except NET_ERRORS:
+                return False
             await self.reader_done.wait()
+        if not self.reader_done.is_set():
+            await self.aclose()
         return self.reader_done.is_set()
 
     async def aclose(self) -> None:

@@ -29,6 +29,7 @@ import math
 import random
 import secrets
 import sys
+import warnings
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ import attrs
 import orjson
 import psutil
 import trio
+from jwt.warnings import InsecureKeyLengthWarning
 
 from ._auth import sign_token, token_claims
 from ._loadgen import NET_ERRORS, Connection, HandshakeRefused, now_ms, percentiles
@@ -46,7 +48,6 @@ from ._loadgen import NET_ERRORS, Connection, HandshakeRefused, now_ms, percenti
 __all__ = ["LoadtestOptions", "Unreachable", "format_summary", "run_loadtest"]
 
 _CONNECT_CONCURRENCY = 32
-_DRAIN_S = 10.0
 _CLOSE_S = 5.0
 _STREAM_SETUP_S = 30.0
 _loads = orjson.loads
@@ -84,6 +85,9 @@ class LoadtestOptions:
     connect_timeout: float = 10.0
     #: A seed for the users' phases and conflict picks (None: random).
     seed: int | None = None
+    #: Seconds the drain after the traffic may take (pending acks, a ping round trip per
+    #: user); closing takes at most half as long again.
+    settle_timeout: float = 10.0
 
 
 @attrs.define
@@ -124,6 +128,10 @@ class _Run:
         self.sent_bytes = 0
         self.window = _Window()
         self.traffic_end = math.inf  # trio clock
+        #: Deliveries are counted until the drain ends (not while closing).
+        self.counting = True
+        #: This process's CPU seconds over the traffic, for the summary.
+        self.cpu_seconds = 0.0
 
     def error(self, code: str, message: str) -> None:
         self.errors[code] += 1
@@ -269,9 +277,11 @@ class _User(_Peer):
         self.edits = 0
         self.comments = 0
         self.member = False
+        self.has_clip = False
 
     async def prepare(self, *, creator: bool) -> None:
-        """Insert this user's clip (and, for the project's creator, the shared clip)."""
+        """Insert this user's clip (and, for the project's creator, the shared clip); a user
+        whose clip was not acked edits and comments nothing."""
         options = self.run.options
         if creator and options.conflict_rate > 0:
             seq = await self._insert(self.shared, "shared")
@@ -279,6 +289,7 @@ class _User(_Peer):
                 self.run.shared_base[self.project] = seq
         if options.edit_every > 0 or options.comment_every > 0:
             self.base = await self._insert(self.clip, f"Clip {self.index}")
+            self.has_clip = self.base is not None
 
     async def _insert(self, element_id: str, name: str) -> int | None:
         op = {"op": "insert", "element_id": element_id, "element_type": "clip",
@@ -310,8 +321,8 @@ class _User(_Peer):
         rng = random.Random(seed)
         periods = {
             "cursor": 1 / options.cursor_hz if options.cursor_hz > 0 else math.inf,
-            "edit": options.edit_every or math.inf,
-            "comment": options.comment_every or math.inf,
+            "edit": (options.edit_every or math.inf) if self.has_clip else math.inf,
+            "comment": (options.comment_every or math.inf) if self.has_clip else math.inf,
         }
         due = {kind: start + rng.random() * period if period != math.inf else math.inf
                for kind, period in periods.items()}  # fmt: skip
@@ -347,7 +358,6 @@ class _User(_Peer):
         position[0] = min(1920.0, max(0.0, position[0] + rng.uniform(-20, 20)))
         position[1] = min(1080.0, max(0.0, position[1] + rng.uniform(-20, 20)))
         at = now_ms()
-        self._offer("cursor")
         await self.send_json(
             {
                 "type": "cursor_update",
@@ -356,6 +366,7 @@ class _User(_Peer):
                 },
             }
         )
+        self._offer("cursor")
 
     async def _edit(self, rng: random.Random) -> None:
         run = self.run
@@ -388,8 +399,8 @@ class _User(_Peer):
         (self.run.edit_sent_at if kind == "edit" else self.run.comment_sent_at)[key] = at
         self.pending[ref] = (kind, at)
         self.pending_empty = trio.Event()
-        self._offer(kind)
         await self.send_json({"type": message, "ref": ref, "data": data})
+        self._offer(kind)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -425,6 +436,8 @@ class _User(_Peer):
 
     def _on_event(self, data: dict[str, Any]) -> None:
         run = self.run
+        if not run.counting:
+            return
         sender = data.get("user_id")
         if sender == self.user_id or not isinstance(sender, str):
             return
@@ -585,8 +598,6 @@ async def run_loadtest(
         Unreachable: the first user could not connect, or was refused.
     """
     run = _Run(options)
-    me = psutil.Process()
-    cpu_before = _cpu(me)
     users = [_User(run, index) for index in range(options.users)]
     streams = [_StreamResult() for _ in range(options.streams)]
     unreachable: Unreachable | None = None
@@ -602,8 +613,7 @@ async def run_loadtest(
                 await user.aclose()
     if unreachable is not None:
         raise unreachable
-    cpu = (_cpu(me) - cpu_before) / max(options.duration, 1e-9) * 100
-    return _summary(run, streams, cpu)
+    return _summary(run, streams, run.cpu_seconds / options.duration * 100)
 
 
 async def _drive(
@@ -615,12 +625,7 @@ async def _drive(
     """Prepare the connected users' clips, start the streams, run the traffic, drain, close."""
     options = run.options
     run.connected = len(connected)
-    creators: set[str] = set()
-    for user in connected:  # the first of each project creates the shared clip
-        creator = user.project not in creators
-        creators.add(user.project)
-        with trio.move_on_after(options.connect_timeout):
-            await user.prepare(creator=creator)
+    await _prepare(run, connected)
     go = trio.Event()
     async with trio.open_nursery() as traffic:
         readiness = []
@@ -638,14 +643,42 @@ async def _drive(
                 traffic.start_soon(user.traffic, start, run.traffic_end)
         go.set()
         traffic.start_soon(_report, run, start, progress)
+        me = psutil.Process()
+        cpu = _cpu(me)
         received = sum(user.received_bytes for user in connected)
         sent = sum(user.sent_bytes for user in connected)
         await trio.sleep_until(run.traffic_end)
+        run.cpu_seconds = _cpu(me) - cpu
         run.received_bytes = sum(user.received_bytes for user in connected) - received
         run.sent_bytes = sum(user.sent_bytes for user in connected) - sent
-        await _drain(connected)
+        await _drain(connected, options.settle_timeout)
+        run.counting = False
         traffic.cancel_scope.cancel()
-    await _close(connected)
+    await _close(connected, options.settle_timeout / 2)
+
+
+async def _prepare(run: _Run, users: Sequence[_User]) -> None:
+    """Insert the users' clips, several at a time, all within three connect timeouts; the
+    first user of each project also creates the shared clip. A user whose insert was not
+    acked in time sends only cursors (the summary's errors say how many)."""
+    options = run.options
+    limit = trio.CapacityLimiter(_CONNECT_CONCURRENCY)
+    creators: set[str] = set()
+
+    async def prepare(user: _User, creator: bool) -> None:
+        async with limit:
+            await user.prepare(creator=creator)
+
+    with trio.move_on_after(3 * options.connect_timeout):
+        async with trio.open_nursery() as preparing:
+            for user in users:
+                preparing.start_soon(prepare, user, user.project not in creators)
+                creators.add(user.project)
+    wanted = options.edit_every > 0 or options.comment_every > 0
+    missing = sum(1 for user in users if wanted and not user.has_clip)
+    if missing:
+        run.errors["prepare"] += missing
+        run.error_messages["prepare"] = "clips not acked in time: those users sent cursors only"
 
 
 def _cpu(process: psutil.Process) -> float:
@@ -699,10 +732,10 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _drain(users: Sequence[_User]) -> None:
-    """Wait (bounded) for every pending ack, then one ping round trip per user, so what the
-    server sent before it has arrived."""
-    with trio.move_on_after(_DRAIN_S):
+async def _drain(users: Sequence[_User], timeout: float) -> None:  # noqa: ASYNC109
+    """Wait (up to ``timeout`` s) for every pending ack, then one ping round trip per user, so
+    what the server sent before it has arrived."""
+    with trio.move_on_after(timeout):
         for user in users:
             if user.pending and user.alive:
                 await user.pending_empty.wait()
@@ -712,11 +745,11 @@ async def _drain(users: Sequence[_User]) -> None:
                     pinging.start_soon(user.request, "ping", {})
 
 
-async def _close(users: Sequence[_User]) -> None:
+async def _close(users: Sequence[_User], timeout: float) -> None:  # noqa: ASYNC109
     async with trio.open_nursery() as closing:
         for user in users:
             user.leave_traffic()
-            closing.start_soon(user.close, _CLOSE_S)
+            closing.start_soon(user.close, timeout)
 
 
 async def _report(
@@ -726,7 +759,7 @@ async def _report(
         return
     last = start
     await trio.sleep_until(start)
-    while True:
+    while last + 1.0 <= run.traffic_end + 0.01:  # none during the drain
         await trio.sleep_until(last + 1.0)
         now = trio.current_time()
         window, run.window = run.window, _Window()
@@ -848,6 +881,7 @@ class Progress:
         self.tty = out.isatty()
         self.every = every
         self._last_plain = -math.inf
+        self._shown = False
 
     def __call__(self, figures: dict[str, Any]) -> None:
         line = (f"{figures['elapsed_s']:6.0f}/{figures['duration_s']:g} s  "
@@ -858,13 +892,15 @@ class Progress:
                 f"errors {figures['errors']}")  # fmt: skip
         if self.tty:
             self.out.write("\r\x1b[2K" + line)
+            self._shown = True
         elif figures["elapsed_s"] - self._last_plain >= self.every:
             self._last_plain = figures["elapsed_s"]
             self.out.write(line + "\n")
         self.out.flush()
 
     def done(self) -> None:
-        if self.tty:
+        """End the live line (nothing if none was shown)."""
+        if self._shown:
             self.out.write("\n")
             self.out.flush()
 
@@ -896,11 +932,18 @@ def run_command(options: LoadtestOptions, *, as_json: bool) -> int:
     the server could not be reached."""
     progress = Progress(sys.stderr)
     try:
-        summary = trio.run(lambda: run_loadtest(options, progress=progress))
+        with warnings.catch_warnings():
+            # A short secret is the server's to refuse; PyJWT's warning is noise here.
+            warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+            summary = trio.run(lambda: run_loadtest(options, progress=progress))
     except Unreachable as exc:
         progress.done()
         print(f"crealia loadtest: cannot reach the server: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        progress.done()
+        print("crealia loadtest: interrupted", file=sys.stderr)
+        return 130
     progress.done()
     table = format_summary(summary, options.urls)
     if as_json:

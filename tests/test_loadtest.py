@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from crealia import Server, open_server
 from crealia._loadtest import LoadtestOptions, Progress, Unreachable, parse_duration, run_loadtest
@@ -272,3 +274,58 @@ async def test_two_relay_streams_report_real_frame_rates(relay_server: Server) -
         assert 5 <= stream["viewer_fps"] <= 20, stream
         assert stream["frames"] >= 15, stream
         assert stream["bitrate_kbps"] > 20, stream
+
+
+def test_an_empty_secret_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "jwt-secret").write_text("\n")
+    result = loadtest("--url", "ws://h/ws", "--data-dir", str(tmp_path))
+    assert result.returncode == 2, result
+    assert result.stderr.splitlines() == [
+        f"crealia loadtest: --data-dir {tmp_path}: the server's secret {tmp_path}/jwt-secret "
+        "is empty (see crealia loadtest --help)"
+    ]
+
+
+async def test_the_data_dir_named_on_the_command_line_wins_over_the_environment(
+    server: Server, tmp_path: Path
+) -> None:
+    (tmp_path / "jwt-secret").write_text(JWT_SECRET + "\n")
+    args = ("--url", url(server), "--data-dir", str(tmp_path), "--users", "2", "--projects",
+            "1", "--duration", "0.5", "--edit-every", "0", "--comment-every", "0",
+            "--json")  # fmt: skip
+    env = {"CREALIA_JWT_SECRET": "another-servers-secret-of-32-bytes-or-more", "PATH": "/bin"}
+    result = await trio.to_thread.run_sync(lambda: loadtest(*args, env=env))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["users"] == 2
+
+
+async def _deaf_server(
+    listeners: list[trio.SocketListener], *, task_status: trio.TaskStatus[int]
+) -> None:
+    """Welcomes one hello, then reads nothing more, ever."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            ws.receive_data(await stream.receive_some(65536))
+            for event in ws.events():
+                if isinstance(event, Request):
+                    await stream.send_all(ws.send(AcceptConnection(subprotocol="crealia.v1")))
+                elif isinstance(event, TextMessage):
+                    welcome = {"type": "welcome", "ref": 1, "data": {"seq": 0, "users": []}}
+                    await stream.send_all(ws.send(TextMessage(data=json.dumps(welcome))))
+                    await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+async def test_a_server_that_stops_answering_cannot_hold_the_run(nursery: trio.Nursery) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = await nursery.start(_deaf_server, listeners)
+    with trio.fail_after(30):  # traffic 1 s, drain 2 s, close 1 s
+        summary = await run_loadtest(options(f"ws://127.0.0.1:{port}/ws", users=1, projects=1,
+                                             duration=1, cursor_hz=60, edit_every=0,
+                                             comment_every=0, settle_timeout=2))  # fmt: skip
+    assert summary["users"] == 1 and summary["sent"]["cursor"] > 0

@@ -866,6 +866,9 @@ def format_summary(summary: dict[str, Any], urls: Sequence[str]) -> str:
             f"  stream {index}: viewer at {stream['viewer_fps']:.1f} fps, "
             f"{stream['bitrate_kbps']:,.0f} kbit/s, {stream['frames']:,} frames{state}"
         )
+    if summary["errors"].get("connect") or summary["closes"].get("4429"):
+        lines.append("  (users were refused: the server's per-address limits count every user "
+                     "of this machine as one client; see docs/protocol.md §1)")  # fmt: skip
     lines.append(f"  load generator CPU: {summary['loadgen_cpu_percent']:.0f} % of a core"
                  + ("  (near 100 %: the generator, not the server, was the limit)"
                     if summary["loadgen_cpu_percent"] >= 90 else ""))  # fmt: skip

@@ -19,7 +19,14 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 from crealia import Server, open_server
-from crealia._loadtest import LoadtestOptions, Progress, Unreachable, parse_duration, run_loadtest
+from crealia._loadtest import (
+    LoadtestOptions,
+    Progress,
+    Unreachable,
+    format_summary,
+    parse_duration,
+    run_loadtest,
+)
 
 from ._redis import free_port, run_redis
 from .conftest import JWT_SECRET, make_config
@@ -329,3 +336,21 @@ async def test_a_server_that_stops_answering_cannot_hold_the_run(nursery: trio.N
                                              duration=1, cursor_hz=60, edit_every=0,
                                              comment_every=0, settle_timeout=2))  # fmt: skip
     assert summary["users"] == 1 and summary["sent"]["cursor"] > 0
+
+
+def test_the_table_says_why_users_were_refused() -> None:
+    summary = {"users": 3, "projects": 1, "duration_s": 1.0,
+               "sent": {"cursor": 10, "edit": 0, "comment": 0}, "acked": {"edit": 0, "comment": 0},
+               "applied": 0, "offered_per_s": 20.0, "delivered_per_s": 20.0,
+               "latency_ms": {k: {"p50": 1.0, "p95": 2.0, "p99": 3.0}
+                              for k in ("cursor", "edit_ack", "edit_fanout")},
+               "errors": {"connect": 7}, "closes": {"4429": 7}, "bytes_per_user_per_s": 1.0,
+               "bytes_sent_per_user_per_s": 1.0, "conflicts": {"requested": 0, "detected": 0},
+               "loadgen_cpu_percent": 95.0}  # fmt: skip
+    table = format_summary(summary, ["ws://127.0.0.1:1/ws"])
+    assert "errors: connect x7" in table and "closes by the server: 4429 x7" in table
+    assert "per-address limits count every user of this machine as one client" in table
+    assert "near 100 %: the generator, not the server, was the limit" in table
+    quiet = format_summary({**summary, "errors": {}, "closes": {}, "loadgen_cpu_percent": 10.0},
+                           ["ws://127.0.0.1:1/ws"])  # fmt: skip
+    assert "per-address" not in quiet and "was the limit" not in quiet

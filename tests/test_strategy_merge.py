@@ -632,3 +632,45 @@ def test_merge_options_have_ranges(options: dict[str, Any], message: str) -> Non
     for key, (low, high) in LIMIT_RANGES.items():
         MergeStrategy({key: low})
         MergeStrategy({key: high})
+
+
+@pytest.mark.parametrize(
+    ("base", "deleted", "inserted"),
+    [
+        ("Opening titles", "", "Opening titles red"),
+        ("Keep shot 3 and shot 4 in the cut", "Keep shot 3 in the cut",
+         "Keep shot 3 and shot 4 (slow-mo) in the cut"),
+        ("Keep shot 3 and shot 4 in the cut", "Keep shot 3 in the cut",
+         "Keep shot 3 and (slow-mo) shot 4 in the cut"),
+        ("Intro, beach, sunset", "Intro, sunset", "Intro, beach at dawn, sunset"),
+        ("Opening titles", "titles", "Big Opening titles"),
+    ],
+)  # fmt: skip
+def test_an_insertion_touching_the_other_sides_deletion_is_not_merged(
+    base: str, deleted: str, inserted: str
+) -> None:
+    """Kept, the insertion would be a fragment (" red") or lose the words it went with."""
+    assert merge_text(base, deleted, inserted) is None
+    assert merge_text(base, inserted, deleted) is None
+
+
+@given(
+    st.lists(st.sampled_from(VOCABULARY), min_size=6, max_size=20, unique=True),
+    st.data(),
+)
+def test_a_deletion_and_an_insertion_merge_only_when_a_kept_word_separates_them(
+    words: list[str], data: st.DataObject
+) -> None:
+    start = data.draw(st.integers(0, len(words) - 2), label="deletion start")
+    end = data.draw(st.integers(start + 1, len(words) - 1), label="deletion end")
+    at = data.draw(st.integers(0, len(words)), label="insertion point")
+    deleted = words[:start] + words[end:]
+    inserted = [*words[:at], "NEW", *words[at:]]
+    result = merge_text(" ".join(words), " ".join(deleted), " ".join(inserted))
+    if start <= at <= end:  # at the deletion's edge or inside it
+        assert result is None
+    else:
+        assert result is not None
+        survivors = [w for i, w in enumerate(words) if not start <= i < end]
+        kept_at = at if at < start else at - (end - start)
+        assert result.value == " ".join([*survivors[:kept_at], "NEW", *survivors[kept_at:]])

@@ -16,7 +16,10 @@ JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``, key order does not matte
   sides overlap or touch the same *word* (a run of tokens without whitespace, so ``video/mp4``
   is one word; each CJK character is a word). Two insertions at the same place conflict unless
   identical; an insertion at the edge of the other side's replaced range goes before or after
-  it; identical edits are applied once. Edits of one side separated only by whitespace and
+  it, except next to a deletion (words removed, none put in their place; only whitespace and
+  punctuation between): that conflicts, as the insertion would be a fragment of what was
+  deleted (``"Opening titles"`` emptied by one side, ``" red"`` appended by the other) or lose
+  the words it went with; identical edits are applied once. Edits of one side separated only by whitespace and
   punctuation count as one edit (so an insertion between two words the other side rewrote
   together conflicts). The result is exact: base plus every edit of both sides, nothing else
   (and each side's edits are checked to reproduce that side before they are used).
@@ -536,6 +539,17 @@ class _Merger:
                 if overlap or same_insertion:
                     raise _Unmergeable("both sides edited the same words")
             combined.append(hunk)
+        # An insertion next to the other side's deletion (nothing but spaces and punctuation
+        # between) is a conflict: kept, it would be a fragment ("Opening titles" deleted,
+        # " red" appended: " red") or land where its context was deleted.
+        for prev, hunk in itertools.pairwise(combined):
+            if "both" in (prev.side, hunk.side) or prev.side == hunk.side:
+                continue
+            for deleted, inserted in ((prev, hunk), (hunk, prev)):
+                if _deletes(base_tokens, deleted) and _inserts(inserted):
+                    first, second = sorted((deleted, inserted), key=lambda h: (h.start, h.end))
+                    if not any(_is_word(t) for t in base_tokens[first.end : second.start]):
+                        raise _Unmergeable("an insertion touches the other side's deletion")
         # Edits of different sides must not touch the same word ("video/mp4" is one word).
         words = _words(base_tokens)
         touched: dict[int, Side] = {}
@@ -717,6 +731,17 @@ def _touched(tokens: Sequence[str], words: Sequence[int], hunk: _Hunk) -> set[in
     if right is not None and last is not None and _joins(last, right):
         out.add(words[hunk.end])
     return out
+
+
+def _deletes(base: Sequence[str], hunk: _Hunk) -> bool:
+    """Whether ``hunk`` removes words and puts none in their place."""
+    removed = any(_is_word(t) for t in base[hunk.start : hunk.end])
+    return removed and not any(_is_word(t) for t in hunk.tokens)
+
+
+def _inserts(hunk: _Hunk) -> bool:
+    """Whether ``hunk`` adds words without replacing anything."""
+    return hunk.start == hunk.end and any(_is_word(t) for t in hunk.tokens)
 
 
 def _apply(base: Sequence[str], hunks: Sequence[_Hunk]) -> list[str]:

@@ -87,14 +87,33 @@ def value_at(history: Sequence[DurableEvent]) -> ValueAt:
     """Look up the value a property had at a seq, from kept history (newest first search).
 
     The lookup reads ``history`` as it is when called (no copy: it is called synchronously while
-    a change is planned). Element-level base values (for delete conflicts) are not
-    reconstructed: ``None``.
+    a change is planned). With ``prop`` None it is the whole element (a delete conflict's base):
+    its props at ``seq``, rebuilt from its insert on; ``None`` when the kept history no longer
+    reaches back to the insert (unknown, as for a property written before the history).
     """
     events = history
 
+    def element_at(element_id: str, seq: int) -> dict[str, Any] | None:
+        props: dict[str, Any] | None = None
+        for event in events:
+            if event.seq > seq:
+                break
+            for op in event.effects:
+                if op["element_id"] != element_id:
+                    continue
+                if op["op"] == "insert":
+                    props = copy.deepcopy(op.get("props", {}))
+                elif op["op"] == "set" and props is not None:
+                    props[op["prop"]] = copy.deepcopy(op["value"])
+                elif op["op"] == "delete":
+                    props = None
+        return props
+
     def lookup(element_id: str, prop: str | None, seq: int | None) -> Any:
-        if seq is None or prop is None:
+        if seq is None:
             return None
+        if prop is None:
+            return element_at(element_id, seq)
         for event in reversed(events):
             if event.seq > seq:
                 continue

@@ -353,3 +353,25 @@ async def test_second_hello_is_refused_and_session_goes_on(clients: Clients) -> 
         assert again["data"]["code"] == "bad_request"
         assert "hello" in again["data"]["message"]
         assert (await a.request("ping", {}))["type"] == "pong"
+
+
+@pytest.mark.chain("manual")
+async def test_a_delete_conflict_carries_the_elements_props_at_its_base(clients: Clients) -> None:
+    """The element as the deleting user last saw it, rebuilt from the kept history (merge's
+    delete rule needs it; it was null)."""
+    with trio.fail_after(10):
+        a = await clients.join("alice")
+        b = await clients.join("bob")
+        inserted = await a.request("timeline_change", insert("c1", "clip", name="Clip", start=0))
+        base = inserted["data"]["seq"]
+        await a.request("timeline_change", set_op("c2", "clip", "start", 4, base))
+        seen = (await a.request("timeline_change", set_op("c3", "clip", "start", 5, None)))["data"]
+        await a.request("timeline_change", set_op("c4", "clip", "name", "Retitled", seen["seq"]))
+        deleted = await b.request("timeline_change", {"change_id": "c5", "changes": [
+            {"op": "delete", "element_id": "clip", "base": seen["seq"]}]})  # fmt: skip
+        assert deleted["data"]["status"] == "conflict"
+        detected = await b.expect_type("conflict_detected")
+        (conflict,) = detected["data"]["conflicts"]
+        assert conflict["prop"] is None
+        assert conflict["base_value"] == {"name": "Clip", "start": 5}
+        assert conflict["current"]["value"] == {"name": "Retitled", "start": 5}

@@ -149,6 +149,17 @@ class Ephemeral:
     key: tuple[str, str] | None = None
 
 
+#: The first half of the key of the notice "this project's strategy chain changed", published
+#: through the backplane like presence so that every process with the project's room open hears
+#: it; rooms never send it to clients (it has no frame).
+SETTINGS_CHANGED = "crealia.settings"
+
+
+def settings_changed(project_id: str, token: str) -> Ephemeral:
+    """The notice a settler (named by ``token``) publishes once it stored a new chain."""
+    return Ephemeral(project_id=project_id, encoded=b"", key=(SETTINGS_CHANGED, token))
+
+
 Choice = Literal["current", "incoming", "custom"]
 
 

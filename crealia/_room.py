@@ -34,7 +34,7 @@ from ._jobs import JobFailures
 from ._live import LiveSessions, LiveTotals
 from ._logging import log_context
 from ._metrics import Traffic
-from ._model import Conflict, DurableEvent, Ephemeral, User
+from ._model import SETTINGS_CHANGED, Conflict, DurableEvent, Ephemeral, User
 from ._protocol import PRESENCE_FIELDS, Presence
 
 log = logging.getLogger("crealia.room")
@@ -68,6 +68,10 @@ class Settler(Protocol):
     async def run(self, room: Room, conflict: Conflict) -> None:
         """Run the project's strategy chain on ``conflict``, in ``room``'s nursery, until it is
         settled or left to a person."""
+
+    def forget(self, project_id: str, *, by: str | None = None) -> None:
+        """Drop the project's cached chain (changed by the settler named ``by``, or its room
+        closed)."""
 
 
 @attrs.define(eq=False)
@@ -454,6 +458,11 @@ class Room:
         self._enqueue(frame, None, None)
 
     def on_ephemeral(self, message: Ephemeral) -> None:
+        key = message.key
+        if key is not None and key[0] == SETTINGS_CHANGED:
+            if self.settler is not None:
+                self.settler.forget(self.project_id, by=key[1])
+            return
         self._enqueue(message.encoded, message.origin, message.key, to_joining=False)
 
     # -- fan-out ------------------------------------------------------------------------------
@@ -603,6 +612,8 @@ class RoomManager:
             del self.rooms[room.project_id]
         if room.project_id not in self.rooms:
             self.backplane.release(room.project_id)
+            if self.settler is not None:  # no notice of a change reaches a closed room
+                self.settler.forget(room.project_id)
 
     def all_sessions(self) -> Iterable[Session]:
         for room in list(self.rooms.values()):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,7 @@ from ._audit import AuditLog
 from ._backplane import Backplane
 from ._config import Config
 from ._errors import BadRequest, ConfigurationError, NotFound, ProtocolError, TooLarge
-from ._model import Conflict, Resolution
+from ._model import Conflict, Resolution, settings_changed
 from ._plugins import StrategyRegistry
 from ._room import Room
 from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext, plain_text
@@ -135,6 +136,13 @@ class Settler:
     #: Where strategies' resolutions are audited (set by the server).
     audit: AuditLog | None = None
     _chains: dict[str, Chain] = attrs.Factory(dict)
+    #: Chains replaced or forgotten while their strategies may still be settling: closed with
+    #: the settler.
+    _retired: list[Chain] = attrs.Factory(list)
+    #: Names this settler in the "settings changed" notices it publishes (it ignores its own).
+    token: str = attrs.Factory(lambda: secrets.token_hex(8))
+    #: Times a cached chain was dropped because another process changed it, or its room closed.
+    forgotten: int = 0
 
     def build(self, names: list[str], options: Mapping[str, Mapping[str, Any]]) -> Chain:
         """A chain of new strategy instances (:func:`build_chain`).
@@ -173,6 +181,8 @@ class Settler:
         await self.backplane.set_settings(project_id, settings)
         old = self._chains.get(project_id)
         self._chains[project_id] = chain
+        # Every process with the project's room open drops its copy (Room.on_ephemeral).
+        await self.backplane.publish(settings_changed(project_id, self.token))
         if old is not None:
             for strategy in old.strategies:
                 close = getattr(strategy, "aclose", None)
@@ -181,9 +191,21 @@ class Settler:
                         await close()
         return chain
 
+    def forget(self, project_id: str, *, by: str | None = None) -> None:
+        """Drop the project's cached chain (it is read from the stored settings at its next
+        use): another process changed it (``by``: that settler's token; our own notice is
+        ignored), or the project's room closed, after which no notice would reach us."""
+        if by == self.token:
+            return
+        chain = self._chains.pop(project_id, None)
+        if chain is not None:
+            self._retired.append(chain)
+            self.forgotten += 1
+
     async def aclose(self) -> None:
         """Release what strategies hold (HTTP clients of the AI strategy); bounded, shielded."""
-        chains, self._chains = list(self._chains.values()), {}
+        chains, self._chains = [*self._chains.values(), *self._retired], {}
+        self._retired = []
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             for chain in chains:
                 for strategy in chain.strategies:

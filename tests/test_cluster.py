@@ -522,3 +522,36 @@ async def test_pending_conflicts_are_capped_across_nodes(
         assert ack["type"] == "ack", ack
         again = await c.request("timeline_change", over)
         assert again["data"]["status"] == "partial", again
+
+
+async def test_a_chain_change_on_one_process_is_used_by_every_process(
+    nodes: list[Server], on: dict[tuple[int, str], Clients]
+) -> None:
+    """Node 1 had the project's chain cached; node 0 changes it; node 1's next conflict goes
+    to the new chain (it kept running ``merge, priority`` before)."""
+    a = await on[0, "ws"].join("alice")
+    b = await on[1, "ws"].join("bob")
+    c = await on[1, "ws"].join("carol")
+    with trio.fail_after(15):
+        await b.request("timeline_change", insert("c1", "clip", title="Intro"))
+        await b.request("timeline_change", set_op("c2", "clip", "title", "Intro one", 1))
+        first = await c.request("timeline_change", set_op("c3", "clip", "title", "Intro two", 1))
+        (settled,) = first["data"]["conflicts"]
+        await c.expect_type("conflict_resolved", conflict_id=settled)  # node 1's chain, cached
+        await nodes[0].hub.settler.set_chain("p1", ["manual"], {})
+        # The notice went out on the project's channel before this cursor: once node 1 delivers
+        # the cursor, it has heard the notice.
+        await a.send("cursor_update", {"position": {"x": 1, "y": 1}})
+        await b.event("cursor_update")
+        seq = await b.request("timeline_change", set_op("c4", "clip", "title", "Intro 3", None))
+        second = await c.request(
+            "timeline_change", set_op("c5", "clip", "title", "Intro 4", seq["data"]["seq"] - 1)
+        )
+        (pending,) = second["data"]["conflicts"]
+        detected = await c.expect(
+            lambda env: (
+                env["type"] == "conflict_detected" and env["data"]["conflicts"][0]["id"] == pending
+            )
+        )
+        assert detected["data"]["conflicts"][0]["strategy"] == "manual"
+        assert nodes[1].hub.settler.forgotten == 1

@@ -19,10 +19,10 @@ JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``, key order does not matte
   it, except next to a deletion (words removed, none put in their place; only whitespace and
   punctuation between): that conflicts, as the insertion would be a fragment of what was
   deleted (``"Opening titles"`` emptied by one side, ``" red"`` appended by the other) or lose
-  the words it went with; identical edits are applied once. Edits of one side separated only by whitespace and
-  punctuation count as one edit (so an insertion between two words the other side rewrote
-  together conflicts). The result is exact: base plus every edit of both sides, nothing else
-  (and each side's edits are checked to reproduce that side before they are used).
+  the words it went with; identical edits are applied once. Edits of one side separated only
+  by whitespace and punctuation count as one edit (so an insertion between two words the other
+  side rewrote together conflicts). The result is exact: base plus every edit of both sides,
+  nothing else (and each side's edits are checked to reproduce that side before they are used).
 - **Objects** (three dicts). Key by key: a key changed (added, removed, set) on one side only takes
   that side; the same change on both sides is kept once; a key changed differently on both sides
   is merged recursively when base and both sides are mergeable kinds of the same kind (text,

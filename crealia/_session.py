@@ -47,7 +47,7 @@ from ._errors import (
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._logging import log_context
 from ._metrics import Traffic
-from ._model import Resolution, User
+from ._model import Conflict, Resolution, User
 from ._origin import ALLOW_HINT, HostPolicy, OriginPolicy, shown_origin
 from ._preauth import AddressLimiter
 from ._protocol import PROTOCOL, MessageType, data_classes
@@ -303,6 +303,38 @@ class Session:
                 latency = trio.current_time() - since if timing else None
                 for traffic in self.traffic:
                     traffic.sent(count, len(frame), latency)
+
+
+def _kind(value: Any) -> str | None:
+    """The JSON kind of a value, for comparing a person's value with the two sides'."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return None  # null
+
+
+def _check_custom_kind(conflict: Conflict, value: Any) -> None:
+    """A value given by hand must be of the kind both sides agree on (a number for a
+    clip's ``start``), when they agree.
+
+    Raises:
+        BadRequest: it is not; nothing changes.
+    """
+    kinds = {_kind(conflict.current.get("value")), _kind(conflict.incoming.get("value"))}
+    if len(kinds) == 1 and None not in kinds:
+        (expected,) = kinds
+        got = _kind(value)
+        if got != expected:
+            what = f"'{conflict.prop}'" if conflict.prop else "the element"
+            raise BadRequest(f"data.value: {what} is {expected} on both sides; got "
+                             f"{got or 'null'}")  # fmt: skip
 
 
 def _frames(items: list[_Item], batching: bool) -> list[tuple[bytes, int, int, float]]:
@@ -871,6 +903,8 @@ class Hub:
             value = conflict.current["value"]
         elif choice == "incoming":
             value = conflict.incoming["value"]
+        else:
+            _check_custom_kind(conflict, value)
         if dismiss:
             explanation = f"Dismissed by {user.name}: the current value stays."
         else:
@@ -879,12 +913,12 @@ class Hub:
             explanation = f"Settled by hand: {user.name} {side}."
         resolution = Resolution(value=value, choice=choice, strategy="manual",  # type: ignore[arg-type]
                                 confidence=1.0, explanation=explanation)  # fmt: skip
-        # Keeping the current value must not write back an old one over a newer edit: the
-        # backplane then keeps whatever is newest.
-        expect = conflict.current.get("seq") if choice == "current" else None
+        # No choice may write over an edit newer than the conflict: the backplane then keeps the
+        # newest value, and a value taken from the incoming side or given by hand conflicts
+        # with it anew (a person chose without seeing it).
         settled = await self.backplane.settle(
             user.project_id, conflict_id, resolution, by=user.id, writer=user.id,
-            expect_seq=expect, redetect=False,
+            expect_seq=conflict.current.get("seq"), redetect=choice != "current",
         )  # fmt: skip
         self.audit.record(
             "conflict_resolution", user_id=user.id, project_id=user.project_id,

@@ -375,3 +375,51 @@ async def test_a_delete_conflict_carries_the_elements_props_at_its_base(clients:
         assert conflict["prop"] is None
         assert conflict["base_value"] == {"name": "Clip", "start": 5}
         assert conflict["current"]["value"] == {"name": "Retitled", "start": 5}
+
+
+@pytest.mark.chain("manual")
+async def test_a_resolution_by_hand_never_overwrites_a_newer_edit(clients: Clients) -> None:
+    """Bob's 10 and Carol's 20 conflict; Ann then writes 33; Bob takes Carol's 20 without
+    having seen the 33: the 33 stands, and Carol's 20 conflicts with it anew (it was written
+    over it, silently)."""
+    with trio.fail_after(10):
+        ann, bob, carol = [await clients.join(name) for name in ("ann", "bob", "carol")]
+        base = (await ann.request("timeline_change", insert("c1", "clip", start=0)))["data"]["seq"]
+        await bob.request("timeline_change", set_op("c2", "clip", "start", 10, base))
+        reply = await carol.request("timeline_change", set_op("c3", "clip", "start", 20, base))
+        (cid,) = reply["data"]["conflicts"]
+        newer = await ann.request("timeline_change", set_op("c4", "clip", "start", 33, base + 1))
+        assert newer["data"]["status"] == "applied", newer
+        took = await bob.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
+        assert took["type"] == "ack", took
+        resolved = await carol.expect_type("conflict_resolved", conflict_id=cid)
+        resolution = resolved["data"]["resolution"]
+        assert (resolution["value"], resolution["choice"]) == (33, "current")
+        assert "ann changed it again while it was being settled" in resolution["explanation"]
+        again = await carol.expect(lambda env: env["type"] == "conflict_detected"
+                                   and env["data"]["conflicts"][0]["id"] != cid)  # fmt: skip
+        (conflict,) = again["data"]["conflicts"]
+        assert conflict["current"]["value"] == 33 and conflict["incoming"]["value"] == 20
+        late = await clients.join("dan", role="viewer")
+        assert late.welcome["snapshot"]["elements"]["clip"]["props"]["start"] == 33
+
+
+@pytest.mark.chain("manual")
+async def test_a_value_by_hand_must_be_of_the_kind_both_sides_agree_on(clients: Clients) -> None:
+    with trio.fail_after(10):
+        bob, carol = await clients.join("bob"), await clients.join("carol")
+        base = (await bob.request("timeline_change", insert("c1", "clip", start=0)))["data"]["seq"]
+        await bob.request("timeline_change", set_op("c2", "clip", "start", 10, base))
+        reply = await carol.request("timeline_change", set_op("c3", "clip", "start", 20, base))
+        (cid,) = reply["data"]["conflicts"]
+        refused = await bob.request("conflict_resolve", {"conflict_id": cid, "choice": "custom",
+                                                          "value": "abc"})  # fmt: skip
+        assert refused["type"] == "error" and refused["data"]["code"] == "bad_request"
+        assert refused["data"]["message"] == (
+            "data.value: 'start' is a number on both sides; got a string"
+        )
+        ok = await bob.request("conflict_resolve", {"conflict_id": cid, "choice": "custom",
+                                                     "value": 15})  # fmt: skip
+        assert ok["type"] == "ack"
+        resolved = await carol.expect_type("conflict_resolved", conflict_id=cid)
+        assert resolved["data"]["resolution"]["value"] == 15

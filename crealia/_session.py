@@ -47,13 +47,13 @@ from ._errors import (
 from ._errors import ConnectionClosed as ConnectionClosed
 from ._logging import log_context
 from ._metrics import Traffic
-from ._model import Conflict, Resolution, User
+from ._model import Resolution, User
 from ._origin import ALLOW_HINT, HostPolicy, OriginPolicy, shown_origin
 from ._preauth import AddressLimiter
 from ._protocol import PROTOCOL, MessageType, data_classes
 from ._ratelimit import RateLimiter
 from ._room import Room, RoomManager
-from ._settle import Settler
+from ._settle import Settler, custom_value_problem
 from ._transport import Acceptor, Connection
 
 log = logging.getLogger("crealia.session")
@@ -303,38 +303,6 @@ class Session:
                 latency = trio.current_time() - since if timing else None
                 for traffic in self.traffic:
                     traffic.sent(count, len(frame), latency)
-
-
-def _kind(value: Any) -> str | None:
-    """The JSON kind of a value, for comparing a person's value with the two sides'."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return None  # null
-
-
-def _check_custom_kind(conflict: Conflict, value: Any) -> None:
-    """A value given by hand must be of the kind both sides agree on (a number for a
-    clip's ``start``), when they agree.
-
-    Raises:
-        BadRequest: it is not; nothing changes.
-    """
-    kinds = {_kind(conflict.current.get("value")), _kind(conflict.incoming.get("value"))}
-    if len(kinds) == 1 and None not in kinds:
-        (expected,) = kinds
-        got = _kind(value)
-        if got != expected:
-            what = f"'{conflict.prop}'" if conflict.prop else "the element"
-            raise BadRequest(f"data.value: {what} is {expected} on both sides; got "
-                             f"{got or 'null'}")  # fmt: skip
 
 
 def _frames(items: list[_Item], batching: bool) -> list[tuple[bytes, int, int, float]]:
@@ -904,7 +872,9 @@ class Hub:
         elif choice == "incoming":
             value = conflict.incoming["value"]
         else:
-            _check_custom_kind(conflict, value)
+            problem = custom_value_problem(conflict, value)
+            if problem is not None:
+                raise BadRequest(f"data.value: {problem}")
         if dismiss:
             explanation = f"Dismissed by {user.name}: the current value stays."
         else:

@@ -61,6 +61,19 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), type(value).__name__)
 
 
+def custom_value_problem(conflict: Conflict, value: Any) -> str | None:
+    """Why ``value`` cannot settle ``conflict`` as a custom value, by a strategy or a person:
+    it must be of the kind of one of the two sides (for a conflicting delete: null or an
+    object). None when it can."""
+    if conflict.op == "delete":
+        kinds = {"null", "object"}
+    else:
+        kinds = {_kind(conflict.current.get("value")), _kind(conflict.incoming.get("value"))}
+    if _kind(value) in kinds:
+        return None
+    return f"must be {' or '.join(sorted(kinds))} like the two sides, got {_kind(value)}"
+
+
 @attrs.frozen(kw_only=True)
 class Chain:
     """A project's strategies, in order, with their options."""
@@ -326,18 +339,9 @@ class Settler:
                     f"the value is {size} bytes of JSON, more than a client may write "
                     f"({self.config.max_frame_bytes})"
                 )
-            if conflict.op == "delete":
-                kinds = {"null", "object"}
-            else:
-                kinds = {
-                    _kind(conflict.current.get("value")),
-                    _kind(conflict.incoming.get("value")),
-                }
-            if _kind(value) not in kinds:
-                raise ValueError(
-                    f"a custom value must be {' or '.join(sorted(kinds))} like the two sides, "
-                    f"got {_kind(value)}"
-                )
+            problem = custom_value_problem(conflict, value)
+            if problem is not None:
+                raise ValueError(f"a custom value {problem}")
         explanation = answer.explanation if isinstance(answer.explanation, str) else ""
         return attrs.evolve(
             answer, strategy=name, explanation=plain_text(explanation, MAX_EXPLANATION_CHARS)

@@ -178,6 +178,9 @@ class Resolution:
     strategy: str
     confidence: float = attrs.field(validator=_confidence)
     explanation: str
+    #: Whether a person should look at it (docs/protocol.md §5): set by the server for a
+    #: strategy's resolution, never by the strategy.
+    review: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -186,4 +189,5 @@ class Resolution:
             "strategy": self.strategy,
             "confidence": self.confidence,
             "explanation": self.explanation,
+            "review": self.review,
         }

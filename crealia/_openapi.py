@@ -703,6 +703,8 @@ def _schemas() -> dict[str, Schema]:
                 "strategy": _STRING,
                 "confidence": _NUMBER,
                 "explanation": _STRING,
+                "review": {"type": "boolean",
+                           "description": "Whether a person should look at it."},
             }, ["value", "choice", "strategy", "confidence", "explanation"])),
         })]},
         "DryRun": _all({

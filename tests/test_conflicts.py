@@ -8,15 +8,18 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 
 from crealia import Server, open_server
-from crealia._model import Conflict
+from crealia._model import Conflict, Resolution
+from crealia._settle import needs_review
 from crealia._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
+from crealia.testing import make_conflict
 
-from .conftest import Clients, make_config
+from .conftest import Clients, make_config, opened
 from .test_protocol import insert, set_op
 
 
@@ -608,3 +611,45 @@ async def test_a_worst_case_merge_does_not_stall_another_project(clients: Client
         gaps = [y - x for x, y in itertools.pairwise([started, *during])]
         assert during and max(gaps) < took / 2, (max(gaps), took, len(during))
         await clients.aclose()
+
+
+async def test_a_priority_pick_between_two_values_is_marked_for_review(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """merge declines two different numbers; priority keeps one side verbatim, which is
+    right only if the other did not matter: the resolution says a person should look."""
+    async with open_server(make_config(tmp_path / "data")) as server, opened(server, nursery) as c:
+        with trio.fail_after(10):
+            a, b = await c.join("ann"), await c.join("bob")
+            first = insert("c1", "clip", start=0, title="Intro")
+            seq = (await a.request("timeline_change", first))["data"]["seq"]
+            await a.request("timeline_change", set_op("c2", "clip", "start", 10, seq))
+            picked = await b.request("timeline_change", set_op("c3", "clip", "start", 20, seq))
+            (cid,) = picked["data"]["conflicts"]
+            resolved = await a.expect_type("conflict_resolved", conflict_id=cid)
+            resolution = resolved["data"]["resolution"]
+            assert resolution["strategy"] == "priority" and resolution["review"] is True
+            opening, closing = "Opening titles for the summer", "Closing titles for the summer"
+            change = set_op("c4", "clip", "title", f"{opening} trailer", None)
+            retitled = (await a.request("timeline_change", change))["data"]["seq"]
+            change = set_op("c5", "clip", "title", f"{closing} trailer", retitled)
+            await a.request("timeline_change", change)
+            change = set_op("c6", "clip", "title", f"{opening} teaser", retitled)
+            merged = await b.request("timeline_change", change)
+            (mid,) = merged["data"]["conflicts"]
+            clean = await a.expect_type("conflict_resolved", conflict_id=mid)
+            assert clean["data"]["resolution"]["strategy"] == "merge"
+            assert clean["data"]["resolution"]["confidence"] == 0.9
+            assert clean["data"]["resolution"]["review"] is False  # confidence 0.9
+
+
+def test_review_follows_the_calibrated_threshold() -> None:
+    conflict = make_conflict(current="a", incoming="b", base_value="c")
+    resolution = Resolution(value="ab", choice="custom", strategy="merge", confidence=0.95,
+                            explanation="")  # fmt: skip
+    assert not needs_review(conflict, resolution)
+    assert needs_review(conflict, attrs.evolve(resolution, confidence=0.85))
+    pick = attrs.evolve(resolution, strategy="priority", choice="current", value="a")
+    assert needs_review(conflict, pick)
+    same = make_conflict(current="a", incoming="a", base_value="c")
+    assert not needs_review(same, pick)

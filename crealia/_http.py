@@ -307,7 +307,14 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         data = await body(DetectBody)
         for_project(user, data.projectId or user.project_id)
         change = _wire.TimelineChange(change_id="dry-run", changes=data.changes)
-        return _json(await hub.backplane.dry_run(user, change))
+        result = await hub.backplane.dry_run(user, change)
+        # What the chain would do with each conflict, nothing applied (the room's members,
+        # when it is open here, are who the strategies weigh).
+        room = hub.rooms.rooms.get(user.project_id)
+        for found in result["conflicts"]:
+            roles: dict[str, str] = {user.id: user.role}
+            found.update(await hub.settler.preview(user.project_id, found, roles, room))
+        return _json(result)
 
     @app.post("/api/collaboration/conflicts/<conflict_id>/resolve")
     async def resolve_conflict(conflict_id: str) -> Response:

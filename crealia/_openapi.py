@@ -711,11 +711,26 @@ def _schemas() -> dict[str, Schema]:
             "applies": {"type": "array", "items": {"type": "object"},
                         "description": "The operations that would apply, as applied."},
             "conflicts": {"type": "array", "items": _all({
+                "op": {"enum": ["set", "delete"]},
                 "element_id": _STRING,
                 "prop": {"type": ["string", "null"]},
+                "base": {"type": ["integer", "null"]},
                 "base_value": {},
                 "current": current,
                 "incoming": incoming,
+                "strategies": {
+                    "type": "array",
+                    "description": "What each strategy of the project's chain would answer, "
+                                   "in order; nothing is applied.",
+                    "items": _obj({
+                        "strategy": _STRING,
+                        "answer": {"enum": ["resolved", "declined", "deferred", "failed"]},
+                        "resolution": {"type": "object"},
+                    }, ["strategy", "answer"]),
+                },
+                "settled_by": {"type": ["string", "null"],
+                               "description": "The strategy that would settle it (or wait "
+                                              "for a person); null: none would."},
             })},
         }),
         "Snapshot": _all({

@@ -35,10 +35,12 @@ from . import _wire
 from ._audit import AuditLog
 from ._backplane import Backplane
 from ._config import Config
+from ._document import ConflictSpec
 from ._errors import BadRequest, ConfigurationError, NotFound, ProtocolError, TooLarge
 from ._model import Conflict, Resolution, settings_changed
 from ._plugins import StrategyRegistry
 from ._room import Room
+from ._sequencing import new_conflict
 from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext, plain_text
 
 log = logging.getLogger("crealia.strategies")
@@ -363,19 +365,61 @@ class Settler:
         )
         return attrs.evolve(signed, review=needs_review(conflict, signed))
 
+    async def preview(
+        self, project_id: str, found: Mapping[str, Any], roles: dict[str, str], room: Room | None
+    ) -> dict[str, Any]:
+        """What each strategy of the project's chain would answer to a conflict a dry run
+        found (``found``: one of its ``conflicts``), applying nothing: ``{"strategies":
+        [{"strategy", "answer": "resolved"|"declined"|"deferred"|"failed", "resolution"?}],
+        "settled_by"}``, the first that would settle or wait for a person (None: none would).
+        Each answer is under the strategy deadline; an ``ai`` strategy asks its provider."""
+        spec = ConflictSpec(op=found["op"], element_id=found["element_id"], prop=found["prop"],
+                            base=found["base"], base_value=found["base_value"],
+                            current=found["current"], incoming=found["incoming"])  # fmt: skip
+        chain = await self.chain(project_id)
+        conflict = new_conflict(project_id, spec, int(time.time() * 1000), chain.names[0],
+                                roles)  # fmt: skip
+        answers: list[dict[str, Any]] = []
+        settled_by: str | None = None
+        for name, strategy in zip(chain.names, chain.strategies, strict=True):
+            context = self._context(room, conflict, chain.options.get(name, {}))
+            entry: dict[str, Any] = {"strategy": name, "answer": "failed"}
+            with trio.move_on_after(self.config.strategy_timeout):
+                try:
+                    answer = await strategy.resolve(conflict, context)
+                except Exception:
+                    log.exception("strategy %s failed on a dry run", name)
+                else:
+                    if answer is DEFER:
+                        entry["answer"] = "deferred"
+                    elif isinstance(answer, Resolution):
+                        try:
+                            checked = self.check(conflict, answer, name)
+                        except ValueError:
+                            pass
+                        else:
+                            entry.update(answer="resolved", resolution=checked.to_wire())
+                    else:
+                        entry["answer"] = "declined"
+            answers.append(entry)
+            if settled_by is None and entry["answer"] in ("resolved", "deferred"):
+                settled_by = name
+        return {"strategies": answers, "settled_by": settled_by}
+
     def _context(
-        self, room: Room, conflict: Conflict, options: Mapping[str, Any]
+        self, room: Room | None, conflict: Conflict, options: Mapping[str, Any]
     ) -> ResolutionContext:
         def participant(side: dict[str, Any], at: int | None) -> Participant:
             user_id = side.get("user_id")
-            member = room.members.get(str(user_id)) if user_id is not None else None
+            members = room.members if room is not None else {}
+            member = members.get(str(user_id)) if user_id is not None else None
             active = member.active_element.get("element_id") if member and \
                 member.active_element else None  # fmt: skip
             role = member.role if member else conflict.roles.get(str(user_id))
             return Participant(user_id=user_id, role=role, active_element=active,
                                present=member is not None, at=at)  # fmt: skip
 
-        current_at = room.seen_at.get(conflict.current.get("seq") or -1)
+        current_at = room.seen_at.get(conflict.current.get("seq") or -1) if room else None
         return ResolutionContext(
             project_id=conflict.project_id,
             conflict=conflict,

@@ -242,8 +242,18 @@ async def test_detect_is_a_dry_run(clients: Clients) -> None:
         assert conflict["prop"] == "title"
         assert conflict["current"] == {"value": "u", "user_id": "alice", "seq": 2}
         assert conflict["base_value"] == "t"
+        assert (conflict["op"], conflict["base"]) == ("set", 1)
+        # What each strategy of the chain (merge, priority) would do, nothing applied: "t" to
+        # "u" and "t" to "v" do not merge; priority would keep one side, for a person to check.
+        merge, priority = conflict["strategies"]
+        assert merge == {"strategy": "merge", "answer": "declined"}
+        assert (priority["strategy"], priority["answer"]) == ("priority", "resolved")
+        assert priority["resolution"]["review"] is True
+        assert priority["resolution"]["value"] in ("u", "v")
+        assert conflict["settled_by"] == "priority"
         b = await clients.join("bob")
         assert b.welcome["seq"] == 2  # nothing was applied
+        assert b.welcome["pending_conflicts"] == []
         viewer = server.issue_token("vic", "p1", "viewer")
         refused = await rest(
             server, "POST", "/api/collaboration/conflicts/detect", viewer, json=body

@@ -600,8 +600,10 @@ class SQLiteBackplane(Backplane):
             "applies": plan.applied,
             "conflicts": [
                 {
+                    "op": spec.op,
                     "element_id": spec.element_id,
                     "prop": spec.prop,
+                    "base": spec.base,
                     "base_value": spec.base_value,
                     "current": spec.current,
                     "incoming": spec.incoming,

@@ -48,6 +48,10 @@ from ._session import Hub
 
 T = TypeVar("T")
 
+#: Conflicts of one dry run whose chain is previewed; the others get ``strategies: null`` (a
+#: preview runs every strategy, the ``ai`` one asking its provider).
+DRY_RUN_PREVIEWS = 20
+
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(_wire.dumps(data), status=status, content_type="application/json")
@@ -311,7 +315,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         # What the chain would do with each conflict, nothing applied (the room's members,
         # when it is open here, are who the strategies weigh).
         room = hub.rooms.rooms.get(user.project_id)
-        for found in result["conflicts"]:
+        for index, found in enumerate(result["conflicts"]):
+            if index >= DRY_RUN_PREVIEWS:  # each preview may cost a provider call per strategy
+                found.update(strategies=None, settled_by=None)
+                continue
             roles: dict[str, str] = {user.id: user.role}
             found.update(await hub.settler.preview(user.project_id, found, roles, room))
         return _json(result)

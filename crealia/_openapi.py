@@ -719,9 +719,10 @@ def _schemas() -> dict[str, Schema]:
                 "current": current,
                 "incoming": incoming,
                 "strategies": {
-                    "type": "array",
+                    "type": ["array", "null"],
                     "description": "What each strategy of the project's chain would answer, "
-                                   "in order; nothing is applied.",
+                                   "in order; nothing is applied (null past the first 20 "
+                                   "conflicts).",
                     "items": _obj({
                         "strategy": _STRING,
                         "answer": {"enum": ["resolved", "declined", "deferred", "failed"]},

@@ -663,3 +663,27 @@ def test_review_follows_the_calibrated_threshold() -> None:
     assert needs_review(conflict, pick)
     same = make_conflict(current="a", incoming="a", base_value="c")
     assert not needs_review(same, pick)
+
+
+async def test_a_dry_run_previews_its_first_twenty_conflicts_only(clients: Clients) -> None:
+    """A preview runs every strategy of the chain (an ``ai`` one asks its provider): one dry
+    run of a thousand conflicting ops must not cost a thousand previews."""
+    server = clients.server
+    with trio.fail_after(20):
+        a = await clients.join("alice")
+        ops = [{"op": "insert", "element_id": f"e{i}", "element_type": "clip",
+                "props": {"start": 0}} for i in range(25)]  # fmt: skip
+        seq = await a.request("timeline_change", {"change_id": "c1", "changes": ops})
+        base = seq["data"]["seq"]
+        sets = [{"op": "set", "element_id": f"e{i}", "prop": "start", "value": 1, "base": base}
+                for i in range(25)]  # fmt: skip
+        await a.request("timeline_change", {"change_id": "c2", "changes": sets})
+        stale = [{**op, "value": 2} for op in sets]
+        token = server.issue_token("bob", "p1", "editor")
+        reply = await rest(server, "POST", "/api/collaboration/conflicts/detect", token,
+                           json={"changes": stale})  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        conflicts = reply.json()["conflicts"]
+        assert len(conflicts) == 25
+        assert all(c["settled_by"] == "priority" for c in conflicts[:20])
+        assert all(c["strategies"] is None and c["settled_by"] is None for c in conflicts[20:])

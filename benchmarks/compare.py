@@ -50,7 +50,14 @@ import trio
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from crealia._loadgen import NET_ERRORS, Connection, cpu_seconds, now_ms, percentiles  # noqa: E402
+from crealia._loadgen import (  # noqa: E402
+    NET_ERRORS,
+    Connection,
+    cpu_seconds,
+    envelopes,
+    now_ms,
+    percentiles,
+)
 
 SECRET = "compare-secret-of-at-least-32-bytes!!"
 CREALIA_LISTENING = re.compile(rb"crealia listening http=(\d+) ws=(\d+)")
@@ -164,7 +171,8 @@ class _Client(Connection):
         self.room = room
         self.sink = sink
         self.joined = trio.Event()
-        self.stage: dict[str, Any] = {}
+        #: Socket.IO: the Engine.IO open packet arrived.
+        self.opened = trio.Event()
 
     def on_close(self, code: int, reason: str) -> None:
         self.counts.closes += 1
@@ -204,8 +212,7 @@ class CrealiaClient(_Client):
             if counts.measuring:
                 counts.received += payload.count(b'"kind":"cursor_update"')
             return
-        value = _loads(payload)
-        for envelope in value if type(value) is list else (value,):
+        for envelope in envelopes(_loads(payload)):
             kind = envelope.get("type")
             if kind == "collaboration_event":
                 data = envelope["data"]
@@ -222,8 +229,7 @@ class SocketioClient(_Client):
             "127.0.0.1", port, f"/socket.io/?EIO=4&transport=websocket&room=r{self.room}"
         )
         nursery.start_soon(self.read)
-        opened = self.stage["open"] = trio.Event()
-        await opened.wait()
+        await self.opened.wait()
         await self.send("40")  # connect to the default namespace
         await self.joined.wait()
 
@@ -238,7 +244,7 @@ class SocketioClient(_Client):
                 if not self.sink:
                     counts.latency.append(self.rx_ms - _loads(payload[2:])[1]["t"])
         elif payload[:1] == b"0":
-            self.stage["open"].set()
+            self.opened.set()
         elif payload[:2] == b"40":
             self.joined.set()
 

@@ -71,7 +71,15 @@ from wsproto.utilities import LocalProtocolError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from crealia._loadgen import _BASE_NS, NET_ERRORS, Connection, HandshakeRefused, now_ms  # noqa: E402
+from crealia._loadgen import (  # noqa: E402
+    _BASE_NS,
+    NET_ERRORS,
+    Connection,
+    HandshakeRefused,
+    envelopes,
+    now_ms,
+    percentiles,
+)
 
 LISTENING_RE = re.compile(rb"crealia listening http=(\d+) ws=(\d+)")
 SUBPROTOCOL = "crealia.v1"
@@ -94,27 +102,12 @@ def log(cfg: argparse.Namespace, msg: str) -> None:
 # --------------------------------------------------------------------------- statistics
 
 
-def pct(sorted_vals: list[float], p: float) -> float | None:
-    """Nearest-rank percentile of an already sorted list."""
-    if not sorted_vals:
-        return None
-    k = max(0, min(len(sorted_vals) - 1, math.ceil(p / 100.0 * len(sorted_vals)) - 1))
-    return sorted_vals[k]
-
-
 def dist(samples: array) -> dict[str, Any]:
-    vals = sorted(samples)
-    n = len(vals)
+    """Nearest-rank p50/p95/p99 (the package's), with the count, max and mean."""
+    n = len(samples)
     if not n:
         return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-    return {
-        "n": n,
-        "p50": pct(vals, 50),
-        "p95": pct(vals, 95),
-        "p99": pct(vals, 99),
-        "max": vals[-1],
-        "mean": sum(vals) / n,
-    }
+    return {"n": n, **percentiles(samples), "max": max(samples), "mean": sum(samples) / n}
 
 
 class ProcGroup:
@@ -804,17 +797,14 @@ class Client(Connection):
 
     def _on_text(self, text: str | bytes) -> None:
         b = self.b
-        obj = _loads(text)
+        batch = envelopes(_loads(text))
         self.frames_total += 1
         if b.in_window:
             self.frames_win += 1
             self.payload_bytes_win += len(text)
-            self.envelopes_win += len(obj) if type(obj) is list else 1
-        if type(obj) is list:
-            for env in obj:
-                self._on_env(env)
-        else:
-            self._on_env(obj)
+            self.envelopes_win += len(batch)
+        for env in batch:
+            self._on_env(env)
 
     def _on_env(self, env: dict[str, Any]) -> None:
         b = self.b

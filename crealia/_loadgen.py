@@ -40,7 +40,15 @@ from wsproto.utilities import LocalProtocolError
 
 from ._wire import SUBPROTOCOL
 
-__all__ = ["NET_ERRORS", "Connection", "HandshakeRefused", "cpu_seconds", "now_ms", "percentiles"]
+__all__ = [
+    "NET_ERRORS",
+    "Connection",
+    "HandshakeRefused",
+    "cpu_seconds",
+    "envelopes",
+    "now_ms",
+    "percentiles",
+]
 
 #: What a socket that went away raises.
 NET_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError)
@@ -66,6 +74,11 @@ def percentiles(samples: Iterable[float], points: Iterable[int] = (50, 95, 99)) 
         rank = math.ceil(point / 100 * len(values)) - 1
         out[f"p{point}"] = values[max(0, min(len(values) - 1, rank))]
     return out
+
+
+def envelopes(value: Any) -> list[Any]:
+    """The envelopes of a decoded server frame: one envelope or an array of them (§2)."""
+    return value if type(value) is list else [value]
 
 
 def cpu_seconds(process: psutil.Process, *, children: bool = True) -> float:

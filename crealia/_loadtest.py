@@ -43,7 +43,15 @@ import trio
 from jwt.warnings import InsecureKeyLengthWarning
 
 from ._auth import sign_token, token_claims
-from ._loadgen import NET_ERRORS, Connection, HandshakeRefused, now_ms, percentiles
+from ._loadgen import (
+    NET_ERRORS,
+    Connection,
+    HandshakeRefused,
+    cpu_seconds,
+    envelopes,
+    now_ms,
+    percentiles,
+)
 
 __all__ = ["LoadtestOptions", "Unreachable", "format_summary", "run_loadtest"]
 
@@ -188,8 +196,7 @@ class _Peer(Connection):
     async def request(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
         """Send ``kind`` with a new ref and wait for its reply ({} if the connection ends);
         the caller bounds the wait."""
-        ref = self._refs
-        self._refs += 1
+        ref = self.next_ref()
         waiter: list[Any] = [trio.Event(), {}]
         self._waiters[ref] = waiter
         await self.send_json({"type": kind, "ref": ref, "data": data})
@@ -216,12 +223,8 @@ class _Peer(Connection):
     # -- the reader's hooks --------------------------------------------------------------------
 
     def on_text(self, payload: bytes) -> None:
-        value = _loads(payload)
-        if type(value) is list:
-            for envelope in value:
-                self.on_envelope(envelope)
-        else:
-            self.on_envelope(value)
+        for envelope in envelopes(_loads(payload)):
+            self.on_envelope(envelope)
 
     def on_envelope(self, envelope: dict[str, Any]) -> None:
         ref = envelope.get("ref")
@@ -644,11 +647,11 @@ async def _drive(
         go.set()
         traffic.start_soon(_report, run, start, progress)
         me = psutil.Process()
-        cpu = _cpu(me)
+        cpu = cpu_seconds(me, children=False)
         received = sum(user.received_bytes for user in connected)
         sent = sum(user.sent_bytes for user in connected)
         await trio.sleep_until(run.traffic_end)
-        run.cpu_seconds = _cpu(me) - cpu
+        run.cpu_seconds = cpu_seconds(me, children=False) - cpu
         run.received_bytes = sum(user.received_bytes for user in connected) - received
         run.sent_bytes = sum(user.sent_bytes for user in connected) - sent
         await _drain(connected, options.settle_timeout)
@@ -679,11 +682,6 @@ async def _prepare(run: _Run, users: Sequence[_User]) -> None:
     if missing:
         run.errors["prepare"] += missing
         run.error_messages["prepare"] = "clips not acked in time: those users sent cursors only"
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 async def _connect(run: _Run, users: Sequence[_User], nursery: trio.Nursery) -> None:

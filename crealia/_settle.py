@@ -156,6 +156,20 @@ def build_chain(
                  strategies=strategies)  # fmt: skip
 
 
+async def _close_chains(chains: list[Chain]) -> None:
+    """Release what the chains' strategies hold (the ``ai`` strategy's HTTP client); bounded
+    and shielded, failures logged."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        for chain in chains:
+            for strategy in chain.strategies:
+                close = getattr(strategy, "aclose", None)
+                if close is not None:
+                    try:
+                        await close()
+                    except Exception:
+                        log.exception("closing strategy %s", strategy.name)
+
+
 @attrs.define(eq=False)
 class Settler:
     """Builds chains from the registry and runs them on conflicts."""
@@ -166,8 +180,8 @@ class Settler:
     #: Where strategies' resolutions are audited (set by the server).
     audit: AuditLog | None = None
     _chains: dict[str, Chain] = attrs.Factory(dict)
-    #: Chains replaced or forgotten while their strategies may still be settling: closed with
-    #: the settler.
+    #: Forgotten chains holding something to release (an ``ai`` strategy's HTTP client):
+    #: closed at the settler's next use of a chain, so at most the few forgotten since.
     _retired: list[Chain] = attrs.Factory(list)
     #: Names this settler in the "settings changed" notices it publishes (it ignores its own).
     token: str = attrs.Factory(lambda: secrets.token_hex(8))
@@ -184,6 +198,9 @@ class Settler:
 
     async def chain(self, project_id: str) -> Chain:
         """The project's chain (its stored settings, else the server's default)."""
+        if self._retired:
+            retired, self._retired = self._retired, []
+            await _close_chains(retired)
         chain = self._chains.get(project_id)
         if chain is None:
             settings = await self.backplane.get_settings(project_id)
@@ -214,11 +231,7 @@ class Settler:
         # Every process with the project's room open drops its copy (Room.on_ephemeral).
         await self.backplane.publish(settings_changed(project_id, self.token))
         if old is not None:
-            for strategy in old.strategies:
-                close = getattr(strategy, "aclose", None)
-                if close is not None:
-                    with trio.CancelScope(shield=True), trio.move_on_after(2):
-                        await close()
+            await _close_chains([old])
         return chain
 
     def forget(self, project_id: str, *, by: str | None = None) -> None:
@@ -229,22 +242,15 @@ class Settler:
             return
         chain = self._chains.pop(project_id, None)
         if chain is not None:
-            self._retired.append(chain)
             self.forgotten += 1
+            if any(hasattr(strategy, "aclose") for strategy in chain.strategies):
+                self._retired.append(chain)
 
     async def aclose(self) -> None:
         """Release what strategies hold (HTTP clients of the AI strategy); bounded, shielded."""
         chains, self._chains = [*self._chains.values(), *self._retired], {}
         self._retired = []
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            for chain in chains:
-                for strategy in chain.strategies:
-                    close = getattr(strategy, "aclose", None)
-                    if close is not None:
-                        try:
-                            await close()
-                        except Exception:
-                            log.exception("closing strategy %s", strategy.name)
+        await _close_chains(chains)
 
     async def first(self, project_id: str) -> str:
         return (await self.chain(project_id)).names[0]
@@ -266,16 +272,8 @@ class Settler:
         chain = await self.chain(conflict.project_id)
         for name, strategy in zip(chain.names, chain.strategies, strict=True):
             context = self._context(room, conflict, chain.options.get(name, {}))
-            answer: Any = DECLINE
-            with trio.move_on_after(self.config.strategy_timeout) as scope:
-                try:
-                    answer = await strategy.resolve(conflict, context)
-                except Exception:
-                    log.exception("strategy %s failed on conflict %s", name, conflict.id)
-                    answer = DECLINE
-            if scope.cancelled_caught:
-                log.warning("strategy %s took longer than %.1f s on conflict %s: next one",
-                            name, self.config.strategy_timeout, conflict.id)  # fmt: skip
+            answer: Any = await self._ask(name, strategy, conflict, context)
+            if answer is None:
                 answer = DECLINE
             if answer is DEFER:
                 timeout = getattr(strategy, "timeout", None)
@@ -383,28 +381,39 @@ class Settler:
         settled_by: str | None = None
         for name, strategy in zip(chain.names, chain.strategies, strict=True):
             context = self._context(room, conflict, chain.options.get(name, {}))
+            answer = await self._ask(name, strategy, conflict, context)
             entry: dict[str, Any] = {"strategy": name, "answer": "failed"}
-            with trio.move_on_after(self.config.strategy_timeout):
+            if answer is DEFER:
+                entry["answer"] = "deferred"
+            elif isinstance(answer, Resolution):
                 try:
-                    answer = await strategy.resolve(conflict, context)
-                except Exception:
-                    log.exception("strategy %s failed on a dry run", name)
+                    checked = self.check(conflict, answer, name)
+                except ValueError:
+                    pass  # "failed": a resolution the chain would refuse
                 else:
-                    if answer is DEFER:
-                        entry["answer"] = "deferred"
-                    elif isinstance(answer, Resolution):
-                        try:
-                            checked = self.check(conflict, answer, name)
-                        except ValueError:
-                            pass
-                        else:
-                            entry.update(answer="resolved", resolution=checked.to_wire())
-                    else:
-                        entry["answer"] = "declined"
+                    entry.update(answer="resolved", resolution=checked.to_wire())
+            elif answer is not None:
+                entry["answer"] = "declined"
             answers.append(entry)
             if settled_by is None and entry["answer"] in ("resolved", "deferred"):
                 settled_by = name
         return {"strategies": answers, "settled_by": settled_by}
+
+    async def _ask(
+        self, name: str, strategy: ConflictStrategy, conflict: Conflict, context: ResolutionContext
+    ) -> Any:
+        """``strategy``'s answer, under the strategy deadline; None when it raised or ran out
+        of time (logged)."""
+        with trio.move_on_after(self.config.strategy_timeout) as scope:
+            try:
+                return await strategy.resolve(conflict, context)
+            except Exception:
+                log.exception("strategy %s failed on conflict %s", name, conflict.id)
+                return None
+        if scope.cancelled_caught:
+            log.warning("strategy %s took longer than %.1f s on conflict %s: next one",
+                        name, self.config.strategy_timeout, conflict.id)  # fmt: skip
+        return None
 
     def _context(
         self, room: Room | None, conflict: Conflict, options: Mapping[str, Any]

@@ -400,8 +400,7 @@ class Store:
     #: Transactions committed and writes grouped into them, for metrics and benchmarks.
     commits: int = 0
     writes: int = 0
-    #: Point reads asked for, and the thread calls that ran them (several per call under load).
-    lookups_done: int = 0
+    #: Thread calls that ran point reads (several reads a call under load).
     lookup_batches: int = 0
     #: Set by tests to make the next commits fail (fault injection on the real store).
     fail_commits: bool = False
@@ -515,7 +514,6 @@ class Store:
                 except StorageError as exc:
                     results = [(None, exc)] * len(batch)
                 self.lookup_batches += 1
-                self.lookups_done += len(batch)
                 for item, (value, error) in zip(batch, results, strict=True):
                     item.settle(value, error)
         finally:

@@ -14,14 +14,17 @@ seconds after ``--warmup``:
   (crealia batches many events a frame, Socket.IO sends one frame per event), which keeps this
   process from being the bottleneck;
 * the server's CPU (psutil, % of one core), and for the idle workload its RSS per connection
-  (authenticated and joined: crealia's ``hello``, Socket.IO's namespace connect).
+  (authenticated and joined: crealia's ``hello``, Socket.IO's namespace connect);
+* for the edits workload (crealia only: Socket.IO has no durable ack): each client inserts its
+  own clip, then moves it ``edit_hz`` times a second (conditional on the insert's ``seq``); the
+  ack's latency, send to receipt, by ``ref``, for every client, and the acks' statuses.
 
 The clients are ``crealia._loadgen.Connection`` for both servers (raw sockets, wsproto for the
 handshake and sends, an inline frame reader). Socket.IO's keep-alive ping is set longer than a
 run so that both servers only carry the workload. Needs the ``bench`` extra (python-socketio,
 uvicorn, websockets). Loopback only.
 
-    python benchmarks/compare.py [--workloads 50x5,200x5,200x20,500x5,idle1000]
+    python benchmarks/compare.py [--workloads 50x5,200x5,200x20,500x5,idle1000,edits1000]
                                  [--duration 10] [--warmup 3] [--sample 10] [--json]
 """
 
@@ -71,9 +74,14 @@ class Workload:
     clients: int
     rooms: int
     hz: float
+    #: Edits a second per client (crealia only: Socket.IO has no durable ack to time).
+    edit_hz: float = 0.0
 
     @property
     def label(self) -> str:
+        if self.edit_hz:
+            total = self.clients * self.edit_hz
+            return f"{total:,.0f} edits/s, {self.rooms} rooms"
         if self.hz == 0:
             return f"{self.clients} idle, {self.clients // self.rooms} per room"
         return f"{self.clients} x {self.hz:g} Hz, {self.rooms} room" + ("s" * (self.rooms > 1))
@@ -85,6 +93,7 @@ WORKLOADS = {
     "200x20": Workload(200, 1, 20),
     "500x5": Workload(500, 1, 5),
     "idle1000": Workload(1000, 20, 0),
+    "edits1000": Workload(200, 20, 0, edit_hz=5),
 }
 
 
@@ -159,6 +168,8 @@ class _Counts:
         self.received = 0
         self.latency = array("d")
         self.closes = 0
+        #: Edits: acks of changes sent while measuring, by status.
+        self.statuses: dict[str, int] = {}
 
 
 class _Client(Connection):
@@ -173,6 +184,11 @@ class _Client(Connection):
         self.joined = trio.Event()
         #: Socket.IO: the Engine.IO open packet arrived.
         self.opened = trio.Event()
+        #: crealia edits: send time (:func:`now_ms`) and whether it counts, by ref.
+        self.pending: dict[int, tuple[float, bool]] = {}
+        self.refs = 1
+        self.element_seq: int | None = None
+        self.inserted = trio.Event()
 
     def on_close(self, code: int, reason: str) -> None:
         self.counts.closes += 1
@@ -183,6 +199,9 @@ class _Client(Connection):
         self.joined.set()
 
     def cursor(self, x: float, y: float, at: float) -> str:
+        raise NotImplementedError
+
+    def edit(self, rng: random.Random) -> str:
         raise NotImplementedError
 
     async def join(self, nursery: trio.Nursery, port: int) -> None:
@@ -206,15 +225,49 @@ class CrealiaClient(_Client):
         return _dumps({"type": "cursor_update",
                        "data": {"position": {"x": x, "y": y, "time": at}}}).decode()  # fmt: skip
 
+    async def insert_element(self) -> None:
+        """Insert this client's own clip (its edits conflict with nobody's) and wait for the ack."""
+        self.refs += 1
+        self.pending[self.refs] = (now_ms(), False)
+        op = {"op": "insert", "element_id": f"clip-{self.index}", "element_type": "clip",
+              "props": {"name": f"Clip {self.index}", "start": 0, "duration": 1000}}  # fmt: skip
+        data = {"change_id": f"insert-{self.index}", "changes": [op]}
+        await self.send_json({"type": "timeline_change", "ref": self.refs, "data": data})
+        await self.inserted.wait()
+
+    def edit(self, rng: random.Random) -> str:
+        """A move of this client's clip, conditional on the clip's insert (its own writes since
+        do not conflict with it); the send time is kept by ref."""
+        self.refs += 1
+        self.pending[self.refs] = (now_ms(), self.counts.measuring)
+        op = {"op": "set", "element_id": f"clip-{self.index}", "prop": "start",
+              "value": rng.randrange(600_000), "base": self.element_seq}  # fmt: skip
+        data = {"change_id": f"e-{self.index}-{self.refs}", "changes": [op]}
+        return _dumps({"type": "timeline_change", "ref": self.refs, "data": data}).decode()
+
     def on_text(self, payload: bytes) -> None:
         counts = self.counts
-        if self.sink and self.joined.is_set():
+        if self.sink and self.joined.is_set() and b'"type":"ack"' not in payload:
             if counts.measuring:
                 counts.received += payload.count(b'"kind":"cursor_update"')
             return
         for envelope in envelopes(_loads(payload)):
             kind = envelope.get("type")
-            if kind == "collaboration_event":
+            if kind == "ack" and (sent := self.pending.pop(envelope.get("ref"), None)):
+                at, counted = sent
+                data = envelope["data"]
+                if not self.inserted.is_set():
+                    self.element_seq = data.get("seq")
+                    self.inserted.set()
+                elif counted:
+                    counts.latency.append(self.rx_ms - at)
+                    status = data.get("status", "?")
+                    counts.statuses[status] = counts.statuses.get(status, 0) + 1
+            elif kind == "error" and envelope.get("ref") in self.pending:
+                self.pending.pop(envelope["ref"])
+                counts.statuses["error"] = counts.statuses.get("error", 0) + 1
+                self.inserted.set()
+            elif kind == "collaboration_event":
                 data = envelope["data"]
                 if data.get("kind") == "cursor_update" and counts.measuring:
                     counts.received += 1
@@ -249,21 +302,35 @@ class SocketioClient(_Client):
             self.joined.set()
 
 
-async def _traffic(client: _Client, hz: float, start: float, end: float, seed: int) -> None:
+def _cursor_moves(client: _Client, rng: random.Random) -> Callable[[], str]:
+    x, y = rng.uniform(0, 1920), rng.uniform(0, 1080)
+
+    def move() -> str:
+        nonlocal x, y
+        x = min(1920.0, max(0.0, x + rng.uniform(-20, 20)))
+        y = min(1080.0, max(0.0, y + rng.uniform(-20, 20)))
+        return client.cursor(round(x, 1), round(y, 1), now_ms())
+
+    return move
+
+
+async def _traffic(client: _Client, hz: float, start: float, end: float, seed: int,
+                   edits: bool = False) -> None:  # fmt: skip
+    """Send ``hz`` messages a second (cursor moves, or edits) from ``start`` to ``end``, each
+    client its own phase; a late sender skips what it missed instead of bursting."""
     rng = random.Random(seed)
     period = 1 / hz
     due = start + rng.random() * period
-    x, y = rng.uniform(0, 1920), rng.uniform(0, 1080)
+    message = (lambda: client.edit(rng)) if edits else _cursor_moves(client, rng)
     counts = client.counts
     try:
         while client.alive and due < end:
             await trio.sleep_until(due)
             late = trio.current_time() - due
             due += period * (1 + int(late / period) if late > period else 1)
-            x = min(1920.0, max(0.0, x + rng.uniform(-20, 20)))
-            y = min(1080.0, max(0.0, y + rng.uniform(-20, 20)))
-            await client.send(client.cursor(round(x, 1), round(y, 1), now_ms()))
-            if counts.measuring:
+            counted = counts.measuring  # as the edit's ack will be
+            await client.send(message())
+            if counted:
                 counts.sent += 1
     except NET_ERRORS:
         return
@@ -273,7 +340,10 @@ async def _traffic(client: _Client, hz: float, start: float, end: float, seed: i
 
 
 async def measure(kind: str, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """One workload against one server: delivered, latency, CPU, RSS per connection."""
+    """One workload against one server: delivered, latency, CPU, RSS per connection (for
+    edits: acked and ack latency)."""
+    if workload.edit_hz and kind != "crealia":
+        return {"skipped": "no durable ack to time"}
     with tempfile.TemporaryDirectory(prefix="crealia-compare-") as tmp:
         server = Server(kind, Path(tmp) / "data", args.crealia_tree)
         await server.start()
@@ -309,11 +379,18 @@ async def measure(kind: str, workload: Workload, args: argparse.Namespace) -> di
                     "connected": connected,
                     "rss_per_connection_kib": round(per_connection, 1),
                 }
-                if workload.hz > 0:
+                if workload.edit_hz:
+                    async with trio.open_nursery() as inserting:
+                        for client in clients:
+                            if client.joined.is_set() and client.alive:
+                                inserting.start_soon(client.insert_element)  # type: ignore[attr-defined]
+                hz = workload.edit_hz or workload.hz
+                if hz > 0:
                     start = trio.current_time() + 0.1
                     end = start + args.warmup + args.duration + 0.5
                     for client in clients:
-                        nursery.start_soon(_traffic, client, workload.hz, start, end, client.index)
+                        nursery.start_soon(_traffic, client, hz, start, end, client.index,
+                                           bool(workload.edit_hz))  # fmt: skip
                     await trio.sleep_until(start + args.warmup)
                     me = psutil.Process()
                     me0 = cpu_seconds(me, children=False)  # the server is a child: not it
@@ -324,17 +401,26 @@ async def measure(kind: str, workload: Workload, args: argparse.Namespace) -> di
                     elapsed = time.monotonic() - t0
                     cpu = (cpu_seconds(server.ps) - cpu0) / elapsed * 100
                     loadgen = (cpu_seconds(me, children=False) - me0) / elapsed * 100
-                    offered = counts.sent * (per_room - 1)
+                    if workload.edit_hz:  # delivered: acked, of the edits sent
+                        offered, received = counts.sent, len(counts.latency)
+                    else:
+                        offered, received = counts.sent * (per_room - 1), counts.received
                     result.update({
                         "offered_per_s": round(offered / elapsed),
-                        "delivered_per_s": round(counts.received / elapsed),
-                        "delivered_percent": round(100 * counts.received / offered, 1)
+                        "delivered_per_s": round(received / elapsed),
+                        "delivered_percent": round(100 * received / offered, 1)
                         if offered else None,
                         "latency_ms": {k: None if v is None else round(v, 2)
                                        for k, v in percentiles(counts.latency).items()},
                         "server_cpu_percent": round(cpu, 1),
                         "loadgen_cpu_percent": round(loadgen, 1),
                     })  # fmt: skip
+                    if workload.edit_hz:
+                        await trio.sleep_until(end)
+                        with trio.move_on_after(10):  # the last acks
+                            while any(c.pending for c in clients if c.alive):
+                                await trio.sleep(0.05)
+                        result["ack_statuses"] = counts.statuses
                     await trio.sleep_until(end)
                 result["closes"] = counts.closes
                 nursery.cancel_scope.cancel()
@@ -356,6 +442,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def report(rows: list[dict[str, Any]]) -> str:
+    """The rows as a table; for an edits workload, delivered is acked and latency the ack's."""
     lines = [
         f"{'workload':<28}{'server':<10}{'delivered':>11}{'p50 ms':>9}{'p99 ms':>9}"
         f"{'CPU %':>8}{'KiB/conn':>10}",
@@ -363,6 +450,9 @@ def report(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         for kind in ("crealia", "socketio"):
             r = row[kind]
+            if "skipped" in r:
+                lines.append(f"{'':<28}{kind:<10}  skipped: {r['skipped']}")
+                continue
             lat = r.get("latency_ms", {})
             delivered = r.get("delivered_percent")
             lines.append(
@@ -373,6 +463,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"{r.get('server_cpu_percent', '-'):>8}{r['rss_per_connection_kib']:>10}"
             )
         c, s = row["crealia"], row["socketio"]
+        if "skipped" in s:
+            continue
         cl, sl = c.get("latency_ms", {}), s.get("latency_ms", {})
         lines.append(
             f"{'':<28}{'ratio':<10}{'':>11}{_ratio(cl.get('p50'), sl.get('p50')):>9}"

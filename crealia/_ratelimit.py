@@ -139,6 +139,9 @@ class RateLimiter:
 
     #: Seconds between sweeps that forget idle keys.
     sweep_interval: float = 10.0
+    #: Seconds :meth:`admit` waits at least for a sync round before refusing (a loaded shared
+    #: store can take longer than two sync intervals; a short wait beats a spurious refusal).
+    slack_wait: float = 1.0
 
     def __init__(
         self,
@@ -222,7 +225,8 @@ class RateLimiter:
 
     async def admit(self, key: str, cls: str, cost: int = 1) -> int:
         """Like :meth:`check`, but when ``key`` has run a slack ahead of the cluster, wait for
-        the next sync round (at most ``2 * sync_interval`` seconds) and decide then.
+        the next sync round (at most :attr:`slack_wait` or ``2 * sync_interval`` seconds,
+        whichever is longer) and decide then.
 
         Cancellation leaves nothing recorded.
 
@@ -233,7 +237,7 @@ class RateLimiter:
         if not ahead:
             return wait
         self.slack_waits += 1
-        with trio.move_on_after(2 * self.sync_interval):
+        with trio.move_on_after(max(self.slack_wait, 2 * self.sync_interval)):
             while ahead:
                 done = self._round
                 self._wake.set()

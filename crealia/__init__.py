@@ -43,7 +43,7 @@ from ._model import (
 )
 from ._sequencing import ChangeRecord, PreparedWrite, Sequencer
 from ._server import Server, open_server, serve
-from ._strategy import DECLINE, DEFER, Answer, Participant, ResolutionContext, Verdict
+from ._strategy import DECLINE, DEFER, Answer, Part, Participant, ResolutionContext, Verdict
 from ._transport import Acceptor, Connection, HandshakeRefusal
 from ._version import __version__ as __version__
 from ._wire import Comment, TimelineChange
@@ -82,6 +82,7 @@ __all__ = [
     "Listener",
     "NotFound",
     "Overloaded",
+    "Part",
     "Participant",
     "PreparedWrite",
     "ProtocolError",

@@ -24,7 +24,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -41,7 +41,15 @@ from ._model import Conflict, Resolution, settings_changed
 from ._plugins import StrategyRegistry
 from ._room import Room
 from ._sequencing import new_conflict
-from ._strategy import DECLINE, DEFER, ConflictStrategy, Participant, ResolutionContext, plain_text
+from ._strategy import (
+    DECLINE,
+    DEFER,
+    ConflictStrategy,
+    Participant,
+    ResolutionContext,
+    Split,
+    plain_text,
+)
 
 log = logging.getLogger("crealia.strategies")
 
@@ -270,11 +278,13 @@ class Settler:
 
     async def _run_chain(self, room: Room, conflict: Conflict) -> Conflict | None:
         chain = await self.chain(conflict.project_id)
-        for name, strategy in zip(chain.names, chain.strategies, strict=True):
+        for index, (name, strategy) in enumerate(zip(chain.names, chain.strategies, strict=True)):
             context = self._context(room, conflict, chain.options.get(name, {}))
             answer: Any = await self._ask(name, strategy, conflict, context)
-            if answer is None:
-                answer = DECLINE
+            parts: list[dict[str, Any]] = []
+            if answer is None or answer is DECLINE:
+                joined = await self._in_parts(room, chain, index, conflict, context)
+                answer, parts = joined if joined is not None else (DECLINE, [])
             if answer is DEFER:
                 timeout = getattr(strategy, "timeout", None)
                 with trio.move_on_after(math.inf if timeout is None else timeout):
@@ -288,7 +298,7 @@ class Settler:
                     log.error("strategy %s answered %r: treated as a decline", name, answer)
                 continue
             try:
-                answer = self.check(conflict, answer, name)
+                answer = self.check(conflict, answer, name, parts)
             except ValueError as exc:
                 log.warning("strategy %s: resolution of conflict %s refused (%s): next one",
                             name, conflict.id, exc)  # fmt: skip
@@ -322,14 +332,22 @@ class Settler:
                     "conflict_resolution", user_id=None, project_id=conflict.project_id,
                     resource=f"conflict:{conflict.id}",
                     details={"strategy": name, "choice": answer.choice, "author": author,
-                             "confidence": answer.confidence, "seq": settled.seq},
+                             "confidence": answer.confidence, "seq": settled.seq,
+                             **({"parts": parts} if parts else {})},
                 )  # fmt: skip
             return settled.redetected
         return None
 
-    def check(self, conflict: Conflict, answer: Resolution, name: str) -> Resolution:
+    def check(
+        self,
+        conflict: Conflict,
+        answer: Resolution,
+        name: str,
+        parts: list[dict[str, Any]] | None = None,
+    ) -> Resolution:
         """``answer`` held to what a client's own write must hold, signed ``name``, with its
-        explanation made plain text.
+        explanation made plain text, marked for review when it (or one of the ``parts`` it was
+        put together from, see :meth:`_in_parts`) needs a person.
 
         This is where the limits on a written value apply to a strategy's: the protocol's depth
         (:func:`crealia._wire.check_json_value`) and a client frame's size
@@ -361,7 +379,55 @@ class Settler:
         signed = attrs.evolve(
             answer, strategy=name, explanation=plain_text(explanation, MAX_EXPLANATION_CHARS)
         )
-        return attrs.evolve(signed, review=needs_review(conflict, signed))
+        review = needs_review(conflict, signed) or any(part["review"] for part in parts or ())
+        return attrs.evolve(signed, review=review)
+
+    async def _in_parts(
+        self,
+        room: Room | None,
+        chain: Chain,
+        index: int,
+        conflict: Conflict,
+        context: ResolutionContext,
+    ) -> tuple[Resolution, list[dict[str, Any]]] | None:
+        """After ``chain.strategies[index]`` declined ``conflict``: its split of the conflict
+        (:meth:`ConflictStrategy.split`), each colliding part settled by the first strategy
+        after it that resolves that part, put together; with what settled each part (``{"part",
+        "strategy", "choice", "confidence", "review"}``, for the audit). ``None`` when it did
+        not split, or a part was deferred to a person or settled by none (then the whole
+        conflict goes on down the chain)."""
+        rest = list(zip(chain.names, chain.strategies, strict=True))[index + 1 :]
+        if not rest:
+            return None
+        name = chain.names[index]
+        strategy = chain.strategies[index]
+        split = await self._bounded(name, conflict, lambda: strategy.split(conflict, context))
+        if not isinstance(split, Split) or not split.parts:
+            return None
+        answers: list[Resolution] = []
+        parts: list[dict[str, Any]] = []
+        for part in split.parts:
+            for other_name, other in rest:
+                part_context = self._context(room, part.conflict, chain.options.get(other_name, {}))
+                answer = await self._ask(other_name, other, part.conflict, part_context)
+                if answer is DEFER:
+                    return None
+                if not isinstance(answer, Resolution):
+                    continue
+                try:
+                    checked = self.check(part.conflict, answer, other_name)
+                except ValueError:
+                    continue
+                answers.append(checked)
+                parts.append({
+                    "part": part.label, "strategy": other_name, "choice": checked.choice,
+                    "confidence": checked.confidence, "review": checked.review,
+                })  # fmt: skip
+                break
+            else:
+                return None
+        joined = split.join(tuple(answers))
+        return None if joined is None else (joined, parts)
 
     async def preview(
         self, project_id: str, found: Mapping[str, Any], roles: dict[str, str], room: Room | None
@@ -379,19 +445,26 @@ class Settler:
                                 roles)  # fmt: skip
         answers: list[dict[str, Any]] = []
         settled_by: str | None = None
-        for name, strategy in zip(chain.names, chain.strategies, strict=True):
+        for index, (name, strategy) in enumerate(zip(chain.names, chain.strategies, strict=True)):
             context = self._context(room, conflict, chain.options.get(name, {}))
             answer = await self._ask(name, strategy, conflict, context)
+            parts: list[dict[str, Any]] = []
+            if answer is None or answer is DECLINE:
+                joined = await self._in_parts(room, chain, index, conflict, context)
+                if joined is not None:
+                    answer, parts = joined
             entry: dict[str, Any] = {"strategy": name, "answer": "failed"}
             if answer is DEFER:
                 entry["answer"] = "deferred"
             elif isinstance(answer, Resolution):
                 try:
-                    checked = self.check(conflict, answer, name)
+                    checked = self.check(conflict, answer, name, parts)
                 except ValueError:
                     pass  # "failed": a resolution the chain would refuse
                 else:
                     entry.update(answer="resolved", resolution=checked.to_wire())
+                    if parts:
+                        entry["parts"] = parts
             elif answer is not None:
                 entry["answer"] = "declined"
             answers.append(entry)
@@ -404,9 +477,16 @@ class Settler:
     ) -> Any:
         """``strategy``'s answer, under the strategy deadline; None when it raised or ran out
         of time (logged)."""
+        return await self._bounded(name, conflict, lambda: strategy.resolve(conflict, context))
+
+    async def _bounded(
+        self, name: str, conflict: Conflict, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """``await call()`` of strategy ``name`` under the strategy deadline; None when it
+        raised or ran out of time (logged)."""
         with trio.move_on_after(self.config.strategy_timeout) as scope:
             try:
-                return await strategy.resolve(conflict, context)
+                return await call()
             except Exception:
                 log.exception("strategy %s failed on conflict %s", name, conflict.id)
                 return None

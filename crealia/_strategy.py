@@ -9,6 +9,11 @@ with one of:
 - :data:`DEFER` — the conflict stays pending until a person settles it (or the deferral's
   timeout hands it on down the chain).
 
+A strategy that declined may also take the conflict apart (:meth:`ConflictStrategy.split`): the
+``merge`` strategy merges what merges and hands each colliding leaf (a key of an object, an item
+or the order of a list of items, a text) to the rest of the chain, then puts the answers together
+(:class:`Split`).
+
 Strategies are plain objects registered in the ``crealia.strategies`` entry-point group; the entry
 point names a factory called with the strategy's options (a mapping, possibly empty: the
 operator's ``strategy_options`` with the project owner's over them, so options are untrusted
@@ -79,6 +84,33 @@ class ResolutionContext:
 Answer = Resolution | Verdict
 
 
+@attrs.frozen(kw_only=True)
+class Part:
+    """One colliding leaf of a conflict a strategy split (:meth:`ConflictStrategy.split`).
+
+    ``conflict`` is the conflict narrowed to that leaf: the same ids, element and authors, its
+    ``prop`` naming the leaf (``"transform.x"``, ``"clips[c3]"``, ``"clips (order)"``) and its
+    three values the leaf's (``None`` where a side has no such leaf: it removed it).
+    """
+
+    label: str
+    conflict: Conflict
+
+
+class Split(ABC):
+    """A conflict taken apart by a strategy: what merges is merged, and :attr:`parts` are the
+    leaves that collide, for the rest of the chain to settle one by one."""
+
+    parts: tuple[Part, ...]
+
+    @abstractmethod
+    def join(self, answers: tuple[Resolution, ...]) -> Resolution | None:
+        """The whole conflict's resolution once each part has one (``answers[i]`` settles
+        ``parts[i]``), naming the parts and who settled each in its explanation; ``None``
+        when the answers cannot be put together (a custom value the merged whole has no place
+        for): the chain goes on with the whole conflict."""
+
+
 def plain_text(text: str, limit: int) -> str:
     """``text`` as one line of plain text: control, format (bidi overrides, zero-width) and
     surrogate characters dropped, whitespace runs made one space, at most ``limit`` characters
@@ -121,6 +153,14 @@ class ConflictStrategy(ABC):
         Called at most once per conflict per chain run, always under a deadline; cancellation
         must leave no trace. Must not modify ``conflict`` or ``context``.
         """
+
+    async def split(self, conflict: Conflict, context: ResolutionContext) -> Split | None:
+        """Called after :meth:`resolve` declined, when strategies follow this one in the chain:
+        the conflict taken apart into what this strategy settles and the leaves it cannot
+        (each then goes through the rest of the chain), or ``None`` (the default: the whole
+        conflict goes on). Under the same deadline as :meth:`resolve`; cancellation must leave
+        no trace."""
+        return None
 
     def resolution(
         self, conflict: Conflict, choice: Choice, value: Any, confidence: float, explanation: str

@@ -3,7 +3,7 @@ listeners, client transports and their connections, conflict strategies and aler
 
 from ._alerts import AlertRule
 from ._backplane import Backplane, BackplaneFactory, Listener
-from ._strategy import ConflictStrategy
+from ._strategy import ConflictStrategy, Split
 from ._transport import Connection, Transport
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "ConflictStrategy",
     "Connection",
     "Listener",
+    "Split",
     "Transport",
 ]

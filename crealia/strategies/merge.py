@@ -39,6 +39,14 @@ JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``, key order does not matte
 - **Anything else** (numbers, booleans, ``null``, lists without ids, values of different kinds):
   only the trivial rules; two different changes decline.
 
+Splitting (:func:`split_conflict`, the strategy's :meth:`MergeStrategy.split`): when a merge
+declines only because some leaves collide (two different changes of a number, overlapping text
+edits, a key or item removed on one side and changed on the other, a key added twice with
+different values, two different reorders of a list of items) and something else merged, the
+server merges the rest and hands each colliding leaf to the rest of the chain; the answers are
+put back in place (an order's answer must be one side's order) and the explanation names the
+leaves and what settled each. Limits passed still decline the whole conflict.
+
 A conflicting ``delete`` (``op == "delete"``: the element's props against ``None``) is settled only
 when the current props equal the props at the base (the later writes changed nothing): the delete
 stands. A ``base_value`` of ``None`` is read as "unknown" (the history may not reach back that
@@ -67,14 +75,16 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal, TypeAlias
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 import attrs
 import trio
 
-from .._model import Choice, Conflict
-from .._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
+from .._model import Choice, Conflict, Resolution
+from .._strategy import DECLINE, Answer, ConflictStrategy, Part, ResolutionContext, Split
+
+_T = TypeVar("_T")
 
 __all__ = [
     "LIMIT_RANGES",
@@ -90,6 +100,7 @@ __all__ = [
     "merge_objects",
     "merge_text",
     "merge_values",
+    "split_conflict",
     "tokenize",
 ]
 
@@ -186,6 +197,27 @@ _MISSING: Final = _Missing.MISSING
 
 class _Unmergeable(Exception):
     """Raised inside a merge to give up; public functions answer ``None`` instead."""
+
+
+class _Collision(_Unmergeable):
+    """Both sides changed one leaf in ways that do not merge (as opposed to a limit passed):
+    a split (:func:`split_conflict`) hands such a leaf to the rest of the chain."""
+
+
+#: The last path element naming the order of a list of items as a leaf.
+ORDER: Final = "(order)"
+
+
+@attrs.frozen(kw_only=True)
+class Leaf:
+    """A colliding leaf found by a split: where, its three values (``_MISSING``: absent on that
+    side), and why it does not merge."""
+
+    path: tuple[str, ...]
+    base: Any
+    current: Any
+    incoming: Any
+    reason: str
 
 
 # -- equality and kinds ---------------------------------------------------------------------
@@ -333,13 +365,40 @@ class _Hunk:
 class _Merger:
     """One merge's state: the budget left and what was found. Raises :class:`_Unmergeable`."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        leaves: list[Leaf] | None = None,
+        decided: Mapping[tuple[str, ...], tuple[Choice, Any]] | None = None,
+    ) -> None:
         self.limits = limits
         self.chars_left = limits.max_text_chars
         self.steps_left = limits.max_diff_steps
         self.deadline = time.perf_counter() + limits.max_diff_ms / 1000
         self.confidence = CONFIDENCE_TRIVIAL
         self.edits: list[Edit] = []
+        #: Splitting: colliding leaves are collected here (and current's value stands in).
+        self.leaves = leaves
+        #: Joining: each colliding leaf's answer, by path.
+        self.decided = decided
+
+    def collide(
+        self, path: tuple[str, ...], base: Any, current: Any, incoming: Any, reason: str
+    ) -> Any:
+        """Both sides changed the leaf at ``path`` in ways that do not merge: give up, or
+        (splitting) note it and go on with current's value, or (joining) take its answer."""
+        if self.decided is not None:
+            if path not in self.decided:
+                raise _Unmergeable(f"no answer for {_label(path) or 'the value'}")
+            choice, value = self.decided[path]
+            return current if choice == "current" else incoming if choice == "incoming" else value
+        if self.leaves is None:
+            raise _Collision(reason)
+        self.leaves.append(
+            Leaf(path=path, base=base, current=current, incoming=incoming, reason=reason)
+        )
+        return current
 
     def lower(self, confidence: float) -> None:
         self.confidence = min(self.confidence, confidence)
@@ -365,9 +424,16 @@ class _Merger:
             raise _Unmergeable("too deep")
         kind = _kind(base)
         if kind == "other" or _kind(current) != kind or _kind(incoming) != kind:
-            raise _Unmergeable("both sides changed a value that cannot be merged")
+            return self.collide(path, base, current, incoming,
+                                "both sides changed a value that cannot be merged")  # fmt: skip
         if kind == "text":
-            return self.text(base, current, incoming, path)
+            edits, confidence = len(self.edits), self.confidence
+            try:
+                return self.text(base, current, incoming, path)
+            except _Collision as exc:
+                del self.edits[edits:]
+                self.confidence = confidence
+                return self.collide(path, base, current, incoming, str(exc))
         if kind == "object":
             return self.objects(base, current, incoming, path)
         return self.items(base, current, incoming, path)
@@ -391,9 +457,13 @@ class _Merger:
             )
             return current
         if base is _MISSING:
-            raise _Unmergeable(f"both sides added {_label(path)} with different values")
+            added = f"both sides added {_label(path)} with different values"
+            return self.collide(path, base, current, incoming, added)
         if current is _MISSING or incoming is _MISSING:
-            raise _Unmergeable(f"{_label(path)} was removed on one side and changed on the other")
+            return self.collide(
+                path, base, current, incoming,
+                f"{_label(path)} was removed on one side and changed on the other",
+            )  # fmt: skip
         return self.merge(base, current, incoming, path)
 
     @staticmethod
@@ -471,10 +541,15 @@ class _Merger:
         order_current = [i for i in by_current if i in common]
         order_incoming = [i for i in by_incoming if i in common]
         lead, follow = by_current, by_incoming
-        if order_current != order_base and order_incoming not in (order_base, order_current):
-            raise _Unmergeable(f"both sides reordered {_label(path) or 'the items'} differently")
         where = f"'{_label(path)}'" if path else "the items"
-        if order_current == order_base and order_incoming != order_base:
+        if order_current != order_base and order_incoming not in (order_base, order_current):
+            order = self.collide((*path, ORDER), order_base, order_current, order_incoming,
+                                 f"both sides reordered {where} differently")  # fmt: skip
+            if order == order_incoming:
+                lead, follow = by_incoming, by_current
+            elif order != order_current:
+                raise _Unmergeable(f"an order of {where} that is neither side's")
+        elif order_current == order_base and order_incoming != order_base:
             lead, follow = by_incoming, by_current
             self.edits.append(Edit(side="incoming", path=path, summary=f"reordered {where}"))
         elif order_current != order_base:
@@ -537,7 +612,7 @@ class _Merger:
                 overlap = hunk.start < prev.end
                 same_insertion = prev.start == prev.end == hunk.start == hunk.end
                 if overlap or same_insertion:
-                    raise _Unmergeable("both sides edited the same words")
+                    raise _Collision("both sides edited the same words")
             combined.append(hunk)
         # An insertion next to the other side's deletion (nothing but spaces and punctuation
         # between) is a conflict: kept, it would be a fragment ("Opening titles" deleted,
@@ -549,7 +624,7 @@ class _Merger:
                 if _deletes(base_tokens, deleted) and _inserts(inserted):
                     first, second = sorted((deleted, inserted), key=lambda h: (h.start, h.end))
                     if not any(_is_word(t) for t in base_tokens[first.end : second.start]):
-                        raise _Unmergeable("an insertion touches the other side's deletion")
+                        raise _Collision("an insertion touches the other side's deletion")
         # Edits of different sides must not touch the same word ("video/mp4" is one word).
         words = _words(base_tokens)
         touched: dict[int, Side] = {}
@@ -558,7 +633,7 @@ class _Merger:
                 continue
             for word in _touched(base_tokens, words, hunk):
                 if touched.setdefault(word, hunk.side) != hunk.side:
-                    raise _Unmergeable("both sides edited the same word")
+                    raise _Collision("both sides edited the same word")
 
         out = _apply(base_tokens, combined)
         penalty = 0.02 * max(0, len(combined) - 2)
@@ -890,6 +965,111 @@ def merge_conflict(
     )
 
 
+# -- splitting: merge what merges, hand the colliding leaves on -----------------------------
+
+#: Longest explanation of one part kept in the joined explanation, in characters.
+PART_EXPLANATION_CHARS: Final = 200
+
+
+def _part_label(prop: str | None, path: tuple[str, ...]) -> str:
+    order = bool(path) and path[-1] == ORDER
+    parts = [p for p in (prop, *(path[:-1] if order else path)) if p]
+    label = _label(parts)
+    if order:
+        return f"{label} (order)" if label else "the order"
+    return label or "the value"
+
+
+def _present(value: Any) -> Any:
+    return None if value is _MISSING else value
+
+
+@attrs.frozen(kw_only=True)
+class _MergeSplit(Split):
+    conflict: Conflict
+    limits: Limits
+    leaves: tuple[Leaf, ...]
+    parts: tuple[Part, ...]
+
+    def join(self, answers: tuple[Resolution, ...]) -> Resolution | None:
+        if len(answers) != len(self.parts):
+            return None
+        decided = {leaf.path: (answer.choice, answer.value)
+                   for leaf, answer in zip(self.leaves, answers, strict=True)}  # fmt: skip
+        conflict = self.conflict
+        current, incoming = conflict.current.get("value"), conflict.incoming.get("value")
+        merger = _Merger(self.limits, decided=decided)
+        try:
+            value = merger.merge(conflict.base_value, current, incoming, ())
+        except (_Unmergeable, RecursionError):
+            return None
+        choice: Choice = "custom"
+        if json_equal(value, current):
+            choice, value = "current", current
+        elif json_equal(value, incoming):
+            choice, value = "incoming", incoming
+        current_user = str(conflict.current.get("user_id") or "someone")
+        incoming_user = str(conflict.incoming.get("user_id") or "someone else")
+        what = f"'{_clip(conflict.prop, 40)}'" if conflict.prop else "the element"
+        merged = Merge(value=value, outcome="merged", confidence=merger.confidence,
+                       edits=tuple(merger.edits))  # fmt: skip
+        apart = "; ".join(
+            f"'{_clip(part.label, 40)}' by {answer.strategy}: "
+            f"{_clip(answer.explanation.rstrip('.'), PART_EXPLANATION_CHARS)}"
+            for part, answer in zip(self.parts, answers, strict=True)
+        )
+        explanation = _capitalized(_explain(merged, what, current_user, incoming_user))
+        explanation = explanation.replace(
+            "Merged both edits of", "Merged the edits that do not collide of", 1
+        )
+        return Resolution(
+            value=value,
+            choice=choice,
+            strategy=MergeStrategy.name,
+            confidence=min([merger.confidence, *(answer.confidence for answer in answers)]),
+            explanation=f"{explanation} Settled apart: {apart}.",
+        )
+
+
+def split_conflict(
+    conflict: Conflict, *, limits: Limits = DEFAULT_LIMITS, trust_null_base: bool = False
+) -> Split | None:
+    """``conflict`` taken apart: everything that merges merged, and each leaf both sides
+    changed in ways that do not merge (two numbers, overlapping text edits, a key removed on one
+    side and changed on the other, two reorders of a list of items) a :class:`Part` for the
+    rest of the chain. ``None`` when there is nothing to gain: a delete conflict, an unknown
+    base, a limit passed, nothing colliding, or nothing merging besides the collisions.
+    """
+    if conflict.op != "set":
+        return None
+    base = conflict.base_value
+    current = conflict.current.get("value")
+    incoming = conflict.incoming.get("value")
+    if base is None and not trust_null_base:
+        return None
+    leaves: list[Leaf] = []
+    merger = _Merger(limits, leaves=leaves)
+    try:
+        merger.merge(base, current, incoming, ())
+    except (_Unmergeable, RecursionError):
+        return None
+    if not leaves or not merger.edits:
+        return None
+    parts = []
+    for leaf in leaves:
+        label = _part_label(conflict.prop, leaf.path)
+        narrowed = attrs.evolve(
+            conflict,
+            prop=label,
+            base_value=_present(leaf.base),
+            current={**conflict.current, "value": _present(leaf.current)},
+            incoming={**conflict.incoming, "value": _present(leaf.incoming)},
+        )
+        parts.append(Part(label=label, conflict=narrowed))
+    return _MergeSplit(conflict=conflict, limits=limits, leaves=tuple(leaves),
+                       parts=tuple(parts))  # fmt: skip
+
+
 # -- the strategy ---------------------------------------------------------------------------
 
 
@@ -949,7 +1129,16 @@ def _merge_threads() -> trio.CapacityLimiter:
 
 
 async def _run_merge(conflict: Conflict, limits: Limits, trust: bool) -> MergeOutcome | None:
-    """:func:`merge_conflict`, in a worker thread when the texts are large enough to matter.
+    """:func:`merge_conflict`, in a worker thread when the texts are large enough to matter
+    (:func:`_cheap_or_threaded`)."""
+    return await _cheap_or_threaded(merge_conflict, conflict, limits, trust)
+
+
+async def _cheap_or_threaded(
+    function: Callable[..., _T], conflict: Conflict, limits: Limits, trust: bool
+) -> _T:
+    """``function(conflict, limits=…, trust_null_base=…)`` (a merge or a split), in a worker
+    thread when the texts are large enough to matter.
 
     Measured (benchmarks/strategy_stall.py): another project's ping p99 during worst-case merges
     is ~30 ms this way against ~380 ms in the event loop (the GIL is handed back every
@@ -960,9 +1149,9 @@ async def _run_merge(conflict: Conflict, limits: Limits, trust: bool) -> MergeOu
     """
     sides = (conflict.base_value, conflict.current.get("value"), conflict.incoming.get("value"))
     if _text_chars(sides, THREAD_TEXT_CHARS) < THREAD_TEXT_CHARS:
-        return merge_conflict(conflict, limits=limits, trust_null_base=trust)
+        return function(conflict, limits=limits, trust_null_base=trust)
     return await trio.to_thread.run_sync(
-        functools.partial(merge_conflict, conflict, limits=limits, trust_null_base=trust),
+        functools.partial(function, conflict, limits=limits, trust_null_base=trust),
         limiter=_merge_threads(),
     )
 
@@ -1002,3 +1191,12 @@ class MergeStrategy(ConflictStrategy):
         return self.resolution(
             conflict, outcome.choice, outcome.value, outcome.confidence, outcome.explanation
         )
+
+    async def split(self, conflict: Conflict, context: ResolutionContext) -> Split | None:
+        """:func:`split_conflict` under this strategy's limits (in a worker thread like a
+        merge, when the texts are large)."""
+        await trio.lowlevel.checkpoint()
+        limits, trust = self.limits, self.trust_null_base
+        if context.options:
+            limits, trust = _parse_options(context.options, limits, trust)
+        return await _cheap_or_threaded(split_conflict, conflict, limits, trust)

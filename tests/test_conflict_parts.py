@@ -1,0 +1,262 @@
+"""Per-leaf resolution over real sockets: what merges is merged, only the colliding leaves go to
+the rest of the chain, and every member's document ends equal to the server's snapshot."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import httpx
+import trio
+
+from crealia._model import Resolution
+from crealia.strategies.merge import split_conflict
+from crealia.testing import make_conflict
+
+from .conftest import Clients
+from .test_protocol import insert, set_op
+
+
+class Replica:
+    """A member's document, built from its welcome snapshot and every durable event after it,
+    the way a client keeps one (docs/protocol.md §5)."""
+
+    def __init__(self, welcome: dict[str, Any]) -> None:
+        snapshot = welcome["snapshot"]
+        self.seq: int = snapshot["seq"]
+        self.elements = copy.deepcopy(snapshot["elements"])
+
+    def apply(self, envelope: dict[str, Any]) -> None:
+        kind, data = envelope.get("type"), envelope.get("data") or {}
+        if kind == "collaboration_event" and data.get("kind") == "timeline_change":
+            self.seq = data["seq"]
+            for op in data["payload"]["changes"]:
+                if op["op"] == "insert":
+                    self.elements[op["element_id"]] = {"type": op["element_type"],
+                                                       "props": dict(op["props"])}  # fmt: skip
+                elif op["op"] == "set":
+                    self.elements[op["element_id"]]["props"][op["prop"]] = op["value"]
+                else:
+                    self.elements.pop(op["element_id"], None)
+        elif kind == "conflict_resolved":
+            self.seq = data["seq"]
+            value = data["resolution"]["value"]
+            if data["prop"] is not None:
+                self.elements[data["element_id"]]["props"][data["prop"]] = value
+            elif value is None:
+                self.elements.pop(data["element_id"], None)
+            else:
+                self.elements[data["element_id"]]["props"] = dict(value)
+
+    async def catch_up(self, client: Any, conflict_id: str) -> dict[str, Any]:
+        """Apply what ``client`` received, in order, up to the conflict's resolution (its
+        push's data)."""
+        while True:
+            envelope = await client.next()
+            self.apply(envelope)
+            data = envelope.get("data") or {}
+            if envelope.get("type") == "conflict_resolved" and data["conflict_id"] == conflict_id:
+                return dict(data)
+
+
+async def settle_in_parts(
+    clients: Clients, base: Any, current: Any, incoming: Any, *, b_role: str = "editor"
+) -> tuple[dict[str, Any], list[Replica], list[Any]]:
+    """alice inserts clip.prop=base and writes ``current``; bob writes ``incoming`` on the
+    stale base; the default chain (merge, priority) settles the conflict. Returns the
+    resolution push's data, both members' replicas caught up with it, and both clients."""
+    a = await clients.join("alice")
+    b = await clients.join("bob", role=b_role)
+    replicas = [Replica(a.welcome), Replica(b.welcome)]
+    await a.request("timeline_change", insert("c1", "clip", prop=base))
+    await a.request("timeline_change", set_op("c2", "clip", "prop", current, 1))
+    ack = await b.request("timeline_change", set_op("c3", "clip", "prop", incoming, 1))
+    assert ack["type"] == "ack" and ack["data"]["status"] == "conflict", ack
+    (conflict_id,) = ack["data"]["conflicts"]
+    pushed = [await replica.catch_up(client, conflict_id)
+              for replica, client in zip(replicas, (a, b), strict=True)]  # fmt: skip
+    assert pushed[0] == pushed[1]
+    return pushed[0], replicas, [a, b]
+
+
+async def assert_converged(clients: Clients, replicas: list[Replica]) -> Any:
+    """Every member's document equals a late joiner's snapshot; the property's value."""
+    late = await clients.join("carol", role="viewer")
+    snapshot = late.welcome["snapshot"]
+    for replica in replicas:
+        assert replica.seq == snapshot["seq"]
+        assert replica.elements == snapshot["elements"]
+    return snapshot["elements"]["clip"]["props"]["prop"]
+
+
+async def test_parts_an_object_keeps_every_merging_key_and_settles_the_colliding_one(
+    clients: Clients,
+) -> None:
+    with trio.fail_after(15):
+        data, replicas, _ = await settle_in_parts(
+            clients,
+            base={"x": 100, "y": 5, "scale": 1},
+            current={"x": 120, "y": 6, "scale": 1},
+            incoming={"x": 130, "y": 5, "scale": 2},
+        )
+        res = data["resolution"]
+        # y is alice's, scale bob's; x collided and priority's tie (the last writer) took bob's
+        assert res["value"] == {"x": 130, "y": 6, "scale": 2}
+        assert (res["strategy"], res["choice"]) == ("merge", "custom")
+        assert "'prop.x' by priority" in res["explanation"]
+        assert "scale" in res["explanation"] and "y" in res["explanation"]
+        assert res["review"] is True  # a priority pick between two values decided a part
+        assert res["confidence"] == 0.6
+        assert await assert_converged(clients, replicas) == {"x": 130, "y": 6, "scale": 2}
+
+
+async def test_parts_an_id_list_keeps_an_added_item_when_both_reorder(clients: Clients) -> None:
+    base = [{"id": "c1"}, {"id": "c2"}, {"id": "c3"}]
+    with trio.fail_after(15):
+        data, replicas, _ = await settle_in_parts(
+            clients,
+            base=base,
+            current=[{"id": "c2"}, {"id": "c1"}, {"id": "c3"}],  # alice: c2 first
+            incoming=[{"id": "c1"}, {"id": "c3"}, {"id": "c2"}, {"id": "c4"}],  # bob: c2 last, +c4
+            b_role="owner",
+        )
+        res = data["resolution"]
+        # The order collided: priority gives it to bob (owner over editor); c4 is kept.
+        assert [item["id"] for item in res["value"]] == ["c1", "c3", "c2", "c4"]
+        assert "'prop (order)' by priority" in res["explanation"]
+        assert "added item 'c4'" in res["explanation"]
+        await assert_converged(clients, replicas)
+
+
+async def test_parts_an_item_removed_on_one_side_and_changed_on_the_other(
+    clients: Clients,
+) -> None:
+    base = [{"id": "k1", "t": 0}, {"id": "k2", "t": 5}]
+    with trio.fail_after(15):
+        data, replicas, _ = await settle_in_parts(
+            clients,
+            base=base,
+            current=[{"id": "k1", "t": 0}],  # alice removed k2
+            incoming=[{"id": "k1", "t": 0}, {"id": "k2", "t": 7}, {"id": "k3", "t": 9}],
+        )
+        res = data["resolution"]
+        # k2's removal against its change collided (priority: bob's change, the last write);
+        # bob's new k3 merged in whichever way k2 went.
+        assert res["value"] == [{"id": "k1", "t": 0}, {"id": "k2", "t": 7}, {"id": "k3", "t": 9}]
+        assert "'prop[k2]' by priority" in res["explanation"]
+        assert res["review"] is True
+        await assert_converged(clients, replicas)
+
+
+async def test_parts_are_audited_with_what_settled_each(clients: Clients) -> None:
+    with trio.fail_after(15):
+        data, _, _ = await settle_in_parts(
+            clients,
+            base={"x": 1, "label": "Intro"},
+            current={"x": 2, "label": "Intro"},
+            incoming={"x": 3, "label": "Intro card"},
+        )
+        assert data["resolution"]["value"] == {"x": 3, "label": "Intro card"}
+        audit = clients.server.hub.audit
+        rows = await audit.query(project_id="p1", action="conflict_resolution")
+        (row,) = [r for r in rows if r.resource == f"conflict:{data['conflict_id']}"]
+        assert row.details["strategy"] == "merge"
+        assert row.details["parts"] == [{"part": "prop.x", "strategy": "priority",
+                                         "choice": "incoming", "confidence": 0.6,
+                                         "review": True}]  # fmt: skip
+
+
+async def test_parts_the_dry_run_shows_the_split(clients: Clients) -> None:
+    with trio.fail_after(15):
+        a = await clients.join("alice")
+        await a.request("timeline_change", insert("c1", "clip", prop={"x": 1, "y": 1}))
+        await a.request("timeline_change", set_op("c2", "clip", "prop", {"x": 2, "y": 1}, 1))
+        token = clients.token("bob")
+        async with httpx.AsyncClient(base_url=clients.server.http_url, timeout=10) as http:
+            reply = await http.post(
+                "/api/collaboration/conflicts/detect",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"projectId": "p1", "changes": [
+                    {"op": "set", "element_id": "clip", "prop": "prop",
+                     "value": {"x": 3, "y": 4}, "base": 1}]},
+            )  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        (found,) = reply.json()["conflicts"]
+        merge = found["strategies"][0]
+        assert merge["strategy"] == "merge" and merge["answer"] == "resolved"
+        assert merge["resolution"]["value"] == {"x": 3, "y": 4}
+        assert merge["parts"][0]["part"] == "prop.x"
+        # nothing was applied
+        late = await clients.join("carol", role="viewer")
+        assert late.welcome["snapshot"]["elements"]["clip"]["props"]["prop"] == {"x": 2, "y": 1}
+
+
+def _answer(choice: str, value: Any) -> Resolution:
+    return Resolution(value=value, choice=choice, strategy="priority",  # type: ignore[arg-type]
+                      confidence=0.8, explanation="picked")  # fmt: skip
+
+
+def test_parts_split_declines_what_has_nothing_to_gain() -> None:
+    # two numbers: the whole value is the one colliding leaf
+    assert split_conflict(make_conflict(2, 3, base_value=1)) is None
+    # only colliding leaves, nothing merging besides
+    assert split_conflict(make_conflict({"x": 2}, {"x": 3}, base_value={"x": 1})) is None
+    # an unknown base, a delete
+    assert split_conflict(make_conflict({"x": 2, "y": 1}, {"x": 3, "y": 2})) is None
+    assert split_conflict(make_conflict({"a": 1}, None, op="delete", base_value={"a": 0})) is None
+    # a merge that succeeds needs no split
+    assert split_conflict(make_conflict({"x": 2, "y": 1}, {"x": 1, "y": 2},
+                                        base_value={"x": 1, "y": 1})) is None  # fmt: skip
+
+
+def test_parts_join_takes_each_answer_in_its_place() -> None:
+    base = {"title": "The quick fox", "x": 1, "tags": [{"id": 1}, {"id": 2}]}
+    current = {"title": "The slow fox", "x": 2, "tags": [{"id": 2}, {"id": 1}]}
+    incoming = {"title": "The lazy fox", "x": 3, "tags": [{"id": 1}, {"id": 2}, {"id": 3}],
+                "new": True}  # fmt: skip
+    split = split_conflict(make_conflict(current, incoming, base_value=base, prop="fx"))
+    assert split is not None
+    labels = [part.label for part in split.parts]
+    assert labels == ["fx.title", "fx.x"]  # the reorder is one side's only: it merges
+    title, _ = (part.conflict for part in split.parts)
+    assert (title.base_value, title.current["value"], title.incoming["value"]) == (
+        "The quick fox", "The slow fox", "The lazy fox")  # fmt: skip
+    joined = split.join((_answer("custom", "The slow lazy fox"), _answer("current", 2)))
+    assert joined is not None
+    assert joined.value == {"title": "The slow lazy fox", "x": 2,
+                            "tags": [{"id": 2}, {"id": 3}, {"id": 1}], "new": True}  # fmt: skip
+    assert joined.choice == "custom" and joined.confidence == 0.8
+    assert "'fx.title' by priority" in joined.explanation
+    assert "'fx.x' by priority" in joined.explanation
+    # an answer for the wrong number of parts, or an order that is neither side's, is refused
+    assert split.join((_answer("current", 2),)) is None
+    order = split_conflict(make_conflict([{"id": 2}, {"id": 1}, {"id": 3}],
+                                         [{"id": 1}, {"id": 3}, {"id": 2}, {"id": 4}],
+                                         base_value=[{"id": 1}, {"id": 2}, {"id": 3}]))  # fmt: skip
+    assert order is not None and [p.label for p in order.parts] == ["label (order)"]
+    assert order.join((_answer("custom", [3, 2, 1]),)) is None
+
+
+async def test_parts_a_leaf_left_to_a_person_leaves_the_whole_conflict_to_them(
+    clients: Clients,
+) -> None:
+    with trio.fail_after(15):
+        a = await clients.join("alice")
+        await a.request("timeline_change", insert("c1", "clip", prop={"x": 1, "y": 1}))
+        await a.request("timeline_change", set_op("c2", "clip", "prop", {"x": 2, "y": 1}, 1))
+        owner = {"Authorization": f"Bearer {clients.token('olga', role='owner')}"}
+        editor = {"Authorization": f"Bearer {clients.token('bob')}"}
+        body = {"projectId": "p1", "changes": [{"op": "set", "element_id": "clip", "prop": "prop",
+                                                "value": {"x": 3, "y": 4}, "base": 1}]}  # fmt: skip
+        async with httpx.AsyncClient(base_url=clients.server.http_url, timeout=10) as http:
+            put = await http.put("/api/projects/p1/strategies", headers=owner,
+                                 json={"strategies": ["merge", "manual"]})  # fmt: skip
+            assert put.status_code == 200, put.text
+            reply = await http.post("/api/collaboration/conflicts/detect", headers=editor,
+                                    json=body)  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        (found,) = reply.json()["conflicts"]
+        merge, manual = found["strategies"]
+        assert merge == {"strategy": "merge", "answer": "declined"}
+        assert manual == {"strategy": "manual", "answer": "deferred"}
+        assert found["settled_by"] == "manual"

@@ -90,6 +90,7 @@ class ReportBody:
 class ChainBody:
     strategies: list[str]
     options: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    ask_when_unsure: bool = False
 
 
 def conflict_view(conflict: Conflict) -> dict[str, Any]:
@@ -347,13 +348,15 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         user = bearer("strategies_write")
         for_project(user, project_id)
         raw = await json_body()
-        extra = sorted(set(raw) - {"strategies", "options"})
+        extra = sorted(set(raw) - {"strategies", "options", "ask_when_unsure"})
         if extra:  # a misspelt "options" must not pass for "no options"
             shown = ", ".join(str(key)[:40] for key in extra[:5])
-            raise BadRequest(f"body: unknown fields {shown}; known: strategies, options")
+            raise BadRequest(f"body: unknown fields {shown}; known: strategies, options, "
+                             "ask_when_unsure")  # fmt: skip
         data = _wire.structure(raw, ChainBody, path="body")
         try:
-            chain = await hub.settler.set_chain(project_id, data.strategies, data.options)
+            chain = await hub.settler.set_chain(project_id, data.strategies, data.options,
+                                                ask_when_unsure=data.ask_when_unsure)  # fmt: skip
         except ConfigurationError as exc:
             raise BadRequest(f"body.strategies: {exc}") from None
         audit(user, "strategy_change", f"project:{project_id}", chain.to_wire())

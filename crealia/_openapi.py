@@ -384,6 +384,10 @@ def _paths() -> dict[str, Any]:
                     "options": {"type": "object",
                                 "additionalProperties": {"type": "object"},
                                 "description": "Options by strategy name."},
+                    "ask_when_unsure": {"type": "boolean", "description":
+                                        "Ask a person when unsure: a strategy's resolution "
+                                        "that needs review waits for a person (default "
+                                        "false)."},
                 }, ["strategies"], additionalProperties=False),
                 examples={"merge then priority": {"strategies": ["merge", "priority"],
                                                   "options": {"priority": {"tie": "first"}}}},
@@ -727,6 +731,13 @@ def _schemas() -> dict[str, Schema]:
                         "strategy": _STRING,
                         "answer": {"enum": ["resolved", "declined", "deferred", "failed"]},
                         "resolution": {"type": "object"},
+                        "parts": {"type": "array", "description": "The colliding leaves "
+                                  "settled apart, when merge split the conflict.",
+                                  "items": _all({"part": _STRING, "strategy": _STRING,
+                                                 "choice": _STRING, "confidence": _NUMBER,
+                                                 "review": {"type": "boolean"}})},
+                        "held": {"type": "boolean", "description": "Under ask_when_unsure: "
+                                 "the resolution would wait for a person."},
                     }, ["strategy", "answer"]),
                 },
                 "settled_by": {"type": ["string", "null"],
@@ -745,6 +756,7 @@ def _schemas() -> dict[str, Schema]:
         "Chain": _all({
             "strategies": {"type": "array", "items": _STRING},
             "options": {"type": "object", "additionalProperties": {"type": "object"}},
+            "ask_when_unsure": {"type": "boolean"},
             "available": {"type": "array", "items": _STRING,
                           "description": "Every installed strategy."},
         }),

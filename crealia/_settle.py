@@ -106,9 +106,13 @@ class Chain:
     names: list[str]
     options: dict[str, dict[str, Any]]
     strategies: list[ConflictStrategy]
+    #: "Ask a person when unsure": a strategy's resolution that needs review is not applied;
+    #: the conflict waits for a person instead.
+    ask_when_unsure: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"strategies": self.names, "options": self.options}
+        return {"strategies": self.names, "options": self.options,
+                "ask_when_unsure": self.ask_when_unsure}  # fmt: skip
 
 
 def build_chain(
@@ -116,6 +120,8 @@ def build_chain(
     config: Config,
     names: list[str],
     options: Mapping[str, Mapping[str, Any]],
+    *,
+    ask_when_unsure: bool = False,
 ) -> Chain:
     """A chain of new strategy instances from ``registry`` (the server's options in ``config``
     under the chain's own). Pure: checking a configuration (``crealia check-config``) needs no
@@ -161,7 +167,7 @@ def build_chain(
                 f"after it would never run: give it a timeout or put it last"
             )
     return Chain(names=list(names), options={k: dict(v) for k, v in options.items()},
-                 strategies=strategies)  # fmt: skip
+                 strategies=strategies, ask_when_unsure=ask_when_unsure)  # fmt: skip
 
 
 async def _close_chains(chains: list[Chain]) -> None:
@@ -196,13 +202,20 @@ class Settler:
     #: Times a cached chain was dropped because another process changed it, or its room closed.
     forgotten: int = 0
 
-    def build(self, names: list[str], options: Mapping[str, Mapping[str, Any]]) -> Chain:
+    def build(
+        self,
+        names: list[str],
+        options: Mapping[str, Mapping[str, Any]],
+        *,
+        ask_when_unsure: bool = False,
+    ) -> Chain:
         """A chain of new strategy instances (:func:`build_chain`).
 
         Raises:
             ConfigurationError: an unknown strategy, or options a strategy refuses.
         """
-        return build_chain(self.registry, self.config, names, options)
+        return build_chain(self.registry, self.config, names, options,
+                           ask_when_unsure=ask_when_unsure)  # fmt: skip
 
     async def chain(self, project_id: str) -> Chain:
         """The project's chain (its stored settings, else the server's default)."""
@@ -213,24 +226,30 @@ class Settler:
         if chain is None:
             settings = await self.backplane.get_settings(project_id)
             names = settings.get("strategies") or list(self.config.strategy_chain)
+            ask = settings.get("ask_when_unsure") is True
             try:
-                chain = self.build(names, settings.get("options") or {})
+                chain = self.build(names, settings.get("options") or {}, ask_when_unsure=ask)
             except ConfigurationError as exc:
                 # A stored chain that no longer loads (a plugin was uninstalled): fall back.
                 log.error("project %s: %s; using the default chain", project_id, exc)
-                chain = self.build(list(self.config.strategy_chain), {})
+                chain = self.build(list(self.config.strategy_chain), {}, ask_when_unsure=ask)
             self._chains[project_id] = chain
         return chain
 
     async def set_chain(
-        self, project_id: str, names: list[str], options: Mapping[str, Mapping[str, Any]]
+        self,
+        project_id: str,
+        names: list[str],
+        options: Mapping[str, Mapping[str, Any]],
+        *,
+        ask_when_unsure: bool = False,
     ) -> Chain:
         """Validate, store and use a new chain for the project.
 
         Raises:
             ConfigurationError: unknown strategy or bad options (nothing is stored).
         """
-        chain = self.build(names, options)
+        chain = self.build(names, options, ask_when_unsure=ask_when_unsure)
         settings = await self.backplane.get_settings(project_id)
         settings.update(chain.to_wire())
         await self.backplane.set_settings(project_id, settings)
@@ -303,6 +322,18 @@ class Settler:
                 log.warning("strategy %s: resolution of conflict %s refused (%s): next one",
                             name, conflict.id, exc)  # fmt: skip
                 continue
+            if chain.ask_when_unsure and answer.review:
+                log.info("conflict %s waits for a person: %s was unsure (confidence %.2f)",
+                         conflict.id, name, answer.confidence)  # fmt: skip
+                if self.audit is not None:
+                    self.audit.record(
+                        "conflict_held", user_id=None, project_id=conflict.project_id,
+                        resource=f"conflict:{conflict.id}",
+                        details={"strategy": name, "choice": answer.choice,
+                                 "confidence": answer.confidence},
+                    )  # fmt: skip
+                await room.wait_settled(conflict.id)
+                return None
             author = str(conflict.incoming.get("user_id"))
             try:
                 settled = await self.backplane.settle(
@@ -465,6 +496,8 @@ class Settler:
                     entry.update(answer="resolved", resolution=checked.to_wire())
                     if parts:
                         entry["parts"] = parts
+                    if chain.ask_when_unsure and checked.review:
+                        entry["held"] = True  # it would wait for a person instead
             elif answer is not None:
                 entry["answer"] = "declined"
             answers.append(entry)

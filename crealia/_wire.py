@@ -412,6 +412,13 @@ def _strict_int(value: Any, _type: Any) -> int:
     return int(value)
 
 
+def _strict_bool(value: Any, _type: Any) -> bool:
+    # Registered ahead of int's hook, which a bool would otherwise reach (bool is an int).
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {_json_type(value)}")
+    return value
+
+
 def _any(value: Any, _type: Any) -> Any:
     return value
 
@@ -444,6 +451,7 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(float, _strict_float)
     conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(Any, _any)
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], _json_dict)
     ops = {"insert": InsertOp, "set": SetOp, "delete": DeleteOp}

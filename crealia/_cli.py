@@ -129,6 +129,9 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--metrics-interval", "metrics_interval",
      "seconds between metric samples and alert checks (default 5; 0: metrics off)"),
     ("--log-format", "log_format", "json or text (default json; CREALIA_LOG_FORMAT)"),
+    ("--durability", "durability",
+     "normal (an ack survives a killed process) or fsync (also a power loss: each commit is "
+     "fsynced) (default normal; CREALIA_DURABILITY)"),
     ("--log-level", "log_level",
      "debug, info, warning or error (default warning, debug with --dev; CREALIA_LOG_LEVEL)"),
     ("--webrtc-listen-ip", "webrtc_listen_ips",

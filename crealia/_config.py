@@ -388,7 +388,12 @@ class Config:
     pending_conflicts_max_bytes: int = attrs.field(
         default=16 << 20, validator=_int_range(64 * 1024, 1 << 30)
     )
-    # --- storage: WAL checkpoints
+    # --- storage: durability and WAL checkpoints
+    #: What an ack promises of the embedded store (``crealia.sqlite3``): ``normal`` (SQLite's
+    #: ``synchronous=NORMAL`` in WAL mode: a commit survives the process being killed, not a
+    #: power loss or an OS crash) or ``fsync`` (``synchronous=FULL``: each grouped commit is
+    #: fsynced before its acks, so it survives those too, at the cost of an fsync a commit).
+    durability: str = attrs.field(default="normal", validator=_one_of("normal", "fsync"))
     #: Seconds between passive WAL checkpoints of each SQLite database (0.05..60).
     wal_checkpoint_interval: float = attrs.field(default=1.0, validator=_float_range(0.05, 60))
     #: WAL growth in bytes that starts a passive checkpoint before the interval is up
@@ -959,6 +964,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_WAL_CHECKPOINT_INTERVAL", "wal_checkpoint_interval", float),
     ("CREALIA_WAL_CHECKPOINT_BYTES", "wal_checkpoint_bytes", int),
     ("CREALIA_WAL_MAX_BYTES", "wal_max_bytes", int),
+    ("CREALIA_DURABILITY", "durability", str),
     ("CREALIA_PREAUTH_HANDSHAKE_LIMIT", "preauth_handshake_limit", str),
     ("CREALIA_PREAUTH_REST_LIMIT", "preauth_rest_limit", str),
     ("CREALIA_AUDIT_REFUSAL_WINDOW", "audit_refusal_window", float),

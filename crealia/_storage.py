@@ -7,9 +7,11 @@ runs each write's ``on_durable`` callback in queue order on the Trio thread and 
 Callbacks therefore see commits in exactly the order they were queued, which is what lets the
 sequencer publish events in ``seq`` order.
 
-WAL with ``synchronous=NORMAL`` survives a killed process: a committed transaction is in the WAL
-file before ``commit()`` returns. (Power loss may drop the last transactions; set
-``synchronous=FULL`` for that, at a cost in commit latency.)
+WAL with ``synchronous=NORMAL`` (``durable=False``, the default) survives a killed process: a
+committed transaction is in the WAL file before ``commit()`` returns. Power loss or an OS crash
+may drop the last transactions; ``durable=True`` (``--durability fsync``) sets
+``synchronous=FULL``, which fsyncs the WAL at every commit, so a grouped commit is on disk
+before its acks, at the cost of an fsync a commit.
 
 The WAL is kept bounded (:class:`WalPolicy`). The writer never checkpoints on its own (a
 checkpoint fsyncs, which would stall the commit and every ack behind it); a checkpointer task
@@ -290,17 +292,18 @@ class WalPolicy:
 class _SqliteThread:
     """Runs functions against one sqlite3 connection in a worker thread, one at a time."""
 
-    def __init__(self, path: Path, *, size_limit: int = -1) -> None:
+    def __init__(self, path: Path, *, size_limit: int = -1, durable: bool = False) -> None:
         self._path = path
         self._limiter = trio.CapacityLimiter(1)
         self._conn: sqlite3.Connection | None = None
         self._size_limit = size_limit
+        self._synchronous = "FULL" if durable else "NORMAL"
 
     async def open(self) -> None:
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA busy_timeout=5000")
             # Checkpoints are the checkpointer's (see the module docstring), never a commit's.
             conn.execute("PRAGMA wal_autocheckpoint=0")
@@ -701,9 +704,11 @@ async def open_store(
     *,
     wal: WalPolicy | None = None,
     jobs: JobFailures | None = None,
+    durable: bool = False,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the SQLite database ``name`` in ``data_dir`` with its writer
-    and checkpointer tasks (whose failures count in ``jobs``).
+    and checkpointer tasks (whose failures count in ``jobs``); ``durable`` fsyncs every commit
+    (see the module documentation).
 
     A server keeps two: ``crealia.sqlite3`` (the projects: events, snapshots, comments,
     conflicts) and ``OPS_DB`` (audit events, security alerts, metric samples), so that a
@@ -719,7 +724,8 @@ async def open_store(
     except OSError as exc:
         raise StorageError(f"cannot create data dir {data_dir}: {exc}") from exc
     path = Path(data_dir) / name
-    thread = _SqliteThread(path, size_limit=wal.checkpoint_bytes)
+    # Only the writer commits: its connection is the one whose commits must reach the disk.
+    thread = _SqliteThread(path, size_limit=wal.checkpoint_bytes, durable=durable)
     await thread.open()
     try:
         await thread.run(_upgrade)  # before any other connection reads

@@ -210,3 +210,33 @@ def test_wal_settings_have_defaults_and_ranges() -> None:
                  "CREALIA_WAL_CHECKPOINT_BYTES": str(4 * MIB)}):  # fmt: skip
         with pytest.raises(ConfigurationError, match="wal_"):
             Config.from_env(bad)
+
+
+def test_durability_is_normal_or_fsync() -> None:
+    assert Config.from_env({}).durability == "normal"
+    assert Config.from_env({"CREALIA_DURABILITY": "fsync"}).durability == "fsync"
+    with pytest.raises(ConfigurationError) as refused:
+        Config.from_env({"CREALIA_DURABILITY": "always"})
+    assert "CREALIA_DURABILITY" in str(refused.value)
+    assert "must be one of normal, fsync" in str(refused.value)
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("normal", 1), ("fsync", 2)])
+async def test_durability_sets_how_the_writer_commits(
+    tmp_path: Path, nursery: trio.Nursery, durability: str, synchronous: int
+) -> None:
+    """``fsync`` makes the projects' writer commit with synchronous=FULL (2), each grouped
+    commit fsynced before its acks; ``normal`` is synchronous=NORMAL (1)."""
+    config = make_config(tmp_path / "d", durability=durability)
+    async with open_server(config) as server, opened(server, nursery) as clients:
+        with trio.fail_after(10):
+            store = data_store(server)
+            pragma = await store._thread.run(
+                lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]
+            )
+            assert pragma == synchronous
+            a = await clients.join("alice")
+            ack = await a.request("timeline_change", _change("c1", 1) | {
+                "changes": [{"op": "insert", "element_id": "clip", "element_type": "clip",
+                             "props": {"v": 1}}]})  # fmt: skip
+            assert ack["type"] == "ack" and ack["data"]["status"] == "applied", ack

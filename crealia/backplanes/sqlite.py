@@ -730,7 +730,8 @@ async def open_backplane(url: str, config: Config) -> AsyncIterator[SQLiteBackpl
         checkpoint_bytes=config.wal_checkpoint_bytes,
         max_bytes=config.wal_max_bytes,
     )
-    async with open_store(data_dir(url, config), wal=wal) as store:
+    durable = config.durability == "fsync"
+    async with open_store(data_dir(url, config), wal=wal, durable=durable) as store:
         yield SQLiteBackplane(
             store, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
             quotas=Quotas.of(config),

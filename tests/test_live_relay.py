@@ -180,22 +180,47 @@ async def test_relay_bad_statistics_shrink_one_viewers_frames_and_not_the_others
                 await join(client, sid)
                 viewers[name] = peer = await connect_to_server(stack, client, sid, receive=True)
                 assert (await peer.frames(3))[-1] == (854, 480)
-            lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30, "packet_loss": 0.2,
-                     "fps": 15, "width": 854, "height": 480}  # fmt: skip
-            assert (await olga.request("stream_stats", lossy))["type"] == "ack"
-            for member in (olga, hana):
-                change = await member.expect_type("quality_change")
-                assert change["data"] == {"session_id": sid, "quality": "360p",
-                                          "max_bitrate_kbps": 800, "reason": "loss",
-                                          "viewer": "olga"}  # fmt: skip
-            # Within seconds olga's frames fit 360p (aspect kept: 640x358); pete's stay as the
-            # host sends them.
-            shrunk = fit(RUNGS["360p"], 854, 480)
-            assert shrunk == (640, 358)
-            with trio.fail_after(10):
-                while (await viewers["olga"].frames(1))[-1] != shrunk:
-                    pass
-            assert (await viewers["pete"].frames(5))[-1] == (854, 480)
+            # Every frame pete decodes from here on, while olga's quality falls.
+            pete_sizes: list[tuple[int, int]] = []
+
+            async def watch_pete() -> None:
+                while True:
+                    pete_sizes.extend(await viewers["pete"].frames(1))
+
+            async with trio.open_nursery() as watching:
+                watching.start_soon(watch_pete)
+                lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30,
+                         "packet_loss": 0.2, "fps": 15, "width": 854, "height": 480}  # fmt: skip
+                assert (await olga.request("stream_stats", lossy))["type"] == "ack"
+                for member in (olga, hana):
+                    change = await member.expect_type("quality_change")
+                    assert change["data"] == {"session_id": sid, "quality": "360p",
+                                              "max_bitrate_kbps": 800, "reason": "loss",
+                                              "viewer": "olga"}  # fmt: skip
+                # Within seconds olga's frames fit 360p (aspect kept: 640x358), and stay so;
+                # pete's stay as the host sends them, every one of them.
+                shrunk = fit(RUNGS["360p"], 854, 480)
+                assert shrunk == (640, 358)
+                with trio.fail_after(10):
+                    while (await viewers["olga"].frames(1))[-1] != shrunk:
+                        pass
+                assert set(await viewers["olga"].frames(5)) == {shrunk}
+                assert set(await viewers["pete"].frames(10)) == {(854, 480)}
+                watching.cancel_scope.cancel()
+            assert len(pete_sizes) >= 10
+            assert set(pete_sizes) == {(854, 480)}, pete_sizes
+            # Neither pete nor the host heard of a change of pete's: what the server sent them
+            # before the answer to a request of theirs (joining again answers the same ack
+            # and announces nothing) is all in their inboxes.
+            for member in (pete, hana):
+                await join(member, sid)
+                changes = [env["data"] for env in member.inbox
+                           if env.get("type") == "quality_change"]  # fmt: skip
+                assert not [c for c in changes if c["viewer"] != "olga"], changes
+            assert not [env for env in pete.inbox if env.get("type") == "quality_change"]
+            members = {p.user_id: p for p in live_session(relay_server, sid).participants.values()}
+            assert members["pete"].controller.current == "480p"
+            assert members["olga"].controller.current == "360p"
 
 
 @attrs.define

@@ -552,6 +552,16 @@ class Relay:
         """How many of the peer connections this relay made are not closed."""
         return sum(1 for pc in self._made if pc.connectionState != "closed")
 
+    def loop_tasks(self) -> list[str]:
+        """The asyncio tasks of this relay's loop that are not done, each described: none
+        once the relay has closed (its loop closed with every task of it)."""
+        return [repr(task) for task in asyncio.all_tasks(self._loop)]
+
+    @property
+    def loop_closed(self) -> bool:
+        """Whether this relay's asyncio loop has closed."""
+        return bool(self._loop.is_closed())
+
     def _new_pc(self) -> RTCPeerConnection:
         if self._closing:
             raise PeerError("the relay is closing")

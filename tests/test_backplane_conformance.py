@@ -9,6 +9,7 @@ Policy: loopback only, port 0, a deadline on every I/O test, real servers and st
 from __future__ import annotations
 
 import ast
+import importlib
 import itertools
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -72,6 +73,30 @@ async def test_check_backplane_passes_on_redis(tmp_path: Path, redis_server: Red
 async def test_check_backplane_passes_on_a_backplane_defined_in_tests() -> None:
     with trio.fail_after(300):
         await check_backplane(lambda: open_memory_backplane(Config(history_limit=1000)))
+
+
+def test_memory_backplane_uses_only_the_public_api() -> None:
+    """tests/_memory_backplane.py imports crealia's public modules only, and from them only
+    what they export: what it passes, a third party's backplane can pass."""
+    source = (Path(__file__).parent / "_memory_backplane.py").read_text(encoding="utf-8")
+    public = {"crealia", "crealia.abc", "crealia.testing"}
+    used: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            used.setdefault(node.module, set()).update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                used.setdefault(alias.name, set())
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            # crealia._something reached through an attribute instead of an import.
+            assert not (isinstance(node.value, ast.Name) and node.value.id == "crealia"), (
+                f"_memory_backplane.py reads crealia.{node.attr}"
+            )
+    ours = {module: names for module, names in used.items() if module.split(".")[0] == "crealia"}
+    assert {"crealia", "crealia.abc"} <= ours.keys() <= public, sorted(ours)
+    for module, names in ours.items():
+        exported = set(importlib.import_module(module).__all__)
+        assert names <= exported, f"{module} does not export {sorted(names - exported)}"
 
 
 # -- the suite catches a backplane that breaks the contract -----------------------------------

@@ -331,6 +331,7 @@ async def test_cli_check_token_refuses_expired_and_forged_tokens(tmp_path: Path)
 async def test_cli_plugins_lists_builtins_with_their_distribution() -> None:
     version = importlib.metadata.version("crealia")
     run = await crealia_cli("plugins", "--json")
+    assert run.status == 0, run
     listed = json.loads(run.out)
     by_group: dict[str, dict[str, dict[str, object]]] = {}
     for info in listed:
@@ -341,24 +342,39 @@ async def test_cli_plugins_lists_builtins_with_their_distribution() -> None:
                                "ai": "crealia.strategies.ai:AIStrategy",
                                "manual": "crealia.strategies.manual:ManualStrategy"},
         "crealia.alert_rules": {"latency": "crealia._alerts:latency",
+                                "memory": "crealia._alerts:memory",
+                                "cpu": "crealia._alerts:cpu",
+                                "error_rate": "crealia._alerts:error_rate",
+                                "conflict_rate": "crealia._alerts:conflict_rate",
+                                "active_users": "crealia._alerts:active_users",
+                                "refused_actions": "crealia._security:refused_actions",
+                                "bad_tokens": "crealia._security:bad_tokens",
+                                "rate_limit_abuse": "crealia._security:rate_limit_abuse",
+                                "mass_export": "crealia._security:mass_export",
                                 "abuse": "crealia._security:abuse"},
         "crealia.backplanes": {"sqlite": "crealia.backplanes.sqlite:open_backplane",
                                "redis": "crealia.backplanes.redis:open_backplane"},
     }  # fmt: skip
+    # Every built-in the distribution declares is one of those: none is left unchecked.
+    declared: dict[str, dict[str, str]] = {}
+    for ep in importlib.metadata.distribution("crealia").entry_points:
+        if ep.group in expected:
+            declared.setdefault(ep.group, {})[ep.name] = ep.value
+    assert declared == expected
     for group, plugins in expected.items():
+        builtins = {name: info for name, info in by_group[group].items()
+                    if info["distribution"] == "crealia"}  # fmt: skip
+        assert builtins.keys() == plugins.keys(), (group, sorted(builtins))
         for name, target in plugins.items():
-            info = by_group[group][name]
-            assert (info["distribution"], info["version"], info["target"]) == (
-                "crealia", version, target)  # fmt: skip
-            if group != "crealia.backplanes":  # (those load once their factories exist)
-                assert info["error"] is None, info
-    assert run.status == (1 if any(info["error"] for info in listed) else 0)
+            info = builtins[name]
+            assert (info["version"], info["target"], info["error"]) == (version, target, None), info
     text = await crealia_cli("plugins")
-    assert text.status == run.status
+    assert text.status == 0, text
     lines = text.out.splitlines()
     assert "strategies (crealia.strategies):" in lines
     assert "alert rules (crealia.alert_rules):" in lines
     assert "backplanes (crealia.backplanes):" in lines
+    assert not [line for line in lines if "FAILED" in line]
     (merge,) = [line for line in lines if line.split()[:1] == ["merge"]]
     assert f"crealia {version}  crealia.strategies.merge:MergeStrategy" in merge
 

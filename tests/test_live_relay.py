@@ -13,10 +13,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
+import httpx
 import pytest
 import trio
+from trio.lowlevel import Task
 
 from crealia import Server, open_server
+from crealia._metrics import live_metrics
 from crealia._quality import RUNGS, fit
 from crealia._webrtc import Peer, Source, open_peer
 
@@ -60,15 +64,40 @@ async def answer_from(client: RawClient, sender: str) -> dict[str, Any]:
 
 
 async def connect_to_server(
-    stack: AsyncExitStack, client: RawClient, sid: str, **offer: Any
+    stack: AsyncExitStack, client: RawClient, sid: str, ports: set[int] | None = None, **offer: Any
 ) -> Peer:
     """A new peer (closed with ``stack``) offering to the relay over ``client``'s session, its
-    answer taken."""
+    answer taken; the UDP ports of the server's candidates in it are added to ``ports``."""
     peer = await stack.enter_async_context(open_peer(listen_ips=LOOPBACK))
     description = await peer.offer(**offer)
     await signal(client, sid, "server", description=description)
-    await peer.accept(await answer_from(client, "server"))
+    answer = await answer_from(client, "server")
+    if ports is not None:
+        ports.update(candidate_ports(answer["sdp"]))
+    await peer.accept(answer)
     return peer
+
+
+def candidate_ports(sdp: str) -> set[int]:
+    """The ports of the 127.0.0.1 UDP host candidates in ``sdp``."""
+    ports = set()
+    for line in sdp.split("\r\n"):
+        if line.startswith("a=candidate:"):
+            fields = line.split()
+            if fields[2].lower() == "udp" and fields[4] == "127.0.0.1":
+                ports.add(int(fields[5]))
+    return ports
+
+
+def udp_ports_bound() -> set[int]:
+    """The ports of every UDP socket bound on 127.0.0.1 in this network namespace (the
+    suite's own, loopback only: ``loopback_only``)."""
+    ports = set()
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        address, port = line.split()[1].split(":")
+        if address == "0100007F":  # 127.0.0.1, as the kernel writes it
+            ports.add(int(port, 16))
+    return ports
 
 
 async def start(client: RawClient, mode: str) -> str:
@@ -151,37 +180,77 @@ async def test_relay_bad_statistics_shrink_one_viewers_frames_and_not_the_others
                 await join(client, sid)
                 viewers[name] = peer = await connect_to_server(stack, client, sid, receive=True)
                 assert (await peer.frames(3))[-1] == (854, 480)
-            lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30, "packet_loss": 0.2,
-                     "fps": 15, "width": 854, "height": 480}  # fmt: skip
-            assert (await olga.request("stream_stats", lossy))["type"] == "ack"
-            for member in (olga, hana):
-                change = await member.expect_type("quality_change")
-                assert change["data"] == {"session_id": sid, "quality": "360p",
-                                          "max_bitrate_kbps": 800, "reason": "loss",
-                                          "viewer": "olga"}  # fmt: skip
-            # Within seconds olga's frames fit 360p (aspect kept: 640x358); pete's stay as the
-            # host sends them.
-            shrunk = fit(RUNGS["360p"], 854, 480)
-            assert shrunk == (640, 358)
-            with trio.fail_after(10):
-                while (await viewers["olga"].frames(1))[-1] != shrunk:
-                    pass
-            assert (await viewers["pete"].frames(5))[-1] == (854, 480)
+            # Every frame pete decodes from here on, while olga's quality falls.
+            pete_sizes: list[tuple[int, int]] = []
+
+            async def watch_pete() -> None:
+                while True:
+                    pete_sizes.extend(await viewers["pete"].frames(1))
+
+            async with trio.open_nursery() as watching:
+                watching.start_soon(watch_pete)
+                lossy = {"session_id": sid, "bitrate_kbps": 900, "rtt_ms": 30,
+                         "packet_loss": 0.2, "fps": 15, "width": 854, "height": 480}  # fmt: skip
+                assert (await olga.request("stream_stats", lossy))["type"] == "ack"
+                for member in (olga, hana):
+                    change = await member.expect_type("quality_change")
+                    assert change["data"] == {"session_id": sid, "quality": "360p",
+                                              "max_bitrate_kbps": 800, "reason": "loss",
+                                              "viewer": "olga"}  # fmt: skip
+                # Within seconds olga's frames fit 360p (aspect kept: 640x358), and stay so;
+                # pete's stay as the host sends them, every one of them.
+                shrunk = fit(RUNGS["360p"], 854, 480)
+                assert shrunk == (640, 358)
+                with trio.fail_after(10):
+                    while (await viewers["olga"].frames(1))[-1] != shrunk:
+                        pass
+                assert set(await viewers["olga"].frames(5)) == {shrunk}
+                assert set(await viewers["pete"].frames(10)) == {(854, 480)}
+                watching.cancel_scope.cancel()
+            assert len(pete_sizes) >= 10
+            assert set(pete_sizes) == {(854, 480)}, pete_sizes
+            # Neither pete nor the host heard of a change of pete's: what the server sent them
+            # before the answer to a request of theirs (joining again answers the same ack
+            # and announces nothing) is all in their inboxes.
+            for member in (pete, hana):
+                await join(member, sid)
+                changes = [env["data"] for env in member.inbox
+                           if env.get("type") == "quality_change"]  # fmt: skip
+                assert not [c for c in changes if c["viewer"] != "olga"], changes
+            assert not [env for env in pete.inbox if env.get("type") == "quality_change"]
+            members = {p.user_id: p for p in live_session(relay_server, sid).participants.values()}
+            assert members["pete"].controller.current == "480p"
+            assert members["olga"].controller.current == "360p"
+
+
+@attrs.define
+class Relayed:
+    """A relay session with its host's media flowing to one viewer (:func:`live_relay`)."""
+
+    hana: RawClient
+    olga: RawClient
+    sid: str
+    #: The UDP ports of the server's two peers (host and viewer), from its answers.
+    ports: set[int]
 
 
 @asynccontextmanager
 async def live_relay(
     server: Server, clients: Clients, stack: AsyncExitStack
-) -> AsyncIterator[tuple[RawClient, RawClient, str]]:
+) -> AsyncIterator[Relayed]:
     """A relay session with its host's media flowing to one viewer."""
     hana = await clients.join("hana")
     olga = await clients.join("olga", role="viewer")
     sid = await start(hana, "relay")
-    await connect_to_server(stack, hana, sid, send=Source(width=320, height=240, fps=15))
+    ports: set[int] = set()
+    await connect_to_server(stack, hana, sid, send=Source(width=320, height=240, fps=15),
+                            ports=ports)  # fmt: skip
     await join(olga, sid)
-    viewer = await connect_to_server(stack, olga, sid, receive=True)
+    viewer = await connect_to_server(stack, olga, sid, receive=True, ports=ports)
     await viewer.frames(2)
-    yield hana, olga, sid
+    assert len(ports) == 2, ports
+    assert ports <= udp_ports_bound()
+    yield Relayed(hana=hana, olga=olga, sid=sid, ports=ports)
 
 
 def live_session(server: Server, sid: str) -> Any:
@@ -189,13 +258,71 @@ def live_session(server: Server, sid: str) -> Any:
     return room.live.sessions[sid]
 
 
-async def wait_closed(live: Any, relay: Any, deadline: float) -> None:
-    """The session's peers (host and viewer) are closed and its tasks gone within
-    ``deadline`` seconds."""
-    with trio.fail_after(deadline):
+#: The name of the task that runs a live session, in its room's nursery.
+SESSION_TASK = "crealia._live.LiveSessions._run"
+
+
+def every_task() -> set[Task]:
+    """Every task of this run now: the tree from its root task."""
+    found: set[Task] = set()
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        found.add(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return found
+
+
+def session_tasks(live: Any) -> set[Task]:
+    """The task running ``live`` and every task under it (its relay's loop and peers)."""
+    (own,) = [task for task in every_task() if task.name == SESSION_TASK
+              and getattr(task.coro, "cr_frame", None) is not None
+              and task.coro.cr_frame.f_locals.get("live") is live]  # type: ignore[attr-defined]  # fmt: skip
+    found, todo = set(), [own]
+    while todo:
+        task = todo.pop()
+        found.add(task)
+        for nursery in task.child_nurseries:
+            todo.extend(nursery.child_tasks)
+    return found
+
+
+def ended_counts(server: Server) -> dict[str, float]:
+    """``crealia_live_sessions_ended_total`` by reason, from the collector ``/metrics`` renders
+    (readable after the server has stopped serving HTTP)."""
+    (family,) = [f for f in live_metrics(server.hub.rooms)
+                 if f.name == "crealia_live_sessions_ended"]  # fmt: skip
+    return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+
+async def wait_closed(
+    live: Any, relay: Any, session: Relayed, tasks: set[Task], *, since: float, deadline: float
+) -> None:
+    """Within ``deadline`` seconds of ``since`` the session's peers (host and viewer) are
+    closed, their sockets too, its relay's asyncio loop is closed with no task of it left,
+    and no task of the session's own (``tasks``) runs any more."""
+    with trio.fail_at(since + deadline):
         await live.closed.wait()
     assert live.relay is None
     assert relay.open_peers() == 0
+    assert not session.ports & udp_ports_bound()
+    assert relay.loop_closed
+    assert relay.loop_tasks() == []
+    left = tasks & every_task()
+    assert not left, left
+    assert not [task for task in every_task() if task.name == SESSION_TASK]
+
+
+async def erase(server: Server, user_id: str) -> None:
+    """A GDPR erasure in project p1, by an owner: it closes the project's room."""
+    token = server.issue_token("owen", "p1", "owner")
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=TIMEOUT) as http:
+        response = await http.post("/api/collaboration/gdpr/erase", json={"userId": user_id},
+                                   headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("cause", ["stopped", "host_left", "room_closed"])
@@ -207,26 +334,42 @@ async def test_relay_ending_closes_every_peer_within_its_deadline(
             open_server(relay_config(tmp_path)) as server,
             opened(server, nursery) as clients,
             AsyncExitStack() as stack,
-            live_relay(server, clients, stack) as (hana, olga, sid),
+            live_relay(server, clients, stack) as session,
         ):
+            hana, olga, sid = session.hana, session.olga, session.sid
             room = server.hub.rooms.rooms["p1"]
             live = live_session(server, sid)
             tasks_before = len(room.nursery.child_tasks) - 1  # the session's own task
+            tasks = session_tasks(live)
+            assert len(tasks) > 1  # its relay's loop and peers run under it
             relay = live.relay
             assert relay.open_peers() == 2
-            if cause == "stopped":
-                reply = await hana.request("live_stop", {"session_id": sid})
-                assert reply["type"] == "ack", reply
-            elif cause == "host_left":
-                await hana.aclose()
+            assert relay.loop_tasks()  # aiortc's tasks, while the peers are up
+            since = trio.current_time()
+            async with trio.open_nursery() as ending:
+                if cause == "stopped":
+                    reply = await hana.request("live_stop", {"session_id": sid})
+                    assert reply["type"] == "ack", reply
+                elif cause == "host_left":
+                    await hana.aclose()
+                else:
+                    # A GDPR erasure closes the project's room with its members connected (its
+                    # answer waits for their connections to close too).
+                    ending.start_soon(erase, server, "zed")
+                await wait_closed(live, relay, session, tasks, since=since,
+                                  deadline=server.config.live_peer_timeout + 1)  # fmt: skip
+            assert live.reason == cause
+            ended = await olga.event("live_ended")
+            assert ended["data"]["payload"] == {"session_id": sid, "reason": cause}
+            if cause == "room_closed":
+                # Sent just before the member's connection closed with the room.
+                assert await olga.closed() == 1011
+                assert room.nursery is None and room.done.is_set()
             else:
-                room.close()
-            await wait_closed(live, relay, server.config.live_peer_timeout + 1)
-            if cause != "room_closed":
-                ended = await olga.event("live_ended")
-                assert ended["data"]["payload"] == {"session_id": sid, "reason": cause}
                 assert len(room.nursery.child_tasks) == tasks_before
-            assert server.hub.rooms.live_totals.ended[cause] == 1
+            expected = {"stopped": 0.0, "host_left": 0.0, "room_closed": 0.0, cause: 1.0}
+            assert server.hub.rooms.live_totals.ended == {k: int(v) for k, v in expected.items()}
+            assert ended_counts(server) == expected
 
 
 async def test_relay_server_shutdown_closes_every_peer(
@@ -237,13 +380,35 @@ async def test_relay_server_shutdown_closes_every_peer(
             open_server(relay_config(tmp_path)) as server,
             opened(server, nursery) as clients,
             AsyncExitStack() as stack,
-            live_relay(server, clients, stack) as (_hana, _olga, sid),
+            live_relay(server, clients, stack) as session,
         ):
+            hana, olga, sid = session.hana, session.olga, session.sid
             live = live_session(server, sid)
+            tasks = session_tasks(live)
             relay = live.relay
             assert relay.open_peers() == 2
-            await server.aclose()
-            await wait_closed(live, relay, server.config.live_peer_timeout + 1)
+            config = server.config
+            # Shutdown closes every connection at once, the host's included (its client reads,
+            # so at once), which ends the session: its peers close within live_peer_timeout of
+            # the shutdown's start, timed from there, not from aclose's return (which waits up
+            # to shutdown_grace for the connections).
+            since = trio.current_time()
+            async with trio.open_nursery() as stopping:
+                stopping.start_soon(server.aclose)
+                await wait_closed(live, relay, session, tasks, since=since,
+                                  deadline=config.live_peer_timeout + 1)  # fmt: skip
+            assert trio.current_time() - since < config.shutdown_grace + 1
+            assert live.reason == "host_left"
+            assert server.hub.rooms.live_totals.ended == {"stopped": 0, "host_left": 1,
+                                                          "room_closed": 0}  # fmt: skip
+            assert ended_counts(server) == {"stopped": 0.0, "host_left": 1.0,
+                                            "room_closed": 0.0}  # fmt: skip
+            # Members learn it from their connection closing with 1001 (docs/protocol.md §8):
+            # they are sent no live_ended.
+            for member in (hana, olga):
+                assert await member.closed() == 1001
+                assert not [env for env in member.inbox if env.get("type") == "collaboration_event"
+                            and env["data"]["kind"] == "live_ended"]  # fmt: skip
 
 
 async def test_relay_refusals_name_what_the_servers_peer_cannot_take(

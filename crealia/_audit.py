@@ -50,6 +50,8 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
     "edit": ("low", 5),
     "comment": ("low", 5),
     "conflict_resolution": ("low", 10),
+    "conflict_revert": ("low", 10),
+    "conflict_preview": ("low", 0),
     "strategy_change": ("medium", 20),
     "permission_refused": ("medium", 40),
     "rate_limited": ("medium", 30),

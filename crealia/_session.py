@@ -66,6 +66,9 @@ _MAX_MERGED_FRAME = 256 * 1024
 #: preview runs every strategy, the ``ai`` one asking its provider).
 DRY_RUN_PREVIEWS = 20
 
+#: The change id of a conflict's revert is this and the conflict's id (clients may not use it).
+REVERT_PREFIX = "revert:"
+
 #: How many of a project's resolved conflicts (newest first) a revert looks its conflict up in.
 REVERT_LOOKUP = 10_000
 
@@ -705,6 +708,11 @@ class Hub:
             ProtocolError: what the backplane refuses (``overloaded``, ``too_large``, ...).
         """
         user, data = session.user, envelope.data
+        if data.change_id.startswith(REVERT_PREFIX):
+            raise BadRequest(
+                f"data.change_id: ids starting with {REVERT_PREFIX!r} name the "
+                "server's reverts (conflict_revert); choose another change_id"
+            )
         strategy = await self.settler.first(user.project_id)
         outcome = await self.backplane.commit_change(user, data, strategy=strategy)
         room.settle(outcome.detected)
@@ -991,7 +999,7 @@ class Hub:
                 "restores the value it did not choose"
             )
         value = (conflict.current if side == "current" else conflict.incoming).get("value")
-        change = RevertChange(change_id=f"revert:{conflict_id}", revert_of=conflict_id,
+        change = RevertChange(change_id=f"{REVERT_PREFIX}{conflict_id}", revert_of=conflict_id,
                               conflict=conflict, side=side,  # type: ignore[arg-type]
                               value=value, resolution_seq=seq)  # fmt: skip
         strategy = await self.settler.first(project_id)

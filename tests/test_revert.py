@@ -149,6 +149,9 @@ async def test_revert_of_a_hand_resolution_and_each_refusal(clients: Clients) ->
         await refused(viewer, {"conflict_id": cid}, "forbidden")
         await refused(a, {"conflict_id": cid, "side": "sideways"}, "bad_request", "data.side")
         await refused(a, {}, "bad_request", "data.conflict_id")
+        squat = await a.request("timeline_change", set_op(f"revert:{cid}", "clip", "x", 1, None))
+        assert squat["data"]["code"] == "bad_request", squat
+        assert "data.change_id" in squat["data"]["message"]
         ok = await b.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
         assert ok["type"] == "ack", ok
         await resolved(a, cid)

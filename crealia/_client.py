@@ -109,7 +109,14 @@ logger = logging.getLogger("crealia.client")
 #: Requests that are sent again, unchanged, when the connection drops before their reply.
 #: Requests that are safe to send again: changes and comments are idempotent on their ids.
 _RESENDABLE: Final = frozenset(
-    {"timeline_change", "comment_add", "users_request", "ping", "conflict_dismiss"}
+    {
+        "timeline_change",
+        "comment_add",
+        "users_request",
+        "ping",
+        "conflict_dismiss",
+        "conflict_preview",
+    }
 )
 #: Hello errors after which trying again cannot help.
 _FATAL_HELLO_CODES: Final = frozenset(

@@ -221,6 +221,52 @@ async def test_a_revert_over_a_newer_write_becomes_a_conflict(clients: Clients) 
         assert (await snapshot_of(server))["elements"]["clip"]["props"]["title"] == "mine"
 
 
+async def test_a_conflicting_revert_is_settled_by_the_chain(clients: Clients) -> None:
+    server = clients.server
+    with trio.fail_after(15):
+        a, _b, ack = await conflict_on(
+            clients, a_role="editor", b_role="owner", current="A fox", incoming="Some fox"
+        )
+        (cid,) = ack["conflicts"]
+        await resolved(a, cid)  # priority: the owner's "Some fox", at seq 3
+        c = await clients.join("carol", role="owner")
+        await c.request("timeline_change", set_op("c9", "clip", "title", "Carol's fox", 3))
+        reply = await a.request("conflict_revert", {"conflict_id": cid})
+        assert reply["data"]["status"] == "conflict", reply
+        (again,) = reply["data"]["conflicts"]
+        # merge declines ("A fox" and "Carol's fox" from "Some fox"); priority keeps the owner's.
+        settled = await resolved(a, again)
+        assert settled["resolution"]["strategy"] == "priority"
+        assert settled["resolution"]["value"] == "Carol's fox"
+        snapshot = await snapshot_of(server)
+        assert snapshot["elements"]["clip"]["props"]["title"] == "Carol's fox"
+        assert snapshot["seq"] == settled["seq"]
+
+
+@pytest.mark.chain("manual")
+async def test_reverting_a_restore_deletes_the_element_again(clients: Clients) -> None:
+    server = clients.server
+    with trio.fail_after(15):
+        a, b = await clients.join("alice"), await clients.join("bob")
+        await a.request("timeline_change", insert("c1", "clip", title="t"))
+        delete = {"op": "delete", "element_id": "clip"}
+        await b.request("timeline_change", {"change_id": "c2", "changes": [delete]})
+        late = await a.request("timeline_change", set_op("c3", "clip", "title", "kept", 1))
+        (cid,) = late["data"]["conflicts"]  # a set on an element deleted since its base
+        await b.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
+        await resolved(a, cid)
+        assert (await snapshot_of(server))["elements"]["clip"]["props"] == {"title": "kept"}
+        watcher = Member(await clients.join("watcher"))
+        reply = await b.request("conflict_revert", {"conflict_id": cid})
+        assert reply["data"]["status"] == "applied", reply
+        await watcher.follow(reply["data"]["seq"])
+        assert watcher.reverts[0]["payload"]["changes"] == [
+            {"op": "delete", "element_id": "clip", "base": 3}
+        ]
+        snapshot = await snapshot_of(server)
+        assert "clip" not in snapshot["elements"] and watcher.elements == snapshot["elements"]
+
+
 @pytest.mark.chain("manual")
 async def test_a_revert_never_writes_over_the_reverters_own_newer_edit(clients: Clients) -> None:
     server = clients.server

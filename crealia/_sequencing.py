@@ -262,6 +262,9 @@ def revert_ops(doc: Document, user: User, change: RevertChange) -> list[Op]:
                 f"{element.created}, after the resolution (seq {at}); a revert "
                 "does not replace it"
             )
+        if not isinstance(value, dict | None):
+            raise BadRequest(f"{where}: the {change.side} side of conflict {conflict.id!r} holds "
+                             "no element's props to restore")  # fmt: skip
         if value is None:
             if element is None:
                 raise BadRequest(f"{where}: element {eid!r} is deleted already; nothing to revert")
@@ -283,7 +286,8 @@ def revert_ops(doc: Document, user: User, change: RevertChange) -> list[Op]:
                 for name, v in value.items()]  # fmt: skip
     what = f"{eid}.{prop}"
     if element is not None:
-        if element.created == at and value is None and conflict.current.get("value") is None:
+        restores_delete = change.side == "current" and conflict.current.get("value") is None
+        if element.created == at and restores_delete:
             # The resolution brought a deleted element back: its other side had it deleted.
             _own_newer(*element.version(), user, at, f"element {eid!r}")
             return [DeleteOp(op="delete", element_id=eid, base=at)]

@@ -462,3 +462,27 @@ async def test_revert_on_the_redis_backplane(
         assert preview["data"]["conflicts"][0]["settled_by"] == "manual"
     await first.aclose()
     await second.aclose()
+
+
+async def test_a_revert_survives_a_restart(tmp_path: Path, nursery: trio.Nursery) -> None:
+    config = make_config(tmp_path / "data", strategy_chain=("manual",))
+    with trio.fail_after(20):
+        async with open_server(config) as server:
+            clients = Clients(server, "ws", nursery)
+            a, b, ack = await conflict_on(clients, current="mine", incoming="theirs")
+            (cid,) = ack["conflicts"]
+            await b.request("conflict_resolve", {"conflict_id": cid, "choice": "incoming"})
+            await resolved(a, cid)
+            reply = await a.request("conflict_revert", {"conflict_id": cid})
+            assert reply["data"]["seq"] == 4, reply
+            await clients.aclose()
+        async with open_server(config) as server:
+            clients = Clients(server, "ws", nursery)
+            a = await clients.join("alice")
+            assert a.welcome["snapshot"]["seq"] == 4
+            assert a.welcome["snapshot"]["elements"]["clip"]["props"]["title"] == "mine"
+            resumed = await clients.join("bob", resume=3)
+            replay = await resumed.next()
+            assert replay["data"]["payload"]["revert_of"] == cid
+            await refused(a, {"conflict_id": cid}, "bad_request", "reverted already")
+            await clients.aclose()

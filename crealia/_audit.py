@@ -52,6 +52,8 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
     "conflict_resolution": ("low", 10),
     # A strategy's unsure resolution held for a person (a project's ask_when_unsure).
     "conflict_held": ("low", 5),
+    "conflict_revert": ("low", 10),
+    "conflict_preview": ("low", 0),
     "strategy_change": ("medium", 20),
     "permission_refused": ("medium", 40),
     "rate_limited": ("medium", 30),

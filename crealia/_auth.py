@@ -28,7 +28,6 @@ _RANK = {role: rank for rank, role in enumerate(ROLES)}
 REST_ROLES: Mapping[str, Role] = MappingProxyType({
     "snapshot_read": "viewer",
     "conflicts_read": "viewer",
-    "conflicts_detect": "editor",
     "live_read": "viewer",
     "strategies_read": "viewer",
     "strategies_write": "owner",

@@ -109,7 +109,14 @@ logger = logging.getLogger("crealia.client")
 #: Requests that are sent again, unchanged, when the connection drops before their reply.
 #: Requests that are safe to send again: changes and comments are idempotent on their ids.
 _RESENDABLE: Final = frozenset(
-    {"timeline_change", "comment_add", "users_request", "ping", "conflict_dismiss"}
+    {
+        "timeline_change",
+        "comment_add",
+        "users_request",
+        "ping",
+        "conflict_dismiss",
+        "conflict_preview",
+    }
 )
 #: Hello errors after which trying again cannot help.
 _FATAL_HELLO_CODES: Final = frozenset(
@@ -501,6 +508,34 @@ class ClientSession:
         """
         data = {"change_id": change_id or str(uuid.uuid4()), "changes": list(changes)}
         return await self._request_idempotent("timeline_change", data)
+
+    async def revert_conflict(self, conflict_id: str, side: str | None = None) -> dict[str, Any]:
+        """Send a ``conflict_revert``: undo a settled conflict's resolution by a new change that
+        restores ``side``'s value (``"current"`` or ``"incoming"``; by default the side the
+        resolution did not choose, required when it was ``custom``). Returns its ack, like a
+        change's (``change_id``, ``seq``, ``status``, ``conflicts``): status ``conflict`` when
+        the property was written since and the revert became a new conflict.
+
+        Not sent again after a reconnection (a second revert is refused as such).
+
+        Raises:
+            ServerError: refused (``not_found``, ``bad_request`` naming why, ``forbidden``, …).
+            ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        data: dict[str, Any] = {"conflict_id": conflict_id}
+        if side is not None:
+            data["side"] = side
+        return await self.request("conflict_revert", data)
+
+    async def preview_changes(self, changes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Send a ``conflict_preview``: what ``changes`` would do now, applying nothing
+        (``applies``, and ``conflicts`` with what each strategy of the chain would answer).
+
+        Raises:
+            ServerError: refused (``bad_request``, ``not_found``, ``forbidden``, …).
+            ConnectionLost, ClientClosed: as for :meth:`request`.
+        """
+        return await self.request("conflict_preview", {"changes": list(changes)})
 
     async def _request_idempotent(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
         """:meth:`request`, sent again (same id) while the server answers ``overloaded`` with

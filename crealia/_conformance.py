@@ -21,8 +21,9 @@ What it checks, each on fresh projects (random ids, so a factory need not wipe i
 - ``resume``: ``events_since`` is exact over the last 1,000 events at least, ``[]`` at the head,
   ``None`` beyond it, and ``None`` or exact further back;
 - ``conflicts``: a conflicting change stores its conflict pending before it returns and tells
-  the listeners; ``dry_run`` changes nothing; settling makes an event, resolves it, refuses a
-  second settlement, and a target that moved meanwhile detects the conflict again;
+  the listeners; ``dry_run`` changes nothing; settling makes an event, resolves it (keeping its
+  seq), refuses a second settlement, and a target that moved meanwhile detects the conflict
+  again; a revert based on a resolution conflicts with a newer write and is a duplicate resent;
 - ``cancellation``: writes cancelled after 0 to 30 checkpoints (each three times) leave a whole
   event or nothing: a resend tells which, the history stays gap-free, each id appears once,
   listeners heard each event once;
@@ -52,6 +53,7 @@ from prometheus_client import Metric
 from ._backplane import MIN_HISTORY_EVENTS, Backplane
 from ._errors import BadRequest, NotFound, ProtocolError
 from ._model import Conflict, DurableEvent, Ephemeral, Resolution, User
+from ._sequencing import RevertChange
 from ._wire import Comment, InsertOp, SetOp, TimelineChange
 
 __all__ = ["check_backplane"]
@@ -364,6 +366,22 @@ async def _check_conflicts(backplane: Backplane) -> None:
                 f"pending after a redetection: {pending}")  # fmt: skip
         snapshot = await backplane.snapshot(project)
         _expect(snapshot["elements"]["e"]["props"] == {"v": 8}, f"the newer value: {snapshot}")
+        # A revert (conflict_revert) is a change prepared like the others, based on the seq the
+        # stored resolution keeps: alice wrote after the first resolution, so it conflicts.
+        first = next(c for c in await backplane.conflicts(project, status="resolved")
+                     if c.id == conflict_id)  # fmt: skip
+        _expect((first.resolution or {}).get("seq") == 3,
+                f"a stored resolution keeps its seq: {first.resolution}")  # fmt: skip
+        revert = RevertChange(change_id=f"revert:{conflict_id}", revert_of=conflict_id,
+                              conflict=first, side="current", value=1,
+                              resolution_seq=3)  # fmt: skip
+        stale = await backplane.commit_change(carol, revert)
+        _expect(stale.status == "conflict" and stale.seq is None and len(stale.conflicts) == 1,
+                f"a revert over a newer write: {stale}")  # fmt: skip
+        _expect((await backplane.commit_change(carol, revert)).status == "duplicate",
+                "a revert resent is not a duplicate")  # fmt: skip
+        snapshot = await backplane.snapshot(project)
+        _expect(snapshot["elements"]["e"]["props"] == {"v": 8}, f"a revert overwrote: {snapshot}")
         await _gap_free(backplane, project, "after the settlements")
 
 

@@ -44,13 +44,10 @@ from ._metrics import ServerCollector
 from ._model import Conflict, User
 from ._monitor import Monitor
 from ._security import SecurityMonitor
+from ._session import DRY_RUN_PREVIEWS as DRY_RUN_PREVIEWS
 from ._session import Hub
 
 T = TypeVar("T")
-
-#: Conflicts of one dry run whose chain is previewed; the others get ``strategies: null`` (a
-#: preview runs every strategy, the ``ai`` one asking its provider).
-DRY_RUN_PREVIEWS = 20
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -75,6 +72,12 @@ class ResolveBody:
     choice: Literal["current", "incoming", "custom"]
     value: Any = _wire.MISSING
     dismiss: bool = False
+    projectId: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RevertBody:
+    side: Literal["current", "incoming"] | None = None
     projectId: str | None = None
 
 
@@ -308,21 +311,10 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
 
     @app.post("/api/collaboration/conflicts/detect")
     async def detect_conflicts() -> Response:
-        user = bearer("conflicts_detect")
+        user = bearer("conflict_preview")
         data = await body(DetectBody)
         for_project(user, data.projectId or user.project_id)
-        change = _wire.TimelineChange(change_id="dry-run", changes=data.changes)
-        result = await hub.backplane.dry_run(user, change)
-        # What the chain would do with each conflict, nothing applied (the room's members,
-        # when it is open here, are who the strategies weigh).
-        room = hub.rooms.rooms.get(user.project_id)
-        for index, found in enumerate(result["conflicts"]):
-            if index >= DRY_RUN_PREVIEWS:  # each preview may cost a provider call per strategy
-                found.update(strategies=None, settled_by=None)
-                continue
-            roles: dict[str, str] = {user.id: user.role}
-            found.update(await hub.settler.preview(user.project_id, found, roles, room))
-        return _json(result)
+        return _json(await hub.preview_change(user, data.changes, origin=origin()))
 
     @app.post("/api/collaboration/conflicts/<conflict_id>/resolve")
     async def resolve_conflict(conflict_id: str) -> Response:
@@ -335,6 +327,14 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         seq = await hub.resolve_by_hand(user, conflict_id, data.choice, value,
                                         dismiss=data.dismiss, origin=origin())  # fmt: skip
         return _json({"conflict_id": conflict_id, "seq": seq})
+
+    @app.post("/api/collaboration/conflicts/<conflict_id>/revert")
+    async def revert_conflict(conflict_id: str) -> Response:
+        user = bearer("conflict_revert")
+        data = await body(RevertBody)
+        for_project(user, data.projectId or user.project_id)
+        ack = await hub.revert_conflict(user, conflict_id, data.side, origin=origin())
+        return _json({"conflict_id": conflict_id, **ack})
 
     @app.get("/api/projects/<project_id>/strategies")
     async def get_strategies(project_id: str) -> Response:

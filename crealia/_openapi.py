@@ -423,10 +423,11 @@ def _paths() -> dict[str, Any]:
             "which would apply and which would conflict. Nothing is stored or sent. Refused "
             "like a change: inserting an element that exists or touching one deleted earlier "
             "in the change is 400, touching an element that does not exist 404, a value or a "
-            "document over its quota 413.",
+            "document over its quota 413. The WebSocket's `conflict_preview` is the same call "
+            "(its ack's data is this answer). Audited as `conflict_preview`.",
             _responses(_json(_ref("DryRun"), "What the change would do."),
                        *conflict_statuses),
-            action="conflicts_detect",
+            action="conflict_preview",
             body=_obj({
                 "changes": {"type": "array", "items": _ref("Op"), "minItems": 1,
                             "maxItems": 1000},
@@ -460,6 +461,35 @@ def _paths() -> dict[str, Any]:
             }, ["choice"]),
             examples={"a value of one's own": {"choice": "custom", "value": "The quick fox"},
                       "dismissed": {"choice": "current", "dismiss": True}},
+        )},
+        "/api/collaboration/conflicts/{conflict_id}/revert": {"post": _operation(
+            "revert_conflict", "conflicts", "Revert a settled conflict's resolution",
+            "Like `conflict_revert` on the WebSocket: a new change (a `timeline_change` event "
+            "with `revert_of`, change id `revert:<conflict_id>`) restores the value of `side`, "
+            "by default the side the resolution did not choose (required when it was "
+            "`custom`). It is checked like a change made right after the resolution: when "
+            "someone else wrote the property (or the element) since, nothing is overwritten "
+            "and the revert becomes a new conflict (`status` `conflict`, settled by the "
+            "chain). 400 for a conflict still pending, dismissed, reverted already, a missing "
+            "or wrong `side`, or a target the revert cannot restore; 404 for an unknown "
+            "conflict. Audited as `conflict_revert`.",
+            _responses(_json(_all({
+                "conflict_id": _STRING,
+                "change_id": _STRING,
+                "seq": {"type": ["integer", "null"],
+                        "description": "The revert's seq; null when it became a conflict."},
+                "status": {"enum": ["applied", "conflict"]},
+                "conflicts": {"type": "array", "items": _STRING},
+            }), "Reverted, or turned into a new conflict."), *conflict_statuses),
+            action="conflict_revert",
+            parameters=[_path("conflict_id", "A settled conflict of the token's project.")],
+            body=_obj({
+                "side": {"enum": ["current", "incoming"],
+                         "description": "The side whose value comes back (default: the one "
+                                        "the resolution did not choose)."},
+                "projectId": {**_STRING, "description": "Default the token's; must be it."},
+            }, []),
+            examples={"the other side": {}, "a side named": {"side": "incoming"}},
         )},
         "/api/collaboration/performance/metrics": {"get": _operation(
             "performance_metrics", "performance", "Recent metric samples",
@@ -709,6 +739,8 @@ def _schemas() -> dict[str, Schema]:
                 "explanation": _STRING,
                 "review": {"type": "boolean",
                            "description": "Whether a person should look at it."},
+                "seq": {**_INTEGER, "description": "The resolution's seq (absent on those "
+                                                   "stored before this version)."},
             }, ["value", "choice", "strategy", "confidence", "explanation"])),
         })]},
         "DryRun": _all({

@@ -30,6 +30,7 @@ from ._config import Config
 from ._document import ConflictSpec, Document, Quotas, ValueAt
 from ._errors import BadRequest, NotFound, TooLarge
 from ._model import ChangeOutcome, Conflict, DurableEvent, Resolution, Settled, User
+from ._wire import DeleteOp, InsertOp, Op, SetOp
 
 
 def now_ms() -> int:
@@ -204,6 +205,118 @@ def check_pending(specs: Sequence[ConflictSpec], load: PendingLoad, doc: Documen
             )
 
 
+@attrs.frozen(kw_only=True)
+class RevertChange(_wire.TimelineChange):
+    """A ``conflict_revert`` (docs/protocol.md §5): the change that restores ``value``, the side
+    ``side`` of ``conflict``, over what its resolution at ``resolution_seq`` wrote.
+
+    The server builds it (no client message decodes into it); its operations are worked out
+    against the document when it is prepared (:func:`revert_ops`), so ``changes`` stays empty.
+    Its ``change_id`` is ``revert:<conflict id>``: a conflict is reverted at most once.
+    """
+
+    changes: list[Op] = attrs.field(factory=list)
+    #: The id of the conflict whose resolution it undoes (the event's ``payload.revert_of``).
+    revert_of: str
+    conflict: Conflict
+    side: Literal["current", "incoming"]
+    value: Any
+    resolution_seq: int
+
+
+def _own_newer(seq: int | None, writer: str | None, user: User, at: int, what: str) -> None:
+    """Raises:
+    BadRequest: ``user`` wrote ``what`` after ``at`` (a revert writes over no newer edit; someone
+        else's newer edit is a conflict, the plan's to find).
+    """
+    if seq is not None and seq > at and writer == user.id:
+        raise BadRequest(
+            f"data.conflict_id: you changed {what} at seq {seq}, after the resolution (seq {at}); "
+            "a revert never writes over a newer edit: change it with a timeline_change instead"
+        )
+
+
+def revert_ops(doc: Document, user: User, change: RevertChange) -> list[Op]:
+    """The operations that put ``change.value`` back where the conflict's resolution wrote.
+
+    Each carries ``base`` = the resolution's seq, so a write by someone else since then makes it
+    a conflict (the plan's usual check), never an overwrite. A deleted element comes back (an
+    ``insert`` of its kept type) when the resolution deleted it, or kept it deleted.
+
+    Raises:
+        BadRequest: the resolution wrote nothing to revert (a newer value stood), the element
+            was created again or deleted since in a way a revert cannot be checked against, or
+            ``user`` changed the target since the resolution.
+        NotFound: the element is gone (deleted and forgotten).
+    """
+    conflict, value, at = change.conflict, change.value, change.resolution_seq
+    eid, prop = conflict.element_id, conflict.prop
+    where = "data.conflict_id"
+    element, tomb = doc.elements.get(eid), doc.tombstones.get(eid)
+    if element is None and tomb is None:
+        raise NotFound(f"{where}: element {eid!r} is no longer in this project")
+    if prop is None:  # a conflicting delete: value is the element's props, or None (deleted)
+        if element is not None and element.created > at:
+            raise BadRequest(
+                f"{where}: element {eid!r} was created again at seq "
+                f"{element.created}, after the resolution (seq {at}); a revert "
+                "does not replace it"
+            )
+        if not isinstance(value, dict | None):
+            raise BadRequest(f"{where}: the {change.side} side of conflict {conflict.id!r} holds "
+                             "no element's props to restore")  # fmt: skip
+        if value is None:
+            if element is None:
+                raise BadRequest(f"{where}: element {eid!r} is deleted already; nothing to revert")
+            _own_newer(*element.version(), user, at, f"element {eid!r}")
+            return [DeleteOp(op="delete", element_id=eid, base=at)]
+        if element is None:
+            assert tomb is not None
+            if tomb.seq != at:
+                raise BadRequest(
+                    f"{where}: element {eid!r} was deleted at seq {tomb.seq}, not by "
+                    f"the resolution (seq {at}); a revert does not bring it back"
+                )
+            return [InsertOp(op="insert", element_id=eid, element_type=tomb.element.type,
+                             props=dict(value))]  # fmt: skip
+        for name in value:
+            _own_newer(element.versions.get(name), element.writers.get(name), user, at,
+                       f"{eid}.{name}")  # fmt: skip
+        return [SetOp(op="set", element_id=eid, prop=name, value=v, base=at)
+                for name, v in value.items()]  # fmt: skip
+    what = f"{eid}.{prop}"
+    if element is not None:
+        restores_delete = change.side == "current" and conflict.current.get("value") is None
+        if element.created == at and restores_delete:
+            # The resolution brought a deleted element back: its other side had it deleted.
+            _own_newer(*element.version(), user, at, f"element {eid!r}")
+            return [DeleteOp(op="delete", element_id=eid, base=at)]
+        version = element.versions.get(prop)
+        if version is not None and version < at:
+            raise BadRequest(
+                f"{where}: the resolution (seq {at}) wrote nothing to {what} (a "
+                "newer value stood); nothing to revert"
+            )
+        _own_newer(version, element.writers.get(prop), user, at, what)
+        return [SetOp(op="set", element_id=eid, prop=prop, value=value, base=at)]
+    assert tomb is not None
+    if tomb.seq > at:  # deleted since the resolution: a set from before it conflicts
+        _own_newer(tomb.seq, tomb.user_id, user, at, f"element {eid!r}")
+        return [SetOp(op="set", element_id=eid, prop=prop, value=value, base=at)]
+    if conflict.current.get("seq") != tomb.seq:
+        raise BadRequest(
+            f"{where}: element {eid!r} was deleted at seq {tomb.seq} while the "
+            "conflict was being settled (that delete stood); nothing to revert"
+        )
+    if value is None:
+        raise BadRequest(
+            f"{where}: element {eid!r} is deleted, as the side restored had it; nothing to revert"
+        )
+    # The resolution kept the element deleted: restoring the edit brings it back.
+    props = {**tomb.element.props, prop: value}
+    return [InsertOp(op="insert", element_id=eid, element_type=tomb.element.type, props=props)]
+
+
 def prepare_change(
     doc: Document,
     user: User,
@@ -225,20 +338,24 @@ def prepare_change(
         TooLarge: it would grow the document, a value, or the pending conflicts past a quota
             (the message names it); nothing changes.
     """
-    plan = doc.plan(user.id, change.change_id, change.changes, lookup)
+    ops = revert_ops(doc, user, change) if isinstance(change, RevertChange) else change.changes
+    plan = doc.plan(user.id, change.change_id, ops, lookup)
     if pending is not None:
         check_pending(plan.conflicts, pending, doc)
     event = None
     seq = None
     if plan.applied:
         seq = doc.seq + 1
+        payload: dict[str, Any] = {"change_id": change.change_id, "changes": plan.applied}
+        if isinstance(change, RevertChange):
+            payload["revert_of"] = change.revert_of
         event = DurableEvent(
             project_id=doc.project_id,
             seq=seq,
             kind="timeline_change",
             user_id=user.id,
             at=at,
-            payload={"change_id": change.change_id, "changes": plan.applied},
+            payload=payload,
             effects=plan.applied,
         )
     roles = {**roles, user.id: user.role}
@@ -314,7 +431,8 @@ def prepare_settle(
         doc.check_effects(effects, path="data.value")
     seq = doc.seq + 1
     wire = resolution.to_wire()
-    resolved = attrs.evolve(conflict, status="resolved", resolution=wire)
+    # The stored record also keeps the resolution's seq: what a revert is checked against.
+    resolved = attrs.evolve(conflict, status="resolved", resolution={**wire, "seq": seq})
     event = DurableEvent(
         project_id=doc.project_id,
         seq=seq,

@@ -53,6 +53,7 @@ from ._preauth import AddressLimiter
 from ._protocol import PROTOCOL, MessageType, data_classes
 from ._ratelimit import RateLimiter
 from ._room import Room, RoomManager
+from ._sequencing import RevertChange
 from ._settle import Settler, custom_value_problem
 from ._transport import Acceptor, Connection
 
@@ -60,6 +61,16 @@ log = logging.getLogger("crealia.session")
 
 #: Largest frame the writer builds by merging queued outbox items.
 _MAX_MERGED_FRAME = 256 * 1024
+
+#: Conflicts of one dry run whose chain is previewed; the others get ``strategies: null`` (a
+#: preview runs every strategy, the ``ai`` one asking its provider).
+DRY_RUN_PREVIEWS = 20
+
+#: The change id of a conflict's revert is this and the conflict's id (clients may not use it).
+REVERT_PREFIX = "revert:"
+
+#: How many of a project's resolved conflicts (newest first) a revert looks its conflict up in.
+REVERT_LOOKUP = 10_000
 
 
 class _Parts(list[bytes]):
@@ -697,6 +708,11 @@ class Hub:
             ProtocolError: what the backplane refuses (``overloaded``, ``too_large``, ...).
         """
         user, data = session.user, envelope.data
+        if data.change_id.startswith(REVERT_PREFIX):
+            raise BadRequest(
+                f"data.change_id: ids starting with {REVERT_PREFIX!r} name the "
+                "server's reverts (conflict_revert); choose another change_id"
+            )
         strategy = await self.settler.first(user.project_id)
         outcome = await self.backplane.commit_change(user, data, strategy=strategy)
         room.settle(outcome.detected)
@@ -757,6 +773,32 @@ class Hub:
         await self.resolve_by_hand(session.user, envelope.data.conflict_id, "current", None,
                                    dismiss=True, origin=_origin(session))  # fmt: skip
         return "ack", {}
+
+    async def handle_conflict_revert(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``conflict_revert``: undo a settled conflict's resolution by a new change
+        (:meth:`revert_conflict`); the ack is the change's.
+
+        Raises:
+            NotFound, BadRequest: as :meth:`revert_conflict`.
+        """
+        data = envelope.data
+        ack = await self.revert_conflict(session.user, data.conflict_id, data.side,
+                                         origin=_origin(session))  # fmt: skip
+        return "ack", ack
+
+    async def handle_conflict_preview(
+        self, session: Session, room: Room, envelope: _wire.Envelope
+    ) -> tuple[str, Any]:
+        """``conflict_preview``: the dry run of ``POST /api/collaboration/conflicts/detect``
+        (:meth:`preview_change`); the ack's data is that call's answer.
+
+        Raises:
+            BadRequest, NotFound, TooLarge: as :meth:`preview_change`.
+        """
+        return "ack", await self.preview_change(session.user, envelope.data.changes,
+                                                origin=_origin(session))  # fmt: skip
 
     async def handle_metrics_subscribe(
         self, session: Session, room: Room, envelope: _wire.Envelope
@@ -897,6 +939,131 @@ class Hub:
                      "seq": settled.seq},
         )  # fmt: skip
         return settled.seq
+
+    async def revert_conflict(
+        self,
+        user: User,
+        conflict_id: str,
+        side: str | None,
+        *,
+        origin: tuple[str, str] = ("", ""),
+    ) -> dict[str, Any]:
+        """Undo a settled conflict's resolution (WebSocket or REST): a new change, checked like
+        any other against writes newer than the resolution, restoring ``side``'s value (by
+        default the side the resolution did not choose). Returns the change's ack data.
+
+        Raises:
+            NotFound: no conflict with that id in the user's project, or its element is gone.
+            BadRequest: the conflict is pending, dismissed or already reverted, ``side`` is
+                missing (a custom resolution) or names the side the resolution chose, or what
+                it would restore cannot be (docs/protocol.md §5, "Reverting a resolution").
+        """
+        project_id, where = user.project_id, "data.conflict_id"
+        pending = await self.backplane.pending_conflicts(project_id)
+        if any(c.id == conflict_id for c in pending):
+            raise BadRequest(
+                f"{where}: conflict {conflict_id!r} is still pending: settle it "
+                "(conflict_resolve), there is no resolution to revert"
+            )
+        settled = await self.backplane.conflicts(project_id, status="resolved",
+                                                 limit=REVERT_LOOKUP)  # fmt: skip
+        conflict = next((c for c in settled if c.id == conflict_id), None)
+        if conflict is None or conflict.resolution is None:
+            raise NotFound(f"{where}: no settled conflict {conflict_id!r} in this project")
+        resolution = conflict.resolution
+        seq = resolution.get("seq")
+        if not isinstance(seq, int):
+            raise BadRequest(
+                f"{where}: conflict {conflict_id!r} was settled before resolutions "
+                "recorded their seq; it cannot be reverted"
+            )
+        # Dismissals are told apart by the explanation resolve_by_hand gives them.
+        if resolution.get("strategy") == "manual" and str(
+            resolution.get("explanation", "")
+        ).startswith("Dismissed by "):
+            raise BadRequest(
+                f"{where}: conflict {conflict_id!r} was dismissed (the current "
+                "value stayed); a dismissal has nothing to revert"
+            )
+        chosen = resolution.get("choice")
+        if side is None:
+            if chosen not in ("current", "incoming"):
+                raise BadRequest(
+                    "data.side: required, the resolution set a value of its own "
+                    "(custom): name the side to restore, current or incoming"
+                )
+            side = "incoming" if chosen == "current" else "current"
+        elif side == chosen:
+            raise BadRequest(
+                f"data.side: the resolution chose {side!r} already; a revert "
+                "restores the value it did not choose"
+            )
+        value = (conflict.current if side == "current" else conflict.incoming).get("value")
+        change = RevertChange(change_id=f"{REVERT_PREFIX}{conflict_id}", revert_of=conflict_id,
+                              conflict=conflict, side=side,  # type: ignore[arg-type]
+                              value=value, resolution_seq=seq)  # fmt: skip
+        strategy = await self.settler.first(project_id)
+        reverted = f"{where}: conflict {conflict_id!r} was reverted already"
+        try:
+            outcome = await self.backplane.commit_change(user, change, strategy=strategy)
+        except BadRequest as exc:
+            if exc.message.startswith("data.change_id:"):  # the revert's id: taken
+                raise BadRequest(f"{reverted}, by another user") from exc
+            raise
+        if outcome.status == "duplicate":
+            at = f"at seq {outcome.seq}" if outcome.seq is not None else "as a new conflict"
+            raise BadRequest(f"{reverted} ({at})")
+        # A revert that conflicts goes through the chain like a change's conflict (over REST
+        # with the project's room closed here, when the room next opens).
+        room = self.rooms.rooms.get(project_id)
+        counters = [self.traffic]
+        if room is not None:
+            room.settle(outcome.detected)
+            counters.append(room.traffic)
+        for counted in counters:
+            counted.changes += 1
+            counted.conflicted_changes += int(bool(outcome.detected))
+        self.audit.record(
+            "conflict_revert", user_id=user.id, project_id=project_id,
+            resource=f"conflict:{conflict_id}", ip_address=origin[0], user_agent=origin[1],
+            details={"side": side, "seq": outcome.seq, "status": outcome.status,
+                     "conflicts": outcome.conflicts, "resolution_seq": seq},
+        )  # fmt: skip
+        return outcome.to_wire()
+
+    async def preview_change(
+        self,
+        user: User,
+        changes: list[_wire.Op],
+        *,
+        origin: tuple[str, str] = ("", ""),
+    ) -> dict[str, Any]:
+        """A dry run of ``changes`` in the user's project (WebSocket or REST): ``{"applies",
+        "conflicts"}``, each conflict with what every strategy of the chain would answer (the
+        first :data:`DRY_RUN_PREVIEWS`); nothing is stored or applied. Audited.
+
+        Raises:
+            BadRequest, NotFound: the changes contradict the document.
+            TooLarge: they would be past a quota.
+        """
+        change = _wire.TimelineChange(change_id="dry-run", changes=changes)
+        result = await self.backplane.dry_run(user, change)
+        # What the chain would do with each conflict, nothing applied (the room's members,
+        # when it is open here, are who the strategies weigh).
+        room = self.rooms.rooms.get(user.project_id)
+        for index, found in enumerate(result["conflicts"]):
+            if index >= DRY_RUN_PREVIEWS:  # each preview may cost a provider call per strategy
+                found.update(strategies=None, settled_by=None)
+                continue
+            roles: dict[str, str] = {user.id: user.role}
+            found.update(await self.settler.preview(user.project_id, found, roles, room))
+        self.audit.record(
+            "conflict_preview", user_id=user.id, project_id=user.project_id,
+            resource=f"project:{user.project_id}", ip_address=origin[0], user_agent=origin[1],
+            details={"operations": len(changes), "applies": len(result["applies"]),
+                     "conflicts": len(result["conflicts"])},
+        )  # fmt: skip
+        return result
 
     def check_rate(self, user: User, cls: str) -> None:
         """Raises:

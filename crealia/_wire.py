@@ -338,6 +338,22 @@ class ConflictDismiss:
 
 
 @attrs.frozen(kw_only=True)
+class ConflictRevert:
+    """The data of a ``conflict_revert``: the settled conflict, and the side whose value comes
+    back (by default the one its resolution did not choose)."""
+
+    conflict_id: str = attrs.field(validator=_id())
+    side: Literal["current", "incoming"] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ConflictPreview:
+    """The data of a ``conflict_preview``: the operations of a dry run (docs/protocol.md §5)."""
+
+    changes: list[Op] = attrs.field(validator=_ops)
+
+
+@attrs.frozen(kw_only=True)
 class Empty:
     pass
 

@@ -705,8 +705,8 @@ class RedisBackplane(Backplane):
         return {
             "applies": plan.applied,
             "conflicts": [
-                {"element_id": s.element_id, "prop": s.prop, "base_value": s.base_value,
-                 "current": s.current, "incoming": s.incoming}
+                {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
+                 "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
                 for s in plan.conflicts
             ],
         }  # fmt: skip

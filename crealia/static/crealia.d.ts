@@ -194,6 +194,10 @@ export class Client {
   addComment(comment: { text: string; element_id?: string; time?: number; id?: string }): Promise<{ seq: number; status?: string }>;
   resolveConflict(conflictId: string, choice: "current" | "incoming" | "custom", value?: unknown): Promise<Record<string, unknown>>;
   dismissConflict(conflictId: string): Promise<Record<string, unknown>>;
+  /** conflict_revert: restores `side` (default: the side the resolution did not choose). */
+  revertConflict(conflictId: string, side?: "current" | "incoming"): Promise<ChangeAck>;
+  /** conflict_preview: the dry run of POST /api/collaboration/conflicts/detect. */
+  previewChanges(ops: Op[]): Promise<{ applies: Op[]; conflicts: Array<Record<string, unknown>> }>;
   requestUsers(): Promise<readonly UserEntry[]>;
   /** Any client message with a ref; resolves with its reply's data. */
   request(type: string, data?: Record<string, unknown>): Promise<any>;

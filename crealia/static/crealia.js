@@ -247,6 +247,23 @@ export class Client {
     return this.request("conflict_dismiss", { conflict_id: conflictId });
   }
 
+  /**
+   * Undo a settled conflict's resolution: a new change restoring `side`'s value ("current" or
+   * "incoming"; by default the side the resolution did not choose, required after a custom one).
+   * Resolves with the ack's data, like a change's (`status` "conflict" when the property was
+   * written since and the revert became a new conflict). Members get it as a timeline_change.
+   */
+  revertConflict(conflictId, side) {
+    const data = { conflict_id: conflictId };
+    if (side != null) data.side = side;
+    return this.request("conflict_revert", data);
+  }
+
+  /** Dry-run `ops`: what would apply and conflict, and what each strategy would do. */
+  previewChanges(ops) {
+    return this.request("conflict_preview", { changes: ops });
+  }
+
   /** Ask for the full `users` list now. */
   requestUsers() {
     return this.request("users_request", {}).then((data) => {

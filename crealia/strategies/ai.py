@@ -9,9 +9,14 @@ configured ``min_confidence``, makes the strategy decline, so the next strategy 
 
 Two providers ship:
 
-- :class:`OfflineProvider` (the default) needs nothing installed and no network: it weighs the
-  context (who is editing the element right now, roles, how much each side changed from the base,
-  how recent each write is) into a deterministic choice with an honest confidence;
+- :class:`OfflineProvider` (the default) needs no network: a small calibrated model
+  (:class:`OfflineModel`: a logistic regression over the context, who is editing the element
+  right now, roles, how much each side changed from the base, how recent each write is, with an
+  isotonic calibration of its margin) gives a deterministic choice and a confidence that says
+  how often such answers were right. The shipped model (``offline_model.json``, plain JSON) is
+  fitted on the generated corpus; ``crealia strategies train`` refits it on a project's
+  conflicts settled by hand into the data dir (``ai-offline-model.json``), which
+  :meth:`AIStrategy.configure` loads;
 - :class:`OpenAIChatProvider` asks any OpenAI-compatible ``chat/completions`` endpoint (OpenAI,
   Ollama, vLLM, llama.cpp's server) over httpx.
 
@@ -990,10 +995,13 @@ class AIStrategy(ConflictStrategy):
             self.provider = provider_from_settings(self.options, providers or {})
 
     def configure(self, config: Config) -> None:
-        """Pick the named provider from the operator's ``ai_providers``.
+        """Pick the named provider from the operator's ``ai_providers``; for the offline
+        provider, the model ``crealia strategies train`` wrote in the data dir
+        (:data:`OFFLINE_MODEL_FILE`), when there is one.
 
         Raises:
-            ConfigurationError: see :func:`provider_from_settings`.
+            ConfigurationError: see :func:`provider_from_settings`; or the data dir's model
+                file cannot be read or is not a model.
         """
         if self.provider is None:
             self.provider = provider_from_settings(self.options, config.ai_providers)

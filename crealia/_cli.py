@@ -8,6 +8,8 @@ Subcommands::
     crealia check-token    verify a token as the server would, and print its claims
     crealia plugins        the strategies, alert rules and backplanes, and where each comes from
     crealia strategies     the strategies only, and which are in the default chain
+    crealia strategies train   fit the ai strategy's offline model (the corpus, and projects'
+                           conflicts settled by hand) and write it where the server loads it
     crealia loadtest       drive a running server with simulated users and report what it did
     crealia --version
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -70,6 +73,7 @@ from ._plugins import (
     ALERT_RULE_GROUP,
     STRATEGY_GROUP,
     AlertRuleRegistry,
+    BackplaneRegistry,
     PluginInfo,
     StrategyRegistry,
     load_entry_points,
@@ -78,6 +82,8 @@ from ._ratelimit import rate_limits
 from ._server import open_server
 from ._settle import build_chain
 from ._version import __version__
+from .strategies import _training
+from .strategies.ai import OFFLINE_MODEL_FILE
 
 #: The entry-point group of backplanes (``crealia.backplanes``), listed by ``crealia plugins``.
 BACKPLANE_GROUP = "crealia.backplanes"
@@ -198,8 +204,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_setting_flags(check)
 
-    commands.add_parser(
+    strategies = commands.add_parser(
         "strategies", help="list the installed conflict strategies and where they come from"
+    )
+    strategy_commands = strategies.add_subparsers(dest="strategies_command", metavar="SUBCOMMAND")
+    train = strategy_commands.add_parser(
+        "train",
+        help="fit the ai strategy's offline model on the generated corpus and on projects' "
+        "conflicts settled by hand, and write it where the server loads it",
+    )
+    train.add_argument(
+        "--project", action="append", default=[], metavar="PROJECT",
+        help="also learn from this project's conflicts settled by hand (repeatable)",
+    )  # fmt: skip
+    train.add_argument(
+        "--out", default=None, metavar="FILE",
+        help=f"where to write the model (default: DATA_DIR/{OFFLINE_MODEL_FILE}, which the "
+        "server's ai strategy loads)",
+    )  # fmt: skip
+    train.add_argument("--data-dir", dest="data_dir", default=None)
+    train.add_argument(
+        "--backplane", default=None, help="where the projects are stored (default: sqlite:)"
     )
     plugins = commands.add_parser(
         "plugins",
@@ -479,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "check-token":
             return _check_token(args)
+        if args.command == "strategies" and args.strategies_command == "train":
+            return _train(args)
         if args.command == "strategies":
             return _strategies()
         if args.command == "plugins":
@@ -685,6 +712,67 @@ def _strategies() -> int:
         print(f"{mark} {plugin.name:<{width}}  {where}{state}")
     print(f"(* in the default chain: {', '.join(default)})")
     return 1 if any(p.error for p in registry.plugins) else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``crealia strategies train``: fit the offline model and write it.
+
+    Raises:
+        ConfigurationError: a bad project id, an --out that cannot be written, a backplane
+            that cannot be opened, or scikit-learn missing.
+    """
+    for project in args.project:
+        if not _PROJECT_ID.fullmatch(project):
+            raise ConfigurationError(f"--project: {project[:70]!r} is not a project id")
+    config = Config.from_env()
+    if args.data_dir is not None:
+        config = attrs.evolve(config, data_dir=args.data_dir)
+    if args.backplane is not None:
+        config = attrs.evolve(config, backplane_url=args.backplane)
+    out = Path(args.out) if args.out is not None else Path(config.data_dir) / OFFLINE_MODEL_FILE
+    if args.out is None:
+        _check_data_dir(Path(config.data_dir))
+    elif not out.parent.is_dir():
+        raise ConfigurationError(f"--out {out}: {out.parent} is not a directory")
+    if importlib.util.find_spec("sklearn") is None:
+        raise ConfigurationError("strategies train needs scikit-learn>=1.6 (pip install it)")
+    examples = _training.default_examples()
+    by_hand: dict[str, int] = {}
+    if args.project:
+        stored = trio.run(_settled_conflicts, config, list(args.project))
+        for project, conflicts in stored.items():
+            found = _training.resolution_examples(conflicts)
+            by_hand[project] = len(found)
+            examples += found
+    trained_on = {
+        "corpus_seed": _training.TRAINING_SEED,
+        "corpus_scale": _training.TRAINING_SCALE,
+        "settled_by_hand": by_hand,
+    }
+    model = _training.train(examples, trained_on=trained_on)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(model.to_json(), indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"--out {out}: {exc.strerror}") from None
+    hand = ", ".join(f"{p}: {n}" for p, n in by_hand.items()) or "no project named"
+    print(f"trained on {len(examples)} decided conflicts (settled by hand: {hand}); wrote {out}")
+    return 0
+
+
+#: Most conflicts read from one project to train on, newest first.
+MAX_TRAINING_CONFLICTS = 10_000
+
+
+async def _settled_conflicts(config: Config, projects: list[str]) -> dict[str, list[Any]]:
+    """Each project's resolved conflicts, newest first, from the configured backplane."""
+    out: dict[str, list[Any]] = {}
+    async with BackplaneRegistry.discover().open(config.backplane_url, config) as backplane:
+        for project in projects:
+            out[project] = await backplane.conflicts(
+                project, status="resolved", limit=MAX_TRAINING_CONFLICTS
+            )
+    return out
 
 
 def _plugins(*, as_json: bool) -> int:

@@ -216,7 +216,8 @@ async def test_cli_version_is_the_package_version() -> None:
 async def test_cli_help_is_plain_text() -> None:
     # Asked for colour every way Python knows: help stays plain.
     env = clean_env(FORCE_COLOR="1", PYTHON_COLORS="1", TERM="xterm-256color")
-    commands = ["serve", "check-config", "token", "check-token", "plugins", "strategies"]
+    commands = ["serve", "check-config", "token", "check-token", "plugins", "strategies",
+                "strategies train"]  # fmt: skip
     helps: dict[str, Run] = {}
     limiter = trio.CapacityLimiter(2)
 
@@ -232,8 +233,9 @@ async def test_cli_help_is_plain_text() -> None:
         assert f"usage: crealia {command}".strip() in run.out
         assert "\x1b" not in run.out, f"ANSI escapes in crealia {command} --help"
         assert "``" not in run.out and ":func:" not in run.out, f"markup in {command} --help"
-    for command in commands:
+    for command in commands[:-1]:
         assert command in helps[""].out
+    assert "train" in helps["strategies"].out
 
 
 # -- check-config -------------------------------------------------------------------------------
@@ -377,6 +379,56 @@ async def test_cli_plugins_lists_builtins_with_their_distribution() -> None:
     assert not [line for line in lines if "FAILED" in line]
     (merge,) = [line for line in lines if line.split()[:1] == ["merge"]]
     assert f"crealia {version}  crealia.strategies.merge:MergeStrategy" in merge
+
+
+# -- strategies train ---------------------------------------------------------------------------
+
+
+async def test_cli_strategies_train_writes_the_shipped_model_again(tmp_path: Path) -> None:
+    listed = await crealia_cli("strategies")
+    assert listed.status == 0
+    assert "(* in the default chain: merge, priority)" in listed.out
+    out = tmp_path / "model.json"
+    run = await crealia_cli("strategies", "train", "--out", str(out))
+    assert (run.status, run.err) == (0, ""), run.err
+    assert run.out == (
+        f"trained on 967 decided conflicts (settled by hand: no project named); wrote {out}\n"
+    )
+    shipped = Path(crealia.__file__).parent / "strategies" / "offline_model.json"
+    assert out.read_text() == shipped.read_text()  # deterministic: the shipped one is this
+
+
+async def test_cli_strategies_train_reads_projects_from_the_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    run = await crealia_cli("strategies", "train", "--project", "p1", "--project", "p2",
+                            "--data-dir", str(data))  # fmt: skip
+    assert run.status == 0, run.err
+    written = data / "ai-offline-model.json"
+    assert f"(settled by hand: p1: 0, p2: 0); wrote {written}" in run.out
+    assert json.loads(written.read_text())["trained_on"]["settled_by_hand"] == {"p1": 0, "p2": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [(["--project", "bad id!"], "crealia: --project: 'bad id!' is not a project id"),
+     (["--out", "/nonexistent/dir/m.json"],
+      "crealia: --out /nonexistent/dir/m.json: /nonexistent/dir is not a directory"),
+     (["--project"], "crealia strategies train: argument --project: expected one argument "
+                     "(see crealia strategies train --help)"),
+     (["--bogus"], "crealia: unrecognized arguments: --bogus (see crealia --help)")],
+)  # fmt: skip
+async def test_cli_strategies_train_refuses_bad_arguments_in_one_line(
+    tmp_path: Path, args: list[str], line: str
+) -> None:
+    run = await crealia_cli("strategies", "train", "--data-dir", str(tmp_path / "d"), *args)
+    assert (run.status, run.line, run.out) == (2, line, "")
+    assert not (tmp_path / "d").exists()
+
+
+async def test_cli_strategies_refuses_an_unknown_subcommand() -> None:
+    run = await crealia_cli("strategies", "bogus")
+    assert run.status == 2
+    assert run.line.startswith("crealia strategies: argument SUBCOMMAND: invalid choice: 'bogus'")
 
 
 def refusing_plugin(site: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,21 @@ from crealia._config import Config
 from crealia._errors import ConfigurationError
 from crealia._model import Resolution
 from crealia._strategy import DECLINE, Participant, ResolutionContext
+from crealia.strategies._training import case_request, resolution_examples, train
 from crealia.strategies.ai import (
     MAX_RESPONSE_BYTES,
+    OFFLINE_MODEL_FILE,
     AIAnswer,
     AIProvider,
     AIProviderError,
     AIRequest,
     AIStrategy,
+    OfflineModel,
     OfflineProvider,
     OpenAIChatProvider,
+    default_model,
 )
+from crealia.strategies.corpus import generate
 
 from ._wsclient import RawClient
 from .conftest import Clients, make_config
@@ -153,7 +159,7 @@ async def test_offline_prefers_the_owner_editing_now_over_a_small_stale_edit() -
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert 0.85 <= answer.confidence <= 0.95
+    assert 0.9 <= answer.confidence <= 0.99
     text = answer.explanation
     assert text.startswith("Kept ana's value for clip-9 title")
     assert "ana is editing clip-9 right now" in text
@@ -196,8 +202,8 @@ async def test_offline_calls_a_close_call_a_close_call() -> None:
         prop="label",
         base_value="Interview with the mayor",
         current="Interview with the city mayor",
-        incoming="Interview with Mayor Lopez",
-        current_who=who("ana", present=True, ago_ms=10_000),
+        incoming="Interview with the new mayor",
+        current_who=who("ana", present=True, ago_ms=2_000),
         incoming_who=who("ben", present=True, ago_ms=0),
     )
     with trio.fail_after(5):
@@ -218,7 +224,7 @@ async def test_offline_lets_the_higher_role_win_a_tie() -> None:
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert 0.55 <= answer.confidence <= 0.65
+    assert 0.6 <= answer.confidence <= 0.8
     assert "ben is the owner; ana is an editor" in answer.explanation
 
 
@@ -268,7 +274,7 @@ async def test_offline_deletes_when_the_owner_deleting_is_on_it_and_the_edit_is_
     with trio.fail_after(5):
         answer = await offline(conflict, ctx)
     assert answer.choice == "incoming"
-    assert answer.confidence >= 0.8
+    assert answer.confidence >= 0.55
     assert answer.explanation.startswith("Deleted clip-9 as ben asked: ben is editing clip-9")
     assert "ana is not in the room, wrote 60 min ago and is an editor" in answer.explanation
     assert "In ana's favour" in answer.explanation
@@ -322,6 +328,96 @@ def test_offline_answers_are_valid_and_symmetric(
     assert mirror.confidence == answer.confidence
     if answer.confidence not in (0.5, 1.0):
         assert mirror.choice != answer.choice
+
+
+# ---------------------------------------------------------------------------------------------
+# The offline model: a file of plain JSON, calibrated, retrainable
+
+
+def test_offline_model_is_calibrated_out_of_sample() -> None:
+    # Fitted on the corpus of seed 1; measured on seed 0's cases that need a person.
+    cases = [c for c in generate(0) if c.needs_person]
+    provider = OfflineProvider()
+    rows = []
+    for case in cases:
+        answer = provider.weigh(case_request(case))
+        rows.append((answer.confidence, answer.choice == case.keep))
+    for low, high in ((0.5, 0.7), (0.7, 0.85), (0.85, 1.0)):
+        inside = [(conf, right) for conf, right in rows if low <= conf < high]
+        assert len(inside) >= 20, (low, high)
+        mean = sum(conf for conf, _ in inside) / len(inside)
+        right = sum(r for _, r in inside) / len(inside)
+        assert abs(right - mean) <= 0.12, (low, high, mean, right)
+
+
+def test_offline_model_round_trips_and_refuses_what_is_not_a_model(tmp_path: Path) -> None:
+    model = default_model()
+    assert OfflineModel.from_json(model.to_json()) == model
+    assert model.confidence(0.0) == 0.5
+    assert model.confidence(1e9) <= 0.99
+    assert model.confidence(0.5) <= model.confidence(1.0) <= model.confidence(2.0)
+    good = model.to_json()
+    bad = {
+        "format": ({**good, "format": "pickle"}, "not an offline model file"),
+        "features": ({**good, "features": ["size"]}, "features must be presence, size"),
+        "weights": ({**good, "weights": [1.0, "x", 0, 0, 0, 0]}, "must hold finite numbers"),
+        "order": ({**good, "calibration": {"x": [2.0, 1.0], "y": [0.5, 0.6]}}, "increasing"),
+        "range": ({**good, "calibration": {"x": [1.0], "y": [3.0]}}, "y must be in 0..1"),
+    }
+    for name, (raw, message) in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            OfflineModel.from_json(raw)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConfigurationError, match=f"ai: offline model {re.escape(str(path))}"):
+            OfflineModel.load(path)
+
+
+def test_ai_strategy_loads_a_trained_model_from_the_data_dir(tmp_path: Path) -> None:
+    strategy = AIStrategy()
+    strategy.configure(Config(data_dir=tmp_path))
+    assert isinstance(strategy.provider, OfflineProvider)
+    assert strategy.provider.model == default_model()  # nothing trained: the shipped one
+    trained = attrs.evolve(default_model(), weights=(0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+                           trained_on={"by": "test"})  # fmt: skip
+    (tmp_path / OFFLINE_MODEL_FILE).write_text(json.dumps(trained.to_json()))
+    strategy = AIStrategy()
+    strategy.configure(Config(data_dir=tmp_path))
+    assert isinstance(strategy.provider, OfflineProvider)
+    assert strategy.provider.model == trained
+    (tmp_path / OFFLINE_MODEL_FILE).write_text("{not json")
+    with pytest.raises(ConfigurationError, match="ai: offline model"):
+        AIStrategy().configure(Config(data_dir=tmp_path))
+
+
+async def test_offline_model_needs_no_scikit_learn_at_run_time() -> None:
+    code = (
+        "import sys, time; t = time.perf_counter()\n"
+        "from crealia.strategies.ai import OfflineProvider; OfflineProvider()\n"
+        "assert 'sklearn' not in sys.modules and 'numpy' not in sys.modules, 'imported'\n"
+    )
+    with trio.fail_after(60):
+        result = await trio.run_process([sys.executable, "-c", code], check=False,
+                                        capture_stderr=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_training_learns_from_conflicts_settled_by_hand_only() -> None:
+    def settled(strategy: str, choice: str) -> Conflict:
+        conflict = make_conflict(current="Take 2", incoming="Take 3", base_value="Take 1")
+        return attrs.evolve(conflict, status="resolved", roles={"ana": "owner", "ben": "editor"},
+                            resolution={"strategy": strategy, "choice": choice})  # fmt: skip
+
+    examples = resolution_examples(
+        [settled("manual", "incoming"), settled("manual", "custom"), settled("merge", "current"),
+         settled("manual", "current")]
+    )  # fmt: skip
+    assert [keep for _request, keep in examples] == ["incoming", "current"]
+    request, _keep = examples[0]
+    assert (request.current.role, request.incoming.role) == ("owner", "editor")
+    assert request.current.age_ms is None  # not stored: unknown
+    with pytest.raises(ValueError, match="at least 20 decided conflicts"):
+        train(examples)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,12 +26,11 @@ from crealia.strategies.merge import MergeStrategy, json_equal, merge_conflict, 
 from crealia.strategies.priority import PriorityStrategy
 
 CASES = generate()
-#: Fragments today's merge still merges (reported to the merge's owner; each is an expected
-#: failure, strictly: once the merge declines it, the mark must go). 012: the deleted words
-#: repeat a word ("the"), so the diff puts the deletion one word off the insertion; 050, 051,
-#: 053, 055: an emoji is not a word, so its insertion next to a deletion is not seen as one.
-KNOWN_FRAGMENT_MERGES = {"fragment-012", "fragment-050", "fragment-051", "fragment-053",
-                         "fragment-055"}  # fmt: skip
+#: Fragments the merge still merges (each an expected failure, strictly: once the merge
+#: declines it, the mark must go). None today: 012 (the deleted words repeat a neighbouring
+#: "the", so the diff put the deletion one word off the insertion) and 050, 051, 053, 055 (an
+#: emoji was not a word) were fixed.
+KNOWN_FRAGMENT_MERGES: set[str] = set()
 
 
 def by_id(case_id: str) -> Case:

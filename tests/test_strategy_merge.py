@@ -644,6 +644,13 @@ def test_merge_options_have_ranges(options: dict[str, Any], message: str) -> Non
          "Keep shot 3 and (slow-mo) shot 4 in the cut"),
         ("Intro, beach, sunset", "Intro, sunset", "Intro, beach at dawn, sunset"),
         ("Opening titles", "titles", "Big Opening titles"),
+        # the deleted run repeats its neighbour ("the"): the diff may show it one word off
+        ("Wide shot of the valley before the storm", "Wide shot of the storm",
+         "Wide shot of v2 the valley before the storm"),
+        # an emoji is a word
+        ("Love the light in this shot ✨", "Love the shot ✨", "Love the ⭐ light in this shot ✨"),
+        ("Best moment 🔥 use it in the intro", "Best moment 🔥 use it in",
+         "Best moment 🔥 use it in the intro 👍"),
     ],
 )  # fmt: skip
 def test_an_insertion_touching_the_other_sides_deletion_is_not_merged(

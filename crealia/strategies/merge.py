@@ -75,6 +75,7 @@ import itertools
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
@@ -348,7 +349,9 @@ def tokenize(text: str) -> list[str]:
 
 
 def _is_word(token: str) -> bool:
-    return _WORD.match(token) is not None
+    """Letters or digits, or a symbol such as an emoji (``✨`` says something a space does
+    not)."""
+    return _WORD.match(token) is not None or unicodedata.category(token[0]) == "So"
 
 
 @attrs.frozen
@@ -622,8 +625,14 @@ class _Merger:
                 continue
             for deleted, inserted in ((prev, hunk), (hunk, prev)):
                 if _deletes(base_tokens, deleted) and _inserts(inserted):
-                    first, second = sorted((deleted, inserted), key=lambda h: (h.start, h.end))
-                    if not any(_is_word(t) for t in base_tokens[first.end : second.start]):
+                    # Where the deletion could equally be ("the valley before" deleted from
+                    # "the valley before the storm" may show as "valley before the").
+                    low, high = _deletion_extent(base_tokens, deleted)
+                    if inserted.start <= low:
+                        between = base_tokens[inserted.start : low]
+                    else:
+                        between = base_tokens[high : max(high, inserted.start)]
+                    if not any(_is_word(t) for t in between):
                         raise _Collision("an insertion touches the other side's deletion")
         # Edits of different sides must not touch the same word ("video/mp4" is one word).
         words = _words(base_tokens)
@@ -812,6 +821,22 @@ def _deletes(base: Sequence[str], hunk: _Hunk) -> bool:
     """Whether ``hunk`` removes words and puts none in their place."""
     removed = any(_is_word(t) for t in base[hunk.start : hunk.end])
     return removed and not any(_is_word(t) for t in hunk.tokens)
+
+
+def _deletion_extent(base: Sequence[str], hunk: _Hunk) -> tuple[int, int]:
+    """The span of base tokens a deletion could be slid over and delete the same text (a run
+    deleted next to an equal token can move by one, as diff chooses): the lowest start and the
+    highest end. A replacement stays where it is."""
+    start, end = hunk.start, hunk.end
+    if hunk.tokens or start == end:
+        return start, end
+    low_start, low_end = start, end
+    while low_start > 0 and base[low_start - 1] == base[low_end - 1]:
+        low_start, low_end = low_start - 1, low_end - 1
+    high_start, high_end = start, end
+    while high_end < len(base) and base[high_start] == base[high_end]:
+        high_start, high_end = high_start + 1, high_end + 1
+    return low_start, high_end
 
 
 def _inserts(hunk: _Hunk) -> bool:

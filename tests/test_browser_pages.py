@@ -105,6 +105,10 @@ def test_demo_conflict_card_shows_both_sides_resolves_and_explains(
         assert "confidence 100 %" in resolved.inner_text()
         page.locator("[data-clip=clip-intro] .clip-title", has_text="Teaser").wait_for()
     screenshot(bob, "demo-conflict-resolved")
+    # Undo: the value the resolution did not keep comes back, for both.
+    bob.locator(".conflict.resolved").get_by_role("button", name="Undo").click()
+    for page in (ann, bob):
+        page.locator("[data-clip=clip-intro] .clip-title", has_text="Cold open").wait_for()
 
 
 def test_demo_comments_pin_to_clips_and_viewers_cannot_edit(

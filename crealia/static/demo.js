@@ -256,6 +256,14 @@ function renderConflicts() {
       h("strong", {}, `${name(c.element_id)} · ${c.prop ?? "deleted"}: ${show(c.resolution.value)}`),
       h("div", { class: "confidence" }, `${c.resolution.strategy} · ${c.resolution.choice} · confidence ${Math.round((c.resolution.confidence ?? 0) * 100)} %${c.resolution.review ? " · please review" : ""}`),
       h("p", { class: "explanation" }, c.resolution.explanation),
+      c.resolution.choice === "custom"
+        ? h("div", { class: "row" },
+            h("button", { type: "button", disabled: !canEdit, onclick: () => revert(c.id, "current") }, "Restore current"),
+            h("button", { type: "button", disabled: !canEdit, onclick: () => revert(c.id, "incoming") }, "Restore incoming"),
+          )
+        : h("div", { class: "row" },
+            h("button", { type: "button", disabled: !canEdit, "aria-label": `Undo: restore the ${c.resolution.choice === "current" ? "incoming" : "current"} value`, onclick: () => revert(c.id) }, "Undo"),
+          ),
     ),
   );
   fill(document.getElementById("conflicts"), pending.length || settled.length ? [pending, settled] : h("p", { class: "empty" }, "No conflict. Edit the same clip at the same time to see one."));
@@ -263,6 +271,12 @@ function renderConflicts() {
 
 function settle(id, choice) {
   client.resolveConflict(id, choice).catch((error) => problem(error.message));
+}
+
+function revert(id, side) {
+  client.revertConflict(id, side).then((ack) => {
+    if (ack.status === "conflict") problem("Someone changed it since: the undo is a new conflict.");
+  }).catch((error) => problem(error.message));
 }
 
 function dismiss(id) {

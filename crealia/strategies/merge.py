@@ -629,10 +629,10 @@ class _Merger:
                     # "the valley before the storm" may show as "valley before the").
                     low, high = _deletion_extent(base_tokens, deleted)
                     if inserted.start <= low:
-                        between = base_tokens[inserted.start : low]
+                        gap = base_tokens[inserted.start : low]
                     else:
-                        between = base_tokens[high : max(high, inserted.start)]
-                    if not any(_is_word(t) for t in between):
+                        gap = base_tokens[high : max(high, inserted.start)]
+                    if not any(_is_word(t) for t in gap):
                         raise _Collision("an insertion touches the other side's deletion")
         # Edits of different sides must not touch the same word ("video/mp4" is one word).
         words = _words(base_tokens)

@@ -11,6 +11,8 @@ Subcommands::
     crealia strategies train   fit the ai strategy's offline model (the corpus, and projects'
                            conflicts settled by hand) and write it where the server loads it
     crealia loadtest       drive a running server with simulated users and report what it did
+    crealia backup         copy the projects' store to a file, online
+    crealia restore        put a backup back (server stopped), every project a new epoch
     crealia --version
 
 Every value is checked for its type and range wherever it comes from (a flag, a variable, the
@@ -44,6 +46,7 @@ import attrs
 import jwt
 import trio
 
+from . import _backup
 from ._aiproviders import AIProviderSettings, redact_url
 from ._auth import (
     SECRET_FILE,
@@ -226,6 +229,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--backplane", default=None, help="where the projects are stored (default: sqlite:)"
     )
+    backup = commands.add_parser(
+        "backup",
+        help="copy the projects' store (DATA_DIR/crealia.sqlite3) to a new file, online: the "
+        "server may keep running",
+    )
+    backup.add_argument("--to", required=True, metavar="FILE", help="the new backup file")
+    backup.add_argument("--data-dir", dest="data_dir", default=None)
+    restore = commands.add_parser(
+        "restore",
+        help="put a backup back in place of the projects' store (the server stopped); every "
+        "project gets a new history epoch, so resuming clients get a snapshot",
+    )
+    restore.add_argument("--from", dest="source", required=True, metavar="FILE",
+                         help="a file written by crealia backup")  # fmt: skip
+    restore.add_argument("--data-dir", dest="data_dir", default=None)
     plugins = commands.add_parser(
         "plugins",
         help="list the strategies, alert rules and backplanes and where each comes from",
@@ -510,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _strategies()
         if args.command == "plugins":
             return _plugins(as_json=args.json)
+        if args.command in ("backup", "restore"):
+            return _backup_or_restore(args)
         config, sources = _settings(args)
         if args.command == "check-config":
             return _check_config(config, sources)
@@ -712,6 +732,23 @@ def _strategies() -> int:
         print(f"{mark} {plugin.name:<{width}}  {where}{state}")
     print(f"(* in the default chain: {', '.join(default)})")
     return 1 if any(p.error for p in registry.plugins) else 0
+
+
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    """``crealia backup`` / ``crealia restore`` on the data dir of ``--data-dir``, else of the
+    environment (``CREALIA_DATA_DIR``), else the default.
+
+    Raises:
+        ConfigurationError: see :func:`crealia._backup.backup` and :func:`~crealia._backup.restore`.
+    """
+    config = Config.from_env()
+    data_dir = Path(args.data_dir if args.data_dir is not None else config.data_dir)
+    if args.command == "backup":
+        print(_backup.backup(data_dir, Path(args.to)).line("backed up"))
+    else:
+        report = _backup.restore(data_dir, Path(args.source))
+        print(report.line("restored") + " (every project has a new epoch)")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

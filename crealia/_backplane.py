@@ -205,6 +205,15 @@ class Backplane(ABC):
         """The project's conflicts, newest first, at most ``limit`` (``status``: only
         ``"pending"`` or ``"resolved"`` ones)."""
 
+    async def conflict(self, project_id: str, conflict_id: str) -> Conflict | None:
+        """The project's conflict ``conflict_id``, pending or settled, or ``None``.
+
+        The default looks among the last 10,000 (:meth:`conflicts`); a backplane that can
+        read one conflict by id should (the built-in ones do).
+        """
+        found = await self.conflicts(project_id, limit=10_000)
+        return next((c for c in found if c.id == conflict_id), None)
+
     @abstractmethod
     async def pending_conflicts(self, project_id: str) -> list[Conflict]:
         """The project's conflicts still waiting for a resolution (every one stored pending by a

@@ -787,10 +787,14 @@ def _train(args: argparse.Namespace) -> int:
         "settled_by_hand": by_hand,
     }
     model = _training.train(examples, trained_on=trained_on)
+    partial = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(model.to_json(), indent=2) + "\n", encoding="utf-8")
+        # Whole or not at all: a server building a chain meanwhile reads the old file or this.
+        partial.write_text(json.dumps(model.to_json(), indent=2) + "\n", encoding="utf-8")
+        os.replace(partial, out)
     except OSError as exc:
+        partial.unlink(missing_ok=True)
         raise ConfigurationError(f"--out {out}: {exc.strerror}") from None
     hand = ", ".join(f"{p}: {n}" for p, n in by_hand.items()) or "no project named"
     print(f"trained on {len(examples)} decided conflicts (settled by hand: {hand}); wrote {out}")

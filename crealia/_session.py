@@ -69,9 +69,6 @@ DRY_RUN_PREVIEWS = 20
 #: The change id of a conflict's revert is this and the conflict's id (clients may not use it).
 REVERT_PREFIX = "revert:"
 
-#: How many of a project's resolved conflicts (newest first) a revert looks its conflict up in.
-REVERT_LOOKUP = 10_000
-
 
 class _Parts(list[bytes]):
     """Outbox items merged while the writer was behind: their bodies, joined once when sent
@@ -965,10 +962,8 @@ class Hub:
                 f"{where}: conflict {conflict_id!r} is still pending: settle it "
                 "(conflict_resolve), there is no resolution to revert"
             )
-        settled = await self.backplane.conflicts(project_id, status="resolved",
-                                                 limit=REVERT_LOOKUP)  # fmt: skip
-        conflict = next((c for c in settled if c.id == conflict_id), None)
-        if conflict is None or conflict.resolution is None:
+        conflict = await self.backplane.conflict(project_id, conflict_id)
+        if conflict is None or conflict.status != "resolved" or conflict.resolution is None:
             raise NotFound(f"{where}: no settled conflict {conflict_id!r} in this project")
         resolution = conflict.resolution
         seq = resolution.get("seq")

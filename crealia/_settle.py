@@ -44,7 +44,9 @@ from ._sequencing import new_conflict
 from ._strategy import (
     DECLINE,
     DEFER,
+    MAX_PARTS,
     ConflictStrategy,
+    Part,
     Participant,
     ResolutionContext,
     Split,
@@ -433,32 +435,51 @@ class Settler:
         name = chain.names[index]
         strategy = chain.strategies[index]
         split = await self._bounded(name, conflict, lambda: strategy.split(conflict, context))
-        if not isinstance(split, Split) or not split.parts:
+        if not isinstance(split, Split) or not 0 < len(split.parts) <= MAX_PARTS:
             return None
         answers: list[Resolution] = []
         parts: list[dict[str, Any]] = []
-        for part in split.parts:
-            for other_name, other in rest:
-                part_context = self._context(room, part.conflict, chain.options.get(other_name, {}))
-                answer = await self._ask(other_name, other, part.conflict, part_context)
-                if answer is DEFER:
+        # All parts together within twice one strategy's deadline: a split must not cost more
+        # than the whole conflict would, give or take.
+        with trio.move_on_after(2 * self.config.strategy_timeout) as scope:
+            for part in split.parts:
+                answer_for = await self._settle_part(room, chain, rest, part)
+                if answer_for is None:
                     return None
-                if not isinstance(answer, Resolution):
-                    continue
-                try:
-                    checked = self.check(part.conflict, answer, other_name)
-                except ValueError:
-                    continue
+                checked, name = answer_for
                 answers.append(checked)
                 parts.append({
-                    "part": part.label, "strategy": other_name, "choice": checked.choice,
+                    "part": part.label, "strategy": name, "choice": checked.choice,
                     "confidence": checked.confidence, "review": checked.review,
                 })  # fmt: skip
-                break
-            else:
-                return None
+        if scope.cancelled_caught:
+            log.warning("conflict %s: its %d parts took too long: not split", conflict.id,
+                        len(split.parts))  # fmt: skip
+            return None
         joined = split.join(tuple(answers))
         return None if joined is None else (joined, parts)
+
+    async def _settle_part(
+        self,
+        room: Room | None,
+        chain: Chain,
+        rest: list[tuple[str, ConflictStrategy]],
+        part: Part,
+    ) -> tuple[Resolution, str] | None:
+        """The first checked resolution of ``part`` by the strategies of ``rest``, with the
+        strategy's name; None when one defers it to a person or none settles it."""
+        for name, strategy in rest:
+            context = self._context(room, part.conflict, chain.options.get(name, {}))
+            answer = await self._ask(name, strategy, part.conflict, context)
+            if answer is DEFER:
+                return None
+            if not isinstance(answer, Resolution):
+                continue
+            try:
+                return self.check(part.conflict, answer, name), name
+            except ValueError:
+                continue
+        return None
 
     async def preview(
         self, project_id: str, found: Mapping[str, Any], roles: dict[str, str], room: Room | None

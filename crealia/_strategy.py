@@ -97,9 +97,15 @@ class Part:
     conflict: Conflict
 
 
+#: Most parts a split may have; the server ignores a split with more (each part may cost a call
+#: to a model: one conflict must not cost thousands).
+MAX_PARTS = 16
+
+
 class Split(ABC):
     """A conflict taken apart by a strategy: what merges is merged, and :attr:`parts` are the
-    leaves that collide, for the rest of the chain to settle one by one."""
+    leaves that collide, for the rest of the chain to settle one by one (at most
+    :data:`MAX_PARTS`, all of them within twice the strategy deadline)."""
 
     parts: tuple[Part, ...]
 

@@ -10,6 +10,7 @@ import httpx
 import trio
 
 from crealia._model import Resolution
+from crealia._strategy import MAX_PARTS
 from crealia.strategies.merge import split_conflict
 from crealia.testing import make_conflict
 
@@ -326,3 +327,47 @@ async def test_rest_flags_are_json_booleans(clients: Clients) -> None:
                                    json={"choice": "current", "dismiss": True})  # fmt: skip
             assert done.status_code == 200, done.text
         assert (await a.expect_type("conflict_resolved", conflict_id=cid))["data"]["seq"]
+
+
+def test_parts_custom_answers_keep_the_value_well_formed() -> None:
+    base = [{"id": "a", "n": 1}, {"id": "b", "n": 1}]
+    current = [{"id": "a", "n": 1}]  # removed b
+    incoming = [{"id": "a", "n": 1}, {"id": "b", "n": 2}, {"id": "c", "n": 1}]  # changed b, +c
+    split = split_conflict(make_conflict(current, incoming, base_value=base))
+    assert split is not None and [p.label for p in split.parts] == ["label[b]"]
+    (part,) = split.parts
+    assert part.conflict.current["value"] is None  # the side that removed it
+    # a custom null for a leaf one side removed is that removal, not a null in the list
+    removed = split.join((_answer("custom", None),))
+    assert removed is not None and removed.value == [{"id": "a", "n": 1}, {"id": "c", "n": 1}]
+    # a custom item must stay that item
+    assert split.join((_answer("custom", {"id": "b", "n": 3}),)).value[1] == {"id": "b", "n": 3}
+    for bad in ({"id": "a", "n": 3}, {"n": 3}, "b", 3):
+        assert split.join((_answer("custom", bad),)) is None
+    # a key removed on one side: custom null removes it
+    keyed = split_conflict(make_conflict({"x": 1}, {"x": 1, "b": 5, "y": 2},
+                                         base_value={"x": 1, "b": 1}))  # fmt: skip
+    assert keyed is not None
+    assert keyed.join((_answer("custom", None),)).value == {"x": 1, "y": 2}
+
+
+def test_parts_ids_that_read_alike_get_their_own_answers() -> None:
+    base = [{"id": 1, "v": 0}, {"id": "1", "v": 0}, {"id": "z", "v": 0}]
+    current = [{"id": 1, "v": 1}, {"id": "1", "v": 1}, {"id": "z", "v": 0}]
+    incoming = [{"id": 1, "v": 2}, {"id": "1", "v": 2}, {"id": "z", "v": 9}]
+    split = split_conflict(make_conflict(current, incoming, base_value=base))
+    assert split is not None and len(split.parts) == 2
+    joined = split.join((_answer("current", {"id": 1, "v": 1}),
+                         _answer("incoming", {"id": "1", "v": 2})))  # fmt: skip
+    assert joined is not None
+    assert joined.value == [{"id": 1, "v": 1}, {"id": "1", "v": 2}, {"id": "z", "v": 9}]
+
+
+def test_parts_a_conflict_of_too_many_collisions_is_not_split() -> None:
+    base = {f"k{i}": 0 for i in range(MAX_PARTS + 1)} | {"merges": 0}
+    current = {f"k{i}": 1 for i in range(MAX_PARTS + 1)} | {"merges": 0}
+    incoming = {f"k{i}": 2 for i in range(MAX_PARTS + 1)} | {"merges": 5}
+    assert split_conflict(make_conflict(current, incoming, base_value=base)) is None
+    del base["k0"], current["k0"], incoming["k0"]
+    split = split_conflict(make_conflict(current, incoming, base_value=base))
+    assert split is not None and len(split.parts) == MAX_PARTS

@@ -633,12 +633,15 @@ class RedisBackplane(Backplane):
 
         await self.redis.run(write)
 
-    async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
+    async def conflict(self, project_id: str, conflict_id: str) -> Conflict | None:
         def read(client: redis.Redis) -> Any:
             return client.hget(_key(project_id, "conflicts"), conflict_id)
 
         raw = await self.redis.run(read)
-        conflict = _conflict_from(orjson.loads(raw)) if raw else None
+        return _conflict_from(orjson.loads(raw)) if raw else None
+
+    async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
+        conflict = await self.conflict(project_id, conflict_id)
         if conflict is None or conflict.status != "pending":
             raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
         return conflict

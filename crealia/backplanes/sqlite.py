@@ -562,6 +562,23 @@ class SQLiteBackplane(Backplane):
         except StorageError as exc:
             raise Overloaded(f"storage unavailable: {exc}") from exc
 
+    async def conflict(self, project_id: str, conflict_id: str) -> Conflict | None:
+        project = self._projects.get(project_id)
+        if project is not None and conflict_id in project.pending:
+            return project.pending[conflict_id]  # maybe newer than on disk
+
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(
+                "SELECT data FROM conflicts WHERE id = ? AND project_id = ?",
+                (conflict_id, project_id),
+            ).fetchone()
+
+        try:
+            row = await self.store.read(read)
+        except StorageError as exc:
+            raise Overloaded(f"storage unavailable: {exc}") from exc
+        return None if row is None else _conflict_from_row(loads(row[0]))
+
     async def conflicts(
         self, project_id: str, *, status: str | None = None, limit: int = 200
     ) -> list[Conflict]:

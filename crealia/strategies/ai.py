@@ -587,6 +587,11 @@ def _numbers(raw: Any, name: str, size: int | None = None) -> tuple[float, ...]:
     return tuple(float(x) for x in raw)
 
 
+#: The largest weight a model file may hold (the features are within a few units: a larger
+#: weight is no model, and 1e308 would make a score infinite).
+MAX_WEIGHT = 1000.0
+
+
 @attrs.frozen(kw_only=True)
 class OfflineModel:
     """A logistic model over :func:`features`, with an isotonic calibration of its margin.
@@ -614,6 +619,8 @@ class OfflineModel:
     def confidence(self, score: float) -> float:
         """How sure the model is of the side ``score`` picks, 0.5 .. 0.99."""
         xs, ys, x = self.calibration_x, self.calibration_y, abs(score)
+        if not math.isfinite(x):
+            x = xs[-1]
         if x <= xs[0]:
             value = ys[0]
         elif x >= xs[-1]:
@@ -646,6 +653,8 @@ class OfflineModel:
         if raw.get("features") != list(FEATURES):
             raise ValueError(f"the offline model's features must be {', '.join(FEATURES)}")
         weights = _numbers(raw.get("weights"), "weights", len(FEATURES))
+        if any(abs(w) > MAX_WEIGHT for w in weights):
+            raise ValueError(f"the offline model's weights must be within ±{MAX_WEIGHT:g}")
         calibration = raw.get("calibration")
         if not isinstance(calibration, dict):
             raise ValueError("the offline model's calibration must be an object of x and y")
@@ -999,15 +1008,20 @@ class AIStrategy(ConflictStrategy):
         provider, the model ``crealia strategies train`` wrote in the data dir
         (:data:`OFFLINE_MODEL_FILE`), when there is one.
 
+        A data dir's model file that cannot be read or is not a model is logged and the
+        shipped model used: a damaged file must not stop the rooms whose chain has ``ai``.
+
         Raises:
-            ConfigurationError: see :func:`provider_from_settings`; or the data dir's model
-                file cannot be read or is not a model.
+            ConfigurationError: see :func:`provider_from_settings`.
         """
         if self.provider is None:
             self.provider = provider_from_settings(self.options, config.ai_providers)
         trained = Path(config.data_dir) / OFFLINE_MODEL_FILE
         if self._owns_provider and isinstance(self.provider, OfflineProvider) and trained.is_file():
-            self.provider = OfflineProvider(OfflineModel.load(trained))
+            try:
+                self.provider = OfflineProvider(OfflineModel.load(trained))
+            except ConfigurationError as exc:
+                log.error("%s; using the model shipped with crealia", exc)
 
     def __repr__(self) -> str:
         return f"AIStrategy(provider={self.provider!r}, min_confidence={self.min_confidence})"

@@ -83,7 +83,15 @@ import attrs
 import trio
 
 from .._model import Choice, Conflict, Resolution
-from .._strategy import DECLINE, Answer, ConflictStrategy, Part, ResolutionContext, Split
+from .._strategy import (
+    DECLINE,
+    MAX_PARTS,
+    Answer,
+    ConflictStrategy,
+    Part,
+    ResolutionContext,
+    Split,
+)
 
 _T = TypeVar("_T")
 
@@ -373,7 +381,7 @@ class _Merger:
         limits: Limits,
         *,
         leaves: list[Leaf] | None = None,
-        decided: Mapping[tuple[str, ...], tuple[Choice, Any]] | None = None,
+        decided: Sequence[tuple[tuple[str, ...], Choice, Any]] | None = None,
     ) -> None:
         self.limits = limits
         self.chars_left = limits.max_text_chars
@@ -383,8 +391,10 @@ class _Merger:
         self.edits: list[Edit] = []
         #: Splitting: colliding leaves are collected here (and current's value stands in).
         self.leaves = leaves
-        #: Joining: each colliding leaf's answer, by path.
+        #: Joining: each colliding leaf's path and answer, in the order they collide (paths
+        #: alone can be ambiguous: ids 1 and "1" both read "[1]").
         self.decided = decided
+        self._next = 0
 
     def collide(
         self, path: tuple[str, ...], base: Any, current: Any, incoming: Any, reason: str
@@ -392,10 +402,15 @@ class _Merger:
         """Both sides changed the leaf at ``path`` in ways that do not merge: give up, or
         (splitting) note it and go on with current's value, or (joining) take its answer."""
         if self.decided is not None:
-            if path not in self.decided:
+            if self._next >= len(self.decided) or self.decided[self._next][0] != path:
                 raise _Unmergeable(f"no answer for {_label(path) or 'the value'}")
-            choice, value = self.decided[path]
-            return current if choice == "current" else incoming if choice == "incoming" else value
+            _path, choice, value = self.decided[self._next]
+            self._next += 1
+            if choice == "current":
+                return current
+            if choice == "incoming":
+                return incoming
+            return _custom_leaf(path, current, incoming, value)
         if self.leaves is None:
             raise _Collision(reason)
         self.leaves.append(
@@ -996,6 +1011,25 @@ def merge_conflict(
 PART_EXPLANATION_CHARS: Final = 200
 
 
+def _custom_leaf(path: tuple[str, ...], current: Any, incoming: Any, value: Any) -> Any:
+    """A custom answer for a colliding leaf, as it goes back in place: ``null`` for a leaf one
+    side removed is its removal; an item stays an object with its id (or the whole join is
+    given up: the list would no longer be a list of items)."""
+    removed = current is _MISSING or incoming is _MISSING
+    if value is None and removed:
+        return _MISSING
+    if path and path[-1].startswith("[") and path[-1] != ORDER:
+        present = incoming if current is _MISSING else current
+        ident = _item_id(present)
+        if (
+            not isinstance(value, Mapping)
+            or _item_id(value) != ident
+            or (type(_item_id(value)) is not type(ident))
+        ):
+            raise _Unmergeable(f"a custom {_label(path)} that is not that item")
+    return value
+
+
 def _part_label(prop: str | None, path: tuple[str, ...]) -> str:
     order = bool(path) and path[-1] == ORDER
     parts = [p for p in (prop, *(path[:-1] if order else path)) if p]
@@ -1019,14 +1053,16 @@ class _MergeSplit(Split):
     def join(self, answers: tuple[Resolution, ...]) -> Resolution | None:
         if len(answers) != len(self.parts):
             return None
-        decided = {leaf.path: (answer.choice, answer.value)
-                   for leaf, answer in zip(self.leaves, answers, strict=True)}  # fmt: skip
+        decided = [(leaf.path, answer.choice, answer.value)
+                   for leaf, answer in zip(self.leaves, answers, strict=True)]  # fmt: skip
         conflict = self.conflict
         current, incoming = conflict.current.get("value"), conflict.incoming.get("value")
         merger = _Merger(self.limits, decided=decided)
         try:
             value = merger.merge(conflict.base_value, current, incoming, ())
         except (_Unmergeable, RecursionError):
+            return None
+        if merger._next != len(decided):
             return None
         choice: Choice = "custom"
         if json_equal(value, current):
@@ -1078,7 +1114,7 @@ def split_conflict(
         merger.merge(base, current, incoming, ())
     except (_Unmergeable, RecursionError):
         return None
-    if not leaves or not merger.edits:
+    if not leaves or not merger.edits or len(leaves) > MAX_PARTS:
         return None
     parts = []
     for leaf in leaves:

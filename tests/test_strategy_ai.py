@@ -373,7 +373,9 @@ def test_offline_model_round_trips_and_refuses_what_is_not_a_model(tmp_path: Pat
             OfflineModel.load(path)
 
 
-def test_ai_strategy_loads_a_trained_model_from_the_data_dir(tmp_path: Path) -> None:
+def test_ai_strategy_loads_a_trained_model_from_the_data_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     strategy = AIStrategy()
     strategy.configure(Config(data_dir=tmp_path))
     assert isinstance(strategy.provider, OfflineProvider)
@@ -385,9 +387,17 @@ def test_ai_strategy_loads_a_trained_model_from_the_data_dir(tmp_path: Path) -> 
     strategy.configure(Config(data_dir=tmp_path))
     assert isinstance(strategy.provider, OfflineProvider)
     assert strategy.provider.model == trained
-    (tmp_path / OFFLINE_MODEL_FILE).write_text("{not json")
-    with pytest.raises(ConfigurationError, match="ai: offline model"):
-        AIStrategy().configure(Config(data_dir=tmp_path))
+    # A damaged file (a half-written one, a hostile one) is logged; the shipped model decides.
+    huge = dict(trained.to_json(), weights=[1e308] * 6)
+    for bad in ("{not json", json.dumps(huge)):
+        (tmp_path / OFFLINE_MODEL_FILE).write_text(bad)
+        with caplog.at_level(logging.ERROR, logger="crealia.strategies.ai"):
+            strategy = AIStrategy()
+            strategy.configure(Config(data_dir=tmp_path))
+        assert isinstance(strategy.provider, OfflineProvider)
+        assert strategy.provider.model == default_model()
+        assert "ai: offline model" in caplog.text and "using the model shipped" in caplog.text
+        caplog.clear()
 
 
 async def test_offline_model_needs_no_scikit_learn_at_run_time() -> None:

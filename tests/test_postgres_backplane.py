@@ -11,6 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from crealia.backplanes.postgresql import open_postgresql_backplane
+from crealia.testing import check_backplane
+
 from ._postgres import PostgresServer, run_postgres
 
 
@@ -32,3 +35,12 @@ async def test_postgres_fixture_starts_stops_and_survives_an_immediate_stop(
         await postgres.start()
         assert (await postgres.psql("SELECT count(*) FROM t")).strip() == "1"
         assert postgres.starts == 3
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+async def test_check_backplane_passes_on_postgresql(postgres: PostgresServer) -> None:
+    url = await postgres.create_database("conformance")
+    with trio.fail_after(300):
+        await check_backplane(lambda: open_postgresql_backplane(url, history_limit=1000))

@@ -168,6 +168,23 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
 
 
+class NotSent(Exception):
+    """Raised by a function given to :meth:`PgConnection.run` when its connection failed
+    before anything was sent (its ``BEGIN``): it may run again on a new connection."""
+
+
+def begin(conn: psycopg.Connection[Any]) -> None:
+    """Open a transaction on an autocommit connection (``COMMIT`` or ``ROLLBACK`` ends it).
+
+    Raises:
+        NotSent: the connection is lost (nothing was done).
+    """
+    try:
+        conn.execute("BEGIN")
+    except psycopg.OperationalError as exc:
+        raise NotSent(_one_line(exc)) from exc
+
+
 class PgConnection:
     """One psycopg connection, used from worker threads one call at a time.
 
@@ -209,21 +226,42 @@ class PgConnection:
             conn = self._conn = self._connect()
         return conn
 
-    def _call(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        return fn(self.connection())
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], T], idempotent: bool) -> T:
+        conn = self.connection()
+        try:
+            return fn(conn)
+        except NotSent as exc:
+            # The connection died while idle (a database restart): nothing of ``fn`` reached
+            # the database, so it runs again on a new connection, once.
+            log.warning("postgresql connection %s lost (%s); reconnecting", self.name, exc)
+            try:
+                return fn(self.connection())
+            except NotSent as again:
+                raise again.__cause__ or again from None
+        except psycopg.OperationalError as exc:
+            if not idempotent or not (conn.broken or conn.closed):
+                raise
+            log.warning("postgresql connection %s lost (%s); reconnecting", self.name,
+                        _one_line(exc))  # fmt: skip
+            return fn(self.connection())
 
-    async def run(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
+    async def run(
+        self, fn: Callable[[psycopg.Connection[Any]], T], *, idempotent: bool = True
+    ) -> T:
         """Run ``fn(connection)`` in a worker thread (reconnecting first if need be).
 
         The connection is in autocommit: ``fn`` opens its transactions itself
-        (``with conn.transaction():``, which rolls back when it raises). Cancellation waits for
-        the call, which the statement and connect timeouts bound.
+        (``with conn.transaction():``, which rolls back when it raises). An ``idempotent``
+        ``fn`` that finds the connection lost runs again, once, on a new one; any ``fn`` that
+        raises :class:`NotSent` does. Cancellation waits for the call, which the statement and
+        connect timeouts bound.
 
         Raises:
             Overloaded: the database is unreachable or failed the call.
         """
         try:
-            return await trio.to_thread.run_sync(self._call, fn, limiter=self._limiter)
+            return await trio.to_thread.run_sync(self._call, fn, idempotent,
+                                                 limiter=self._limiter)  # fmt: skip
         except psycopg.Error as exc:
             raise Overloaded(f"postgresql unavailable: {_one_line(exc)}") from exc
 

@@ -238,7 +238,21 @@ def _commit_batch(writes: list[_Write], conn: Any) -> list[tuple[str, Any] | Exc
     """In the writer thread: one transaction, a savepoint per write; each write's result, or
     the error that undid its savepoint (the others stand)."""
     results: list[tuple[str, Any] | Exception] = []
-    with conn.transaction(), conn.cursor() as cur:
+    _pg.begin(conn)  # on a connection lost while idle, the batch runs again on a new one
+    try:
+        _savepoints(conn, writes, results)
+    except BaseException:
+        if not conn.broken and not conn.closed:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return results
+
+
+def _savepoints(
+    conn: Any, writes: list[_Write], results: list[tuple[str, Any] | Exception]
+) -> None:
+    with conn.cursor() as cur:
         for write in writes:
             try:
                 with conn.transaction():  # a savepoint: undone when the block raises
@@ -254,7 +268,6 @@ def _commit_batch(writes: list[_Write], conn: Any) -> list[tuple[str, Any] | Exc
                 results.append(exc)
                 continue
             results.append(result)
-    return results
 
 
 class _Undo(Exception):
@@ -481,7 +494,9 @@ class PostgreSQLBackplane(Backplane):
         batch.sort(key=lambda item: item.write.project_id)
         writes = [item.write for item in batch]
         try:
-            results = await self.writer_conn.run(lambda conn: _commit_batch(writes, conn))
+            results = await self.writer_conn.run(
+                lambda conn: _commit_batch(writes, conn), idempotent=False
+            )
         except Overloaded as exc:
             # The commit may have happened before its answer was lost: the client cannot know
             # either, it must resend with the same id; a catch-up brings what did commit.

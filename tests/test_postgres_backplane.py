@@ -6,6 +6,11 @@ Policy: loopback only, port 0, a deadline on every I/O test, a real PostgreSQL p
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +21,7 @@ import trio
 
 from crealia import (
     Comment,
+    Config,
     ConfigurationError,
     Conflict,
     DurableEvent,
@@ -31,7 +37,8 @@ from crealia.backplanes import _pg
 from crealia.backplanes.postgresql import PostgreSQLBackplane, open_postgresql_backplane
 from crealia.testing import check_backplane
 
-from ._postgres import PostgresServer, run_postgres
+from ._postgres import PostgresServer, free_port, run_postgres
+from ._wsclient import open_raw_client
 from .conftest import make_config, opened
 from .test_protocol import insert
 
@@ -339,3 +346,157 @@ async def test_an_unreachable_database_is_one_line_at_start(postgres: PostgresSe
     with pytest.raises(ConfigurationError, match=r"expected postgresql://"):
         async with open_postgresql_backplane("mysql://h/db"):
             pytest.fail("must not open")  # pragma: no cover
+
+
+# -- the command line: crealia migrate, crealia serve --database ----------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``python -m crealia`` of this checkout, its ``postgresql`` entry
+    point registered (by a throwaway distribution until the package is installed again)."""
+    paths = [str(ROOT)]
+    groups = importlib.metadata.entry_points(group="crealia.backplanes")
+    if "postgresql" not in groups.names:
+        site = tmp_path / "site"
+        info = site / "crealia_postgresql_entry-0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: crealia-postgresql-entry\nVersion: 0\n"
+        )
+        (info / "entry_points.txt").write_text(
+            "[crealia.backplanes]\npostgresql = crealia.backplanes.postgresql:open_backplane\n"
+        )
+        paths.append(str(site))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CREALIA_", "DATABASE_"))}
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    with trio.fail_after(60):
+        done = await trio.run_process([sys.executable, "-m", "crealia", *args], env=env,
+                                      capture_stdout=True, capture_stderr=True,
+                                      check=False)  # fmt: skip
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def test_setup_cfg_registers_the_postgresql_backplane_and_pins_psycopg() -> None:
+    text = (ROOT / "setup.cfg").read_text()
+    assert "    postgresql = crealia.backplanes.postgresql:open_backplane\n" in text
+    assert "    psycopg[binary]>=3.2\n" in text
+
+
+async def test_cli_migrate_brings_a_database_up_and_refuses_a_newer_one_in_one_line(
+    postgres: PostgresServer, cli_env: dict[str, str]
+) -> None:
+    url = await postgres.create_database("cli")
+    status, out, err = await _cli(cli_env, "migrate", "--database", url)
+    assert (status, err) == (0, ""), err
+    assert out == f"crealia: database {url}: schema migrated from version 0 to 1\n"
+    status, out, err = await _cli({**cli_env, "DATABASE_URL": url}, "migrate")
+    assert (status, out) == (0, f"crealia: database {url}: schema version 1, up to date\n"), err
+    await postgres.psql("INSERT INTO crealia_schema (version) VALUES (2)", database="cli")
+    status, out, err = await _cli(cli_env, "migrate", "--database", url)
+    assert status == 2
+    assert err.splitlines() == [
+        f"crealia: database '{url}' has schema version 2, newer than this crealia's 1: upgrade "
+        "crealia (or use another database)"
+    ]
+    status, _out, err = await _cli(cli_env, "migrate", "--database", "sqlite:")
+    assert status == 2
+    assert err.strip() == (
+        "crealia: backplane 'sqlite' has no migrations to run (it brings its store up to date "
+        "when it opens)"
+    )
+
+
+async def test_cli_serve_with_an_unreachable_database_is_one_line(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    port = free_port()
+    url = f"postgresql://crealia:hunter2@127.0.0.1:{port}/crealia"
+    secret = tmp_path / "secret"
+    secret.write_text("a-test-secret-of-at-least-32-bytes-long!!")
+    status, _out, err = await _cli(cli_env, "serve", "--database", url, "--port", "0",
+                                   "--ws-port", "0", "--data-dir", str(tmp_path / "d"),
+                                   "--jwt-secret-file", str(secret))  # fmt: skip
+    assert status == 2, err
+    (line,) = err.splitlines()
+    assert line.startswith(
+        f"crealia: database 'postgresql://crealia:***@127.0.0.1:{port}/crealia': cannot connect: "
+    ), line
+    assert "hunter2" not in err
+
+
+async def test_a_crealia_serve_process_and_this_one_share_a_project_on_one_database(
+    postgres: PostgresServer, cli_env: dict[str, str], tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A real second process: ``crealia serve --database``; a client of each process, edits on
+    both, one gap-free order on both."""
+    url = await postgres.create_database("cluster")
+    config = make_config(tmp_path / "here")
+    secret = tmp_path / "secret"
+    secret.write_text(config.jwt_secret or "")
+    with trio.fail_after(90):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "crealia", "serve", "--database", url, "--port", "0",
+             "--ws-port", "0", "--data-dir", str(tmp_path / "there"),
+             "--jwt-secret-file", str(secret)],
+            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            seen = b""
+            while b"\n" not in seen:
+                chunk = await process.stdout.receive_some(4096)
+                assert chunk, "crealia serve exited before listening"
+                seen += chunk
+            first = seen.decode().splitlines()[0]
+            assert first.startswith("crealia listening"), first
+            ws_port = int(first.split("ws=")[1])
+            async with (
+                open_postgresql_backplane(url) as backplane,
+                open_server(config, backplane=backplane) as server,
+                opened(server, nursery) as clients,
+            ):
+                alice = await clients.join("alice")
+                bob = await open_raw_client(nursery, f"ws://127.0.0.1:{ws_port}/ws")
+                await bob.hello(clients.token("bob"), "p1")
+                for i in range(10):
+                    ack = await alice.request("timeline_change", insert(f"a{i}", f"ea{i}", v=i))
+                    assert ack["data"]["status"] == "applied", ack
+                    ack = await bob.request("timeline_change", insert(f"b{i}", f"eb{i}", v=i))
+                    assert ack["data"]["status"] == "applied", ack
+                for client in (alice, bob):
+                    for seq in range(1, 21):
+                        await client.event("timeline_change", seq=seq)
+                await bob.aclose()
+                snapshot = await backplane.snapshot("p1")
+                assert snapshot["seq"] == 20 and len(snapshot["elements"]) == 20
+        finally:
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode == 0
+
+
+def test_config_database_url_selects_the_postgresql_backplane() -> None:
+    url = "postgresql://crealia:secret@db:5432/crealia"
+    assert Config(database_url=url).backplane_url == url
+    assert Config.from_env({"DATABASE_URL": url}).backplane_url == url
+    assert Config.from_env({}, database_url=url).database_url == url
+    assert Config(database_url=url, backplane_url=url).backplane_url == url
+    with pytest.raises(ConfigurationError) as refused:
+        Config.from_env({"DATABASE_URL": "mysql://root:pw@db/x"})
+    assert str(refused.value) == (
+        "DATABASE_URL='mysql://root:***@db/x': database_url must be a "
+        "postgresql://[user[:password]@]host[:port]/database URL"
+    )
+    with pytest.raises(ConfigurationError, match=r"both choose the backplane: set one of them"):
+        Config(database_url=url, redis_url="redis://r:6379/0")
+    assert "secret" not in repr(Config(database_url=url))

@@ -329,7 +329,7 @@ def migrate_sync(conn: psycopg.Connection[Any], url: str) -> tuple[int, int]:
             started = time.monotonic()
             cur.execute(MIGRATIONS[version - 1].encode())
             cur.execute("INSERT INTO crealia_schema (version) VALUES (%s)", (version,))
-            log.warning("database %s: schema migrated to version %d (%.0f ms)",
+            log.info("database %s: schema migrated to version %d (%.0f ms)",
                         redact_url_password(url), version,
                         (time.monotonic() - started) * 1000)  # fmt: skip
         return before, SCHEMA_VERSION

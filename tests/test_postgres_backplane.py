@@ -325,6 +325,9 @@ async def test_after_an_immediate_stop_and_restart_acked_edits_are_there_and_wri
                 await backplane.wait_listening()
                 await backplane.check()
                 assert backplane.writer_conn.opened == 2
+                # The listener's lost connection was counted, and it listens again.
+                assert backplane.jobs.counts["pg_listener"] >= 1
+                assert "pg_listener" not in backplane.jobs.failing
         async with open_postgresql_backplane(url) as again:
             events = await again.events_since(project, 0)
             assert events is not None and [e.seq for e in events] == list(range(1, 52))

@@ -397,7 +397,11 @@ class PostgreSQLBackplane(Backplane):
         for row in rows:
             self._apply(mirror, _event_from(project_id, row))
 
-    async def _fresh(self, project_id: str) -> _Mirror:
+    async def _fresh(self, project_id: str, *, keep: bool = True) -> _Mirror:
+        """The project's mirror, caught up with the database; without ``keep``, a project not
+        held here is read for the call and not kept (a REST read of a closed project)."""
+        if not keep and project_id not in self._mirrors:
+            return await self._load(project_id)
         mirror = await self._mirror(project_id)
         async with mirror.lock:
             await self._catch_up(project_id, mirror)
@@ -744,7 +748,7 @@ class PostgreSQLBackplane(Backplane):
         return [_conflict_from(data) for (data,) in await self.reader_conn.run(read)]
 
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
-        mirror = await self._fresh(user.project_id)
+        mirror = await self._fresh(user.project_id, keep=False)
         plan = mirror.doc.plan(user.id, change.change_id, change.changes, value_at(mirror.history))
         return {
             "applies": plan.applied,
@@ -756,10 +760,10 @@ class PostgreSQLBackplane(Backplane):
         }  # fmt: skip
 
     async def snapshot(self, project_id: str) -> dict[str, Any]:
-        return (await self._fresh(project_id)).doc.snapshot()
+        return (await self._fresh(project_id, keep=False)).doc.snapshot()
 
     async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
-        mirror = await self._fresh(project_id)
+        mirror = await self._fresh(project_id, keep=False)
         head = mirror.doc.seq
         if seq > head:
             return None
@@ -848,6 +852,11 @@ class PostgreSQLBackplane(Backplane):
                     mirror.announced.extend(ids)
                 self._schedule_catch_up(project_id, mirror)
 
+    def _heard(self, payloads: list[str]) -> None:
+        # A bug here must not end the listener thread (nor, through it, the server).
+        with self.jobs.guard("pg_listener"):
+            self._on_notices(payloads)
+
     def _on_listen_state(self, up: bool, exc: BaseException | None) -> None:
         """On the Trio thread: the listener (re)connected, or lost its connection."""
         if not up:
@@ -871,7 +880,7 @@ class PostgreSQLBackplane(Backplane):
         """The listener thread (see :func:`crealia.backplanes._pg.listen`)."""
 
         def on_notices(batch: list[str]) -> None:
-            trio.from_thread.run_sync(self._on_notices, batch, trio_token=token)
+            trio.from_thread.run_sync(self._heard, batch, trio_token=token)
 
         def on_state(up: bool, exc: BaseException | None) -> None:
             if not up:

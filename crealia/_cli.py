@@ -13,6 +13,7 @@ Subcommands::
     crealia loadtest       drive a running server with simulated users and report what it did
     crealia backup         copy the projects' store to a file, online
     crealia restore        put a backup back (server stopped), every project a new epoch
+    crealia migrate        bring a database's schema up to this version (--database URL)
     crealia --version
 
 Every value is checked for its type and range wherever it comes from (a flag, a variable, the
@@ -123,6 +124,9 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
      "the backplane: sqlite: (the default, in the data dir) or redis://HOST:PORT/DB to join a "
      "cluster (CREALIA_BACKPLANE)"),
     ("--redis", "redis_url", "the older name of --backplane for a Redis URL (REDIS_URL)"),
+    ("--database", "database_url",
+     "PostgreSQL as the store of record, postgresql://USER:PASSWORD@HOST:5432/DB: any number "
+     "of processes on one database (DATABASE_URL)"),
     ("--jwt-keys-file", "jwt_keys_file",
      "a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)"),
     ("--allowed-origins", "allowed_origins",
@@ -296,6 +300,15 @@ def _parser() -> argparse.ArgumentParser:
     check_token.add_argument(
         "--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)"
     )
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring a database's schema up to this crealia's version (serve also does it when "
+        "it starts, and refuses a newer schema)",
+    )
+    migrate.add_argument(
+        "--database", dest="database_url", default=None, metavar="URL",
+        help="the database, postgresql://USER:PASSWORD@HOST:5432/DB (DATABASE_URL)",
+    )  # fmt: skip
     _add_loadtest(commands)
     return parser
 
@@ -530,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plugins(as_json=args.json)
         if args.command in ("backup", "restore"):
             return _backup_or_restore(args)
+        if args.command == "migrate":
+            return _migrate(args.database_url or os.environ.get("DATABASE_URL"))
         config, sources = _settings(args)
         if args.command == "check-config":
             return _check_config(config, sources)
@@ -680,7 +695,7 @@ def _masked(name: str, value: Any) -> Any:
         return {kid: "***" for kid in value}
     if name == "jwt_public_keys":
         return {kid: "(PEM text)" if "-----BEGIN" in key else key for kid, key in value.items()}
-    if name in ("redis_url", "backplane_url"):
+    if name in ("redis_url", "backplane_url", "database_url"):
         return redact_url_password(value)
     if name == "alert_webhooks":
         return [_masked_webhook(url) for url in value]
@@ -956,6 +971,35 @@ def _check_token(args: argparse.Namespace) -> int:
         "user": {**user.to_wire(), "project_id": user.project_id},
     }
     print(json.dumps(shown, indent=2, sort_keys=True))
+    return 0
+
+
+# -- migrate ------------------------------------------------------------------------------------
+
+
+def _migrate(url: str | None) -> int:
+    """``crealia migrate``: the ``migrate`` of the backplane the URL's scheme names (an async
+    function of the URL returning the schema versions before and after).
+
+    Raises:
+        ConfigurationError: no URL, an unknown scheme, a backplane without migrations, or a
+            schema newer than this crealia's.
+        TransportError: the database cannot be reached or failed.
+    """
+    if not url:
+        raise ConfigurationError("migrate: give the database with --database URL (or DATABASE_URL)")
+    registry = BackplaneRegistry.discover()
+    name = registry.resolve(url)
+    migrate = getattr(registry.factories[name], "migrate", None)
+    if migrate is None:
+        raise ConfigurationError(f"backplane {name!r} has no migrations to run (it brings its "
+                                 "store up to date when it opens)")  # fmt: skip
+    before, after = trio.run(migrate, url)
+    shown = redact_url_password(url)
+    if before == after:
+        print(f"crealia: database {shown}: schema version {after}, up to date")
+    else:
+        print(f"crealia: database {shown}: schema migrated from version {before} to {after}")
     return 0
 
 

@@ -137,6 +137,25 @@ def _is_redis_url(value: object) -> bool:
 _redis_url = _Rule("a redis://host[:port], rediss://host[:port] or unix:///path URL", _is_redis_url)
 
 
+def database_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a PostgreSQL URL, or None (``postgresql://`` or ``postgres://``,
+    with a port that is a number)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "not a postgresql:// URL"
+    return None
+
+
+_database_url = _Rule(
+    "a postgresql://[user[:password]@]host[:port]/database URL",
+    lambda value: value is None or (isinstance(value, str) and not database_url_problem(value)),
+)
+
+
 def _lower(value: str | None) -> str | None:
     return value.lower() if isinstance(value, str) else value
 
@@ -470,6 +489,11 @@ class Config:
     #: ``data_dir``), ``sqlite:///var/lib/crealia`` or ``redis://host:6379/0`` (a cluster).
     #: ``None`` or empty: SQLite in ``data_dir``. ``redis_url`` is an older name for it.
     backplane_url: str | None = attrs.field(default=None, repr=False)
+    #: PostgreSQL as the store of record (``--database``, ``DATABASE_URL``): selects the
+    #: ``postgresql`` backplane, on which any number of processes serve every project. Setting
+    #: it sets ``backplane_url``; the two must then agree (PostgreSQL with Redis beside it for
+    #: ephemeral traffic is a later step).
+    database_url: str | None = attrs.field(default=None, validator=_database_url, repr=False)
 
     # --- cli: what only ``crealia serve`` reads
     #: Log level of ``crealia serve`` (debug, info, warning or error); unset: warning, or debug
@@ -494,6 +518,16 @@ class Config:
                     f"backplane_url ({redact_url_password(self.backplane_url)!r}) and redis_url, "
                     f"its older name ({redact_url_password(self.redis_url)!r}), disagree: set "
                     "one of them"
+                )
+        if self.database_url:
+            if self.backplane_url is None:
+                object.__setattr__(self, "backplane_url", self.database_url)
+            elif self.backplane_url != self.database_url:
+                raise ConfigurationError(
+                    f"database_url ({redact_url_password(self.database_url)!r}) and "
+                    f"backplane_url ({redact_url_password(self.backplane_url)!r}) both choose the "
+                    "backplane: set one of them (PostgreSQL alone serves a cluster for now; Redis "
+                    "beside it comes later)"
                 )
         if self.snapshot_every >= self.history_limit:
             # A snapshot must land inside the kept log, or a project cannot be rebuilt.
@@ -738,7 +772,9 @@ def _shown(name: str, value: Any) -> str:
     """``value`` of setting ``name`` as a message may show it."""
     if name in SECRET_SETTINGS:
         return "(hidden)"
-    if name in ("redis_url", "backplane_url", "alert_webhooks") and isinstance(value, str):
+    if name in ("redis_url", "backplane_url", "database_url", "alert_webhooks") and isinstance(
+        value, str
+    ):
         return repr(redact_url_password(value))
     return repr(value)
 
@@ -907,6 +943,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_DATA_DIR", "data_dir", str),
     ("CREALIA_BACKPLANE", "backplane_url", str),
     ("REDIS_URL", "redis_url", str),
+    ("DATABASE_URL", "database_url", str),
     ("CREALIA_JWT_SECRET", "jwt_secret", str),
     ("JWT_SECRET", "jwt_secret", str),
     ("CREALIA_JWT_SECRET_FILE", "jwt_secret", lambda raw: read_secret_file(Path(raw))),

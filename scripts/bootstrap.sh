@@ -2,7 +2,8 @@
 # Set up everything crealia needs from this checkout: system packages (when missing), a venv,
 # and the package with its test and dev extras. Safe to run again; it only does what is missing.
 # With --test it also sees to what only the tests use: Debian's chromium for the browser tests
-# (installed when root; otherwise they skip, and this says what to install).
+# and Debian's postgresql for the PostgreSQL backplane's tests (each installed when root;
+# otherwise those tests skip, and this says what to install).
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -12,7 +13,7 @@ SYSTEM_PACKAGES="${CREALIA_SYSTEM_PACKAGES:-redis-server}"
 
 TEST_PACKAGES=""
 if [ "${1:-}" = "--test" ]; then
-    TEST_PACKAGES="${CREALIA_TEST_PACKAGES:-chromium}"
+    TEST_PACKAGES="${CREALIA_TEST_PACKAGES:-chromium postgresql}"
 fi
 
 need_apt=""
@@ -31,11 +32,17 @@ for pkg in $SYSTEM_PACKAGES; do
     esac
 done
 for pkg in $TEST_PACKAGES; do
-    if ! command -v "$pkg" >/dev/null 2>&1; then
+    case "$pkg" in
+        # Debian keeps PostgreSQL's binaries off PATH, in /usr/lib/postgresql/<major>/bin.
+        postgresql) have=$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -n 1 || true)
+                    tests="PostgreSQL" ;;
+        *) have=$(command -v "$pkg" 2>/dev/null || true); tests="browser" ;;
+    esac
+    if [ -z "$have" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             need_apt="$need_apt $pkg"
         else
-            echo "note: the browser tests will be skipped: they need $pkg (sudo apt-get install -y $pkg)" >&2
+            echo "note: the $tests tests will be skipped: they need $pkg (sudo apt-get install -y $pkg)" >&2
         fi
     fi
 done

@@ -250,18 +250,24 @@ def test_builtin_backplanes_register_through_the_entry_points() -> None:
     registry = BackplaneRegistry.discover()
     builtin = {p.name: p for p in registry.plugins if p.distribution == "crealia"}
     assert {name: p.target for name, p in builtin.items()} == {
+        "postgresql": "crealia.backplanes.postgresql:open_backplane",
         "redis": "crealia.backplanes.redis:open_backplane",
         "sqlite": "crealia.backplanes.sqlite:open_backplane",
     }
     for url, name in (("sqlite:", "sqlite"), ("redis://h:1/0", "redis"), ("rediss://h", "redis"),
-                      ("unix:///tmp/redis.sock", "redis"), ("REDIS://h", "redis")):  # fmt: skip
+                      ("unix:///tmp/redis.sock", "redis"), ("REDIS://h", "redis"),
+                      ("postgresql://h/db", "postgresql"),
+                      ("postgres://h/db", "postgresql")):  # fmt: skip
         assert registry.resolve(url) == name, url
 
 
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("nats://127.0.0.1:4222", r"unknown scheme 'nats'; known: redis, rediss, sqlite, unix"),
+        (
+            "nats://127.0.0.1:4222",
+            r"unknown scheme 'nats'; known: postgres, postgresql, redis, rediss, sqlite, unix",
+        ),
         ("127.0.0.1:6379", r"has no scheme \(the part before the colon, as in sqlite:\); known"),
         ("sqlite://somehost/dir", r"expected sqlite: \(the data dir\), sqlite:///absolute/dir"),
         ("redis://127.0.0.1:notaport/0", r"backplane URL 'redis://127.0.0.1:notaport/0': Port"),
@@ -372,7 +378,7 @@ def test_cli_serve_refuses_an_unknown_backplane_in_one_line(
     # --redis, the older name, takes only Redis URLs; --backplane any installed backplane's.
     for flag, line in (
         ("--backplane", "crealia: backplane URL 'nats://127.0.0.1:4222': unknown scheme 'nats'; "
-                        "known: redis, rediss, sqlite, unix"),
+                        "known: postgres, postgresql, redis, rediss, sqlite, unix"),
         ("--redis", "crealia: --redis nats://127.0.0.1:4222: must be a redis://host[:port], "
                     "rediss://host[:port] or unix:///path URL"),
     ):  # fmt: skip

@@ -1,0 +1,404 @@
+"""psycopg behind one small thread adapter, and the PostgreSQL schema with its migrations.
+
+The only module that imports psycopg. psycopg 3 is used synchronously, like sqlite3 in
+``crealia._storage``: every call runs in a worker thread through :class:`PgConnection`, one
+connection per purpose, one call at a time on each (a capacity limiter of one). psycopg's
+errors become :class:`~crealia.Overloaded` at this boundary (a connection that broke is
+reopened by its next call); a connection that cannot be opened at start is a
+:class:`~crealia.TransportError` of one line.
+
+Every session runs with ``synchronous_commit = on`` (a commit returns once its WAL is flushed:
+an ack after it survives a crash of the database host), a ``statement_timeout`` and a
+``lock_timeout``, and TCP keepalives, so no call waits forever on a database that went away.
+
+:data:`MIGRATIONS` is the schema, versioned in the package: migration *n* (1-based) brings a
+database from version *n - 1* to *n*. :func:`migrate` applies what is missing under an advisory
+lock (two processes starting at once apply each once) and refuses a database whose schema is
+newer than this package's, in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import psycopg
+import trio
+
+from .._config import redact_url_password
+from .._errors import ConfigurationError, Overloaded, TransportError
+
+log = logging.getLogger("crealia.postgresql")
+
+T = TypeVar("T")
+
+Cursor = psycopg.Cursor[Any]
+
+#: The channel of the notices of committed writes (``pg_notify``): one JSON object each.
+CHANNEL = "crealia_events"
+
+#: Seconds allowed to open a connection, and TCP keepalive settings for a host that vanished.
+CONNECT_TIMEOUT = 5
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+#: Milliseconds a statement, and a wait for a lock, may take.
+STATEMENT_TIMEOUT_MS = 15_000
+LOCK_TIMEOUT_MS = 10_000
+
+#: A number for ``pg_advisory_xact_lock`` while migrating (``crealia`` in ASCII).
+_MIGRATION_LOCK = 0x637265616C6961
+
+#: The schema: each entry brings the database from the version before it to its own (1-based).
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the projects' durable state, as the SQLite store keeps it (crealia/_storage.py), plus
+    # each project's head: its seq (locked by every write), its epoch, and what its pending
+    # conflicts hold (for the quotas, checked in the write's transaction).
+    """
+    CREATE TABLE projects (
+        project_id TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL DEFAULT 0,
+        epoch TEXT NOT NULL,
+        pending_count INTEGER NOT NULL DEFAULT 0,
+        pending_bytes BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE TABLE events (
+        project_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
+        effects BYTEA NOT NULL,
+        PRIMARY KEY (project_id, seq)
+    );
+    CREATE TABLE changes (
+        project_id TEXT NOT NULL,
+        change_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        seq BIGINT,
+        status TEXT NOT NULL,
+        conflicts BYTEA NOT NULL,
+        digest TEXT,
+        PRIMARY KEY (project_id, change_id)
+    );
+    CREATE TABLE snapshots (
+        project_id TEXT PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        document BYTEA NOT NULL
+    );
+    CREATE TABLE comments (
+        project_id TEXT NOT NULL,
+        comment_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        element_id TEXT,
+        time DOUBLE PRECISION,
+        text TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (project_id, comment_id)
+    );
+    CREATE TABLE conflicts (
+        id TEXT PRIMARY KEY,
+        -- Insertion order, for conflicts created in the same millisecond.
+        ord BIGSERIAL,
+        project_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX conflicts_project ON conflicts (project_id, status, created_at);
+    CREATE TABLE project_settings (
+        project_id TEXT PRIMARY KEY,
+        settings BYTEA NOT NULL
+    );
+    CREATE TABLE project_roles (
+        project_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        PRIMARY KEY (project_id, user_id)
+    );
+    CREATE TABLE health (
+        id INTEGER PRIMARY KEY,
+        at BIGINT NOT NULL
+    );
+    """,
+)
+
+#: The schema version this package writes and reads.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def check_url(url: str) -> None:
+    """Raises:
+    ConfigurationError: ``url`` is not a ``postgresql://`` or ``postgres://`` URL libpq takes.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise ConfigurationError(f"database URL {redact_url_password(url)!r}: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"database URL {redact_url_password(url)!r}: expected "
+                                 "postgresql://[user[:password]@]host[:port]/database")  # fmt: skip
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(
+            f"database URL {redact_url_password(url)!r}: {_one_line(exc)}"
+        ) from None
+
+
+def _conninfo(url: str, name: str) -> str:
+    """``url`` with the connect timeout, keepalives and application name added."""
+    return psycopg.conninfo.make_conninfo(
+        url, connect_timeout=CONNECT_TIMEOUT, application_name=name, **_KEEPALIVES
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    """A libpq message (often several lines, with hints) as one line."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or repr(exc)
+
+
+class NotSent(Exception):
+    """Raised by a function given to :meth:`PgConnection.run` when its connection failed
+    before anything was sent (its ``BEGIN``): it may run again on a new connection."""
+
+
+def begin(conn: psycopg.Connection[Any]) -> None:
+    """Open a transaction on an autocommit connection (``COMMIT`` or ``ROLLBACK`` ends it).
+
+    Raises:
+        NotSent: the connection is lost (nothing was done).
+    """
+    try:
+        conn.execute("BEGIN")
+    except psycopg.OperationalError as exc:
+        raise NotSent(_one_line(exc)) from exc
+
+
+class PgConnection:
+    """One psycopg connection, used from worker threads one call at a time.
+
+    The connection is opened on first use and again after it broke; a call on a broken
+    connection fails (:class:`~crealia.Overloaded`) and the next one reconnects.
+    """
+
+    def __init__(self, url: str, *, name: str = "crealia") -> None:
+        self.url = url
+        self.name = name
+        self._limiter = trio.CapacityLimiter(1)
+        self._conn: psycopg.Connection[Any] | None = None
+        self.closed = False
+        #: Connections opened so far (a reconnect is the second).
+        self.opened = 0
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(_conninfo(self.url, self.name), autocommit=True)
+        conn.execute("SET synchronous_commit = on")
+        conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        self.opened += 1
+        return conn
+
+    def connection(self) -> psycopg.Connection[Any]:
+        """In the worker thread: the open connection (reopened if it broke or was never
+        opened).
+
+        Raises:
+            psycopg.Error: it cannot be opened.
+        """
+        if self.closed:
+            raise psycopg.OperationalError("the backplane is closed")
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            self._conn = None
+            conn = self._conn = self._connect()
+        return conn
+
+    def _call(self, fn: Callable[[psycopg.Connection[Any]], T], idempotent: bool) -> T:
+        conn = self.connection()
+        try:
+            return fn(conn)
+        except NotSent as exc:
+            # The connection died while idle (a database restart): nothing of ``fn`` reached
+            # the database, so it runs again on a new connection, once.
+            log.warning("postgresql connection %s lost (%s); reconnecting", self.name, exc)
+            try:
+                return fn(self.connection())
+            except NotSent as again:
+                raise again.__cause__ or again from None
+        except psycopg.OperationalError as exc:
+            if not idempotent or not (conn.broken or conn.closed):
+                raise
+            log.warning("postgresql connection %s lost (%s); reconnecting", self.name,
+                        _one_line(exc))  # fmt: skip
+            return fn(self.connection())
+
+    async def run(
+        self, fn: Callable[[psycopg.Connection[Any]], T], *, idempotent: bool = True
+    ) -> T:
+        """Run ``fn(connection)`` in a worker thread (reconnecting first if need be).
+
+        The connection is in autocommit: ``fn`` opens its transactions itself
+        (``with conn.transaction():``, which rolls back when it raises). An ``idempotent``
+        ``fn`` that finds the connection lost runs again, once, on a new one; any ``fn`` that
+        raises :class:`NotSent` does. Cancellation waits for the call, which the statement and
+        connect timeouts bound.
+
+        Raises:
+            Overloaded: the database is unreachable or failed the call.
+        """
+        try:
+            return await trio.to_thread.run_sync(self._call, fn, idempotent,
+                                                 limiter=self._limiter)  # fmt: skip
+        except psycopg.Error as exc:
+            raise Overloaded(f"postgresql unavailable: {_one_line(exc)}") from exc
+
+    async def open(self) -> None:
+        """Open the connection now.
+
+        Raises:
+            TransportError: the database cannot be reached (one line, password masked).
+        """
+        try:
+            await trio.to_thread.run_sync(self.connection, limiter=self._limiter)
+        except psycopg.Error as exc:
+            raise TransportError(f"database {redact_url_password(self.url)!r}: cannot connect: "
+                                 f"{_one_line(exc)}") from exc  # fmt: skip
+
+    async def close(self) -> None:
+        """Close the connection (shielded: also when cancelled)."""
+        self.closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+
+# -- migrations ----------------------------------------------------------------------------------
+
+
+def schema_version(cur: Cursor) -> int:
+    """The database's schema version (0: empty)."""
+    cur.execute("SELECT to_regclass('crealia_schema') IS NOT NULL")
+    row = cur.fetchone()
+    if not row or not row[0]:
+        return 0
+    cur.execute("SELECT COALESCE(MAX(version), 0) FROM crealia_schema")
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def newer_schema(url: str, version: int) -> ConfigurationError:
+    return ConfigurationError(
+        f"database {redact_url_password(url)!r} has schema version {version}, newer than this "
+        f"crealia's {SCHEMA_VERSION}: upgrade crealia (or use another database)"
+    )
+
+
+def migrate_sync(conn: psycopg.Connection[Any], url: str) -> tuple[int, int]:
+    """In the worker thread: apply the missing migrations, each in a transaction of its own,
+    under an advisory lock; ``(version before, version after)``.
+
+    Raises:
+        ConfigurationError: the database's schema is newer than this package's.
+        psycopg.Error: the database failed.
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        before = schema_version(cur)
+        if before > SCHEMA_VERSION:
+            raise newer_schema(url, before)
+        if before == 0:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS crealia_schema (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+        for version in range(before + 1, SCHEMA_VERSION + 1):
+            started = time.monotonic()
+            cur.execute(MIGRATIONS[version - 1].encode())
+            cur.execute("INSERT INTO crealia_schema (version) VALUES (%s)", (version,))
+            log.info("database %s: schema migrated to version %d (%.0f ms)",
+                        redact_url_password(url), version,
+                        (time.monotonic() - started) * 1000)  # fmt: skip
+        return before, SCHEMA_VERSION
+
+
+async def migrate(url: str) -> tuple[int, int]:
+    """Bring the database at ``url`` up to :data:`SCHEMA_VERSION`; ``(before, after)``.
+
+    Raises:
+        ConfigurationError: a bad URL, or a schema newer than this package's.
+        TransportError: the database cannot be reached or failed.
+    """
+    check_url(url)
+    conn = PgConnection(url, name="crealia-migrate")
+    try:
+        await conn.open()
+        try:
+            return await conn.run(lambda c: migrate_sync(c, url))
+        except Overloaded as exc:
+            raise TransportError(f"database {redact_url_password(url)!r}: migration failed: "
+                                 f"{exc}") from exc  # fmt: skip
+    finally:
+        await conn.close()
+
+
+# -- the listening connection ----------------------------------------------------------------------
+
+
+def listen(
+    url: str,
+    stop: list[bool],
+    on_notices: Callable[[list[str]], None],
+    on_state: Callable[[bool, BaseException | None], None],
+) -> None:
+    """The listener thread's loop: ``LISTEN`` on :data:`CHANNEL` on a connection of its own,
+    handing each group of notice payloads to ``on_notices`` (which hops to Trio) until
+    ``stop[0]``; a lost connection is reported to ``on_state(False, exc)`` and reopened with a
+    backoff, then ``on_state(True, None)`` (notices may have been missed meanwhile).
+    ``trio.RunFinishedError`` from a callback ends it.
+    """
+    backoff = 0.1
+    conn: psycopg.Connection[Any] | None = None
+    try:
+        while not stop[0]:
+            try:
+                if conn is None:
+                    conn = psycopg.connect(_conninfo(url, "crealia-listen"), autocommit=True)
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    on_state(True, None)
+                    backoff = 0.1
+                # A short timeout so that ``stop`` is noticed quickly.
+                batch = [n.payload for n in conn.notifies(timeout=0.1, stop_after=1)]
+                if batch:
+                    batch += [n.payload for n in _pending(conn)]
+                    on_notices(batch)
+            except psycopg.Error as exc:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                on_state(False, exc)
+                time.sleep(backoff)  # in the listener thread, not the event loop
+                backoff = min(backoff * 2, 2.0)
+    except trio.RunFinishedError:
+        return
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _pending(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Notify]:
+    """The notices already received (up to 1,000), without waiting."""
+    yield from conn.notifies(timeout=0.0, stop_after=1000)

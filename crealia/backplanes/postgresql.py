@@ -1,0 +1,1067 @@
+"""The PostgreSQL backplane: PostgreSQL as the store of record, for one process or a cluster.
+
+Registered as ``postgresql`` (and ``postgres``) in the ``crealia.backplanes`` entry-point group:
+``--database postgresql://user:password@host:5432/db``, ``DATABASE_URL``, or ``--backplane`` with
+such a URL. Any number of processes on one database serve every project; each committed event
+is in PostgreSQL (``synchronous_commit = on``) before it is acknowledged.
+
+**Sequencing** is in the database. Each process keeps a mirror of every project it serves (the
+document at some ``seq``, recent history, roles), prepares a write against it with the pure code
+the other built-ins share (``crealia._sequencing``), and hands it to the writer task. The writer
+commits what is queued in one transaction, a savepoint per write (a group commit), each write
+doing: ``SELECT … FOR UPDATE`` on the project's row in ``projects``; refuse a used change or
+comment id (``duplicate``) or a settled conflict; check the row's ``seq`` is the one the mirror
+was prepared at (else the events after it come back, the mirror catches up and the write is
+prepared again); check the pending-conflict quotas on the row's counters; insert the event at
+``seq + 1``, the change or comment, the conflicts, the author's role; bump ``seq``;
+``pg_notify``. The row lock makes two processes' writes to one project take turns, so seqs are
+gap-free across the cluster and no conflict goes undetected. Writes of several projects in one
+batch lock their rows in project order (no deadlock between two processes' batches).
+
+**Fan-out.** The writer's own process hears an event when its commit returns (before the write
+returns, so an ack never overtakes it). Other processes hear of it through ``LISTEN/NOTIFY`` (a
+notice per write: project, seq, conflict ids, node), on a dedicated connection read by one
+listener thread; a notice only says "read the table from your seq": the events themselves are
+read by ``seq``, so a missed notice costs nothing but delay. A poller compares every open
+project's ``seq`` with the mirror's every :attr:`PostgreSQLBackplane.poll_interval` seconds, and
+every mirror catches up when the listener reconnects, so delivery is bounded with the listener
+down. Ephemeral traffic stays in this process (:attr:`~PostgreSQLBackplane.shares_presence` is
+false): a later step puts Redis beside PostgreSQL for presence, cursors and rate limits.
+
+**Epoch**: each project's row holds its epoch, drawn when the row is created (so a fresh
+database names every history anew) and to be replaced by any rewrite.
+
+psycopg runs only in :mod:`crealia.backplanes._pg`, the thread adapter (which also holds the
+schema's migrations); its errors are :class:`~crealia.Overloaded` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from .. import _wire
+from .._backplane import Backplane, HealthProbe, History, Listener
+from .._config import Config, redact_url_password
+from .._document import Document, Quotas
+from .._errors import NotFound, Overloaded, ProtocolError, TransportError
+from .._jobs import JobFailures
+from .._metrics import job_metrics
+from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
+from .._sequencing import (
+    ChangeRecord,
+    PendingLoad,
+    duplicate_of,
+    now_ms,
+    prepare_change,
+    prepare_comment,
+    prepare_settle,
+    record_of,
+    value_at,
+)
+from . import _pg
+
+log = logging.getLogger("crealia.postgresql")
+
+#: Attempts at one write before giving up with ``overloaded`` (each failed attempt means another
+#: process wrote to the same project in between).
+MAX_ATTEMPTS = 64
+
+#: Writes one transaction of the writer takes at most.
+BATCH = 256
+
+#: Writes queued for the writer at most (past it: ``overloaded``).
+QUEUE = 10_000
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def _event_from(project_id: str, row: tuple[Any, ...]) -> DurableEvent:
+    seq, kind, user_id, at, payload, effects = row
+    return DurableEvent(project_id=project_id, seq=int(seq), kind=kind, user_id=user_id,
+                        at=int(at), payload=orjson.loads(payload),
+                        effects=orjson.loads(effects))  # fmt: skip
+
+
+def _conflict_from(data: bytes) -> Conflict:
+    return Conflict(**orjson.loads(data))
+
+
+_EVENTS_AFTER = (
+    "SELECT seq, kind, user_id, at, payload, effects FROM events "
+    "WHERE project_id = %s AND seq > %s ORDER BY seq"
+)
+
+
+@attrs.frozen(kw_only=True)
+class _Write:
+    """A write prepared against a mirror at ``base_seq``, for the writer's transaction."""
+
+    project_id: str
+    mode: str  # "change", "comment" or "settle"
+    base_seq: int
+    #: The change id, comment id or (settle) conflict id.
+    key: str
+    event: DurableEvent | None
+    conflicts: list[Conflict]
+    #: What the write changes in the pending conflicts (count, bytes).
+    pending: PendingLoad
+    quotas: Quotas
+    node: str
+    #: change: (user_id, seq, status, conflicts, digest); comment: (user_id, element_id,
+    #: time, text, at).
+    row: tuple[Any, ...] = ()
+    role: tuple[str, str] | None = None
+
+
+@attrs.define(eq=False)
+class _Queued:
+    write: _Write
+    #: The mirror it was prepared on (held under its lock by the writing task).
+    mirror: _Mirror
+    done: trio.Event = attrs.Factory(trio.Event)
+    #: ``(status, value)``: ok (seq), dup (the first's row), gone, stale (events after the
+    #: base), behind (the database's seq), quota ((count, bytes)); or an error.
+    result: tuple[str, Any] | None = None
+    error: Overloaded | None = None
+
+
+def _new_epoch() -> str:
+    return uuid.uuid4().hex
+
+
+def _lock_project(cur: _pg.Cursor, project_id: str) -> tuple[int, int, int]:
+    """Lock the project's row (creating it): its (seq, pending count, pending bytes)."""
+    cur.execute(
+        "SELECT seq, pending_count, pending_bytes FROM projects WHERE project_id = %s FOR UPDATE",
+        (project_id,),
+    )
+    row = cur.fetchone()
+    if row is None:
+        cur.execute("INSERT INTO projects (project_id, epoch) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING", (project_id, _new_epoch()))  # fmt: skip
+        cur.execute(
+            "SELECT seq, pending_count, pending_bytes FROM projects WHERE project_id = %s "
+            "FOR UPDATE",
+            (project_id,),
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def _apply_write(cur: _pg.Cursor, w: _Write) -> tuple[str, Any]:
+    """In the writer's transaction (a savepoint of its own): check and store one write. Any
+    status but ``ok`` means the caller rolls the savepoint back (nothing of it stays)."""
+    p = w.project_id
+    seq, count, held = _lock_project(cur, p)
+    if w.mode == "settle":
+        cur.execute("SELECT status FROM conflicts WHERE id = %s AND project_id = %s", (w.key, p))
+        row = cur.fetchone()
+        if row is None or row[0] != "pending":
+            return "gone", None
+    elif w.mode == "change":
+        cur.execute("SELECT user_id, seq, status, conflicts, digest FROM changes "
+                    "WHERE project_id = %s AND change_id = %s", (p, w.key))  # fmt: skip
+        row = cur.fetchone()
+        if row is not None:
+            return "dup", row
+    else:
+        cur.execute("SELECT seq FROM comments WHERE project_id = %s AND comment_id = %s",
+                    (p, w.key))  # fmt: skip
+        row = cur.fetchone()
+        if row is not None:
+            return "dup", int(row[0])
+    if seq < w.base_seq:
+        return "behind", seq
+    if seq > w.base_seq:
+        cur.execute(_EVENTS_AFTER, (p, w.base_seq))
+        return "stale", cur.fetchall()
+    dn, db = w.pending.count, w.pending.bytes
+    if (
+        w.mode == "change"
+        and (dn or db)
+        and (count + dn > w.quotas.pending_conflicts or held + db > w.quotas.pending_bytes)
+    ):
+        return "quota", (count, held)
+    event = w.event
+    if event is not None:
+        seq += 1
+        cur.execute(
+            "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (p, seq, event.kind, event.user_id, event.at, _dumps(event.payload),
+             _dumps(event.effects)),
+        )  # fmt: skip
+    cur.execute("UPDATE projects SET seq = %s, pending_count = GREATEST(0, pending_count + %s), "
+                "pending_bytes = GREATEST(0, pending_bytes + %s) WHERE project_id = %s",
+                (seq, dn, db, p))  # fmt: skip
+    if w.mode == "change":
+        user_id, _seq, status, conflict_ids, digest = w.row
+        cur.execute("INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts, "
+                    "digest) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (p, w.key, user_id, event.seq if event else None, status,
+                     _dumps(conflict_ids), digest))  # fmt: skip
+    elif w.mode == "comment":
+        user_id, element_id, at_time, text, at = w.row
+        cur.execute("INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, "
+                    "time, text, at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (p, w.key, seq, user_id, element_id, at_time, text, at))  # fmt: skip
+    for conflict in w.conflicts:
+        cur.execute("INSERT INTO conflicts (id, project_id, status, created_at, data) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "status = EXCLUDED.status, data = EXCLUDED.data",
+                    (conflict.id, p, conflict.status, conflict.created_at,
+                     _dumps(attrs.asdict(conflict))))  # fmt: skip
+    if w.role is not None:
+        cur.execute("INSERT INTO project_roles (project_id, user_id, role) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (project_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+                    (p, *w.role))  # fmt: skip
+    notice = {"p": p, "s": seq, "n": w.node,
+              "c": [c.id for c in w.conflicts if c.status == "pending"]}  # fmt: skip
+    cur.execute("SELECT pg_notify(%s, %s)", (_pg.CHANNEL, orjson.dumps(notice).decode()))
+    return "ok", seq
+
+
+def _commit_batch(writes: list[_Write], conn: Any) -> list[tuple[str, Any] | Exception]:
+    """In the writer thread: one transaction, a savepoint per write; each write's result, or
+    the error that undid its savepoint (the others stand)."""
+    results: list[tuple[str, Any] | Exception] = []
+    _pg.begin(conn)  # on a connection lost while idle, the batch runs again on a new one
+    try:
+        _savepoints(conn, writes, results)
+    except BaseException:
+        if not conn.broken and not conn.closed:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return results
+
+
+def _savepoints(
+    conn: Any, writes: list[_Write], results: list[tuple[str, Any] | Exception]
+) -> None:
+    with conn.cursor() as cur:
+        for write in writes:
+            try:
+                with conn.transaction():  # a savepoint: undone when the block raises
+                    result = _apply_write(cur, write)
+                    if result[0] != "ok":
+                        raise _Undo(result)
+            except _Undo as undo:
+                results.append(undo.result)
+                continue
+            except Exception as exc:
+                if conn.broken or conn.closed:
+                    raise
+                results.append(exc)
+                continue
+            results.append(result)
+
+
+class _Undo(Exception):
+    def __init__(self, result: tuple[str, Any]) -> None:
+        super().__init__(result[0])
+        self.result = result
+
+
+@attrs.define(eq=False)
+class _Mirror:
+    doc: Document
+    history: History
+    roles: dict[str, str]
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    listeners: set[Listener] = attrs.Factory(set)
+    catching_up: bool = False
+    #: The highest seq a notice (or the poller) announced; a catch-up runs until it is in.
+    wanted: int = 0
+    #: Conflicts other processes announced, to read and tell the listeners.
+    announced: list[str] = attrs.Factory(list)
+
+
+@attrs.define(eq=False)
+class PostgreSQLBackplane(Backplane):
+    """The PostgreSQL backplane. Open it with :func:`open_postgresql_backplane`."""
+
+    url: str
+    #: The writer's connection (group commits), the readers' (loads, catch-ups, lists).
+    writer_conn: _pg.PgConnection
+    reader_conn: _pg.PgConnection
+    history_limit: int = 10_000
+    snapshot_every: int = 500
+    quotas: Quotas = attrs.Factory(Quotas)
+    #: Seconds between two checks of every open project's seq (the fallback for lost notices).
+    poll_interval: float = 1.0
+    node_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
+    jobs: JobFailures = attrs.Factory(JobFailures)
+    #: Transactions the writer committed, and writes in them.
+    commits: int = 0
+    writes: int = 0
+    #: Notices heard from the listener, and catch-ups run.
+    notices: int = 0
+    catch_ups: int = 0
+    #: False while the listener has lost its connection.
+    listening: bool = False
+    _listening_event: trio.Event = attrs.Factory(trio.Event)
+    _mirrors: dict[str, _Mirror] = attrs.Factory(dict)
+    _loading: dict[str, trio.Lock] = attrs.Factory(dict)
+    _nursery: trio.Nursery | None = None
+    _send: trio.MemorySendChannel[_Queued] | None = None
+
+    # -- mirrors ------------------------------------------------------------------------------
+
+    async def _mirror(self, project_id: str) -> _Mirror:
+        mirror = self._mirrors.get(project_id)
+        if mirror is not None:
+            return mirror
+        lock = self._loading.setdefault(project_id, trio.Lock())
+        async with lock:
+            mirror = self._mirrors.get(project_id)
+            if mirror is None:
+                mirror = await self._load(project_id)
+                self._mirrors[project_id] = mirror
+            return mirror
+
+    async def _load(self, project_id: str) -> _Mirror:
+        limit = self.history_limit
+
+        def load(conn: Any) -> tuple[Any, Any, Any]:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute("SELECT seq, document FROM snapshots WHERE project_id = %s",
+                            (project_id,))  # fmt: skip
+                snap = cur.fetchone()
+                cur.execute("SELECT seq FROM projects WHERE project_id = %s", (project_id,))
+                head_row = cur.fetchone()
+                head = int(head_row[0]) if head_row else 0
+                snap_seq = int(snap[0]) if snap else 0
+                start = max(0, min(snap_seq, head - limit))
+                cur.execute(_EVENTS_AFTER, (project_id, start))
+                events = cur.fetchall()
+                cur.execute("SELECT user_id, role FROM project_roles WHERE project_id = %s",
+                            (project_id,))  # fmt: skip
+                roles = cur.fetchall()
+                return snap, events, roles
+
+        snap, rows, roles = await self.reader_conn.run(load)
+        doc = (
+            Document.load(project_id, orjson.loads(snap[1]))
+            if snap
+            else Document(project_id=project_id)
+        )
+        doc.quotas = self.quotas
+        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes)
+        for row in rows:
+            event = _event_from(project_id, row)
+            if event.seq == doc.seq + 1:
+                doc.apply(event.effects, event.seq, event.user_id)
+            history.append(event)
+        return _Mirror(doc=doc, history=history, roles=dict(roles))
+
+    def _apply(self, mirror: _Mirror, event: DurableEvent) -> None:
+        """Apply the project's next event to the mirror and tell its listeners (an event it
+        holds already is skipped)."""
+        if event.seq <= mirror.doc.seq:
+            return
+        if event.seq > mirror.doc.seq + 1:
+            # The table has every event: a gap means a bug or a database rewritten under us.
+            raise Overloaded(f"project {event.project_id!r}: event {event.seq} came after "
+                             f"{mirror.doc.seq}; reloading")  # fmt: skip
+        mirror.doc.apply(event.effects, event.seq, event.user_id)
+        mirror.history.append(event)
+        for listener in list(mirror.listeners):
+            listener.on_durable(event)
+
+    async def _catch_up(self, project_id: str, mirror: _Mirror) -> None:
+        """Read the events after the mirror's seq and apply them, in order (under its lock)."""
+        start = mirror.doc.seq
+
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(_EVENTS_AFTER, (project_id, start))
+                return cur.fetchall()
+
+        rows = await self.reader_conn.run(read)
+        self.catch_ups += 1
+        for row in rows:
+            self._apply(mirror, _event_from(project_id, row))
+
+    async def _fresh(self, project_id: str, *, keep: bool = True) -> _Mirror:
+        """The project's mirror, caught up with the database; without ``keep``, a project not
+        held here is read for the call and not kept (a REST read of a closed project)."""
+        if not keep and project_id not in self._mirrors:
+            return await self._load(project_id)
+        mirror = await self._mirror(project_id)
+        async with mirror.lock:
+            await self._catch_up(project_id, mirror)
+        return mirror
+
+    def _schedule_catch_up(self, project_id: str, mirror: _Mirror) -> None:
+        if mirror.catching_up or self._nursery is None:
+            return
+        mirror.catching_up = True
+        self._nursery.start_soon(self._catch_up_task, project_id, mirror)
+
+    async def _catch_up_task(self, project_id: str, mirror: _Mirror) -> None:
+        try:
+            with self.jobs.guard("pg_catch_up"):
+                for _round in range(10):
+                    async with mirror.lock:
+                        await self._catch_up(project_id, mirror)
+                        announced, mirror.announced = mirror.announced, []
+                        if announced:
+                            conflicts = await self._conflicts_by_id(project_id, announced)
+                            if conflicts:
+                                for listener in list(mirror.listeners):
+                                    listener.on_conflicts(conflicts)
+                    # A notice that came while reading: read again until it is in.
+                    if mirror.doc.seq >= mirror.wanted and not mirror.announced:
+                        break
+        finally:
+            mirror.catching_up = False
+
+    async def _conflicts_by_id(self, project_id: str, ids: list[str]) -> list[Conflict]:
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT data FROM conflicts WHERE project_id = %s AND id = ANY(%s) "
+                            "ORDER BY created_at, ord", (project_id, ids))  # fmt: skip
+                return cur.fetchall()
+
+        return [_conflict_from(data) for (data,) in await self.reader_conn.run(read)]
+
+    # -- the writer ---------------------------------------------------------------------------
+
+    async def _submit(self, write: _Write, mirror: _Mirror) -> tuple[str, Any]:
+        """Queue a write for the writer's next transaction and wait for its result (shielded:
+        a queued write commits or fails whether or not its caller is cancelled).
+
+        Raises:
+            Overloaded: the transaction failed (``outcome="unknown"`` when it may have
+                committed), or the queue is full or closed.
+        """
+        item = _Queued(write, mirror)
+        if self._send is None:
+            raise Overloaded("postgresql backplane is closed")
+        try:
+            self._send.send_nowait(item)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise Overloaded("postgresql backplane is closed") from None
+        except trio.WouldBlock:
+            raise Overloaded("postgresql write queue is full") from None
+        with trio.CancelScope(shield=True):
+            await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    async def _writer(self, recv: trio.MemoryReceiveChannel[_Queued]) -> None:
+        batch: list[_Queued] = []
+        try:
+            async for first in recv:
+                batch = [first]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
+                batch = []
+        finally:
+            closed = Overloaded("postgresql backplane is closed")
+            for item in batch:
+                if not item.done.is_set():
+                    item.error = closed
+                    item.done.set()
+            while True:
+                try:
+                    item = recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                item.error = closed
+                item.done.set()
+
+    async def _commit(self, batch: list[_Queued]) -> None:
+        # Rows are locked in project order: two processes' batches never wait on each other
+        # in a cycle.
+        batch.sort(key=lambda item: item.write.project_id)
+        writes = [item.write for item in batch]
+        try:
+            results = await self.writer_conn.run(
+                lambda conn: _commit_batch(writes, conn), idempotent=False
+            )
+        except Overloaded as exc:
+            # The commit may have happened before its answer was lost: the client cannot know
+            # either, it must resend with the same id; a catch-up brings what did commit.
+            failure = Overloaded(
+                f"postgresql did not answer the write, which may have been applied: resend it "
+                f"with the same id ({exc})",
+                outcome="unknown",
+            )
+            for item in batch:
+                item.error = failure
+                mirror = self._mirrors.get(item.write.project_id)
+                if mirror is not None:
+                    self._schedule_catch_up(item.write.project_id, mirror)
+                item.done.set()
+            return
+        self.commits += 1
+        self.writes += len(batch)
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("a write to project %s failed: %s", item.write.project_id, result)
+                item.error = Overloaded(f"postgresql refused the write, nothing was applied: "
+                                        f"{result}")  # fmt: skip
+            else:
+                item.result = result
+                with self.jobs.guard("pg_writer"):  # a bug there must not stop the writer
+                    self._committed(item.write, item.mirror, result)
+            item.done.set()
+
+    def _committed(self, write: _Write, mirror: _Mirror, result: tuple[str, Any]) -> None:
+        """On the Trio thread, right after the transaction: apply what this process must hear
+        now (the event, or the events a stale write found) to the mirror it was prepared on."""
+        status, value = result
+        if status == "ok":
+            if write.event is not None:
+                self._apply(mirror, write.event)
+                if write.event.seq % self.snapshot_every == 0 and self._nursery is not None:
+                    self._nursery.start_soon(self._write_snapshot, write.project_id, mirror)
+            new = [c for c in write.conflicts if c.status == "pending"]
+            if new:
+                for listener in list(mirror.listeners):
+                    listener.on_conflicts(new)
+        elif status == "stale":
+            for row in value:
+                self._apply(mirror, _event_from(write.project_id, row))
+
+    async def _write_snapshot(self, project_id: str, mirror: _Mirror) -> None:
+        seq, doc = mirror.doc.seq, orjson.dumps(mirror.doc.dump())
+
+        def write(conn: Any) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("INSERT INTO snapshots (project_id, seq, document) VALUES (%s, %s, %s) "
+                            "ON CONFLICT (project_id) DO UPDATE SET seq = EXCLUDED.seq, "
+                            "document = EXCLUDED.document WHERE snapshots.seq < EXCLUDED.seq",
+                            (project_id, seq, doc))  # fmt: skip
+
+        with self.jobs.guard("pg_snapshot"):
+            await self.reader_conn.run(write)
+
+    def _write_of(self, project_id: str, mode: str, mirror: _Mirror, key: str, **kw: Any) -> _Write:
+        return _Write(project_id=project_id, mode=mode, base_seq=mirror.doc.seq, key=key,
+                      quotas=self.quotas, node=self.node_id, **kw)  # fmt: skip
+
+    # -- durable writes -----------------------------------------------------------------------
+
+    async def commit_change(
+        self, user: User, change: _wire.TimelineChange, *, strategy: str = "manual"
+    ) -> ChangeOutcome:
+        project_id = user.project_id
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                try:
+                    outcome, event = prepare_change(
+                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
+                        lookup=value_at(mirror.history), at=now_ms(), pending=None,
+                    )  # fmt: skip
+                except ProtocolError:
+                    # A resend of an accepted change may no longer fit the document (its insert
+                    # exists now): a duplicate, not an error.
+                    first = await self._stored_change(project_id, change.change_id)
+                    if first is not None:
+                        return duplicate_of(first, user, change)
+                    raise
+                record = record_of(user, change, outcome)
+                write = self._write_of(
+                    project_id, "change", mirror, change.change_id, event=event,
+                    conflicts=list(outcome.detected), pending=PendingLoad.of(outcome.detected),
+                    row=(user.id, outcome.seq, outcome.status, outcome.conflicts, record.digest),
+                    role=(user.id, user.role),
+                )  # fmt: skip
+                status, value = await self._submit(write, mirror)
+                if status == "dup":
+                    return duplicate_of(_record_from(change.change_id, value), user, change)
+                if status == "quota":
+                    count, held = value
+                    # Raises the same ``too_large`` as the embedded backplane.
+                    prepare_change(
+                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
+                        lookup=value_at(mirror.history), at=now_ms(),
+                        pending=PendingLoad(count, held),
+                    )  # fmt: skip
+                    continue  # room was made meanwhile
+                if status == "ok":
+                    mirror.roles[user.id] = user.role
+                    return outcome
+                self._retry(status, value, write)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    def _retry(self, status: str, value: Any, write: _Write) -> None:
+        """After a write that must be prepared again (``stale``: the mirror caught up already).
+
+        Raises:
+            Overloaded: the database is behind this process (it lost acknowledged writes).
+        """
+        if status == "behind":
+            raise Overloaded(
+                f"postgresql is behind this process (seq {value} there, {write.base_seq} here: "
+                "it lost acknowledged writes, or was restored), nothing was applied"
+            )
+
+    async def _stored_change(self, project_id: str, change_id: str) -> ChangeRecord | None:
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT user_id, seq, status, conflicts, digest FROM changes "
+                            "WHERE project_id = %s AND change_id = %s",
+                            (project_id, change_id))  # fmt: skip
+                return cur.fetchone()
+
+        row = await self.reader_conn.run(read)
+        return None if row is None else _record_from(change_id, row)
+
+    async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
+        project_id = user.project_id
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                event = prepare_comment(mirror.doc, user, comment, now_ms())
+                write = self._write_of(
+                    project_id, "comment", mirror, comment.id, event=event, conflicts=[],
+                    pending=PendingLoad(),
+                    row=(user.id, comment.element_id, comment.time, comment.text, event.at),
+                    role=(user.id, user.role),
+                )  # fmt: skip
+                status, value = await self._submit(write, mirror)
+                if status == "dup":
+                    return int(value), True
+                if status == "ok":
+                    mirror.roles[user.id] = user.role
+                    return event.seq, False
+                self._retry(status, value, write)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def settle(
+        self,
+        project_id: str,
+        conflict_id: str,
+        resolution: Resolution,
+        *,
+        by: str,
+        writer: str,
+        expect_seq: int | None = None,
+        redetect: bool = True,
+    ) -> Settled:
+        mirror = await self._mirror(project_id)
+        for _attempt in range(MAX_ATTEMPTS):
+            async with mirror.lock:
+                conflict = await self._pending_one(project_id, conflict_id)
+                event, resolved, redetected = prepare_settle(
+                    mirror.doc, conflict, resolution, by=by, writer=writer,
+                    expect_seq=expect_seq, at=now_ms(), redetect=redetect,
+                )  # fmt: skip
+                written = [resolved] + ([redetected] if redetected else [])
+                # The redetected one takes the settled one's place: never refused for room.
+                freed, taken = PendingLoad.of([conflict]), PendingLoad.of(written)
+                write = self._write_of(
+                    project_id, "settle", mirror, conflict_id, event=event, conflicts=written,
+                    pending=PendingLoad(taken.count - freed.count, taken.bytes - freed.bytes),
+                )  # fmt: skip
+                status, value = await self._submit(write, mirror)
+                if status == "gone":
+                    raise NotFound(
+                        f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
+                    )
+                if status == "ok":
+                    return Settled(seq=event.seq, redetected=redetected)
+                self._retry(status, value, write)
+        raise Overloaded("too many concurrent writes to this project; retry")
+
+    async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
+        found = await self._conflicts_by_id(project_id, [conflict_id])
+        if not found or found[0].status != "pending":
+            raise NotFound(f"data.conflict_id: no pending conflict {conflict_id!r} in this project")
+        return found[0]
+
+    async def set_settings(self, project_id: str, settings: dict[str, Any]) -> None:
+        data = _dumps(settings)
+
+        def write(conn: Any) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("INSERT INTO project_settings (project_id, settings) VALUES (%s, %s) "
+                            "ON CONFLICT (project_id) DO UPDATE SET settings = EXCLUDED.settings",
+                            (project_id, data))  # fmt: skip
+
+        await self.writer_conn.run(write)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get_settings(self, project_id: str) -> dict[str, Any]:
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT settings FROM project_settings WHERE project_id = %s",
+                            (project_id,))  # fmt: skip
+                return cur.fetchone()
+
+        row = await self.reader_conn.run(read)
+        return dict(orjson.loads(row[0])) if row else {}
+
+    async def conflicts(
+        self, project_id: str, *, status: str | None = None, limit: int = 200
+    ) -> list[Conflict]:
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                if status is None:
+                    cur.execute("SELECT data FROM conflicts WHERE project_id = %s "
+                                "ORDER BY created_at DESC, ord DESC LIMIT %s",
+                                (project_id, limit))  # fmt: skip
+                else:
+                    cur.execute("SELECT data FROM conflicts WHERE project_id = %s AND status = %s "
+                                "ORDER BY created_at DESC, ord DESC LIMIT %s",
+                                (project_id, status, limit))  # fmt: skip
+                return cur.fetchall()
+
+        return [_conflict_from(data) for (data,) in await self.reader_conn.run(read)]
+
+    async def pending_conflicts(self, project_id: str) -> list[Conflict]:
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(
+                    "SELECT data FROM conflicts WHERE project_id = %s AND status = 'pending' "
+                    "ORDER BY created_at, ord",
+                    (project_id,),
+                )
+                return cur.fetchall()
+
+        return [_conflict_from(data) for (data,) in await self.reader_conn.run(read)]
+
+    async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
+        mirror = await self._fresh(user.project_id, keep=False)
+        plan = mirror.doc.plan(user.id, change.change_id, change.changes, value_at(mirror.history))
+        return {
+            "applies": plan.applied,
+            "conflicts": [
+                {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
+                 "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
+                for s in plan.conflicts
+            ],
+        }  # fmt: skip
+
+    async def snapshot(self, project_id: str) -> dict[str, Any]:
+        return (await self._fresh(project_id, keep=False)).doc.snapshot()
+
+    async def events_since(self, project_id: str, seq: int) -> list[DurableEvent] | None:
+        mirror = await self._fresh(project_id, keep=False)
+        head = mirror.doc.seq
+        if seq > head:
+            return None
+        if seq == head:
+            return []
+        history = mirror.history
+        if not history or history[0].seq > seq + 1:
+            return None
+        start = seq + 1 - history[0].seq
+        return [history[i] for i in range(start, len(history))]
+
+    async def epoch(self, project_id: str) -> str:
+        fresh = _new_epoch()
+
+        def read(conn: Any) -> Any:
+            # Whichever process asks first draws it: every process answers the same.
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT epoch FROM projects WHERE project_id = %s", (project_id,))
+                row = cur.fetchone()
+                if row is not None:
+                    return row
+                cur.execute("INSERT INTO projects (project_id, epoch) VALUES (%s, %s) "
+                            "ON CONFLICT DO NOTHING", (project_id, fresh))  # fmt: skip
+                cur.execute("SELECT epoch FROM projects WHERE project_id = %s", (project_id,))
+                return cur.fetchone()
+
+        row = await self.reader_conn.run(read)
+        return str(row[0]) if row else fresh
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
+        mirror = await self._fresh(project_id)
+        # The mirror may have been dropped (its last room closed) while this one was loading.
+        mirror = self._mirrors.setdefault(project_id, mirror)
+        mirror.listeners.add(listener)
+        try:
+            yield
+        finally:
+            current = self._mirrors.get(project_id)
+            if current is not None:
+                current.listeners.discard(listener)
+                if not current.listeners:
+                    del self._mirrors[project_id]
+                    self._loading.pop(project_id, None)
+
+    def subscribe(self, project_id: str, listener: Listener) -> Any:
+        return self._subscription(project_id, listener)
+
+    async def publish(self, message: Ephemeral) -> None:
+        # This process only (shares_presence is False): Redis carries it in a later step.
+        mirror = self._mirrors.get(message.project_id)
+        if mirror is not None:
+            for listener in list(mirror.listeners):
+                listener.on_ephemeral(message)
+        await trio.lowlevel.checkpoint()
+
+    def release(self, project_id: str) -> None:
+        """Forget the project's mirror if no room listens to it (it reloads on demand)."""
+        mirror = self._mirrors.get(project_id)
+        if mirror is not None and not mirror.listeners and not mirror.lock.locked():
+            del self._mirrors[project_id]
+            self._loading.pop(project_id, None)
+
+    def _on_notices(self, payloads: list[str]) -> None:
+        """On the Trio thread: notices of commits (from any process, this one's too)."""
+        self.notices += len(payloads)
+        for payload in payloads:
+            try:
+                notice = orjson.loads(payload)
+                project_id, seq = str(notice["p"]), int(notice["s"])
+                own = notice.get("n") == self.node_id
+                ids = [str(c) for c in notice.get("c") or ()]
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("ignored a malformed notice on %s: %r", _pg.CHANNEL, payload[:200])
+                continue
+            mirror = self._mirrors.get(project_id)
+            if mirror is None:
+                continue
+            if seq > mirror.doc.seq or (ids and not own):
+                # Our own events were applied when their commit returned; one whose answer was
+                # lost comes back here.
+                mirror.wanted = max(mirror.wanted, seq)
+                if not own:
+                    mirror.announced.extend(ids)
+                self._schedule_catch_up(project_id, mirror)
+
+    def _heard(self, payloads: list[str]) -> None:
+        # A bug here must not end the listener thread (nor, through it, the server).
+        with self.jobs.guard("pg_listener"):
+            self._on_notices(payloads)
+
+    def _on_listen_state(self, up: bool, exc: BaseException | None) -> None:
+        """On the Trio thread: the listener (re)connected, or lost its connection."""
+        if not up:
+            self.listening = False
+            self._listening_event = trio.Event()
+            self.jobs.failed("pg_listener", exc or RuntimeError("connection lost"))
+            return
+        self.listening = True
+        self._listening_event.set()
+        self.jobs.succeeded("pg_listener")
+        # Notices may have been missed while it was away.
+        for project_id, mirror in list(self._mirrors.items()):
+            self._schedule_catch_up(project_id, mirror)
+
+    async def wait_listening(self) -> None:
+        """Wait until the listener is listening (at start, or after it lost its connection)."""
+        while not self.listening:
+            await self._listening_event.wait()
+
+    def _listen(self, stop: list[bool], token: trio.lowlevel.TrioToken) -> None:
+        """The listener thread (see :func:`crealia.backplanes._pg.listen`)."""
+
+        def on_notices(batch: list[str]) -> None:
+            trio.from_thread.run_sync(self._heard, batch, trio_token=token)
+
+        def on_state(up: bool, exc: BaseException | None) -> None:
+            if not up:
+                log.warning("postgresql LISTEN connection lost (%s); reconnecting", exc)
+            trio.from_thread.run_sync(self._on_listen_state, up, exc, trio_token=token)
+
+        _pg.listen(self.url, stop, on_notices, on_state)
+
+    async def _poll(self) -> None:
+        """One pass of the poller: every open project's seq in the database against its
+        mirror's; those behind catch up."""
+        mirrors = {p: m for p, m in self._mirrors.items() if m.listeners}
+        if not mirrors:
+            return
+        ids = list(mirrors)
+
+        def read(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT project_id, seq FROM projects WHERE project_id = ANY(%s)",
+                            (ids,))  # fmt: skip
+                return cur.fetchall()
+
+        for project_id, seq in await self.reader_conn.run(read):
+            mirror = self._mirrors.get(project_id)
+            if mirror is not None and int(seq) > mirror.doc.seq:
+                mirror.wanted = max(mirror.wanted, int(seq))
+                self._schedule_catch_up(project_id, mirror)
+
+    # -- health and metrics -------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """A real commit on the writer's connection, every open project's seq in the database
+        not behind this process's, and the listener connected.
+
+        Raises:
+            TransportError: one of them fails.
+        """
+        mirrors = list(self._mirrors.items())
+        ids = [project_id for project_id, _mirror in mirrors]
+
+        def probe(conn: Any) -> Any:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("INSERT INTO health (id, at) VALUES (1, %s) ON CONFLICT (id) "
+                            "DO UPDATE SET at = EXCLUDED.at", (now_ms(),))  # fmt: skip
+                cur.execute("SELECT project_id, seq FROM projects WHERE project_id = ANY(%s)",
+                            (ids,))  # fmt: skip
+                return dict(cur.fetchall())
+
+        try:
+            seqs = await self.writer_conn.run(probe)
+        except Overloaded as exc:
+            raise TransportError(f"postgresql cannot take writes: {exc}") from exc
+        behind = [(p, int(seqs.get(p, 0)), m.doc.seq) for p, m in mirrors
+                  if int(seqs.get(p, 0)) < m.doc.seq]  # fmt: skip
+        if behind:
+            for project_id, stored, here in behind:
+                log.error("project %s is at seq %d in postgresql but %d here: the database "
+                          "lost acknowledged writes", project_id, stored, here)  # fmt: skip
+            raise TransportError(
+                f"postgresql lost acknowledged writes (restored from an older copy?): "
+                f"{len(behind)} open project(s) are behind this process"
+            )
+        if not self.listening:
+            raise TransportError("postgresql LISTEN connection is reconnecting")
+
+    def health_checks(self) -> Mapping[str, HealthProbe]:
+        """``postgresql``: a real commit, no open project behind, the listener up."""
+        return {"postgresql": self.check}
+
+    def metrics(self) -> Iterable[Metric]:
+        """The writer's transactions and writes, notices heard, catch-ups, and the
+        backplane's background jobs (``pg_listener``, ``pg_poll``, ``pg_catch_up``,
+        ``pg_snapshot``, ``pg_writer``)."""
+        yield CounterMetricFamily("crealia_postgresql_commits",
+                                  "PostgreSQL transactions the writer committed.",
+                                  value=self.commits)  # fmt: skip
+        yield CounterMetricFamily("crealia_postgresql_writes",
+                                  "Durable writes committed to PostgreSQL (several a "
+                                  "transaction under load).", value=self.writes)  # fmt: skip
+        yield CounterMetricFamily("crealia_postgresql_notices",
+                                  "LISTEN/NOTIFY notices of commits heard.",
+                                  value=self.notices)  # fmt: skip
+        yield from job_metrics(self.jobs)
+
+
+def _record_from(change_id: str, row: tuple[Any, ...]) -> ChangeRecord:
+    user_id, seq, status, conflicts, digest = row
+    outcome = ChangeOutcome(change_id=change_id, seq=None if seq is None else int(seq),
+                            status=status, conflicts=orjson.loads(conflicts))  # fmt: skip
+    return ChangeRecord(outcome=outcome, user_id=user_id, digest=digest)
+
+
+@asynccontextmanager
+async def open_backplane(url: str, config: Config) -> AsyncIterator[PostgreSQLBackplane]:
+    """The ``postgresql`` entry point (:class:`~crealia.abc.BackplaneFactory`): a backplane on
+    the database ``url`` names, with the config's history limits and quotas, for the ``async
+    with`` block. The schema is migrated first when the database is empty or older.
+
+    Raises:
+        ConfigurationError: ``url`` is not a PostgreSQL URL, or the database's schema is newer
+            than this crealia's.
+        TransportError: the database cannot be reached (one line).
+    """
+    async with open_postgresql_backplane(
+        url, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
+        quotas=Quotas.of(config),
+    ) as backplane:  # fmt: skip
+        yield backplane
+
+
+#: The URL schemes :func:`open_backplane` serves besides its entry point's name.
+open_backplane.schemes = ("postgres",)  # type: ignore[attr-defined]
+
+
+async def _migrate_command(url: str) -> tuple[int, int]:
+    return await _pg.migrate(url)
+
+
+#: ``crealia migrate --database URL`` calls it: ``(version before, version after)``.
+open_backplane.migrate = _migrate_command  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def open_postgresql_backplane(
+    url: str,
+    *,
+    history_limit: int = 10_000,
+    snapshot_every: int = 500,
+    quotas: Quotas | None = None,
+    poll_interval: float = 1.0,
+) -> AsyncIterator[PostgreSQLBackplane]:
+    """A PostgreSQL backplane on ``url`` with its writer, listener and poller, for the
+    ``async with`` block (schema migrated first when the database is empty or older).
+
+    On exit (also when cancelled) the queued writes fail as ``overloaded`` once the writer is
+    cancelled, the listener thread ends within its 0.1 s read timeout, and the connections
+    close.
+
+    Raises:
+        ConfigurationError: ``url`` is not a PostgreSQL URL, or the schema is newer.
+        TransportError: the database cannot be reached.
+    """
+    _pg.check_url(url)
+    writer = _pg.PgConnection(url, name="crealia-write")
+    reader = _pg.PgConnection(url, name="crealia-read")
+    try:
+        await writer.open()
+        try:
+            await writer.run(lambda conn: _pg.migrate_sync(conn, url))
+        except Overloaded as exc:
+            raise TransportError(f"database {redact_url_password(url)!r}: cannot migrate its "
+                                 f"schema: {exc}") from exc  # fmt: skip
+        await reader.open()
+        backplane = PostgreSQLBackplane(
+            url=url, writer_conn=writer, reader_conn=reader, history_limit=history_limit,
+            snapshot_every=snapshot_every, quotas=quotas or Quotas(),
+            poll_interval=poll_interval,
+        )  # fmt: skip
+        send, recv = trio.open_memory_channel[_Queued](QUEUE)
+        stop = [False]
+        token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            backplane._nursery = nursery
+            backplane._send = send
+            nursery.start_soon(backplane._writer, recv)
+            nursery.start_soon(lambda: trio.to_thread.run_sync(backplane._listen, stop, token))
+            nursery.start_soon(
+                lambda: backplane.jobs.keep_running(
+                    "pg_poll", backplane._poll, period=backplane.poll_interval
+                )
+            )
+            try:
+                with trio.fail_after(10):
+                    await backplane.wait_listening()
+                yield backplane
+            finally:
+                stop[0] = True
+                send.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            await writer.close()
+        with contextlib.suppress(Exception):
+            await reader.close()

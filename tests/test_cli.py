@@ -355,7 +355,8 @@ async def test_cli_plugins_lists_builtins_with_their_distribution() -> None:
                                 "mass_export": "crealia._security:mass_export",
                                 "abuse": "crealia._security:abuse"},
         "crealia.backplanes": {"sqlite": "crealia.backplanes.sqlite:open_backplane",
-                               "redis": "crealia.backplanes.redis:open_backplane"},
+                               "redis": "crealia.backplanes.redis:open_backplane",
+                               "postgresql": "crealia.backplanes.postgresql:open_backplane"},
     }  # fmt: skip
     # Every built-in the distribution declares is one of those: none is left unchecked.
     declared: dict[str, dict[str, str]] = {}

@@ -787,7 +787,9 @@ def _train(args: argparse.Namespace) -> int:
     elif not out.parent.is_dir():
         raise ConfigurationError(f"--out {out}: {out.parent} is not a directory")
     if importlib.util.find_spec("sklearn") is None:
-        raise ConfigurationError("strategies train needs scikit-learn>=1.6 (pip install it)")
+        raise ConfigurationError(
+            "strategies train needs scikit-learn>=1.6: pip install 'crealia[train]'"
+        )
     examples = _training.default_examples()
     by_hand: dict[str, int] = {}
     if args.project:

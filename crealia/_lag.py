@@ -52,17 +52,20 @@ def unacked_bytes(sock: Any) -> int | None:
     return value
 
 
+#: Samples a :class:`LagMeter` keeps: taken a quarter of the bound apart, twice the bound.
+_KEPT = 8
+
+
 class LagMeter:
     """How long ago the oldest byte a peer has not acknowledged was written, from samples of
-    ``(written, unacked)`` taken at least every ``horizon`` / 4 seconds.
+    ``(written, unacked)`` taken every so often (the lag is known to that period).
 
-    Only the samples needed to tell a lag of ``horizon`` are kept (about five).
+    Only the samples since the peer's last acknowledged one are kept, at most eight.
     """
 
-    __slots__ = ("_samples", "horizon")
+    __slots__ = ("_samples",)
 
-    def __init__(self, horizon: float) -> None:
-        self.horizon = horizon
+    def __init__(self) -> None:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
 
     def sample(self, now: float, written: int, unacked: int) -> float:
@@ -74,14 +77,13 @@ class LagMeter:
             samples.clear()
             samples.append((now, written))
             return 0.0
-        # Keep one sample at least ``horizon`` old: the newest of those.
-        while len(samples) > 1 and now - samples[1][0] >= self.horizon:
+        # The newest sample the peer has acknowledged all of is where its lag starts.
+        while len(samples) > 1 and samples[1][1] - acked <= SLACK_BYTES:
             samples.popleft()
         samples.append((now, written))
+        if len(samples) > _KEPT:  # no progress for a long while: over the horizon anyway
+            samples.popleft()
         for at, then in samples:
             if then - acked > SLACK_BYTES:
                 return now - at
         return 0.0
-
-    def clear(self) -> None:
-        self._samples.clear()

@@ -311,7 +311,7 @@ class Session:
         progress = conn.tcp_progress()
         if progress is not None:
             if self._meter is None:
-                self._meter = LagMeter(timeout)
+                self._meter = LagMeter()
             self.unacked = progress[1]
             lag = self._meter.sample(now, *progress)
         ping = self._ping

@@ -59,8 +59,8 @@ class LagRoom:
         while True:
             count += 1
             self.sent_at.append(trio.current_time())
-            ack = await self.writer.request("comment_add",
-                                            {"comment": {"id": f"k{count}", "text": TEXT}})  # fmt: skip
+            comment = {"id": f"k{count}", "text": TEXT}
+            ack = await self.writer.request("comment_add", {"comment": comment})
             assert ack["type"] == "ack", ack
             self.writer.inbox.clear()
             if self.stop_after is not None and count >= self.stop_after:
@@ -147,3 +147,115 @@ async def test_lag_client_that_stops_reading_is_cut_within_the_bound_and_told_wh
             assert max(room.latencies) < 0.5, max(room.latencies)
             traffic = room.server.hub.traffic
             assert (traffic.slow_consumers, traffic.lagging_consumers) == (1, 1)
+
+
+async def test_lag_throttled_client_is_cut(
+    tmp_path: Path, nursery: trio.Nursery, endpoint: str
+) -> None:
+    """It reads 8 KB/s while the room sends about 400 KB/s to it."""
+    with trio.fail_after(15):
+        async with lag_room(tmp_path, nursery, endpoint) as room:
+            peer, session = room.peer, room.session
+
+            async def trickle() -> None:
+                while True:  # bytes kept for wsproto, parsed once it reads again
+                    peer._ws.receive_data(await peer._stream.receive_some(2048))
+                    await trio.sleep(0.25)  # its pace, not synchronization
+
+            async with trio.open_nursery() as load:
+                load.start_soon(room.observe)
+                started = trio.current_time()
+                load.start_soon(room.write)
+                load.start_soon(trickle)
+                await session.wait_killed()
+                took = trio.current_time() - started
+                print(f"{endpoint}: throttled client cut after {took:.2f} s "
+                      f"({session.close_reason})")  # fmt: skip
+                assert session.close_code == 4409, session.close_reason
+                assert took < TIMEOUT * 1.5 + 0.5, took
+                load.cancel_scope.cancel()
+            closed = await receive_until_closed(peer)
+            print(f"{endpoint}: the throttled peer read to a close {closed.code}")
+            if endpoint == "ws":
+                assert closed.code == 4409, closed
+            assert max(room.latencies) < 0.5, max(room.latencies)
+
+
+async def test_lag_client_slow_for_a_moment_is_not_cut(
+    tmp_path: Path, nursery: trio.Nursery, endpoint: str
+) -> None:
+    """It stops reading for half the bound, then catches up: it stays."""
+    with trio.fail_after(15):
+        async with lag_room(tmp_path, nursery, endpoint) as room:
+            peer, session = room.peer, room.session
+            comments = 0
+
+            async def read() -> None:
+                nonlocal comments
+                while True:
+                    message = orjson.loads(await peer.receive())
+                    for env in message if isinstance(message, list) else [message]:
+                        if env.get("data", {}).get("kind") == "comment_add":
+                            comments += 1
+
+            async with trio.open_nursery() as load:
+                load.start_soon(room.observe)
+                load.start_soon(room.write)
+                with trio.move_on_after(TIMEOUT / 2):  # it is not reading meanwhile
+                    await session.wait_killed()
+                assert session.close_code is None
+                paused_lag = session.lag
+                load.start_soon(read)
+                room.stop_after = len(room.sent_at) + 4 / TIMEOUT / PACE  # the bound, four times
+                await room.enough.wait()
+                load.cancel_scope.cancel()
+            print(f"{endpoint}: lag {paused_lag:.2f} s at the end of the pause; "
+                  f"{comments} comments read, {len(room.sent_at)} sent")  # fmt: skip
+            assert session.close_code is None, session.close_reason
+            assert comments >= len(room.sent_at) - 5
+            assert session.lag < TIMEOUT
+
+
+@pytest.mark.parametrize("value", [0.1, -1, 301, math.nan, True, "3"])
+def test_lag_timeout_bad_values_are_refused_naming_the_setting(value: object) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        Config(client_lag_timeout=value)  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        f"client_lag_timeout must be 0 (off) or a number from 0.5 to 300, got {value!r}"
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        Config.from_env({"CREALIA_CLIENT_LAG_TIMEOUT": "0.2"})
+    assert str(refused.value) == (
+        "CREALIA_CLIENT_LAG_TIMEOUT='0.2': client_lag_timeout must be 0 (off) or a number "
+        "from 0.5 to 300"
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        Config.from_env({}, flags={"client_lag_timeout": ("--client-lag-timeout", "soon")})
+    assert str(refused.value).startswith("--client-lag-timeout soon: must be 0 (off)")
+    assert Config(client_lag_timeout=0).client_lag_timeout == 0
+
+
+def test_lag_meter_counts_from_the_oldest_unacknowledged_byte() -> None:
+    meter = LagMeter()
+    assert meter.sample(0.0, 0, 0) == 0.0
+    assert meter.sample(0.25, 10_000, 0) == 0.0  # all acknowledged
+    assert meter.sample(0.5, 20_000, 9_000) == 0.0  # written since the last sample only
+    assert meter.sample(0.75, 30_000, 19_000) == 0.25  # the bytes of 0.5 are not acked
+    assert meter.sample(1.0, 30_000, 19_000) == 0.5
+    assert meter.sample(1.75, 30_000, 19_000) == 1.25  # no progress: it only grows
+    assert meter.sample(2.0, 30_000, 500) == 0.0  # caught up (but for the slack)
+
+
+async def test_lag_unacked_bytes_of_a_socket_and_of_none() -> None:
+    with trio.fail_after(5):
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        port = listener.socket.getsockname()[1]
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listener.accept()
+        assert unacked_bytes(server.socket) in (0, None)
+        await server.send_all(b"x" * 100)
+        assert await client.receive_some(100)
+        for stream in (client, server, listener):
+            await stream.aclose()
+        assert unacked_bytes(server.socket) is None  # closed
+        assert unacked_bytes(object()) is None

@@ -138,8 +138,7 @@ async def test_lag_client_that_stops_reading_is_cut_within_the_bound_and_told_wh
                 # says why.
                 closed = await receive_until_closed(room.peer)
                 print(f"{endpoint}: the peer read to a close {closed.code} {closed.reason!r}")
-                if endpoint == "ws":
-                    assert (closed.code, closed.reason) == (4409, session.close_reason)
+                assert (closed.code, closed.reason) == (4409, session.close_reason)
                 await session.ended.wait()
                 # The room went on, and its other members kept their latency.
                 await room.more(10)
@@ -176,8 +175,7 @@ async def test_lag_throttled_client_is_cut(
                 load.cancel_scope.cancel()
             closed = await receive_until_closed(peer)
             print(f"{endpoint}: the throttled peer read to a close {closed.code}")
-            if endpoint == "ws":
-                assert closed.code == 4409, closed
+            assert closed.code == 4409, closed
             assert max(room.latencies) < 0.5, max(room.latencies)
 
 

@@ -63,6 +63,8 @@ ACTIONS: dict[str, tuple[Severity, int]] = {
     "dev_origin_refused": ("low", 5),
     "dev_token": ("medium", 20),
     "abuse_closed": ("high", 75),
+    # A client that fell client_lag_timeout behind (4409): its network, not an attack.
+    "slow_consumer_closed": ("low", 5),
     "export": ("medium", 35),
     "erasure": ("high", 50),
     "alert_resolution": ("low", 10),

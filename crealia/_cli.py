@@ -138,6 +138,9 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--tick-ms", "tick_ms", "outbound batching tick in ms, 0 to 1000 (0: batching off)"),
     ("--batch-frames-per-s", "batch_frames_per_s",
      "frames a second the fan-out sends before it coalesces, up to the tick (default 20000)"),
+    ("--client-lag-timeout", "client_lag_timeout",
+     "seconds a client may fall behind before it is closed as a slow consumer, 4409 "
+     "(default 3; 0: off; CREALIA_CLIENT_LAG_TIMEOUT)"),
     ("--history", "history_limit", "durable events kept per project for resume (default 10000)"),
     ("--metrics-interval", "metrics_interval",
      "seconds between metric samples and alert checks (default 5; 0: metrics off)"),

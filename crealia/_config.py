@@ -275,6 +275,20 @@ class Config:
     #: it is closed with 4429.
     abuse_errors: int = attrs.field(default=200, validator=_int_range(1, 10**9))
     abuse_window: float = attrs.field(default=10.0, validator=_float_range(0.1, 86_400))
+    #: Seconds a client may fall behind, while data waits for it, before it is closed as a slow
+    #: consumer (4409): the age of the oldest byte its TCP has not acknowledged, or of its
+    #: unanswered ping. 0 turns the check off (the outbox limits remain); else 0.5 to 300.
+    client_lag_timeout: float = attrs.field(
+        default=3.0,
+        validator=_Rule(
+            "0 (off) or a number from 0.5 to 300",
+            lambda value: (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and (value == 0 or 0.5 <= value <= 300)
+            ),
+        ),
+    )
     #: Seconds a closing session may take to finish its frame and send its close (0.1 to 300).
     close_timeout: float = attrs.field(default=5.0, validator=_float_range(0.1, 300))
     #: Durable events kept per project for resume (1,000 to 10,000,000).
@@ -961,6 +975,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_BATCH_FRAMES_PER_S", "batch_frames_per_s", float),
     ("CREALIA_HISTORY_LIMIT", "history_limit", int),
     ("CREALIA_MAX_FRAME_BYTES", "max_frame_bytes", int),
+    ("CREALIA_CLIENT_LAG_TIMEOUT", "client_lag_timeout", float),
     ("RATE_LIMIT_WINDOW_MS", "rate_limit_window_ms", int),
     ("METRICS_RETENTION_DAYS", "metrics_retention_days", int),
     ("AUDIT_LOG_RETENTION_DAYS", "audit_log_retention_days", int),

@@ -266,6 +266,8 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
         self.deadline = deadline
         self._gate = gate
         self._scope: trio.CancelScope | None = None
+        #: Bytes handed to :meth:`send_all` (for the client's lag: ``crealia._lag``).
+        self.written = 0
 
     def set_deadline(self, deadline: float) -> None:
         self.deadline = deadline
@@ -283,6 +285,7 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
         raise trio.TooSlowError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:

@@ -111,6 +111,8 @@ class Traffic:
     conflicts_detected: int = 0
     conflicts_settled: int = 0
     slow_consumers: int = 0
+    #: Of those, closed because their own progress lagged (``client_lag_timeout``).
+    lagging_consumers: int = 0
     fanout: LatencyHistogram = attrs.Factory(LatencyHistogram)
     by_type: dict[str, int] = attrs.Factory(dict)
     by_error: dict[str, int] = attrs.Factory(dict)
@@ -237,6 +239,9 @@ class ServerCollector(Collector):
              traffic.frames_batched),
             ("slow_consumer_closes", "Sessions closed with 4409 (slow consumer).",
              traffic.slow_consumers),
+            ("slow_consumer_lag_closes", "Of those, sessions closed because the client fell "
+             "client_lag_timeout behind (unacknowledged bytes or an unanswered ping).",
+             traffic.lagging_consumers),
             ("changes", "Timeline changes accepted from clients of this process.",
              traffic.changes),
             ("conflicted_changes", "Timeline changes that had at least one conflict.",

@@ -193,6 +193,7 @@ async def open_server(
                 traffic=traffic,
                 gate=gate,
             )
+            await nursery.start(hub.watch_lag)
             notifier = AlertNotifier(config.alert_webhooks, jobs=jobs)
             monitor = Monitor(
                 config=config,

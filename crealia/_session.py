@@ -7,6 +7,12 @@ that :meth:`Hub.acceptor` builds, which runs :meth:`Hub.serve_connection`. A ses
 exactly as long as that call: a reader task decodes, checks and handles client messages one at
 a time, and a writer task drains the session's bounded outbox into frames. A full outbox means
 the client cannot keep up: the session is closed with 4409 and the room never waits for it.
+
+The outbox fills only once the kernel's socket buffers (megabytes) are full, so the hub also
+watches each client's own progress (:meth:`Hub.watch_lag`, :mod:`crealia._lag`): acknowledged
+bytes and ping round trips. A client more than ``client_lag_timeout`` behind is closed with
+4409 too; what was queued for it is dropped, so that the close frame follows the frame being
+written and reaches a client that reads again.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from ._errors import (
 
 # Defined with the other errors; the transports import it from here, beside Connection.
 from ._errors import ConnectionClosed as ConnectionClosed
+from ._lag import SLACK_BYTES, LagMeter
 from ._logging import log_context
 from ._metrics import Traffic
 from ._model import Resolution, User
@@ -136,6 +143,9 @@ class _Outbox:
         self.closed = True
         self._wake()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
@@ -193,6 +203,21 @@ class Session:
     #: True once the writer has returned; the event is made only when someone waits for it.
     writer_ended: bool = False
     _writer_done: trio.Event | None = None
+    _killed: trio.Event | None = None
+    #: Bytes of the frames the writer has handed to the connection.
+    bytes_sent: int = 0
+    #: True once the writer has sent the preamble: the lag watch leaves a welcome alone.
+    welcomed: bool = False
+    #: Seconds the client was behind at the last sample of :meth:`check_lag` (0: caught up).
+    lag: float = 0.0
+    #: What the last sample saw: bytes the client's TCP had not acknowledged (None: unknown).
+    unacked: int | None = None
+    _meter: LagMeter | None = None
+    #: The ping in flight: trio time it was written, and the event its pong sets.
+    _ping: tuple[float, trio.Event] | None = None
+    #: ``bytes_sent`` when the last ping was written, and at the last sample.
+    _pinged: int = 0
+    _sampled: int = -1
 
     def strike(self) -> None:
         """Count a refused or invalid message; too many in the window close with 4429."""
@@ -251,11 +276,68 @@ class Session:
             if code == 4409:
                 for traffic in self.traffic:
                     traffic.slow_consumers += 1
+        if self._killed is not None:
+            self._killed.set()
         self.reader_scope.cancel()
         self.outbox.close()
         self.scope.deadline = min(
             self.scope.deadline, trio.current_time() + self.config.close_timeout
         )
+
+    def check_lag(self, now: float) -> str | None:
+        """Sample the client's progress at trio time ``now`` (:meth:`Hub.watch_lag` calls it
+        every quarter of ``client_lag_timeout``); return why to close it as a slow consumer,
+        or None.
+
+        The client is behind by the age of the oldest byte its TCP has not acknowledged
+        (:meth:`~crealia._transport.Connection.tcp_progress`) or of its unanswered ping
+        (:meth:`~crealia._transport.Connection.start_ping`, written when something was sent
+        since the last one), whichever is more, counted only while data waits for it. An idle
+        session that was caught up costs nothing.
+        """
+        sent = self.bytes_sent
+        moved = sent != self._sampled
+        self._sampled = sent
+        if not self.welcomed:
+            return None
+        if not (moved or self.sending or self._ping is not None or self.lag or len(self.outbox)):
+            return None
+        timeout = self.config.client_lag_timeout
+        conn = self.conn
+        lag = 0.0
+        progress = conn.tcp_progress()
+        if progress is not None:
+            if self._meter is None:
+                self._meter = LagMeter()
+            self.unacked = progress[1]
+            lag = self._meter.sample(now, *progress)
+        ping = self._ping
+        if ping is not None and ping[1].is_set():
+            self._ping = ping = None
+        if ping is not None:
+            # Overdue only while data waits for the client: a late pong alone is no lag.
+            waiting = (sent != self._pinged or self.sending or len(self.outbox) > 0
+                       or (self.unacked or 0) > SLACK_BYTES)  # fmt: skip
+            if waiting:
+                lag = max(lag, now - ping[0])
+        elif sent != self._pinged:
+            pong = conn.start_ping()
+            if pong is not None:
+                self._ping, self._pinged = (now, pong), sent
+        self.lag = lag
+        if lag > timeout:
+            return (f"slow consumer: {lag:.1f} s behind (over {timeout:g} s), reconnect "
+                    "and resume")  # fmt: skip
+        return None
+
+    async def wait_killed(self) -> None:
+        """Wait until :meth:`kill` was called (the session is closing, with ``close_code``)."""
+        if self.close_code is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._killed is None:
+            self._killed = trio.Event()
+        await self._killed.wait()
 
     async def writer(self) -> None:
         """Send queued items until the session is killed: merged into frames when batching."""
@@ -295,8 +377,10 @@ class Session:
             self.sending = True
             await self.conn.send(frame)
             self.sending = False
+            self.bytes_sent += len(frame)
             for traffic in self.traffic:
                 traffic.sent(1, len(frame), None)
+        self.welcomed = True
         while True:
             items = await self.outbox.get_all()
             if not items or self.close_code is not None:
@@ -308,6 +392,7 @@ class Session:
                 self.sending = True
                 await self.conn.send(frame)
                 self.sending = False
+                self.bytes_sent += len(frame)
                 latency = trio.current_time() - since if timing else None
                 for traffic in self.traffic:
                     traffic.sent(count, len(frame), latency)
@@ -1126,6 +1211,41 @@ class Hub:
             gate=self.gate,
             page_ports=(config.port,) if config.port else (),
         )
+
+    async def watch_lag(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                        ) -> None:  # fmt: skip
+        """Close the clients that fall behind: every quarter of ``client_lag_timeout``, sample
+        each session's progress (:meth:`Session.check_lag`) and close one more than
+        ``client_lag_timeout`` behind with 4409 (logged, audited as ``slow_consumer_closed``,
+        counted in ``slow_consumer_closes`` and ``slow_consumer_lag_closes``).
+
+        Runs until cancelled (a task of the server's nursery); with ``client_lag_timeout`` 0
+        it returns once started.
+        """
+        task_status.started()
+        timeout = self.config.client_lag_timeout
+        if not timeout:
+            return
+        while True:
+            await trio.sleep(timeout / 4)  # a sampling period, not synchronization
+            now = trio.current_time()
+            for _conn, session in list(self.live.values()):
+                if session is None or session.close_code is not None:
+                    continue
+                reason = session.check_lag(now)
+                if reason is not None:
+                    self._close_lagging(session, reason)
+
+    def _close_lagging(self, session: Session, reason: str) -> None:
+        lag_ms, unacked = round(session.lag * 1000), session.unacked
+        log.warning("closing a slow consumer: %s", reason,
+                    extra={"remote": session.conn.remote, "lag_ms": lag_ms,
+                           "unacked_bytes": unacked})  # fmt: skip
+        session.kill(4409, reason)
+        for traffic in session.traffic:
+            traffic.lagging_consumers += 1
+        self._audit(session, "slow_consumer_closed", "websocket",
+                    {"reason": reason, "lag_ms": lag_ms, "unacked_bytes": unacked})  # fmt: skip
 
     async def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, wait for them (bounded)."""

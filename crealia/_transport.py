@@ -149,6 +149,28 @@ class Connection(ABC):
         no ping (the default) or the connection is gone. The caller bounds the wait."""
         return None
 
+    def start_ping(self) -> trio.Event | None:
+        """Write a ping now, if that needs no wait, and return an event set once its answer (or
+        the answer to a later ping) has arrived.
+
+        None when the transport has no ping (the default), the connection is closing, or the
+        ping cannot be written at once (another write is under way, or the socket is full).
+        Never blocks and never raises; a ping is never left half written. The core measures a
+        client's lag with it (:mod:`crealia._lag`): a ping waits behind everything sent before
+        it, so its answer says the client has read all of that.
+        """
+        return None
+
+    def tcp_progress(self) -> tuple[int, int] | None:
+        """``(written, unacked)``: the bytes written to the peer's TCP connection so far, and
+        how many of them its TCP has not acknowledged (unsent ones included); None when the
+        transport cannot tell (the default; also where the platform has no ``SIOCOUTQ``).
+
+        Never blocks and never raises. ``written`` may leave out a few control frames. The core
+        measures a client's lag with it (:mod:`crealia._lag`).
+        """
+        return None
+
 
 @attrs.frozen(kw_only=True)
 class HandshakeRefusal:

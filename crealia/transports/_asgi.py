@@ -17,6 +17,7 @@ import trio
 
 from .._edge import STREAM_KEY
 from .._errors import ConnectionClosed
+from .._lag import unacked_bytes
 from .._origin import header
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection
 from .._wire import SUBPROTOCOL
@@ -92,6 +93,15 @@ class ASGIWebSocketConnection(Connection):
         with trio.move_on_after(CLOSE_REPLY_TIMEOUT):
             while (await self._receive())["type"] != "websocket.disconnect":
                 pass
+
+    def tcp_progress(self) -> tuple[int, int] | None:
+        # The edge's stream counts what hypercorn writes (crealia._edge.DeadlineStream).
+        stream = self._stream
+        written = getattr(stream, "written", None)
+        if self._closed or not isinstance(written, int):
+            return None
+        unacked = unacked_bytes(getattr(stream, "socket", None))
+        return None if unacked is None else (written, unacked)
 
     async def abort(self) -> None:
         stream = self._stream

@@ -16,7 +16,12 @@ is negotiated when offered (:mod:`crealia.transports._deflate`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import select
+import socket as _socket
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +33,7 @@ from wsproto.events import TextMessage
 
 from .._edge import ConnectionGate, GatedListener
 from .._errors import ConnectionClosed
+from .._lag import unacked_bytes
 from .._origin import header
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
 from .._wire import SUBPROTOCOL
@@ -45,6 +51,9 @@ class TrioWebSocketConnection(Connection):
         stream = getattr(ws, "_stream", None)
         socket = getattr(stream, "socket", None)
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket else -1
+        self._socket = socket if self._fd >= 0 else None
+        #: Bytes handed to the socket (frames and our pings; not trio-websocket's pongs).
+        self._written = 0
         #: wsproto's open connection when no extension was agreed: frames are then framed here
         #: (a header and the bytes as they are), not by wsproto.
         opened = ws._wsproto.connection
@@ -71,6 +80,7 @@ class TrioWebSocketConnection(Connection):
                     finally:
                         lock.release()
                     return
+            self._written += len(frame) + 10  # about: a header, maybe deflated
             await ws.send_message(frame.decode())
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from exc
@@ -88,6 +98,7 @@ class TrioWebSocketConnection(Connection):
             data = _text_frame(frame)
         else:  # compressed, or closing (wsproto refuses data then, as it should)
             data = ws._wsproto.send(TextMessage(data=frame.decode()))
+        self._written += len(data)
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
@@ -110,6 +121,42 @@ class TrioWebSocketConnection(Connection):
             return None
         return trio.current_time() - start
 
+    def start_ping(self) -> trio.Event | None:
+        ws = self._ws
+        fd = self._fd
+        if fd < 0 or ws._close_reason is not None or ws._wsproto.state is not ConnectionState.OPEN:
+            return None
+        # A frame being written (ours or trio-websocket's) must not be split by the ping.
+        if ws._stream_lock.locked() or not _writable(fd):
+            return None
+        payload = struct.pack("!I", random.getrandbits(32))
+        while payload in ws._pings:
+            payload = struct.pack("!I", random.getrandbits(32))
+        frame = b"\x89\x04" + payload  # a final, unmasked ping of four bytes (RFC 6455 §5.5.2)
+        try:
+            sent = os.write(fd, frame)
+        except OSError:  # BlockingIOError included: not at once, then
+            return None
+        if sent < len(frame):
+            # Cannot happen on a socket poll found writable (it has room for far more); if it
+            # did, the stream would be garbage: end it.
+            self._shut()
+            return None
+        self._written += len(frame)
+        event = trio.Event()
+        ws._pings[payload] = event  # trio-websocket's reader sets it when the pong arrives
+        return event
+
+    def tcp_progress(self) -> tuple[int, int] | None:
+        if self._fd < 0:
+            return None
+        unacked = unacked_bytes(self._socket)
+        return None if unacked is None else (self._written, unacked)
+
+    def _shut(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            self._socket.shutdown(_socket.SHUT_RDWR)  # type: ignore[union-attr]
+
     async def close(self, code: int, reason: str = "") -> None:
         try:
             await self._ws.aclose(code, reason[:MAX_CLOSE_REASON])
@@ -124,6 +171,16 @@ class TrioWebSocketConnection(Connection):
         self._fd = -1
         with trio.CancelScope(shield=True):
             await self._ws._close_stream()
+
+
+def _writable(fd: int) -> bool:
+    """Whether socket ``fd`` can take a write now (for TCP: a third of its buffer is free)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    try:
+        return any(mask & select.POLLOUT for _fd, mask in poller.poll(0))
+    except OSError:
+        return False
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> ConnectionClosed:

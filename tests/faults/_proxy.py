@@ -13,7 +13,8 @@ The faults, switchable at any time, apply to every connection, open or new:
   so the senders' kernel buffers fill and they block, as behind a dead link.
 - :meth:`FaultProxy.slow`: forward at most ``bytes_per_s`` per connection and direction.
 - :meth:`FaultProxy.half_open`: read one direction and drop it silently; the other passes.
-- :meth:`FaultProxy.refuse`: close new connections at once for ``seconds``;
+- :meth:`FaultProxy.refuse`: refuse new connections for ``seconds`` (the listening socket is
+  closed, so a connect fails at once, then opened again on the same port);
   :meth:`FaultProxy.drop` is a network drop: refuse, and cut what is open.
 
 A pump holds at most one read (``chunk`` bytes) while stalled; ``rcvbuf`` sets ``SO_RCVBUF``
@@ -27,7 +28,6 @@ import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import attrs
 import trio
@@ -67,13 +67,13 @@ class FaultProxy:
     bytes_per_s: float = math.inf
     dropped_direction: Direction | None = None
     refuse_until: float = -math.inf
-    #: Connections accepted (forwarded), refused, and open now.
+    #: Connections accepted (forwarded), and open now.
     accepted: int = 0
-    refused: int = 0
     #: Bytes forwarded and dropped, per direction.
     forwarded: dict[Direction, int] = attrs.Factory(lambda: dict.fromkeys(Direction, 0))
     dropped: dict[Direction, int] = attrs.Factory(lambda: dict.fromkeys(Direction, 0))
     links: set[_Link] = attrs.Factory(set)
+    _listening: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     @property
@@ -115,8 +115,9 @@ class FaultProxy:
             link.scope.cancel()
 
     def refuse(self, seconds: float) -> None:
-        """Close every new connection at once for ``seconds`` from now."""
+        """Refuse new connections for ``seconds`` from now (their connect fails)."""
         self.refuse_until = trio.current_time() + seconds
+        self._listening.cancel()
         self._changed.set()
         self._changed = trio.Event()
 
@@ -134,11 +135,27 @@ class FaultProxy:
         while self.accepted < count:
             await self._changed.wait()
 
+    async def _serve(
+        self,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        while True:
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            self.port = listeners[0].socket.getsockname()[1]
+            self._listening = trio.CancelScope()
+            task_status.started()
+            task_status = trio.TASK_STATUS_IGNORED
+            try:
+                with self._listening:
+                    await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+            finally:
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+            await trio.sleep_until(self.refuse_until)  # the fault's length
+
     async def _handle(self, client: trio.SocketStream) -> None:
-        if self.refusing:
-            self.refused += 1
-            await client.aclose()
-            return
         link = _Link(client)
         self.links.add(link)
         try:
@@ -223,10 +240,7 @@ async def open_proxy(
     closed (every connection with it) when the block ends."""
     proxy = FaultProxy(target_host, target_port, chunk=chunk, rcvbuf=rcvbuf)
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            partial(trio.serve_tcp, proxy._handle, 0, host="127.0.0.1", handler_nursery=nursery)
-        )
-        proxy.port = listeners[0].socket.getsockname()[1]
+        await nursery.start(proxy._serve, nursery)
         try:
             yield proxy
         finally:

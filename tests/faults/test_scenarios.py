@@ -73,7 +73,7 @@ async def sigkill_rounds(tmp_path: Path, rounds: int, name: str) -> None:
     with trio.fail_after(30 + 15 * rounds):
         async with trio.open_nursery() as nursery:
             for round_ in range(rounds + 1):
-                async with run_server(data, SECRET) as proc:
+                async with run_server(data, SECRET, drain=True) as proc:
                     current[:] = [proc]
                     if round_ == 0:
                         setup_seq = await setup_project(proc.ws_url)
@@ -124,7 +124,7 @@ async def redis_restarts(tmp_path: Path, each: int, name: str) -> None:
         async with run_redis(tmp_path / "redis") as redis, AsyncExitStack() as stack:
             procs = [
                 await stack.enter_async_context(
-                    run_server(tmp_path / f"node{i}", SECRET, "--redis", redis.url)
+                    run_server(tmp_path / f"node{i}", SECRET, "--redis", redis.url, drain=True)
                 )
                 for i in range(2)
             ]
@@ -168,7 +168,7 @@ async def network_drops(tmp_path: Path, drops: list[float], name: str) -> None:
     counts = Counts(name, extra={"drops_s": drops, "recovery_from": "the end of the drop"})
     with trio.fail_after(60 + 3 * sum(drops)):
         async with (
-            run_server(tmp_path / "data", SECRET) as proc,
+            run_server(tmp_path / "data", SECRET, drain=True) as proc,
             open_proxy("127.0.0.1", proc.ws_port) as proxy,
         ):
             url = f"ws://127.0.0.1:{proxy.port}/ws"
@@ -278,7 +278,7 @@ async def slow_consumer(tmp_path: Path, mode: str, name: str, close_timeout: flo
     counts = Counts(name, extra={"mode": mode, **settings})
     with trio.fail_after(90):
         async with (
-            run_server(tmp_path / "data", SECRET, "--config", str(config)) as proc,
+            run_server(tmp_path / "data", SECRET, "--config", str(config), drain=True) as proc,
             open_proxy("127.0.0.1", proc.ws_port, rcvbuf=rcvbuf) as proxy,
         ):
             slow_url = f"ws://127.0.0.1:{proxy.port}/ws"
@@ -365,7 +365,9 @@ async def flood(tmp_path: Path, seconds: float, name: str) -> None:
                                  "flood_per_s": 10 * per_s, "seconds": seconds})  # fmt: skip
     replies: dict[int, dict[str, Any]] = {}
     with trio.fail_after(60 + 2 * seconds):
-        async with run_server(tmp_path / "data", SECRET, "--config", str(config)) as proc:
+        async with run_server(
+            tmp_path / "data", SECRET, "--config", str(config), drain=True
+        ) as proc:
             setup_seq = await setup_project(proc.ws_url)
             calm = Writer("calm", lambda: proc.ws_url, rate=5)
             async with trio.open_nursery() as nursery:

@@ -298,7 +298,10 @@ async def slow_consumer(tmp_path: Path, mode: str, name: str, close_timeout: flo
                     await observer.samples(75)
                 stall_at = trio.current_time()
                 rate = (proxy.forwarded[Direction.DOWNSTREAM] - before) / (stall_at - baseline_from)
-                proxy.stall() if mode == "stall" else proxy.slow(2048)
+                if mode == "stall":
+                    proxy.stall()
+                else:
+                    proxy.slow(2048)
                 # What may sit between the server's outbox and the stalled reader: the server's
                 # socket send buffer (at most tcp_wmem's max), the proxy's receive buffer (the
                 # kernel doubles SO_RCVBUF) and one read the proxy holds. Past that the outbox

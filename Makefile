@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup setup-test run test lint typecheck pytest bench compare soak clean
+.PHONY: setup setup-test run test lint typecheck pytest bench compare soak test-faults clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -41,6 +41,11 @@ compare: setup
 # A minute of flat-out writes with the WAL under its default bound (prints the figures).
 soak: setup
 	CREALIA_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -s -m soak tests/test_wal.py
+
+# The full fault scenarios (tests/faults): 20 SIGKILL rounds, 10 Redis restarts of each kind,
+# 1/5/30 s network drops, slow consumers, a 30 s flood. Counts in test-artifacts/faults/*.json.
+test-faults: setup-test
+	CREALIA_FAULTS_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -s -m faults_full tests/faults/
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

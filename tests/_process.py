@@ -43,8 +43,14 @@ async def run_server(
     *extra: str,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    drain: bool = False,
 ) -> AsyncIterator[ServerProcess]:
     """Start ``crealia serve`` on free ports; yields once it prints its listening line.
+
+    ``output[0]`` is what it printed up to that line. The rest is left in the pipe for the test
+    to read, unless ``drain``: then it is read all along (the latest 200 chunks are kept after
+    ``output[0]``), so that a server which logs more than a pipe holds (64 KiB: a Redis outage
+    logs every refused write) does not block writing its log.
 
     ``jwt_secret=None`` leaves the secret to the server (the one kept in the data dir); a secret
     is passed as ``CREALIA_JWT_SECRET``, the way that keeps it out of ``ps``. ``preexec_fn``
@@ -75,6 +81,8 @@ async def run_server(
         line = next(ln for ln in buffer.decode().splitlines() if ln.startswith("crealia listening"))
         fields = dict(part.split("=") for part in line.split()[2:])
         output.append(buffer.decode(errors="replace"))
+        if drain:
+            trio.lowlevel.spawn_system_task(_drain, process.stdout, output)
         yield ServerProcess(process, int(fields["http"]), int(fields["ws"]), output)
     finally:
         if process.returncode is None:
@@ -83,6 +91,15 @@ async def run_server(
             await process.wait()
         if process.stdout is not None:
             await process.stdout.aclose()
+
+
+async def _drain(stream: trio.abc.ReceiveStream, output: list[str]) -> None:
+    try:
+        while chunk := await stream.receive_some(65536):
+            output.append(chunk.decode(errors="replace"))
+            del output[1:-200]
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
 
 
 __all__ = ["ServerProcess", "run_server", "signal"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -36,7 +35,8 @@ import trio
 from ._errors import CrealiaError
 from ._jobs import JobFailures
 from ._logging import iso_time
-from ._storage import RETENTION_INTERVAL, Statement, Store, dumps, keep_pruning, loads
+from ._ops import AuditFilter, AuditRow, OpsStore
+from ._storage import RETENTION_INTERVAL, dumps, keep_pruning, loads
 
 log = logging.getLogger("crealia.audit")
 
@@ -156,7 +156,7 @@ class _Pending:
 class AuditLog:
     """Records, stores, prunes and answers queries about audit events."""
 
-    store: Store
+    store: OpsStore
     retention_days: float
     observers: list[Observer] = attrs.Factory(list)
     #: Seconds over which refusals of one address, action and user become one stored event
@@ -177,7 +177,7 @@ class AuditLog:
     #: Rows waiting for the writer: serialized at once, so that what waits is a few strings
     #: and bytes the garbage collector does not track (queued objects would survive into the
     #: older generations and make full collections, which pause every room, more frequent).
-    _queue: collections.deque[Statement] = attrs.Factory(collections.deque)
+    _queue: collections.deque[AuditRow] = attrs.Factory(collections.deque)
     _queued: trio.Event = attrs.Factory(trio.Event)
     _flush_lock: trio.Lock = attrs.Factory(trio.Lock)
     #: Where the writer's, the pruning's and the size check's failures are counted.
@@ -354,7 +354,7 @@ class AuditLog:
                 return
             events, self._queue = self._queue, collections.deque()
             try:
-                await self.store.write(list(events))
+                await self.store.write_audit(list(events))
             except BaseException:
                 # Back in front of what came meanwhile, still within the bound: a failed (or
                 # cancelled) write loses nothing.
@@ -370,10 +370,7 @@ class AuditLog:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cutoff = now_ms - int(self.retention_days * 86_400_000)
 
-        def delete(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM audit_events WHERE at < ?", (cutoff,)).rowcount
-
-        return await self.store.read(delete)
+        return await self.store.prune_audit(cutoff)
 
     async def enforce_cap(self) -> int:
         """Delete the oldest audit events (then metric samples) while the database holds more
@@ -385,37 +382,7 @@ class AuditLog:
         cap = self.max_bytes
         low = int(cap * SIZE_LOW_WATER)
 
-        def used(conn: sqlite3.Connection) -> int:
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            return int((pages - free) * conn.execute("PRAGMA page_size").fetchone()[0])
-
-        def prune(conn: sqlite3.Connection) -> tuple[int, int]:
-            size, deleted = used(conn), 0
-            if not cap or size <= cap:
-                return size, 0
-            for table, order in (("audit_events", "rowid"), ("metric_samples", "at")):
-                for _round in range(1000):
-                    if size <= low:
-                        return size, deleted
-                    # Table and column names are constants here; values are parameters.
-                    avg = conn.execute(
-                        f"SELECT AVG(LENGTH(data)) FROM (SELECT data FROM {table} "  # noqa: S608
-                        f"ORDER BY {order} LIMIT 256)"
-                    ).fetchone()[0]
-                    if avg is None:
-                        break  # nothing left in this table
-                    # Indexes and page slack: about twice the row data per row.
-                    batch = max(64, int((size - low) / (2 * avg + 64)))
-                    deleted += conn.execute(
-                        f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "  # noqa: S608
-                        f"ORDER BY {order} LIMIT ?)",
-                        (batch,),
-                    ).rowcount
-                    size = used(conn)
-            return size, deleted
-
-        size, deleted = await self.store.read(prune)
+        size, deleted = await self.store.enforce_cap(cap, low)
         self.db_bytes = size
         if deleted:
             self.size_pruned += deleted
@@ -436,37 +403,15 @@ class AuditLog:
     ) -> list[AuditEvent]:
         """Stored events matching every given filter, newest first, at most ``limit``."""
         await self.flush()
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        for column, value in (("project_id", project_id), ("user_id", user_id),
-                              ("action", action)):  # fmt: skip
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if start_ms is not None:
-            where.append("at >= ?")
-            params.append(start_ms)
-        if end_ms is not None:
-            where.append("at < ?")
-            params.append(end_ms)
-        # Only fixed column conditions are joined; every value is a parameter.
-        sql = (f"SELECT data FROM audit_events WHERE {' AND '.join(where)} "  # noqa: S608
-               "ORDER BY at DESC, rowid DESC LIMIT ?")  # fmt: skip
-
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            return [row[0] for row in conn.execute(sql, (*params, limit))]
-
-        return [AuditEvent.from_row(loads(data)) for data in await self.store.read_aside(read)]
+        where = AuditFilter(project_id=project_id, user_id=user_id, action=action,
+                            start_ms=start_ms, end_ms=end_ms, limit=limit)  # fmt: skip
+        return [AuditEvent.from_row(loads(data)) for data in await self.store.query_audit(where)]
 
 
-def _row(event: AuditEvent) -> Statement:
+def _row(event: AuditEvent) -> AuditRow:
     data = dumps(event.to_row())
     if len(data) > MAX_ROW_BYTES:
         size = len(dumps(dict(event.details)))
         data = dumps(attrs.evolve(event, details={"truncated": True, "bytes": size}).to_row())
-    return (
-        "INSERT INTO audit_events (id, at, project_id, user_id, action, severity, risk, data) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (event.id, event.timestamp, event.project_id, event.user_id, event.action,
-         event.severity, event.risk_score, data),
-    )  # fmt: skip
+    return (event.id, event.timestamp, event.project_id, event.user_id, event.action,
+            event.severity, event.risk_score, data)  # fmt: skip

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from prometheus_client import Metric
 
     from ._config import Config
+    from ._ops import OpsStore
 
 #: Events a project's history keeps whatever their size (docs/protocol.md §6: at least 1,000).
 MIN_HISTORY_EVENTS = 1000
@@ -371,6 +372,16 @@ class Backplane(ABC):
             Overloaded: the project is open, or the store failed; nothing was changed.
         """
         raise Unsupported(f"GDPR erasure is not available with {type(self).__name__} yet")
+
+    # -- operations data ----------------------------------------------------------------------
+
+    def ops_store(self) -> OpsStore | None:
+        """Where the server keeps audit events, security alerts, metric samples and alerts
+        (:class:`crealia._ops.OpsStore`) when the backplane has a store every process shares,
+        so that each answers operator queries for the whole cluster; its lifetime is the
+        backplane's. ``None`` (the default): the server keeps them in its own
+        ``ops.sqlite3``."""
+        return None
 
     # -- health and metrics -------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import uuid
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ._errors import Overloaded, StorageError, Unsupported
@@ -68,9 +67,7 @@ async def erase_user(
         await security.flush()
         counts = await hub.backplane.erase_user(project_id, user_id, pseudonym)
         try:
-            trail = await hub.audit.store.read(
-                partial(erase_trail, project_id=project_id, user_id=user_id, pseudonym=pseudonym)
-            )
+            trail = await hub.audit.store.erase_trail(project_id, user_id, pseudonym)
         except StorageError as exc:
             raise Overloaded(f"the audit trail was not pseudonymized: {exc}; retry") from exc
         counts.update(trail)
@@ -92,17 +89,11 @@ async def export_user(hub: Hub, project_id: str, user_id: str) -> dict[str, Any]
     await hub.audit.flush()  # what was just done is stored, so it is exported too
     content = await hub.backplane.user_data(project_id, user_id)
 
-    def audit(conn: sqlite3.Connection) -> list[Any]:
-        rows = conn.execute(
-            "SELECT data FROM audit_events WHERE project_id = ? AND user_id = ? ORDER BY at",
-            (project_id, user_id),
-        )
-        return [loads(data) for (data,) in rows]
-
     try:
-        return {**content, "audit": await hub.audit.store.read_aside(audit)}
+        audit = [loads(data) for data in await hub.audit.store.user_audit(project_id, user_id)]
     except StorageError as exc:
         raise Overloaded(f"storage unavailable: {exc}") from exc
+    return {**content, "audit": audit}
 
 
 def collect(conn: sqlite3.Connection, project_id: str, user_id: str) -> dict[str, Any]:
@@ -144,7 +135,7 @@ def erase(
 ) -> dict[str, int]:
     """Erase ``user_id`` from ``project_id`` in one transaction, and give the project a new
     epoch; returns counts per table."""
-    alias = _Alias(user_id, pseudonym)
+    alias = Alias(user_id, pseudonym)
     counts: dict[str, int] = {}
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -216,7 +207,7 @@ def erase_trail(
 ) -> dict[str, int]:
     """Pseudonymize ``user_id`` in the operations store (audit events, security alerts) of
     ``project_id``, in one transaction; returns counts per table."""
-    alias = _Alias(user_id, pseudonym)
+    alias = Alias(user_id, pseudonym)
     conn.execute("BEGIN IMMEDIATE")
     try:
         counts = {
@@ -230,7 +221,7 @@ def erase_trail(
     return counts
 
 
-def _erase_audit(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> int:
+def _erase_audit(conn: sqlite3.Connection, project_id: str, alias: Alias) -> int:
     """Pseudonymize the user in every audit event of the project: their own (whose address and
     user agent go too) and others' that name them (a strategy settling their conflict, an
     owner exporting their data)."""
@@ -239,20 +230,8 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> in
         "SELECT rowid, user_id, data FROM audit_events WHERE project_id = ?", (project_id,)
     ).fetchall()
     for event_id, actor, data in rows:
-        event = loads(data)
-        new = dict(event)
-        own = actor == alias.user_id
-        new["resource"] = alias.subject(event.get("resource"))
-        details = event.get("details")
-        if isinstance(details, dict):
-            new["details"] = {
-                key: alias.id(value) if key in _PERSON_KEYS
-                else alias.text(value) if own and key in _TEXT_KEYS else value
-                for key, value in details.items()
-            }  # fmt: skip
-        if own:
-            new.update(user_id=alias.pseudonym, ip_address="", user_agent="")
-        if new != event:
+        new = erased_audit(actor, loads(data), alias)
+        if new is not None:
             conn.execute(
                 "UPDATE audit_events SET user_id = ?, data = ? WHERE rowid = ?",
                 (new["user_id"], dumps(new), event_id),
@@ -261,7 +240,25 @@ def _erase_audit(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> in
     return changed
 
 
-def _erase_alerts(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> int:
+def erased_audit(actor: str | None, event: dict[str, Any], alias: Alias) -> dict[str, Any] | None:
+    """An audit event (its stored data; ``actor`` its user) with the user pseudonymized, or
+    None when it does not name them."""
+    new = dict(event)
+    own = actor == alias.user_id
+    new["resource"] = alias.subject(event.get("resource"))
+    details = event.get("details")
+    if isinstance(details, dict):
+        new["details"] = {
+            key: alias.id(value) if key in _PERSON_KEYS
+            else alias.text(value) if own and key in _TEXT_KEYS else value
+            for key, value in details.items()
+        }  # fmt: skip
+    if own:
+        new.update(user_id=alias.pseudonym, ip_address="", user_agent="")
+    return new if new != event else None
+
+
+def _erase_alerts(conn: sqlite3.Connection, project_id: str, alias: Alias) -> int:
     """Security alerts about the user (their id, or ``user:<id>`` as subject) get the pseudonym
     and lose the address they came from."""
     changed = 0
@@ -269,23 +266,31 @@ def _erase_alerts(conn: sqlite3.Connection, project_id: str, alias: _Alias) -> i
         "SELECT id, data FROM security_alerts WHERE project_id = ? OR project_id IS NULL",
         (project_id,),
     ).fetchall():
-        alert = loads(data)
-        if alert.get("project_id") is None and project_id not in alert.get("projects", ()):
-            continue  # an address's alert that does not concern this project
-        if alert.get("user_id") != alias.user_id and alert.get("subject") != alias.subject_of:
-            continue
-        alert.update(
-            user_id=alias.id(alert.get("user_id")),
-            subject=alias.subject(alert.get("subject")),
-            message=alias.text(alert.get("message")),
-            ip_address="",
-        )
-        conn.execute("UPDATE security_alerts SET data = ? WHERE id = ?", (dumps(alert), alert_id))
-        changed += 1
+        alert = erased_alert(loads(data), project_id, alias)
+        if alert is not None:
+            conn.execute("UPDATE security_alerts SET data = ? WHERE id = ?",
+                         (dumps(alert), alert_id))  # fmt: skip
+            changed += 1
     return changed
 
 
-class _Alias:
+def erased_alert(alert: dict[str, Any], project_id: str, alias: Alias) -> dict[str, Any] | None:
+    """A security alert (its stored data) of ``project_id`` or server-wide, with the user
+    pseudonymized, or None when it is not about them (or does not concern the project)."""
+    if alert.get("project_id") is None and project_id not in alert.get("projects", ()):
+        return None  # an address's alert that does not concern this project
+    if alert.get("user_id") != alias.user_id and alert.get("subject") != alias.subject_of:
+        return None
+    return {
+        **alert,
+        "user_id": alias.id(alert.get("user_id")),
+        "subject": alias.subject(alert.get("subject")),
+        "message": alias.text(alert.get("message")),
+        "ip_address": "",
+    }
+
+
+class Alias:
     """Replaces one user id by its pseudonym where a field names a person."""
 
     def __init__(self, user_id: str, pseudonym: str) -> None:
@@ -313,14 +318,14 @@ def _parties(conflict: dict[str, Any]) -> set[Any]:
             if isinstance(side, dict)}  # fmt: skip
 
 
-def _resolution(resolution: Any, alias: _Alias) -> Any:
+def _resolution(resolution: Any, alias: Alias) -> Any:
     if not isinstance(resolution, dict) or "explanation" not in resolution:
         return resolution
     return {**resolution, "explanation": alias.text(resolution["explanation"])}
 
 
 def _event_payload(
-    kind: str, payload: dict[str, Any], alias: _Alias, involved: set[Any]
+    kind: str, payload: dict[str, Any], alias: Alias, involved: set[Any]
 ) -> dict[str, Any]:
     """An event's payload with its attribution rewritten: only a resolution's explanation,
     when the user took part in that conflict. Changes and comments are content."""
@@ -329,13 +334,13 @@ def _event_payload(
     return dict(payload)
 
 
-def _effect(op: Any, alias: _Alias) -> Any:
+def _effect(op: Any, alias: Alias) -> Any:
     if isinstance(op, dict) and "writer" in op:
         return {**op, "writer": alias.id(op["writer"])}
     return op
 
 
-def _conflict(conflict: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+def _conflict(conflict: dict[str, Any], alias: Alias) -> dict[str, Any]:
     new = dict(conflict)
     for side in ("current", "incoming"):
         if isinstance(conflict.get(side), dict):
@@ -346,7 +351,7 @@ def _conflict(conflict: dict[str, Any], alias: _Alias) -> dict[str, Any]:
     return new
 
 
-def _element(element: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+def _element(element: dict[str, Any], alias: Alias) -> dict[str, Any]:
     return {
         **element,
         "writers": {prop: alias.id(w) for prop, w in element.get("writers", {}).items()},
@@ -354,7 +359,7 @@ def _element(element: dict[str, Any], alias: _Alias) -> dict[str, Any]:
     }
 
 
-def _document(doc: dict[str, Any], alias: _Alias) -> dict[str, Any]:
+def _document(doc: dict[str, Any], alias: Alias) -> dict[str, Any]:
     """A stored document (``Document.dump``) with who wrote what rewritten; ids, props and
     values untouched."""
     return {

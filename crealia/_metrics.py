@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ._alerts import AlertEngine, AlertNotifier
     from ._backplane import Backplane
     from ._jobs import JobFailures
+    from ._ops import OpsStore
     from ._storage import Store
 
 log = logging.getLogger("crealia.metrics")
@@ -178,7 +179,7 @@ class Monitored(Protocol):
     #: Worst event-loop lag (seconds) seen in the last sampling period.
     loop_lag: float
     backplane: Backplane
-    ops: Store
+    ops: OpsStore
     notifier: AlertNotifier
     engine: AlertEngine
     jobs: JobFailures
@@ -254,7 +255,7 @@ class ServerCollector(Collector):
              monitor.notifier.failed),
         ):  # fmt: skip
             yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
-        yield from sqlite_metrics([monitor.ops])
+        yield from monitor.ops.metrics()
         yield _labelled(
             CounterMetricFamily,
             "crealia_messages_received",

@@ -14,9 +14,8 @@ import collections
 import logging
 import math
 import random
-import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,8 @@ from ._errors import CrealiaError
 from ._jobs import JobFailures
 from ._logging import iso_time
 from ._metrics import LatencyHistogram, Traffic, rates
-from ._storage import Statement, Store, dumps, keep_pruning, loads
+from ._ops import AlertRow, OpsStore, SampleRow
+from ._storage import dumps, keep_pruning, loads
 
 log = logging.getLogger("crealia.monitor")
 
@@ -87,7 +87,7 @@ class Monitor:
 
     config: Config
     #: The operations store (samples, alerts; the ``storage`` health check).
-    ops: Store
+    ops: OpsStore
     #: Its health checks and metrics are merged with the server's.
     backplane: Backplane
     hub: Any  # the session Hub (typed loosely: the hub module imports nothing of this one)
@@ -173,11 +173,9 @@ class Monitor:
                         del self.rings[key]
             ring.append(sample)
             changes += self.engine.evaluate(sample, now)
-        rows: list[Statement] = [("INSERT INTO metric_samples (scope, at, data) VALUES (?, ?, ?)",
-                 (s["projectId"] or GLOBAL, s["at"], dumps(s))) for s in samples]  # fmt: skip
-        rows += [_alert_row(alert) for alert in changes]
+        rows: list[SampleRow] = [(s["projectId"] or GLOBAL, s["at"], dumps(s)) for s in samples]
         try:
-            await self.ops.write(rows)
+            await self.ops.write_metrics(rows, [_alert_row(alert) for alert in changes])
         except CrealiaError as exc:
             log.warning("metric samples not stored: %s", exc)
         for sample in samples:
@@ -346,13 +344,7 @@ class Monitor:
         now_ms = _now_ms() if now_ms is None else now_ms
         cutoff = now_ms - int(self.config.metrics_retention_days * 86_400_000)
 
-        def delete(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute("DELETE FROM metric_samples WHERE at < ?", (cutoff,))
-            conn.execute("DELETE FROM alerts WHERE state = 'resolved' AND updated_at < ?",
-                         (cutoff,))  # fmt: skip
-            return cursor.rowcount
-
-        return await self.ops.read(delete)
+        return await self.ops.prune_metrics(cutoff)
 
     # -- the live feed ------------------------------------------------------------------------
 
@@ -406,15 +398,8 @@ class Monitor:
         """Alerts of a scope that were firing at some time in ``[start_ms, end_ms)`` (the
         first 10,000)."""
 
-        def query(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute(
-                "SELECT data FROM alerts WHERE project_id IS ? AND started_at < ? "
-                "AND (resolved_at IS NULL OR resolved_at >= ?) ORDER BY started_at LIMIT 10000",
-                (project_id, end_ms, start_ms),
-            )
-            return [row[0] for row in rows]
-
-        return [Alert.from_wire(loads(d)) for d in await self.ops.read_aside(query)]
+        rows = await self.ops.alerts_between(project_id, start_ms, end_ms)
+        return [Alert.from_wire(loads(d)) for d in rows]
 
     async def report(self, project_id: str | None, start_ms: int, end_ms: int) -> dict[str, Any]:
         """Per-field min/avg/p95/max over the stored samples of a range, and its alerts.
@@ -426,14 +411,13 @@ class Monitor:
         """
         scope = project_id or GLOBAL
 
-        def aggregate(conn: sqlite3.Connection) -> tuple[int, dict[str, dict[str, float | int]]]:
-            where = "FROM metric_samples WHERE scope = ? AND at >= ? AND at < ?"
-            params = (scope, start_ms, end_ms)
-            count = conn.execute(f"SELECT COUNT(*) {where}", params).fetchone()[0]
+        def aggregate(
+            count: int, rows: Iterable[bytes]
+        ) -> tuple[int, dict[str, dict[str, float | int]]]:
             step = max(1, math.ceil(count / P95_EXACT))
             stats: dict[str, list[float]] = {}  # field: [min, max, total, n]
             kept: dict[str, list[float]] = {}
-            for index, (data,) in enumerate(conn.execute(f"SELECT data {where}", params)):
+            for index, data in enumerate(rows):
                 sample = loads(data)
                 for field in FIELDS:
                     value = sample.get(field)
@@ -464,7 +448,7 @@ class Monitor:
                     }
             return count, metrics
 
-        count, metrics = await self.ops.read_aside(aggregate)
+        count, metrics = await self.ops.aggregate_samples(scope, start_ms, end_ms, aggregate)
         return {
             "projectId": project_id,
             "startDate": iso_time(start_ms / 1000),
@@ -475,13 +459,9 @@ class Monitor:
         }
 
 
-def _alert_row(alert: Alert) -> Statement:
-    return (
-        "INSERT OR REPLACE INTO alerts (id, rule, project_id, level, state, started_at, "
-        "updated_at, resolved_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (alert.id, alert.rule, alert.project_id, alert.level, alert.state, alert.started_at,
-         alert.updated_at, alert.resolved_at, dumps(alert.to_wire())),
-    )  # fmt: skip
+def _alert_row(alert: Alert) -> AlertRow:
+    return (alert.id, alert.rule, alert.project_id, alert.level, alert.state, alert.started_at,
+            alert.updated_at, alert.resolved_at, dumps(alert.to_wire()))  # fmt: skip
 
 
 def _memory_limit() -> int:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import sqlite3
 import time
 import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -33,7 +33,8 @@ from ._audit import SEVERITIES, AuditEvent, Severity
 from ._errors import CrealiaError, NotFound
 from ._jobs import JobFailures
 from ._logging import iso_time
-from ._storage import Store, dumps, loads
+from ._ops import OpsStore, SecurityRow
+from ._storage import dumps, loads
 
 log = logging.getLogger("crealia.security")
 
@@ -56,6 +57,10 @@ MAX_OPEN = 10_000
 #: Projects one alert remembers it concerns; past that it becomes server-wide (every owner
 #: sees it), so that memory stays bounded and no concerned project loses sight of it.
 MAX_ALERT_PROJECTS = 100
+#: Seconds between two reads of the audit events other processes stored (a shared store).
+TAIL_INTERVAL = 0.25
+#: Refusals one aggregated row of another process's stands for at most, to the rules.
+MAX_REPLAY = 1000
 
 
 @attrs.frozen(kw_only=True)
@@ -297,6 +302,13 @@ class SecurityAlert:
         }
 
 
+def _open_key(rule: str, subject: str, project_id: str | None) -> str:
+    """The key of an alert's :func:`_key` as one string (a shared store keeps one open alert
+    per key)."""
+    rule, subject, project = _key(rule, subject, project_id)
+    return f"{rule}\x1f{subject}\x1f{project or ''}"
+
+
 def _key(rule: str, subject: str, project_id: str | None) -> tuple[str, str, str | None]:
     """Which open alert a finding adds to. An address is one subject whatever project it
     names (anyone can name any project)."""
@@ -307,7 +319,7 @@ def _key(rule: str, subject: str, project_id: str | None) -> tuple[str, str, str
 class SecurityMonitor:
     """Runs the audit rules over recorded events and keeps the security alerts."""
 
-    store: Store
+    store: OpsStore
     rules: list[AuditRule]
     context: AuditContext
     notifier: AlertNotifier | None = None
@@ -319,17 +331,58 @@ class SecurityMonitor:
     _lock: trio.Lock = attrs.Factory(trio.Lock)
     #: Where the alert writer's failures are counted.
     jobs: JobFailures = attrs.Factory(JobFailures)
+    #: Seconds between two reads of other processes' audit events (a shared store only).
+    tail_interval: float = TAIL_INTERVAL
+    _cursor: Any = None
+    _changes_seen: int = attrs.Factory(lambda: int(time.time() * 1000))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the open alerts, then store changes as they come until cancelled."""
         await self.reload()
-        task_status.started()
         try:
-            await self.jobs.keep_running("security_alerts", self._store_changes)
+            async with trio.open_nursery() as nursery:
+                if self.store.shared:
+                    self._cursor = (await self.store.audit_after(None))[1]
+                    nursery.start_soon(partial(self.jobs.keep_running, "security_tail",
+                                               self._tail, period=self.tail_interval))  # fmt: skip
+                task_status.started()
+                await self.jobs.keep_running("security_alerts", self._store_changes)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5), \
                     self.jobs.guard("security_alerts"):  # fmt: skip
                 await self.flush()
+
+    async def _tail(self) -> None:
+        """The tail's step (a shared store only): run the rules over the audit events other
+        processes stored since the last step, and take the alerts they changed.
+
+        Why observe every process's events here rather than count in the shared table: the
+        rules are plugins whose contract is synchronous, bounded and free of I/O
+        (:class:`AuditRule`), and a rule's window, threshold and distinct values stay its own;
+        fed the cluster's events, each process's rules find what one process would find with
+        all of them (4 refused tokens on each of two processes are the 8 of one). The query is
+        bounded (``audit_after``: at most a page of rows, by an index, committed rows only)
+        and an aggregated refusal row counts as the ``details.refused`` refusals it stands
+        for. Every process finds the same alert; the shared store keeps one open alert per
+        rule, subject and project, which the others adopt (:meth:`_adopt`).
+
+        Raises:
+            CrealiaError: the store failed (logged, counted as ``security_tail``, retried).
+        """
+        # Overlapping by a second: a change committed late is still seen (adopting is
+        # idempotent).
+        since, self._changes_seen = self._changes_seen, int(time.time() * 1000) - 1000
+        rows, self._cursor = await self.store.audit_after(self._cursor)
+        for data in rows:
+            event = AuditEvent.from_row(loads(data))
+            refused = event.details.get("refused", 1)
+            times = refused if isinstance(refused, int) and refused > 0 else 1
+            for _time in range(min(times, MAX_REPLAY)):
+                self.observe(event)
+        for data in await self.store.security_alerts_changed(since):
+            alert = SecurityAlert(**loads(data))
+            if alert.id not in self._dirty:
+                self._adopt(alert)
 
     async def _store_changes(self) -> None:
         """The writer's step: wait for changed alerts (unless some wait already), store them.
@@ -421,42 +474,64 @@ class SecurityMonitor:
             if not dirty:
                 return
             try:
-                rows = [
-                    ("INSERT OR REPLACE INTO security_alerts (id, project_id, type, resolved, "
-                     "created_at, data) VALUES (?, ?, ?, ?, ?, ?)",
-                     (a.id, a.project_id, a.type, int(a.resolved), a.created_at,
-                      dumps(attrs.asdict(a))))
+                rows: list[SecurityRow] = [
+                    (a.id, a.project_id, a.type, a.resolved, a.created_at,
+                     _open_key(a.rule, a.subject, a.project_id), dumps(attrs.asdict(a)))
                     for a in dirty.values()
                 ]  # fmt: skip
-                await self.store.write(rows)  # type: ignore[arg-type]
+                kept = await self.store.write_security_alerts(rows)
             except BaseException:
                 # Newer versions of the same alerts (changed meanwhile) win.
                 self._dirty = {**dirty, **self._dirty}
                 raise
+            for data in kept:
+                self._adopt(SecurityAlert(**loads(data)))
 
-    async def _query(self, where: str, params: tuple[Any, ...]) -> list[SecurityAlert]:
-        # ``where`` is one of this class's constant conditions; values are parameters.
-        sql = f"SELECT data FROM security_alerts WHERE {where} ORDER BY created_at DESC"  # noqa: S608
+    def _adopt(self, stored: SecurityAlert) -> None:
+        """Take the shared store's version of an alert instead of this process's: another
+        process raised the open alert of the same rule, subject and project first (this one
+        counts into it: the greater count, every project either concerns), or resolved it
+        (a new finding opens a new one)."""
+        key = _key(stored.rule, stored.subject, stored.project_id)
+        current = self._open.get(key)
+        if stored.resolved:
+            if current is not None and current.id == stored.id:
+                del self._open[key]
+            return
+        if current is None:
+            self._open[key] = stored
+            return
+        projects = (*stored.projects, *(p for p in current.projects if p not in stored.projects))
+        merged = attrs.evolve(
+            stored, count=max(stored.count, current.count),
+            updated_at=max(stored.updated_at, current.updated_at),
+            projects=projects[:MAX_ALERT_PROJECTS],
+            server_wide=stored.server_wide or current.server_wide
+            or len(projects) > MAX_ALERT_PROJECTS,
+        )  # fmt: skip
+        self._open[key] = merged
+        if merged != stored:
+            self._save(merged)
 
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            return [row[0] for row in conn.execute(sql, params)]
-
-        return [SecurityAlert(**loads(data)) for data in await self.store.read_aside(read)]
+    async def _query(self, project_id: str | None, resolved: bool | None) -> list[SecurityAlert]:
+        rows = await self.store.security_alerts(project_id, resolved)
+        return [SecurityAlert(**loads(data)) for data in rows]
 
     async def open_alerts(self) -> list[SecurityAlert]:
         """Every open alert, of every project and of none, newest first."""
         await self.flush()
-        return await self._query("resolved = 0", ())
+        return await self._query(None, False)
 
     async def alerts(self, project_id: str, status: str | None = None) -> list[SecurityAlert]:
         """The alerts an owner of ``project_id`` sees (those concerning it, and server-wide
         ones), newest first; ``status`` ``open`` or ``resolved`` filters."""
         await self.flush()
-        where = "(project_id = ? OR project_id IS NULL)"
-        params: tuple[Any, ...] = (project_id,)
-        if status is not None:
-            where, params = f"{where} AND resolved = ?", (project_id, int(status == "resolved"))
-        return [a for a in await self._query(where, params) if a.visible_to(project_id)]
+        resolved = None if status is None else status == "resolved"
+        return [a for a in await self._query(project_id, resolved) if a.visible_to(project_id)]
+
+    def _open_key_of(self, project_id: str, alert_id: str) -> tuple[str, str, str | None] | None:
+        return next((k for k, a in self._open.items() if a.id == alert_id and (
+            project_id in a.concerns() or not a.concerns())), None)  # fmt: skip
 
     async def resolve(self, project_id: str, alert_id: str, by: str, note: str) -> SecurityAlert:
         """Resolve an open alert concerning ``project_id`` (or a server-wide one that concerns
@@ -465,8 +540,13 @@ class SecurityMonitor:
         Raises:
             NotFound: no open alert with that id that this project may resolve.
         """
-        key = next((k for k, a in self._open.items() if a.id == alert_id and (
-            project_id in a.concerns() or not a.concerns())), None)  # fmt: skip
+        key = self._open_key_of(project_id, alert_id)
+        if key is None and self.store.shared:
+            # Raised by another process, or forgotten here (MAX_OPEN): the store has it.
+            for alert in await self._query(None, False):
+                if alert.id == alert_id:
+                    self._adopt(alert)
+            key = self._open_key_of(project_id, alert_id)
         if key is None:
             raise NotFound(f"alert_id: no open security alert {alert_id!r} in this project")
         now = int(time.time() * 1000)

@@ -32,6 +32,7 @@ from ._jobs import JobFailures
 from ._metrics import Traffic
 from ._model import Role
 from ._monitor import Monitor
+from ._ops import OpsStore, SqliteOps
 from ._origin import HostPolicy
 from ._plugins import (
     DEFAULT_BACKPLANE_URL,
@@ -58,8 +59,11 @@ class Server:
 
     config: Config
     hub: Hub
-    #: The operations store: audit log, security alerts, metric samples.
-    ops: Store
+    #: The operations store: audit log, security alerts, metric samples and alerts (this
+    #: process's ``ops.sqlite3``, or the backplane's shared one).
+    ops_store: OpsStore
+    #: ``ops.sqlite3`` when the server keeps one (None on a backplane with its own ops store).
+    ops: Store | None
     monitor: Monitor
     security: SecurityMonitor
     http_port: int
@@ -157,8 +161,8 @@ async def open_server(
     # Every background job's failures, counted for /metrics: none of them ends the server.
     jobs = JobFailures()
     async with _open_backplane(config, backplanes, backplane) as backplane, \
-            open_store(config.data_dir, OPS_DB, wal=wal, jobs=jobs) as ops:  # fmt: skip
-        audit = AuditLog(ops, retention_days=config.audit_log_retention_days,
+            _open_ops(config, backplane, wal, jobs) as (ops_store, ops):  # fmt: skip
+        audit = AuditLog(ops_store, retention_days=config.audit_log_retention_days,
                          refusal_window=config.audit_refusal_window,
                          max_bytes=config.ops_max_bytes, jobs=jobs,
                          prune_interval=config.retention_interval)  # fmt: skip
@@ -197,7 +201,7 @@ async def open_server(
             notifier = AlertNotifier(config.alert_webhooks, jobs=jobs)
             monitor = Monitor(
                 config=config,
-                ops=ops,
+                ops=ops_store,
                 backplane=backplane,
                 hub=hub,
                 engine=AlertEngine(rules, hold=config.alert_hold),
@@ -206,7 +210,7 @@ async def open_server(
                 jobs=jobs,
             )
             security = SecurityMonitor(
-                store=ops,
+                store=ops_store,
                 rules=[rule for rule in rules if isinstance(rule, AuditRule)],
                 context=AuditContext(threshold=config.security_alert_threshold,
                                      window=config.security_alert_window),
@@ -257,6 +261,7 @@ async def open_server(
             server = Server(
                 config=config,
                 hub=hub,
+                ops_store=ops_store,
                 ops=ops,
                 monitor=monitor,
                 security=security,
@@ -283,6 +288,19 @@ async def _open_backplane(
     assert backplanes is not None
     async with backplanes.open(config.backplane_url, config) as backplane:
         yield backplane
+
+
+@asynccontextmanager
+async def _open_ops(
+    config: Config, backplane: Backplane, wal: WalPolicy, jobs: JobFailures
+) -> AsyncIterator[tuple[OpsStore, Store | None]]:
+    """The backplane's shared operations store, or else ``ops.sqlite3`` in the data dir."""
+    shared = backplane.ops_store()
+    if shared is not None:
+        yield shared, None
+        return
+    async with open_store(config.data_dir, OPS_DB, wal=wal, jobs=jobs) as ops:
+        yield SqliteOps(ops), ops
 
 
 async def serve(

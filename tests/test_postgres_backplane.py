@@ -263,8 +263,9 @@ async def test_migrations_bring_an_empty_database_to_the_current_schema(
             "WHERE schemaname = 'public'", database="migrated",
         )  # fmt: skip
         assert tables.strip().split(",") == [
-            "changes", "comments", "conflicts", "crealia_schema", "events", "health",
-            "project_roles", "project_settings", "projects", "snapshots",
+            "alerts", "audit_events", "changes", "comments", "conflicts", "crealia_schema",
+            "events", "health", "metric_samples", "project_roles", "project_settings",
+            "projects", "security_alerts", "snapshots",
         ]  # fmt: skip
         # Opening a backplane on an empty database migrates it too.
         fresh = await postgres.create_database("fresh")
@@ -397,15 +398,19 @@ async def test_cli_migrate_brings_a_database_up_and_refuses_a_newer_one_in_one_l
     url = await postgres.create_database("cli")
     status, out, err = await _cli(cli_env, "migrate", "--database", url)
     assert (status, err) == (0, ""), err
-    assert out == f"crealia: database {url}: schema migrated from version 0 to 1\n"
+    version = _pg.SCHEMA_VERSION
+    assert out == f"crealia: database {url}: schema migrated from version 0 to {version}\n"
     status, out, err = await _cli({**cli_env, "DATABASE_URL": url}, "migrate")
-    assert (status, out) == (0, f"crealia: database {url}: schema version 1, up to date\n"), err
-    await postgres.psql("INSERT INTO crealia_schema (version) VALUES (2)", database="cli")
+    assert (status, out) == (
+        0, f"crealia: database {url}: schema version {version}, up to date\n"
+    ), err  # fmt: skip
+    await postgres.psql(f"INSERT INTO crealia_schema (version) VALUES ({version + 1})",
+                        database="cli")  # fmt: skip
     status, out, err = await _cli(cli_env, "migrate", "--database", url)
     assert status == 2
     assert err.splitlines() == [
-        f"crealia: database '{url}' has schema version 2, newer than this crealia's 1: upgrade "
-        "crealia (or use another database)"
+        f"crealia: database '{url}' has schema version {version + 1}, newer than this "
+        f"crealia's {version}: upgrade crealia (or use another database)"
     ]
     status, _out, err = await _cli(cli_env, "migrate", "--database", "sqlite:")
     assert status == 2

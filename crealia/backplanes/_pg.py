@@ -130,6 +130,63 @@ MIGRATIONS: tuple[str, ...] = (
         at BIGINT NOT NULL
     );
     """,
+    # 2: the operations data every process shares (crealia/backplanes/_pg_ops.py): audit events
+    # (``ord`` and ``txid`` let each process read the rows the others committed, in order),
+    # security alerts (one open alert per rule, subject and project: ``open_key``), metric
+    # samples and alerts.
+    """
+    CREATE TABLE audit_events (
+        ord BIGSERIAL PRIMARY KEY,
+        txid XID8 NOT NULL DEFAULT pg_current_xact_id(),
+        node TEXT NOT NULL,
+        id TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        project_id TEXT,
+        user_id TEXT,
+        action TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        risk INTEGER NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX audit_at ON audit_events (at);
+    CREATE INDEX audit_project ON audit_events (project_id, at);
+    CREATE INDEX audit_user ON audit_events (user_id, at);
+    CREATE INDEX audit_tail ON audit_events (txid, ord);
+    CREATE TABLE security_alerts (
+        id TEXT PRIMARY KEY,
+        project_id TEXT,
+        type TEXT NOT NULL,
+        resolved BOOLEAN NOT NULL,
+        created_at BIGINT NOT NULL,
+        changed_at BIGINT NOT NULL,
+        open_key TEXT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE UNIQUE INDEX security_alerts_open ON security_alerts (open_key) WHERE NOT resolved;
+    CREATE INDEX security_alerts_project ON security_alerts (project_id, created_at);
+    CREATE INDEX security_alerts_changed ON security_alerts (changed_at);
+    CREATE TABLE metric_samples (
+        ord BIGSERIAL PRIMARY KEY,
+        node TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX metric_samples_scope ON metric_samples (scope, at);
+    CREATE INDEX metric_samples_at ON metric_samples (at);
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        project_id TEXT,
+        level TEXT NOT NULL,
+        state TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        resolved_at BIGINT,
+        data BYTEA NOT NULL
+    );
+    CREATE INDEX alerts_started ON alerts (started_at);
+    """,
 )
 
 #: The schema version this package writes and reads.

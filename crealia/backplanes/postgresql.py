@@ -68,7 +68,8 @@ from .._sequencing import (
     record_of,
     value_at,
 )
-from . import _pg
+from . import _pg, _pg_ops
+from ._pg_ops import PgOps
 
 log = logging.getLogger("crealia.postgresql")
 
@@ -318,6 +319,13 @@ class PostgreSQLBackplane(Backplane):
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     _send: trio.MemorySendChannel[_Queued] | None = None
+    #: Audit events, security alerts, metric samples and alerts, shared by every process.
+    ops: PgOps | None = None
+
+    def ops_store(self) -> PgOps | None:
+        """The operations data in this database (:mod:`._pg_ops`): every process on it
+        answers every operator query alike."""
+        return self.ops
 
     # -- mirrors ------------------------------------------------------------------------------
 
@@ -829,6 +837,36 @@ class PostgreSQLBackplane(Backplane):
             del self._mirrors[project_id]
             self._loading.pop(project_id, None)
 
+    # -- GDPR ---------------------------------------------------------------------------------
+
+    @property
+    def supports_gdpr(self) -> bool:
+        """GDPR export and erasure work on the database, in one transaction each."""
+        return True
+
+    async def user_data(self, project_id: str, user_id: str) -> dict[str, Any]:
+        return await self.reader_conn.run(lambda conn: _pg_ops.collect(conn, project_id, user_id))
+
+    async def erase_user(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
+        """Rewrite the project's history in one transaction holding its row, with a new
+        epoch; every process drops its mirror of the project (a notice with the epoch), so
+        the next reader loads the rewritten one.
+
+        Raises:
+            Overloaded: the project is open in this process, or the database failed.
+        """
+        mirror = self._mirrors.get(project_id)
+        if mirror is not None and mirror.listeners:
+            raise Overloaded(f"project {project_id!r} is open; close its room first")
+        epoch = _new_epoch()
+        self._mirrors.pop(project_id, None)
+        self._loading.pop(project_id, None)
+        # Not idempotent: a lost answer may hide a commit (then the retry finds nothing new).
+        return await self.writer_conn.run(
+            lambda conn: _pg_ops.erase(conn, project_id, user_id, pseudonym, epoch),
+            idempotent=False,
+        )
+
     def _on_notices(self, payloads: list[str]) -> None:
         """On the Trio thread: notices of commits (from any process, this one's too)."""
         self.notices += len(payloads)
@@ -840,6 +878,9 @@ class PostgreSQLBackplane(Backplane):
                 ids = [str(c) for c in notice.get("c") or ()]
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("ignored a malformed notice on %s: %r", _pg.CHANNEL, payload[:200])
+                continue
+            if notice.get("e"):
+                self.release(project_id)  # a rewritten history: reloaded on demand
                 continue
             mirror = self._mirrors.get(project_id)
             if mirror is None:
@@ -1026,6 +1067,8 @@ async def open_postgresql_backplane(
     _pg.check_url(url)
     writer = _pg.PgConnection(url, name="crealia-write")
     reader = _pg.PgConnection(url, name="crealia-read")
+    ops = PgOps(writer=_pg.PgConnection(url, name="crealia-ops-write"),
+                reader=_pg.PgConnection(url, name="crealia-ops-read"), node="")  # fmt: skip
     try:
         await writer.open()
         try:
@@ -1039,6 +1082,8 @@ async def open_postgresql_backplane(
             snapshot_every=snapshot_every, quotas=quotas or Quotas(),
             poll_interval=poll_interval,
         )  # fmt: skip
+        ops.node = backplane.node_id
+        backplane.ops = ops
         send, recv = trio.open_memory_channel[_Queued](QUEUE)
         stop = [False]
         token = trio.lowlevel.current_trio_token()
@@ -1061,6 +1106,8 @@ async def open_postgresql_backplane(
                 send.close()
                 nursery.cancel_scope.cancel()
     finally:
+        with contextlib.suppress(Exception):
+            await ops.close()
         with contextlib.suppress(Exception):
             await writer.close()
         with contextlib.suppress(Exception):

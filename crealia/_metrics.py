@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from ._backplane import Backplane
     from ._jobs import JobFailures
     from ._ops import OpsStore
-    from ._storage import Store
 
 log = logging.getLogger("crealia.metrics")
 
@@ -323,30 +322,6 @@ class ServerCollector(Collector):
             yield HistogramMetricFamily(
                 f"crealia_{name}", doc, buckets=histogram.buckets(), sum_value=histogram.total
             )
-
-
-def sqlite_metrics(stores: Iterable[Store]) -> Iterator[Metric]:
-    """The WAL and checkpoint families of SQLite stores, labelled by database name (the
-    server's operations database, and the SQLite backplane's)."""
-    stores = list(stores)
-    yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_bytes",
-                    "Size of each SQLite database's write-ahead log file, as last seen.",
-                    "db", {store.name: store.wal_bytes for store in stores})  # fmt: skip
-    yield _labelled(GaugeMetricFamily, "crealia_sqlite_wal_max_bytes",
-                    "The bound each WAL is kept under (a TRUNCATE checkpoint at half).",
-                    "db", {store.name: store.wal.max_bytes for store in stores})  # fmt: skip
-    checkpoints = CounterMetricFamily(
-        "crealia_sqlite_checkpoints", "WAL checkpoints completed, by database and mode.",
-        labels=["db", "mode"],
-    )  # fmt: skip
-    for store in stores:
-        for mode, count in sorted(store.checkpoints.items()):
-            checkpoints.add_metric([store.name, mode], count)
-    yield checkpoints
-    failures = {store.name: store.checkpoint_failures for store in stores}
-    yield _labelled(CounterMetricFamily, "crealia_sqlite_checkpoint_failures",
-                    "WAL checkpoints that failed (logged as 'WAL checkpoint failed').",
-                    "db", failures)  # fmt: skip
 
 
 def job_metrics(jobs: JobFailures) -> Iterator[Metric]:

@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 import attrs
 from prometheus_client.core import Metric
 
-from ._storage import Store
+from ._erasure import erase_trail
+from ._storage import Store, sqlite_metrics
 
 T = TypeVar("T")
 
@@ -141,7 +142,7 @@ class OpsStore(ABC):
     @abstractmethod
     async def erase_trail(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
         """Pseudonymize a user in a project's audit events and security alerts, in one
-        transaction (:func:`crealia._gdpr.erased_audit`, :func:`crealia._gdpr.erased_alert`);
+        transaction (:func:`crealia._erasure.erased_audit`, :func:`crealia._erasure.erased_alert`);
         counts per table."""
 
     @abstractmethod
@@ -331,8 +332,6 @@ class SqliteOps(OpsStore):
         return await self.store.read_aside(aggregate)
 
     async def erase_trail(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
-        from ._gdpr import erase_trail  # the rewrite's rules are GDPR's; they import this module
-
         return await self.store.read(
             lambda conn: erase_trail(
                 conn, project_id=project_id, user_id=user_id, pseudonym=pseudonym
@@ -343,6 +342,4 @@ class SqliteOps(OpsStore):
         await self.store.probe()
 
     def metrics(self) -> Iterable[Metric]:
-        from ._metrics import sqlite_metrics  # _metrics reads the monitor, which uses this
-
         return sqlite_metrics([self.store])

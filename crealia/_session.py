@@ -217,6 +217,8 @@ class Session:
     _ping: tuple[float, trio.Event] | None = None
     #: ``bytes_sent`` when the last ping was written, and at the last sample.
     _pinged: int = 0
+    #: When the last lag ping was written (trio time).
+    _pinged_at: float = -math.inf
     _sampled: int = -1
 
     def strike(self) -> None:
@@ -292,8 +294,9 @@ class Session:
         The client is behind by the age of the oldest byte its TCP has not acknowledged
         (:meth:`~crealia._transport.Connection.tcp_progress`) or of its unanswered ping
         (:meth:`~crealia._transport.Connection.start_ping`, written when something was sent
-        since the last one), whichever is more, counted only while data waits for it. An idle
-        session that was caught up costs nothing.
+        since the last one, and TCP cannot tell, or says the client is falling behind, or a
+        timeout has passed since the last ping), whichever is more, counted only while data
+        waits for it. An idle session that was caught up costs nothing.
         """
         sent = self.bytes_sent
         moved = sent != self._sampled
@@ -320,10 +323,17 @@ class Session:
                        or (self.unacked or 0) > SLACK_BYTES)  # fmt: skip
             if waiting:
                 lag = max(lag, now - ping[0])
-        elif sent != self._pinged:
+        elif self._pinged_at == -math.inf:
+            self._pinged_at = now  # the first sample: a timeout from now, the first ping
+        elif sent != self._pinged and (
+            progress is None or lag > timeout / 2 or now - self._pinged_at >= timeout
+        ):
+            # A ping when TCP cannot tell, when it says the client is falling behind, and
+            # otherwise once a timeout (behind a proxy, TCP measures the proxy): pings cost
+            # the client a pong each, and a client closing meanwhile has to cope with one.
             pong = conn.start_ping()
             if pong is not None:
-                self._ping, self._pinged = (now, pong), sent
+                self._ping, self._pinged, self._pinged_at = (now, pong), sent, now
         self.lag = lag
         if lag > timeout:
             return (f"slow consumer: {lag:.1f} s behind (over {timeout:g} s), reconnect "

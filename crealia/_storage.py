@@ -35,7 +35,15 @@ import operator
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
@@ -44,6 +52,7 @@ from typing import Any, NoReturn, TypeVar
 import attrs
 import orjson
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ._errors import StorageError
 from ._jobs import JobFailures
@@ -833,3 +842,34 @@ def dumps(value: Any) -> bytes:
 
 def loads(value: bytes) -> Any:
     return orjson.loads(value)
+
+
+def _by_label(family: Any, name: str, doc: str, label: str, values: Mapping[str, float]) -> Metric:
+    metric = family(name, doc, labels=[label])
+    for key, value in sorted(values.items()):
+        metric.add_metric([key], value)
+    return metric  # type: ignore[no-any-return]
+
+
+def sqlite_metrics(stores: Iterable[Store]) -> Iterator[Metric]:
+    """The WAL and checkpoint families of SQLite stores, labelled by database name (the
+    server's operations database, and the SQLite backplane's)."""
+    stores = list(stores)
+    yield _by_label(GaugeMetricFamily, "crealia_sqlite_wal_bytes",
+                    "Size of each SQLite database's write-ahead log file, as last seen.",
+                    "db", {store.name: store.wal_bytes for store in stores})  # fmt: skip
+    yield _by_label(GaugeMetricFamily, "crealia_sqlite_wal_max_bytes",
+                    "The bound each WAL is kept under (a TRUNCATE checkpoint at half).",
+                    "db", {store.name: store.wal.max_bytes for store in stores})  # fmt: skip
+    checkpoints = CounterMetricFamily(
+        "crealia_sqlite_checkpoints", "WAL checkpoints completed, by database and mode.",
+        labels=["db", "mode"],
+    )  # fmt: skip
+    for store in stores:
+        for mode, count in sorted(store.checkpoints.items()):
+            checkpoints.add_metric([store.name, mode], count)
+    yield checkpoints
+    failures = {store.name: store.checkpoint_failures for store in stores}
+    yield _by_label(CounterMetricFamily, "crealia_sqlite_checkpoint_failures",
+                    "WAL checkpoints that failed (logged as 'WAL checkpoint failed').",
+                    "db", failures)  # fmt: skip

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-from .. import _gdpr
+from .. import _erasure, _gdpr
 from .._ops import AlertRow, AuditFilter, AuditRow, OpsStore, SampleRow, SecurityRow, _scope_audit
 from .._sequencing import now_ms
 from .._storage import dumps, loads
@@ -277,7 +277,7 @@ class PgOps(OpsStore):
     # -- GDPR -----------------------------------------------------------------------------------
 
     async def erase_trail(self, project_id: str, user_id: str, pseudonym: str) -> dict[str, int]:
-        alias = _gdpr.Alias(user_id, pseudonym)
+        alias = _erasure.Alias(user_id, pseudonym)
 
         def erase(conn: Any) -> dict[str, int]:
             audit = alerts = 0
@@ -285,7 +285,7 @@ class PgOps(OpsStore):
                 cur.execute("SELECT ord, user_id, data FROM audit_events WHERE project_id = %s "
                             "FOR UPDATE", (project_id,))  # fmt: skip
                 for ord_, actor, data in cur.fetchall():
-                    new = _gdpr.erased_audit(actor, loads(_bytes(data)), alias)
+                    new = _erasure.erased_audit(actor, loads(_bytes(data)), alias)
                     if new is not None:
                         cur.execute("UPDATE audit_events SET user_id = %s, data = %s "
                                     "WHERE ord = %s",
@@ -295,7 +295,7 @@ class PgOps(OpsStore):
                             "project_id IS NULL FOR UPDATE", (project_id,))  # fmt: skip
                 changed = now_ms()
                 for aid, data in cur.fetchall():
-                    alert = _gdpr.erased_alert(loads(_bytes(data)), project_id, alias)
+                    alert = _erasure.erased_alert(loads(_bytes(data)), project_id, alias)
                     if alert is not None:
                         cur.execute("UPDATE security_alerts SET data = %s, changed_at = %s "
                                     "WHERE id = %s", (dumps(alert), changed, aid))  # fmt: skip
@@ -392,7 +392,7 @@ def erase(conn: Any, project_id: str, user_id: str, pseudonym: str, epoch: str) 
     """In the worker thread: :func:`crealia._gdpr.erase` on the projects' tables, in one
     transaction holding the project's row (so no write of any process interleaves), and
     ``epoch`` as the project's new one; counts per table."""
-    alias = _gdpr.Alias(user_id, pseudonym)
+    alias = _erasure.Alias(user_id, pseudonym)
     counts: dict[str, int] = {}
     with conn.transaction(), conn.cursor() as cur:
         cur.execute("INSERT INTO projects (project_id, epoch) VALUES (%s, %s) "

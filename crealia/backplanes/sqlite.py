@@ -49,7 +49,7 @@ from .._errors import (
     ProtocolError,
     StorageError,
 )
-from .._metrics import job_metrics, sqlite_metrics
+from .._metrics import job_metrics
 from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
 from .._sequencing import (
     ChangeRecord,
@@ -63,7 +63,7 @@ from .._sequencing import (
     record_of,
     value_at,
 )
-from .._storage import Statement, Store, WalPolicy, dumps, loads, open_store
+from .._storage import Statement, Store, WalPolicy, dumps, loads, open_store, sqlite_metrics
 
 #: Recent change ids (and, apart, comment ids) whose outcome each loaded project keeps in memory;
 #: older ones are read from the store.

@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import trio
 
-from crealia import Server, TokenAuthority, open_server
+from crealia import Ephemeral, Server, TokenAuthority, open_server
 from crealia._ratelimit import Limit, RateLimiter
 from crealia.backplanes.postgresql import PostgreSQLBackplane, open_postgresql_backplane
 from crealia.testing import check_backplane
@@ -188,6 +189,52 @@ async def test_rate_limits_are_shared_across_processes(
         async with open_postgresql_backplane(url) as alone:
             assert not alone.shares_rate_limits and not alone.shares_presence
             assert await alone.sync_rate_limits([("p:u:edit", 1, 1000.0)]) is None
+
+
+class _Ephemerals(_Heard):
+    """A listener keeping the ephemeral messages it hears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[Ephemeral] = []
+
+    def on_ephemeral(self, message: Ephemeral) -> None:
+        self.messages.append(message)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until_count(self, count: int) -> None:
+        while len(self.messages) < count:
+            await self.changed.wait()
+
+
+async def test_a_bad_pubsub_message_is_counted_and_the_bus_goes_on(
+    postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    url = await postgres.create_database("bad")
+    project = "p-bad"
+    with trio.fail_after(60):
+        async with (
+            open_postgresql_backplane(url, redis_url=redis_server.url) as one,
+            open_postgresql_backplane(url, redis_url=redis_server.url) as two,
+        ):
+            heard = _Ephemerals()
+            async with two.subscribe(project, heard):
+                client = redis.Redis.from_url(redis_server.url)
+                try:
+                    channel = f"crealia:{{{project}}}:eph"
+                    for junk in (b"not a node|{", b"node|[]", b"\xff"):
+                        await trio.to_thread.run_sync(client.publish, channel, junk)
+                finally:
+                    client.close()
+                message = Ephemeral(project_id=project, encoded=b'{"n":1}', origin="o",
+                                    key=("alice", "cursor"))  # fmt: skip
+                await one.publish(message)
+                await heard.until_count(1)
+                assert heard.messages[0].encoded == b'{"n":1}'
+                assert heard.messages[0].key == ("alice", "cursor")
+                assert two.jobs.counts.get("redis_listener", 0) >= 2, two.jobs.counts
+                assert two.bus_connected
 
 
 async def test_delivery_delay_with_redis_up_and_with_redis_sigkilled(

@@ -336,15 +336,3 @@ class RedisBus:
         if not updates:
             return []
         return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
-
-    # -- health -------------------------------------------------------------------------------
-
-    async def probe(self) -> None:
-        """A real write (Redis out of memory under ``noeviction`` still answers PING).
-
-        Raises:
-            Overloaded: Redis cannot take writes.
-        """
-        health = f"crealia:health:{self.node_id}"
-        stamp = str(time.time_ns() // 1_000_000)
-        await self.redis.run(lambda client: client.set(health, stamp, px=60_000))

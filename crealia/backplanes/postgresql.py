@@ -847,8 +847,8 @@ class PostgreSQLBackplane(Backplane):
         if mirror is not None:
             for listener in list(mirror.listeners):
                 listener.on_ephemeral(message)
-        if self.bus is not None:
-            self.bus.enqueue(message)
+        if self.bus is not None and self.bus_connected:
+            self.bus.enqueue(message)  # (dropped while Redis is away, as ephemeral traffic may be)
         await trio.lowlevel.checkpoint()
 
     # -- Redis beside it: presence, ephemeral messages, rate limits ---------------------------
@@ -870,7 +870,9 @@ class PostgreSQLBackplane(Backplane):
         """Share this process's members through Redis. With Redis away this does nothing
         (counted as a ``redis_presence`` failure): presence is per process until it is back,
         and the next heartbeat after it shares again."""
-        if self.bus is None:
+        if self.bus is None or not self.bus_connected:
+            # Without a subscribed listener Redis is away: no call that would wait for its
+            # timeouts (an unreachable host) on every heartbeat of every room.
             return
         try:
             await self.bus.share_presence(project_id, members, ttl=ttl)
@@ -882,7 +884,7 @@ class PostgreSQLBackplane(Backplane):
     async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
         """The other processes' members, from Redis; ``[]`` while Redis is away (presence
         degrades to this process's members, rather than keeping a list nobody refreshes)."""
-        if self.bus is None:
+        if self.bus is None or not self.bus_connected:
             return []
         try:
             members = await self.bus.remote_presence(project_id)
@@ -900,6 +902,8 @@ class PostgreSQLBackplane(Backplane):
         """
         if self.bus is None:
             return None
+        if not self.bus_connected:
+            raise Overloaded("redis unavailable (pub/sub is reconnecting), nothing was applied")
         return await self.bus.sync_rate_limits(updates)
 
     def _bus_failed(self, exc: Overloaded) -> None:

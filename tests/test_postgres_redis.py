@@ -19,12 +19,12 @@ import pytest
 import redis
 import trio
 
-from crealia import Ephemeral, Server, TokenAuthority, open_server
+from crealia import Ephemeral, Overloaded, Server, TokenAuthority, open_server
 from crealia._ratelimit import Limit, RateLimiter
 from crealia.backplanes.postgresql import PostgreSQLBackplane, open_postgresql_backplane
 from crealia.testing import check_backplane
 
-from ._postgres import PostgresServer, run_postgres
+from ._postgres import PostgresServer, free_port, run_postgres
 from ._process import run_server
 from ._redis import RedisServer, run_redis
 from ._wsclient import RawClient, open_raw_client
@@ -189,6 +189,21 @@ async def test_rate_limits_are_shared_across_processes(
         async with open_postgresql_backplane(url) as alone:
             assert not alone.shares_rate_limits and not alone.shares_presence
             assert await alone.sync_rate_limits([("p:u:edit", 1, 1000.0)]) is None
+
+
+async def test_a_redis_away_at_start_is_degraded_not_fatal(postgres: PostgresServer) -> None:
+    url = await postgres.create_database("away")
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    with trio.fail_after(60):
+        async with open_postgresql_backplane(url, redis_url=nobody) as backplane:
+            assert backplane.shares_presence and not backplane.bus_connected
+            assert "per process" in (backplane.degraded()["redis"] or "")
+            outcome = await backplane.commit_change(_user("p", "a"), _change("c1", "e1", v=1))
+            assert outcome.status == "applied" and outcome.seq == 1
+            assert await backplane.remote_presence("p") == []
+            with pytest.raises(Overloaded):
+                await backplane.sync_rate_limits([("p:u:edit", 1, 1000.0)])
+            await backplane.check()  # writes commit: healthy
 
 
 class _Ephemerals(_Heard):

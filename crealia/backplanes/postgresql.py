@@ -867,9 +867,11 @@ class PostgreSQLBackplane(Backplane):
     async def share_presence(
         self, project_id: str, members: list[dict[str, Any]], *, ttl: float
     ) -> None:
-        """Share this process's members through Redis. With Redis away this does nothing
-        (counted as a ``redis_presence`` failure): presence is per process until it is back,
-        and the next heartbeat after it shares again."""
+        """Share this process's members through Redis. With Redis away this does nothing and
+        raises nothing (unlike the contract's ``Overloaded``: the room would otherwise keep a
+        remote list nobody refreshes): skipped while the listener is reconnecting, counted as a
+        ``redis_presence`` failure when a call fails. Presence is per process until Redis is
+        back; the next heartbeat after it shares again."""
         if self.bus is None or not self.bus_connected:
             # Without a subscribed listener Redis is away: no call that would wait for its
             # timeouts (an unreachable host) on every heartbeat of every room.

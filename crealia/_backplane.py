@@ -403,6 +403,18 @@ class Backplane(ABC):
         """
         return {"backplane": self.check}
 
+    def degraded(self) -> Mapping[str, str | None]:
+        """The parts of the backplane that may fail without stopping writes, by name: ``None``
+        while one works, else what is lost meanwhile (``{}`` by default). Must not block.
+
+        ``/readyz`` shows each beside the health checks (``"ok"`` or ``"degraded: …"``) and
+        lists the degraded ones under ``degraded``, but stays ready: a process that still
+        commits and acknowledges writes must keep its traffic. (PostgreSQL with Redis beside it
+        names ``redis``: while Redis is away, presence, cursors and rate limits are per
+        process.) What would stop writes belongs in :meth:`health_checks` instead.
+        """
+        return {}
+
     def metrics(self) -> Iterable[Metric]:
         """The backplane's own Prometheus metric families, read at every scrape of
         ``/metrics`` (none by default). Must not block.

@@ -123,10 +123,13 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--backplane", "backplane_url",
      "the backplane: sqlite: (the default, in the data dir) or redis://HOST:PORT/DB to join a "
      "cluster (CREALIA_BACKPLANE)"),
-    ("--redis", "redis_url", "the older name of --backplane for a Redis URL (REDIS_URL)"),
+    ("--redis", "redis_url",
+     "Redis, redis://HOST:6379/DB: beside --database it carries presence, cursors and rate "
+     "limits (the recommended cluster); alone, the older name of --backplane for a Redis URL "
+     "(REDIS_URL)"),
     ("--database", "database_url",
      "PostgreSQL as the store of record, postgresql://USER:PASSWORD@HOST:5432/DB: any number "
-     "of processes on one database (DATABASE_URL)"),
+     "of processes on one database; add --redis for a cluster (DATABASE_URL)"),
     ("--jwt-keys-file", "jwt_keys_file",
      "a JSON file of kid to PEM (text or path), or one PEM file (CREALIA_JWT_KEYS_FILE)"),
     ("--allowed-origins", "allowed_origins",

@@ -249,7 +249,9 @@ class Config:
     ws_port: int = attrs.field(default=3001, validator=_int_range(0, 65535))
     #: Where the stores (and the generated JWT secret) live; created if missing.
     data_dir: Path = attrs.field(default=Path("./crealia-data"), converter=_data_dir)
-    #: The older name of ``backplane_url`` (``--redis``, ``REDIS_URL``): setting it sets that.
+    #: The Redis URL (``--redis``, ``REDIS_URL``). Beside ``database_url`` it is the Redis that
+    #: carries presence, ephemeral messages and rate limits; alone it is the older name of
+    #: ``backplane_url`` (the Redis backplane, durable log in Redis too).
     redis_url: str | None = attrs.field(default=None, validator=_redis_url, repr=False)
     jwt_secret: str | None = attrs.field(default=None, repr=False)
     dev: bool = attrs.field(default=False, validator=_boolean)
@@ -505,8 +507,8 @@ class Config:
     backplane_url: str | None = attrs.field(default=None, repr=False)
     #: PostgreSQL as the store of record (``--database``, ``DATABASE_URL``): selects the
     #: ``postgresql`` backplane, on which any number of processes serve every project. Setting
-    #: it sets ``backplane_url``; the two must then agree (PostgreSQL with Redis beside it for
-    #: ephemeral traffic is a later step).
+    #: it sets ``backplane_url``. With ``redis_url`` (``--redis``) as well, Redis beside it
+    #: carries presence, ephemeral messages and rate limits: the recommended cluster.
     database_url: str | None = attrs.field(default=None, validator=_database_url, repr=False)
 
     # --- cli: what only ``crealia serve`` reads
@@ -518,13 +520,45 @@ class Config:
         validator=_one_of("debug", "info", "warning", "error", optional=True),
     )
 
+    def _beside_database(self, database: str) -> None:
+        """PostgreSQL chooses the backplane; a Redis URL given as well (``redis_url``, or
+        ``backplane_url`` naming Redis) is the Redis beside it, for presence, ephemeral
+        messages and rate limits (``--database`` plus ``--redis``: the recommended cluster).
+
+        Raises:
+            ConfigurationError: another backplane is chosen too, or two Redis URLs disagree.
+        """
+        beside = self.redis_url
+        chosen = self.backplane_url
+        if chosen and chosen != database:
+            if redis_url_problem(chosen) is not None:
+                raise ConfigurationError(
+                    f"database_url ({redact_url_password(database)!r}) and backplane_url "
+                    f"({redact_url_password(chosen)!r}) both choose the backplane: set one of "
+                    "them (a Redis URL beside the database goes in redis_url, --redis)"
+                )
+            if beside and beside != chosen:
+                raise ConfigurationError(
+                    f"backplane_url ({redact_url_password(chosen)!r}) and redis_url "
+                    f"({redact_url_password(beside)!r}) name two Redis servers beside the "
+                    "database: set one of them"
+                )
+            beside = chosen
+        object.__setattr__(self, "backplane_url", database)
+        object.__setattr__(self, "redis_url", beside)
+
     def __attrs_post_init__(self) -> None:
         """The checks that relate several settings (each field checked its own already).
 
         Raises:
             ConfigurationError: naming the settings.
         """
-        if self.redis_url:
+        database = self.database_url
+        if not database and self.backplane_url and not database_url_problem(self.backplane_url):
+            database = self.backplane_url  # --backplane postgresql://… is --database too
+        if database:
+            self._beside_database(database)
+        elif self.redis_url:
             if self.backplane_url is None:
                 object.__setattr__(self, "backplane_url", self.redis_url)
             elif self.backplane_url != self.redis_url:
@@ -532,16 +566,6 @@ class Config:
                     f"backplane_url ({redact_url_password(self.backplane_url)!r}) and redis_url, "
                     f"its older name ({redact_url_password(self.redis_url)!r}), disagree: set "
                     "one of them"
-                )
-        if self.database_url:
-            if self.backplane_url is None:
-                object.__setattr__(self, "backplane_url", self.database_url)
-            elif self.backplane_url != self.database_url:
-                raise ConfigurationError(
-                    f"database_url ({redact_url_password(self.database_url)!r}) and "
-                    f"backplane_url ({redact_url_password(self.backplane_url)!r}) both choose the "
-                    "backplane: set one of them (PostgreSQL alone serves a cluster for now; Redis "
-                    "beside it comes later)"
                 )
         if self.snapshot_every >= self.history_limit:
             # A snapshot must land inside the kept log, or a project cannot be rebuilt.
@@ -861,6 +885,9 @@ def _backplane_alias(values: dict[str, tuple[Any, Source]]) -> None:
     (``--backplane`` over ``REDIS_URL``), and from one place the newer name wins
     (``CREALIA_BACKPLANE`` over ``REDIS_URL``); the loser is dropped."""
     if "backplane_url" in values and "redis_url" in values:
+        chosen = values["backplane_url"][0]
+        if isinstance(chosen, str) and not database_url_problem(chosen):
+            return  # PostgreSQL chosen, and a Redis beside it: two settings
         new, old = values["backplane_url"][1], values["redis_url"][1]
         if _RANK[new.kind] >= _RANK[old.kind]:
             del values["redis_url"]

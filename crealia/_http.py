@@ -189,9 +189,14 @@ def create_app(hub: Hub, monitor: Monitor, security: SecurityMonitor) -> ASGIApp
         ok = hub.accepting and all(r.ok for r in results.values())
         if not hub.accepting:
             checks["server"] = "shutting down"
-        return _json(
-            {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
-        )
+        # What may fail without stopping writes: shown, but the server stays ready.
+        degraded = {name: detail for name, detail in hub.backplane.degraded().items() if detail}
+        for name, detail in hub.backplane.degraded().items():
+            checks.setdefault(name, "ok" if detail is None else f"degraded: {detail}")
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if degraded:
+            body["degraded"] = degraded
+        return _json(body, 200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -301,8 +301,10 @@ def _paths() -> dict[str, Any]:
             "flight). Ready means a write can commit and be checkpointed: `storage` commits a "
             "row to each SQLite database and checkpoints its WAL; in a cluster `redis` writes "
             "a key and checks Redis is not behind the projects open here; `event_loop` checks "
-            "the loop's lag is under `max_loop_lag`. While the server shuts down `server` is "
-            "`shutting down`.",
+            "the loop's lag is under `max_loop_lag`; with PostgreSQL, `postgresql` commits a "
+            "row and checks its listener. While the server shuts down `server` is `shutting "
+            "down`. Redis beside PostgreSQL is not required to be ready: while it is away "
+            "`checks.redis` and `degraded.redis` say what is per process, with 200.",
             {**_responses(_json(_ref("Readiness"), "Every check passes.")),
              "503": {"description": "A check fails or the server is shutting down (JSON); or "
                                     "the connection is over a connection cap (plain text).",
@@ -665,13 +667,20 @@ def _schemas() -> dict[str, Schema]:
             "outcome": {"enum": ["not_applied", "unknown"],
                         "description": "`overloaded`: whether anything was applied."},
         }, ["code", "message"])}),
-        "Readiness": _all({
+        "Readiness": _obj({
             "status": {"enum": ["ok", "unavailable"]},
             "checks": {"type": "object", "additionalProperties": _STRING,
                        "description": "`ok` or `failing: <why>` by check (`storage`, `redis` "
-                                      "in a cluster, `event_loop`; `server` while shutting "
-                                      "down)."},
-        }),
+                                      "in a cluster, `postgresql`, `event_loop`; `server` while "
+                                      "shutting down); `ok` or `degraded: <what>` for what may "
+                                      "fail without stopping writes (`redis` beside "
+                                      "PostgreSQL)."},
+            "degraded": {"type": "object", "additionalProperties": _STRING,
+                         "description": "Present while something is degraded but writes go on "
+                                        "(the server stays ready): what is lost meanwhile, by "
+                                        "name (`redis` beside PostgreSQL: presence, cursors and "
+                                        "rate limits per process)."},
+        }, ("status", "checks")),
         "Op": {
             "description": "A document operation (docs/protocol.md §5).",
             "oneOf": [_ref("InsertOp"), _ref("SetOp"), _ref("DeleteOp")],

@@ -506,5 +506,16 @@ def test_config_database_url_selects_the_postgresql_backplane() -> None:
         "postgresql://[user[:password]@]host[:port]/database URL"
     )
     with pytest.raises(ConfigurationError, match=r"both choose the backplane: set one of them"):
-        Config(database_url=url, redis_url="redis://r:6379/0")
+        Config(database_url=url, backplane_url="sqlite:")
+    # A Redis URL beside the database is the Redis beside it, however it is given.
+    beside = Config(database_url=url, redis_url="redis://r:6379/0")
+    assert (beside.backplane_url, beside.redis_url) == (url, "redis://r:6379/0")
+    for env in ({"DATABASE_URL": url, "REDIS_URL": "redis://r:6379/0"},
+                {"CREALIA_BACKPLANE": url, "REDIS_URL": "redis://r:6379/0"}):  # fmt: skip
+        beside = Config.from_env(env)
+        assert (beside.backplane_url, beside.redis_url) == (url, "redis://r:6379/0"), env
+    beside = Config(database_url=url, backplane_url="redis://r:6379/0")
+    assert (beside.backplane_url, beside.redis_url) == (url, "redis://r:6379/0")
+    with pytest.raises(ConfigurationError, match=r"two Redis servers beside the database"):
+        Config(database_url=url, backplane_url="redis://r:6379/0", redis_url="redis://s:6379/0")
     assert "secret" not in repr(Config(database_url=url))

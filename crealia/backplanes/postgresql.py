@@ -25,8 +25,26 @@ listener thread; a notice only says "read the table from your seq": the events t
 read by ``seq``, so a missed notice costs nothing but delay. A poller compares every open
 project's ``seq`` with the mirror's every :attr:`PostgreSQLBackplane.poll_interval` seconds, and
 every mirror catches up when the listener reconnects, so delivery is bounded with the listener
-down. Ephemeral traffic stays in this process (:attr:`~PostgreSQLBackplane.shares_presence` is
-false): a later step puts Redis beside PostgreSQL for presence, cursors and rate limits.
+down.
+
+**Redis beside it** (``--database`` plus ``--redis``, the recommended cluster): an optional
+:class:`~crealia.backplanes._redisbus.RedisBus`, the Redis backplane's own presence, ephemeral
+pub/sub and rate-limit code, carries what may be lost. Then
+:attr:`~PostgreSQLBackplane.shares_presence` and :attr:`~PostgreSQLBackplane.shares_rate_limits`
+are true: presence with its TTL, cursors, typing and membership announcements, and GCRA state
+are in Redis for every process. Without it they stay in each process.
+
+Committed events keep ``LISTEN/NOTIFY`` as their path between processes even with Redis beside
+it, rather than a Redis publish with the database as catch-up: the notice is sent by the very
+transaction that commits the event (no window between commit and publish in which a crash loses
+the notice), it needs no second connection to stay up for edits to flow, and there is a single
+path to reason about (a second one would need de-duplication and would still need the database
+to catch up). So a Redis outage costs nothing on the durable side: edits commit, are
+acknowledged and reach every process with the same delay as without Redis. What it costs while
+it lasts is the ephemeral side: presence and cursors are per process (other processes' members
+leave the lists and come back at the first heartbeat after Redis does), rate limits count per
+process, and :meth:`~PostgreSQLBackplane.degraded` says so for ``/readyz``, which stays ready:
+the server still takes writes.
 
 **Epoch**: each project's row holds its epoch, drawn when the row is created (so a fresh
 database names every history anew) and to be replaced by any rewrite.
@@ -47,13 +65,13 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import _wire
 from .._backplane import Backplane, HealthProbe, History, Listener
 from .._config import Config, redact_url_password
 from .._document import Document, Quotas
-from .._errors import NotFound, Overloaded, ProtocolError, TransportError
+from .._errors import ConfigurationError, NotFound, Overloaded, ProtocolError, TransportError
 from .._jobs import JobFailures
 from .._metrics import job_metrics
 from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolution, Settled, User
@@ -70,6 +88,7 @@ from .._sequencing import (
 )
 from . import _pg, _pg_ops
 from ._pg_ops import PgOps
+from ._redisbus import EPHEMERAL_PATTERN, RedisBus, RedisThreads, listen, project_of
 
 log = logging.getLogger("crealia.postgresql")
 
@@ -326,6 +345,14 @@ class PostgreSQLBackplane(Backplane):
         """The operations data in this database (:mod:`._pg_ops`): every process on it
         answers every operator query alike."""
         return self.ops
+
+    #: Redis beside PostgreSQL for presence, ephemeral messages and rate limits, or None.
+    bus: RedisBus | None = None
+    #: Whether the bus's pub/sub listener is subscribed (always False without a bus).
+    bus_connected: bool = False
+    _bus_event: trio.Event = attrs.Factory(trio.Event)
+    #: Why Redis last failed a presence call, until one works again.
+    _bus_error: str | None = None
 
     # -- mirrors ------------------------------------------------------------------------------
 
@@ -823,12 +850,133 @@ class PostgreSQLBackplane(Backplane):
         return self._subscription(project_id, listener)
 
     async def publish(self, message: Ephemeral) -> None:
-        # This process only (shares_presence is False): Redis carries it in a later step.
+        # Delivered here at once; to the other processes through Redis when it is beside
+        # PostgreSQL (batched by the bus's publisher, dropped while Redis is away).
         mirror = self._mirrors.get(message.project_id)
         if mirror is not None:
             for listener in list(mirror.listeners):
                 listener.on_ephemeral(message)
+        if self.bus is not None and self.bus_connected:
+            self.bus.enqueue(message)  # (dropped while Redis is away, as ephemeral traffic may be)
         await trio.lowlevel.checkpoint()
+
+    # -- Redis beside it: presence, ephemeral messages, rate limits ---------------------------
+
+    @property
+    def shares_presence(self) -> bool:
+        """True with Redis beside PostgreSQL: presence and ephemeral messages cross
+        processes."""
+        return self.bus is not None
+
+    @property
+    def shares_rate_limits(self) -> bool:
+        """True with Redis beside PostgreSQL: rate limits are counted in Redis, on its clock."""
+        return self.bus is not None
+
+    async def share_presence(
+        self, project_id: str, members: list[dict[str, Any]], *, ttl: float
+    ) -> None:
+        """Share this process's members through Redis. With Redis away this does nothing and
+        raises nothing (unlike the contract's ``Overloaded``: the room would otherwise keep a
+        remote list nobody refreshes): skipped while the listener is reconnecting, counted as a
+        ``redis_presence`` failure when a call fails. Presence is per process until Redis is
+        back; the next heartbeat after it shares again."""
+        if self.bus is None or not self.bus_connected:
+            # Without a subscribed listener Redis is away: no call that would wait for its
+            # timeouts (an unreachable host) on every heartbeat of every room.
+            return
+        try:
+            await self.bus.share_presence(project_id, members, ttl=ttl)
+        except Overloaded as exc:
+            self._bus_failed(exc)
+            return
+        self._bus_worked()
+
+    async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
+        """The other processes' members, from Redis; ``[]`` while Redis is away (presence
+        degrades to this process's members, rather than keeping a list nobody refreshes)."""
+        if self.bus is None or not self.bus_connected:
+            return []
+        try:
+            members = await self.bus.remote_presence(project_id)
+        except Overloaded as exc:
+            self._bus_failed(exc)
+            return []
+        self._bus_worked()
+        return members
+
+    async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float] | None:
+        """GCRA in Redis for the cluster; ``None`` without Redis (one process's limits).
+
+        Raises:
+            Overloaded: Redis is away (the limiter counts in this process meanwhile).
+        """
+        if self.bus is None:
+            return None
+        if not self.bus_connected:
+            raise Overloaded("redis unavailable (pub/sub is reconnecting), nothing was applied")
+        return await self.bus.sync_rate_limits(updates)
+
+    def _bus_failed(self, exc: Overloaded) -> None:
+        self._bus_error = str(exc.__cause__ or exc)
+        self.jobs.failed("redis_presence", exc)
+
+    def _bus_worked(self) -> None:
+        if self._bus_error is not None:
+            self._bus_error = None
+            self.jobs.succeeded("redis_presence")
+
+    def _on_bus_messages(self, batch: list[dict[str, Any]]) -> None:
+        """On the Trio thread: ephemeral messages other processes published."""
+        assert self.bus is not None
+        for message in batch:
+            # A bad message (another version's, a stray PUBLISH) or a listener's bug must not
+            # end the listener.
+            with self.jobs.guard("redis_listener"):
+                project_id, _kind = project_of(bytes(message["channel"]).decode())
+                mirror = self._mirrors.get(project_id)
+                if mirror is None:
+                    continue
+                ephemeral = self.bus.ephemeral_of(project_id, bytes(message["data"]))
+                if ephemeral is None:
+                    continue  # our own, delivered here already
+                for listener in list(mirror.listeners):
+                    listener.on_ephemeral(ephemeral)
+
+    def _on_bus_state(self, up: bool, exc: BaseException | None) -> None:
+        """On the Trio thread: the bus's listener subscribed, or lost Redis."""
+        if up:
+            self.bus_connected = True
+            self._bus_error = None
+            self._bus_event.set()
+            self.jobs.succeeded("redis_listener")
+        else:
+            self.bus_connected = False
+            self._bus_event = trio.Event()
+            self.jobs.failed("redis_listener", exc or RuntimeError("connection lost"))
+
+    async def wait_bus_connected(self) -> None:
+        """Wait until the Redis listener is subscribed (at start, or after losing Redis).
+
+        Raises:
+            RuntimeError: there is no Redis beside this backplane.
+        """
+        if self.bus is None:
+            raise RuntimeError("this PostgreSQL backplane has no Redis beside it")
+        while not self.bus_connected:
+            await self._bus_event.wait()
+
+    def _listen_bus(self, stop: list[bool], token: trio.lowlevel.TrioToken) -> None:
+        """The bus's listener thread: every project's ephemeral channel."""
+        assert self.bus is not None
+
+        def on_messages(batch: list[dict[str, Any]]) -> None:
+            trio.from_thread.run_sync(self._on_bus_messages, batch, trio_token=token)
+
+        def on_state(up: bool, exc: BaseException | None) -> None:
+            trio.from_thread.run_sync(self._on_bus_state, up, exc, trio_token=token)
+
+        listen(self.bus.redis.client, (EPHEMERAL_PATTERN,), stop, on_messages, on_state)
 
     def release(self, project_id: str) -> None:
         """Forget the project's mirror if no room listens to it (it reloads on demand)."""
@@ -988,8 +1136,22 @@ class PostgreSQLBackplane(Backplane):
             raise TransportError("postgresql LISTEN connection is reconnecting")
 
     def health_checks(self) -> Mapping[str, HealthProbe]:
-        """``postgresql``: a real commit, no open project behind, the listener up."""
+        """``postgresql``: a real commit, no open project behind, the listener up. Redis beside
+        it is not a health check (an outage does not stop writes): see :meth:`degraded`."""
         return {"postgresql": self.check}
+
+    def degraded(self) -> Mapping[str, str | None]:
+        """``redis`` (with Redis beside PostgreSQL): ``None`` while it carries presence,
+        ephemeral messages and rate limits; else what is per process until it is back."""
+        if self.bus is None:
+            return {}
+        if self.bus_connected and self._bus_error is None:
+            return {"redis": None}
+        why = self._bus_error or "pub/sub is reconnecting"
+        return {
+            "redis": f"redis unreachable ({why}): presence, cursors and rate limits are per "
+            "process; edits commit and reach every process through PostgreSQL"
+        }
 
     def metrics(self) -> Iterable[Metric]:
         """The writer's transactions and writes, notices heard, catch-ups, and the
@@ -1004,6 +1166,13 @@ class PostgreSQLBackplane(Backplane):
         yield CounterMetricFamily("crealia_postgresql_notices",
                                   "LISTEN/NOTIFY notices of commits heard.",
                                   value=self.notices)  # fmt: skip
+        if self.bus is not None:
+            yield GaugeMetricFamily(
+                "crealia_redis_up",
+                "1 while the Redis beside PostgreSQL carries presence, "
+                "ephemeral messages and rate limits.",
+                value=float(self.bus_connected and self._bus_error is None),
+            )
         yield from job_metrics(self.jobs)
 
 
@@ -1018,7 +1187,9 @@ def _record_from(change_id: str, row: tuple[Any, ...]) -> ChangeRecord:
 async def open_backplane(url: str, config: Config) -> AsyncIterator[PostgreSQLBackplane]:
     """The ``postgresql`` entry point (:class:`~crealia.abc.BackplaneFactory`): a backplane on
     the database ``url`` names, with the config's history limits and quotas, for the ``async
-    with`` block. The schema is migrated first when the database is empty or older.
+    with`` block. The schema is migrated first when the database is empty or older. With
+    ``config.redis_url`` set too (``--database`` plus ``--redis``), Redis beside it carries
+    presence, ephemeral messages and rate limits.
 
     Raises:
         ConfigurationError: ``url`` is not a PostgreSQL URL, or the database's schema is newer
@@ -1027,7 +1198,7 @@ async def open_backplane(url: str, config: Config) -> AsyncIterator[PostgreSQLBa
     """
     async with open_postgresql_backplane(
         url, history_limit=config.history_limit, snapshot_every=config.snapshot_every,
-        quotas=Quotas.of(config),
+        quotas=Quotas.of(config), redis_url=config.redis_url,
     ) as backplane:  # fmt: skip
         yield backplane
 
@@ -1052,9 +1223,16 @@ async def open_postgresql_backplane(
     snapshot_every: int = 500,
     quotas: Quotas | None = None,
     poll_interval: float = 1.0,
+    redis_url: str | None = None,
 ) -> AsyncIterator[PostgreSQLBackplane]:
     """A PostgreSQL backplane on ``url`` with its writer, listener and poller, for the
     ``async with`` block (schema migrated first when the database is empty or older).
+
+    With ``redis_url``, Redis beside it carries presence, ephemeral messages and rate limits
+    (a :class:`~crealia.backplanes._redisbus.RedisBus` with its publisher task and listener
+    thread in the backplane's nursery). A Redis that cannot be reached at start is not an
+    error: the backplane starts degraded (logged, and :meth:`~PostgreSQLBackplane.degraded`)
+    and shares presence once Redis answers.
 
     On exit (also when cancelled) the queued writes fail as ``overloaded`` once the writer is
     cancelled, the listener thread ends within its 0.1 s read timeout, and the connections
@@ -1065,6 +1243,14 @@ async def open_postgresql_backplane(
         TransportError: the database cannot be reached.
     """
     _pg.check_url(url)
+    threads = None
+    if redis_url:
+        try:
+            threads = RedisThreads(redis_url)
+        except ValueError as exc:  # redis-py's word for a URL it cannot use
+            raise ConfigurationError(
+                f"redis URL {redact_url_password(redis_url)!r}: {exc}"
+            ) from exc
     writer = _pg.PgConnection(url, name="crealia-write")
     reader = _pg.PgConnection(url, name="crealia-read")
     ops = PgOps(writer=_pg.PgConnection(url, name="crealia-ops-write"),
@@ -1084,6 +1270,8 @@ async def open_postgresql_backplane(
         )  # fmt: skip
         ops.node = backplane.node_id
         backplane.ops = ops
+        if threads is not None:
+            backplane.bus = RedisBus(threads, backplane.node_id)
         send, recv = trio.open_memory_channel[_Queued](QUEUE)
         stop = [False]
         token = trio.lowlevel.current_trio_token()
@@ -1097,15 +1285,34 @@ async def open_postgresql_backplane(
                     "pg_poll", backplane._poll, period=backplane.poll_interval
                 )
             )
+            if backplane.bus is not None:
+                bus = backplane.bus
+                nursery.start_soon(
+                    lambda: backplane.jobs.keep_running("redis_publisher", bus.publisher)
+                )
+                nursery.start_soon(
+                    lambda: trio.to_thread.run_sync(backplane._listen_bus, stop, token)
+                )
             try:
                 with trio.fail_after(10):
                     await backplane.wait_listening()
+                if backplane.bus is not None:
+                    # Not required: the backplane works without Redis, degraded.
+                    with trio.move_on_after(3) as waited:
+                        await backplane.wait_bus_connected()
+                    if waited.cancelled_caught:
+                        log.warning("redis %r beside postgresql cannot be reached yet: presence, "
+                                    "cursors and rate limits are per process until it can",
+                                    redact_url_password(redis_url or ""))  # fmt: skip
                 yield backplane
             finally:
                 stop[0] = True
                 send.close()
                 nursery.cancel_scope.cancel()
     finally:
+        if threads is not None:
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await trio.to_thread.run_sync(threads.close)
         with contextlib.suppress(Exception):
             await ops.close()
         with contextlib.suppress(Exception):

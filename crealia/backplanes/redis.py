@@ -24,7 +24,9 @@ and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §
 (``crealia:{p}:snap``) is written every ``snapshot_every`` events so a mirror can be rebuilt
 from the snapshot plus the stream. Notices (``crealia:{p}:events``) and ephemeral traffic
 (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices catches up from the
-stream, so no member misses a durable event.
+stream, so no member misses a durable event. Presence, ephemeral pub/sub and rate limits are
+:class:`~crealia.backplanes._redisbus.RedisBus`'s, the same code the PostgreSQL backplane uses
+with Redis beside it.
 
 redis-py has no Trio support: its synchronous client runs in worker threads behind
 :class:`_RedisThreads`, and pub/sub is read by one listener thread that hands messages to Trio
@@ -35,11 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import orjson
@@ -64,10 +65,12 @@ from .._sequencing import (
     value_at,
 )
 from .._storage import scrub_chain
+from ._redisbus import EPHEMERAL_PATTERN, RedisBus, RedisThreads, listen
+from ._redisbus import RATE_LIMIT_BATCH as RATE_LIMIT_BATCH  # re-exported: tests and users
+from ._redisbus import key as _key
+from ._redisbus import project_of as _project_of
 
 log = logging.getLogger("crealia.redis")
-
-T = TypeVar("T")
 
 #: Attempts at one write before giving up with ``overloaded`` (each failed attempt means another
 #: process wrote to the same project in between).
@@ -135,10 +138,6 @@ return 1
 """
 
 
-# GCRA for rate limits shared by the cluster (see ``crealia._ratelimit``): per name, the TAT in
-# epoch milliseconds on Redis's own clock, expiring once it has passed. ARGV holds a (cost,
-# emission interval) pair per key; the answer is each TAT's lead over Redis's now, as a string
-# (a Lua number would come back truncated to an integer).
 #: Set once every project's stored settings are free of AI endpoints and keys.
 SCRUBBED_KEY = "crealia:settings-scrubbed:1"
 
@@ -149,48 +148,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-_RATE_LIMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local out = {}
-for i = 1, #KEYS do
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < now then tat = now end
-  tat = tat + tonumber(ARGV[2 * i - 1]) * tonumber(ARGV[2 * i])
-  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1)
-  out[i] = string.format('%.3f', tat - now)
-end
-return out
-"""
-
-#: Rate-limit updates per script call: bounds how long one call holds Redis.
-RATE_LIMIT_BATCH = 500
-
-
-def _key(project_id: str, what: str) -> str:
-    return f"crealia:{{{project_id}}}:{what}"
-
-
-def _project_of(channel: str) -> tuple[str, str]:
-    inner = channel[len("crealia:{") :]
-    project_id, _, rest = inner.rpartition("}:")
-    return project_id, rest
-
-
-def _presence_share(raw: bytes) -> list[dict[str, Any]] | None:
-    """A node's presence entry (a list of members, each with a string ``user_id``), or None
-    when it is not one."""
-    try:
-        share = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(share, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("user_id"), str)
-        and isinstance(m.get("connections", 0), int) for m in share
-    ):  # fmt: skip
-        return None
-    return share
 
 
 def _event_dict(event: DurableEvent) -> dict[str, Any]:
@@ -234,34 +191,13 @@ def _duplicate(stored: bytes, user: User, change: _wire.TimelineChange) -> Chang
     return duplicate_of(record, user, change)
 
 
-class _RedisThreads:
-    """redis-py's synchronous client, run in worker threads; errors mapped at this boundary."""
+class _RedisThreads(RedisThreads):
+    """The bus's client, with the durable log's scripts."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=False
-        )
-        self.url = url
-        self._limiter = trio.CapacityLimiter(16)
+        super().__init__(url)
         self.commit_script = self.client.register_script(_COMMIT)
         self.snapshot_script = self.client.register_script(_SNAPSHOT)
-        self.rate_limit_script = self.client.register_script(_RATE_LIMIT)
-
-    async def run(self, fn: Callable[[redis.Redis], T]) -> T:
-        """Run ``fn(client)`` in a worker thread.
-
-        Cancellation waits for the command (bounded by the 2 s socket timeout).
-
-        Raises:
-            Overloaded: Redis is unreachable or failed the command.
-        """
-        try:
-            return await trio.to_thread.run_sync(fn, self.client, limiter=self._limiter)
-        except redis.RedisError as exc:
-            raise Overloaded(f"redis unavailable, nothing was applied: {exc}") from exc
-
-    def close(self) -> None:
-        self.client.close()
 
 
 @attrs.define(eq=False)
@@ -291,8 +227,11 @@ class RedisBackplane(Backplane):
     #: False while the pub/sub listener has lost Redis (for ``/readyz``).
     connected: bool = True
     _connected_event: trio.Event = attrs.Factory(trio.Event)
-    _outgoing: dict[tuple[Any, ...], Ephemeral] = attrs.Factory(dict)
-    _outgoing_ready: trio.Event = attrs.Factory(trio.Event)
+    #: Presence, ephemeral pub/sub and rate limits (shared with PostgreSQL plus Redis).
+    bus: RedisBus = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.bus = RedisBus(self.redis, self.node_id)
 
     # -- mirrors ------------------------------------------------------------------------------
 
@@ -786,40 +725,8 @@ class RedisBackplane(Backplane):
         if mirror is not None:
             for listener in list(mirror.listeners):
                 listener.on_ephemeral(message)
-        # Other processes get it from the publisher task, in batches: one thread hop and one
-        # pipeline per batch instead of per cursor move. A user's presence updates of one kind
-        # coalesce while they wait (the latest wins), like in a room's tick.
-        key = (
-            (message.project_id, *message.key) if message.key else (message.project_id, id(message))
-        )
-        if len(self._outgoing) < 10_000 or key in self._outgoing:
-            self._outgoing[key] = message
-            self._outgoing_ready.set()
+        self.bus.enqueue(message)  # for the other processes
         await trio.lowlevel.checkpoint()
-
-    async def _publisher(self) -> None:
-        while True:
-            await self._outgoing_ready.wait()
-            self._outgoing_ready = trio.Event()
-            batch, self._outgoing = list(self._outgoing.values()), {}
-            prefix = self.node_id.encode() + b"|"
-            items = [
-                (
-                    _key(m.project_id, "eph"),
-                    prefix + orjson.dumps({"frame": m.encoded.decode(), "origin": m.origin,
-                                           "key": list(m.key) if m.key else None}),
-                )
-                for m in batch
-            ]  # fmt: skip
-
-            def send(client: redis.Redis, items: list[tuple[str, bytes]] = items) -> Any:
-                pipe = client.pipeline(transaction=False)
-                for channel, data in items:
-                    pipe.publish(channel, data)
-                return pipe.execute()
-
-            with contextlib.suppress(Overloaded):  # ephemeral traffic may be dropped
-                await self.redis.run(send)
 
     @property
     def shares_presence(self) -> bool:
@@ -834,65 +741,13 @@ class RedisBackplane(Backplane):
     async def share_presence(
         self, project_id: str, members: list[dict[str, Any]], *, ttl: float
     ) -> None:
-        key = _key(project_id, "presence")
-        data = orjson.dumps(members)
-        alive = f"crealia:node:{self.node_id}"
-        seconds = max(1, round(ttl))
-
-        def write(client: redis.Redis) -> Any:
-            pipe = client.pipeline(transaction=False)
-            pipe.set(alive, b"1", ex=seconds)
-            if members:
-                pipe.hset(key, self.node_id, data)
-            else:
-                pipe.hdel(key, self.node_id)
-            return pipe.execute()
-
-        await self.redis.run(write)
+        await self.bus.share_presence(project_id, members, ttl=ttl)
 
     async def remote_presence(self, project_id: str) -> list[dict[str, Any]]:
-        key = _key(project_id, "presence")
-
-        def read(client: redis.Redis) -> Any:
-            shares: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
-            nodes = [n for n in shares if n != self.node_id.encode()]
-            if not nodes:
-                return []
-            alive = client.mget([b"crealia:node:" + n for n in nodes])
-            dead = [n for n, up in zip(nodes, alive, strict=True) if up is None]
-            if dead:
-                client.hdel(key, *dead)  # a process that stopped answering: forget its users
-            return [(n, shares[n]) for n, up in zip(nodes, alive, strict=True) if up]
-
-        members: list[dict[str, Any]] = []
-        for node, raw in await self.redis.run(read):
-            share = _presence_share(raw)
-            if share is None:
-                # Another version's or a broken node's entry: not this process's to fail on.
-                log.warning("project %s: ignored malformed presence of node %r", project_id,
-                            node.decode(errors="replace")[:64])  # fmt: skip
-                continue
-            members.extend(share)
-        return members
+        return await self.bus.remote_presence(project_id)
 
     async def sync_rate_limits(self, updates: list[tuple[str, int, float]]) -> list[float]:
-        script = self.redis.rate_limit_script
-        batches = [updates[i : i + RATE_LIMIT_BATCH]
-                   for i in range(0, len(updates), RATE_LIMIT_BATCH)]  # fmt: skip
-
-        def sync(client: redis.Redis) -> Any:
-            pipe = client.pipeline(transaction=False)
-            for batch in batches:
-                keys = [f"crealia:rl:{name}" for name, _cost, _interval in batch]
-                args: list[str | int] = []
-                for _name, cost, interval in batch:
-                    args += (cost, repr(interval))
-                script(keys=keys, args=args, client=pipe)
-            return pipe.execute()
-
-        if not updates:
-            return []
-        return [float(ahead) for answer in await self.redis.run(sync) for ahead in answer]
+        return await self.bus.sync_rate_limits(updates)
 
     def health_checks(self) -> Mapping[str, HealthProbe]:
         """``redis``: a real write, and no open project behind this process."""
@@ -954,17 +809,9 @@ class RedisBackplane(Backplane):
             return
         raw: bytes = message["data"]
         if kind == "eph":
-            node, _, body = raw.partition(b"|")
-            if node == own:
+            ephemeral = self.bus.ephemeral_of(project_id, raw)
+            if ephemeral is None:
                 return  # our own, delivered locally already
-            data = orjson.loads(body)
-            key = data.get("key")
-            ephemeral = Ephemeral(
-                project_id=project_id,
-                encoded=data["frame"].encode(),
-                origin=data.get("origin"),
-                key=tuple(key) if key else None,  # type: ignore[arg-type]
-            )
             for listener in list(mirror.listeners):
                 listener.on_ephemeral(ephemeral)
             return
@@ -1024,41 +871,16 @@ class RedisBackplane(Backplane):
 
     def _listen(self, stop: list[bool], token: trio.lowlevel.TrioToken) -> None:
         """The listener thread: read pub/sub until ``stop[0]``, reconnecting with backoff."""
-        backoff = 0.1
-        pubsub = None
-        while not stop[0]:
-            try:
-                if pubsub is None:
-                    pubsub = self.redis.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                    pubsub.psubscribe("crealia:*:events", "crealia:*:eph")
-                    trio.from_thread.run_sync(self._reconnected, trio_token=token)
-                    backoff = 0.1
-                # A short timeout so that ``stop`` is noticed quickly (closing the socket would
-                # not stop it: redis-py reconnects).
-                message = pubsub.get_message(timeout=0.1)
-                batch: list[dict[str, Any]] = []
-                while message is not None and len(batch) < 512:
-                    if message.get("type") in ("message", "pmessage"):
-                        batch.append(message)
-                    message = pubsub.get_message(timeout=0)
-                if batch:
-                    trio.from_thread.run_sync(self._deliver, batch, trio_token=token)
-            except trio.RunFinishedError:
-                return
-            except Exception as exc:  # RedisError, or anything else: reconnect, never die
-                log.warning("redis pub/sub lost (%s); reconnecting in %.1f s", exc, backoff)
-                if pubsub is not None:
-                    with suppress(redis.RedisError):
-                        pubsub.close()
-                pubsub = None
-                try:
-                    trio.from_thread.run_sync(self._disconnected, trio_token=token)
-                except trio.RunFinishedError:
-                    return
-                time.sleep(backoff)  # in the listener thread, not the event loop
-                backoff = min(backoff * 2, 2.0)
-        if pubsub is not None:
-            pubsub.close()
+
+        def on_messages(batch: list[dict[str, Any]]) -> None:
+            trio.from_thread.run_sync(self._deliver, batch, trio_token=token)
+
+        def on_state(up: bool, _exc: BaseException | None) -> None:
+            callback = self._reconnected if up else self._disconnected
+            trio.from_thread.run_sync(callback, trio_token=token)
+
+        listen(self.redis.client, ("crealia:*:events", EPHEMERAL_PATTERN), stop, on_messages,
+               on_state)  # fmt: skip
 
 
 @asynccontextmanager
@@ -1112,7 +934,7 @@ async def open_redis_backplane(
         token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             backplane._nursery = nursery
-            nursery.start_soon(backplane._publisher)
+            nursery.start_soon(backplane.bus.publisher)
             nursery.start_soon(lambda: trio.to_thread.run_sync(backplane._listen, stop, token))
             try:
                 yield backplane

@@ -3,7 +3,6 @@ the rest of the chain, and every member's document ends equal to the server's sn
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import httpx
@@ -15,49 +14,27 @@ from crealia.strategies.merge import split_conflict
 from crealia.testing import make_conflict
 
 from .conftest import Clients
+from .faults._scenario import Replica
 from .test_protocol import insert, set_op
 
 
-class Replica:
-    """A member's document, built from its welcome snapshot and every durable event after it,
-    the way a client keeps one (docs/protocol.md §5)."""
+def replica_of(welcome: dict[str, Any]) -> Replica:
+    """A member's document from its welcome snapshot (then every durable event it applies,
+    the way a client keeps one: docs/protocol.md §5)."""
+    replica = Replica()
+    replica.load(welcome["snapshot"])
+    return replica
 
-    def __init__(self, welcome: dict[str, Any]) -> None:
-        snapshot = welcome["snapshot"]
-        self.seq: int = snapshot["seq"]
-        self.elements = copy.deepcopy(snapshot["elements"])
 
-    def apply(self, envelope: dict[str, Any]) -> None:
-        kind, data = envelope.get("type"), envelope.get("data") or {}
-        if kind == "collaboration_event" and data.get("kind") == "timeline_change":
-            self.seq = data["seq"]
-            for op in data["payload"]["changes"]:
-                if op["op"] == "insert":
-                    self.elements[op["element_id"]] = {"type": op["element_type"],
-                                                       "props": dict(op["props"])}  # fmt: skip
-                elif op["op"] == "set":
-                    self.elements[op["element_id"]]["props"][op["prop"]] = op["value"]
-                else:
-                    self.elements.pop(op["element_id"], None)
-        elif kind == "conflict_resolved":
-            self.seq = data["seq"]
-            value = data["resolution"]["value"]
-            if data["prop"] is not None:
-                self.elements[data["element_id"]]["props"][data["prop"]] = value
-            elif value is None:
-                self.elements.pop(data["element_id"], None)
-            else:
-                self.elements[data["element_id"]]["props"] = dict(value)
-
-    async def catch_up(self, client: Any, conflict_id: str) -> dict[str, Any]:
-        """Apply what ``client`` received, in order, up to the conflict's resolution (its
-        push's data)."""
-        while True:
-            envelope = await client.next()
-            self.apply(envelope)
-            data = envelope.get("data") or {}
-            if envelope.get("type") == "conflict_resolved" and data["conflict_id"] == conflict_id:
-                return dict(data)
+async def catch_up(replica: Replica, client: Any, conflict_id: str) -> dict[str, Any]:
+    """Apply what ``client`` received, in order, up to the conflict's resolution (its push's
+    data)."""
+    while True:
+        envelope = await client.next()
+        replica.apply(envelope)
+        data = envelope.get("data") or {}
+        if envelope.get("type") == "conflict_resolved" and data["conflict_id"] == conflict_id:
+            return dict(data)
 
 
 async def settle_in_parts(
@@ -68,13 +45,13 @@ async def settle_in_parts(
     resolution push's data, both members' replicas caught up with it, and both clients."""
     a = await clients.join("alice")
     b = await clients.join("bob", role=b_role)
-    replicas = [Replica(a.welcome), Replica(b.welcome)]
+    replicas = [replica_of(a.welcome), replica_of(b.welcome)]
     await a.request("timeline_change", insert("c1", "clip", prop=base))
     await a.request("timeline_change", set_op("c2", "clip", "prop", current, 1))
     ack = await b.request("timeline_change", set_op("c3", "clip", "prop", incoming, 1))
     assert ack["type"] == "ack" and ack["data"]["status"] == "conflict", ack
     (conflict_id,) = ack["data"]["conflicts"]
-    pushed = [await replica.catch_up(client, conflict_id)
+    pushed = [await catch_up(replica, client, conflict_id)
               for replica, client in zip(replicas, (a, b), strict=True)]  # fmt: skip
     assert pushed[0] == pushed[1]
     return pushed[0], replicas, [a, b]

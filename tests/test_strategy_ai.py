@@ -1187,7 +1187,8 @@ for name in ("crealia.sqlite3", "ops.sqlite3"):
                        resource="project:p1", details=chain, timestamp=int(time.time() * 1000),
                        ip_address="127.0.0.1", user_agent="old", severity="medium",
                        risk_score=20)
-    conn.execute(*_row(event))
+    conn.execute("INSERT INTO audit_events (id, at, project_id, user_id, action, severity, "
+                 "risk, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", _row(event))
 os._exit(0)
 """
 

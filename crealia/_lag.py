@@ -12,7 +12,10 @@ was tolerated for tens of seconds. Two measures of the client's progress see it 
   acknowledges nothing. Behind a reverse proxy this measures the proxy, which reads for it.
 - **ping round trips.** A WebSocket ping is queued behind everything sent before it, so its
   pong says the client has read all of that (:meth:`~crealia._transport.Connection.
-  start_ping`). That is end to end, also through a proxy.
+  start_ping`). That is end to end, also through a proxy, but a pong also waits for the
+  session's reader, which does not read while it handles a message (an edit waiting for a
+  slow store): a late pong may be the server's delay. So a ping is used only where TCP cannot
+  tell.
 
 The hub's watch (:meth:`crealia._session.Hub.watch_lag`) samples every session with traffic
 every quarter of ``client_lag_timeout`` and closes one that is behind by more than that with

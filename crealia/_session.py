@@ -217,8 +217,6 @@ class Session:
     _ping: tuple[float, trio.Event] | None = None
     #: ``bytes_sent`` when the last ping was written, and at the last sample.
     _pinged: int = 0
-    #: When the last lag ping was written (trio time).
-    _pinged_at: float = -math.inf
     _sampled: int = -1
 
     def strike(self) -> None:
@@ -294,9 +292,8 @@ class Session:
         The client is behind by the age of the oldest byte its TCP has not acknowledged
         (:meth:`~crealia._transport.Connection.tcp_progress`) or of its unanswered ping
         (:meth:`~crealia._transport.Connection.start_ping`, written when something was sent
-        since the last one, and TCP cannot tell, or says the client is falling behind, or a
-        timeout has passed since the last ping), whichever is more, counted only while data
-        waits for it. An idle session that was caught up costs nothing.
+        since the last one, only where TCP cannot tell), counted only while data waits for
+        it. An idle session that was caught up costs nothing.
         """
         sent = self.bytes_sent
         moved = sent != self._sampled
@@ -323,17 +320,13 @@ class Session:
                        or (self.unacked or 0) > SLACK_BYTES)  # fmt: skip
             if waiting:
                 lag = max(lag, now - ping[0])
-        elif self._pinged_at == -math.inf:
-            self._pinged_at = now  # the first sample: a timeout from now, the first ping
-        elif sent != self._pinged and (
-            progress is None or lag > timeout / 2 or now - self._pinged_at >= timeout
-        ):
-            # A ping when TCP cannot tell, when it says the client is falling behind, and
-            # otherwise once a timeout (behind a proxy, TCP measures the proxy): pings cost
-            # the client a pong each, and a client closing meanwhile has to cope with one.
+        elif progress is None and sent != self._pinged:
+            # Only where TCP cannot tell: a pong also waits for this session's reader, which
+            # does not read while a message is being handled (an edit waiting for a slow
+            # store), so a late pong may be ours, not the client's.
             pong = conn.start_ping()
             if pong is not None:
-                self._ping, self._pinged, self._pinged_at = (now, pong), sent, now
+                self._ping, self._pinged = (now, pong), sent
         self.lag = lag
         if lag > timeout:
             return (f"slow consumer: {lag:.1f} s behind (over {timeout:g} s), reconnect "

@@ -84,6 +84,26 @@ def duplicate_of(first: ChangeRecord, user: User, change: _wire.TimelineChange) 
     return attrs.evolve(first.outcome, status="duplicate", detected=[])
 
 
+def dry_run_of(
+    doc: Document, history: Sequence[DurableEvent], user: User, change: _wire.TimelineChange
+) -> dict[str, Any]:
+    """What ``change`` would do to ``doc`` (with its kept ``history``), changing nothing: the
+    answer of :meth:`crealia.abc.Backplane.dry_run` (every built-in backplane's).
+
+    Raises:
+        BadRequest, NotFound: the change contradicts the document.
+    """
+    plan = doc.plan(user.id, change.change_id, change.changes, value_at(history))
+    return {
+        "applies": plan.applied,
+        "conflicts": [
+            {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
+             "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
+            for s in plan.conflicts
+        ],
+    }  # fmt: skip
+
+
 def value_at(history: Sequence[DurableEvent]) -> ValueAt:
     """Look up the value a property had at a seq, from kept history (newest first search).
 
@@ -733,15 +753,7 @@ class Sequencer:
         Raises:
             BadRequest, NotFound: the change contradicts the document.
         """
-        plan = self._doc.plan(user.id, change.change_id, change.changes, value_at(self._history))
-        return {
-            "applies": plan.applied,
-            "conflicts": [
-                {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
-                 "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
-                for s in plan.conflicts
-            ],
-        }  # fmt: skip
+        return dry_run_of(self._doc, self._history, user, change)
 
     def events_since(self, seq: int) -> list[DurableEvent] | None:
         """The kept events after ``seq`` (:meth:`crealia.abc.Backplane.events_since`): ``[]``

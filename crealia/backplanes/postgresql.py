@@ -68,7 +68,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import _wire
-from .._backplane import Backplane, HealthProbe, History, Listener
+from .._backplane import Backplane, HealthProbe, History
 from .._config import Config, redact_url_password
 from .._document import Document, Quotas
 from .._errors import ConfigurationError, NotFound, Overloaded, ProtocolError, TransportError
@@ -78,6 +78,7 @@ from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolutio
 from .._sequencing import (
     ChangeRecord,
     PendingLoad,
+    dry_run_of,
     duplicate_of,
     now_ms,
     prepare_change,
@@ -87,6 +88,7 @@ from .._sequencing import (
     value_at,
 )
 from . import _pg, _pg_ops
+from ._mirrors import Mirror, MirrorSubscriptions
 from ._pg_ops import PgOps
 from ._redisbus import EPHEMERAL_PATTERN, RedisBus, RedisThreads, listen, project_of
 
@@ -297,21 +299,13 @@ class _Undo(Exception):
 
 
 @attrs.define(eq=False)
-class _Mirror:
-    doc: Document
-    history: History
-    roles: dict[str, str]
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    listeners: set[Listener] = attrs.Factory(set)
-    catching_up: bool = False
-    #: The highest seq a notice (or the poller) announced; a catch-up runs until it is in.
-    wanted: int = 0
+class _Mirror(Mirror):
     #: Conflicts other processes announced, to read and tell the listeners.
     announced: list[str] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
-class PostgreSQLBackplane(Backplane):
+class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     """The PostgreSQL backplane. Open it with :func:`open_postgresql_backplane`."""
 
     url: str
@@ -784,15 +778,7 @@ class PostgreSQLBackplane(Backplane):
 
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
         mirror = await self._fresh(user.project_id, keep=False)
-        plan = mirror.doc.plan(user.id, change.change_id, change.changes, value_at(mirror.history))
-        return {
-            "applies": plan.applied,
-            "conflicts": [
-                {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
-                 "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
-                for s in plan.conflicts
-            ],
-        }  # fmt: skip
+        return dry_run_of(mirror.doc, mirror.history, user, change)
 
     async def snapshot(self, project_id: str) -> dict[str, Any]:
         return (await self._fresh(project_id, keep=False)).doc.snapshot()
@@ -830,32 +816,10 @@ class PostgreSQLBackplane(Backplane):
 
     # -- fan-out ------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
-        mirror = await self._fresh(project_id)
-        # The mirror may have been dropped (its last room closed) while this one was loading.
-        mirror = self._mirrors.setdefault(project_id, mirror)
-        mirror.listeners.add(listener)
-        try:
-            yield
-        finally:
-            current = self._mirrors.get(project_id)
-            if current is not None:
-                current.listeners.discard(listener)
-                if not current.listeners:
-                    del self._mirrors[project_id]
-                    self._loading.pop(project_id, None)
-
-    def subscribe(self, project_id: str, listener: Listener) -> Any:
-        return self._subscription(project_id, listener)
-
     async def publish(self, message: Ephemeral) -> None:
         # Delivered here at once; to the other processes through Redis when it is beside
         # PostgreSQL (batched by the bus's publisher, dropped while Redis is away).
-        mirror = self._mirrors.get(message.project_id)
-        if mirror is not None:
-            for listener in list(mirror.listeners):
-                listener.on_ephemeral(message)
+        self._deliver_here(message)
         if self.bus is not None and self.bus_connected:
             self.bus.enqueue(message)  # (dropped while Redis is away, as ephemeral traffic may be)
         await trio.lowlevel.checkpoint()

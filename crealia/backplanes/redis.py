@@ -48,7 +48,7 @@ import redis
 import trio
 
 from .. import _wire
-from .._backplane import Backplane, HealthProbe, History, Listener
+from .._backplane import Backplane, HealthProbe, History
 from .._config import Config
 from .._document import Document, Quotas
 from .._errors import ConfigurationError, NotFound, Overloaded, ProtocolError, TransportError
@@ -56,6 +56,7 @@ from .._model import ChangeOutcome, Conflict, DurableEvent, Ephemeral, Resolutio
 from .._sequencing import (
     ChangeRecord,
     PendingLoad,
+    dry_run_of,
     duplicate_of,
     now_ms,
     prepare_change,
@@ -65,6 +66,7 @@ from .._sequencing import (
     value_at,
 )
 from .._storage import scrub_chain
+from ._mirrors import Mirror, MirrorSubscriptions
 from ._redisbus import EPHEMERAL_PATTERN, RedisBus, RedisThreads, listen
 from ._redisbus import RATE_LIMIT_BATCH as RATE_LIMIT_BATCH  # re-exported: tests and users
 from ._redisbus import key as _key
@@ -201,19 +203,7 @@ class _RedisThreads(RedisThreads):
 
 
 @attrs.define(eq=False)
-class _Mirror:
-    doc: Document
-    history: History
-    roles: dict[str, str]
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    listeners: set[Listener] = attrs.Factory(set)
-    catching_up: bool = False
-    #: The highest seq a notice announced; a catch-up runs until the mirror reaches it.
-    wanted: int = 0
-
-
-@attrs.define(eq=False)
-class RedisBackplane(Backplane):
+class RedisBackplane(MirrorSubscriptions, Backplane):
     """The cluster backplane. Open it with :func:`open_redis_backplane`."""
 
     redis: _RedisThreads
@@ -221,7 +211,7 @@ class RedisBackplane(Backplane):
     snapshot_every: int = 500
     quotas: Quotas = attrs.Factory(Quotas)
     node_id: str = attrs.Factory(lambda: uuid.uuid4().hex[:12])
-    _mirrors: dict[str, _Mirror] = attrs.Factory(dict)
+    _mirrors: dict[str, Mirror] = attrs.Factory(dict)
     _loading: dict[str, trio.Lock] = attrs.Factory(dict)
     _nursery: trio.Nursery | None = None
     #: False while the pub/sub listener has lost Redis (for ``/readyz``).
@@ -235,7 +225,7 @@ class RedisBackplane(Backplane):
 
     # -- mirrors ------------------------------------------------------------------------------
 
-    async def _mirror(self, project_id: str) -> _Mirror:
+    async def _mirror(self, project_id: str) -> Mirror:
         mirror = self._mirrors.get(project_id)
         if mirror is not None:
             return mirror
@@ -247,7 +237,7 @@ class RedisBackplane(Backplane):
                 self._mirrors[project_id] = mirror
             return mirror
 
-    async def _load(self, project_id: str) -> _Mirror:
+    async def _load(self, project_id: str) -> Mirror:
         def load(client: redis.Redis) -> tuple[Any, Any, Any]:
             pipe = client.pipeline(transaction=True)
             pipe.hgetall(_key(project_id, "snap"))
@@ -273,13 +263,13 @@ class RedisBackplane(Backplane):
             if event.seq == doc.seq + 1:
                 doc.apply(event.effects, event.seq, event.user_id)
             history.append(event)
-        return _Mirror(
+        return Mirror(
             doc=doc,
             history=history,
             roles={k.decode(): v.decode() for k, v in roles.items()},
         )
 
-    def _apply(self, mirror: _Mirror, event: DurableEvent) -> bool:
+    def _apply(self, mirror: Mirror, event: DurableEvent) -> bool:
         """Apply the next event to the mirror and tell the listeners; False on a gap."""
         if event.seq <= mirror.doc.seq:
             return True
@@ -291,7 +281,7 @@ class RedisBackplane(Backplane):
             listener.on_durable(event)
         return True
 
-    async def _catch_up(self, project_id: str, mirror: _Mirror) -> None:
+    async def _catch_up(self, project_id: str, mirror: Mirror) -> None:
         """Read what the stream holds after the mirror's seq and apply it, in order."""
         start = mirror.doc.seq + 1
 
@@ -324,7 +314,7 @@ class RedisBackplane(Backplane):
     async def _commit(
         self,
         project_id: str,
-        mirror: _Mirror,
+        mirror: Mirror,
         mode: str,
         dedup_id: str,
         dedup_value: bytes,
@@ -396,7 +386,7 @@ class RedisBackplane(Backplane):
             )
         return status.decode(), value
 
-    def _after_commit(self, project_id: str, mirror: _Mirror, event: DurableEvent | None,
+    def _after_commit(self, project_id: str, mirror: Mirror, event: DurableEvent | None,
                       conflicts: list[Conflict]) -> None:  # fmt: skip
         if event is not None:
             self._apply(mirror, event)
@@ -410,7 +400,7 @@ class RedisBackplane(Backplane):
             for listener in list(mirror.listeners):
                 listener.on_conflicts(conflicts)
 
-    async def _write_snapshot(self, project_id: str, mirror: _Mirror) -> None:
+    async def _write_snapshot(self, project_id: str, mirror: Mirror) -> None:
         seq, doc = mirror.doc.seq, orjson.dumps(mirror.doc.dump())
 
         def write(client: redis.Redis) -> Any:
@@ -587,7 +577,7 @@ class RedisBackplane(Backplane):
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def _fresh(self, project_id: str) -> _Mirror:
+    async def _fresh(self, project_id: str) -> Mirror:
         mirror = await self._mirror(project_id)
         async with mirror.lock:
             await self._catch_up(project_id, mirror)
@@ -643,15 +633,7 @@ class RedisBackplane(Backplane):
 
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
         mirror = await self._fresh(user.project_id)
-        plan = mirror.doc.plan(user.id, change.change_id, change.changes, value_at(mirror.history))
-        return {
-            "applies": plan.applied,
-            "conflicts": [
-                {"op": s.op, "element_id": s.element_id, "prop": s.prop, "base": s.base,
-                 "base_value": s.base_value, "current": s.current, "incoming": s.incoming}
-                for s in plan.conflicts
-            ],
-        }  # fmt: skip
+        return dry_run_of(mirror.doc, mirror.history, user, change)
 
     async def get_settings(self, project_id: str) -> dict[str, Any]:
         def read(client: redis.Redis) -> Any:
@@ -700,31 +682,8 @@ class RedisBackplane(Backplane):
 
     # -- fan-out ------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _subscription(self, project_id: str, listener: Listener) -> AsyncIterator[None]:
-        mirror = await self._fresh(project_id)
-        # The mirror may have been dropped (its last room closed) while this one was loading:
-        # register it again, or join the one a commit loaded meanwhile.
-        mirror = self._mirrors.setdefault(project_id, mirror)
-        mirror.listeners.add(listener)
-        try:
-            yield
-        finally:
-            current = self._mirrors.get(project_id)
-            if current is not None:
-                current.listeners.discard(listener)
-                if not current.listeners:
-                    del self._mirrors[project_id]
-                    self._loading.pop(project_id, None)
-
-    def subscribe(self, project_id: str, listener: Listener) -> Any:
-        return self._subscription(project_id, listener)
-
     async def publish(self, message: Ephemeral) -> None:
-        mirror = self._mirrors.get(message.project_id)
-        if mirror is not None:
-            for listener in list(mirror.listeners):
-                listener.on_ephemeral(message)
+        self._deliver_here(message)
         self.bus.enqueue(message)  # for the other processes
         await trio.lowlevel.checkpoint()
 
@@ -830,7 +789,7 @@ class RedisBackplane(Backplane):
             for listener in list(mirror.listeners):
                 listener.on_conflicts(conflicts)
 
-    def _schedule_catch_up(self, project_id: str, mirror: _Mirror) -> None:
+    def _schedule_catch_up(self, project_id: str, mirror: Mirror) -> None:
         if mirror.catching_up or self._nursery is None:
             return
         mirror.catching_up = True

@@ -55,6 +55,7 @@ from .._sequencing import (
     ChangeRecord,
     PendingLoad,
     conflict_bytes,
+    dry_run_of,
     duplicate_of,
     now_ms,
     prepare_change,
@@ -610,24 +611,7 @@ class SQLiteBackplane(Backplane):
 
     async def dry_run(self, user: User, change: _wire.TimelineChange) -> dict[str, Any]:
         project = await self._project(user.project_id)
-        plan = project.doc.plan(
-            user.id, change.change_id, change.changes, value_at(project.history)
-        )
-        return {
-            "applies": plan.applied,
-            "conflicts": [
-                {
-                    "op": spec.op,
-                    "element_id": spec.element_id,
-                    "prop": spec.prop,
-                    "base": spec.base,
-                    "base_value": spec.base_value,
-                    "current": spec.current,
-                    "incoming": spec.incoming,
-                }
-                for spec in plan.conflicts
-            ],
-        }
+        return dry_run_of(project.doc, project.history, user, change)
 
     # -- reads --------------------------------------------------------------------------------
 

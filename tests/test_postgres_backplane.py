@@ -156,6 +156,54 @@ async def test_two_backplanes_on_one_database_see_one_gap_free_order(
             assert await one.epoch(project) == await two.epoch(project)
 
 
+async def test_a_process_that_must_catch_up_still_writes_while_another_keeps_writing(
+    postgres: PostgresServer,
+) -> None:
+    """A write prepared on a mirror the project moved past is prepared again while its
+    transaction holds the project's row, so it commits. Before, it gave the row up and tried
+    again: the process that kept writing learnt of its success before the other learnt of its
+    failure and took the row first every time, and the other's writes failed with
+    ``overloaded`` after 64 attempts (on CI; here 3 busy writers on one process did it)."""
+    url = await postgres.create_database("starve")
+    project = "p-starve"
+    with trio.fail_after(120):
+        async with (
+            open_postgresql_backplane(url) as busy,
+            open_postgresql_backplane(url) as other,
+        ):
+            done = trio.Event()
+
+            async def keep_writing(name: str) -> None:
+                i = 0
+                while not done.is_set():
+                    await busy.commit_change(
+                        _user(project, name), _change(f"{name}-{i}", f"{name}-{i}", v=i)
+                    )
+                    i += 1
+
+            async with trio.open_nursery() as nursery:
+                for name in ("a", "b", "c"):
+                    nursery.start_soon(keep_writing, name)
+                for i in range(30):
+                    if i % 3 == 2:
+                        _seq, dup = await other.commit_comment(
+                            _user(project, "z"), Comment(id=f"z-k{i}", text="x")
+                        )
+                        assert not dup
+                    else:
+                        outcome = await other.commit_change(
+                            _user(project, "z"), _change(f"z-{i}", f"z-{i}", v=i)
+                        )
+                        assert outcome.status == "applied"
+                done.set()
+            # The other process prepared its writes again under the lock, not in a new try.
+            assert other.redone > 0
+            events = await other.events_since(project, 0)
+            assert events is not None
+            assert [e.seq for e in events] == list(range(1, len(events) + 1))
+            assert sum(1 for e in events if e.user_id == "z") == 30
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

@@ -58,9 +58,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import orjson
@@ -94,8 +94,8 @@ from ._redisbus import EPHEMERAL_PATTERN, RedisBus, RedisThreads, listen, projec
 
 log = logging.getLogger("crealia.postgresql")
 
-#: Attempts at one write before giving up with ``overloaded`` (each failed attempt means another
-#: process wrote to the same project in between).
+#: Attempts at one change before giving up with ``overloaded`` (each failed attempt means
+#: another process took the room its conflicts needed in between).
 MAX_ATTEMPTS = 64
 
 #: Writes one transaction of the writer takes at most.
@@ -145,6 +145,12 @@ class _Write:
     #: time, text, at).
     row: tuple[Any, ...] = ()
     role: tuple[str, str] | None = None
+    #: Called on the Trio thread when the project moved past ``base_seq``: applies the events
+    #: after it (the rows) to the mirror and prepares the write again on it. It runs while the
+    #: transaction holds the project's row, so the write it returns is current and commits:
+    #: a process that must catch up first cannot lose the row again and again to one that
+    #: keeps writing.
+    redo: Callable[[list[tuple[Any, ...]]], _Write]
 
 
 @attrs.define(eq=False)
@@ -153,8 +159,8 @@ class _Queued:
     #: The mirror it was prepared on (held under its lock by the writing task).
     mirror: _Mirror
     done: trio.Event = attrs.Factory(trio.Event)
-    #: ``(status, value)``: ok (seq), dup (the first's row), gone, stale (events after the
-    #: base), behind (the database's seq), quota ((count, bytes)); or an error.
+    #: ``(status, value)``: ok (seq), dup (the first's row), gone, behind (the database's seq),
+    #: quota ((count, bytes)), refused (the error preparing it again raised); or an error.
     result: tuple[str, Any] | None = None
     error: Overloaded | None = None
 
@@ -183,33 +189,44 @@ def _lock_project(cur: _pg.Cursor, project_id: str) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
-def _apply_write(cur: _pg.Cursor, w: _Write) -> tuple[str, Any]:
-    """In the writer's transaction (a savepoint of its own): check and store one write. Any
-    status but ``ok`` means the caller rolls the savepoint back (nothing of it stays)."""
+def _apply_write(cur: _pg.Cursor, w: _Write) -> tuple[tuple[str, Any], _Write]:
+    """In the writer's transaction (a savepoint of its own): check and store one write; its
+    result and the write as stored (prepared again when the project had moved). Any status
+    but ``ok`` means the caller rolls the savepoint back (nothing of it stays)."""
     p = w.project_id
     seq, count, held = _lock_project(cur, p)
     if w.mode == "settle":
         cur.execute("SELECT status FROM conflicts WHERE id = %s AND project_id = %s", (w.key, p))
         row = cur.fetchone()
         if row is None or row[0] != "pending":
-            return "gone", None
+            return ("gone", None), w
     elif w.mode == "change":
         cur.execute("SELECT user_id, seq, status, conflicts, digest FROM changes "
                     "WHERE project_id = %s AND change_id = %s", (p, w.key))  # fmt: skip
         row = cur.fetchone()
         if row is not None:
-            return "dup", row
+            return ("dup", row), w
     else:
         cur.execute("SELECT seq FROM comments WHERE project_id = %s AND comment_id = %s",
                     (p, w.key))  # fmt: skip
         row = cur.fetchone()
         if row is not None:
-            return "dup", int(row[0])
+            return ("dup", int(row[0])), w
     if seq < w.base_seq:
-        return "behind", seq
+        return ("behind", seq), w
     if seq > w.base_seq:
         cur.execute(_EVENTS_AFTER, (p, w.base_seq))
-        return "stale", cur.fetchall()
+        try:
+            w = trio.from_thread.run_sync(w.redo, cur.fetchall())
+        except ProtocolError as exc:  # the write no longer fits the document
+            return ("refused", exc), w
+        assert w.base_seq == seq, (w.base_seq, seq)
+    return _store(cur, w, seq, count, held), w
+
+
+def _store(cur: _pg.Cursor, w: _Write, seq: int, count: int, held: int) -> tuple[str, Any]:
+    """Store a write prepared on the project's current ``seq`` (its row locked)."""
+    p = w.project_id
     dn, db = w.pending.count, w.pending.bytes
     if (
         w.mode == "change"
@@ -256,10 +273,14 @@ def _apply_write(cur: _pg.Cursor, w: _Write) -> tuple[str, Any]:
     return "ok", seq
 
 
-def _commit_batch(writes: list[_Write], conn: Any) -> list[tuple[str, Any] | Exception]:
+#: A write's result and the write as stored, or the error that undid its savepoint.
+_Result = tuple[tuple[str, Any], _Write] | Exception
+
+
+def _commit_batch(writes: list[_Write], conn: Any) -> list[_Result]:
     """In the writer thread: one transaction, a savepoint per write; each write's result, or
     the error that undid its savepoint (the others stand)."""
-    results: list[tuple[str, Any] | Exception] = []
+    results: list[_Result] = []
     _pg.begin(conn)  # on a connection lost while idle, the batch runs again on a new one
     try:
         _savepoints(conn, writes, results)
@@ -271,25 +292,23 @@ def _commit_batch(writes: list[_Write], conn: Any) -> list[tuple[str, Any] | Exc
     return results
 
 
-def _savepoints(
-    conn: Any, writes: list[_Write], results: list[tuple[str, Any] | Exception]
-) -> None:
+def _savepoints(conn: Any, writes: list[_Write], results: list[_Result]) -> None:
     with conn.cursor() as cur:
         for write in writes:
             try:
                 with conn.transaction():  # a savepoint: undone when the block raises
-                    result = _apply_write(cur, write)
+                    result, stored = _apply_write(cur, write)
                     if result[0] != "ok":
                         raise _Undo(result)
             except _Undo as undo:
-                results.append(undo.result)
+                results.append((undo.result, write))
                 continue
             except Exception as exc:
                 if conn.broken or conn.closed:
                     raise
                 results.append(exc)
                 continue
-            results.append(result)
+            results.append((result, stored))
 
 
 class _Undo(Exception):
@@ -322,6 +341,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     #: Transactions the writer committed, and writes in them.
     commits: int = 0
     writes: int = 0
+    #: Writes prepared again under the project's row lock (another process wrote first).
+    redone: int = 0
     #: Notices heard from the listener, and catch-ups run.
     notices: int = 0
     catch_ups: int = 0
@@ -547,33 +568,36 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             return
         self.commits += 1
         self.writes += len(batch)
-        for item, result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):
-                log.error("a write to project %s failed: %s", item.write.project_id, result)
+        for item, outcome in zip(batch, results, strict=True):
+            if isinstance(outcome, Exception):
+                log.error("a write to project %s failed: %s", item.write.project_id, outcome)
                 item.error = Overloaded(f"postgresql refused the write, nothing was applied: "
-                                        f"{result}")  # fmt: skip
+                                        f"{outcome}")  # fmt: skip
             else:
-                item.result = result
-                with self.jobs.guard("pg_writer"):  # a bug there must not stop the writer
-                    self._committed(item.write, item.mirror, result)
+                item.result, stored = outcome
+                if item.result[0] == "ok":
+                    with self.jobs.guard("pg_writer"):  # a bug there must not stop the writer
+                        self._committed(stored, item.mirror)
             item.done.set()
 
-    def _committed(self, write: _Write, mirror: _Mirror, result: tuple[str, Any]) -> None:
-        """On the Trio thread, right after the transaction: apply what this process must hear
-        now (the event, or the events a stale write found) to the mirror it was prepared on."""
-        status, value = result
-        if status == "ok":
-            if write.event is not None:
-                self._apply(mirror, write.event)
-                if write.event.seq % self.snapshot_every == 0 and self._nursery is not None:
-                    self._nursery.start_soon(self._write_snapshot, write.project_id, mirror)
-            new = [c for c in write.conflicts if c.status == "pending"]
-            if new:
-                for listener in list(mirror.listeners):
-                    listener.on_conflicts(new)
-        elif status == "stale":
-            for row in value:
-                self._apply(mirror, _event_from(write.project_id, row))
+    def _committed(self, write: _Write, mirror: _Mirror) -> None:
+        """On the Trio thread, right after the transaction: apply the write's event to the
+        mirror it was prepared on, and tell its listeners of the conflicts it stored."""
+        if write.event is not None:
+            self._apply(mirror, write.event)
+            if write.event.seq % self.snapshot_every == 0 and self._nursery is not None:
+                self._nursery.start_soon(self._write_snapshot, write.project_id, mirror)
+        new = [c for c in write.conflicts if c.status == "pending"]
+        if new:
+            for listener in list(mirror.listeners):
+                listener.on_conflicts(new)
+
+    def _caught_up(self, mirror: _Mirror, project_id: str, rows: list[tuple[Any, ...]]) -> None:
+        """For a write's ``redo``, on the Trio thread: apply the events it was prepared
+        without."""
+        self.redone += 1
+        for row in rows:
+            self._apply(mirror, _event_from(project_id, row))
 
     async def _write_snapshot(self, project_id: str, mirror: _Mirror) -> None:
         seq, doc = mirror.doc.seq, orjson.dumps(mirror.doc.dump())
@@ -588,9 +612,23 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         with self.jobs.guard("pg_snapshot"):
             await self.reader_conn.run(write)
 
-    def _write_of(self, project_id: str, mode: str, mirror: _Mirror, key: str, **kw: Any) -> _Write:
+    def _write_of(
+        self,
+        project_id: str,
+        mode: str,
+        mirror: _Mirror,
+        key: str,
+        prepare: Callable[[], _Write],
+        **kw: Any,
+    ) -> _Write:
+        """A write prepared on the mirror now; ``prepare`` makes it again (see ``_Write.redo``)."""
+
+        def redo(rows: list[tuple[Any, ...]]) -> _Write:
+            self._caught_up(mirror, project_id, rows)
+            return prepare()
+
         return _Write(project_id=project_id, mode=mode, base_seq=mirror.doc.seq, key=key,
-                      quotas=self.quotas, node=self.node_id, **kw)  # fmt: skip
+                      quotas=self.quotas, node=self.node_id, redo=redo, **kw)  # fmt: skip
 
     # -- durable writes -----------------------------------------------------------------------
 
@@ -599,13 +637,26 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     ) -> ChangeOutcome:
         project_id = user.project_id
         mirror = await self._mirror(project_id)
+        outcome: ChangeOutcome
+
+        def prepare(pending: PendingLoad | None = None) -> _Write:
+            nonlocal outcome
+            outcome, event = prepare_change(
+                mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
+                lookup=value_at(mirror.history), at=now_ms(), pending=pending,
+            )  # fmt: skip
+            record = record_of(user, change, outcome)
+            return self._write_of(
+                project_id, "change", mirror, change.change_id, prepare, event=event,
+                conflicts=list(outcome.detected), pending=PendingLoad.of(outcome.detected),
+                row=(user.id, outcome.seq, outcome.status, outcome.conflicts, record.digest),
+                role=(user.id, user.role),
+            )  # fmt: skip
+
         for _attempt in range(MAX_ATTEMPTS):
             async with mirror.lock:
                 try:
-                    outcome, event = prepare_change(
-                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
-                        lookup=value_at(mirror.history), at=now_ms(), pending=None,
-                    )  # fmt: skip
+                    write = prepare()
                 except ProtocolError:
                     # A resend of an accepted change may no longer fit the document (its insert
                     # exists now): a duplicate, not an error.
@@ -613,42 +664,34 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                     if first is not None:
                         return duplicate_of(first, user, change)
                     raise
-                record = record_of(user, change, outcome)
-                write = self._write_of(
-                    project_id, "change", mirror, change.change_id, event=event,
-                    conflicts=list(outcome.detected), pending=PendingLoad.of(outcome.detected),
-                    row=(user.id, outcome.seq, outcome.status, outcome.conflicts, record.digest),
-                    role=(user.id, user.role),
-                )  # fmt: skip
                 status, value = await self._submit(write, mirror)
                 if status == "dup":
                     return duplicate_of(_record_from(change.change_id, value), user, change)
                 if status == "quota":
                     count, held = value
                     # Raises the same ``too_large`` as the embedded backplane.
-                    prepare_change(
-                        mirror.doc, user, change, strategy=strategy, roles=mirror.roles,
-                        lookup=value_at(mirror.history), at=now_ms(),
-                        pending=PendingLoad(count, held),
-                    )  # fmt: skip
+                    prepare(PendingLoad(count, held))
                     continue  # room was made meanwhile
                 if status == "ok":
                     mirror.roles[user.id] = user.role
                     return outcome
-                self._retry(status, value, write)
+                self._refused(status, value, write)
         raise Overloaded("too many concurrent writes to this project; retry")
 
-    def _retry(self, status: str, value: Any, write: _Write) -> None:
-        """After a write that must be prepared again (``stale``: the mirror caught up already).
+    def _refused(self, status: str, value: Any, write: _Write) -> NoReturn:
+        """Raise what a write that was not stored tells its caller.
 
         Raises:
+            ProtocolError: prepared again on the project's newer events, it no longer fits.
             Overloaded: the database is behind this process (it lost acknowledged writes).
         """
-        if status == "behind":
-            raise Overloaded(
-                f"postgresql is behind this process (seq {value} there, {write.base_seq} here: "
-                "it lost acknowledged writes, or was restored), nothing was applied"
-            )
+        if status == "refused":
+            raise value
+        assert status == "behind", status
+        raise Overloaded(
+            f"postgresql is behind this process (seq {value} there, {write.base_seq} here: "
+            "it lost acknowledged writes, or was restored), nothing was applied"
+        )
 
     async def _stored_change(self, project_id: str, change_id: str) -> ChangeRecord | None:
         def read(conn: Any) -> Any:
@@ -664,23 +707,27 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     async def commit_comment(self, user: User, comment: _wire.Comment) -> tuple[int, bool]:
         project_id = user.project_id
         mirror = await self._mirror(project_id)
-        for _attempt in range(MAX_ATTEMPTS):
-            async with mirror.lock:
-                event = prepare_comment(mirror.doc, user, comment, now_ms())
-                write = self._write_of(
-                    project_id, "comment", mirror, comment.id, event=event, conflicts=[],
-                    pending=PendingLoad(),
-                    row=(user.id, comment.element_id, comment.time, comment.text, event.at),
-                    role=(user.id, user.role),
-                )  # fmt: skip
-                status, value = await self._submit(write, mirror)
-                if status == "dup":
-                    return int(value), True
-                if status == "ok":
-                    mirror.roles[user.id] = user.role
-                    return event.seq, False
-                self._retry(status, value, write)
-        raise Overloaded("too many concurrent writes to this project; retry")
+        event: DurableEvent
+
+        def prepare() -> _Write:
+            nonlocal event
+            event = prepare_comment(mirror.doc, user, comment, now_ms())
+            return self._write_of(
+                project_id, "comment", mirror, comment.id, prepare, event=event, conflicts=[],
+                pending=PendingLoad(),
+                row=(user.id, comment.element_id, comment.time, comment.text, event.at),
+                role=(user.id, user.role),
+            )  # fmt: skip
+
+        async with mirror.lock:
+            write = prepare()
+            status, value = await self._submit(write, mirror)
+            if status == "dup":
+                return int(value), True
+            if status == "ok":
+                mirror.roles[user.id] = user.role
+                return event.seq, False
+            self._refused(status, value, write)
 
     async def settle(
         self,
@@ -694,29 +741,35 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         redetect: bool = True,
     ) -> Settled:
         mirror = await self._mirror(project_id)
-        for _attempt in range(MAX_ATTEMPTS):
-            async with mirror.lock:
-                conflict = await self._pending_one(project_id, conflict_id)
-                event, resolved, redetected = prepare_settle(
-                    mirror.doc, conflict, resolution, by=by, writer=writer,
-                    expect_seq=expect_seq, at=now_ms(), redetect=redetect,
-                )  # fmt: skip
-                written = [resolved] + ([redetected] if redetected else [])
-                # The redetected one takes the settled one's place: never refused for room.
-                freed, taken = PendingLoad.of([conflict]), PendingLoad.of(written)
-                write = self._write_of(
-                    project_id, "settle", mirror, conflict_id, event=event, conflicts=written,
-                    pending=PendingLoad(taken.count - freed.count, taken.bytes - freed.bytes),
-                )  # fmt: skip
-                status, value = await self._submit(write, mirror)
-                if status == "gone":
-                    raise NotFound(
-                        f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
-                    )
-                if status == "ok":
-                    return Settled(seq=event.seq, redetected=redetected)
-                self._retry(status, value, write)
-        raise Overloaded("too many concurrent writes to this project; retry")
+        settled: Settled
+
+        def prepare() -> _Write:
+            nonlocal settled
+            event, resolved, redetected = prepare_settle(
+                mirror.doc, conflict, resolution, by=by, writer=writer,
+                expect_seq=expect_seq, at=now_ms(), redetect=redetect,
+            )  # fmt: skip
+            settled = Settled(seq=event.seq, redetected=redetected)
+            written = [resolved] + ([redetected] if redetected else [])
+            # The redetected one takes the settled one's place: never refused for room.
+            freed, taken = PendingLoad.of([conflict]), PendingLoad.of(written)
+            return self._write_of(
+                project_id, "settle", mirror, conflict_id, prepare, event=event,
+                conflicts=written,
+                pending=PendingLoad(taken.count - freed.count, taken.bytes - freed.bytes),
+            )  # fmt: skip
+
+        async with mirror.lock:
+            conflict = await self._pending_one(project_id, conflict_id)
+            write = prepare()
+            status, value = await self._submit(write, mirror)
+            if status == "gone":
+                raise NotFound(
+                    f"data.conflict_id: no pending conflict {conflict_id!r} in this project"
+                )
+            if status == "ok":
+                return settled
+            self._refused(status, value, write)
 
     async def _pending_one(self, project_id: str, conflict_id: str) -> Conflict:
         found = await self._conflicts_by_id(project_id, [conflict_id])

@@ -169,121 +169,48 @@ def _new_epoch() -> str:
     return uuid.uuid4().hex
 
 
-def _lock_project(cur: _pg.Cursor, project_id: str) -> tuple[int, int, int]:
-    """Lock the project's row (creating it): its (seq, pending count, pending bytes)."""
-    cur.execute(
-        "SELECT seq, pending_count, pending_bytes FROM projects WHERE project_id = %s FOR UPDATE",
-        (project_id,),
-    )
-    row = cur.fetchone()
-    if row is None:
-        cur.execute("INSERT INTO projects (project_id, epoch) VALUES (%s, %s) "
-                    "ON CONFLICT DO NOTHING", (project_id, _new_epoch()))  # fmt: skip
-        cur.execute(
-            "SELECT seq, pending_count, pending_bytes FROM projects WHERE project_id = %s "
-            "FOR UPDATE",
-            (project_id,),
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1]), int(row[2])
+def _write_json(w: _Write, blobs: list[bytes]) -> dict[str, Any]:
+    """``w`` as ``crealia_write`` (the schema's migration 3) reads it; its bytes go to
+    ``blobs``, named by their (1-based) index."""
 
+    def blob(data: bytes) -> int:
+        blobs.append(data)
+        return len(blobs)
 
-def _apply_write(cur: _pg.Cursor, w: _Write) -> tuple[tuple[str, Any], _Write]:
-    """In the writer's transaction (a savepoint of its own): check and store one write; its
-    result and the write as stored (prepared again when the project had moved). Any status
-    but ``ok`` means the caller rolls the savepoint back (nothing of it stays)."""
-    p = w.project_id
-    seq, count, held = _lock_project(cur, p)
-    if w.mode == "settle":
-        cur.execute("SELECT status FROM conflicts WHERE id = %s AND project_id = %s", (w.key, p))
-        row = cur.fetchone()
-        if row is None or row[0] != "pending":
-            return ("gone", None), w
-    elif w.mode == "change":
-        cur.execute("SELECT user_id, seq, status, conflicts, digest FROM changes "
-                    "WHERE project_id = %s AND change_id = %s", (p, w.key))  # fmt: skip
-        row = cur.fetchone()
-        if row is not None:
-            return ("dup", row), w
-    else:
-        cur.execute("SELECT seq FROM comments WHERE project_id = %s AND comment_id = %s",
-                    (p, w.key))  # fmt: skip
-        row = cur.fetchone()
-        if row is not None:
-            return ("dup", int(row[0])), w
-    if seq < w.base_seq:
-        return ("behind", seq), w
-    if seq > w.base_seq:
-        cur.execute(_EVENTS_AFTER, (p, w.base_seq))
-        try:
-            w = trio.from_thread.run_sync(w.redo, cur.fetchall())
-        except ProtocolError as exc:  # the write no longer fits the document
-            return ("refused", exc), w
-        assert w.base_seq == seq, (w.base_seq, seq)
-    return _store(cur, w, seq, count, held), w
-
-
-def _store(cur: _pg.Cursor, w: _Write, seq: int, count: int, held: int) -> tuple[str, Any]:
-    """Store a write prepared on the project's current ``seq`` (its row locked)."""
-    p = w.project_id
-    dn, db = w.pending.count, w.pending.bytes
-    if (
-        w.mode == "change"
-        and (dn or db)
-        and (count + dn > w.quotas.pending_conflicts or held + db > w.quotas.pending_bytes)
-    ):
-        return "quota", (count, held)
-    event = w.event
-    if event is not None:
-        seq += 1
-        cur.execute(
-            "INSERT INTO events (project_id, seq, kind, user_id, at, payload, effects) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (p, seq, event.kind, event.user_id, event.at, _dumps(event.payload),
-             _dumps(event.effects)),
-        )  # fmt: skip
-    cur.execute("UPDATE projects SET seq = %s, pending_count = GREATEST(0, pending_count + %s), "
-                "pending_bytes = GREATEST(0, pending_bytes + %s) WHERE project_id = %s",
-                (seq, dn, db, p))  # fmt: skip
+    row: list[Any] = list(w.row)
     if w.mode == "change":
         user_id, _seq, status, conflict_ids, digest = w.row
-        cur.execute("INSERT INTO changes (project_id, change_id, user_id, seq, status, conflicts, "
-                    "digest) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (p, w.key, user_id, event.seq if event else None, status,
-                     _dumps(conflict_ids), digest))  # fmt: skip
-    elif w.mode == "comment":
-        user_id, element_id, at_time, text, at = w.row
-        cur.execute("INSERT INTO comments (project_id, comment_id, seq, user_id, element_id, "
-                    "time, text, at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (p, w.key, seq, user_id, element_id, at_time, text, at))  # fmt: skip
-    for conflict in w.conflicts:
-        cur.execute("INSERT INTO conflicts (id, project_id, status, created_at, data) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-                    "status = EXCLUDED.status, data = EXCLUDED.data",
-                    (conflict.id, p, conflict.status, conflict.created_at,
-                     _dumps(attrs.asdict(conflict))))  # fmt: skip
-    if w.role is not None:
-        cur.execute("INSERT INTO project_roles (project_id, user_id, role) VALUES (%s, %s, %s) "
-                    "ON CONFLICT (project_id, user_id) DO UPDATE SET role = EXCLUDED.role",
-                    (p, *w.role))  # fmt: skip
-    notice = {"p": p, "s": seq, "n": w.node,
-              "c": [c.id for c in w.conflicts if c.status == "pending"]}  # fmt: skip
-    cur.execute("SELECT pg_notify(%s, %s)", (_pg.CHANNEL, orjson.dumps(notice).decode()))
-    return "ok", seq
+        row = [user_id, status, blob(_dumps(conflict_ids)), digest]
+    event = w.event
+    return {
+        "p": w.project_id, "mode": w.mode, "base": w.base_seq, "key": w.key,
+        "epoch": _new_epoch(), "node": w.node, "pending": [w.pending.count, w.pending.bytes],
+        "max_pending": w.quotas.pending_conflicts, "max_pending_bytes": w.quotas.pending_bytes,
+        "event": None if event is None else {
+            "kind": event.kind, "user_id": event.user_id, "at": event.at,
+            "payload": blob(_dumps(event.payload)), "effects": blob(_dumps(event.effects)),
+        },
+        "row": row,
+        "conflicts": [[c.id, c.status, c.created_at, blob(_dumps(attrs.asdict(c)))]
+                      for c in w.conflicts],
+        "role": None if w.role is None else list(w.role),
+        "notice_conflicts": [c.id for c in w.conflicts if c.status == "pending"],
+    }  # fmt: skip
 
 
-#: A write's result and the write as stored, or the error that undid its savepoint.
-_Result = tuple[tuple[str, Any], _Write] | Exception
+class _WriteFailed(Exception):
+    """The database undid one write of a batch (the others stand)."""
+
+
+#: A write's result and the write as stored, or why the database undid it.
+_Result = tuple[tuple[str, Any], _Write] | _WriteFailed
 
 
 def _commit_batch(writes: list[_Write], conn: Any) -> list[_Result]:
-    """In the writer thread: one transaction, a savepoint per write; each write's result, or
-    the error that undid its savepoint (the others stand)."""
-    results: list[_Result] = []
+    """In the writer thread: one transaction; each write's result (or why it was undone)."""
     _pg.begin(conn)  # on a connection lost while idle, the batch runs again on a new one
     try:
-        _savepoints(conn, writes, results)
+        results = _write_all(conn, writes)
     except BaseException:
         if not conn.broken and not conn.closed:
             conn.execute("ROLLBACK")
@@ -292,29 +219,37 @@ def _commit_batch(writes: list[_Write], conn: Any) -> list[_Result]:
     return results
 
 
-def _savepoints(conn: Any, writes: list[_Write], results: list[_Result]) -> None:
+def _write_all(conn: Any, writes: list[_Write]) -> list[_Result]:
+    """The batch in one call of ``crealia_write_batch``; then the stale writes (the project
+    moved past their base), prepared again on the Trio thread (``_Write.redo``) while their
+    rows stay locked, in a second call, which stores them."""
+    results: dict[int, _Result] = {}
+    todo = dict(enumerate(writes))
     with conn.cursor() as cur:
-        for write in writes:
-            try:
-                with conn.transaction():  # a savepoint: undone when the block raises
-                    result, stored = _apply_write(cur, write)
-                    if result[0] != "ok":
-                        raise _Undo(result)
-            except _Undo as undo:
-                results.append((undo.result, write))
-                continue
-            except Exception as exc:
-                if conn.broken or conn.closed:
-                    raise
-                results.append(exc)
-                continue
-            results.append((result, stored))
-
-
-class _Undo(Exception):
-    def __init__(self, result: tuple[str, Any]) -> None:
-        super().__init__(result[0])
-        self.result = result
+        for _call in range(2):
+            blobs: list[bytes] = []
+            calls = orjson.dumps([_write_json(w, blobs) for w in todo.values()]).decode()
+            cur.execute("SELECT crealia_write_batch(%s::jsonb, %s::bytea[])", (calls, blobs))
+            (answers,) = cur.fetchone()
+            stale: dict[int, _Write] = {}
+            for (i, w), answer in zip(todo.items(), answers, strict=True):
+                status, value = answer["s"], answer.get("v")
+                if status == "stale":
+                    cur.execute(_EVENTS_AFTER, (w.project_id, w.base_seq))
+                    try:
+                        stale[i] = trio.from_thread.run_sync(w.redo, cur.fetchall())
+                    except ProtocolError as exc:  # the write no longer fits the document
+                        results[i] = (("refused", exc), w)
+                elif status == "error":
+                    results[i] = _WriteFailed(value)
+                else:
+                    results[i] = ((status, value), w)
+            todo = stale
+            if not todo:
+                break
+    for i, w in todo.items():  # its row was locked all along: cannot happen
+        results[i] = _WriteFailed(f"project {w.project_id!r} moved while its row was locked")
+    return [results[i] for i in range(len(writes))]
 
 
 @attrs.define(eq=False)
@@ -569,7 +504,7 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         self.commits += 1
         self.writes += len(batch)
         for item, outcome in zip(batch, results, strict=True):
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, _WriteFailed):
                 log.error("a write to project %s failed: %s", item.write.project_id, outcome)
                 item.error = Overloaded(f"postgresql refused the write, nothing was applied: "
                                         f"{outcome}")  # fmt: skip

@@ -89,6 +89,13 @@ class Listener(Protocol):
     def on_ephemeral(self, message: Ephemeral) -> None:
         """An ephemeral message of the project (the room skips its ``origin``)."""
 
+    def on_rewritten(self) -> None:
+        """The project's history was rewritten where this process did not see it coming
+        (another process erased a user from it, the database was restored or failed over to
+        a replica): what the listener holds may be gone or different. The backplane has
+        dropped its copy already and the listener hears nothing more from this subscription;
+        a room closes, and its members resume with a snapshot (a new epoch)."""
+
 
 class Backplane(ABC):
     """Sequencing, durable history and fan-out between rooms, for every project.

@@ -71,6 +71,7 @@ class _Recorder:
         self.durable: list[DurableEvent] = []
         self.conflicts: list[Conflict] = []
         self.ephemeral: list[Ephemeral] = []
+        self.rewritten = 0
         self._changed = trio.Event()
 
     def _wake(self) -> None:
@@ -87,6 +88,10 @@ class _Recorder:
 
     def on_ephemeral(self, message: Ephemeral) -> None:
         self.ephemeral.append(message)
+        self._wake()
+
+    def on_rewritten(self) -> None:
+        self.rewritten += 1
         self._wake()
 
     @property

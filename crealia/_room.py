@@ -457,6 +457,11 @@ class Room:
         frame = _wire.envelope("conflict_detected", {"conflicts": [c.to_wire() for c in conflicts]})
         self._enqueue(frame, None, None)
 
+    def on_rewritten(self) -> None:
+        log.warning("project %s: its history was rewritten elsewhere; closing its room so "
+                    "that its members resume with a snapshot", self.project_id)  # fmt: skip
+        self.close()
+
     def on_ephemeral(self, message: Ephemeral) -> None:
         key = message.key
         if key is not None and key[0] == SETTINGS_CHANGED:

@@ -82,6 +82,7 @@ class _Heard:
         self.seqs: list[int] = []
         self.at: dict[int, float] = {}
         self.changed = trio.Event()
+        self.rewritten = trio.Event()
 
     def on_durable(self, event: DurableEvent) -> None:
         self.seqs.append(event.seq)
@@ -91,6 +92,9 @@ class _Heard:
 
     def on_conflicts(self, conflicts: list[Conflict]) -> None:
         pass
+
+    def on_rewritten(self) -> None:
+        self.rewritten.set()
 
     def on_ephemeral(self, message: Ephemeral) -> None:
         pass
@@ -204,6 +208,48 @@ async def test_a_process_that_must_catch_up_still_writes_while_another_keeps_wri
             assert sum(1 for e in events if e.user_id == "z") == 30
 
 
+async def test_a_database_restored_under_a_running_process_renews_the_epochs_it_holds(
+    postgres: PostgresServer,
+) -> None:
+    """An online backup (pg_dump) restored in place of the database while a process has the
+    project open: its identity changed (another database oid), so every project gets a new
+    epoch and the process drops its copy and tells the room (``on_rewritten``), although it
+    held two events the restored database does not have. Before, it kept its copy, refused
+    every write ("behind") and gave resuming clients the old epoch."""
+    url = await postgres.create_database("live")
+    project = "p-restore"
+    dump = postgres.directory / "live.dump"
+    pg_url = ["-h", str(postgres.directory), "-p", str(postgres.port), "-U", "postgres"]
+    with trio.fail_after(120):
+        async with open_postgresql_backplane(url, poll_interval=0.2) as backplane:
+            heard = _Heard()
+            async with backplane.subscribe(project, heard):
+                for i in range(3):
+                    await backplane.commit_change(
+                        _user(project, "a"), _change(f"c{i}", f"e{i}", v=i)
+                    )
+                before = await backplane.epoch(project)
+                await postgres._run("pg_dump", "-Fc", *pg_url, "-f", str(dump), "live")
+                for i in range(3, 5):
+                    await backplane.commit_change(
+                        _user(project, "a"), _change(f"c{i}", f"e{i}", v=i)
+                    )
+                await postgres.psql("CREATE DATABASE staged")
+                await postgres._run("pg_restore", *pg_url, "-d", "staged", str(dump))
+                await postgres.psql("DROP DATABASE live WITH (FORCE)")
+                await postgres.psql("ALTER DATABASE staged RENAME TO live")
+                await heard.rewritten.wait()
+            after = await backplane.epoch(project)
+            assert after != before
+            events = await backplane.events_since(project, 0)
+            assert events is not None and [e.seq for e in events] == [1, 2, 3]
+            outcome = await backplane.commit_change(_user(project, "a"), _change("c9", "e9"))
+            assert outcome.seq == 4
+        # A process started on the restored database later finds its identity stored.
+        async with open_postgresql_backplane(url) as again:
+            assert await again.epoch(project) == after
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -311,7 +357,7 @@ async def test_migrations_bring_an_empty_database_to_the_current_schema(
             "WHERE schemaname = 'public'", database="migrated",
         )  # fmt: skip
         assert tables.strip().split(",") == [
-            "alerts", "audit_events", "changes", "comments", "conflicts", "crealia_schema",
+            "alerts", "audit_events", "changes", "comments", "conflicts", "crealia_identity", "crealia_schema",
             "events", "health", "metric_samples", "project_roles", "project_settings",
             "projects", "security_alerts", "snapshots",
         ]  # fmt: skip

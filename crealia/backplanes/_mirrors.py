@@ -51,12 +51,21 @@ class MirrorSubscriptions:
         try:
             yield
         finally:
-            current = self._mirrors.get(project_id)
-            if current is not None:
-                current.listeners.discard(listener)
-                if not current.listeners:
-                    del self._mirrors[project_id]
-                    self._loading.pop(project_id, None)
+            mirror.listeners.discard(listener)
+            # Unless it was dropped meanwhile (a rewrite: ``_rewritten``) and loaded anew.
+            if not mirror.listeners and self._mirrors.get(project_id) is mirror:
+                del self._mirrors[project_id]
+                self._loading.pop(project_id, None)
+
+    def _rewritten(self, project_id: str) -> None:
+        """The project's history was rewritten behind this process: drop its mirror now (the
+        next reader loads the store's) and tell its listeners (``on_rewritten``)."""
+        mirror = self._mirrors.pop(project_id, None)
+        self._loading.pop(project_id, None)
+        if mirror is not None:
+            for listener in list(mirror.listeners):
+                listener.on_rewritten()
+            mirror.listeners.clear()
 
     def subscribe(self, project_id: str, listener: Listener) -> Any:
         return self._subscription(project_id, listener)

@@ -308,6 +308,44 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN answers;
     END $$;
     """,
+    # 4: the database's identity (its cluster's system identifier, the database's oid, the WAL
+    # timeline), stored when first seen. A restore (pg_restore into a new database, a new
+    # cluster), a point-in-time recovery or a failover to a replica (a new timeline) changes it
+    # while the stored one comes back with the data: every project then gets a new epoch and a
+    # notice, so clients resume with a snapshot, never a replay on top of what is gone.
+    """
+    CREATE TABLE crealia_identity (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        identity TEXT NOT NULL
+    );
+    CREATE FUNCTION crealia_check_identity() RETURNS INTEGER
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        live TEXT := (SELECT system_identifier::TEXT FROM pg_control_system()) || '/'
+            || (SELECT oid::TEXT FROM pg_database WHERE datname = current_database()) || '/'
+            || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
+        stored TEXT;
+        renewed INTEGER := 0;
+        r RECORD;
+    BEGIN
+        SELECT identity INTO stored FROM crealia_identity WHERE id = 1 FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO crealia_identity (id, identity) VALUES (1, live) ON CONFLICT DO NOTHING;
+            RETURN 0;
+        END IF;
+        IF stored = live THEN
+            RETURN 0;
+        END IF;
+        FOR r IN UPDATE projects SET epoch = md5(random()::TEXT || clock_timestamp()::TEXT)
+                RETURNING project_id, seq, epoch LOOP
+            PERFORM pg_notify('crealia_events',
+                jsonb_build_object('p', r.project_id, 's', r.seq, 'e', r.epoch)::TEXT);
+            renewed := renewed + 1;
+        END LOOP;
+        UPDATE crealia_identity SET identity = live WHERE id = 1;
+        RETURN renewed;
+    END $$;
+    """,
 )
 
 #: The schema version this package writes and reads.
@@ -373,6 +411,8 @@ class PgConnection:
     def __init__(self, url: str, *, name: str = "crealia") -> None:
         self.url = url
         self.name = name
+        #: Run on every connection opened after it is set (:func:`check_identity`).
+        self.on_connect: Callable[[psycopg.Connection[Any]], object] | None = None
         self._limiter = trio.CapacityLimiter(1)
         self._conn: psycopg.Connection[Any] | None = None
         self.closed = False
@@ -384,6 +424,8 @@ class PgConnection:
         conn.execute("SET synchronous_commit = on")
         conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
         conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        if self.on_connect is not None:
+            self.on_connect(conn)
         self.opened += 1
         return conn
 
@@ -476,6 +518,21 @@ def schema_version(cur: Cursor) -> int:
     cur.execute("SELECT COALESCE(MAX(version), 0) FROM crealia_schema")
     row = cur.fetchone()
     return int(row[0]) if row else 0
+
+
+def check_identity(conn: psycopg.Connection[Any]) -> int:
+    """In the worker thread, on a connection of a migrated database: compare the database's
+    identity with the stored one (migration 4), renewing every project's epoch when they
+    differ (a restore, a point-in-time recovery, a failover); the projects renewed."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT crealia_check_identity()")
+        row = cur.fetchone()
+    renewed = int(row[0]) if row else 0
+    if renewed:
+        log.warning("database %s: its identity changed (restored, recovered to a point in time, "
+                    "or failed over): %d projects got a new epoch, so their clients resume "
+                    "with a snapshot", redact_url_password(conn.info.dsn), renewed)  # fmt: skip
+    return renewed
 
 
 def newer_schema(url: str, version: int) -> ConfigurationError:

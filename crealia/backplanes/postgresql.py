@@ -256,6 +256,8 @@ def _write_all(conn: Any, writes: list[_Write]) -> list[_Result]:
 class _Mirror(Mirror):
     #: Conflicts other processes announced, to read and tell the listeners.
     announced: list[str] = attrs.Factory(list)
+    #: The project's epoch when it was loaded (None: no row yet, the first one seen is kept).
+    epoch: str | None = None
 
 
 @attrs.define(eq=False)
@@ -321,13 +323,14 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     async def _load(self, project_id: str) -> _Mirror:
         limit = self.history_limit
 
-        def load(conn: Any) -> tuple[Any, Any, Any]:
+        def load(conn: Any) -> tuple[Any, Any, Any, Any]:
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 cur.execute("SELECT seq, document FROM snapshots WHERE project_id = %s",
                             (project_id,))  # fmt: skip
                 snap = cur.fetchone()
-                cur.execute("SELECT seq FROM projects WHERE project_id = %s", (project_id,))
+                cur.execute("SELECT seq, epoch FROM projects WHERE project_id = %s",
+                            (project_id,))  # fmt: skip
                 head_row = cur.fetchone()
                 head = int(head_row[0]) if head_row else 0
                 snap_seq = int(snap[0]) if snap else 0
@@ -337,9 +340,9 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 cur.execute("SELECT user_id, role FROM project_roles WHERE project_id = %s",
                             (project_id,))  # fmt: skip
                 roles = cur.fetchall()
-                return snap, events, roles
+                return snap, events, roles, head_row[1] if head_row else None
 
-        snap, rows, roles = await self.reader_conn.run(load)
+        snap, rows, roles, epoch = await self.reader_conn.run(load)
         doc = (
             Document.load(project_id, orjson.loads(snap[1]))
             if snap
@@ -352,7 +355,7 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             if event.seq == doc.seq + 1:
                 doc.apply(event.effects, event.seq, event.user_id)
             history.append(event)
-        return _Mirror(doc=doc, history=history, roles=dict(roles))
+        return _Mirror(doc=doc, history=history, roles=dict(roles), epoch=epoch)
 
     def _apply(self, mirror: _Mirror, event: DurableEvent) -> None:
         """Apply the project's next event to the mirror and tell its listeners (an event it
@@ -980,7 +983,7 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 log.warning("ignored a malformed notice on %s: %r", _pg.CHANNEL, payload[:200])
                 continue
             if notice.get("e"):
-                self.release(project_id)  # a rewritten history: reloaded on demand
+                self._rewritten(project_id)  # reloaded on demand
                 continue
             mirror = self._mirrors.get(project_id)
             if mirror is None:
@@ -1031,22 +1034,34 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         _pg.listen(self.url, stop, on_notices, on_state)
 
     async def _poll(self) -> None:
-        """One pass of the poller: every open project's seq in the database against its
-        mirror's; those behind catch up."""
+        """One pass of the poller: every open project's seq and epoch in the database against
+        its mirror's. Those behind catch up; one whose epoch changed, or that the database is
+        behind (it lost writes this process saw committed: a restore, a failover), was
+        rewritten (``_rewritten``), even when the notice saying so was lost."""
         mirrors = {p: m for p, m in self._mirrors.items() if m.listeners}
         if not mirrors:
             return
-        ids = list(mirrors)
+        # Before the read: what the mirrors hold was committed before it started.
+        seen = {project_id: mirror.doc.seq for project_id, mirror in mirrors.items()}
 
         def read(conn: Any) -> Any:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT project_id, seq FROM projects WHERE project_id = ANY(%s)",
-                            (ids,))  # fmt: skip
+                cur.execute("SELECT project_id, seq, epoch FROM projects "
+                            "WHERE project_id = ANY(%s)", (list(mirrors),))  # fmt: skip
                 return cur.fetchall()
 
-        for project_id, seq in await self.reader_conn.run(read):
+        for project_id, seq, epoch in await self.reader_conn.run(read):
             mirror = self._mirrors.get(project_id)
-            if mirror is not None and int(seq) > mirror.doc.seq:
+            if mirror is not mirrors[project_id]:
+                continue  # dropped or reloaded meanwhile
+            if mirror.epoch is None:
+                mirror.epoch = epoch
+            if epoch != mirror.epoch or int(seq) < seen[project_id]:
+                log.warning("project %s: the database's history is not the one this process "
+                            "holds (epoch %s, seq %d; here %s, %d)", project_id, epoch,
+                            int(seq), mirror.epoch, seen[project_id])  # fmt: skip
+                self._rewritten(project_id)
+            elif int(seq) > mirror.doc.seq:
                 mirror.wanted = max(mirror.wanted, int(seq))
                 self._schedule_catch_up(project_id, mirror)
 
@@ -1214,6 +1229,9 @@ async def open_postgresql_backplane(
         except Overloaded as exc:
             raise TransportError(f"database {redact_url_password(url)!r}: cannot migrate its "
                                  f"schema: {exc}") from exc  # fmt: skip
+        # Before any other statement of this process, and again on every reconnect.
+        await writer.run(_pg.check_identity)
+        writer.on_connect = reader.on_connect = _pg.check_identity
         await reader.open()
         backplane = PostgreSQLBackplane(
             url=url, writer_conn=writer, reader_conn=reader, history_limit=history_limit,

@@ -357,8 +357,9 @@ async def test_migrations_bring_an_empty_database_to_the_current_schema(
             "WHERE schemaname = 'public'", database="migrated",
         )  # fmt: skip
         assert tables.strip().split(",") == [
-            "alerts", "audit_events", "changes", "comments", "conflicts", "crealia_identity", "crealia_schema",
-            "events", "health", "metric_samples", "project_roles", "project_settings",
+            "alerts", "audit_events", "changes", "comments", "conflicts", "crealia_identity",
+            "crealia_schema", "events", "health", "metric_samples", "project_roles",
+            "project_settings",
             "projects", "security_alerts", "snapshots",
         ]  # fmt: skip
         # Opening a backplane on an empty database migrates it too.

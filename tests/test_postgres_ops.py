@@ -234,3 +234,33 @@ async def test_gdpr_export_and_erasure_are_answered_alike_by_both_processes(
                     assert welcome["epoch"] != old_epoch
                     writers = welcome["snapshot"]["elements"]["clip"]
                     assert "alice" not in str(writers), writers
+
+
+async def test_an_erasure_on_one_process_closes_the_project_s_room_on_the_other(
+    postgres: PostgresServer, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The erasure's notice tells every process its history was rewritten: a room open on
+    another process closes (1011) and its members resume with a snapshot without the erased
+    comment. Before, that room kept serving what was erased until it closed by itself."""
+    with trio.fail_after(60):
+        async with (
+            two_servers(postgres, tmp_path, "erase-open") as (a, b),
+            opened(a, nursery) as clients,
+        ):
+            alice = await clients.join("alice")
+            bob = await clients.join("bob", role="editor")
+            comment = await alice.request(
+                "comment_add", {"comment": {"id": "k1", "text": "alice here"}}
+            )
+            assert comment["type"] == "ack", comment
+            await alice.aclose()
+            await a.hub.audit.flush()
+            erased = await call(b, "POST", "/api/collaboration/gdpr/erase",
+                                {"userId": "alice"}, bearer(b, "olga"))  # fmt: skip
+            assert erased.status_code == 200, erased.text
+            assert await bob.closed() == 1011
+            raw = await clients.raw()
+            welcome = await raw.hello(clients.token("bob"), "p1", resume=2,
+                                      epoch=bob.welcome["epoch"])  # fmt: skip
+            assert welcome["epoch"] != bob.welcome["epoch"]
+            assert "alice here" not in str(welcome["snapshot"]), welcome

@@ -256,7 +256,8 @@ def _write_all(conn: Any, writes: list[_Write]) -> list[_Result]:
 class _Mirror(Mirror):
     #: Conflicts other processes announced, to read and tell the listeners.
     announced: list[str] = attrs.Factory(list)
-    #: The project's epoch when it was loaded (None: no row yet, the first one seen is kept).
+    #: The project's epoch when it was loaded (None only if the row was gone by then: the
+    #: poller keeps the first one it reads).
     epoch: str | None = None
 
 
@@ -342,6 +343,9 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 roles = cur.fetchall()
                 return snap, events, roles, head_row[1] if head_row else None
 
+        # The row made first (outside the snapshot, which must not write), so that a rewrite
+        # before the project's first write (an erasure) is seen as one.
+        await self.epoch(project_id)
         snap, rows, roles, epoch = await self.reader_conn.run(load)
         doc = (
             Document.load(project_id, orjson.loads(snap[1]))

@@ -436,10 +436,12 @@ async def _wait_for_port(port: int, process: trio.Process) -> None:
         return
 
 
+#: Debian's haproxy is in /usr/sbin, which a user's PATH may lack.
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
 NO_HAPROXY = "haproxy is not installed (scripts/bootstrap.sh --test installs it)"
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason=NO_HAPROXY)
+@pytest.mark.skipif(HAPROXY is None, reason=NO_HAPROXY)
 async def test_the_shipped_haproxy_passes_the_client_address(
     tmp_path: Path, clients: Opener
 ) -> None:
@@ -449,7 +451,7 @@ async def test_the_shipped_haproxy_passes_the_client_address(
         cfg.write_text(local_haproxy_cfg(lb_http, lb_ws, server.http_port, server.ws_port))
         log = (tmp_path / "haproxy.log").open("wb")
         haproxy = await trio.lowlevel.open_process(
-            ["haproxy", "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT
+            [str(HAPROXY), "-db", "-f", str(cfg)], stdout=log, stderr=subprocess.STDOUT
         )
         try:
             with trio.fail_after(30):

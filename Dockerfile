@@ -5,7 +5,7 @@
 #
 # Ports, data dir and Redis come from the environment (see deploy/README.md); flags given after
 # the image name replace the CMD, e.g. `... crealia:0.1.0 crealia serve --host 0.0.0.0 --dev`.
-# deploy/docker-compose.yml and deploy/k8s/ run this image as a cluster on one Redis.
+# deploy/docker-compose.yml and deploy/k8s/ run this image as a cluster on PostgreSQL and Redis.
 
 FROM python:3.11-slim
 

@@ -138,6 +138,9 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--allowed-hosts", "allowed_hosts",
      "host names requests may carry in Host (.example.com: and its subdomains), "
      "comma-separated; default any (CREALIA_ALLOWED_HOSTS)"),
+    ("--trusted-proxies", "trusted_proxies",
+     "networks of the reverse proxies in front, CIDR[,CIDR...]: from them the client's address "
+     "is read from X-Forwarded-For (default: trust no one; TRUSTED_PROXIES)"),
     ("--tick-ms", "tick_ms", "outbound batching tick in ms, 0 to 1000 (0: batching off)"),
     ("--batch-frames-per-s", "batch_frames_per_s",
      "frames a second the fan-out sends before it coalesces, up to the tick (default 20000)"),

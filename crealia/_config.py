@@ -44,6 +44,7 @@ from ._auth import keys_file_path, parse_key_map, parse_public_keys_env
 from ._errors import ConfigurationError
 from ._origin import parse_allowed_hosts, parse_allowed_origins
 from ._preauth import parse_preauth_limit
+from ._proxies import parse_trusted_proxies
 
 
 @attrs.frozen
@@ -378,7 +379,8 @@ class Config:
     max_connections: int = attrs.field(default=0, validator=_int_range(0, 1 << 20))
     #: Open TCP connections from one client address at most (0 to 1,048,576; 0: no cap), and
     #: never more than a quarter of ``max_connections``, so one address cannot take them all.
-    #: Behind a reverse proxy every client has the proxy's address: set 0 there.
+    #: Behind a reverse proxy, name it in ``trusted_proxies`` (its connections then count
+    #: against their clients' addresses), or set 0.
     max_connections_per_address: int = attrs.field(default=256, validator=_int_range(0, 1 << 20))
     #: Authenticated sessions of one user at most (0 to 65,536; 0: no cap); the next ``hello``
     #: gets ``overloaded`` and close 1013.
@@ -391,6 +393,11 @@ class Config:
     #: Host names requests may name in ``Host`` (against DNS rebinding); ``.example.com`` also
     #: allows its subdomains. Empty or ``*``: any host. Others get 421.
     allowed_hosts: tuple[str, ...] = attrs.field(default=(), converter=parse_allowed_hosts)
+    #: Networks (CIDR, or single addresses) of the reverse proxies in front: from a TCP peer in
+    #: one of them the client's address is read from ``X-Forwarded-For`` (the rightmost entry
+    #: that is not itself a trusted proxy) for the audit log, the per-address limits and the
+    #: security alerts (:mod:`crealia._proxies`). Empty: trust no one, the header is ignored.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=parse_trusted_proxies)
     #: In a cluster, the share of a class's burst (0.01 to 1) a process may admit for a user
     #: ahead of what Redis confirmed; a user spread over N processes gets at most the burst
     #: plus N such slacks (at least one event each).
@@ -1032,6 +1039,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_HTTP_HEADER_TIMEOUT", "http_header_timeout", float),
     ("CREALIA_HTTP_BODY_TIMEOUT", "http_body_timeout", float),
     ("CREALIA_ALLOWED_HOSTS", "allowed_hosts", str),
+    ("TRUSTED_PROXIES", "trusted_proxies", str),
     ("CREALIA_CLUSTER_RATE_SLACK", "cluster_rate_slack", float),
     ("CREALIA_VALUE_MAX_BYTES", "value_max_bytes", int),
     ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),

@@ -5,7 +5,11 @@ Everything here runs before a connection costs the server anything but its file 
 - :class:`ConnectionGate` counts the TCP connections both ports hold, in all and per client
   address, and the authenticated sessions per user. Over a cap a connection is refused: at
   accept time with ``503`` (on both ports: the fast path's handshake is HTTP too), after
-  ``hello`` with close 1013. Refusals are counted per reason for ``/metrics``.
+  ``hello`` with close 1013. Refusals are counted per reason for ``/metrics``. A connection
+  from a trusted proxy (``trusted_proxies``, :mod:`crealia._proxies`) carries other people's
+  requests: it is not held to the per-address cap when it is accepted, and a WebSocket over it
+  counts against its client's address once the handshake has said whose it is
+  (:meth:`ConnectionGate.readdress`).
 - :class:`GatedListener` wraps a listening socket for :func:`trio.serve_listeners`: it asks the
   gate before it hands a connection on, and when ``accept`` fails for lack of file descriptors
   or memory (``EMFILE`` and kin) it backs off (10 ms doubling to 1 s) instead of spinning, logs
@@ -16,7 +20,8 @@ Everything here runs before a connection costs the server anything but its file 
   its body within ``http_body_timeout`` of its headers; a response sent before the body was read
   (a 401, say) closes the connection a second later instead of waiting for a body that may
   never come. Once a request's body is in (or it has none) reads wait as long as the response
-  takes (a live feed, a WebSocket). :func:`edge_app` is the ASGI side that moves the deadlines.
+  takes (a live feed, a WebSocket). :func:`edge_app` is the ASGI side that moves the deadlines
+  and, behind a trusted proxy, puts the client's address in the scope (``scope["client"]``).
 
 hypercorn offers no per-connection hook, so :func:`serve_http` does what ``hypercorn.trio.serve``
 does (lifespan, worker context, one ``TCPServer`` per connection) with its own listeners; it
@@ -43,7 +48,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
-from ._origin import HostPolicy, header, misdirected_body
+from ._origin import HostPolicy, header, header_values, misdirected_body
+from ._proxies import TrustedProxies
 
 log = logging.getLogger("crealia.edge")
 
@@ -91,12 +97,16 @@ def address_cap(per_address: int, total: int) -> int:
 class ConnectionGate:
     """Caps on open connections (in all, per client address) and on sessions per user.
 
-    A cap of 0 is no cap. Counters are plain integers for ``/metrics``.
+    A cap of 0 is no cap. Counters are plain integers for ``/metrics``. A connection from one
+    of ``proxies`` is counted under the proxy's address but not refused for it, until
+    :meth:`readdress` moves it to its client's.
     """
 
     max_connections: int = 0
     max_per_address: int = 0
     max_per_user: int = 0
+    #: The reverse proxies whose connections carry their clients' addresses.
+    proxies: TrustedProxies = attrs.Factory(TrustedProxies)
     #: TCP connections held now (both ports), and per address.
     open: int = 0
     by_address: dict[str, int] = attrs.Factory(dict)
@@ -115,14 +125,44 @@ class ConnectionGate:
             self.refused["global"] += 1
             return "server busy: too many open connections, try again later"
         held = self.by_address.get(address, 0)
-        if self.max_per_address and held >= self.max_per_address:
-            self.refused["address"] += 1
-            return (f"too many connections from your address "
-                    f"(at most {self.max_per_address})")  # fmt: skip
+        if self._over_address_cap(address, held):
+            return self._address_refusal()
         self.open += 1
         self.by_address[address] = held + 1
         self._held[id(stream)] = address
         return None
+
+    def readdress(self, stream: object, address: str) -> str | None:
+        """Count the admitted ``stream`` under ``address`` from now on (its client's, read
+        from a trusted proxy's ``X-Forwarded-For``), or say why not: the client's address is
+        over its cap (the stream stays counted as it was; the caller refuses and drops it).
+        Nothing for a stream never admitted, or already under ``address``."""
+        before = self._held.get(id(stream))
+        if before is None or before == address:
+            return None
+        held = self.by_address.get(address, 0)
+        if self._over_address_cap(address, held):
+            return self._address_refusal()
+        self._count_out(before)
+        self.by_address[address] = held + 1
+        self._held[id(stream)] = address
+        return None
+
+    def _over_address_cap(self, address: str, held: int) -> bool:
+        # A trusted proxy's connections carry many clients: each is held to the cap instead.
+        capped = bool(self.max_per_address) and held >= self.max_per_address
+        return capped and not self.proxies.trusts(address)
+
+    def _address_refusal(self) -> str:
+        self.refused["address"] += 1
+        return f"too many connections from your address (at most {self.max_per_address})"
+
+    def _count_out(self, address: str) -> None:
+        left = self.by_address[address] - 1
+        if left:
+            self.by_address[address] = left
+        else:
+            del self.by_address[address]
 
     def release(self, stream: object) -> None:
         """Count ``stream`` out (once; a stream never admitted is ignored)."""
@@ -130,11 +170,7 @@ class ConnectionGate:
         if address is None:
             return
         self.open -= 1
-        left = self.by_address[address] - 1
-        if left:
-            self.by_address[address] = left
-        else:
-            del self.by_address[address]
+        self._count_out(address)
 
     def enter_user(self, user_id: str) -> bool:
         """Count one more session of ``user_id``; False (and counted) when over its cap."""
@@ -262,6 +298,8 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, stream: trio.SocketStream, deadline: float, gate: ConnectionGate) -> None:
         self._stream = stream
+        #: The accepted stream, which the gate counts the connection by.
+        self.accepted = stream
         self.socket = stream.socket
         self.deadline = deadline
         self._gate = gate
@@ -308,7 +346,13 @@ def edge_app(
 ) -> ASGIApp:
     """Wrap ``app``: refuse requests for hosts ``hosts`` does not allow (421 on HTTP, on a
     WebSocket handshake too), and move the connection's read deadline (see the module
-    docstring) as requests come and go."""
+    docstring) as requests come and go.
+
+    From a peer the gate's ``proxies`` trust, ``scope["client"]`` becomes the client's address
+    (read from ``X-Forwarded-For``, port 0), so that the app, its audit and its limits see the
+    client; a WebSocket handshake then counts against the client's address, and is refused
+    503 when that is over its cap."""
+    proxies = gate.proxies if gate is not None else TrustedProxies()
 
     def refused_host(scope: Scope) -> str | None:
         host = header(scope.get("headers") or [], b"host")
@@ -325,9 +369,15 @@ def edge_app(
             return
         stream: DeadlineStream | None = (scope.get("state") or {}).get(STREAM_KEY)
         host = refused_host(scope)
+        if proxies:
+            scope = forwarded_scope(scope, proxies)
         if kind == "websocket":
-            if host is not None:
-                await _refuse_websocket(scope, receive, send, misdirected_body(host))
+            refusal = None
+            if host is None and proxies and gate is not None and stream is not None:
+                refusal = gate.readdress(stream.accepted, scope["client"][0])
+            if host is not None or refusal is not None:
+                body = misdirected_body(host) if host is not None else f"{refusal}\n".encode()
+                await _refuse_websocket(scope, receive, send, body, 503 if host is None else 421)
                 if stream is not None:
                     stream.set_deadline(trio.current_time() + EARLY_RESPONSE_LINGER)
                 return
@@ -387,16 +437,31 @@ async def _misdirected(send: Send, host: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse_websocket(scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-    """Answer a WebSocket handshake with 421 (with the denial-response extension; a plain
-    close before accept, which hypercorn answers 403, without it)."""
+def forwarded_scope(scope: Scope, proxies: TrustedProxies) -> Scope:
+    """``scope`` with ``client`` the client's address when its peer is a trusted proxy
+    (``(address, 0)``: the client's port is not known), else ``scope`` itself."""
+    client = scope.get("client")
+    peer = str(client[0]) if client else ""
+    address = proxies.client_address(
+        peer, header_values(scope.get("headers") or [], b"x-forwarded-for")
+    )
+    if address == peer:
+        return scope
+    return {**scope, "client": (address, 0)}
+
+
+async def _refuse_websocket(
+    scope: Scope, receive: Receive, send: Send, body: bytes, status: int = 421
+) -> None:
+    """Answer a WebSocket handshake with ``status`` (with the denial-response extension; a
+    plain close before accept, which hypercorn answers 403, without it)."""
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     if "websocket.http.response" not in (scope.get("extensions") or {}):
         await send({"type": "websocket.close", "code": 1008})
         return
-    await send({"type": "websocket.http.response.start", "status": 421,
+    await send({"type": "websocket.http.response.start", "status": status,
                 "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                             (b"content-length", str(len(body)).encode())]})  # fmt: skip
     await send({"type": "websocket.http.response.body", "body": body})

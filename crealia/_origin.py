@@ -151,6 +151,11 @@ def header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     return None
 
 
+def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    """The values of every ``name`` header (lower-case ``name``), in order, as latin-1."""
+    return [value.decode("latin-1") for key, value in headers if key.lower() == name]
+
+
 #: Local development origins, allowed under ``dev``.
 _DEV_ORIGIN = re.compile(r"http://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?")
 

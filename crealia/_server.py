@@ -40,6 +40,7 @@ from ._plugins import (
     BackplaneRegistry,
     StrategyRegistry,
 )
+from ._proxies import TrustedProxies
 from ._ratelimit import RateLimiter, rate_limits
 from ._room import RoomManager
 from ._security import AuditContext, AuditRule, SecurityMonitor
@@ -183,6 +184,7 @@ async def open_server(
                 max_connections=max_connections,
                 max_per_address=address_cap(config.max_connections_per_address, max_connections),
                 max_per_user=config.max_sessions_per_user,
+                proxies=TrustedProxies.from_config(config.trusted_proxies),
             )
             rooms = RoomManager(backplane, config, settler, traffic=traffic, jobs=jobs)
             await nursery.start(rooms.run)

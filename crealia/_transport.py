@@ -20,9 +20,12 @@ A transport is how clients reach the session core: the trio-websocket fast path 
 
 The life of a connection, as every transport runs it::
 
-    accept the client         acceptor.admit(key, address): over a cap, refuse and drop it
-    read its handshake        acceptor.check_handshake(host=, origin=, ...): refused, answer
-                              refusal.status with refusal.body; not acceptor.accepting: 503
+    accept the client         acceptor.admit(key, peer): over a cap, refuse and drop it
+    read its handshake        address = acceptor.client_address(peer, x_forwarded_for_lines)
+                              acceptor.readdress(key, address): over its cap, answer 503
+                              acceptor.check_handshake(host=, origin=, remote=address, ...):
+                              refused, answer refusal.status with refusal.body;
+                              not acceptor.accepting: 503
     wrap it                   conn = MyConnection(...)
     run the session           await acceptor.serve(conn)   (returns once conn is closed)
     clean up                  acceptor.release(key); drop the socket
@@ -35,7 +38,7 @@ rules below; ``crealia.testing.ConnectionCatcher`` gives a transport under test 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import trio
@@ -75,7 +78,8 @@ class Connection(ABC):
     its library's exceptions at the boundary (``raise ConnectionClosed(code) from exc``).
     """
 
-    #: The client's address without port (for logs, audit and per-address limits), or "".
+    #: The client's address without port (for logs, audit and per-address limits), or "":
+    #: behind a trusted proxy, the one :meth:`Acceptor.client_address` gives.
     remote: str = ""
     #: The client's ``User-Agent`` (for audit), or "".
     user_agent: str = ""
@@ -246,6 +250,19 @@ class Acceptor:
     def release(self, key: object) -> None:
         """Count a connection out when it is gone (once; a key never admitted is ignored)."""
         self.gate.release(key)
+
+    def client_address(self, peer: str, forwarded: Iterable[str]) -> str:
+        """The client's address of a connection from TCP peer ``peer`` whose handshake carried
+        the ``X-Forwarded-For`` lines ``forwarded`` (in order; none for a transport without
+        headers): read from them when ``peer`` is one of the config's ``trusted_proxies``, else
+        ``peer`` (the rules: :mod:`crealia._proxies`). Use it as :attr:`Connection.remote`."""
+        return self.gate.proxies.client_address(peer, forwarded)
+
+    def readdress(self, key: object, address: str) -> str | None:
+        """Count the admitted connection ``key`` against ``address`` (what
+        :meth:`client_address` gave) from now on: None, or the reason to refuse it (HTTP: 503)
+        when that address is over its cap. Nothing changes when ``address`` is the peer's."""
+        return self.gate.readdress(key, address)
 
     def check_handshake(
         self, *, host: str | None, origin: str | None, remote: str, user_agent: str = ""

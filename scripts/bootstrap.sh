@@ -1,9 +1,10 @@
 #!/bin/sh
 # Set up everything crealia needs from this checkout: system packages (when missing), a venv,
 # and the package with its test and dev extras. Safe to run again; it only does what is missing.
-# With --test it also sees to what only the tests use: Debian's chromium for the browser tests
-# and Debian's postgresql for the PostgreSQL backplane's tests (each installed when root;
-# otherwise those tests skip, and this says what to install).
+# With --test it also sees to what only the tests use: Debian's chromium for the browser tests,
+# Debian's postgresql for the PostgreSQL backplane's tests and haproxy for the test that runs
+# deploy/haproxy.cfg (each installed when root; otherwise those tests skip, and this says what
+# to install).
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -13,7 +14,7 @@ SYSTEM_PACKAGES="${CREALIA_SYSTEM_PACKAGES:-redis-server}"
 
 TEST_PACKAGES=""
 if [ "${1:-}" = "--test" ]; then
-    TEST_PACKAGES="${CREALIA_TEST_PACKAGES:-chromium postgresql}"
+    TEST_PACKAGES="${CREALIA_TEST_PACKAGES:-chromium postgresql haproxy}"
 fi
 
 need_apt=""
@@ -36,6 +37,9 @@ for pkg in $TEST_PACKAGES; do
         # Debian keeps PostgreSQL's binaries off PATH, in /usr/lib/postgresql/<major>/bin.
         postgresql) have=$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null | head -n 1 || true)
                     tests="PostgreSQL" ;;
+        # In /usr/sbin, which a user's PATH may lack.
+        haproxy) have=$(command -v haproxy 2>/dev/null || ls /usr/sbin/haproxy 2>/dev/null || true)
+                 tests="HAProxy" ;;
         *) have=$(command -v "$pkg" 2>/dev/null || true); tests="browser" ;;
     esac
     if [ -z "$have" ]; then

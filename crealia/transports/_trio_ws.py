@@ -1,10 +1,12 @@
 """The fast-path client transport: trio-websocket on its own port.
 
-It reaches into trio-websocket 0.12's internals in three places, pinned by setup.cfg (``<0.13``):
+It reaches into trio-websocket 0.12's internals in four places, pinned by setup.cfg (``<0.13``):
 writing frames straight to the socket under the connection's own send lock, closing the TCP
 stream that trio-websocket leaves open when the peer closed first (both checked when a
-connection is wrapped), and reading the handshake's ``Host`` (for the Origin check: a request
-without it can only come from an allow-listed origin or none).
+connection is wrapped), reading the handshake's ``Host`` (for the Origin check: a request
+without it can only come from an allow-listed origin or none), and naming the accepted stream
+to the connection gate (a trusted proxy's connection counts against its client's address once
+the handshake's ``X-Forwarded-For`` has said whose it is).
 
 :class:`TrioWebSocketTransport` is a :class:`~crealia._transport.Transport` like any other: the
 server runs it with the same :class:`~crealia._transport.Acceptor` it gives every transport.
@@ -34,7 +36,7 @@ from wsproto.events import TextMessage
 from .._edge import ConnectionGate, GatedListener
 from .._errors import ConnectionClosed
 from .._lag import unacked_bytes
-from .._origin import header
+from .._origin import header, header_values
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
 from .._wire import SUBPROTOCOL
 from ._deflate import accept_websocket
@@ -43,11 +45,16 @@ from ._deflate import accept_websocket
 class TrioWebSocketConnection(Connection):
     """A :class:`Connection` over a trio-websocket server connection."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, user_agent: str = "") -> None:
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        user_agent: str = "",
+        remote: str | None = None,
+    ) -> None:
         self._ws = ws
         self.user_agent = user_agent
-        remote = ws.remote
-        self.remote = str(getattr(remote, "address", remote))
+        #: ``remote``: the client's address when known (behind a trusted proxy), else the peer's.
+        self.remote = _peer(ws) if remote is None else remote
         stream = getattr(ws, "_stream", None)
         socket = getattr(stream, "socket", None)
         self._fd = socket.fileno() if isinstance(stream, trio.SocketStream) and socket else -1
@@ -173,6 +180,12 @@ class TrioWebSocketConnection(Connection):
             await self._ws._close_stream()
 
 
+def _peer(ws: trio_websocket.WebSocketConnection | trio_websocket.WebSocketRequest) -> str:
+    """The TCP peer's address of a connection or handshake, without the port."""
+    remote = ws.remote
+    return str(getattr(remote, "address", remote))
+
+
 def _writable(fd: int) -> bool:
     """Whether socket ``fd`` can take a write now (for TCP: a third of its buffer is free)."""
     poller = select.poll()
@@ -274,13 +287,21 @@ class TrioWebSocketTransport(Transport):
             if request.path.split("?", 1)[0] != "/ws":
                 await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
                 return
-            remote = request.remote
             agent = header(request.headers, b"user-agent") or ""
+            remote = acceptor.client_address(
+                _peer(request), header_values(request.headers, b"x-forwarded-for")
+            )
+            # The gate counts the connection by the stream it accepted.
+            over = acceptor.readdress(request._connection._stream, remote)
+            if over is not None:
+                await _reject(request, 503, extra_headers=[_TEXT_PLAIN],
+                              body=f"{over}\n".encode())  # fmt: skip
+                return
             refusal = acceptor.check_handshake(
                 # wsproto keeps Host out of the extra headers, on the handshake event.
                 host=getattr(getattr(request, "_event", None), "host", None),
                 origin=header(request.headers, b"origin"),
-                remote=str(getattr(remote, "address", remote)),
+                remote=remote,
                 user_agent=agent,
             )
             if refusal is not None:
@@ -291,7 +312,7 @@ class TrioWebSocketTransport(Transport):
                 await _reject(request, 503, body=b"server shutting down")
                 return
             ws = await _accept(request, acceptor.max_frame_bytes)
-            await acceptor.serve(TrioWebSocketConnection(ws, agent))
+            await acceptor.serve(TrioWebSocketConnection(ws, agent, remote))
 
         async with trio.open_nursery() as nursery:
             bound = await trio.open_tcp_listeners(self.port, host=self.host)

@@ -190,9 +190,11 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: a write in one round trip (crealia/backplanes/postgresql.py ``_commit_batch``): the
     # writer's statements per write were nine round trips while the project's row was locked,
     # which held one project to ~25 writes a second. A batch is one call; each write runs in
-    # a block of its own (a subtransaction), undone unless it is stored or stale; a stale one
-    # keeps its row locked, so the writer prepares it again and stores it in the same
-    # transaction. ``w`` is one write (see ``_write_json``); its bytes are in ``blobs``.
+    # a block of its own (a subtransaction), undone unless it is stored, stale or busy; a
+    # stale one keeps its row locked, so the writer prepares it again and stores it in the
+    # same transaction; a busy one (without ``wait``, its row locked by another process) goes
+    # in the writer's next batch. ``w`` is one write (see ``_write_json``); its bytes are in
+    # ``blobs``.
     """
     CREATE FUNCTION crealia_write(w JSONB, blobs BYTEA[]) RETURNS JSONB
     LANGUAGE plpgsql AS $$
@@ -208,8 +210,21 @@ MIGRATIONS: tuple[str, ...] = (
         r RECORD;
         c JSONB;
     BEGIN
-        SELECT seq, pending_count, pending_bytes INTO head, cnt, held
-            FROM projects WHERE project_id = p FOR UPDATE;
+        IF (w->>'wait')::BOOLEAN THEN
+            SELECT seq, pending_count, pending_bytes INTO head, cnt, held
+                FROM projects WHERE project_id = p FOR UPDATE;
+        ELSE
+            -- Another process's transaction holds the row: this write goes in the next
+            -- batch, so this one does not hold its other rows while it waits.
+            SELECT seq, pending_count, pending_bytes INTO head, cnt, held
+                FROM projects WHERE project_id = p FOR UPDATE SKIP LOCKED;
+            IF NOT FOUND THEN
+                PERFORM 1 FROM projects WHERE project_id = p;
+                IF FOUND THEN
+                    RETURN jsonb_build_object('s', 'busy');
+                END IF;
+            END IF;
+        END IF;
         IF NOT FOUND THEN
             INSERT INTO projects (project_id, epoch) VALUES (p, w->>'epoch')
                 ON CONFLICT DO NOTHING;
@@ -294,7 +309,7 @@ MIGRATIONS: tuple[str, ...] = (
         FOR w IN SELECT * FROM jsonb_array_elements(ws) LOOP
             BEGIN
                 answer := crealia_write(w, blobs);
-                IF answer->>'s' NOT IN ('ok', 'stale') THEN
+                IF answer->>'s' NOT IN ('ok', 'stale', 'busy') THEN
                     RAISE SQLSTATE 'CRW01' USING MESSAGE = answer::TEXT;
                 END IF;
             EXCEPTION

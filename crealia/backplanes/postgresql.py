@@ -101,6 +101,9 @@ MAX_ATTEMPTS = 64
 #: Writes one transaction of the writer takes at most.
 BATCH = 256
 
+#: Batches a write may find its project's row held by another process before it waits for it.
+BUSY_TRIES = 2
+
 #: Writes queued for the writer at most (past it: ``overloaded``).
 QUEUE = 10_000
 
@@ -158,6 +161,8 @@ class _Queued:
     write: _Write
     #: The mirror it was prepared on (held under its lock by the writing task).
     mirror: _Mirror
+    #: Batches it was answered ``busy`` in (its row held by another process's transaction).
+    busy: int = 0
     done: trio.Event = attrs.Factory(trio.Event)
     #: ``(status, value)``: ok (seq), dup (the first's row), gone, behind (the database's seq),
     #: quota ((count, bytes)), refused (the error preparing it again raised); or an error.
@@ -169,7 +174,7 @@ def _new_epoch() -> str:
     return uuid.uuid4().hex
 
 
-def _write_json(w: _Write, blobs: list[bytes]) -> dict[str, Any]:
+def _write_json(w: _Write, blobs: list[bytes], wait: bool) -> dict[str, Any]:
     """``w`` as ``crealia_write`` (the schema's migration 3) reads it; its bytes go to
     ``blobs``, named by their (1-based) index."""
 
@@ -183,7 +188,7 @@ def _write_json(w: _Write, blobs: list[bytes]) -> dict[str, Any]:
         row = [user_id, status, blob(_dumps(conflict_ids)), digest]
     event = w.event
     return {
-        "p": w.project_id, "mode": w.mode, "base": w.base_seq, "key": w.key,
+        "p": w.project_id, "mode": w.mode, "base": w.base_seq, "key": w.key, "wait": wait,
         "epoch": _new_epoch(), "node": w.node, "pending": [w.pending.count, w.pending.bytes],
         "max_pending": w.quotas.pending_conflicts, "max_pending_bytes": w.quotas.pending_bytes,
         "event": None if event is None else {
@@ -206,11 +211,12 @@ class _WriteFailed(Exception):
 _Result = tuple[tuple[str, Any], _Write] | _WriteFailed
 
 
-def _commit_batch(writes: list[_Write], conn: Any) -> list[_Result]:
-    """In the writer thread: one transaction; each write's result (or why it was undone)."""
+def _commit_batch(writes: list[_Write], waits: list[bool], conn: Any) -> list[_Result]:
+    """In the writer thread: one transaction; each write's result (or why it was undone).
+    A write without ``wait`` whose row another process holds is answered ``busy``."""
     _pg.begin(conn)  # on a connection lost while idle, the batch runs again on a new one
     try:
-        results = _write_all(conn, writes)
+        results = _write_all(conn, writes, waits)
     except BaseException:
         if not conn.broken and not conn.closed:
             conn.execute("ROLLBACK")
@@ -219,7 +225,7 @@ def _commit_batch(writes: list[_Write], conn: Any) -> list[_Result]:
     return results
 
 
-def _write_all(conn: Any, writes: list[_Write]) -> list[_Result]:
+def _write_all(conn: Any, writes: list[_Write], waits: list[bool]) -> list[_Result]:
     """The batch in one call of ``crealia_write_batch``; then the stale writes (the project
     moved past their base), prepared again on the Trio thread (``_Write.redo``) while their
     rows stay locked, in a second call, which stores them."""
@@ -228,7 +234,8 @@ def _write_all(conn: Any, writes: list[_Write]) -> list[_Result]:
     with conn.cursor() as cur:
         for _call in range(2):
             blobs: list[bytes] = []
-            calls = orjson.dumps([_write_json(w, blobs) for w in todo.values()]).decode()
+            calls = orjson.dumps([_write_json(w, blobs, waits[i] or _call > 0)
+                                  for i, w in todo.items()]).decode()  # fmt: skip
             cur.execute("SELECT crealia_write_batch(%s::jsonb, %s::bytea[])", (calls, blobs))
             (answers,) = cur.fetchone()
             stale: dict[int, _Write] = {}
@@ -281,6 +288,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     writes: int = 0
     #: Writes prepared again under the project's row lock (another process wrote first).
     redone: int = 0
+    #: Writes put off to the next batch (another process's transaction held their row).
+    busy: int = 0
     #: Notices heard from the listener, and catch-ups run.
     notices: int = 0
     catch_ups: int = 0
@@ -461,15 +470,18 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     async def _writer(self, recv: trio.MemoryReceiveChannel[_Queued]) -> None:
         batch: list[_Queued] = []
         try:
-            async for first in recv:
-                batch = [first]
+            while True:
+                if not batch:  # else: the writes found busy, again with what has come since
+                    try:
+                        batch = [await recv.receive()]
+                    except trio.EndOfChannel:
+                        break
                 while len(batch) < BATCH:
                     try:
                         batch.append(recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await self._commit(batch)
-                batch = []
+                batch = await self._commit(batch)
         finally:
             closed = Overloaded("postgresql backplane is closed")
             for item in batch:
@@ -484,14 +496,17 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 item.error = closed
                 item.done.set()
 
-    async def _commit(self, batch: list[_Queued]) -> None:
+    async def _commit(self, batch: list[_Queued]) -> list[_Queued]:
+        """Commit ``batch``; the writes found busy, for the next one."""
         # Rows are locked in project order: two processes' batches never wait on each other
-        # in a cycle.
+        # in a cycle. A write waits for a row another process holds only once it found it
+        # busy twice (so that it cannot be kept out); before, it goes in the next batch.
         batch.sort(key=lambda item: item.write.project_id)
         writes = [item.write for item in batch]
+        waits = [item.busy >= BUSY_TRIES for item in batch]
         try:
             results = await self.writer_conn.run(
-                lambda conn: _commit_batch(writes, conn), idempotent=False
+                lambda conn: _commit_batch(writes, waits, conn), idempotent=False
             )
         except Overloaded as exc:
             # The commit may have happened before its answer was lost: the client cannot know
@@ -507,10 +522,15 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 if mirror is not None:
                     self._schedule_catch_up(item.write.project_id, mirror)
                 item.done.set()
-            return
+            return []
         self.commits += 1
-        self.writes += len(batch)
+        busy: list[_Queued] = []
         for item, outcome in zip(batch, results, strict=True):
+            if not isinstance(outcome, _WriteFailed) and outcome[0][0] == "busy":
+                item.busy += 1
+                self.busy += 1
+                busy.append(item)
+                continue
             if isinstance(outcome, _WriteFailed):
                 log.error("a write to project %s failed: %s", item.write.project_id, outcome)
                 item.error = Overloaded(f"postgresql refused the write, nothing was applied: "
@@ -521,6 +541,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                     with self.jobs.guard("pg_writer"):  # a bug there must not stop the writer
                         self._committed(stored, item.mirror)
             item.done.set()
+        self.writes += len(batch) - len(busy)
+        return busy
 
     def _committed(self, write: _Write, mirror: _Mirror) -> None:
         """On the Trio thread, right after the transaction: apply the write's event to the

@@ -34,7 +34,11 @@ from crealia import (
 )
 from crealia._wire import InsertOp
 from crealia.backplanes import _pg
-from crealia.backplanes.postgresql import PostgreSQLBackplane, open_postgresql_backplane
+from crealia.backplanes.postgresql import (
+    BUSY_TRIES,
+    PostgreSQLBackplane,
+    open_postgresql_backplane,
+)
 from crealia.testing import check_backplane
 
 from ._postgres import PostgresServer, free_port, run_postgres
@@ -248,6 +252,52 @@ async def test_a_database_restored_under_a_running_process_renews_the_epochs_it_
         # A process started on the restored database later finds its identity stored.
         async with open_postgresql_backplane(url) as again:
             assert await again.epoch(project) == after
+
+
+async def test_a_write_whose_row_another_transaction_holds_is_put_off_then_waits(
+    postgres: PostgresServer,
+) -> None:
+    """Another transaction holds the project's row: the write is answered busy (so the batch
+    does not wait holding its other rows) twice, then waits for the row, and commits once
+    the other transaction ends."""
+    url = await postgres.create_database("busy")
+    project = "p-busy"
+    holder = _pg.PgConnection(url, name="test-holder")
+    with trio.fail_after(60):
+        async with open_postgresql_backplane(url) as backplane:
+            await backplane.commit_change(_user(project, "a"), _change("c0", "e0"))
+
+            def hold(conn: Any) -> None:
+                conn.execute("BEGIN")
+                conn.execute("SELECT seq FROM projects WHERE project_id = %s FOR UPDATE",
+                             (project,))  # fmt: skip
+
+            def waiting(conn: Any) -> int:
+                row = conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()
+                return int(row[0])
+
+            watcher = _pg.PgConnection(url, name="test-watcher")
+            try:
+                await holder.run(hold)
+                async with trio.open_nursery() as nursery:
+                    acked = trio.Event()
+
+                    async def write() -> None:
+                        outcome = await backplane.commit_change(
+                            _user(project, "a"), _change("c1", "e1")
+                        )
+                        assert outcome.seq == 2
+                        acked.set()
+
+                    nursery.start_soon(write)
+                    while not await watcher.run(waiting):
+                        await trio.sleep(0.02)  # polling the database for the waiting lock
+                    assert backplane.busy == BUSY_TRIES and not acked.is_set()
+                    await holder.run(lambda conn: conn.execute("COMMIT"))
+                    await acked.wait()
+            finally:
+                await holder.close()
+                await watcher.close()
 
 
 def _percentile(values: list[float], q: float) -> float:

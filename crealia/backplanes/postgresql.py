@@ -315,6 +315,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
     _bus_event: trio.Event = attrs.Factory(trio.Event)
     #: Why Redis last failed a presence call, until one works again.
     _bus_error: str | None = None
+    #: Why the bus's listener last lost Redis (one line), while it is reconnecting.
+    _bus_lost: str | None = None
 
     # -- mirrors ------------------------------------------------------------------------------
 
@@ -934,6 +936,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         else:
             self.bus_connected = False
             self._bus_event = trio.Event()
+            # The cause, for /readyz (a wrong password is not "unreachable" to an operator).
+            self._bus_lost = " ".join(str(exc).split())[:200] if exc is not None else None
             self.jobs.failed("redis_listener", exc or RuntimeError("connection lost"))
 
     async def wait_bus_connected(self) -> None:
@@ -1140,7 +1144,10 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             return {}
         if self.bus_connected and self._bus_error is None:
             return {"redis": None}
-        why = self._bus_error or "pub/sub is reconnecting"
+        why = self._bus_error or (
+            f"pub/sub is reconnecting: {self._bus_lost}" if self._bus_lost else
+            "pub/sub is reconnecting"
+        )  # fmt: skip
         return {
             "redis": f"redis unreachable ({why}): presence, cursors and rate limits are per "
             "process; edits commit and reach every process through PostgreSQL"

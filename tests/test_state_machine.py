@@ -86,6 +86,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from wsproto.utilities import LocalProtocolError
 
 from crealia import Server, open_server
 from crealia._protocol import PRESENCE_KINDS
@@ -93,9 +94,10 @@ from crealia._protocol import PRESENCE_KINDS
 from ._postgres import run_postgres
 from ._redis import run_redis
 from ._wsclient import RawClient
-from .conftest import make_config
+from .conftest import Clients, make_config
 from .faults._scenario import LOST, SECRET, Refused, Replica, close, connect, join, read_durable
 from .faults._scenario import token as make_token
+from .test_protocol import insert, set_op
 
 FULL = os.environ.get("CREALIA_FAULTS_FULL") == "1"
 
@@ -438,34 +440,44 @@ class Member:
     async def _connection(self, resume: bool, task_status: trio.TaskStatus[None]) -> None:
         stats = self.example.world.stats
         url = self.example.world.url(self.node)
-        async with trio.open_nursery() as nursery:  # trio-websocket's reader
-            client = await connect(nursery, url)
-            conn = Conn(client)
-            try:
-                with trio.fail_after(STEP_S):
-                    resuming = resume and self.replica.loaded
-                    welcome = await join(
-                        client, self.user, self.replica.seq if resuming else None,
-                        self.epoch if resuming else None, project=self.example.project,
-                    )  # fmt: skip
-                self._welcomed(welcome, resuming)
-                self.refs.clear()
-                self.conn = conn
-                self.example.notify()
-                task_status.started()
-                with conn.scope:
-                    for ident in list(self.pending):
-                        stats.resent += 1
-                        await self._transmit(ident)
-                    await self._read(conn)
-            finally:
-                if self.conn is conn:
-                    self.conn = None
-                with trio.CancelScope(shield=True), trio.move_on_after(3):
-                    await _hang_up(client, conn.how)
-                nursery.cancel_scope.cancel()
+        conn: Conn | None = None
+        try:
+            async with trio.open_nursery() as nursery:  # trio-websocket's reader
+                client = await connect(nursery, url)
+                try:
+                    with trio.fail_after(STEP_S):
+                        resuming = resume and self.replica.loaded
+                        welcome = await join(
+                            client, self.user, self.replica.seq if resuming else None,
+                            self.epoch if resuming else None, project=self.example.project,
+                        )  # fmt: skip
+                    self._welcomed(welcome, resuming)
+                    self.refs.clear()
+                    self.conn = conn = Conn(client)
+                    self.example.notify()
+                    task_status.started()
+                    with conn.scope:
+                        for ident in list(self.pending):
+                            stats.resent += 1
+                            await self._transmit(ident)
+                        await self._read(conn)
+                finally:
+                    if conn is not None and self.conn is conn:
+                        self.conn = None
+                    with trio.CancelScope(shield=True), trio.move_on_after(3):
+                        await _hang_up(client, conn.how if conn else "fin")
+                    nursery.cancel_scope.cancel()
+        except* LocalProtocolError as group:
+            # trio-websocket's reader answering a ping after this side began to close (its
+            # bug, not the server's): harmless once this connection is being left.
+            if conn is None:
+                raise trio.BrokenResourceError("the WebSocket broke in its handshake") from group
+            if not conn.left:
+                self.problem(f"the WebSocket library broke under it: {group!r}")
+        finally:
+            if conn is not None:
                 conn.closed.set()
-                self.example.notify()
+            self.example.notify()
 
     def _welcomed(self, welcome: dict[str, Any], resumed: bool) -> None:
         stats = self.example.world.stats
@@ -857,6 +869,8 @@ class Example:
                 return welcome, events
             except* (*LOST, Refused):
                 pass
+            except* LocalProtocolError:
+                pass  # trio-websocket answering a ping while it closes: once more
             await trio.sleep(0.05)  # reconnect backoff, not synchronization
 
     async def settle(self) -> tuple[dict[str, Any], set[str]]:
@@ -1268,3 +1282,49 @@ async def test_state_machine_shrinks_a_faulty_client_to_a_short_program(
     makes the event the client gets wrong, and perhaps a ``settle``)."""
     program = await catch(tmp_path, fault)
     assert len(program) <= 5, program
+
+
+@full
+@pytest.mark.xfail(
+    strict=True,
+    reason="crealia/backplanes/postgresql.py _catch_up_task: another process delivers a "
+    "conflict settled before its catch-up as conflict_resolved, then conflict_detected "
+    "(reported; see PG_LATE_DETECTIONS)",
+)
+async def test_postgresql_detects_a_conflict_before_it_resolves_it(tmp_path: Path) -> None:
+    """docs/protocol.md §5: every member is told of a conflict with ``conflict_detected``
+    (always ``pending``), then of its settling with ``conflict_resolved``, on every process.
+    Two users on one server race on a property 100 times; the default chain settles each
+    conflict at once; a member on the other server must hear detected, then resolved."""
+    async with trio.open_nursery() as nursery, cluster_world(tmp_path, nursery) as world:
+        far, near = (Clients(server, "ws", nursery) for server in world.servers)
+        with trio.fail_after(120):
+            carol = await far.join("carol", "order")
+            alice = await near.join("alice", "order")
+            bob = await near.join("bob", "order")
+            late: list[tuple[str, list[str]]] = []
+            for k in range(100):
+                clip = f"clip{k}"
+                await alice.request("timeline_change", insert(f"i{k}", clip, title="t"))
+                ack = await alice.request("timeline_change", set_op(f"a{k}", clip, "title",
+                                                                    "A", None))  # fmt: skip
+                stale = ack["data"]["seq"] - 1
+                ack = await bob.request("timeline_change",
+                                        set_op(f"b{k}", clip, "title", "B", stale))  # fmt: skip
+                (conflict_id,) = ack["data"]["conflicts"]
+                heard: list[str] = []
+                while len(heard) < 2:
+                    envelope = await carol.next()
+                    data = envelope["data"]
+                    if envelope["type"] == "conflict_detected":
+                        heard += [f"detected ({c['status']})" for c in data["conflicts"]
+                                  if c["id"] == conflict_id]  # fmt: skip
+                    elif envelope["type"] == "conflict_resolved":
+                        heard += ["resolved"] if data["conflict_id"] == conflict_id else []
+                if heard != ["detected (pending)", "resolved"]:
+                    late.append((conflict_id, heard))
+            for clients in (far, near):
+                await clients.aclose()
+    assert not late, (
+        f"{len(late)} of 100 conflicts reached the other server out of order: {late[:3]}"
+    )

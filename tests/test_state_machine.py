@@ -8,20 +8,19 @@ app's ``/ws``); (b) two servers on one PostgreSQL database with Redis beside it 
 by the test, tests/_postgres.py and tests/_redis.py), so that ops arrive on different
 processes' rooms and are ordered by the shared store. Clients speak docs/protocol.md over
 WebSocket as raw clients (tests/_wsclient.py, the fault suite's ``connect``, ``join`` and
-``Replica``), not through the Python client: a client that hides duplicates and reorders
-nothing is what lets a gap or a duplicate ``seq`` be seen.
+``Replica``), not through the Python client: a client that hides nothing is what lets a gap
+or a duplicate ``seq`` be seen.
 
 **Why a ``RuleBasedStateMachine``, run on the test's own Trio loop.** A rule is one step a
-person would name (``join``, ``edit``, ``drop``, ``reconnect``, ``resolve``, ``settle``), its
-arguments drawn against what the machine has (members are a ``Bundle``), so a failure shrinks
-to a short program that reads as a story::
+person would name (``join``, ``edit``, ``collide``, ``drop``, ``burst_then_drop``,
+``reconnect``, ``resolve``, ``settle``...), its arguments drawn against what the machine has
+(members are a ``Bundle``), so a failure shrinks to a short program that reads as a story
+(this one is a sanity run's faulty client, caught)::
 
     state = Collaboration()
-    state.choose_chain(chain='manual')
-    members_0 = state.join(node=1, user='ana')
-    state.edit(member=members_0, change=Insert(element='clip-a', ...))
-    state.drop(member=members_0, how='reset')
-    state.reconnect(member=members_0, node=0, resume=True)
+    members_0, members_1 = state.open_project(chain='merge, priority', first=0, second=0)
+    state.edit(edits=[SetProp('clip-a', 'title', 'Intro', 'none')], member=members_1)
+    state.settle()
     state.teardown()
 
 A generated program (``st.lists`` of steps) in one ``trio.run`` per example would shrink as
@@ -32,28 +31,36 @@ and every rule calls into the loop with ``trio.from_thread.run``, so each exampl
 project on the same servers, the clients' tasks live in a nursery of the example (a task of
 the test's nursery), and between two rules the loop keeps running: acks, events and
 resolutions arrive while the next rule is drawn. Sends never wait for their ack (``wait_acks``
-and ``settle`` do), so changes of several clients on several nodes race for real. Timing is
-not Hypothesis's to replay: a failure that depends on it may be reported as flaky, with the
-failing program and its error.
+and ``settle`` do), so changes of several clients on several nodes race for real.
 
-**Invariants.** After every step, on every member: no ``seq`` skipped or applied twice
-(across resumes too), no ack of a change id with two different ``seq``, no error the step
-could not explain (an insert racing another, an element deleted meanwhile, a conflict settled
-by someone else, ``overloaded``/``rate_limited``: resent with the same id after the server's
-wait, as a client does), no close by the server. ``settle`` and the end of every example wait
-until the servers agree on a head and every connected member has heard it, then check that
-each member's document (elements and versions) is the snapshot a fresh member gets, on every
-server, and that it knows exactly the pending conflicts. At the end every member comes back
-(resuming), resends what was never acknowledged and the whole log is read from ``seq`` 0 on
-every server: ``1..head`` once each, its replay rebuilds the snapshot, every acknowledged
-change or comment is at its acknowledged ``seq`` with the operations sent, none twice, no
-refused change in it, and every conflict an ack named was settled exactly once or is pending.
+**Checks, and where they fail.** Every member records, as it reads, what is wrong: a ``seq``
+skipped or applied twice (across resumes too), a change id acked with two ``seq``, an error
+nothing explains (an insert racing another, an element deleted meanwhile and a conflict
+settled by someone else do; ``overloaded``/``rate_limited`` are resent with the same id after
+the server's wait, as a client does), a close by the server, an ephemeral event with a
+``seq``, a ``conflict_detected`` after its ``conflict_resolved``. ``settle`` and the end of
+every example wait for a consistent cut (the servers agree on a head and every connected
+member has heard it), then check that each member's document, versions included, is the
+snapshot a fresh member gets on every server and that it knows exactly the pending conflicts.
+At the end every member comes back (resuming), resends what was never acknowledged, and the
+whole log is read from ``seq`` 0 on every server: ``1..head`` once each, its replay rebuilds
+the snapshot, every acknowledged change or comment is at its acknowledged ``seq`` with the
+operations sent (a partial change: those that did not conflict), none is there twice, no
+refused change is there, and every conflict an ack named was settled exactly once or is
+pending. Failures are raised only there, from one line (:func:`fail`): what a step did is
+checked at a point the program fixes, not at whatever moment an event happened to arrive, so
+a failure replays and shrinks as one bug. A failure that needs a particular timing still may
+not replay; Hypothesis then reports it as flaky, with the program and the error.
 
-The default run keeps to about 45 s on a laptop-class machine and is derandomized (the same
-examples every run; no ``.hypothesis`` database). ``CREALIA_FAULTS_FULL=1`` (``make
-test-faults``) runs more and longer examples, randomly. :func:`test_state_machine_catches_a_
-faulty_client` proves the checks can fail: a client that drops an event, or that forgets what
-one did, is caught and shrunk to a short program.
+The default run keeps to about 45 s (``FAST``) and is derandomized: the same examples every
+run, no ``.hypothesis`` database. ``CREALIA_FAULTS_FULL=1`` (``make test-faults``) runs
+``LONG``, random, and shrinks the sanity runs. The sanity runs prove the checks can fail: a
+client that drops an event, one that takes an event's ``seq`` without doing what it says and
+one that books an ack at the wrong ``seq`` are each caught.
+
+Known: on PostgreSQL another process may deliver a conflict settled before its catch-up as
+``conflict_resolved`` then ``conflict_detected`` (:data:`PG_LATE_DETECTIONS`, reported); the
+cluster's run counts those instead of failing, and an xfail test reproduces it.
 """
 
 from __future__ import annotations
@@ -599,7 +606,7 @@ class Member:
         if sent_type == "timeline_change" and data.get("change_id") != ident:
             self.problem(f"{ident}: ack names change {data.get('change_id')!r}")
         seq = data.get("seq")
-        if self.example.world.fault == "misack" and ident == "seed":
+        if self.example.world.fault == "misack" and ident == "seed" and seq is not None:
             seq += 1  # the faulty client of the sanity test: it books the seed's ack wrong
         first = self.acked.get(ident)
         if first is None:
@@ -1037,7 +1044,7 @@ class Example:
                     )
                 else:  # partial: the operations that did not conflict, in order
                     require(
-                        _subsequence(body, out.data["changes"]),
+                        _subsequence(body or [], out.data["changes"]),
                         f"{member!r}'s {ident} ({ack.status}) applied as {body}, sent as "
                         f"{out.data['changes']}",
                     )

@@ -433,16 +433,20 @@ class Member:
         """Join (or come back) through ``node``; returns once welcomed. With ``resume``, from
         the replica's ``seq`` and epoch. Then resends what is pending, in the background."""
         self.node = node
+        refused: list[Any] = []
         with trio.fail_after(STEP_S):
-            while True:
+            while not refused:
                 try:
                     await self.example.nursery.start(self._connection, resume)
                     return
-                except* Refused:
-                    pass  # overloaded while a room opens: try again, as a client does
+                except* Refused as group:
+                    # overloaded while a room opens: again, as a client does; else it is wrong
+                    refused = [exc.args[0] for exc in group.exceptions
+                               if exc.args[0]["data"].get("code") != "overloaded"]  # fmt: skip
                 except* LOST:
                     pass
                 await trio.sleep(0.05)  # reconnect backoff, not synchronization
+        self.problem(f"its hello was refused: {refused}")
 
     async def _connection(self, resume: bool, task_status: trio.TaskStatus[None]) -> None:
         stats = self.example.world.stats

@@ -108,7 +108,20 @@ class _Joining:
 
     session: Session
     durable: list[DurableEvent] = attrs.Factory(list)
-    other: list[tuple[int, bytes]] = attrs.Factory(list)  # (seq it follows, frame)
+    #: (seq it follows, frame) of every other push; a ``conflict_detected`` is kept as its
+    #: conflicts, so that those settled in what the welcome gives can be left out.
+    other: list[tuple[int, bytes | list[Conflict]]] = attrs.Factory(list)
+
+
+@attrs.frozen
+class Activation:
+    """What a session's welcome is followed by, and what it must leave out."""
+
+    #: The frames to send right after the welcome: the replay and what came meanwhile.
+    frames: list[bytes]
+    #: Conflicts settled at or before the welcome's ``seq``: not pending, whatever a read
+    #: made before the welcome's snapshot or replay said.
+    settled: frozenset[str]
 
 
 @attrs.define(eq=False)
@@ -262,8 +275,12 @@ class Room:
         self._joining[session.id] = _Joining(session)
         self._occupied.set()
 
-    def activate(self, session: Session, after_seq: int) -> list[bytes]:
-        """Make a joining session a member and return what it missed after ``after_seq``.
+    def activate(
+        self, session: Session, after_seq: int, replay: list[DurableEvent] | None = None
+    ) -> Activation:
+        """Make a joining session a member and return what follows its welcome: ``replay``
+        (the events it missed, up to ``after_seq``) or, without one, a snapshot at
+        ``after_seq``; then what happened after ``after_seq`` while the welcome was prepared.
 
         Synchronous on purpose: nothing may be delivered between taking the missed frames and
         the switch to live delivery. The caller sends the frames right after its welcome.
@@ -273,12 +290,28 @@ class Room:
         if self.config.tick_ms > 0:
             self._joined_mid_tick[session.id] = len(self._ordered)
         joining = self._joining.pop(session.id)
+        durable = [e for e in joining.durable if e.seq > after_seq]
+        # Up to this seq the member has what it is given without events (its snapshot, or
+        # what it had before its resume): a conflict settled there reaches it as neither a
+        # detection nor a resolution.
+        told = after_seq if replay is None else (replay[0].seq - 1 if replay else after_seq)
+        settled_at = {e.payload["conflict_id"]: e.seq
+                      for e in (*joining.durable, *(replay or ()))
+                      if e.kind == "conflict_resolved"}  # fmt: skip
         # In the order they happened: each non-durable frame after the durable event it followed
         # (a conflict_detected before the conflict_resolved that settles it).
-        ordered = [((e.seq, 0), e.encoded) for e in joining.durable if e.seq > after_seq]
-        ordered += [((seq, 1), frame) for seq, frame in joining.other]
+        ordered = [((e.seq, 0), e.encoded) for e in (*(replay or ()), *durable)]
+        for seq, frame in joining.other:
+            if isinstance(frame, list):
+                live = [c for c in frame if settled_at.get(c.id, after_seq + 1) > told]
+                if not live:
+                    continue
+                frame = _wire.envelope("conflict_detected",
+                                       {"conflicts": [c.to_wire() for c in live]})  # fmt: skip
+            ordered.append(((seq, 1), frame))
         ordered.sort(key=lambda item: item[0])
         frames = [frame for _key, frame in ordered]
+        settled = frozenset(cid for cid, seq in settled_at.items() if seq <= after_seq)
         user = session.user
         member = self.members.get(user.id)
         first = member is None
@@ -290,7 +323,7 @@ class Room:
         self.sessions[session.id] = session
         if first:
             self._announce("user_joined", member, origin=session.id)
-        return frames
+        return Activation(frames=frames, settled=settled)
 
     def remove(self, session: Session) -> None:
         """Take a session out of the room (joining or member); the last one out leaves."""
@@ -455,7 +488,9 @@ class Room:
         self.traffic.conflicts_detected += len(conflicts)
         self.manager.traffic.conflicts_detected += len(conflicts)
         frame = _wire.envelope("conflict_detected", {"conflicts": [c.to_wire() for c in conflicts]})
-        self._enqueue(frame, None, None)
+        for joining in self._joining.values():
+            joining.other.append((self.seq, list(conflicts)))
+        self._enqueue(frame, None, None, to_joining=False)
 
     def on_rewritten(self) -> None:
         log.warning("project %s: its history was rewritten elsewhere; closing its room so "

@@ -662,10 +662,12 @@ class Hub:
             # see this one in theirs.
             await room.refresh_presence(joining=session)
         # From here to the last push nothing awaits: the replay and the live stream meet exactly.
-        missed = room.activate(session, seq)
+        after = room.activate(session, seq, events)
         data["seq"] = seq
         data["users"] = room.users()
-        data["pending_conflicts"] = [c.to_wire() for c in conflicts if c.status == "pending"]
+        # Read before the snapshot or the replay: without what was settled since.
+        pending = [c for c in conflicts if c.status == "pending" and c.id not in after.settled]
+        data["pending_conflicts"] = [c.to_wire() for c in pending]
         data["live_sessions"] = room.live.to_wire()
         if events is None:
             data["snapshot"] = snapshot
@@ -679,7 +681,7 @@ class Hub:
                                                 self.config.welcome_frame_bytes)  # fmt: skip
         else:
             session.push(1, welcome)
-        for chunk in _chunks([e.encoded for e in events or ()] + missed):
+        for chunk in _chunks(after.frames):
             session.push(len(chunk), b",".join(chunk))
 
     async def _reader(self, session: Session, room: Room) -> None:

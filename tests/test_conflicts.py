@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from crealia._settle import needs_review
 from crealia._strategy import DECLINE, Answer, ConflictStrategy, ResolutionContext
 from crealia.testing import make_conflict
 
+from ._memory_backplane import MemoryBackplane
 from .conftest import Clients, make_config, opened
 from .test_protocol import insert, set_op
 
@@ -687,3 +689,132 @@ async def test_a_dry_run_previews_its_first_twenty_conflicts_only(clients: Clien
         assert len(conflicts) == 25
         assert all(c["settled_by"] == "priority" for c in conflicts[:20])
         assert all(c["strategies"] is None and c["settled_by"] is None for c in conflicts[20:])
+
+
+@attrs.define(eq=False)
+class SlowWelcomes(MemoryBackplane):
+    """The test-only in-memory backplane, whose next read for a welcome (the snapshot, or the
+    events since a resume) waits for ``gate`` once ``hold`` is set: a store slow to answer a
+    joiner while the room goes on."""
+
+    hold: bool = False
+    gate: trio.Event = attrs.Factory(trio.Event)
+    waiting: trio.Event = attrs.Factory(trio.Event)
+
+    async def _held(self) -> None:
+        if self.hold:
+            self.hold = False
+            self.waiting.set()
+            await self.gate.wait()
+
+    async def snapshot(self, project_id: str) -> dict[str, Any]:
+        await self._held()
+        return await super().snapshot(project_id)
+
+    async def events_since(self, project_id: str, seq: int) -> Any:
+        await self._held()
+        return await super().events_since(project_id, seq)
+
+
+@asynccontextmanager
+async def slow_welcomes(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[
+    tuple[SlowWelcomes, Clients]
+]:  # fmt: skip
+    config = make_config(tmp_path, strategy_chain=("manual",))
+    backplane = SlowWelcomes(config=config)
+    async with open_server(config, backplane=backplane) as server:
+        clients = Clients(server, "ws", nursery)
+        try:
+            yield backplane, clients
+        finally:
+            await clients.aclose()
+
+
+async def held_join(
+    backplane: SlowWelcomes, clients: Clients, nursery: trio.Nursery, **hello: Any
+) -> Callable[[], Awaitable[Any]]:
+    """carol's hello, sent now; returns once her welcome waits for the store, with what to
+    await for her client once the gate opens."""
+    joined: dict[str, Any] = {}
+    done = trio.Event()
+
+    async def join() -> None:
+        joined["carol"] = await clients.join("carol", **hello)
+        done.set()
+
+    backplane.hold = True
+    nursery.start_soon(join)
+    await backplane.waiting.wait()
+
+    async def welcomed() -> Any:
+        backplane.gate.set()
+        await done.wait()
+        return joined["carol"]
+
+    return welcomed
+
+
+async def pending_as_told(client: Any) -> tuple[set[str], list[str]]:
+    """The pending conflicts as ``client`` knows them after its welcome and what followed it
+    (up to a pong), and the conflict pushes it got, in order."""
+    known = {c["id"] for c in client.welcome["pending_conflicts"]}
+    told: list[str] = []
+    await client.send("ping", {}, ref=999)
+    while (envelope := await client.next()).get("ref") != 999:
+        data = envelope["data"]
+        if envelope["type"] == "conflict_detected":
+            for conflict in data["conflicts"]:
+                known.add(conflict["id"])
+                told.append(f"detected {conflict['id']}")
+        elif envelope["type"] == "conflict_resolved":
+            known.discard(data["conflict_id"])
+            told.append(f"resolved {data['conflict_id']}")
+    return known, told
+
+
+async def test_a_conflict_settled_while_a_welcome_is_prepared_is_not_pending_in_it(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The welcome lists the conflicts pending at its snapshot's seq: one settled while the
+    store read the snapshot is not among them (it was: the list was read before the
+    snapshot, and the member showed a conflict that was gone)."""
+    with trio.fail_after(10):
+        async with slow_welcomes(tmp_path, nursery) as (backplane, clients):
+            a, _b, ack = await conflict_on(clients, current="mine", incoming="theirs")
+            (cid,) = ack["conflicts"]
+            welcomed = await held_join(backplane, clients, nursery)
+            await a.request("conflict_resolve", {"conflict_id": cid, "choice": "current"})
+            carol = await welcomed()
+            assert carol.welcome["snapshot"]["seq"] == 3  # with the resolution
+            known, _told = await pending_as_told(carol)
+            assert cid not in known
+
+
+@pytest.mark.parametrize("resume", [False, True])
+async def test_a_conflict_detected_and_settled_while_a_welcome_is_prepared_is_not_pending(
+    tmp_path: Path, nursery: trio.Nursery, resume: bool
+) -> None:
+    """A conflict detected and settled while a joiner's welcome is prepared: with a snapshot
+    (which holds the resolution) the joiner is not told of it; resuming, it hears it detected
+    then resolved, in order. Before, its detection came after the welcome and the replay,
+    and the member kept a pending conflict that was gone."""
+    with trio.fail_after(10):
+        async with slow_welcomes(tmp_path, nursery) as (backplane, clients):
+            a = await clients.join("alice")
+            b = await clients.join("bob")
+            await a.request("timeline_change", insert("c1", "clip", title="t"))
+            await a.request("timeline_change", set_op("c2", "clip", "title", "mine", 1))
+            welcomed = await held_join(backplane, clients, nursery,
+                                       **({"resume": 2} if resume else {}))  # fmt: skip
+            ack = await b.request("timeline_change", set_op("c3", "clip", "title", "theirs", 1))
+            (cid,) = ack["data"]["conflicts"]
+            await a.request("conflict_resolve", {"conflict_id": cid, "choice": "current"})
+            carol = await welcomed()
+            known, told = await pending_as_told(carol)
+            assert cid not in known, told
+            if resume:
+                assert carol.welcome["replayed"] == 1
+                assert told == [f"detected {cid}", f"resolved {cid}"]
+            else:
+                assert carol.welcome["snapshot"]["seq"] == 3
+                assert told == []

@@ -54,8 +54,8 @@ LOST = (
 )
 
 
-def token(user: str, role: str = "editor") -> str:
-    return TokenAuthority(SECRET).issue(user_id=user, project_id=PROJECT, role=role)
+def token(user: str, role: str = "editor", project: str = PROJECT) -> str:
+    return TokenAuthority(SECRET).issue(user_id=user, project_id=project, role=role)
 
 
 class Refused(Exception):
@@ -64,20 +64,35 @@ class Refused(Exception):
 
 @attrs.define(eq=False)
 class Replica:
-    """A member's document from its welcome snapshot and every durable event after it."""
+    """A member's document from its welcome snapshot and every durable event after it.
+
+    It keeps what a snapshot holds (``elements`` and their ``versions``, docs/protocol.md §5),
+    applying a ``conflict_resolved``'s ``changes`` as a ``timeline_change``'s operations, so
+    that at the same ``seq`` it equals the server's snapshot exactly, versions included.
+    """
 
     seq: int = 0
     elements: dict[str, Any] = attrs.Factory(dict)
+    #: element id -> prop -> the seq that last wrote it (a snapshot's ``versions``).
+    versions: dict[str, dict[str, int]] = attrs.Factory(dict)
     loaded: bool = False
     gaps: int = 0
     duplicates: int = 0
     #: seq -> change id of every timeline change applied (not those in a loaded snapshot).
     log: dict[int, str] = attrs.Factory(dict)
+    #: seq -> comment id of every comment applied, and -> conflict id of every resolution.
+    comments: dict[int, str] = attrs.Factory(dict)
+    resolutions: dict[int, str] = attrs.Factory(dict)
 
     def load(self, snapshot: dict[str, Any]) -> None:
         self.seq = snapshot["seq"]
         self.elements = copy.deepcopy(snapshot["elements"])
+        self.versions = copy.deepcopy(snapshot.get("versions", {}))
         self.loaded = True
+
+    def snapshot_view(self) -> dict[str, Any]:
+        """What a snapshot of the server at :attr:`seq` holds (without ``project_id``)."""
+        return {"seq": self.seq, "elements": self.elements, "versions": self.versions}
 
     def apply(self, envelope: dict[str, Any]) -> bool:
         """Apply a durable event; True if ``envelope`` was one."""
@@ -94,6 +109,11 @@ class Replica:
         self.gaps += seq - self.seq - 1
         self.seq = seq
         if kind == "conflict_resolved":
+            self.resolutions[seq] = data["conflict_id"]
+            if "changes" in data:
+                self._ops(data["changes"], seq)
+                return True
+            # A resolution stored before they carried their changes: its value only.
             value = data["resolution"]["value"]
             if data["prop"] is not None:
                 self.elements[data["element_id"]]["props"][data["prop"]] = value
@@ -103,15 +123,24 @@ class Replica:
                 self.elements[data["element_id"]]["props"] = dict(value)
         elif data["kind"] == "timeline_change":
             self.log[seq] = data["payload"]["change_id"]
-            for op in data["payload"]["changes"]:
-                if op["op"] == "insert":
-                    self.elements[op["element_id"]] = {"type": op["element_type"],
-                                                       "props": dict(op["props"])}  # fmt: skip
-                elif op["op"] == "set":
-                    self.elements[op["element_id"]]["props"][op["prop"]] = op["value"]
-                else:
-                    self.elements.pop(op["element_id"], None)
+            self._ops(data["payload"]["changes"], seq)
+        elif data["kind"] == "comment_add":
+            self.comments[seq] = data["payload"]["comment"]["id"]
         return True
+
+    def _ops(self, ops: list[dict[str, Any]], seq: int) -> None:
+        for op in ops:
+            eid = op["element_id"]
+            if op["op"] == "insert":
+                self.elements[eid] = {"type": op["element_type"], "props": dict(op["props"])}
+                self.versions[eid] = dict.fromkeys(op["props"], seq)
+            elif op["op"] == "set":
+                if eid in self.elements:  # as the server's document: a set on nothing is none
+                    self.elements[eid]["props"][op["prop"]] = op["value"]
+                    self.versions[eid][op["prop"]] = seq
+            else:
+                self.elements.pop(eid, None)
+                self.versions.pop(eid, None)
 
 
 async def connect(nursery: trio.Nursery, url: str) -> RawClient:
@@ -143,10 +172,16 @@ async def close(client: RawClient) -> None:
 
 
 async def join(
-    client: RawClient, user: str, resume: int | None = None, epoch: str | None = None
+    client: RawClient,
+    user: str,
+    resume: int | None = None,
+    epoch: str | None = None,
+    *,
+    project: str = PROJECT,
+    role: str = "editor",
 ) -> dict[str, Any]:
     """``hello`` and its welcome's data (raises :class:`Refused` on an error)."""
-    data: dict[str, Any] = {"token": token(user), "project_id": PROJECT}
+    data: dict[str, Any] = {"token": token(user, role, project), "project_id": project}
     if resume is not None:
         data["resume"] = {"seq": resume} | ({"epoch": epoch} if epoch else {})
     await client.send("hello", data, ref=1)
@@ -400,7 +435,8 @@ class Counts:
         return {key: getattr(self, key) for key in keys if getattr(self, key)}
 
 
-async def _read_durable(client: RawClient, count: int) -> list[dict[str, Any]]:
+async def read_durable(client: RawClient, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` durable envelopes ``client`` receives (the others are skipped)."""
     events: list[dict[str, Any]] = []
     while len(events) < count:
         envelope = await client.next()
@@ -446,7 +482,7 @@ async def verify(
                 full = await connect(nursery, url)
                 welcome = await join(full, "auditor", resume=0, epoch=writers[0].epoch)
                 counts.inexact_resumes += welcome.get("replayed") != head
-                log = await _read_durable(full, welcome.get("replayed", 0))
+                log = await read_durable(full, welcome.get("replayed", 0))
                 await close(full)
                 seqs = [e["data"]["seq"] for e in log]
                 counts.duplicated += len(seqs) - len(set(seqs))
@@ -468,7 +504,7 @@ async def verify(
             middle = head // 2 if resume_back is None else max(0, head - resume_back)
             part = await connect(nursery, url)
             resumed = await join(part, "auditor", resume=middle, epoch=writers[0].epoch)
-            tail = await _read_durable(part, resumed.get("replayed", 0))
+            tail = await read_durable(part, resumed.get("replayed", 0))
             counts.inexact_resumes += [e["data"]["seq"] for e in tail] != list(
                 range(middle + 1, head + 1)
             )

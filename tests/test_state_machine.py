@@ -58,9 +58,9 @@ run, no ``.hypothesis`` database. ``CREALIA_FAULTS_FULL=1`` (``make test-faults`
 client that drops an event, one that takes an event's ``seq`` without doing what it says and
 one that books an ack at the wrong ``seq`` are each caught.
 
-Known: on PostgreSQL another process may deliver a conflict settled before its catch-up as
-``conflict_resolved`` then ``conflict_detected`` (:data:`PG_LATE_DETECTIONS`, reported); the
-cluster's run counts those instead of failing, and an xfail test reproduces it.
+Found by it: on PostgreSQL another process delivered a conflict settled before its catch-up
+as ``conflict_resolved`` then ``conflict_detected`` (fixed: ``_announced`` in the backplane;
+``test_postgresql_detects_a_conflict_before_it_resolves_it`` is its regression test).
 """
 
 from __future__ import annotations
@@ -146,14 +146,10 @@ SETTLE_S = 30
 #: shuts down during an example).
 EXPECTED_CLOSES: frozenset[int] = frozenset()
 
-#: A known bug of the PostgreSQL backplane (reported; that module is being rewritten): another
-#: process's catch-up (``PostgreSQLBackplane._catch_up_task``) delivers every event it read,
-#: then announces the conflicts it was told of, read by id with their status by then. A
-#: conflict settled before the catch-up reaches its members as ``conflict_resolved`` and then
-#: ``conflict_detected`` (status ``resolved``): a client that applies them in order shows a
-#: pending conflict that is gone. Set to False once fixed: the machine then fails on it, as it
-#: does on SQLite (and ``test_postgresql_detects_a_conflict_before_it_resolves_it`` passes).
-PG_LATE_DETECTIONS = True
+#: Count conflicts told out of order on PostgreSQL instead of failing on them (True while
+#: the backplane's catch-up announced conflicts after every event it read: a member heard
+#: ``conflict_resolved``, then ``conflict_detected``; fixed, so the machine fails on it).
+PG_LATE_DETECTIONS = False
 
 Fault = Literal["drop", "forget", "misack"]
 
@@ -1295,13 +1291,6 @@ async def test_state_machine_shrinks_a_faulty_client_to_a_short_program(
     assert len(program) <= 5, program
 
 
-@full
-@pytest.mark.xfail(
-    strict=True,
-    reason="crealia/backplanes/postgresql.py _catch_up_task: another process delivers a "
-    "conflict settled before its catch-up as conflict_resolved, then conflict_detected "
-    "(reported; see PG_LATE_DETECTIONS)",
-)
 async def test_postgresql_detects_a_conflict_before_it_resolves_it(tmp_path: Path) -> None:
     """docs/protocol.md §5: every member is told of a conflict with ``conflict_detected``
     (always ``pending``), then of its settling with ``conflict_resolved``, on every process.

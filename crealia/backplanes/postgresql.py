@@ -261,8 +261,9 @@ def _write_all(conn: Any, writes: list[_Write], waits: list[bool]) -> list[_Resu
 
 @attrs.define(eq=False)
 class _Mirror(Mirror):
-    #: Conflicts other processes announced, to read and tell the listeners.
-    announced: list[str] = attrs.Factory(list)
+    #: Conflicts other processes announced, to read and tell the listeners: the seq of the
+    #: event whose commit detected them, and their ids.
+    announced: list[tuple[int, list[str]]] = attrs.Factory(list)
     #: The project's epoch when it was loaded (None only if the row was gone by then: the
     #: poller keeps the first one it reads).
     epoch: str | None = None
@@ -386,8 +387,11 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         for listener in list(mirror.listeners):
             listener.on_durable(event)
 
-    async def _catch_up(self, project_id: str, mirror: _Mirror) -> None:
-        """Read the events after the mirror's seq and apply them, in order (under its lock)."""
+    async def _catch_up(
+        self, project_id: str, mirror: _Mirror, detected: dict[int, list[Conflict]] | None = None
+    ) -> None:
+        """Read the events after the mirror's seq and apply them, in order (under its lock);
+        the conflicts in ``detected`` are told right after the event of their seq."""
         start = mirror.doc.seq
 
         def read(conn: Any) -> Any:
@@ -398,7 +402,10 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         rows = await self.reader_conn.run(read)
         self.catch_ups += 1
         for row in rows:
-            self._apply(mirror, _event_from(project_id, row))
+            event = _event_from(project_id, row)
+            self._apply(mirror, event)
+            if detected and event.seq in detected:
+                self._tell_detected(mirror, detected.pop(event.seq))
 
     async def _fresh(self, project_id: str, *, keep: bool = True) -> _Mirror:
         """The project's mirror, caught up with the database; without ``keep``, a project not
@@ -421,18 +428,49 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             with self.jobs.guard("pg_catch_up"):
                 for _round in range(10):
                     async with mirror.lock:
-                        await self._catch_up(project_id, mirror)
-                        announced, mirror.announced = mirror.announced, []
-                        if announced:
-                            conflicts = await self._conflicts_by_id(project_id, announced)
-                            if conflicts:
-                                for listener in list(mirror.listeners):
-                                    listener.on_conflicts(conflicts)
+                        detected = await self._announced(project_id, mirror)
+                        start = mirror.doc.seq
+                        # Those whose event this process applied already: first, unless their
+                        # settlement was applied too (a detection after it would show a
+                        # conflict that is gone).
+                        early = [c for seq in sorted(detected) if seq <= start
+                                 for c in detected.pop(seq)
+                                 if c.status == "pending"
+                                 or (c.resolution or {}).get("seq", 0) > start]  # fmt: skip
+                        self._tell_detected(mirror, early)
+                        await self._catch_up(project_id, mirror, detected)
+                        for seq, conflicts in detected.items():  # their events come later
+                            mirror.announced.append((seq, [c.id for c in conflicts]))
                     # A notice that came while reading: read again until it is in.
                     if mirror.doc.seq >= mirror.wanted and not mirror.announced:
                         break
         finally:
             mirror.catching_up = False
+
+    def _tell_detected(self, mirror: _Mirror, conflicts: list[Conflict]) -> None:
+        """Tell the listeners of ``conflicts`` as they were detected (pending): an event this
+        process applies after may settle them."""
+        if conflicts:
+            as_detected = [attrs.evolve(c, status="pending", resolution=None) for c in conflicts]
+            for listener in list(mirror.listeners):
+                listener.on_conflicts(as_detected)
+
+    async def _announced(self, project_id: str, mirror: _Mirror) -> dict[int, list[Conflict]]:
+        """The conflicts other processes announced, by the seq of the event that detected
+        them, read before the events after it, so that each is told in its place: after its
+        event, before the one that settles it. Before, they were told after every event read,
+        so a member heard a conflict resolved, then detected (with status ``resolved``)."""
+        announced, mirror.announced = mirror.announced, []
+        ids = [conflict_id for _seq, group in announced for conflict_id in group]
+        if not ids:
+            return {}
+        found = {c.id: c for c in await self._conflicts_by_id(project_id, ids)}
+        detected: dict[int, list[Conflict]] = {}
+        for seq, group in announced:
+            known = [found[i] for i in group if i in found]
+            if known:
+                detected.setdefault(seq, []).extend(known)
+        return detected
 
     async def _conflicts_by_id(self, project_id: str, ids: list[str]) -> list[Conflict]:
         def read(conn: Any) -> Any:
@@ -1023,7 +1061,7 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 # lost comes back here.
                 mirror.wanted = max(mirror.wanted, seq)
                 if not own:
-                    mirror.announced.extend(ids)
+                    mirror.announced.append((seq, ids))
                 self._schedule_catch_up(project_id, mirror)
 
     def _heard(self, payloads: list[str]) -> None:

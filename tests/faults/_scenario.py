@@ -32,6 +32,8 @@ import attrs
 import orjson
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
+from wsproto.utilities import LocalProtocolError
 
 from crealia import TokenAuthority
 
@@ -126,13 +128,35 @@ async def connect(nursery: trio.Nursery, url: str) -> RawClient:
     with trio.fail_after(2):
         stream = await trio.open_tcp_stream(host, int(port))
         try:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, host, "/" + path, max_message_size=64 << 20
-            )
+            ws = await nursery.start(_websocket, stream, host, "/" + path)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
     return RawClient(ws)
+
+
+async def _websocket(
+    stream: trio.SocketStream,
+    host: str,
+    resource: str,
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
+) -> None:
+    """The WebSocket on ``stream``, its reader in a nursery of its own for as long as it runs.
+
+    trio-websocket's reader answers a ping that arrives while our close handshake is under way
+    with a pong that wsproto refuses (``LocalProtocolError``, python-trio/trio-websocket#184):
+    that ends this connection (its close then times out), not the whole scenario."""
+    ws: trio_websocket.WebSocketConnection | None = None
+    try:
+        async with trio.open_nursery() as own:
+            ws = await trio_websocket.wrap_client_stream(
+                own, stream, host, resource, max_message_size=64 << 20
+            )
+            task_status.started(ws)
+    except* LocalProtocolError:
+        if ws is None or ws._wsproto.state is not ConnectionState.LOCAL_CLOSING:
+            raise
 
 
 async def close(client: RawClient) -> None:
@@ -205,6 +229,8 @@ class Writer:
     connections: int = 0
     resumes: int = 0
     snapshot_resumes: int = 0
+    #: For each resume in turn: whether it came with a snapshot (else a replay).
+    resumed_with_snapshot: list[bool] = attrs.Factory(list)
     replayed: int = 0
     retried: int = 0
     #: The close code of every connection that ended (None: closed without a close frame).
@@ -264,6 +290,8 @@ class Writer:
         self.connections += 1
         if resume is not None:
             self.resumes += 1
+        if resume is not None:
+            self.resumed_with_snapshot.append("snapshot" in welcome)
         if "snapshot" in welcome:
             if resume is not None:
                 self.snapshot_resumes += 1
@@ -487,6 +515,10 @@ async def checkpoint(
             await close(fresh)
             snapshot = welcome["snapshot"]
             full, log = await replay_from(nursery, url, 0, welcome["epoch"])
+    assert "snapshot" not in full, (
+        f"the log up to {full['seq']} came as a snapshot: raise the server's history_limit "
+        "and replay_max_bytes above it for checkpoints"
+    )
     seqs = [e["data"]["seq"] for e in log]
     by_seq, seen = _timeline(log)
     acked, lost = _lost(writers, snapshot, by_seq, setup_seq, covered=True)

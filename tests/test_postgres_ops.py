@@ -318,3 +318,13 @@ async def test_an_erasure_on_one_process_closes_the_project_s_room_on_the_other(
                                       epoch=bob.welcome["epoch"])  # fmt: skip
             assert welcome["epoch"] != bob.welcome["epoch"]
             assert "alice here" not in str(welcome["snapshot"]), welcome
+            # Nor does the history this process replays now name her or hold her text.
+            replay = await clients.raw()
+            replayed = await replay.hello(clients.token("carol"), "p1", resume=0,
+                                          epoch=welcome["epoch"])  # fmt: skip
+            count = replayed["replayed"]
+            assert count == welcome["snapshot"]["seq"] > 0, replayed
+            log = [await replay.expect(lambda env: "seq" in env.get("data", {}))
+                   for _ in range(count)]  # fmt: skip
+            assert "alice" not in {e["data"]["user_id"] for e in log}, log
+            assert "alice here" not in str(log), log

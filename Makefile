@@ -43,11 +43,13 @@ soak: setup
 	CREALIA_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -s -m soak tests/test_wal.py
 
 # The full fault scenarios (tests/faults): 20 SIGKILL rounds, 10 Redis restarts of each kind,
-# 1/5/30 s network drops, slow consumers, a 30 s flood. Counts in test-artifacts/faults/*.json.
-# And the state machine's long runs (tests/test_state_machine.py), random, shrinking.
+# 1/5/30 s network drops, slow consumers, a 30 s flood; five rounds of node, Redis and
+# PostgreSQL kills and an erasure under the PostgreSQL + Redis cluster
+# (tests/test_cluster_postgres.py); the state machine's long runs (tests/test_state_machine.py),
+# random, shrinking. Counts in test-artifacts/faults/*.json.
 test-faults: setup-test
 	CREALIA_FAULTS_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -s -m faults_full tests/faults/ \
-		tests/test_state_machine.py
+		tests/test_cluster_postgres.py tests/test_state_machine.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

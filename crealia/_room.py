@@ -230,7 +230,10 @@ class Room:
         return self.backplane.shares_presence
 
     def close(self) -> None:
-        """Close the room now (its live sessions end, its sessions are closed with 1011)."""
+        """Close the room now (its live sessions end, its sessions are closed with 1011). No
+        one joins it from here on (:meth:`RoomManager.join` opens a new one): a session let in
+        while it winds down would be closed at once and resume again."""
+        self.closed = True
         self.live.end_all("room_closed")
         self.flush()  # the live_ended announcements go out before the sessions close
         self._cancel.cancel()

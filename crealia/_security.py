@@ -326,6 +326,9 @@ class SecurityMonitor:
     #: Called with each new or resolved alert (the live feed).
     on_change: Callable[[SecurityAlert], None] | None = None
     _open: dict[tuple[str, str, str | None], SecurityAlert] = attrs.Factory(dict)
+    #: When the alert of each key was last resolved (epoch ms; the latest :data:`MAX_OPEN`): a
+    #: finding completed by events no newer was resolved with it (see :meth:`_raise`).
+    _resolved: dict[tuple[str, str, str | None], int] = attrs.Factory(dict)
     _dirty: dict[str, SecurityAlert] = attrs.Factory(dict)
     _wake: trio.Event = attrs.Factory(trio.Event)
     _lock: trio.Lock = attrs.Factory(trio.Lock)
@@ -373,14 +376,20 @@ class SecurityMonitor:
         # idempotent).
         since, self._changes_seen = self._changes_seen, int(time.time() * 1000) - 1000
         rows, self._cursor = await self.store.audit_after(self._cursor)
+        changed = [SecurityAlert(**loads(data))
+                   for data in await self.store.security_alerts_changed(since)]  # fmt: skip
+        # Resolutions first: the events read may be part of what a person resolved since
+        # (then they raise nothing, :meth:`_raise`).
+        for alert in changed:
+            if alert.resolved:
+                self._note_resolved(_key(alert.rule, alert.subject, alert.project_id), alert)
         for data in rows:
             event = AuditEvent.from_row(loads(data))
             refused = event.details.get("refused", 1)
             times = refused if isinstance(refused, int) and refused > 0 else 1
             for _time in range(min(times, MAX_REPLAY)):
                 self.observe(event)
-        for data in await self.store.security_alerts_changed(since):
-            alert = SecurityAlert(**loads(data))
+        for alert in changed:
             if alert.id not in self._dirty:
                 self._adopt(alert)
 
@@ -415,6 +424,11 @@ class SecurityMonitor:
         key = _key(rule.name, finding.subject, event.project_id)
         named = event.project_id
         current = self._open.get(key)
+        if current is None and event.timestamp <= self._resolved.get(key, -1):
+            # Events from before the alert of this key was resolved, read late from another
+            # process: they were part of what the person resolved, not a new finding (without
+            # this, every process that reads them after the resolution raised it again).
+            return
         if current is not None:
             projects, server_wide = current.projects, current.server_wide or named is None
             new_project = named is not None and named not in current.concerns()
@@ -495,6 +509,7 @@ class SecurityMonitor:
         key = _key(stored.rule, stored.subject, stored.project_id)
         current = self._open.get(key)
         if stored.resolved:
+            self._note_resolved(key, stored)
             if current is not None and current.id == stored.id:
                 del self._open[key]
             return
@@ -512,6 +527,12 @@ class SecurityMonitor:
         self._open[key] = merged
         if merged != stored:
             self._save(merged)
+
+    def _note_resolved(self, key: tuple[str, str, str | None], alert: SecurityAlert) -> None:
+        at = alert.resolved_at if alert.resolved_at is not None else alert.updated_at
+        self._resolved[key] = max(at, self._resolved.pop(key, -1))  # most recent last
+        if len(self._resolved) > MAX_OPEN:
+            del self._resolved[next(iter(self._resolved))]
 
     async def _query(self, project_id: str | None, resolved: bool | None) -> list[SecurityAlert]:
         rows = await self.store.security_alerts(project_id, resolved)
@@ -552,6 +573,7 @@ class SecurityMonitor:
         now = int(time.time() * 1000)
         alert = attrs.evolve(self._open.pop(key), resolved=True, resolved_at=now, resolved_by=by,
                              note=note, updated_at=now)  # fmt: skip
+        self._note_resolved(key, alert)
         self._save(alert)
         await self.flush()
         self._announce(alert)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import trio
 
@@ -210,6 +211,28 @@ async def test_a_process_that_must_catch_up_still_writes_while_another_keeps_wri
             assert events is not None
             assert [e.seq for e in events] == list(range(1, len(events) + 1))
             assert sum(1 for e in events if e.user_id == "z") == 30
+
+
+async def test_an_erasure_s_notice_leaves_a_mirror_loaded_from_the_rewritten_history(
+    postgres: PostgresServer,
+) -> None:
+    """The erasing process opens the project again (its room reopens as soon as the erasure
+    is done) before its own notice comes: that notice must not close the new room, whose
+    members would resume a second time; a notice of another epoch does close it."""
+    url = await postgres.create_database("renotice")
+    project = "p-renotice"
+    with trio.fail_after(60):
+        async with open_postgresql_backplane(url) as one:
+            await one.commit_change(_user(project, "alice"), _change("c1", "e1", v=1))
+            await one.erase_user(project, "alice", "erased-1")
+            epoch = await one.epoch(project)
+            heard = _Heard()
+            async with one.subscribe(project, heard):
+                notice = {"p": project, "s": 1, "e": epoch}
+                one._heard([orjson.dumps(notice).decode()])  # its own, whenever it comes
+                assert not heard.rewritten.is_set()
+                one._heard([orjson.dumps(notice | {"e": "another"}).decode()])
+                assert heard.rewritten.is_set()
 
 
 async def test_a_database_restored_under_a_running_process_renews_the_epochs_it_holds(

@@ -17,6 +17,8 @@ import pytest
 import trio
 
 from crealia import Server, open_server
+from crealia._plugins import AlertRuleRegistry
+from crealia._security import AuditRule, SecurityMonitor
 from crealia.backplanes.postgresql import open_postgresql_backplane
 
 from ._postgres import PostgresServer, run_postgres
@@ -167,6 +169,58 @@ async def test_four_refused_tokens_on_one_process_raise_nothing_at_threshold_eig
             assert await _open_alerts(a) == await _open_alerts(b) == []
 
 
+async def test_a_process_reading_refusals_after_their_alert_was_resolved_does_not_raise_it_again(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Threshold 6: 3 refused tokens on each of two processes raise one alert, which a person
+    resolves at once. A process that reads those refusals only after the resolution (its tail
+    lagging: here one whose step the test runs) finds the same 6, and must not raise the alert
+    again: they are what was resolved. A refusal after the resolution raises a new one."""
+    with trio.fail_after(60):
+        async with (
+            two_servers(postgres, tmp_path, "late", security_alert_threshold=6,
+                        audit_refusal_window=0) as (a, b),
+            open_postgresql_backplane(postgres.database_url("late")) as third,
+        ):  # fmt: skip
+            store = third.ops_store()
+            assert store is not None
+            rules = AlertRuleRegistry.discover().create_all()
+            audit_rules = [rule for rule in rules if isinstance(rule, AuditRule)]
+            late = SecurityMonitor(store=store, context=a.security.context, rules=audit_rules)
+            late._cursor = (await store.audit_after(None))[1]  # as its run() starts
+
+            async def first_alert(feed: Any, race: trio.CancelScope) -> None:
+                while (await feed.receive())[0] != "security_alert":
+                    pass
+                race.cancel()
+
+            async with (
+                a.monitor.subscribe("p1") as feed_a,
+                b.monitor.subscribe("p1") as feed_b,
+                trio.open_nursery() as race,
+            ):
+                await _refuse_tokens(a, 3)
+                await _refuse_tokens(b, 3)
+                for feed in (feed_a, feed_b):  # whichever process finds the sixth first
+                    race.start_soon(first_alert, feed, race.cancel_scope)
+            for server in (a, b):
+                await server.hub.audit.flush()
+                await server.security.flush()
+            (raised,) = await _open_alerts(a)
+            path = f"/api/collaboration/security/alerts/{raised['id']}/resolve"
+            resolved = await call(b, "POST", path, {"note": "seen"}, bearer(b, "olga"))
+            assert resolved.status_code == 200, resolved.text
+            await late._tail()  # the 6 refusals, read after the resolution
+            await late.flush()
+            assert await _open_alerts(a) == await _open_alerts(b) == []
+            await _refuse_tokens(b, 1)
+            await b.hub.audit.flush()
+            await late._tail()
+            await late.flush()
+            (again,) = await _open_alerts(a)
+            assert again["id"] != raised["id"], again
+
+
 async def test_retention_prunes_the_shared_tables(
     postgres: PostgresServer, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
@@ -264,3 +318,13 @@ async def test_an_erasure_on_one_process_closes_the_project_s_room_on_the_other(
                                       epoch=bob.welcome["epoch"])  # fmt: skip
             assert welcome["epoch"] != bob.welcome["epoch"]
             assert "alice here" not in str(welcome["snapshot"]), welcome
+            # Nor does the history this process replays now name her or hold her text.
+            replay = await clients.raw()
+            replayed = await replay.hello(clients.token("carol"), "p1", resume=0,
+                                          epoch=welcome["epoch"])  # fmt: skip
+            count = replayed["replayed"]
+            assert count == welcome["snapshot"]["seq"] > 0, replayed
+            log = [await replay.expect(lambda env: "seq" in env.get("data", {}))
+                   for _ in range(count)]  # fmt: skip
+            assert "alice" not in {e["data"]["user_id"] for e in log}, log
+            assert "alice here" not in str(log), log

@@ -1051,7 +1051,12 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 log.warning("ignored a malformed notice on %s: %r", _pg.CHANNEL, payload[:200])
                 continue
             if notice.get("e"):
-                self._rewritten(project_id)  # reloaded on demand
+                held = self._mirrors.get(project_id)
+                # Not a mirror loaded from the rewritten history already: the erasing process's
+                # room opens again before its own notice comes (closing it again would make
+                # its members resume twice).
+                if held is None or held.epoch != notice["e"]:
+                    self._rewritten(project_id)  # reloaded on demand
                 continue
             mirror = self._mirrors.get(project_id)
             if mirror is None:

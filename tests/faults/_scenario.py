@@ -24,7 +24,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import attrs
 import orjson
 import trio
 import trio_websocket
+from wsproto.connection import ConnectionState
+from wsproto.utilities import LocalProtocolError
 
 from crealia import TokenAuthority
 
@@ -155,13 +157,35 @@ async def connect(nursery: trio.Nursery, url: str) -> RawClient:
     with trio.fail_after(2):
         stream = await trio.open_tcp_stream(host, int(port))
         try:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, host, "/" + path, max_message_size=64 << 20
-            )
+            ws = await nursery.start(_websocket, stream, host, "/" + path)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
     return RawClient(ws)
+
+
+async def _websocket(
+    stream: trio.SocketStream,
+    host: str,
+    resource: str,
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
+) -> None:
+    """The WebSocket on ``stream``, its reader in a nursery of its own for as long as it runs.
+
+    trio-websocket's reader answers a ping that arrives while our close handshake is under way
+    with a pong that wsproto refuses (``LocalProtocolError``, python-trio/trio-websocket#184):
+    that ends this connection (its close then times out), not the whole scenario."""
+    ws: trio_websocket.WebSocketConnection | None = None
+    try:
+        async with trio.open_nursery() as own:
+            ws = await trio_websocket.wrap_client_stream(
+                own, stream, host, resource, max_message_size=64 << 20
+            )
+            task_status.started(ws)
+    except* LocalProtocolError:
+        if ws is None or ws._wsproto.state is not ConnectionState.LOCAL_CLOSING:
+            raise
 
 
 async def close(client: RawClient) -> None:
@@ -227,6 +251,10 @@ class Writer:
     #: change id -> the seq of its ack (the first; a duplicate must say the same).
     acked: dict[str, int] = attrs.Factory(dict)
     ack_times: list[float] = attrs.Factory(list)
+    #: The URL of the connection each ack (of ``ack_times``) came through.
+    ack_urls: list[str] = attrs.Factory(list)
+    #: The URL of the current (or last) connection.
+    connected_to: str = ""
     #: Unacknowledged changes, oldest first, kept across reconnects.
     pending: dict[str, dict[str, Any]] = attrs.Factory(dict)
     duplicate_acks: int = 0
@@ -236,6 +264,8 @@ class Writer:
     connections: int = 0
     resumes: int = 0
     snapshot_resumes: int = 0
+    #: For each resume in turn: whether it came with a snapshot (else a replay).
+    resumed_with_snapshot: list[bool] = attrs.Factory(list)
     replayed: int = 0
     retried: int = 0
     #: The close code of every connection that ended (None: closed without a close frame).
@@ -260,15 +290,19 @@ class Writer:
         k = int(change_id.rsplit("-", 1)[1])
         return k if not self.pad else [k, "x" * self.pad]
 
-    def first_ack_after(self, moment: float) -> float | None:
-        return next((t for t in self.ack_times if t > moment), None)
+    def first_ack_after(self, moment: float, via: Container[str] | None = None) -> float | None:
+        """When the first ack after ``moment`` came (through one of the URLs ``via``)."""
+        return next((t for t, url in zip(self.ack_times, self.ack_urls, strict=True)
+                     if t > moment and (via is None or url in via)), None)  # fmt: skip
 
     async def run(self) -> None:
         """Connect, edit, reconnect after every fault, until :attr:`finish` is set."""
         while not self.finish.is_set():
             try:
                 async with trio.open_nursery() as nursery:
-                    client = await connect(nursery, self.url())
+                    url = self.url()
+                    client = await connect(nursery, url)
+                    self.connected_to = url
                     try:
                         await self._session(client)
                     finally:
@@ -291,6 +325,8 @@ class Writer:
         self.connections += 1
         if resume is not None:
             self.resumes += 1
+        if resume is not None:
+            self.resumed_with_snapshot.append("snapshot" in welcome)
         if "snapshot" in welcome:
             if resume is not None:
                 self.snapshot_resumes += 1
@@ -330,6 +366,7 @@ class Writer:
             if first is None:
                 self.acked[change_id] = seq
                 self.ack_times.append(trio.current_time())
+                self.ack_urls.append(self.connected_to)
             elif first != seq:
                 self.conflicting_acks += 1
             if data["status"] == "duplicate":
@@ -445,6 +482,93 @@ async def read_durable(client: RawClient, count: int) -> list[dict[str, Any]]:
     return events
 
 
+async def replay_from(
+    nursery: trio.Nursery, url: str, since: int, epoch: str | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A member resuming from ``since`` with ``epoch``: its welcome and the events replayed."""
+    client = await connect(nursery, url)
+    welcome = await join(client, "auditor", resume=since, epoch=epoch)
+    log = await read_durable(client, welcome.get("replayed", 0))
+    await close(client)
+    return welcome, log
+
+
+def _timeline(log: list[dict[str, Any]]) -> tuple[dict[int, str], collections.Counter[str]]:
+    """The change id of every timeline change in ``log`` by seq, and how often each came."""
+    by_seq: dict[int, str] = {}
+    seen: collections.Counter[str] = collections.Counter()
+    for envelope in log:
+        change_id = envelope["data"].get("payload", {}).get("change_id")
+        if envelope["type"] == "collaboration_event" and change_id is not None:
+            by_seq[envelope["data"]["seq"]] = change_id
+            seen[change_id] += 1
+    return by_seq, seen
+
+
+def _lost(
+    writers: list[Writer],
+    snapshot: dict[str, Any],
+    by_seq: dict[int, str],
+    setup_seq: int | None,
+    *,
+    covered: bool = False,
+) -> tuple[int, int]:
+    """``(acked, lost)``: the acknowledged edits (with ``covered``, only those the snapshot
+    covers: ``seq`` up to its own), and those of them missing from the log at their seq or
+    from the snapshot."""
+    acked: dict[str, int] = {} if setup_seq is None else {"setup": setup_seq}
+    expected: dict[str, Any] = {}
+    for writer in writers:
+        acked.update(writer.acked)
+        expected.update((change_id, writer.value(change_id)) for change_id in writer.acked)
+    props = snapshot["elements"].get("clip", {}).get("props", {})
+    versions = snapshot["versions"].get("clip", {})
+    if covered:
+        acked = {change_id: seq for change_id, seq in acked.items() if seq <= snapshot["seq"]}
+    lost = 0
+    for change_id, seq in acked.items():
+        in_log = by_seq.get(seq) == change_id
+        in_snapshot = change_id == "setup" or (
+            props.get(change_id) == expected[change_id] and versions.get(change_id) == seq
+        )
+        lost += not (in_log and in_snapshot)
+    return len(acked), lost
+
+
+async def checkpoint(
+    url: str, writers: list[Writer], *, setup_seq: int | None = None
+) -> dict[str, int]:
+    """While the writers go on: a fresh member's snapshot and a replay of the whole log from 0
+    (through ``url``) against every edit acknowledged so far that the snapshot covers.
+
+    Returns ``acked`` (those edits), ``lost``, ``duplicated`` (a seq or a change twice in the
+    log, a change acked with two seqs), ``gaps`` (seqs missing from the log), ``inexact`` (1
+    when the replay's count is not its head) and ``head``."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            fresh = await connect(nursery, url)
+            welcome = await join(fresh, "auditor")
+            await close(fresh)
+            snapshot = welcome["snapshot"]
+            full, log = await replay_from(nursery, url, 0, welcome["epoch"])
+    assert "snapshot" not in full, (
+        f"the log up to {full['seq']} came as a snapshot: raise the server's history_limit "
+        "and replay_max_bytes above it for checkpoints"
+    )
+    seqs = [e["data"]["seq"] for e in log]
+    by_seq, seen = _timeline(log)
+    acked, lost = _lost(writers, snapshot, by_seq, setup_seq, covered=True)
+    twice = len(seqs) - len(set(seqs)) + sum(n - 1 for n in seen.values())
+    return {
+        "acked": acked,
+        "lost": lost,
+        "duplicated": twice + sum(w.conflicting_acks for w in writers),
+        "gaps": len(set(range(1, full["seq"] + 1)) - set(seqs)),
+        "inexact": int(full.get("replayed") != full["seq"]),
+        "head": snapshot["seq"],
+    }
+
+
 async def verify(
     url: str,
     writers: list[Writer],
@@ -469,7 +593,8 @@ async def verify(
             await writer.wait_until(lambda w=writer: not w.pending)  # type: ignore[misc]
         async with trio.open_nursery() as nursery:
             fresh = await connect(nursery, url)
-            snapshot = (await join(fresh, "auditor"))["snapshot"]
+            welcome = await join(fresh, "auditor")
+            snapshot, epoch = welcome["snapshot"], welcome["epoch"]
             head = counts.head = snapshot["seq"]
             for writer in writers:
                 await writer.wait_until(lambda w=writer: w.replica.seq >= head)  # type: ignore[misc]
@@ -479,18 +604,11 @@ async def verify(
             seen: collections.Counter[str] = collections.Counter()
             if replay:
                 # The whole log, from 0: one event per seq, 1..head.
-                full = await connect(nursery, url)
-                welcome = await join(full, "auditor", resume=0, epoch=writers[0].epoch)
-                counts.inexact_resumes += welcome.get("replayed") != head
-                log = await read_durable(full, welcome.get("replayed", 0))
-                await close(full)
+                full, log = await replay_from(nursery, url, 0, epoch)
+                counts.inexact_resumes += full.get("replayed") != head
                 seqs = [e["data"]["seq"] for e in log]
                 counts.duplicated += len(seqs) - len(set(seqs))
-                for envelope in log:
-                    change_id = envelope["data"].get("payload", {}).get("change_id")
-                    if envelope["type"] == "collaboration_event" and change_id is not None:
-                        by_seq[envelope["data"]["seq"]] = change_id
-                        seen[change_id] += 1
+                by_seq, seen = _timeline(log)
             else:
                 for writer in writers:
                     by_seq.update(writer.replica.log)
@@ -502,19 +620,12 @@ async def verify(
             counts.duplicated += sum(n - 1 for n in seen.values())
             # From the middle: exactly the missing events.
             middle = head // 2 if resume_back is None else max(0, head - resume_back)
-            part = await connect(nursery, url)
-            resumed = await join(part, "auditor", resume=middle, epoch=writers[0].epoch)
-            tail = await read_durable(part, resumed.get("replayed", 0))
+            _resumed, tail = await replay_from(nursery, url, middle, epoch)
             counts.inexact_resumes += [e["data"]["seq"] for e in tail] != list(
                 range(middle + 1, head + 1)
             )
-            for client in (fresh, part):
-                await close(client)
-    acked: dict[str, int] = {} if setup_seq is None else {"setup": setup_seq}
-    expected: dict[str, Any] = {}
+            await close(fresh)
     for writer in writers:
-        acked.update(writer.acked)
-        expected.update((change_id, writer.value(change_id)) for change_id in writer.acked)
         counts.duplicated += writer.conflicting_acks
         counts.gaps += writer.replica.gaps
         counts.replica_duplicates += writer.replica.duplicates
@@ -525,15 +636,8 @@ async def verify(
         counts.resumes += writer.resumes
         counts.snapshot_resumes += writer.snapshot_resumes
         counts.replayed += writer.replayed
-    counts.acked = len(acked)
-    props = snapshot["elements"].get("clip", {}).get("props", {})
-    versions = snapshot["versions"].get("clip", {})
-    for change_id, seq in acked.items():
-        in_log = by_seq.get(seq) == change_id
-        in_snapshot = change_id == "setup" or (
-            props.get(change_id) == expected[change_id] and versions.get(change_id) == seq
-        )
-        counts.lost += not (in_log and in_snapshot)
+    counts.acked, lost = _lost(writers, snapshot, by_seq, setup_seq)
+    counts.lost += lost
     return counts
 
 

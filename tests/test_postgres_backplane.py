@@ -323,6 +323,32 @@ async def test_a_write_whose_row_another_transaction_holds_is_put_off_then_waits
                 await watcher.close()
 
 
+async def test_a_write_prepared_on_a_copy_of_a_rewritten_history_is_refused(
+    postgres: PostgresServer,
+) -> None:
+    """The project's epoch changed under this process's copy (an erasure elsewhere whose
+    notice has not come yet; here the poller is too slow to notice): the write is refused,
+    nothing applied, the room hears ``on_rewritten``, and the resend commits on the reloaded
+    copy. Before, the seq matched, so a write built on the erased values (a conflict's
+    ``current.user_id``) committed on top of the rewrite."""
+    url = await postgres.create_database("stale-epoch")
+    project = "p-stale-epoch"
+    with trio.fail_after(60):
+        async with open_postgresql_backplane(url, poll_interval=600) as backplane:
+            heard = _Heard()
+            async with backplane.subscribe(project, heard):
+                await backplane.commit_change(_user(project, "a"), _change("c1", "e1"))
+                await postgres.psql(
+                    f"UPDATE projects SET epoch = 'rewritten' WHERE project_id = '{project}'",
+                    database="stale-epoch",
+                )
+                with pytest.raises(Overloaded, match="rewritten meanwhile"):
+                    await backplane.commit_change(_user(project, "a"), _change("c2", "e2"))
+                assert heard.rewritten.is_set()
+            outcome = await backplane.commit_change(_user(project, "a"), _change("c2", "e2"))
+            assert outcome.status == "applied" and outcome.seq == 2
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]

@@ -202,6 +202,7 @@ MIGRATIONS: tuple[str, ...] = (
         p TEXT := w->>'p';
         base BIGINT := (w->>'base')::BIGINT;
         head BIGINT;
+        named TEXT;
         cnt BIGINT;
         held BIGINT;
         dn BIGINT := (w->'pending'->>0)::BIGINT;
@@ -211,12 +212,12 @@ MIGRATIONS: tuple[str, ...] = (
         c JSONB;
     BEGIN
         IF (w->>'wait')::BOOLEAN THEN
-            SELECT seq, pending_count, pending_bytes INTO head, cnt, held
+            SELECT seq, pending_count, pending_bytes, epoch INTO head, cnt, held, named
                 FROM projects WHERE project_id = p FOR UPDATE;
         ELSE
             -- Another process's transaction holds the row: this write goes in the next
             -- batch, so this one does not hold its other rows while it waits.
-            SELECT seq, pending_count, pending_bytes INTO head, cnt, held
+            SELECT seq, pending_count, pending_bytes, epoch INTO head, cnt, held, named
                 FROM projects WHERE project_id = p FOR UPDATE SKIP LOCKED;
             IF NOT FOUND THEN
                 PERFORM 1 FROM projects WHERE project_id = p;
@@ -228,7 +229,7 @@ MIGRATIONS: tuple[str, ...] = (
         IF NOT FOUND THEN
             INSERT INTO projects (project_id, epoch) VALUES (p, w->>'epoch')
                 ON CONFLICT DO NOTHING;
-            SELECT seq, pending_count, pending_bytes INTO head, cnt, held
+            SELECT seq, pending_count, pending_bytes, epoch INTO head, cnt, held, named
                 FROM projects WHERE project_id = p FOR UPDATE;
         END IF;
         IF w->>'mode' = 'settle' THEN
@@ -249,6 +250,11 @@ MIGRATIONS: tuple[str, ...] = (
             IF FOUND THEN
                 RETURN jsonb_build_object('s', 'dup', 'v', r.seq);
             END IF;
+        END IF;
+        IF w->>'copy_epoch' IS NOT NULL AND named <> w->>'copy_epoch' THEN
+            -- Prepared on a copy of a history since rewritten (an erasure, a restore): its
+            -- values may be what was erased.
+            RETURN jsonb_build_object('s', 'rewritten', 'v', named);
         END IF;
         IF head < base THEN
             RETURN jsonb_build_object('s', 'behind', 'v', head);

@@ -148,6 +148,9 @@ class _Write:
     #: time, text, at).
     row: tuple[Any, ...] = ()
     role: tuple[str, str] | None = None
+    #: The epoch of the copy it was prepared on (None: not known): refused as ``rewritten``
+    #: when the project's is another.
+    epoch: str | None = None
     #: Called on the Trio thread when the project moved past ``base_seq``: applies the events
     #: after it (the rows) to the mirror and prepares the write again on it. It runs while the
     #: transaction holds the project's row, so the write it returns is current and commits:
@@ -189,6 +192,7 @@ def _write_json(w: _Write, blobs: list[bytes], wait: bool) -> dict[str, Any]:
     event = w.event
     return {
         "p": w.project_id, "mode": w.mode, "base": w.base_seq, "key": w.key, "wait": wait,
+        "copy_epoch": w.epoch,
         "epoch": _new_epoch(), "node": w.node, "pending": [w.pending.count, w.pending.bytes],
         "max_pending": w.quotas.pending_conflicts, "max_pending_bytes": w.quotas.pending_bytes,
         "event": None if event is None else {
@@ -632,7 +636,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             return prepare()
 
         return _Write(project_id=project_id, mode=mode, base_seq=mirror.doc.seq, key=key,
-                      quotas=self.quotas, node=self.node_id, redo=redo, **kw)  # fmt: skip
+                      quotas=self.quotas, node=self.node_id, redo=redo, epoch=mirror.epoch,
+                      **kw)  # fmt: skip
 
     # -- durable writes -----------------------------------------------------------------------
 
@@ -687,10 +692,17 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
 
         Raises:
             ProtocolError: prepared again on the project's newer events, it no longer fits.
-            Overloaded: the database is behind this process (it lost acknowledged writes).
+            Overloaded: the database is behind this process (it lost acknowledged writes), or
+                the project's history was rewritten since the write was prepared.
         """
         if status == "refused":
             raise value
+        if status == "rewritten":
+            self._rewritten(write.project_id)  # the room closes; its members resume
+            raise Overloaded(
+                f"project {write.project_id!r}: its history was rewritten meanwhile (an "
+                "erasure or a restore), nothing was applied; resend"
+            )
         assert status == "behind", status
         raise Overloaded(
             f"postgresql is behind this process (seq {value} there, {write.base_seq} here: "

@@ -40,6 +40,11 @@ from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
 from .._wire import SUBPROTOCOL
 from ._deflate import accept_websocket
 
+#: Seconds :meth:`TrioWebSocketConnection.close` lets trio-websocket finish writing a close
+#: frame of its own (its answer to the peer's close, or a protocol failure) before dropping TCP.
+CLOSE_REPLY_TIMEOUT = 1.0
+
+
 class TrioWebSocketConnection(Connection):
     """A :class:`Connection` over a trio-websocket server connection."""
 
@@ -169,6 +174,13 @@ class TrioWebSocketConnection(Connection):
         ws = self._ws
         try:
             await ws.aclose(code, reason[:MAX_CLOSE_REASON])
+            # When the peer closed first, or broke the protocol (1002, 1007, 1009), trio-websocket's
+            # reader may still be writing its close frame: it took the stream lock, with no
+            # checkpoint, when it set the close reason that ended this connection. Dropping TCP
+            # under it lost that frame (the peer saw 1006), so let it finish first, bounded.
+            with trio.move_on_after(CLOSE_REPLY_TIMEOUT):
+                async with ws._stream_lock:
+                    pass
         except trio_websocket.ConnectionClosed:
             pass
         finally:

@@ -109,7 +109,7 @@ DEV_NOTICE = (
 
 #: What ``crealia serve --conformance-echo`` says once it listens.
 ECHO_NOTICE = (
-    "crealia: --conformance-echo: ws://127.0.0.1:{ws}{path} and ws://127.0.0.1:{http}{path} "
+    "crealia: --conformance-echo: ws://{host}:{ws}{path} and ws://{host}:{http}{path} "
     "echo every message, without a token, for RFC 6455 conformance runs. A test aid: never "
     "enable it in production."
 )
@@ -1038,8 +1038,9 @@ async def _serve(config: Config) -> None:
             if config.dev:
                 print(DEV_NOTICE.format(http=server.http_port), file=sys.stderr, flush=True)
             if config.conformance_echo:
-                print(ECHO_NOTICE.format(http=server.http_port, ws=server.ws_port,
-                                         path=ECHO_PATH), file=sys.stderr, flush=True)  # fmt: skip
+                print(ECHO_NOTICE.format(host=config.host, http=server.http_port,
+                                         ws=server.ws_port, path=ECHO_PATH),
+                      file=sys.stderr, flush=True)  # fmt: skip
             async for _signum in signals:
                 break
         # Leaving the block closed every connection with 1001 and flushed the store.

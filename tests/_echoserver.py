@@ -33,7 +33,7 @@ class EchoServer:
 @contextmanager
 def echo_server(root: Path, max_frame_bytes: int) -> Iterator[EchoServer]:
     """Run the server until the block ends (SIGTERM, the graceful stop), then check its log:
-    it must have said the echo is on, and logged no error."""
+    it must have said the echo is on (in its log and on stderr), and logged no error."""
     log = root / "server.log"
     command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
                "--data-dir", str(root / "data"), "--conformance-echo"]  # fmt: skip
@@ -57,7 +57,8 @@ def echo_server(root: Path, max_frame_bytes: int) -> Iterator[EchoServer]:
         assert process.stdout is not None
         process.stdout.close()
     text = log.read_text(errors="replace")
-    assert "conformance echo on at" in text, text[-2000:]
+    assert "conformance echo on at" in text, text[-2000:]  # the log's warning
+    assert "crealia: --conformance-echo: ws://127.0.0.1:" in text, text[-2000:]  # and stderr's
     problems = [line for line in text.splitlines()
                 if '"level":"error"' in line or "Traceback" in line]  # fmt: skip
     assert not problems, "the echo server logged errors:\n" + "\n".join(problems[:20])

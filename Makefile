@@ -49,7 +49,7 @@ test-faults: setup-test
 
 # Autobahn|Testsuite's fuzzingclient (RFC 6455/7692) against both endpoints through the
 # conformance echo: needs a Python 2.7 (CREALIA_PYTHON2, python2.7 or pyenv's); scripts/autobahn.sh
-# installs wstest for it under test-artifacts/autobahn/. About an hour for every case
+# installs wstest for it under test-artifacts/autobahn/. 52 minutes for every case
 # (CREALIA_AUTOBAHN_CASES picks some, e.g. '1.*,7.*'). Reports in test-artifacts/autobahn/reports/.
 test-autobahn: setup-test
 	@sh scripts/autobahn.sh

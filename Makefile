@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup setup-test run test lint typecheck pytest bench compare soak test-faults clean
+.PHONY: setup setup-test run test lint typecheck pytest bench compare soak test-faults test-autobahn clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -50,6 +50,14 @@ soak: setup
 test-faults: setup-test
 	CREALIA_FAULTS_FULL=1 $(PY) -m pytest -q -p no:cacheprovider -s -m faults_full tests/faults/ \
 		tests/test_cluster_postgres.py tests/test_state_machine.py
+
+# Autobahn|Testsuite's fuzzingclient (RFC 6455/7692) against both endpoints through the
+# conformance echo: needs a Python 2.7 (CREALIA_PYTHON2, python2.7 or pyenv's); scripts/autobahn.sh
+# installs wstest for it under test-artifacts/autobahn/. 52 minutes for every case
+# (CREALIA_AUTOBAHN_CASES picks some, e.g. '1.*,7.*'). Reports in test-artifacts/autobahn/reports/.
+test-autobahn: setup-test
+	@sh scripts/autobahn.sh
+	CREALIA_AUTOBAHN=1 $(PY) -m pytest -q -p no:cacheprovider -s -m autobahn tests/test_autobahn.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -67,6 +67,7 @@ from ._config import (
     read_secret_file,
     redact_url_password,
 )
+from ._echo import ECHO_PATH
 from ._errors import ConfigurationError, CrealiaError, Unauthorized
 from ._loadtest import LoadtestOptions, parse_duration
 from ._loadtest import run_command as run_loadtest_command
@@ -104,6 +105,13 @@ DEV_NOTICE = (
     "WebSocket and CORS also allow the origins http://localhost:*, http://127.0.0.1:* and "
     "http://[::1]:*; refused origins are audited as dev_origin_refused, with no security alert. "
     "Never run --dev where others can reach it."
+)
+
+#: What ``crealia serve --conformance-echo`` says once it listens.
+ECHO_NOTICE = (
+    "crealia: --conformance-echo: ws://{host}:{ws}{path} and ws://{host}:{http}{path} "
+    "echo every message, without a token, for RFC 6455 conformance runs. A test aid: never "
+    "enable it in production."
 )
 
 CMDLINE_KEY_WARNING = (
@@ -197,6 +205,12 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dev", action="store_const", const="true", default=None,
         help="development mode: more logging (CREALIA_DEV)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--conformance-echo", action="store_const", const="true", default=None,
+        dest="conformance_echo",
+        help=f"also echo every message at {ECHO_PATH} on both ports, for RFC 6455 conformance "
+        "runs; a test aid, never in production (CREALIA_CONFORMANCE_ECHO)",
     )  # fmt: skip
     _add_key_flags(parser)
     parser.add_argument("--config", default=None, help="a TOML file of settings (CREALIA_CONFIG)")
@@ -586,6 +600,7 @@ def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Source]]:
         field: (flag, getattr(args, field)) for flag, field, _text in SETTING_FLAGS
     }
     flags["dev"] = ("--dev", args.dev)
+    flags["conformance_echo"] = ("--conformance-echo", args.conformance_echo)
     secret = _secret(args)
     if secret is not None:
         flags["jwt_secret"] = secret
@@ -1025,6 +1040,10 @@ async def _serve(config: Config) -> None:
             print(f"crealia listening http={server.http_port} ws={server.ws_port}", flush=True)
             if config.dev:
                 print(DEV_NOTICE.format(http=server.http_port), file=sys.stderr, flush=True)
+            if config.conformance_echo:
+                print(ECHO_NOTICE.format(host=config.host, http=server.http_port,
+                                         ws=server.ws_port, path=ECHO_PATH),
+                      file=sys.stderr, flush=True)  # fmt: skip
             async for _signum in signals:
                 break
         # Leaving the block closed every connection with 1001 and flushed the store.

@@ -256,6 +256,10 @@ class Config:
     redis_url: str | None = attrs.field(default=None, validator=_redis_url, repr=False)
     jwt_secret: str | None = attrs.field(default=None, repr=False)
     dev: bool = attrs.field(default=False, validator=_boolean)
+    #: A test aid: both WebSocket endpoints also answer at ``/conformance/echo`` with an echo of
+    #: every message, behind the same limits, deflate and handshake policy as sessions, for RFC
+    #: 6455 conformance runs (crealia._echo). It asks for no token: never in production.
+    conformance_echo: bool = attrs.field(default=False, validator=_boolean)
 
     #: Outbound batching tick in milliseconds (0 to 1,000); 0 turns batching off (one frame per
     #: message).
@@ -1016,6 +1020,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("SECURITY_ALERT_THRESHOLD", "security_alert_threshold", int),
     ("CREALIA_SECURITY_ALERT_WINDOW", "security_alert_window", float),
     ("CREALIA_DEV", "dev", _flag),
+    ("CREALIA_CONFORMANCE_ECHO", "conformance_echo", _flag),
     (
         "CREALIA_STRATEGIES",
         "strategy_chain",

@@ -25,6 +25,7 @@ from ._audit import AuditLog
 from ._auth import TokenAuthority, load_or_create_secret
 from ._backplane import Backplane
 from ._config import Config
+from ._echo import ECHO_PATH
 from ._edge import ConnectionGate, address_cap, default_max_connections, edge_app, serve_http
 from ._errors import raising_lone_errors
 from ._http import create_app
@@ -52,6 +53,12 @@ from .transports._asgi import configure_hypercorn, websocket_route
 from .transports._trio_ws import TrioWebSocketTransport
 
 log = logging.getLogger("crealia")
+
+#: Logged when a server starts with ``conformance_echo`` on (the ports and paths).
+ECHO_WARNING = (
+    "conformance echo on at ws://%s:%s%s and ws://%s:%s%s: it echoes anyone's messages without "
+    "a token; a test aid, never enable it in production"
+)
 
 
 @attrs.define(eq=False)
@@ -258,6 +265,9 @@ async def open_server(
                 )
             )
             acceptor.page_ports = (http_port,)  # its pages are same-origin on every transport
+            if config.conformance_echo:
+                log.warning(ECHO_WARNING, config.host, started[fast_path], ECHO_PATH, config.host,
+                            http_port, ECHO_PATH)  # fmt: skip
             ws_port = started[fast_path]
             assert ws_port is not None
             server = Server(

@@ -36,6 +36,7 @@ from ._audit import AuditLog
 from ._auth import TokenAuthority, require_role
 from ._backplane import Backplane
 from ._config import Config
+from ._echo import run_echo
 from ._edge import ConnectionGate
 from ._errors import (
     BadRequest,
@@ -1209,6 +1210,7 @@ class Hub:
             run_session=self.serve_connection,
             is_accepting=lambda: self.accepting,
             on_origin_refused=self.on_origin_refused,
+            run_echo=run_echo if config.conformance_echo else None,
             max_frame_bytes=config.max_frame_bytes,
             handshake_timeout=config.hello_timeout,
             origins=OriginPolicy.from_origins(config.allowed_origins, dev=config.dev),

@@ -213,11 +213,15 @@ class Acceptor:
         is_accepting: False once the server is shutting down.
         on_origin_refused: told ``(origin, remote, user_agent)`` of every refused origin (the
             server audits it as ``origin_refused``).
+        run_echo: runs one connection to the conformance echo (:func:`crealia._echo.run_echo`),
+            or None (the default): the echo is off. The server passes it only with the config's
+            ``conformance_echo`` on, a test aid never to enable in production.
     """
 
     _run_session: Callable[[Connection], Awaitable[None]]
     _is_accepting: Callable[[], bool] = _always
     _on_origin_refused: Callable[[str, str, str], None] = _ignore_refusal
+    _run_echo: Callable[[Connection], Awaitable[None]] | None = None
     #: Largest message a client may send (see :class:`Connection`); the config's
     #: ``max_frame_bytes``.
     max_frame_bytes: int = 64 * 1024
@@ -290,6 +294,25 @@ class Acceptor:
         :class:`trio.Cancelled`; cancelled, it closes ``conn`` (bounded) before it returns.
         """
         await self._run_session(conn)
+
+    @property
+    def echo_enabled(self) -> bool:
+        """Whether the conformance echo is on: crealia's transports then answer WebSocket
+        handshakes at ``crealia._echo.ECHO_PATH`` (after the same handshake policy) with
+        :meth:`serve_echo` instead of a session. Other transports may ignore it."""
+        return self._run_echo is not None
+
+    async def serve_echo(self, conn: Connection) -> None:
+        """Run ``conn`` as the conformance echo to its end (every message sent back), like
+        :meth:`serve` runs a session: returns once ``conn`` is closed; never raises but
+        :class:`trio.Cancelled`, after closing ``conn``.
+
+        Raises:
+            RuntimeError: the echo is off (:attr:`echo_enabled` is False).
+        """
+        if self._run_echo is None:
+            raise RuntimeError("the conformance echo is off (Config.conformance_echo)")
+        await self._run_echo(conn)
 
 
 class Transport(ABC):

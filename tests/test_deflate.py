@@ -434,6 +434,18 @@ async def test_inflate_cap_is_exact_and_bounded() -> None:
         assert isinstance(event, CloseConnection)
         assert event.code == CloseReason.MESSAGE_TOO_BIG
 
+        # Text: the limit is in characters (the transport counts them), so 1000 characters
+        # of two bytes inflate; more bytes than 1000 characters can take in UTF-8 do not.
+        conn = _server_connection(offer, BoundedDeflate(max_message_size=1000))
+        conn.receive_data(_masked_frame(_deflate("é".encode() * 1000, 11), opcode=0x1))
+        events = list(conn.events())
+        assert "".join(e.data for e in events if isinstance(e, TextMessage)) == "é" * 1000
+        conn = _server_connection(offer, BoundedDeflate(max_message_size=1000))
+        conn.receive_data(_masked_frame(_deflate(b"a" * 4001, 11), opcode=0x1))
+        (event,) = conn.events()
+        assert isinstance(event, CloseConnection)
+        assert event.code == CloseReason.MESSAGE_TOO_BIG
+
         # The whole 50 MiB bomb in one go allocates about the cap, not 50 MiB.
         conn = _server_connection("permessage-deflate")
         frame = _masked_frame(_bomb())

@@ -15,6 +15,7 @@ from typing import Any
 import hypercorn.config
 import trio
 
+from .._echo import ECHO_PATH, SUBPROTOCOL_REFUSED
 from .._edge import STREAM_KEY
 from .._errors import ConnectionClosed
 from .._lag import unacked_bytes
@@ -80,6 +81,16 @@ class ASGIWebSocketConnection(Connection):
             raise ConnectionClosed(self._code)
         try:
             await self._send({"type": "websocket.send", "text": frame.decode()})
+        except (OSError, RuntimeError) as exc:
+            self._closed = True
+            raise ConnectionClosed(self._code) from exc
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send one binary message (the conformance echo's; sessions send text only)."""
+        if self._closed:
+            raise ConnectionClosed(self._code)
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
         except (OSError, RuntimeError) as exc:
             self._closed = True
             raise ConnectionClosed(self._code) from exc
@@ -162,10 +173,13 @@ def websocket_route(acceptor: Acceptor, app: ASGIApp, path: str = "/ws") -> ASGI
     During shutdown a handshake is closed before it is accepted (hypercorn answers 403).
     Handshakes the acceptor's policy refuses (:meth:`~crealia._transport.Acceptor.check_handshake`:
     421 for the ``Host``, 403 for the ``Origin``) get that status before they are accepted.
+    With the acceptor's conformance echo on, websocket requests to ``crealia._echo.ECHO_PATH``
+    pass the same checks and go to :meth:`~crealia._transport.Acceptor.serve_echo`.
     """
 
     async def route(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope.get("path") != path:
+        echo = scope.get("path") == ECHO_PATH and acceptor.echo_enabled
+        if scope["type"] != "websocket" or (scope.get("path") != path and not echo):
             await app(scope, receive, send)
             return
         message = await receive()
@@ -186,6 +200,13 @@ def websocket_route(acceptor: Acceptor, app: ASGIApp, path: str = "/ws") -> ASGI
             await _refuse(scope, send, refusal.body, refusal.status)
             return
         offered = scope.get("subprotocols") or []
+        if echo:
+            if SUBPROTOCOL in offered:
+                await _refuse(scope, send, SUBPROTOCOL_REFUSED, 400)
+                return
+            await send({"type": "websocket.accept"})
+            await acceptor.serve_echo(ASGIWebSocketConnection(scope, receive, send))
+            return
         accept: dict[str, Any] = {"type": "websocket.accept"}
         if SUBPROTOCOL in offered:
             accept["subprotocol"] = SUBPROTOCOL

@@ -8,8 +8,9 @@ always accepts the stock one.  This module provides:
 
 * :class:`BoundedDeflate` -- the extension.  Each inbound message is inflated
   with ``zlib``'s ``max_length`` so that at most ``max_message_size + 1`` bytes
-  are ever produced per message; past that the connection is failed with close
-  code 1009 (MESSAGE_TOO_BIG).  It asks for a small server window
+  are ever produced per binary message (``4 * max_message_size + 1`` per text
+  message, whose limit is in characters); past that the connection is failed
+  with close code 1009 (MESSAGE_TOO_BIG).  It asks for a small server window
   (``server_max_window_bits=11``, and ``client_max_window_bits=11`` when the
   client offers that parameter), keeps context takeover unless the client asks
   otherwise, and compresses with ``memLevel=4``.
@@ -83,6 +84,8 @@ _EMPTY_BLOCK: Final = b"\x00\x00\xff\xff"
 # the appended empty block plus a little slack; anything more is garbage that
 # zlib would otherwise keep accumulating in ``unused_data``.
 _MAX_TRAILING_BYTES: Final = 16
+#: Most bytes one character takes in UTF-8.
+_UTF8_MAX_BYTES: Final = 4
 _PARAMETERS: Final = frozenset(
     {
         "server_no_context_takeover",
@@ -128,12 +131,14 @@ class BoundedDeflate(PerMessageDeflate):
 
     A server-side instance serves exactly one connection (it holds that
     connection's zlib streams).  Inbound messages are inflated incrementally
-    with ``max_length``, so a message never produces more than
-    ``max_message_size + 1`` bytes; a message that would exceed
-    ``max_message_size`` fails the connection with 1009 (MESSAGE_TOO_BIG) and
-    nothing more of it is inflated.  Only compressed messages are counted:
-    uncompressed ones cannot amplify and are left to the transport's own
-    limit.
+    with ``max_length``, so a binary message never produces more than
+    ``max_message_size + 1`` bytes; one that would exceed ``max_message_size``
+    fails the connection with 1009 (MESSAGE_TOO_BIG) and nothing more of it is
+    inflated.  The limit of a text message is in characters (the transport
+    counts them once decoded), so a text message may inflate to the bytes that
+    many characters can take, ``4 * max_message_size``, before 1009.  Only
+    compressed messages are counted: uncompressed ones cannot amplify and are
+    left to the transport's own limit.
 
     The server window is negotiated down to ``window_bits`` (RFC 7692 lets a
     server send ``server_max_window_bits`` even when not offered); the client
@@ -169,6 +174,8 @@ class BoundedDeflate(PerMessageDeflate):
         self.mem_level = mem_level
         self.compression_level = compression_level
         self._inbound_size = 0
+        #: The inflated bytes the current message may take (see :meth:`frame_inbound_header`).
+        self._inbound_limit = max_message_size
 
     # -- negotiation -------------------------------------------------------
 
@@ -233,6 +240,11 @@ class BoundedDeflate(PerMessageDeflate):
         if opcode in (Opcode.TEXT, Opcode.BINARY):
             self._inbound_compressed = rsv.rsv1
             self._inbound_size = 0
+            # The limit counts a text message's characters (crealia._transport.Connection),
+            # which the transport checks once the text is decoded: here only the bytes that
+            # many characters can take in UTF-8.
+            factor = _UTF8_MAX_BYTES if opcode is Opcode.TEXT else 1
+            self._inbound_limit = self.max_message_size * factor
             if rsv.rsv1 and self._decompressor is None:
                 bits = self.server_max_window_bits if proto.client else self.client_max_window_bits
                 self._decompressor = zlib.decompressobj(-bits)
@@ -268,7 +280,7 @@ class BoundedDeflate(PerMessageDeflate):
     def _inflate(self, data: bytes) -> bytes | CloseReason:
         decompressor = self._decompressor
         assert decompressor is not None
-        budget = self.max_message_size - self._inbound_size
+        budget = self._inbound_limit - self._inbound_size
         try:
             # max_length=budget + 1 (never 0, which means "unlimited").
             out = decompressor.decompress(data, budget + 1)

@@ -33,6 +33,7 @@ import trio_websocket
 from wsproto.connection import ConnectionState
 from wsproto.events import TextMessage
 
+from .._echo import ECHO_PATH, SUBPROTOCOL_REFUSED
 from .._edge import ConnectionGate, GatedListener
 from .._errors import ConnectionClosed
 from .._lag import unacked_bytes
@@ -40,6 +41,10 @@ from .._origin import header, header_values
 from .._transport import MAX_CLOSE_REASON, Acceptor, Connection, Transport
 from .._wire import SUBPROTOCOL
 from ._deflate import accept_websocket
+
+#: Seconds :meth:`TrioWebSocketConnection.close` lets trio-websocket finish writing a close
+#: frame of its own (its answer to the peer's close, or a protocol failure) before dropping TCP.
+CLOSE_REPLY_TIMEOUT = 1.0
 
 
 class TrioWebSocketConnection(Connection):
@@ -89,6 +94,14 @@ class TrioWebSocketConnection(Connection):
                     return
             self._written += len(frame) + 10  # about: a header, maybe deflated
             await ws.send_message(frame.decode())
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed(exc) from exc
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send one binary message (the conformance echo's; sessions send text only)."""
+        self._written += len(data) + 10
+        try:
+            await self._ws.send_message(data)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from exc
 
@@ -165,8 +178,16 @@ class TrioWebSocketConnection(Connection):
             self._socket.shutdown(_socket.SHUT_RDWR)  # type: ignore[union-attr]
 
     async def close(self, code: int, reason: str = "") -> None:
+        ws = self._ws
         try:
-            await self._ws.aclose(code, reason[:MAX_CLOSE_REASON])
+            await ws.aclose(code, reason[:MAX_CLOSE_REASON])
+            # When the peer closed first, or broke the protocol (1002, 1007, 1009), trio-websocket's
+            # reader may still be writing its close frame: it took the stream lock, with no
+            # checkpoint, when it set the close reason that ended this connection. Dropping TCP
+            # under it lost that frame (the peer saw 1006), so let it finish first, bounded.
+            with trio.move_on_after(CLOSE_REPLY_TIMEOUT):
+                async with ws._stream_lock:
+                    pass
         except trio_websocket.ConnectionClosed:
             pass
         finally:
@@ -216,8 +237,10 @@ async def _reject(
         await request._connection._close_stream()
 
 
-async def _accept(request: trio_websocket.WebSocketRequest, max_frame_bytes: int) -> Any:
-    subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.proposed_subprotocols else None
+async def _accept(
+    request: trio_websocket.WebSocketRequest, max_frame_bytes: int, subprotocol: str | None
+) -> Any:
+    """Accept with bounded deflate and the frame limit, agreeing ``subprotocol`` (None: none)."""
     ws = await accept_websocket(request, subprotocol=subprotocol, max_message_size=max_frame_bytes)
     _forget_handshake(ws._wsproto)
     return ws
@@ -284,7 +307,9 @@ class TrioWebSocketTransport(Transport):
         gate = acceptor.gate
 
         async def handler(request: trio_websocket.WebSocketRequest) -> None:
-            if request.path.split("?", 1)[0] != "/ws":
+            path = request.path.split("?", 1)[0]
+            echo = path == ECHO_PATH and acceptor.echo_enabled
+            if path != "/ws" and not echo:
                 await _reject(request, 404, body=b"not found: the WebSocket endpoint is /ws")
                 return
             agent = header(request.headers, b"user-agent") or ""
@@ -311,7 +336,16 @@ class TrioWebSocketTransport(Transport):
             if not acceptor.accepting:
                 await _reject(request, 503, body=b"server shutting down")
                 return
-            ws = await _accept(request, acceptor.max_frame_bytes)
+            if echo:
+                if SUBPROTOCOL in request.proposed_subprotocols:
+                    await _reject(request, 400, extra_headers=[_TEXT_PLAIN],
+                                  body=SUBPROTOCOL_REFUSED)  # fmt: skip
+                    return
+                ws = await _accept(request, acceptor.max_frame_bytes, None)
+                await acceptor.serve_echo(TrioWebSocketConnection(ws, agent, remote))
+                return
+            offered = SUBPROTOCOL in request.proposed_subprotocols
+            ws = await _accept(request, acceptor.max_frame_bytes, SUBPROTOCOL if offered else None)
             await acceptor.serve(TrioWebSocketConnection(ws, agent, remote))
 
         async with trio.open_nursery() as nursery:

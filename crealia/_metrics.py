@@ -254,6 +254,7 @@ class ServerCollector(Collector):
              monitor.notifier.failed),
         ):  # fmt: skip
             yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
+        yield from history_metrics(monitor.backplane)
         yield from monitor.ops.metrics()
         yield _labelled(
             CounterMetricFamily,
@@ -322,6 +323,25 @@ class ServerCollector(Collector):
             yield HistogramMetricFamily(
                 f"crealia_{name}", doc, buckets=histogram.buckets(), sum_value=histogram.total
             )
+
+
+def history_metrics(backplane: Backplane) -> Iterator[Metric]:
+    """What the projects' histories hold in memory in this process
+    (:meth:`~crealia.abc.Backplane.held_history`): bytes, events and projects."""
+    try:
+        held = backplane.held_history()
+    except Exception:  # an adapter's bug must not take /metrics down
+        log.exception("the backplane's held_history failed; scraped without it")
+        return
+    for name, doc, value in (
+        ("history_bytes", "Bytes of memory the projects' histories hold (events kept for "
+         "resume: encoded frames and event objects), at most history_memory_bytes each.",
+         held.bytes),
+        ("history_events", "Durable events the projects' histories hold in memory.",
+         held.events),
+        ("history_projects", "Projects whose history is loaded in memory.", held.projects),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(f"crealia_{name}", doc, value=value)
 
 
 def job_metrics(jobs: JobFailures) -> Iterator[Metric]:

@@ -20,7 +20,9 @@ operations, so that only the same change resent is a ``duplicate``), trimmed old
 last ``history_limit`` ids like the log: a resend older than that is taken for a new change.
 
 The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
-and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §3); a snapshot
+and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §3: a mirror
+holds at most ``history_memory_bytes`` of its history, the older kept events are read back from
+the stream); a snapshot
 (``crealia:{p}:snap``) is written every ``snapshot_every`` events so a mirror can be rebuilt
 from the snapshot plus the stream. Notices (``crealia:{p}:events``) and ephemeral traffic
 (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices catches up from the
@@ -40,6 +42,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -254,7 +257,8 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
         )
         doc.quotas = self.quotas
         events = [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
-        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes)
+        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes,
+                          memory_bytes=self.quotas.history_memory)  # fmt: skip
         for event in events:
             if event.seq > doc.seq + 1:
                 raise Overloaded(
@@ -299,7 +303,9 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
                 fresh.listeners = mirror.listeners
                 fresh.lock = mirror.lock
                 self._mirrors[project_id] = fresh
-                missed = [e for e in fresh.history if e.seq > old_seq]
+                after = max(old_seq, fresh.history.first_kept - 1)
+                missed = await fresh.history.since(after, partial(self._logged, project_id))
+                missed = missed or []
                 if missed and missed[0].seq > old_seq + 1:
                     log.error("project %s: events %d..%d are gone from the log; members "
                               "resync on their next resume", project_id, old_seq + 1,
@@ -394,7 +400,7 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
                 self._nursery.start_soon(self._write_snapshot, project_id, mirror)
                 # The stream keeps what the history keeps: by count (MAXLEN) and by bytes.
                 # Never past the previous snapshot: the new one may fail to be written.
-                first_kept = min(mirror.history[0].seq, event.seq - self.snapshot_every + 1)
+                first_kept = min(mirror.history.first_kept, event.seq - self.snapshot_every + 1)
                 self._nursery.start_soon(self._trim_log, project_id, first_kept)
         if conflicts:
             for listener in list(mirror.listeners):
@@ -593,11 +599,16 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
             return None
         if seq == head:
             return []
-        history = mirror.history
-        if not history or history[0].seq > seq + 1:
-            return None
-        start = seq + 1 - history[0].seq
-        return [history[i] for i in range(start, len(history))]
+        return await mirror.history.since(seq, partial(self._logged, project_id))
+
+    async def _logged(self, project_id: str, after: int, upto: int) -> list[DurableEvent]:
+        """The stream's events ``after < seq <= upto``."""
+
+        def read(client: redis.Redis) -> Any:
+            return client.xrange(_key(project_id, "log"), min=f"{after + 1}-0", max=str(upto))
+
+        entries = await self.redis.run(read)
+        return [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
 
     async def epoch(self, project_id: str) -> str:
         # One key per project, created by whichever process asks first: every process answers

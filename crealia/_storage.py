@@ -628,12 +628,16 @@ class Store:
         try:
             async for first in self._recv:
                 batch = [first]
+                # Nothing of a write may outlive its commit: its callbacks hold the project's
+                # state, which a closed room's release must free (not the next write).
+                del first
                 while len(batch) < 1024:
                     try:
                         batch.append(self._recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._commit(batch)
+                batch = []
         finally:
             # Cancelled (or broken) before the queue was drained: whatever was not committed
             # fails now, so that no caller waits for a writer that is gone (write() waits

@@ -9,13 +9,14 @@ supports GDPR export and erasure.
 
 Each loaded project keeps its :class:`~crealia._document.Document` and its recent history (for
 resume) in memory, the history within ``history_memory_bytes`` (a resume from older kept events
-reads them from the store), until its last room closes (:meth:`SQLiteBackplane.release`). Change and comment ids are looked up in the store (by primary key, on a
-connection of their own), behind a bounded cache of the recent ones and the set of those whose
-commit is in flight, so opening a project costs the same whether it had a hundred changes or a
-million. A commit is checked and applied to the
-in-memory document synchronously, so the next commit already sees it, and its rows join the
-store's next grouped transaction. The store runs ``on_durable`` callbacks in queue order, which is
-``seq`` order, and that is where listeners hear of the event.
+reads them from the store), until its last room closes (:meth:`SQLiteBackplane.release`).
+Change and comment ids are looked up in the store (by primary key, on a connection of their
+own), behind a bounded cache of the recent ones and the set of those whose commit is in flight,
+so opening a project costs the same whether it had a hundred changes or a million. A commit
+is checked and applied to the in-memory document synchronously, so the next commit already
+sees it, and its rows join the store's next grouped transaction. The store runs
+``on_durable`` callbacks in queue order, which is ``seq`` order, and that is where listeners
+hear of the event.
 
 If a commit fails, the project is marked broken in the same callback pass (before any other task
 runs), every later write of it fails, and the next use reloads it from the store: the document

@@ -333,6 +333,7 @@ class Sampler:
             "acked": sum(self.run.acked.values()),
             "changes": int(metrics.get("crealia_changes_total", 0)),
             "cpu_s": round(cpu.user + cpu.system, 1),
+            "loop_lag_ms": _round(1000 * metrics.get("crealia_event_loop_lag_seconds", 0.0)),
             "acks": len(acks),
             "ack_p50_ms": _round(stats["p50"]),
             "ack_p99_ms": _round(stats["p99"]),
@@ -432,6 +433,7 @@ COLUMNS = (
     ("ack_p50_ms", "p50 ms", "{:>6}"), ("ack_p99_ms", "p99 ms", "{:>6}"),
     ("ack_max_ms", "max ms", "{:>6}"), ("joins", "join", "{:>4}"), ("leaves", "left", "{:>4}"),
     ("snapshots", "snap", "{:>4}"), ("replays", "repl", "{:>4}"),
+    ("loop_lag_ms", "lag ms", "{:>6}"), ("cpu_s", "cpu s", "{:>6}"),
 )  # fmt: skip
 _MB = {"rss", "history_bytes", "rss_beyond_history", "db_bytes", "wal_bytes", "ops_bytes",
        "ops_wal_bytes"}  # fmt: skip

@@ -46,6 +46,12 @@ class Trimmer:
     trims: int = 0
     _trim: Callable[[], object] | None = attrs.field(factory=_malloc_trim)
     _wanted: trio.Event = attrs.Factory(trio.Event)
+    _trimmed: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def available(self) -> bool:
+        """Whether this platform's allocator can be trimmed (glibc)."""
+        return self._trim is not None
 
     def closed(self) -> None:
         """A room closed: trim soon."""
@@ -62,3 +68,9 @@ class Trimmer:
             self._wanted = trio.Event()
             self._trim()
             self.trims += 1
+            self._trimmed.set()
+            self._trimmed = trio.Event()
+
+    async def trimmed(self) -> None:
+        """Wait for the next trim (the caller bounds the wait)."""
+        await self._trimmed.wait()

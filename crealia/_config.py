@@ -301,9 +301,6 @@ class Config:
     #: Seconds between presence heartbeats in a cluster; a process silent for three of them is
     #: taken for dead and its users leave (0.05 to 60).
     presence_interval: float = attrs.field(default=2.0, validator=_float_range(0.05, 60))
-    #: Seconds after a room closed before the freed memory is given back to the system
-    #: (glibc's ``malloc_trim``), and between two such trims; 0: never (0 to 3,600).
-    memory_trim_interval: float = attrs.field(default=1.0, validator=_float_range(0, 3600))
     #: Seconds a room stays open after its last member leaves (0 to 86,400).
     room_grace: float = attrs.field(default=5.0, validator=_float_range(0, 86_400))
     #: A snapshot is stored every this many durable events (below ``history_limit``).
@@ -1047,7 +1044,6 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),
     ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
     ("CREALIA_HISTORY_MEMORY_BYTES", "history_memory_bytes", int),
-    ("CREALIA_MEMORY_TRIM_INTERVAL", "memory_trim_interval", float),
     ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
     ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
     ("CREALIA_MAX_PENDING_CONFLICTS", "max_pending_conflicts", int),

@@ -36,7 +36,6 @@ from ._logging import log_context
 from ._metrics import Traffic
 from ._model import SETTINGS_CHANGED, Conflict, DurableEvent, Ephemeral, User
 from ._protocol import PRESENCE_FIELDS, Presence
-from ._trim import Trimmer
 
 log = logging.getLogger("crealia.room")
 
@@ -558,15 +557,12 @@ class RoomManager:
     live_totals: LiveTotals = attrs.Factory(LiveTotals)
     #: Sessions that are members of a room, over every room (the fan-out's frames per flush).
     members: int = 0
-    #: Gives memory back to the system after rooms closed.
-    trimmer: Trimmer = attrs.Factory(Trimmer)
     _nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the rooms' nursery until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self.trimmer.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -616,7 +612,6 @@ class RoomManager:
             del self.rooms[room.project_id]
         if room.project_id not in self.rooms:
             self.backplane.release(room.project_id)
-            self.trimmer.closed()
             if self.settler is not None:  # no notice of a change reaches a closed room
                 self.settler.forget(room.project_id)
 

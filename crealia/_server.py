@@ -47,7 +47,6 @@ from ._session import Hub
 from ._settle import Settler
 from ._storage import OPS_DB, Store, WalPolicy, open_store
 from ._transport import Transport
-from ._trim import Trimmer
 from .transports._asgi import configure_hypercorn, websocket_route
 from .transports._trio_ws import TrioWebSocketTransport
 
@@ -185,8 +184,7 @@ async def open_server(
                 max_per_address=address_cap(config.max_connections_per_address, max_connections),
                 max_per_user=config.max_sessions_per_user,
             )
-            rooms = RoomManager(backplane, config, settler, traffic=traffic, jobs=jobs,
-                                trimmer=Trimmer(config.memory_trim_interval))  # fmt: skip
+            rooms = RoomManager(backplane, config, settler, traffic=traffic, jobs=jobs)
             await nursery.start(rooms.run)
             hub = Hub(
                 config=config,

@@ -203,39 +203,14 @@ async def test_room_history_bounded_reported_released_and_resumed_from_store(
             assert samples[0]["historyBytes"] == 0 and samples[0]["historyEvents"] == 0
 
 
-def test_history_memory_and_trim_settings_have_defaults_ranges_and_env(tmp_path: Path) -> None:
+def test_history_memory_bytes_has_a_default_a_range_and_env(tmp_path: Path) -> None:
     from crealia import ConfigurationError
 
     from .conftest import make_config
 
-    config = make_config(tmp_path)
-    assert (config.history_memory_bytes, config.memory_trim_interval) == (4 << 20, 1.0)
-    env = {"CREALIA_HISTORY_MEMORY_BYTES": "65536", "CREALIA_MEMORY_TRIM_INTERVAL": "0",
-           "CREALIA_DATA_DIR": str(tmp_path)}  # fmt: skip
-    from_env = Config.from_env(env)
-    assert (from_env.history_memory_bytes, from_env.memory_trim_interval) == (65536, 0.0)
-    for bad in ({"history_memory_bytes": 65535}, {"history_memory_bytes": (16 << 30) + 1},
-                {"memory_trim_interval": -1}, {"memory_trim_interval": 3601}):  # fmt: skip
-        with pytest.raises(ConfigurationError, match=next(iter(bad))):
-            make_config(tmp_path, **bad)
-
-
-@pytest.mark.settings(memory_trim_interval=0.5)
-async def test_memory_is_trimmed_once_after_rooms_close(
-    server: Server, nursery: trio.Nursery
-) -> None:
-    trimmer = server.hub.rooms.trimmer
-    if not trimmer.available:
-        pytest.skip("not glibc: nothing to trim")
-    async with opened(server, nursery) as clients:
-        with trio.fail_after(20):
-            joined = [await clients.join("alice", project) for project in ("p1", "p2", "p3")]
-            rooms = [server.hub.rooms.rooms[project] for project in ("p1", "p2", "p3")]
-            for client in joined:
-                await client.aclose()
-            assert trimmer.trims == 0  # nothing closed yet: no trim on the hot path
-            for room in rooms:
-                await room.done.wait()
-            await trimmer.trimmed()
-            # Three rooms closed within the interval: one trim for them all.
-            assert trimmer.trims == 1
+    assert make_config(tmp_path).history_memory_bytes == 4 << 20
+    env = {"CREALIA_HISTORY_MEMORY_BYTES": "65536", "CREALIA_DATA_DIR": str(tmp_path)}
+    assert Config.from_env(env).history_memory_bytes == 65536
+    for bad in (65535, (16 << 30) + 1, "4MiB"):
+        with pytest.raises(ConfigurationError, match="history_memory_bytes"):
+            make_config(tmp_path, history_memory_bytes=bad)

@@ -26,8 +26,12 @@ when a figure grows without bound or does not come back once the clients have le
 - the WAL stays under ``wal_max_bytes`` (64 MiB) and the histories under ``history_memory_bytes``
   per project: their largest sample, not a slope (a WAL saw-tooths between checkpoints).
 - after the clients left: the histories hold nothing (0 bytes, 0 projects), fds are back to
-  where they were before the load (+2), threads too (+2), and the RSS gave back at least
-  ``--min-rss-returned`` (default 0.5) of what it grew by above what the histories held.
+  where they were before the load (+2), threads too (+2). The RSS is reported (the share of its
+  growth given back) but not judged unless ``--min-rss-returned`` asks: CPython keeps what a
+  closed project freed for the next one rather than giving it back (docs/performance.md,
+  "Memory after a soak"). With ``--rounds 2`` or more, each round on new projects, that reuse
+  is judged: no later round may peak more than ``--reuse-slack`` (10 %) of the first round's
+  growth (at least 8 MiB) above the first round's peak.
 
 The database itself grows with every event by design (it is the store of record): its growth is
 reported in bytes per event, not judged.
@@ -36,6 +40,7 @@ Examples::
 
     python benchmarks/soak.py                                   # 10 minutes, 100 clients
     python benchmarks/soak.py --minutes 3 --clients 60 --projects 6 --sample-every 15
+    python benchmarks/soak.py --minutes 3 --rounds 2 --sample-every 20   # memory reused?
     python benchmarks/soak.py --minutes 2 --history-memory-bytes 262144 --json
 """
 
@@ -295,6 +300,13 @@ class Sampler:
         self.started = trio.current_time()
         self._acks = 0
         self._marks = (0, 0, 0, 0, 0)
+        self.round = 0
+
+    def begin(self, run: _Run, round_: int) -> None:
+        """Sample ``run``'s acks from now on (a new round)."""
+        self.run = run
+        self.round = round_
+        self._acks = 0
 
     async def sample(self, phase: str) -> dict[str, Any]:
         ps = self.server.ps
@@ -315,6 +327,7 @@ class Sampler:
         history = int(metrics.get("crealia_history_bytes", 0))
         sample = {
             "t_s": round(trio.current_time() - self.started, 1),
+            "round": self.round,
             "phase": phase,
             "clients": c.connected,
             "rss": rss,
@@ -370,9 +383,10 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def verdict(cfg: argparse.Namespace, samples: list[dict[str, Any]]) -> dict[str, Any]:
-    load = [s for s in samples if s["phase"] == "load"]
     baseline = next(s for s in samples if s["phase"] == "baseline")
-    after = [s for s in samples if s["phase"] == "after"]
+    rounds = sorted({s["round"] for s in samples if s["phase"] != "baseline"})
+    last = rounds[-1]
+    load = [s for s in samples if s["phase"] == "load" and s["round"] == last]
     half = load[len(load) // 2 :]
     checks: dict[str, dict[str, Any]] = {}
 
@@ -401,29 +415,44 @@ def verdict(cfg: argparse.Namespace, samples: list[dict[str, Any]]) -> dict[str,
     bound = cfg.history_memory_bytes or 4 * MIB
     held = max(s["history_bytes"] for s in samples)
     check("history_bounded", held <= bound * cfg.projects, max=held, bound=bound * cfg.projects)
-    if after:
-        last = after[-1]
-        check("history_released", last["history_bytes"] == 0 and last["history_projects"] == 0,
-              bytes=last["history_bytes"], projects=last["history_projects"])  # fmt: skip
-        check("fds_back", last["fds"] <= baseline["fds"] + 2, now=last["fds"],
+    peaks = {}
+    for round_ in rounds:
+        after = [s for s in samples if s["phase"] == "after" and s["round"] == round_]
+        loaded = [s for s in samples if s["phase"] == "load" and s["round"] == round_]
+        peaks[round_] = max(s["rss"] for s in loaded)
+        if not after:
+            continue
+        end = after[-1]
+        suffix = f"_round{round_}" if len(rounds) > 1 else ""
+        check(f"history_released{suffix}", end["history_bytes"] == 0
+              and end["history_projects"] == 0, bytes=end["history_bytes"],
+              projects=end["history_projects"])  # fmt: skip
+        check(f"fds_back{suffix}", end["fds"] <= baseline["fds"] + 2, now=end["fds"],
               baseline=baseline["fds"])  # fmt: skip
-        check("threads_back", last["threads"] <= baseline["threads"] + 2, now=last["threads"],
-              baseline=baseline["threads"])  # fmt: skip
-        peak = max(s["rss"] for s in load)
-        grown = peak - baseline["rss"]
-        returned = (peak - last["rss"]) / grown if grown > 0 else 1.0
-        beyond = max(s["rss_beyond_history"] for s in load) - baseline["rss"]
-        check("rss_back", grown <= 0 or last["rss"] - baseline["rss"] <= (1 - cfg.min_rss_returned)
-              * grown, peak=peak, now=last["rss"], baseline=baseline["rss"],
-              returned=round(returned, 3), grown_beyond_history=beyond,
-              threshold=cfg.min_rss_returned)  # fmt: skip
+        check(f"threads_back{suffix}", end["threads"] <= baseline["threads"] + 2,
+              now=end["threads"], baseline=baseline["threads"])  # fmt: skip
+        grown = peaks[round_] - baseline["rss"]
+        returned = (peaks[round_] - end["rss"]) / grown if grown > 0 else 1.0
+        # CPython keeps what a closed project freed for the next one (docs/performance.md):
+        # judged only when asked for (--min-rss-returned), and by reuse over rounds.
+        check(f"rss_returned{suffix}", returned >= cfg.min_rss_returned,
+              peak=peaks[round_], now=end["rss"], baseline=baseline["rss"],
+              returned=round(returned, 3), threshold=cfg.min_rss_returned)  # fmt: skip
+    if len(rounds) > 1:
+        # The next projects reuse what the last ones freed: no round peaks much above the first.
+        allowed = peaks[rounds[0]] + max(cfg.reuse_slack * (peaks[rounds[0]] - baseline["rss"]),
+                                         8 * MIB)  # fmt: skip
+        worst = max(peaks[r] for r in rounds[1:])
+        check("rss_reused", worst <= allowed, first_peak=peaks[rounds[0]], later_peak=worst,
+              allowed=round(allowed))  # fmt: skip
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
 
 
 # --------------------------------------------------------------------------- output
 
 COLUMNS = (
-    ("t_s", "t s", "{:>6.0f}"), ("phase", "phase", "{:>8}"), ("clients", "users", "{:>5}"),
+    ("t_s", "t s", "{:>6.0f}"), ("round", "r", "{:>1}"), ("phase", "phase", "{:>8}"),
+    ("clients", "users", "{:>5}"),
     ("rss", "rss MB", "{:>7.1f}"), ("history_bytes", "hist MB", "{:>7.2f}"),
     ("rss_beyond_history", "rss-h MB", "{:>8.1f}"), ("history_events", "h.evts", "{:>6}"),
     ("fds", "fds", "{:>4}"), ("connections", "conns", "{:>5}"), ("threads", "thr", "{:>3}"),
@@ -478,20 +507,63 @@ async def soak(cfg: argparse.Namespace) -> dict[str, Any]:
 
 async def _drive(cfg: argparse.Namespace, server: ServerProc, secret: str) -> dict[str, Any]:
     duration = cfg.minutes * 60
-    options = LoadtestOptions(
-        urls=(f"ws://127.0.0.1:{server.ws_port}/ws",), secret=secret, users=cfg.clients,
-        projects=cfg.projects, duration=duration, cursor_hz=cfg.cursor_hz,
-        edit_every=cfg.edit_every, comment_every=cfg.comment_every, project_prefix="soak",
-        seed=cfg.seed,
-    )  # fmt: skip
-    run = _Run(options)
     counts = Counts()
-    sampler = Sampler(cfg, server, run, counts)
+    runs: list[_Run] = []
+    sampler: Sampler | None = None
     log(cfg, f"server pid {server.proc.pid if server.proc else '?'} ws={server.ws_port} "
         f"http={server.http_port}; {cfg.clients} clients over {cfg.projects} projects for "
-        f"{cfg.minutes:g} min")  # fmt: skip
+        f"{cfg.minutes:g} min, {cfg.rounds} round(s)")  # fmt: skip
     log(cfg, format_table([]))
-    await sampler.sample("baseline")
+    for round_ in range(1, cfg.rounds + 1):
+        # Each round its own projects and users: what the last round freed is for them.
+        options = LoadtestOptions(
+            urls=(f"ws://127.0.0.1:{server.ws_port}/ws",), secret=secret, users=cfg.clients,
+            projects=cfg.projects, duration=duration, cursor_hz=cfg.cursor_hz,
+            edit_every=cfg.edit_every, comment_every=cfg.comment_every,
+            project_prefix=f"soak{round_}", seed=cfg.seed + round_,
+        )  # fmt: skip
+        run = _Run(options)
+        runs.append(run)
+        if sampler is None:
+            sampler = Sampler(cfg, server, run, counts)
+            await sampler.sample("baseline")
+        sampler.begin(run, round_)
+        await _one_round(cfg, sampler, run, counts, duration)
+    assert sampler is not None
+    result = verdict(cfg, sampler.samples)
+    joins = sorted(counts.join_ms)
+    acks = array("d", (x for run in runs for x in run.ack_latency))
+    sent: dict[str, int] = {}
+    acked: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    closes: dict[str, int] = {}
+    messages: dict[str, str] = {}
+    for run in runs:
+        for into, counter in ((sent, run.sent), (acked, run.acked), (errors, run.errors),
+                              (closes, run.closes)):  # fmt: skip
+            for key, value in counter.items():
+                into[key] = into.get(key, 0) + value
+        messages.update(run.error_messages)
+    return {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "options": {k: v for k, v in vars(cfg).items() if k != "json"},
+        "ok": result["ok"],
+        "checks": result["checks"],
+        "totals": {
+            "joins": counts.joins, "leaves": counts.leaves, "failed_joins": counts.failed_joins,
+            "join_failures": counts.failures, "snapshots": counts.snapshots,
+            "replays": counts.replays, "sent": sent, "acked": acked, "errors": errors,
+            "error_messages": messages, "closes": closes,
+            "ack_ms": {**percentiles(acks, (50, 99)), "max": max(acks) if acks else None},
+            "join_ms": percentiles(joins, (50, 99)),
+        },
+        "samples": sampler.samples,
+    }  # fmt: skip
+
+
+async def _one_round(cfg: argparse.Namespace, sampler: Sampler, run: _Run, counts: Counts,
+                 duration: float) -> None:  # fmt: skip
+    """One round: the users come and go for ``duration`` s, then all leave; samples."""
     leave = trio.Event()
     started = trio.current_time()
     end = started + duration
@@ -515,25 +587,6 @@ async def _drive(cfg: argparse.Namespace, server: ServerProc, secret: str) -> di
         if trio.current_time() + cfg.sample_every > after_end:
             break
         await trio.sleep(cfg.sample_every)
-    result = verdict(cfg, sampler.samples)
-    joins = sorted(counts.join_ms)
-    return {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "options": {k: v for k, v in vars(cfg).items() if k != "json"},
-        "ok": result["ok"],
-        "checks": result["checks"],
-        "totals": {
-            "joins": counts.joins, "leaves": counts.leaves, "failed_joins": counts.failed_joins,
-            "join_failures": counts.failures, "snapshots": counts.snapshots,
-            "replays": counts.replays, "sent": dict(run.sent), "acked": dict(run.acked),
-            "errors": dict(run.errors), "error_messages": run.error_messages,
-            "closes": dict(run.closes),
-            "ack_ms": {**percentiles(run.ack_latency, (50, 99)),
-                       "max": max(run.ack_latency) if run.ack_latency else None},
-            "join_ms": percentiles(joins, (50, 99)),
-        },
-        "samples": sampler.samples,
-    }  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -578,8 +631,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--min-rss-returned",
         type=float,
-        default=0.5,
-        help="share of the RSS growth that must come back after the clients left (0.5)",
+        default=0.0,
+        help="share of the RSS growth that must come back after the clients left (0: not judged)",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of load, each on new projects (2 or more: the RSS must be reused)",
+    )
+    add(
+        "--reuse-slack",
+        type=float,
+        default=0.1,
+        help="how far above the first round's RSS growth a later round may peak (0.1)",
     )
     add("--seed", type=int, default=1)
     add("--server-arg", action="append", default=[], help="extra argument for crealia serve")

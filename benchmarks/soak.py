@@ -576,8 +576,8 @@ async def _one_round(cfg: argparse.Namespace, sampler: Sampler, run: _Run, count
             await trio.sleep_until(next_sample)
             await sampler.sample("load")
             next_sample += cfg.sample_every
+        # No sample at the end: the users are leaving then (their sessions end with it).
         await trio.sleep_until(end)
-        await sampler.sample("load")
         leave.set()
     # Every client has left: the rooms close after their grace, then their histories go.
     await trio.sleep(cfg.settle_s)

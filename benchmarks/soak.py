@@ -435,9 +435,11 @@ def verdict(cfg: argparse.Namespace, samples: list[dict[str, Any]]) -> dict[str,
         returned = (peaks[round_] - end["rss"]) / grown if grown > 0 else 1.0
         # CPython keeps what a closed project freed for the next one (docs/performance.md):
         # judged only when asked for (--min-rss-returned), and by reuse over rounds.
-        check(f"rss_returned{suffix}", returned >= cfg.min_rss_returned,
+        judged = cfg.min_rss_returned > 0
+        check(f"rss_returned{suffix}", not judged or returned >= cfg.min_rss_returned,
               peak=peaks[round_], now=end["rss"], baseline=baseline["rss"],
-              returned=round(returned, 3), threshold=cfg.min_rss_returned)  # fmt: skip
+              returned=round(returned, 3), threshold=cfg.min_rss_returned,
+              judged=judged)  # fmt: skip
     if len(rounds) > 1:
         # The next projects reuse what the last ones freed: no round peaks much above the first.
         allowed = peaks[rounds[0]] + max(cfg.reuse_slack * (peaks[rounds[0]] - baseline["rss"]),

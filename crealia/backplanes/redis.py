@@ -250,23 +250,29 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
             return snap, entries, roles
 
         snap, entries, roles = await self.redis.run(load)
-        doc = (
-            Document.load(project_id, orjson.loads(snap[b"doc"]))
-            if snap
-            else Document(project_id=project_id)
-        )
-        doc.quotas = self.quotas
-        events = [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
-        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes,
-                          memory_bytes=self.quotas.history_memory)  # fmt: skip
-        for event in events:
-            if event.seq > doc.seq + 1:
-                raise Overloaded(
-                    f"project {project_id!r}: the log lost events {doc.seq + 1}..{event.seq - 1}"
-                )
-            if event.seq == doc.seq + 1:
-                doc.apply(event.effects, event.seq, event.user_id)
-            history.append(event)
+
+        def build() -> tuple[Document, History]:
+            # In a worker thread (not Redis's: its commands go on): decoding up to
+            # history_limit events on the event loop held everything else (issue 17).
+            doc = (
+                Document.load(project_id, orjson.loads(snap[b"doc"]))
+                if snap
+                else Document(project_id=project_id)
+            )
+            doc.quotas = self.quotas
+            history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes,
+                              memory_bytes=self.quotas.history_memory)  # fmt: skip
+            for _id, fields in entries:
+                event = _event_from(project_id, orjson.loads(fields[b"e"]))
+                if event.seq > doc.seq + 1:
+                    raise Overloaded(f"project {project_id!r}: the log lost events "
+                                     f"{doc.seq + 1}..{event.seq - 1}")  # fmt: skip
+                if event.seq == doc.seq + 1:
+                    doc.apply(event.effects, event.seq, event.user_id)
+                history.append(event)
+            return doc, history
+
+        doc, history = await trio.to_thread.run_sync(build)
         return Mirror(
             doc=doc,
             history=history,
@@ -607,8 +613,14 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
         def read(client: redis.Redis) -> Any:
             return client.xrange(_key(project_id, "log"), min=f"{after + 1}-0", max=str(upto))
 
-        entries = await self.redis.run(read)
-        return [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
+        def decode(entries: Any) -> list[DurableEvent]:
+            events = [_event_from(project_id, orjson.loads(f[b"e"])) for _id, f in entries]
+            for event in events:
+                _ = event.encoded
+            return events
+
+        # Decoded in a worker thread, not on the event loop (see _load).
+        return await trio.to_thread.run_sync(decode, await self.redis.run(read))
 
     async def epoch(self, project_id: str) -> str:
         # One key per project, created by whichever process asks first: every process answers

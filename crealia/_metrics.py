@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from ._live import live_figures
+from ._storage import sqlite_memory_bytes
 
 if TYPE_CHECKING:
     from ._alerts import AlertEngine, AlertNotifier
@@ -342,6 +343,11 @@ def history_metrics(backplane: Backplane) -> Iterator[Metric]:
         ("history_projects", "Projects whose history is loaded in memory.", held.projects),
     ):  # fmt: skip
         yield GaugeMetricFamily(f"crealia_{name}", doc, value=value)
+    sqlite = sqlite_memory_bytes()
+    if sqlite is not None:
+        yield GaugeMetricFamily("crealia_sqlite_memory_bytes", "Bytes SQLite's allocator holds "
+                                "in this process (page caches of every connection, statements; "
+                                "sqlite3_memory_used).", value=sqlite)  # fmt: skip
 
 
 def job_metrics(jobs: JobFailures) -> Iterator[Metric]:

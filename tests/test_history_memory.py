@@ -178,6 +178,8 @@ async def test_room_history_bounded_reported_released_and_resumed_from_store(
             assert 0 < metrics["crealia_history_bytes"] <= 64 * KIB
             assert metrics["crealia_history_events"] == len(history)
             assert metrics["crealia_history_projects"] == 1
+            # What SQLite's caches hold beside them (sqlite3_memory_used): some, but bounded.
+            assert 0 < metrics["crealia_sqlite_memory_bytes"] < 64 << 20
             samples = await server.monitor.take_sample()
             assert samples[0]["projectId"] is None
             assert samples[0]["historyBytes"] == history.held_bytes

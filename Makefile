@@ -6,7 +6,7 @@ PORT ?= 3000
 WS_PORT ?= 3001
 DATA_DIR ?= ./crealia-data
 
-.PHONY: setup setup-test run test lint typecheck pytest bench compare soak test-faults test-autobahn clean
+.PHONY: setup setup-test run test lint typecheck pytest bench compare soak soak-server test-faults test-autobahn clean
 
 setup:
 	@sh scripts/bootstrap.sh
@@ -41,6 +41,11 @@ compare: setup
 # A minute of flat-out writes with the WAL under its default bound (prints the figures).
 soak: setup
 	CREALIA_SOAK=1 $(PY) -m pytest -q -p no:cacheprovider -s -m soak tests/test_wal.py
+
+# Ten minutes of mixed load against a real crealia serve: memory, fds, threads and the database
+# sampled every 30 s, then after every client left; exits 1 when one of them does not stay bounded.
+soak-server: setup
+	$(PY) benchmarks/soak.py
 
 # The full fault scenarios (tests/faults): 20 SIGKILL rounds, 10 Redis restarts of each kind,
 # 1/5/30 s network drops, slow consumers, a 30 s flood; five rounds of node, Redis and

@@ -2,7 +2,7 @@
 
 from ._alerts import Alert, AlertEngine, Finding, ThresholdRule
 from ._auth import TokenAuthority
-from ._backplane import Backplane, Listener
+from ._backplane import Backplane, HeldHistory, Listener
 from ._client import ClientSession, Push, SessionState, connect, open_session
 from ._config import Config
 from ._errors import (
@@ -78,6 +78,7 @@ __all__ = [
     "Finding",
     "Forbidden",
     "HandshakeRefusal",
+    "HeldHistory",
     "InternalError",
     "Listener",
     "NotFound",

@@ -10,7 +10,8 @@ Everything the core needs from a backplane is on :class:`Backplane`, the core im
 else of it: the durable and ephemeral methods, and the capabilities a simple one-process
 backplane may leave at their defaults (:meth:`~Backplane.release`,
 :attr:`~Backplane.shares_presence`, :attr:`~Backplane.shares_rate_limits`,
-:attr:`~Backplane.supports_gdpr`, :meth:`~Backplane.health_checks`, :meth:`~Backplane.metrics`).
+:attr:`~Backplane.supports_gdpr`, :meth:`~Backplane.health_checks`, :meth:`~Backplane.metrics`,
+:meth:`~Backplane.held_history`).
 A server is handed one (``open_server(config, backplane=...)``, like httpcore's
 ``network_backend=``) or builds one from ``Config.backplane_url`` through a
 :class:`BackplaneFactory` registered in the ``crealia.backplanes`` entry-point group, where the
@@ -23,11 +24,15 @@ conflict detection, resume windows) that a new backplane can build on.
 
 from __future__ import annotations
 
+import array
 import collections
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
 
 from . import _wire
 from ._errors import Unsupported
@@ -48,28 +53,202 @@ HealthProbe = Callable[[], Awaitable[None]]
 
 
 class History(collections.deque[DurableEvent]):
-    """A project's recent durable events, oldest first: at most ``limit`` of them and, beyond
-    the last :data:`MIN_HISTORY_EVENTS`, at most ``max_bytes`` of encoded events.
+    """A project's recent durable events, oldest first, and the window of them kept for resume.
 
-    Only :meth:`append` adds (events come one at a time, in ``seq`` order); the oldest events go.
+    The *kept window* is what a resume may be replayed from: the last ``limit`` events and,
+    beyond the last :data:`MIN_HISTORY_EVENTS`, at most ``max_bytes`` of encoded events. It
+    starts at :attr:`first_kept`. The deque itself (what iterating and indexing see) holds the
+    newest events of the window in memory: all of them or, with ``memory_bytes``, as many as fit
+    in that many bytes of what they cost in memory (:func:`held_bytes`: the encoded frame, the
+    event and its payload and effects, and the deque's own bookkeeping). The older ones of the
+    window are the store's to read back (a backplane with a ``memory_bytes`` bound reads them
+    in :meth:`Backplane.events_since`); ``memory_bytes=None`` holds the whole window (a
+    backplane without a store: the window is all there is).
+
+    Only :meth:`append` adds (events come one at a time, in ``seq`` order, without a gap: one
+    after a gap starts a new window); the oldest events go.
     """
 
-    def __init__(self, events: Iterable[DurableEvent] = (), *, limit: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        events: Iterable[DurableEvent] = (),
+        *,
+        limit: int,
+        max_bytes: int,
+        memory_bytes: int | None = None,
+    ) -> None:
         super().__init__()
         self.limit = limit
         self.max_bytes = max_bytes
-        #: Encoded bytes of the events held.
+        self.memory_bytes = memory_bytes
+        #: Encoded bytes of the events in the kept window (what ``max_bytes`` bounds).
         self.bytes = 0
+        #: What the events held in memory cost (what ``memory_bytes`` bounds).
+        self.held_bytes = 0
+        #: The seq of the newest event (0 before the first).
+        self.last_seq = 0
+        self._sizes = _IntQueue()  # encoded size of each event of the window
+        self._costs = _IntQueue()  # held_bytes of each event in memory
         for event in events:
             self.append(event)
 
+    @property
+    def first_kept(self) -> int:
+        """The seq of the oldest event of the kept window (``last_seq + 1`` when empty)."""
+        return self.last_seq - len(self._sizes) + 1
+
+    @property
+    def first_held(self) -> int:
+        """The seq of the oldest event held in memory (``last_seq + 1`` when none is)."""
+        return self[0].seq if self else self.last_seq + 1
+
+    @property
+    def kept(self) -> int:
+        """How many events the kept window holds (in memory or not)."""
+        return len(self._sizes)
+
     def append(self, event: DurableEvent) -> None:
+        if self._sizes and event.seq != self.last_seq + 1:
+            self.clear()  # a gap: what came before cannot be replayed across it
         super().append(event)
-        self.bytes += len(event.encoded)
-        while len(self) > self.limit or (
-            self.bytes > self.max_bytes and len(self) > MIN_HISTORY_EVENTS
+        self.last_seq = event.seq
+        size = len(event.encoded)
+        self._sizes.append(size)
+        self.bytes += size
+        cost = held_bytes(event)
+        self._costs.append(cost)
+        self.held_bytes += cost + KEPT_ENTRY_BYTES
+        while len(self._sizes) > self.limit or (
+            self.bytes > self.max_bytes and len(self._sizes) > MIN_HISTORY_EVENTS
         ):
-            self.bytes -= len(self.popleft().encoded)
+            if self and self[0].seq == self.first_kept:
+                self._drop_held()
+            self.bytes -= self._sizes.popleft()
+            self.held_bytes -= KEPT_ENTRY_BYTES
+        if self.memory_bytes is not None:
+            while self and self.held_bytes > self.memory_bytes:
+                self._drop_held()
+
+    async def since(
+        self, seq: int, read_stored: Callable[[int, int], Awaitable[list[DurableEvent]]]
+    ) -> list[DurableEvent] | None:
+        """The kept events after ``seq`` up to the newest, in order: ``None`` when ``seq`` is
+        before the kept window (or beyond the newest). Those no longer held in memory are read
+        with ``read_stored(after, upto)`` (every stored event ``after < seq <= upto``); events
+        appended meanwhile may push more out of memory, which are then read in turn. A read
+        that does not return exactly those events (the store lost some it should keep) makes
+        it ``None`` too: the caller sends a snapshot.
+
+        Raises:
+            Whatever ``read_stored`` raises (``Overloaded`` for a store unavailable now).
+        """
+        if seq + 1 < self.first_kept or seq > self.last_seq:
+            return None
+        events: list[DurableEvent] = []
+        after = seq
+        while self.first_held > after + 1:
+            upto = self.first_held - 1
+            stored = await read_stored(after, upto)
+            if len(stored) != upto - after or (stored and stored[0].seq != after + 1):
+                return None
+            events += stored
+            after = upto
+        first = self.first_held
+        events += [self[i] for i in range(after + 1 - first, len(self))]
+        return events
+
+    def _drop_held(self) -> None:
+        self.popleft()
+        self.held_bytes -= self._costs.popleft()
+
+    def clear(self) -> None:
+        """Forget every event (held and kept)."""
+        super().clear()
+        self._sizes = _IntQueue()
+        self._costs = _IntQueue()
+        self.bytes = 0
+        self.held_bytes = 0
+
+
+#: What the kept window costs per event besides the events held (an entry of each array, the
+#: deque's slot), counted in :attr:`History.held_bytes`.
+KEPT_ENTRY_BYTES = 24
+
+_sizeof = sys.getsizeof
+_SHARED = frozenset({type(None), bool})
+
+
+def held_bytes(event: DurableEvent) -> int:
+    """What ``event`` costs in memory, as tracemalloc would count it: the event object, its
+    encoded frame, and every object of its payload and effects (once each: a timeline change's
+    payload shares its ``changes`` with its effects). Dict keys, small ints, booleans and
+    ``None`` are not counted: they are shared (orjson caches keys, CPython the rest). Within
+    a few percent of tracemalloc's figure (``tests/test_history_memory.py`` checks it)."""
+    total = _sizeof(event) + _sizeof(event.encoded)
+    seen: set[int] = set()
+    stack: list[Any] = [event.payload, event.effects]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in _SHARED or (kind is int and -5 <= value <= 256):
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        total += _sizeof(value)
+        if kind is dict:
+            stack.extend(value.values())
+        elif kind is list or kind is tuple:
+            stack.extend(value)
+    return total
+
+
+class _IntQueue:
+    """A FIFO of ints in an array (8 bytes each, unlike a deque of int objects)."""
+
+    __slots__ = ("_head", "_items")
+
+    def __init__(self) -> None:
+        self._items = array.array("q")
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def append(self, value: int) -> None:
+        self._items.append(value)
+
+    def popleft(self) -> int:
+        if self._head >= len(self._items):
+            raise IndexError("pop from an empty queue")
+        value = self._items[self._head]
+        self._head += 1
+        if self._head >= 1024 and self._head * 2 >= len(self._items):
+            del self._items[: self._head]
+            self._head = 0
+        return value
+
+
+@attrs.frozen(kw_only=True)
+class HeldHistory:
+    """What projects' histories hold in memory (:meth:`Backplane.held_history`)."""
+
+    #: What the held events cost in memory (:attr:`History.held_bytes`).
+    bytes: int = 0
+    #: Events held in memory.
+    events: int = 0
+    #: Projects whose history is loaded.
+    projects: int = 0
+
+    @classmethod
+    def of(cls, histories: Iterable[History]) -> HeldHistory:
+        """The sum over ``histories``."""
+        size = events = projects = 0
+        for history in histories:
+            size += history.held_bytes
+            events += len(history)
+            projects += 1
+        return cls(bytes=size, events=events, projects=projects)
 
 
 class Listener(Protocol):
@@ -421,6 +600,14 @@ class Backplane(ABC):
         process.) What would stop writes belongs in :meth:`health_checks` instead.
         """
         return {}
+
+    def held_history(self, project_id: str | None = None) -> HeldHistory:
+        """What the projects' histories hold in memory in this process now (or only
+        ``project_id``'s): for ``crealia_history_bytes`` and ``historyBytes`` in the metric
+        samples. Must not block. A backplane that keeps no history in memory, or does not say,
+        answers zeros (the default); the built-in ones count :attr:`History.held_bytes`.
+        """
+        return HeldHistory()
 
     def metrics(self) -> Iterable[Metric]:
         """The backplane's own Prometheus metric families, read at every scrape of

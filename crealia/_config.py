@@ -418,6 +418,13 @@ class Config:
     #: Most bytes of durable events kept per project for resume (besides ``history_limit``), in
     #: memory and in the kept log; the last 1,000 events are kept whatever their size.
     history_max_bytes: int = attrs.field(default=64 << 20, validator=_int_range(1 << 20, 4 << 30))
+    #: Most bytes a project's history holds in memory (what its events really cost: the encoded
+    #: frame, the event and its payload), 64 KiB to 16 GiB; older events of the kept history
+    #: (``history_limit``, ``history_max_bytes``) are read from the store when a client resumes
+    #: from them. Released when the project's room closes.
+    history_memory_bytes: int = attrs.field(
+        default=4 << 20, validator=_int_range(64 * 1024, 16 << 30)
+    )
     #: Largest frame of a ``welcome``: one that would be larger has its snapshot, users and
     #: pending conflicts sent in ``welcome_chunk`` frames of at most this many bytes.
     welcome_frame_bytes: int = attrs.field(
@@ -1049,6 +1056,7 @@ _ENV: list[tuple[str, str, Any]] = [
     ("CREALIA_VALUE_MAX_BYTES", "value_max_bytes", int),
     ("CREALIA_DOCUMENT_MAX_BYTES", "document_max_bytes", int),
     ("CREALIA_HISTORY_MAX_BYTES", "history_max_bytes", int),
+    ("CREALIA_HISTORY_MEMORY_BYTES", "history_memory_bytes", int),
     ("CREALIA_WELCOME_FRAME_BYTES", "welcome_frame_bytes", int),
     ("CREALIA_REPLAY_MAX_BYTES", "replay_max_bytes", int),
     ("CREALIA_MAX_PENDING_CONFLICTS", "max_pending_conflicts", int),

@@ -31,12 +31,14 @@ from ._wire import (
 @attrs.frozen(kw_only=True)
 class Quotas:
     """What one project may hold (``Config.value_max_bytes``, ``document_max_bytes``,
-    ``history_max_bytes``, ``max_pending_conflicts``, ``pending_conflicts_max_bytes``), in
-    JSON-encoded bytes or (pending conflicts) a count."""
+    ``history_max_bytes``, ``history_memory_bytes``, ``max_pending_conflicts``,
+    ``pending_conflicts_max_bytes``), in JSON-encoded bytes, bytes of memory
+    (``history_memory``) or (pending conflicts) a count."""
 
     value_bytes: int = MAX_VALUE_BYTES
     document_bytes: int = 16 << 20
     history_bytes: int = 64 << 20
+    history_memory: int = 4 << 20
     pending_conflicts: int = 1000
     pending_bytes: int = 16 << 20
 
@@ -47,6 +49,7 @@ class Quotas:
             value_bytes=config.value_max_bytes,
             document_bytes=config.document_max_bytes,
             history_bytes=config.history_max_bytes,
+            history_memory=config.history_memory_bytes,
             pending_conflicts=config.max_pending_conflicts,
             pending_bytes=config.pending_conflicts_max_bytes,
         )

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from ._live import live_figures
+from ._storage import sqlite_memory_bytes
 
 if TYPE_CHECKING:
     from ._alerts import AlertEngine, AlertNotifier
@@ -254,6 +255,7 @@ class ServerCollector(Collector):
              monitor.notifier.failed),
         ):  # fmt: skip
             yield CounterMetricFamily(f"crealia_{name}", doc, value=value)
+        yield from history_metrics(monitor.backplane)
         yield from monitor.ops.metrics()
         yield _labelled(
             CounterMetricFamily,
@@ -322,6 +324,30 @@ class ServerCollector(Collector):
             yield HistogramMetricFamily(
                 f"crealia_{name}", doc, buckets=histogram.buckets(), sum_value=histogram.total
             )
+
+
+def history_metrics(backplane: Backplane) -> Iterator[Metric]:
+    """What the projects' histories hold in memory in this process
+    (:meth:`~crealia.abc.Backplane.held_history`): bytes, events and projects."""
+    try:
+        held = backplane.held_history()
+    except Exception:  # an adapter's bug must not take /metrics down
+        log.exception("the backplane's held_history failed; scraped without it")
+        return
+    for name, doc, value in (
+        ("history_bytes", "Bytes of memory the projects' histories hold (events kept for "
+         "resume: encoded frames and event objects), at most history_memory_bytes each.",
+         held.bytes),
+        ("history_events", "Durable events the projects' histories hold in memory.",
+         held.events),
+        ("history_projects", "Projects whose history is loaded in memory.", held.projects),
+    ):  # fmt: skip
+        yield GaugeMetricFamily(f"crealia_{name}", doc, value=value)
+    sqlite = sqlite_memory_bytes()
+    if sqlite is not None:
+        yield GaugeMetricFamily("crealia_sqlite_memory_bytes", "Bytes SQLite's allocator holds "
+                                "in this process (page caches of every connection, statements; "
+                                "sqlite3_memory_used).", value=sqlite)  # fmt: skip
 
 
 def job_metrics(jobs: JobFailures) -> Iterator[Metric]:

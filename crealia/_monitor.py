@@ -58,7 +58,8 @@ FIELDS = (
     "activeUsers", "activeProjects", "activeSessions", "websocketConnections", "webrtcStreams",
     "averageLatency", "memoryUsage", "cpuUsage", "networkBandwidth", "errorRate",
     "conflictRate", "resolutionRate", "eventLoopLag", "fanoutLatencyP99", "pingRtt",
-    "memoryRss", "messagesIn", "messagesOut", "bytesIn", "bytesOut",
+    "memoryRss", "messagesIn", "messagesOut", "bytesIn", "bytesOut", "historyBytes",
+    "historyEvents",
 )  # fmt: skip
 
 
@@ -221,7 +222,17 @@ class Monitor:
             eventLoopLag=round(lag * 1000, 2),
             pingRtt=None if ping is None else round(ping * 1000, 3),
         )
+        sample.update(self._history(None))
         return sample
+
+    def _history(self, project_id: str | None) -> dict[str, int | None]:
+        """``historyBytes`` and ``historyEvents``: what the histories hold in memory."""
+        try:
+            held = self.backplane.held_history(project_id)
+        except Exception:  # an adapter's bug must not stop the samples
+            log.exception("the backplane's held_history failed")
+            return {"historyBytes": None, "historyEvents": None}
+        return {"historyBytes": held.bytes, "historyEvents": held.events}
 
     def _project_sample(self, project_id: str, room: Any, now: float) -> dict[str, Any]:
         live = room.live.open()
@@ -235,6 +246,7 @@ class Monitor:
             "webrtc": [session.summary() for session in live],
         }
         sample.update(self._rates(project_id, room.traffic, room.opened_at))
+        sample.update(self._history(project_id))
         return sample
 
     def _rates(self, scope: str, traffic: Traffic, started: float) -> dict[str, float | None]:

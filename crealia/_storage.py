@@ -29,6 +29,8 @@ Three connections: the writer (grouped commits, and short reads in line with the
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import operator
@@ -628,12 +630,16 @@ class Store:
         try:
             async for first in self._recv:
                 batch = [first]
+                # Nothing of a write may outlive its commit: its callbacks hold the project's
+                # state, which a closed room's release must free (not the next write).
+                del first
                 while len(batch) < 1024:
                     try:
                         batch.append(self._recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 await self._commit(batch)
+                batch = []
         finally:
             # Cancelled (or broken) before the queue was drained: whatever was not committed
             # fails now, so that no caller waits for a writer that is gone (write() waits
@@ -849,6 +855,30 @@ def _by_label(family: Any, name: str, doc: str, label: str, values: Mapping[str,
     for key, value in sorted(values.items()):
         metric.add_metric([key], value)
     return metric  # type: ignore[no-any-return]
+
+
+def _memory_used() -> Callable[[], int] | None:
+    """``sqlite3_memory_used`` of the SQLite library the stdlib's sqlite3 runs on, or None where
+    it cannot be reached (a statically linked sqlite3, another platform)."""
+    try:
+        found = ctypes.util.find_library("sqlite3")
+        if found is None:
+            return None
+        used = ctypes.CDLL(found).sqlite3_memory_used
+    except (OSError, AttributeError):
+        return None
+    used.restype = ctypes.c_int64
+    used.argtypes = []
+    return lambda: int(used())
+
+
+_SQLITE_MEMORY_USED = _memory_used()
+
+
+def sqlite_memory_bytes() -> int | None:
+    """What SQLite's allocator holds in this process now (its page caches, statements and
+    schema, over every connection), or None where that cannot be read."""
+    return None if _SQLITE_MEMORY_USED is None else _SQLITE_MEMORY_USED()
 
 
 def sqlite_metrics(stores: Iterable[Store]) -> Iterator[Metric]:

@@ -138,12 +138,15 @@ async def test_history_in_memory_is_bounded_by_bytes(server: Server, nursery: tr
             for i in range(1, 1100):
                 await a.request("timeline_change", set_op(f"c{i}", "e", "v", big(1500), None))
                 a.inbox.clear()
-            project = server.hub.backplane._projects["p1"]  # type: ignore[attr-defined]
-            assert len(project.history) == 1100  # 1.6 MB of 10,000 events is not over 64 MiB
-            project.history.max_bytes = 1 << 20
+            history = server.hub.backplane._projects["p1"].history  # type: ignore[attr-defined]
+            assert history.kept == 1100  # 1.6 MB of 10,000 events is not over 64 MiB
+            # In memory, what fits in history_memory_bytes (4 MiB): not all of them.
+            assert history.held_bytes <= server.config.history_memory_bytes
+            assert 0 < len(history) < 1100
+            history.max_bytes = 1 << 20
             await a.request("timeline_change", set_op("last", "e", "v", 1, None))
-            assert len(project.history) == 1000
-            assert project.history[-1].seq == 1101
+            assert history.kept == 1000
+            assert history.first_kept == 102 and history[-1].seq == 1101
 
 
 async def test_rest_snapshot_of_a_closed_project_keeps_nothing_resident(

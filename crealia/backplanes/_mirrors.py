@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._backplane import History, Listener
+from .._backplane import HeldHistory, History, Listener
 from .._document import Document
 from .._model import Ephemeral
 
@@ -69,6 +69,13 @@ class MirrorSubscriptions:
 
     def subscribe(self, project_id: str, listener: Listener) -> Any:
         return self._subscription(project_id, listener)
+
+    def held_history(self, project_id: str | None = None) -> HeldHistory:
+        """What the mirrors' histories hold in memory (or only ``project_id``'s mirror's)."""
+        if project_id is not None:
+            mirror = self._mirrors.get(project_id)
+            return HeldHistory.of([mirror.history] if mirror is not None else [])
+        return HeldHistory.of(m.history for m in list(self._mirrors.values()))
 
     def _deliver_here(self, message: Ephemeral) -> None:
         """Hand ``message`` to this process's listeners of its project."""

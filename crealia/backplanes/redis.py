@@ -20,7 +20,9 @@ operations, so that only the same change resent is a ``duplicate``), trimmed old
 last ``history_limit`` ids like the log: a resend older than that is taken for a new change.
 
 The stream (``crealia:{p}:log``, trimmed to about ``history_limit`` entries) is the durable log
-and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §3); a snapshot
+and serves resume (``crealia:{p}:epoch`` names that history, docs/protocol.md §3: a mirror
+holds at most ``history_memory_bytes`` of its history, the older kept events are read back from
+the stream); a snapshot
 (``crealia:{p}:snap``) is written every ``snapshot_every`` events so a mirror can be rebuilt
 from the snapshot plus the stream. Notices (``crealia:{p}:events``) and ephemeral traffic
 (``crealia:{p}:eph``) travel over pub/sub; a process that misses notices catches up from the
@@ -40,6 +42,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -247,22 +250,29 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
             return snap, entries, roles
 
         snap, entries, roles = await self.redis.run(load)
-        doc = (
-            Document.load(project_id, orjson.loads(snap[b"doc"]))
-            if snap
-            else Document(project_id=project_id)
-        )
-        doc.quotas = self.quotas
-        events = [_event_from(project_id, orjson.loads(fields[b"e"])) for _id, fields in entries]
-        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes)
-        for event in events:
-            if event.seq > doc.seq + 1:
-                raise Overloaded(
-                    f"project {project_id!r}: the log lost events {doc.seq + 1}..{event.seq - 1}"
-                )
-            if event.seq == doc.seq + 1:
-                doc.apply(event.effects, event.seq, event.user_id)
-            history.append(event)
+
+        def build() -> tuple[Document, History]:
+            # In a worker thread (not Redis's: its commands go on): decoding up to
+            # history_limit events on the event loop held everything else (issue 17).
+            doc = (
+                Document.load(project_id, orjson.loads(snap[b"doc"]))
+                if snap
+                else Document(project_id=project_id)
+            )
+            doc.quotas = self.quotas
+            history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes,
+                              memory_bytes=self.quotas.history_memory)  # fmt: skip
+            for _id, fields in entries:
+                event = _event_from(project_id, orjson.loads(fields[b"e"]))
+                if event.seq > doc.seq + 1:
+                    raise Overloaded(f"project {project_id!r}: the log lost events "
+                                     f"{doc.seq + 1}..{event.seq - 1}")  # fmt: skip
+                if event.seq == doc.seq + 1:
+                    doc.apply(event.effects, event.seq, event.user_id)
+                history.append(event)
+            return doc, history
+
+        doc, history = await trio.to_thread.run_sync(build)
         return Mirror(
             doc=doc,
             history=history,
@@ -299,7 +309,9 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
                 fresh.listeners = mirror.listeners
                 fresh.lock = mirror.lock
                 self._mirrors[project_id] = fresh
-                missed = [e for e in fresh.history if e.seq > old_seq]
+                after = max(old_seq, fresh.history.first_kept - 1)
+                missed = await fresh.history.since(after, partial(self._logged, project_id))
+                missed = missed or []
                 if missed and missed[0].seq > old_seq + 1:
                     log.error("project %s: events %d..%d are gone from the log; members "
                               "resync on their next resume", project_id, old_seq + 1,
@@ -394,7 +406,7 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
                 self._nursery.start_soon(self._write_snapshot, project_id, mirror)
                 # The stream keeps what the history keeps: by count (MAXLEN) and by bytes.
                 # Never past the previous snapshot: the new one may fail to be written.
-                first_kept = min(mirror.history[0].seq, event.seq - self.snapshot_every + 1)
+                first_kept = min(mirror.history.first_kept, event.seq - self.snapshot_every + 1)
                 self._nursery.start_soon(self._trim_log, project_id, first_kept)
         if conflicts:
             for listener in list(mirror.listeners):
@@ -593,11 +605,22 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
             return None
         if seq == head:
             return []
-        history = mirror.history
-        if not history or history[0].seq > seq + 1:
-            return None
-        start = seq + 1 - history[0].seq
-        return [history[i] for i in range(start, len(history))]
+        return await mirror.history.since(seq, partial(self._logged, project_id))
+
+    async def _logged(self, project_id: str, after: int, upto: int) -> list[DurableEvent]:
+        """The stream's events ``after < seq <= upto``."""
+
+        def read(client: redis.Redis) -> Any:
+            return client.xrange(_key(project_id, "log"), min=f"{after + 1}-0", max=str(upto))
+
+        def decode(entries: Any) -> list[DurableEvent]:
+            events = [_event_from(project_id, orjson.loads(f[b"e"])) for _id, f in entries]
+            for event in events:
+                _ = event.encoded
+            return events
+
+        # Decoded in a worker thread, not on the event loop (see _load).
+        return await trio.to_thread.run_sync(decode, await self.redis.run(read))
 
     async def epoch(self, project_id: str) -> str:
         # One key per project, created by whichever process asks first: every process answers

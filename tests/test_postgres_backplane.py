@@ -33,6 +33,7 @@ from crealia import (
     User,
     open_server,
 )
+from crealia._document import Quotas
 from crealia._wire import InsertOp
 from crealia.backplanes import _pg
 from crealia.backplanes.postgresql import (
@@ -75,6 +76,19 @@ async def test_check_backplane_passes_on_postgresql(postgres: PostgresServer) ->
     url = await postgres.create_database("conformance")
     with trio.fail_after(300):
         await check_backplane(lambda: open_postgresql_backplane(url, history_limit=1000))
+
+
+async def test_check_backplane_passes_on_postgresql_at_the_least_history_memory(
+    postgres: PostgresServer,
+) -> None:
+    """At ``history_memory_bytes``' least bound most resumes read their events back from the
+    database (``History.since``)."""
+    url = await postgres.create_database("conformance_small")
+    quotas = Quotas(history_memory=64 * 1024)
+    with trio.fail_after(300):
+        await check_backplane(
+            lambda: open_postgresql_backplane(url, history_limit=1000, quotas=quotas)
+        )
 
 
 # -- two processes on one database --------------------------------------------------------------

@@ -60,6 +60,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, NoReturn
 
 import attrs
@@ -353,7 +354,10 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 snap_seq = int(snap[0]) if snap else 0
                 start = max(0, min(snap_seq, head - limit))
                 cur.execute(_EVENTS_AFTER, (project_id, start))
-                events = cur.fetchall()
+                # Decoded here, in the connection's thread, not on the event loop.
+                events = [_event_from(project_id, row) for row in cur.fetchall()]
+                for event in events:
+                    _ = event.encoded
                 cur.execute("SELECT user_id, role FROM project_roles WHERE project_id = %s",
                             (project_id,))  # fmt: skip
                 roles = cur.fetchall()
@@ -362,16 +366,16 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         # The row made first (outside the snapshot, which must not write), so that a rewrite
         # before the project's first write (an erasure) is seen as one.
         await self.epoch(project_id)
-        snap, rows, roles, epoch = await self.reader_conn.run(load)
+        snap, events, roles, epoch = await self.reader_conn.run(load)
         doc = (
             Document.load(project_id, orjson.loads(snap[1]))
             if snap
             else Document(project_id=project_id)
         )
         doc.quotas = self.quotas
-        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes)
-        for row in rows:
-            event = _event_from(project_id, row)
+        history = History(limit=self.history_limit, max_bytes=self.quotas.history_bytes,
+                          memory_bytes=self.quotas.history_memory)  # fmt: skip
+        for event in events:
             if event.seq == doc.seq + 1:
                 doc.apply(event.effects, event.seq, event.user_id)
             history.append(event)
@@ -859,11 +863,23 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
             return None
         if seq == head:
             return []
-        history = mirror.history
-        if not history or history[0].seq > seq + 1:
-            return None
-        start = seq + 1 - history[0].seq
-        return [history[i] for i in range(start, len(history))]
+        return await mirror.history.since(seq, partial(self._stored_events, project_id))
+
+    async def _stored_events(self, project_id: str, after: int, upto: int) -> list[DurableEvent]:
+        """The stored events ``after < seq <= upto``, for a resume from events the mirror's
+        history no longer holds in memory (``history_memory_bytes``)."""
+
+        def read(conn: Any) -> list[DurableEvent]:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT seq, kind, user_id, at, payload, effects FROM events "
+                            "WHERE project_id = %s AND seq > %s AND seq <= %s ORDER BY seq",
+                            (project_id, after, upto))  # fmt: skip
+                events = [_event_from(project_id, row) for row in cur.fetchall()]
+            for event in events:
+                _ = event.encoded
+            return events
+
+        return await self.reader_conn.run(read)
 
     async def epoch(self, project_id: str) -> str:
         fresh = _new_epoch()

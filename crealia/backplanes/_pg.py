@@ -227,7 +227,9 @@ MIGRATIONS: tuple[str, ...] = (
             END IF;
         END IF;
         IF NOT FOUND THEN
-            INSERT INTO projects (project_id, epoch) VALUES (p, w->>'epoch')
+            -- A new epoch, as ``_new_epoch`` draws them (32 hex digits).
+            INSERT INTO projects (project_id, epoch)
+                VALUES (p, replace(gen_random_uuid()::TEXT, '-', ''))
                 ON CONFLICT DO NOTHING;
             SELECT seq, pending_count, pending_bytes, epoch INTO head, cnt, held, named
                 FROM projects WHERE project_id = p FOR UPDATE;
@@ -357,7 +359,7 @@ MIGRATIONS: tuple[str, ...] = (
         IF stored = live THEN
             RETURN 0;
         END IF;
-        FOR r IN UPDATE projects SET epoch = md5(random()::TEXT || clock_timestamp()::TEXT)
+        FOR r IN UPDATE projects SET epoch = replace(gen_random_uuid()::TEXT, '-', '')
                 RETURNING project_id, seq, epoch LOOP
             PERFORM pg_notify('crealia_events',
                 jsonb_build_object('p', r.project_id, 's', r.seq, 'e', r.epoch)::TEXT);

@@ -128,6 +128,19 @@ _EVENTS_AFTER = (
     "SELECT seq, kind, user_id, at, payload, effects FROM events "
     "WHERE project_id = %s AND seq > %s ORDER BY seq"
 )
+_EVENTS_BETWEEN = (
+    "SELECT seq, kind, user_id, at, payload, effects FROM events "
+    "WHERE project_id = %s AND seq > %s AND seq <= %s ORDER BY seq"
+)
+
+
+def _decoded(project_id: str, rows: list[tuple[Any, ...]]) -> list[DurableEvent]:
+    """In a connection's thread: the events of ``rows``, decoded and their frames encoded,
+    so that the event loop does neither."""
+    events = [_event_from(project_id, row) for row in rows]
+    for event in events:
+        _ = event.encoded
+    return events
 
 
 @attrs.frozen(kw_only=True)
@@ -169,7 +182,8 @@ class _Queued:
     busy: int = 0
     done: trio.Event = attrs.Factory(trio.Event)
     #: ``(status, value)``: ok (seq), dup (the first's row), gone, behind (the database's seq),
-    #: quota ((count, bytes)), refused (the error preparing it again raised); or an error.
+    #: quota ((count, bytes)), refused (the error preparing it again raised), rewritten (the
+    #: project's epoch); or an error. (``busy`` ones go in the next batch, never here.)
     result: tuple[str, Any] | None = None
     error: Overloaded | None = None
 
@@ -193,8 +207,7 @@ def _write_json(w: _Write, blobs: list[bytes], wait: bool) -> dict[str, Any]:
     event = w.event
     return {
         "p": w.project_id, "mode": w.mode, "base": w.base_seq, "key": w.key, "wait": wait,
-        "copy_epoch": w.epoch,
-        "epoch": _new_epoch(), "node": w.node, "pending": [w.pending.count, w.pending.bytes],
+        "copy_epoch": w.epoch, "node": w.node, "pending": [w.pending.count, w.pending.bytes],
         "max_pending": w.quotas.pending_conflicts, "max_pending_bytes": w.quotas.pending_bytes,
         "event": None if event is None else {
             "kind": event.kind, "user_id": event.user_id, "at": event.at,
@@ -354,19 +367,17 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
                 snap_seq = int(snap[0]) if snap else 0
                 start = max(0, min(snap_seq, head - limit))
                 cur.execute(_EVENTS_AFTER, (project_id, start))
-                # Decoded here, in the connection's thread, not on the event loop.
-                events = [_event_from(project_id, row) for row in cur.fetchall()]
-                for event in events:
-                    _ = event.encoded
+                events = _decoded(project_id, cur.fetchall())
                 cur.execute("SELECT user_id, role FROM project_roles WHERE project_id = %s",
                             (project_id,))  # fmt: skip
                 roles = cur.fetchall()
                 return snap, events, roles, head_row[1] if head_row else None
 
-        # The row made first (outside the snapshot, which must not write), so that a rewrite
-        # before the project's first write (an erasure) is seen as one.
-        await self.epoch(project_id)
         snap, events, roles, epoch = await self.reader_conn.run(load)
+        if epoch is None:
+            # No row yet: made now (outside the snapshot, which must not write), so that a
+            # rewrite before the project's first write (an erasure) is seen as one.
+            epoch = await self.epoch(project_id)
         doc = (
             Document.load(project_id, orjson.loads(snap[1]))
             if snap
@@ -574,15 +585,15 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
         self.commits += 1
         busy: list[_Queued] = []
         for item, outcome in zip(batch, results, strict=True):
-            if not isinstance(outcome, _WriteFailed) and outcome[0][0] == "busy":
-                item.busy += 1
-                self.busy += 1
-                busy.append(item)
-                continue
             if isinstance(outcome, _WriteFailed):
                 log.error("a write to project %s failed: %s", item.write.project_id, outcome)
                 item.error = Overloaded(f"postgresql refused the write, nothing was applied: "
                                         f"{outcome}")  # fmt: skip
+            elif outcome[0][0] == "busy":
+                item.busy += 1
+                self.busy += 1
+                busy.append(item)
+                continue  # not done: in the next batch
             else:
                 item.result, stored = outcome
                 if item.result[0] == "ok":
@@ -871,13 +882,8 @@ class PostgreSQLBackplane(MirrorSubscriptions, Backplane):
 
         def read(conn: Any) -> list[DurableEvent]:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT seq, kind, user_id, at, payload, effects FROM events "
-                            "WHERE project_id = %s AND seq > %s AND seq <= %s ORDER BY seq",
-                            (project_id, after, upto))  # fmt: skip
-                events = [_event_from(project_id, row) for row in cur.fetchall()]
-            for event in events:
-                _ = event.encoded
-            return events
+                cur.execute(_EVENTS_BETWEEN, (project_id, after, upto))
+                return _decoded(project_id, cur.fetchall())
 
         return await self.reader_conn.run(read)
 

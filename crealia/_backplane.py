@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import collections
+import itertools
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -50,6 +51,11 @@ MIN_HISTORY_EVENTS = 1000
 #: A health probe: returns when healthy, raises (any exception, its message the detail) when not.
 #: The server runs each under a deadline of its own (5 s), so a probe needs none.
 HealthProbe = Callable[[], Awaitable[None]]
+
+
+#: Store reads one :meth:`History.since` makes at most (writes can push events out of memory
+#: while it reads).
+SINCE_READS = 3
 
 
 class History(collections.deque[DurableEvent]):
@@ -95,7 +101,7 @@ class History(collections.deque[DurableEvent]):
     @property
     def first_kept(self) -> int:
         """The seq of the oldest event of the kept window (``last_seq + 1`` when empty)."""
-        return self.last_seq - len(self._sizes) + 1
+        return self.last_seq - self.kept + 1
 
     @property
     def first_held(self) -> int:
@@ -135,9 +141,10 @@ class History(collections.deque[DurableEvent]):
         """The kept events after ``seq`` up to the newest, in order: ``None`` when ``seq`` is
         before the kept window (or beyond the newest). Those no longer held in memory are read
         with ``read_stored(after, upto)`` (every stored event ``after < seq <= upto``); events
-        appended meanwhile may push more out of memory, which are then read in turn. A read
-        that does not return exactly those events (the store lost some it should keep) makes
-        it ``None`` too: the caller sends a snapshot.
+        appended meanwhile may push more out of memory, which are then read in turn (at most
+        :data:`SINCE_READS` reads: past them, the writes outrun the reader and ``None`` says
+        send a snapshot). A read that does not return exactly those events (the store lost
+        some it should keep) makes it ``None`` too: the caller sends a snapshot.
 
         Raises:
             Whatever ``read_stored`` raises (``Overloaded`` for a store unavailable now).
@@ -146,15 +153,18 @@ class History(collections.deque[DurableEvent]):
             return None
         events: list[DurableEvent] = []
         after = seq
-        while self.first_held > after + 1:
+        for _read in range(SINCE_READS + 1):
+            if self.first_held <= after + 1:
+                break
+            if _read == SINCE_READS:
+                return None
             upto = self.first_held - 1
             stored = await read_stored(after, upto)
             if len(stored) != upto - after or (stored and stored[0].seq != after + 1):
                 return None
             events += stored
             after = upto
-        first = self.first_held
-        events += [self[i] for i in range(after + 1 - first, len(self))]
+        events += itertools.islice(self, after + 1 - self.first_held, None)
         return events
 
     def _drop_held(self) -> None:
@@ -249,6 +259,15 @@ class HeldHistory:
             events += len(history)
             projects += 1
         return cls(bytes=size, events=events, projects=projects)
+
+    @classmethod
+    def among(cls, held: Mapping[str, Any], project_id: str | None = None) -> HeldHistory:
+        """Over ``held`` (a backplane's projects or mirrors by id, each with a ``history``),
+        or only ``project_id``'s."""
+        if project_id is not None:
+            one = held.get(project_id)
+            return cls.of([one.history] if one is not None else [])
+        return cls.of(each.history for each in list(held.values()))
 
 
 class Listener(Protocol):

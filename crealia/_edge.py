@@ -298,14 +298,17 @@ class DeadlineStream(trio.abc.HalfCloseableStream):
 
     def __init__(self, stream: trio.SocketStream, deadline: float, gate: ConnectionGate) -> None:
         self._stream = stream
-        #: The accepted stream, which the gate counts the connection by.
-        self.accepted = stream
         self.socket = stream.socket
         self.deadline = deadline
         self._gate = gate
         self._scope: trio.CancelScope | None = None
         #: Bytes handed to :meth:`send_all` (for the client's lag: ``crealia._lag``).
         self.written = 0
+
+    @property
+    def accepted(self) -> trio.SocketStream:
+        """The accepted stream, which the gate counts the connection by."""
+        return self._stream
 
     def set_deadline(self, deadline: float) -> None:
         self.deadline = deadline

@@ -124,13 +124,9 @@ class TrustedProxies:
 
     @classmethod
     def from_config(cls, entries: Iterable[str]) -> TrustedProxies:
-        """From ``trusted_proxies`` (checked by :func:`parse_trusted_proxies`).
-
-        Raises:
-            ConfigurationError: a bad entry.
-        """
-        checked = parse_trusted_proxies(tuple(entries))
-        return cls(networks=tuple(ipaddress.ip_network(entry) for entry in checked))
+        """From ``Config.trusted_proxies`` (canonical: :func:`parse_trusted_proxies` checked
+        them when the config was made)."""
+        return cls(networks=tuple(ipaddress.ip_network(entry) for entry in entries))
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -143,6 +139,9 @@ class TrustedProxies:
             address = parse_address(address)
             if address is None:
                 return False
+        return self._within(address)
+
+    def _within(self, address: Address) -> bool:
         return any(address in network for network in self.networks)
 
     def client_address(self, peer: str, forwarded: Iterable[str]) -> str:
@@ -152,11 +151,13 @@ class TrustedProxies:
         ``peer`` itself when it is not a trusted proxy, or when the header is missing or
         malformed (the latter logged once, at debug).
         """
-        if not self.networks or not self.trusts(peer):
+        if not self.trusts(peer):
             return peer
         entries: list[str] = []
         for line in forwarded:
-            entries.extend(line.split(","))
+            # Only the rightmost MAX_HOPS + 1 entries are ever read: a long header costs no
+            # parse of the rest (its left part stays one entry, past the limit).
+            entries.extend(line.rsplit(",", MAX_HOPS))
         if not entries:
             return peer  # the proxy's own request (a health check), or one it did not mark
         taken: Address | None = None
@@ -166,7 +167,7 @@ class TrustedProxies:
                 taken = None
                 break
             taken = address
-            if not any(address in network for network in self.networks):
+            if not self._within(address):
                 break
         if taken is None:
             self._ignored(peer, entries)

@@ -297,7 +297,7 @@ class Room:
         # Up to this seq the member has what it is given without events (its snapshot, or
         # what it had before its resume): a conflict settled there reaches it as neither a
         # detection nor a resolution.
-        told = after_seq if replay is None else (replay[0].seq - 1 if replay else after_seq)
+        told = replay[0].seq - 1 if replay else after_seq
         settled_at = {e.payload["conflict_id"]: e.seq
                       for e in (*joining.durable, *(replay or ()))
                       if e.kind == "conflict_resolved"}  # fmt: skip

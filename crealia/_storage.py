@@ -30,7 +30,7 @@ Three connections: the writer (grouped commits, and short reads in line with the
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import itertools
 import logging
 import operator
@@ -857,28 +857,26 @@ def _by_label(family: Any, name: str, doc: str, label: str, values: Mapping[str,
     return metric  # type: ignore[no-any-return]
 
 
+@functools.cache
 def _memory_used() -> Callable[[], int] | None:
-    """``sqlite3_memory_used`` of the SQLite library the stdlib's sqlite3 runs on, or None where
-    it cannot be reached (a statically linked sqlite3, another platform)."""
+    """``sqlite3_memory_used`` of the SQLite library the stdlib's sqlite3 is linked to (looked
+    up through that module on first use), or None where it cannot be reached."""
     try:
-        found = ctypes.util.find_library("sqlite3")
-        if found is None:
-            return None
-        used = ctypes.CDLL(found).sqlite3_memory_used
-    except (OSError, AttributeError):
+        import _sqlite3
+
+        used = ctypes.CDLL(_sqlite3.__file__).sqlite3_memory_used
+    except (OSError, AttributeError, ImportError):
         return None
     used.restype = ctypes.c_int64
     used.argtypes = []
     return lambda: int(used())
 
 
-_SQLITE_MEMORY_USED = _memory_used()
-
-
 def sqlite_memory_bytes() -> int | None:
     """What SQLite's allocator holds in this process now (its page caches, statements and
     schema, over every connection), or None where that cannot be read."""
-    return None if _SQLITE_MEMORY_USED is None else _SQLITE_MEMORY_USED()
+    used = _memory_used()
+    return None if used is None else used()
 
 
 def sqlite_metrics(stores: Iterable[Store]) -> Iterator[Metric]:

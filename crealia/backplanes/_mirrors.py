@@ -72,10 +72,7 @@ class MirrorSubscriptions:
 
     def held_history(self, project_id: str | None = None) -> HeldHistory:
         """What the mirrors' histories hold in memory (or only ``project_id``'s mirror's)."""
-        if project_id is not None:
-            mirror = self._mirrors.get(project_id)
-            return HeldHistory.of([mirror.history] if mirror is not None else [])
-        return HeldHistory.of(m.history for m in list(self._mirrors.values()))
+        return HeldHistory.among(self._mirrors, project_id)
 
     def _deliver_here(self, message: Ephemeral) -> None:
         """Hand ``message`` to this process's listeners of its project."""

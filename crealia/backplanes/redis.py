@@ -306,12 +306,14 @@ class RedisBackplane(MirrorSubscriptions, Backplane):
                 # hand the listeners what they missed that the log still holds.
                 old_seq = mirror.doc.seq
                 fresh = await self._load(project_id)
-                fresh.listeners = mirror.listeners
-                fresh.lock = mirror.lock
-                self._mirrors[project_id] = fresh
                 after = max(old_seq, fresh.history.first_kept - 1)
                 missed = await fresh.history.since(after, partial(self._logged, project_id))
                 missed = missed or []
+                # No await from here on: an event from pub/sub must not reach the listeners
+                # (through the new mirror) before the ones they missed.
+                fresh.listeners = mirror.listeners
+                fresh.lock = mirror.lock
+                self._mirrors[project_id] = fresh
                 if missed and missed[0].seq > old_seq + 1:
                     log.error("project %s: events %d..%d are gone from the log; members "
                               "resync on their next resume", project_id, old_seq + 1,

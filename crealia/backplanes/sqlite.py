@@ -277,10 +277,7 @@ class SQLiteBackplane(Backplane):
 
     def held_history(self, project_id: str | None = None) -> HeldHistory:
         """What the loaded projects' histories hold in memory (or only ``project_id``'s)."""
-        if project_id is not None:
-            project = self._projects.get(project_id)
-            return HeldHistory.of([project.history] if project is not None else [])
-        return HeldHistory.of(p.history for p in list(self._projects.values()))
+        return HeldHistory.among(self._projects, project_id)
 
     def release(self, project_id: str) -> None:
         """Forget a project's in-memory state if no room listens to it (it reloads on demand);

@@ -498,10 +498,15 @@ async def serve_http(
             async def handle(stream: trio.SocketStream) -> None:
                 guarded = DeadlineStream(stream, trio.current_time() + header_timeout, gate)
                 state: Any = {**lifespan_state, STREAM_KEY: guarded}
+                server = TCPServer(wrapped, config, context, state, guarded)  # type: ignore[arg-type]
                 try:
-                    await TCPServer(wrapped, config, context, state, guarded)  # type: ignore[arg-type]
+                    await server
                 finally:
                     gate.release(stream)
+                    # hypercorn's connection objects refer to each other (the server to its
+                    # protocol, the protocol back to the server's send): let the connection go
+                    # when it ends, not at the next full collection.
+                    vars(server).clear()
 
             task_status.started(listeners[0].port)
             try:

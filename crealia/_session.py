@@ -192,6 +192,8 @@ class Session:
     reader_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: True while the writer is inside a send: cancelling it there leaves half a frame.
     sending: bool = False
+    #: Set when a send found the connection closed by the peer: nothing is left to close.
+    peer_gone: bool = False
     #: When this session's recent refused messages happened (for the 4429 abuse guard).
     strikes: collections.deque[float] | None = None
     #: Where what this session sends and receives is counted: the server's and its room's.
@@ -347,6 +349,11 @@ class Session:
         """Send queued items until the session is killed: merged into frames when batching."""
         try:
             await self._write()
+        except ConnectionClosed:
+            # The peer is gone: end the reader too, rather than raise through the session's
+            # nursery (Hub.serve_connection).
+            self.peer_gone = True
+            self.reader_scope.cancel()
         finally:
             self.writer_ended = True
             if self._writer_done is not None:
@@ -555,14 +562,24 @@ class Hub:
                 joined = True
                 self._audit(session, "join", f"project:{user.project_id}",
                             {"session_id": session.id, "role": user.role})  # fmt: skip
+                # A closed connection ends the reader or the writer without raising through
+                # the nursery: an exception there would hold the session in a reference
+                # cycle (its traceback's frames), alive until the next full collection.
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(session.writer)
                         # The reader runs in this task: one task less per connection.
-                        await self._reader(session, room)
-                        session.outbox.close()  # the reader ended: let the writer finish
-                        await session.wait_writer()
+                        try:
+                            await self._reader(session, room)
+                        except ConnectionClosed:
+                            session.peer_gone = True
+                            nursery.cancel_scope.cancel()
+                        else:
+                            session.outbox.close()  # the reader ended: let the writer finish
+                            await session.wait_writer()
                 except* ConnectionClosed:
+                    session.peer_gone = True
+                if session.peer_gone:
                     code = -1  # the peer is gone: nothing to close
         except _Close as exc:
             code, reason = exc.code, exc.reason

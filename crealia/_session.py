@@ -192,7 +192,7 @@ class Session:
     reader_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     #: True while the writer is inside a send: cancelling it there leaves half a frame.
     sending: bool = False
-    #: Set when a send found the connection closed by the peer: nothing is left to close.
+    #: Set when the reader or the writer found the connection closed: nothing is left to close.
     peer_gone: bool = False
     #: When this session's recent refused messages happened (for the 4429 abuse guard).
     strikes: collections.deque[float] | None = None

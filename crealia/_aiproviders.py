@@ -35,6 +35,9 @@ from ._errors import ConfigurationError
 
 #: The built-in provider that needs no configuration (and no network).
 OFFLINE = "offline"
+#: The offline provider's trained model: the file in the data dir that ``crealia strategies
+#: train`` writes and the ``ai`` strategy loads (when there is none, the shipped one).
+OFFLINE_MODEL_FILE = "ai-offline-model.json"
 #: The provider CREALIA_AI_URL/_MODEL/_API_KEY define.
 DEFAULT = "default"
 #: The widest temperature range a provider may allow (OpenAI's).

@@ -22,6 +22,11 @@ unreachable, a bad URL, a strategy refusing its options, an unusable data dir) i
 stderr, ``crealia: ...``, and exit status 2, never a traceback; so is a bad command line.
 ``check-token`` exits 1 for a refused token, ``loadtest`` 1 for a server it cannot reach.
 Help is plain text.
+
+Each command imports what it needs when it runs (the server, trio, PyJWT, the plugins,
+scikit-learn...): at the top of this module are only the modules that define the parser's
+constants, which import no trio, so ``--version`` and ``--help`` cost little more than
+starting Python (``tests/test_cli.py`` lists what they may import).
 """
 
 from __future__ import annotations
@@ -40,55 +45,23 @@ import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 import attrs
-import jwt
-import trio
 
-from . import _backup
-from ._aiproviders import AIProviderSettings, redact_url
-from ._auth import (
-    SECRET_FILE,
-    TokenAuthority,
-    default_algorithm,
-    has_configured_keys,
-    load_or_create_secret,
-    load_private_key,
-    sign_token,
-    token_claims,
-)
-from ._config import (
-    SECRET_SETTINGS,
-    Config,
-    Source,
-    load_config,
-    read_secret_file,
-    redact_url_password,
-)
+# From modules that import little (no trio, no server, no network or learning library): what
+# the parser and the error handling need. Each command imports the rest when it runs.
+from ._aiproviders import OFFLINE_MODEL_FILE, AIProviderSettings, redact_url
 from ._echo import ECHO_PATH
 from ._errors import ConfigurationError, CrealiaError, Unauthorized
-from ._loadtest import LoadtestOptions, parse_duration
-from ._loadtest import run_command as run_loadtest_command
-from ._logging import configure as configure_logging
 from ._model import ROLES
-from ._pages import ID_PATTERN as _PROJECT_ID
-from ._plugins import (
-    ALERT_RULE_GROUP,
-    STRATEGY_GROUP,
-    AlertRuleRegistry,
-    BackplaneRegistry,
-    PluginInfo,
-    StrategyRegistry,
-    load_entry_points,
-)
-from ._ratelimit import rate_limits
-from ._server import open_server
-from ._settle import build_chain
 from ._version import __version__
-from .strategies import _training
-from .strategies.ai import OFFLINE_MODEL_FILE
+from ._wire import ID_PATTERN as _PROJECT_ID
+
+if TYPE_CHECKING:
+    from ._config import Config, Source
+    from ._loadtest import LoadtestOptions
 
 #: The entry-point group of backplanes (``crealia.backplanes``), listed by ``crealia plugins``.
 BACKPLANE_GROUP = "crealia.backplanes"
@@ -364,6 +337,8 @@ def _number(low: float, high: float) -> Any:
 
 def _period(low: float, high: float, *, zero: bool) -> Any:
     def parse(raw: str) -> float:
+        from ._loadtest import parse_duration
+
         try:
             seconds = parse_duration(raw)
         except ValueError as exc:
@@ -486,6 +461,9 @@ def _add_loadtest(commands: Any) -> None:
 
 def _loadtest_options(args: argparse.Namespace) -> LoadtestOptions:
     """The options of ``loadtest``'s checked arguments (exits 2, in one line, on a bad one)."""
+    from ._auth import SECRET_FILE
+    from ._loadtest import LoadtestOptions
+
     command: argparse.ArgumentParser = args.command_parser
     if args.jwt_secret is not None and args.data_dir is not None:
         command.error("--jwt-secret and --data-dir: give one of them")
@@ -552,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config: Config | None = None
     if args.command == "loadtest":
+        from ._loadtest import run_command as run_loadtest_command
+
         return run_loadtest_command(_loadtest_options(args), as_json=args.json)
     try:
         if args.command == "token":
@@ -571,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, sources = _settings(args)
         if args.command == "check-config":
             return _check_config(config, sources)
+        import trio
+
+        from ._logging import configure as configure_logging
+
         level = config.log_level or ("debug" if config.dev else "warning")
         configure_logging(config.log_format, getattr(logging, level.upper()))
         for noisy in ("httpx", "httpcore", "hpack"):
@@ -596,6 +580,8 @@ def _settings(args: argparse.Namespace) -> tuple[Config, dict[str, Source]]:
     Raises:
         ConfigurationError: a value is unusable (the message names where it came from).
     """
+    from ._config import load_config
+
     flags: dict[str, tuple[str, Any]] = {
         field: (flag, getattr(args, field)) for flag, field, _text in SETTING_FLAGS
     }
@@ -662,6 +648,8 @@ def _tune_gc() -> None:
 
 
 def _check_config(config: Config, sources: Mapping[str, Source]) -> int:
+    from ._config import Config
+
     _preflight(config)
     print("# crealia check-config: these settings are valid; secrets are masked.")
     print("# A comment says where a value came from (none: the default).")
@@ -687,6 +675,10 @@ def _preflight(config: Config) -> None:
     Raises:
         ConfigurationError: naming what is wrong.
     """
+    from ._plugins import AlertRuleRegistry, StrategyRegistry
+    from ._ratelimit import rate_limits
+    from ._settle import build_chain
+
     _gc_thresholds()
     registry = StrategyRegistry.discover(config.strategies)
     registry.check(list(config.strategy_chain))
@@ -711,6 +703,8 @@ def _check_data_dir(path: Path) -> None:
 
 def _masked(name: str, value: Any) -> Any:
     """``value`` of setting ``name`` as check-config prints it: JSON, with secrets masked."""
+    from ._config import SECRET_SETTINGS, redact_url_password
+
     if value is None:
         return None
     if name in SECRET_SETTINGS and isinstance(value, str):  # jwt_secret, the TURN credential
@@ -761,6 +755,9 @@ def _masked_provider(settings: AIProviderSettings) -> dict[str, Any]:
 
 
 def _strategies() -> int:
+    from ._config import Config
+    from ._plugins import StrategyRegistry
+
     registry = StrategyRegistry.discover()
     default = Config.from_env().strategy_chain
     width = max((len(p.name) for p in registry.plugins), default=4)
@@ -780,6 +777,9 @@ def _backup_or_restore(args: argparse.Namespace) -> int:
     Raises:
         ConfigurationError: see :func:`crealia._backup.backup` and :func:`~crealia._backup.restore`.
     """
+    from . import _backup
+    from ._config import Config
+
     config = Config.from_env()
     data_dir = Path(args.data_dir if args.data_dir is not None else config.data_dir)
     if args.command == "backup":
@@ -797,6 +797,11 @@ def _train(args: argparse.Namespace) -> int:
         ConfigurationError: a bad project id, an --out that cannot be written, a backplane
             that cannot be opened, or scikit-learn missing.
     """
+    import trio
+
+    from ._config import Config
+    from .strategies import _training
+
     for project in args.project:
         if not _PROJECT_ID.fullmatch(project):
             raise ConfigurationError(f"--project: {project[:70]!r} is not a project id")
@@ -848,6 +853,8 @@ MAX_TRAINING_CONFLICTS = 10_000
 
 async def _settled_conflicts(config: Config, projects: list[str]) -> dict[str, list[Any]]:
     """Each project's resolved conflicts, newest first, from the configured backplane."""
+    from ._plugins import BackplaneRegistry
+
     out: dict[str, list[Any]] = {}
     async with BackplaneRegistry.discover().open(config.backplane_url, config) as backplane:
         for project in projects:
@@ -859,6 +866,8 @@ async def _settled_conflicts(config: Config, projects: list[str]) -> dict[str, l
 
 def _plugins(*, as_json: bool) -> int:
     """Every plugin of the three groups, built-ins included (they register the same way)."""
+    from ._plugins import ALERT_RULE_GROUP, STRATEGY_GROUP, PluginInfo, load_entry_points
+
     groups = (("strategies", STRATEGY_GROUP, "strategy"),
               ("alert rules", ALERT_RULE_GROUP, "alert rule"),
               ("backplanes", BACKPLANE_GROUP, "backplane"))  # fmt: skip
@@ -887,6 +896,8 @@ def _plugins(*, as_json: bool) -> int:
 def _secret(args: argparse.Namespace) -> tuple[str, str] | None:
     """The secret of ``--jwt-secret`` (with a warning on stderr) or ``--jwt-secret-file``, with
     the flag that gave it."""
+    from ._config import read_secret_file
+
     if args.jwt_secret is not None and args.jwt_secret_file is not None:
         raise ConfigurationError("--jwt-secret and --jwt-secret-file: give one of them")
     if args.jwt_secret is not None:
@@ -929,6 +940,8 @@ def _ttl(raw: str) -> float:
 
 def _token_config(args: argparse.Namespace) -> Config:
     """The settings that say which keys sign and verify tokens, as ``serve`` reads them."""
+    from ._config import load_config
+
     flags: dict[str, tuple[str, Any]] = {"data_dir": ("--data-dir", args.data_dir)}
     secret = _secret(args)
     if secret is not None:
@@ -942,6 +955,16 @@ def _token_config(args: argparse.Namespace) -> Config:
 
 
 def _token(args: argparse.Namespace) -> int:
+    from ._auth import (
+        TokenAuthority,
+        default_algorithm,
+        has_configured_keys,
+        load_or_create_secret,
+        load_private_key,
+        sign_token,
+        token_claims,
+    )
+
     ttl = _ttl(args.ttl)
     claims = token_claims(
         user_id=args.user, project_id=args.project, role=args.role, name=args.name, ttl=ttl
@@ -974,6 +997,10 @@ def _token(args: argparse.Namespace) -> int:
 def _check_token(args: argparse.Namespace) -> int:
     """Verify the token with the keys ``serve`` would use: print its header, claims and user
     (exit 0), or one line saying why it is refused (exit 1)."""
+    import jwt
+
+    from ._auth import SECRET_FILE, TokenAuthority, has_configured_keys, load_or_create_secret
+
     config = _token_config(args)
     fallback = None
     if not has_configured_keys(config):
@@ -1012,6 +1039,11 @@ def _migrate(url: str | None) -> int:
             schema newer than this crealia's.
         TransportError: the database cannot be reached or failed.
     """
+    import trio
+
+    from ._config import redact_url_password
+    from ._plugins import BackplaneRegistry
+
     if not url:
         raise ConfigurationError("migrate: give the database with --database URL (or DATABASE_URL)")
     registry = BackplaneRegistry.discover()
@@ -1033,6 +1065,10 @@ def _migrate(url: str | None) -> int:
 
 
 async def _serve(config: Config) -> None:
+    import trio
+
+    from ._server import open_server
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(config) as server:
             # What exists now lives as long as the server: keep it out of every collection.

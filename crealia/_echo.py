@@ -29,12 +29,12 @@ warning when it starts with the echo on, and ``crealia serve`` says so on stderr
 
 from __future__ import annotations
 
-from typing import Final, Protocol, runtime_checkable
-
-import trio
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from ._errors import ConnectionClosed
-from ._transport import Connection
+
+if TYPE_CHECKING:
+    from ._transport import Connection
 
 #: Where both endpoints answer when the echo is on (``ws://host:ws_port/conformance/echo`` and
 #: ``ws://host:port/conformance/echo``).
@@ -64,6 +64,9 @@ async def run_echo(conn: Connection) -> None:
     1009). Returns once ``conn`` is closed. Never raises but :class:`trio.Cancelled`; cancelled
     (the server stopping), it closes ``conn`` with 1001 (bounded) first.
     """
+    # Imported here: the ``crealia`` command reads ECHO_PATH for its help without loading trio.
+    import trio
+
     binary = conn if isinstance(conn, BinarySender) else None
     try:
         while True:

@@ -43,8 +43,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, NoReturn, ParamSpec, TypeVar
 
-import trio
-
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -263,6 +261,10 @@ class ClientClosed(ClientError):
 def sole_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The one exception in ``group`` (however deeply nested) that is not a
     :class:`trio.Cancelled`, if there is exactly one."""
+    # Imported here, on the way out of a failed nursery: the error tree itself needs no trio, so
+    # what imports only the tree (the ``crealia`` command parsing its arguments) does not load it.
+    import trio
+
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:

@@ -90,8 +90,6 @@ CORS_MAX_AGE = 600
 
 #: Lifetimes ``/api/dev/token`` accepts, in seconds.
 DEV_TOKEN_TTL = (60.0, 7 * 86400.0)
-#: What a user or project id may be (dev tokens, loadtest project prefixes).
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
 
 
 @attrs.define
@@ -248,7 +246,7 @@ def install(
 
 def _ident(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+    if not isinstance(value, str) or not _wire.ID_PATTERN.fullmatch(value):
         raise BadRequest(
             f"body.{key}: expected an id of 1 to 64 letters, digits and _ . : @ - "
             "(starting with a letter or digit)"

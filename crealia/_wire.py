@@ -47,6 +47,10 @@ MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 #: a server applies ``Config.value_max_bytes``.
 MAX_VALUE_BYTES = 64 * 1024
 
+#: What a user or project id may be where crealia makes one up or takes one from a person: the
+#: dev pages' tokens, ``crealia loadtest``'s project prefix, ``crealia strategies train
+#: --project``. Ids on the wire are checked by :func:`id_problem` and :data:`MAX_ID_CHARS`.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
 #: What an id may not contain: C0/C1 control characters (NUL included), line and paragraph
 #: separators, and the Unicode bidirectional controls (embeddings, overrides, isolates, marks)
 #: that make an id display as another one (CVE-2021-42574, "Trojan Source").

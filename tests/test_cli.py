@@ -213,6 +213,36 @@ async def test_cli_version_is_the_package_version() -> None:
     assert crealia.__version__ == importlib.metadata.version("crealia")
 
 
+#: All of crealia that parsing the command line may import: the modules that define the parser's
+#: constants, which import no trio, no server, no network or learning library.
+_PARSER_MODULES = {"crealia", "crealia.__main__", "crealia._cli", "crealia._version",
+                   "crealia._errors", "crealia._wire", "crealia._model", "crealia._echo",
+                   "crealia._aiproviders"}  # fmt: skip
+#: Libraries that only the commands needing them import.
+_HEAVY = ("trio", "hypercorn", "quart", "trio_websocket", "aiortc", "sklearn", "httpx", "jwt",
+          "redis", "psutil", "cryptography")  # fmt: skip
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"]])
+async def test_cli_version_and_help_import_only_the_parser(args: list[str]) -> None:
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-X", "importtime", "-m", "crealia", *args],
+            env=clean_env(),
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    assert result.stdout.decode().startswith(("crealia ", "usage: crealia"))
+    # -X importtime writes a header, then "import time: self | cumulative | name" for every
+    # module imported.
+    header, *lines = result.stderr.decode().splitlines()
+    assert header == "import time: self [us] | cumulative | imported package"
+    imported = {line.rpartition("|")[2].strip() for line in lines}
+    assert "crealia._cli" in imported  # the listing is read right
+    assert {m for m in imported if m.split(".")[0] == "crealia"} <= _PARSER_MODULES
+    assert not {m for m in imported if m.split(".")[0] in _HEAVY}
+
+
 async def test_cli_help_is_plain_text() -> None:
     # Asked for colour every way Python knows: help stays plain.
     env = clean_env(FORCE_COLOR="1", PYTHON_COLORS="1", TERM="xterm-256color")
@@ -461,11 +491,24 @@ async def test_cli_a_strategy_factory_refusing_its_options_is_a_configuration_er
     env = refusing_plugin(tmp_path / "site")
     toml = tmp_path / "crealia.toml"
     toml.write_text("[strategy_options.valued]\nlevel = 9\n")
-    for strategy, line in (
-        ("typed", "crealia: strategy 'typed': typed() takes no options mapping"),
-        ("valued", "crealia: strategy 'valued': option level must be 1 to 3, got 9"),
-    ):
-        args = serve_args(tmp_path / "data", "--strategies", strategy, "--config", str(toml))
-        for command in ("serve", "check-config"):
-            run = await crealia_cli(command, *args, env=env)
-            assert (run.status, run.err) == (2, line + "\n"), (command, strategy)
+    lines = {
+        "typed": "crealia: strategy 'typed': typed() takes no options mapping",
+        "valued": "crealia: strategy 'valued': option level must be 1 to 3, got 9",
+    }
+    runs: dict[tuple[str, str], Run] = {}
+    limiter = trio.CapacityLimiter(2)  # as above: each run is mostly Python importing crealia
+
+    async def one(command: str, strategy: str) -> None:
+        # A data dir each: the runs are independent of one another, whichever ends first.
+        data = tmp_path / f"data-{command}-{strategy}"
+        args = serve_args(data, "--strategies", strategy, "--config", str(toml))
+        async with limiter:
+            runs[command, strategy] = await crealia_cli(command, *args, env=env)
+
+    async with trio.open_nursery() as nursery:
+        for strategy in lines:
+            for command in ("serve", "check-config"):
+                nursery.start_soon(one, command, strategy)
+    assert len(runs) == 4
+    for (command, strategy), run in runs.items():
+        assert (run.status, run.err) == (2, lines[strategy] + "\n"), (command, strategy)

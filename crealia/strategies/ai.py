@@ -69,6 +69,9 @@ import orjson
 import trio
 
 from .._aiproviders import OFFLINE, AIProviderSettings, redact_url
+
+# Defined with the providers, so the crealia command reads it without importing this module.
+from .._aiproviders import OFFLINE_MODEL_FILE as OFFLINE_MODEL_FILE
 from .._errors import AIProviderError, ConfigurationError, ProtocolError
 from .._model import Choice, Conflict
 from .._strategy import (
@@ -533,8 +536,6 @@ def _with_article(role: str) -> str:
 
 #: The features the offline model weighs, each positive when it favours the current value.
 FEATURES = ("presence", "size", "recency", "role", "delete", "delete_edit")
-#: The file in the data dir that ``crealia strategies train`` writes and the strategy loads.
-OFFLINE_MODEL_FILE = "ai-offline-model.json"
 #: The JSON format of :class:`OfflineModel` files.
 MODEL_FORMAT = "crealia-offline-logistic-1"
 #: No answer of the model claims more than this.

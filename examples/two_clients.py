@@ -105,6 +105,13 @@ def describe(push: Push) -> str:
     return f"{push.type}: {data}"
 
 
+def with_secret(secret: str) -> dict[str, str]:
+    """The environment for a ``crealia`` command that needs the secret: in
+    ``CREALIA_JWT_SECRET``, not on the command line, where ``ps`` shows it to every local user
+    (and where a secret starting with ``-`` would read as an option)."""
+    return {**os.environ, "CREALIA_JWT_SECRET": secret}
+
+
 @asynccontextmanager
 async def local_server(secret: str) -> AsyncIterator[str]:
     """Start ``crealia serve`` on free loopback ports in a temporary data dir; yield its URL."""
@@ -112,11 +119,12 @@ async def local_server(secret: str) -> AsyncIterator[str]:
         command = [
             sys.executable, "-m", "crealia", "serve",
             "--host", "127.0.0.1", "--port", "0", "--ws-port", "0",
-            "--data-dir", data_dir, "--jwt-secret", secret,
+            "--data-dir", data_dir,
         ]  # fmt: skip
         process = await trio.lowlevel.open_process(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT
-        )
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+            env=with_secret(secret),
+        )  # fmt: skip
         try:
             assert process.stdout is not None
             buffer = b""
@@ -142,10 +150,11 @@ async def make_token(secret: str, user: str, project: str, role: str) -> str:
         [
             sys.executable, "-m", "crealia", "token",
             "--user", user, "--name", user.title(), "--project", project,
-            "--role", role, "--jwt-secret", secret,
+            "--role", role,
         ],
         capture_stdout=True,
         cwd=ROOT,
+        env=with_secret(secret),
     )  # fmt: skip
     return result.stdout.decode().strip()
 

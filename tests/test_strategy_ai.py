@@ -693,6 +693,8 @@ class ChatDouble:
     requests: list[Recorded] = attrs.Factory(list)
     port: int = 0
     open_connections: int = 0
+    #: Set once a reply that hangs has its request (and, mid-body, half its body sent).
+    hanging: trio.Event = attrs.Factory(trio.Event)
     hanging_closed: trio.Event = attrs.Factory(trio.Event)
     _changed: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
@@ -749,6 +751,7 @@ class ChatDouble:
                     response = h11.Response(status_code=200, headers=headers)
                     half = h11.Data(data=reply.body[: len(reply.body) // 2])
                     await stream.send_all(conn.send(response) + conn.send(half))
+                self.hanging.set()
                 while await stream.receive_some(65536):
                     pass
                 self.hanging_closed.set()
@@ -926,8 +929,16 @@ async def test_openai_provider_is_cancelled_cleanly_by_the_callers_deadline(
     strategy = openai_strategy(model)
     conflict, ctx = set_conflict()
     with trio.fail_after(5):
-        with trio.move_on_after(0.2) as deadline:
-            await strategy.resolve(conflict, ctx)
+        deadline = trio.CancelScope()
+
+        async def caller() -> None:
+            with deadline:
+                await strategy.resolve(conflict, ctx)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            await model.hanging.wait()
+            deadline.deadline = trio.current_time()  # the caller's deadline, while it hangs
         assert deadline.cancelled_caught
         # The abandoned request's connection was closed by the client, not left half-open.
         await model.hanging_closed.wait()

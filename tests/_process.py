@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -44,6 +44,7 @@ async def run_server(
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
     drain: bool = False,
+    wrap: Sequence[str] = (),
 ) -> AsyncIterator[ServerProcess]:
     """Start ``crealia serve`` on free ports; yields once it prints its listening line.
 
@@ -54,11 +55,12 @@ async def run_server(
 
     ``jwt_secret=None`` leaves the secret to the server (the one kept in the data dir); a secret
     is passed as ``CREALIA_JWT_SECRET``, the way that keeps it out of ``ps``. ``preexec_fn``
-    runs in the child before it starts (e.g. to lower its ``RLIMIT_NOFILE``).
+    runs in the child before it starts (e.g. to lower its ``RLIMIT_NOFILE``). ``wrap`` is a
+    command that ends by exec'ing the server's (appended to it), e.g. :func:`on_tmpfs`'s.
 
     On exit the process is SIGKILLed if it still runs.
     """
-    command = [sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
+    command = [*wrap, sys.executable, "-m", "crealia", "serve", "--port", "0", "--ws-port", "0",
                "--data-dir", str(data_dir), *extra]  # fmt: skip
     secret = {} if jwt_secret is None else {"CREALIA_JWT_SECRET": jwt_secret}
     process = await trio.lowlevel.open_process(
@@ -93,6 +95,38 @@ async def run_server(
             await process.stdout.aclose()
 
 
+def on_tmpfs(mountpoint: Path, size_bytes: int) -> list[str]:
+    """A ``wrap`` for :func:`run_server`: the server runs in a mount namespace of its own in
+    which ``mountpoint`` is a tmpfs of ``size_bytes`` (a disk that can fill up without filling
+    the machine's). Outside, the tmpfs is seen at :func:`seen_from_outside`. Needs root:
+    :func:`tmpfs_refused` says why not."""
+    script = 'mount -t tmpfs -o "size=$1" crealia-test "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+            str(size_bytes), str(mountpoint)]  # fmt: skip
+
+
+def seen_from_outside(proc: ServerProcess, path: Path) -> Path:
+    """Where ``path`` of a server started :func:`on_tmpfs` is, for this process (through
+    ``/proc/<pid>/root``, which resolves paths in the server's mount namespace)."""
+    return Path(f"/proc/{proc.process.pid}/root") / path.resolve().relative_to("/")
+
+
+def tmpfs_refused(scratch: Path) -> str | None:
+    """Why :func:`on_tmpfs` cannot work here (None: it can), tried on ``scratch``."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run([*on_tmpfs(scratch, 1 << 20), "true"], check=True, capture_output=True,
+                       timeout=10)  # fmt: skip
+    except FileNotFoundError:
+        return "unshare is not installed (util-linux): a disk that fills needs a private tmpfs"
+    except subprocess.CalledProcessError as exc:
+        error = exc.stderr.decode(errors="replace").strip()
+        return f"cannot mount a tmpfs in a mount namespace of its own (run as root): {error}"
+    except subprocess.TimeoutExpired:
+        return "unshare --mount did not answer within 10 s"
+    return None
+
+
 async def _drain(stream: trio.abc.ReceiveStream, output: list[str]) -> None:
     try:
         while chunk := await stream.receive_some(65536):
@@ -102,4 +136,11 @@ async def _drain(stream: trio.abc.ReceiveStream, output: list[str]) -> None:
         pass
 
 
-__all__ = ["ServerProcess", "run_server", "signal"]
+__all__ = [
+    "ServerProcess",
+    "on_tmpfs",
+    "run_server",
+    "seen_from_outside",
+    "signal",
+    "tmpfs_refused",
+]

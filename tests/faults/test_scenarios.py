@@ -11,6 +11,7 @@ with ``CREALIA_FAULTS_FULL=1`` (``make test-faults``).
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 from collections.abc import Callable
@@ -22,7 +23,7 @@ import attrs
 import pytest
 import trio
 
-from .._process import ServerProcess, run_server
+from .._process import ServerProcess, on_tmpfs, run_server, seen_from_outside, tmpfs_refused
 from .._redis import RedisServer, run_redis
 from ._proxy import Direction, open_proxy
 from ._scenario import (
@@ -428,3 +429,85 @@ async def test_flood_is_held_within_its_rate_limit(tmp_path: Path) -> None:
 @full
 async def test_flood_full(tmp_path: Path) -> None:
     await flood(tmp_path, 30.0, "flood_full")
+
+
+# (f) A disk that fills and frees: the server's data dir is a tmpfs of its own, filled up by a
+# file the test writes into it until ENOSPC, then freed.
+
+#: The size of the server's disk: its databases and WAL stay far below it until it is filled.
+DISK_BYTES = 48 * 1024 * 1024
+#: Bound on the time from a full disk to the server refusing writes (its files have room left
+#: in them: the WAL is reused from its start once checkpointed, so it takes the database file
+#: or the WAL growing to run into the full disk).
+BITE_S = 30.0
+
+
+async def fill(path: Path) -> int:
+    """Write zeros to ``path`` until the disk is full; returns how many bytes it took."""
+    written = 0
+    chunk = bytes(1 << 20)
+    async with await trio.open_file(path, "wb", buffering=0) as file:
+        while True:
+            try:
+                written += await file.write(chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return written
+
+
+async def disk_fills_and_frees(tmp_path: Path, rounds: int, full_s: float, name: str) -> None:
+    reason = tmpfs_refused(tmp_path / "probe")
+    if reason is not None:
+        pytest.skip(reason)
+    data = tmp_path / "disk"
+    data.mkdir()
+    current: list[ServerProcess] = []
+    # Padded changes, so that the database grows into the full disk within seconds.
+    writers = [Writer(f"w{i}", lambda: current[0].ws_url, pad=1024) for i in range(3)]
+    counts = Counts(name, extra={"rounds": rounds, "full_s": full_s, "disk_bytes": DISK_BYTES,
+                                 "recovery_from": "the disk freed", "filler_bytes": [],
+                                 "refused_after_s": [], "refused_while_full": [],
+                                 "acked_while_full": []})  # fmt: skip
+    with trio.fail_after(60 + rounds * (BITE_S + full_s + 30)):
+        async with run_server(data, SECRET, drain=True, wrap=on_tmpfs(data, DISK_BYTES)) as proc:
+            current[:] = [proc]
+            disk = seen_from_outside(proc, data)
+            setup_seq = await setup_project(proc.ws_url)
+            async with trio.open_nursery() as nursery:
+                for writer in writers:
+                    nursery.start_soon(writer.run)
+                await wait_acks(writers, 10)
+                for round_ in range(rounds):
+                    filler = disk / f"filler-{round_}"
+                    refused = [writer.retried for writer in writers]
+                    acked = sum(len(writer.acked) for writer in writers)
+                    counts.extra["filler_bytes"].append(await fill(filler))
+                    filled = trio.current_time()
+                    with trio.fail_after(BITE_S):
+                        for writer, before in zip(writers, refused, strict=True):
+                            await writer.wait_until(lambda w=writer, n=before: w.retried > n)  # type: ignore[misc]
+                    counts.extra["refused_after_s"].append(round(trio.current_time() - filled, 3))
+                    await trio.sleep(full_s)  # the fault's duration, not synchronization
+                    await trio.Path(filler).unlink()
+                    freed = trio.current_time()
+                    counts.extra["refused_while_full"].append(
+                        sum(w.retried for w in writers) - sum(refused)
+                    )
+                    counts.extra["acked_while_full"].append(
+                        sum(len(w.acked) for w in writers) - acked
+                    )
+                    counts.recovery_s.append(await recovery_time(writers, freed))
+                    await wait_acks(writers, 10)
+                await verify(proc.ws_url, writers, counts, setup_seq=setup_seq)
+            assert proc.process.returncode is None, "the server ended while its disk was full"
+    check(counts)
+
+
+async def test_a_disk_that_fills_and_frees_loses_no_acknowledged_edit(tmp_path: Path) -> None:
+    await disk_fills_and_frees(tmp_path, 1, 1.0, "disk_full")
+
+
+@full
+async def test_a_disk_that_fills_and_frees_full(tmp_path: Path) -> None:
+    await disk_fills_and_frees(tmp_path, 5, 5.0, "disk_full_full")

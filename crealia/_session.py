@@ -575,7 +575,11 @@ class Hub:
                             session.peer_gone = True
                             nursery.cancel_scope.cancel()
                         else:
-                            session.outbox.close()  # the reader ended: let the writer finish
+                            # The reader ended: the session was killed (4409, 4429, 1001...).
+                            # Out of the room now, not once its last frame is taken (a stalled
+                            # client takes close_timeout): the others see it leave at once.
+                            room.remove(session)
+                            session.outbox.close()  # let the writer finish
                             await session.wait_writer()
                 except* ConnectionClosed:
                     session.peer_gone = True

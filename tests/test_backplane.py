@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 
 from crealia import BadRequest, InternalError, Overloaded, User
+from crealia._document import Quotas
 from crealia._errors import StorageError
 from crealia._storage import open_store
 from crealia._wire import Comment, InsertOp, SetOp, TimelineChange
@@ -132,3 +134,36 @@ async def test_concurrent_lookups_share_thread_calls_and_keep_their_own_results(
             assert store.lookup_batches - before <= 3, store.lookup_batches - before
         with pytest.raises(StorageError, match="store is closed"):
             await store.lookup(lambda conn: None)
+
+
+async def test_a_project_loads_and_resumes_beside_a_busy_writer(tmp_path: Path) -> None:
+    """A room opening loads its project, and a resume reads the events no longer held in memory
+    back from the store: both on the store's second connection, beside the writer, so that a
+    long load never holds every project's commits behind it (what stalled the soak's acks).
+    Here the writer's connection is held busy; the load and the read-back still complete."""
+    with trio.fail_after(20):
+        async with open_store(tmp_path) as store:
+            backplane = SQLiteBackplane(store, quotas=Quotas(history_memory=4096))
+            await backplane.commit_change(USER, _insert("c0", "e"))
+            for i in range(1, 30):
+                await backplane.commit_change(USER, _set(f"c{i}", "x" * 200))
+            backplane.release("p")  # forgotten: its next use loads it from the store
+            assert "p" not in backplane._projects
+            gate, holding = threading.Event(), trio.Event()
+            token = trio.lowlevel.current_trio_token()
+
+            def hold_the_writer(conn: object) -> None:
+                trio.from_thread.run_sync(holding.set, trio_token=token)
+                gate.wait(15)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.read, hold_the_writer)
+                await holding.wait()
+                try:
+                    with trio.fail_after(5):
+                        events = await backplane.events_since("p", 0)
+                finally:
+                    gate.set()
+            history = backplane._projects["p"].history
+            assert history.first_held > 1  # the oldest events came from the store
+            assert [e.seq for e in events or []] == list(range(1, 31))

@@ -10,8 +10,9 @@ see the same names eagerly (``tests/test_exports.py`` checks the three lists agr
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING
+from typing import Any as _Any
 
 from ._version import __version__ as __version__
 
@@ -162,7 +163,12 @@ __all__ = [
 ]
 
 
-def _import_public(name: str) -> Any:
+#: The subpackages, read as attributes of the package (``crealia.transports``) without an
+#: import of their own, as when the package imported everything eagerly.
+_SUBPACKAGES = frozenset({"backplanes", "strategies", "transports"})
+
+
+def _import_public(name: str) -> _Any:
     """The public ``name``, imported from its module on first use and kept in the package (the
     package's ``__getattr__``).
 
@@ -170,10 +176,12 @@ def _import_public(name: str) -> Any:
         AttributeError: ``name`` is not public (``from crealia import _wire`` then imports the
             submodule, as it always did).
     """
+    if name in _SUBPACKAGES:
+        return _importlib.import_module(f"{__name__}.{name}")  # the import sets the attribute
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    value = getattr(_importlib.import_module(home), name)
     globals()[name] = value
     return value
 
@@ -185,4 +193,5 @@ if not TYPE_CHECKING:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    # The public names and the subpackages; not what the package imports for itself.
+    return sorted({*__all__, *_SUBPACKAGES, *(name for name in globals() if name[:2] == "__")})

@@ -251,8 +251,8 @@ class Session:
         fan-out latency is measured from it. A full outbox closes the session as a slow
         consumer (4409).
         """
-        if self.close_code is not None:
-            return
+        if self.close_code is not None or self.outbox.closed:
+            return  # closing: nothing more goes out (and a closed outbox is no slow consumer)
         self.queued_bytes += len(body)
         # One item of any size may always wait; past that the byte budget applies.
         if self.queued_bytes > self.config.outbox_bytes and self.queued_bytes > len(body):
@@ -575,10 +575,12 @@ class Hub:
                             session.peer_gone = True
                             nursery.cancel_scope.cancel()
                         else:
-                            # The reader ended: the session was killed (4409, 4429, 1001...).
-                            # Out of the room now, not once its last frame is taken (a stalled
-                            # client takes close_timeout): the others see it leave at once.
+                            # The reader ended: the session was killed (4409, 4429, 1001...)
+                            # or its writer found the peer gone. Out of the room now, not once
+                            # its last frame is taken (a stalled client takes close_timeout):
+                            # the others see it leave at once.
                             room.remove(session)
+                            self.metric_subscribers.pop(session.id, None)
                             session.outbox.close()  # let the writer finish
                             await session.wait_writer()
                 except* ConnectionClosed:

@@ -91,3 +91,21 @@ async def test_importing_crealia_imports_no_public_name_module() -> None:
     version, modules = result.stdout.decode().splitlines()
     assert version == crealia.__version__
     assert modules.split() == ["crealia", "crealia._version"]
+
+
+async def test_subpackages_read_as_attributes_and_dir_lists_only_public_names() -> None:
+    # A fresh interpreter: here the subpackages were imported by other tests long ago.
+    code = (
+        "import crealia; "
+        "print(crealia.transports.__name__, crealia.backplanes.__name__, "
+        "crealia.strategies.__name__); "
+        "print(' '.join(n for n in dir(crealia) if not n.startswith('__')))"
+    )
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True
+        )
+    subpackages, names = result.stdout.decode().splitlines()
+    assert subpackages == "crealia.transports crealia.backplanes crealia.strategies"
+    assert sorted(names.split()) == sorted([*crealia.__all__, "backplanes", "strategies",
+                                            "transports"])  # fmt: skip

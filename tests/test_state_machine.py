@@ -986,19 +986,30 @@ class Example:
             for _cut in range(MAX_CUTS):
                 snapshot, pending = await self.settle()
                 try:
-                    for server in range(len(self.world.servers)):
+                    resolutions = [
                         await self._check_log(server, snapshot, pending)
+                        for server in range(len(self.world.servers))
+                    ]
                 except _ChainMovedOn:
                     continue  # a strategy settled a conflict after the cut: another cut
                 break
             else:
                 fail(f"strategies kept settling conflicts after each of {MAX_CUTS} cuts")
+            # Counted once every server's log passed at this cut (not at an earlier one).
+            stats.events += snapshot["seq"]
+            stats.resolutions += resolutions[0]
             stats.pending_at_end += len(pending)
             stats.detected += len(self.detected)
         finally:
             await self.end()
 
-    async def _check_log(self, server: int, snapshot: dict[str, Any], pending: set[str]) -> None:
+    async def _check_log(self, server: int, snapshot: dict[str, Any], pending: set[str]) -> int:
+        """Check ``server``'s whole log against the cut (``snapshot``, ``pending``); returns
+        how many resolutions it holds.
+
+        Raises:
+            _ChainMovedOn: the log went past the cut by a strategy's resolutions only.
+        """
         head = snapshot["seq"]
         with trio.fail_after(SETTLE_S):
             epoch = (await self.audit(server))[0]["epoch"]
@@ -1039,10 +1050,6 @@ class Example:
         twice = [key for key, n in counts.items() if n > 1]
         require(not twice, f"server {server}'s log holds these more than once: {twice}")
         in_log = {ident: seq for seq, (_, ident, _) in by_seq.items()}
-        if server == 0:
-            self.world.stats.events += head
-            self.world.stats.resolutions += sum(1 for k, _, _ in by_seq.values()
-                                                if k == "resolution")  # fmt: skip
         for member in self.members:
             for ident, ack in member.acked.items():
                 out = member.sent[ident]
@@ -1088,6 +1095,7 @@ class Example:
                     f"{member!r}'s {ident} was refused ({code}) yet is in the log at seq "
                     f"{in_log.get(ident)}",
                 )
+        return sum(1 for kind, _, _ in by_seq.values() if kind == "resolution")
 
 
 def _subsequence(part: list[Any], whole: list[Any]) -> bool:

@@ -12,6 +12,7 @@ with ``CREALIA_FAULTS_FULL=1`` (``make test-faults``).
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 from collections.abc import Callable
@@ -310,10 +311,13 @@ async def slow_consumer(tmp_path: Path, mode: str, name: str, close_timeout: flo
                 # What may sit between the server's outbox and the stalled reader: the server's
                 # socket send buffer (at most tcp_wmem's max), the proxy's receive buffer (the
                 # kernel doubles SO_RCVBUF) and one read the proxy holds. Past that the outbox
-                # fills (outbox_bytes). The lag check closes it sooner: within 1.25 times
-                # client_lag_timeout (its default, 3 s), a second for a loaded machine.
+                # fills (outbox_bytes). The lag check may close it sooner: between 1 and 1.5
+                # times client_lag_timeout (its default, 3 s) after the server's socket stops
+                # draining, which takes filling the proxy's buffers first. A second more for a
+                # loaded machine.
                 buffered = _wmem_max() + 2 * rcvbuf + proxy.chunk + outbox_bytes
-                bound = min(1.5 * buffered / rate, 1.25 * LAG_TIMEOUT_S) + 1
+                lagging = 1.5 * LAG_TIMEOUT_S + (2 * rcvbuf + proxy.chunk) / rate
+                bound = min(1.5 * buffered / rate, lagging) + 1
                 await observers[0].left.wait()
                 assert observers[0].left_at is not None
                 cut_s = observers[0].left_at - stall_at
@@ -354,7 +358,7 @@ def _wmem_max() -> int:
 
 
 async def test_slow_consumer_is_cut_and_others_keep_their_latency(tmp_path: Path) -> None:
-    await slow_consumer(tmp_path, "stall", "slow_consumer", close_timeout=5.0)
+    await slow_consumer(tmp_path, "stall", "slow_consumer", close_timeout=10.0)
 
 
 @full
@@ -450,17 +454,22 @@ BITE_S = 30.0
 
 
 async def fill(path: Path) -> int:
-    """Write zeros to ``path`` until the disk is full; returns how many bytes it took."""
+    """Write zeros to ``path`` until the disk is full; returns how many bytes it took. Only on
+    the server's own small disk, and never more than twice its size (should ``path`` be on
+    another disk after all, this fails instead of filling it)."""
+    disk = os.statvfs(path.parent)
+    assert disk.f_blocks * disk.f_frsize <= DISK_BYTES, f"{path.parent} is not the small disk"
     written = 0
     chunk = bytes(1 << 20)
     async with await trio.open_file(path, "wb", buffering=0) as file:
-        while True:
+        while written < 2 * DISK_BYTES:
             try:
                 written += await file.write(chunk)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
                 return written
+    raise AssertionError(f"{path} took {written} bytes and the disk is not full")
 
 
 async def disk_fills_and_frees(tmp_path: Path, rounds: int, full_s: float, name: str) -> None:

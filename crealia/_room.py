@@ -187,26 +187,12 @@ class Room:
             with self._cancel:
                 async with self.backplane.subscribe(self.project_id, self):
                     pending = await self.backplane.pending_conflicts(self.project_id)
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        self.ready.set()
-                        if self.config.tick_ms > 0:
-                            nursery.start_soon(partial(
-                                self.jobs.keep_running, "room_ticker", self._tick,
-                                instance=self.project_id))  # fmt: skip
-                        nursery.start_soon(self._idle_watch, nursery.cancel_scope)
-                        if self.clustered:
-                            nursery.start_soon(partial(
-                                self.jobs.keep_running, "presence", self.refresh_presence,
-                                period=self.config.presence_interval,
-                                instance=self.project_id))  # fmt: skip
-                        # Conflicts left pending when the room last closed get their chain again.
-                        # In a cluster, young ones are being settled by the process that
-                        # detected them; only those it apparently dropped are taken over.
-                        if self.clustered:
-                            cutoff = _now_ms() - 1000 * self.config.orphan_conflict_age
-                            pending = [c for c in pending if c.created_at < cutoff]
-                        self.settle(pending)
+                    try:
+                        await self._run_open(pending)
+                    finally:
+                        # Closed to new tasks from here (leaving the subscription awaits):
+                        # whoever leaves meanwhile is told without one (``_announce``).
+                        self._nursery = None
         except CrealiaError as exc:
             self.failure = exc
         except Exception as exc:
@@ -223,6 +209,29 @@ class Room:
             for session in [*self.sessions.values(), *(j.session for j in self._joining.values())]:
                 session.kill(1011, "room closed")
             self.done.set()
+
+    async def _run_open(self, pending: list[Conflict]) -> None:
+        """The open room's tasks, in its nursery, until the room closes."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.ready.set()
+            if self.config.tick_ms > 0:
+                nursery.start_soon(partial(
+                    self.jobs.keep_running, "room_ticker", self._tick,
+                    instance=self.project_id))  # fmt: skip
+            nursery.start_soon(self._idle_watch, nursery.cancel_scope)
+            if self.clustered:
+                nursery.start_soon(partial(
+                    self.jobs.keep_running, "presence", self.refresh_presence,
+                    period=self.config.presence_interval,
+                    instance=self.project_id))  # fmt: skip
+            # Conflicts left pending when the room last closed get their chain again. In a
+            # cluster, young ones are being settled by the process that detected them; only
+            # those it apparently dropped are taken over.
+            if self.clustered:
+                cutoff = _now_ms() - 1000 * self.config.orphan_conflict_age
+                pending = [c for c in pending if c.created_at < cutoff]
+            self.settle(pending)
 
     @property
     def clustered(self) -> bool:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
@@ -16,6 +20,7 @@ from crealia import Server, open_server
 from crealia._session import _Outbox
 from crealia.transports._trio_ws import _text_frame
 
+from ._memory_backplane import MemoryBackplane
 from ._wsclient import RawClient
 from .conftest import Clients, data_store, make_config, opened
 from .test_protocol import insert, set_op
@@ -352,3 +357,49 @@ def test_plain_text_frames_are_framed_as_wsproto_frames_them(size: int) -> None:
     client.receive_data(_text_frame(payload))
     (event,) = client.events()
     assert isinstance(event, TextMessage) and event.data == payload.decode()
+
+
+@attrs.define(eq=False)
+class SlowToUnsubscribe(MemoryBackplane):
+    """Leaving a project's subscription waits for a gate (10 s at most): a room whose tasks
+    have ended while it still winds down."""
+
+    unsubscribing: trio.Event = attrs.Factory(trio.Event)
+    gate: trio.Event = attrs.Factory(trio.Event)
+
+    @asynccontextmanager
+    async def _subscription(self, project_id: str, listener: Any) -> AsyncIterator[None]:
+        try:
+            async with MemoryBackplane._subscription(self, project_id, listener):
+                yield
+        finally:
+            self.unsubscribing.set()
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+                await self.gate.wait()
+
+
+async def test_a_member_leaving_while_its_room_winds_down_is_let_go(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """The room's nursery has closed, its subscription not yet: a member whose connection ends
+    then is told to the others without a task (a task started there raised out of the
+    session's handler and the session never ended)."""
+    config = make_config(tmp_path)
+    with trio.fail_after(20):
+        backplane = SlowToUnsubscribe(config=config)
+        async with (
+            open_server(config, backplane=backplane) as server,
+            opened(server, nursery) as clients,
+        ):
+            ann = await clients.join("ann")
+            await clients.join("bob")
+            room = server.hub.rooms.rooms["p1"]
+            session = next(s for s in room.sessions.values() if s.user.id == "ann")
+            room.close()
+            await backplane.unsubscribing.wait()
+            await ann.aclose()  # ann leaves while the room winds down
+            await session.ended.wait()
+            backplane.gate.set()
+            await room.done.wait()
+            cy = await clients.join("cy")  # the project opens again
+            assert [user["user_id"] for user in cy.welcome["users"]] == ["cy"]

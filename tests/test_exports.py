@@ -79,33 +79,34 @@ def test_unknown_names_raise_attribute_error_and_submodules_still_import() -> No
     assert _openapi.__name__ == "crealia._openapi"
 
 
+async def fresh_interpreter(code: str) -> list[str]:
+    """The lines ``code`` prints in a new Python (where nothing of crealia is imported yet)."""
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True
+        )
+    return result.stdout.decode().splitlines()
+
+
 async def test_importing_crealia_imports_no_public_name_module() -> None:
     code = (
         "import sys, crealia; print(crealia.__version__); "
         "print(' '.join(sorted(m for m in sys.modules if m.startswith(('crealia', 'trio')))))"
     )
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True
-        )
-    version, modules = result.stdout.decode().splitlines()
+    version, modules = await fresh_interpreter(code)
     assert version == crealia.__version__
     assert modules.split() == ["crealia", "crealia._version"]
 
 
 async def test_subpackages_read_as_attributes_and_dir_lists_only_public_names() -> None:
-    # A fresh interpreter: here the subpackages were imported by other tests long ago.
+    # Here the subpackages were imported by other tests long ago.
     code = (
         "import crealia; "
         "print(crealia.transports.__name__, crealia.backplanes.__name__, "
         "crealia.strategies.__name__); "
         "print(' '.join(n for n in dir(crealia) if not n.startswith('__')))"
     )
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True
-        )
-    subpackages, names = result.stdout.decode().splitlines()
+    subpackages, names = await fresh_interpreter(code)
     assert subpackages == "crealia.transports crealia.backplanes crealia.strategies"
     assert sorted(names.split()) == sorted([*crealia.__all__, "backplanes", "strategies",
                                             "transports"])  # fmt: skip

@@ -53,8 +53,8 @@ MIN_HISTORY_EVENTS = 1000
 HealthProbe = Callable[[], Awaitable[None]]
 
 
-#: Store reads one :meth:`History.since` makes at most (writes can push events out of memory
-#: while it reads).
+#: Store reads one :meth:`History.since` makes at most (the kept window's own bounds can push
+#: events out while it reads; memory's cannot, see :meth:`History.since`).
 SINCE_READS = 3
 
 
@@ -95,6 +95,8 @@ class History(collections.deque[DurableEvent]):
         self.last_seq = 0
         self._sizes = _IntQueue()  # encoded size of each event of the window
         self._costs = _IntQueue()  # held_bytes of each event in memory
+        #: The oldest held seq of each :meth:`since` reading the store now: memory keeps it.
+        self._pins: list[int] = []
         for event in events:
             self.append(event)
 
@@ -131,8 +133,13 @@ class History(collections.deque[DurableEvent]):
                 self._drop_held()
             self.bytes -= self._sizes.popleft()
             self.held_bytes -= KEPT_ENTRY_BYTES
+        self._fit_memory()
+
+    def _fit_memory(self) -> None:
+        """Drop the oldest held events past ``memory_bytes``, but those a reader pinned."""
         if self.memory_bytes is not None:
-            while self and self.held_bytes > self.memory_bytes:
+            floor = min(self._pins) if self._pins else self.last_seq + 1
+            while self and self.held_bytes > self.memory_bytes and self[0].seq < floor:
                 self._drop_held()
 
     async def since(
@@ -140,11 +147,14 @@ class History(collections.deque[DurableEvent]):
     ) -> list[DurableEvent] | None:
         """The kept events after ``seq`` up to the newest, in order: ``None`` when ``seq`` is
         before the kept window (or beyond the newest). Those no longer held in memory are read
-        with ``read_stored(after, upto)`` (every stored event ``after < seq <= upto``); events
-        appended meanwhile may push more out of memory, which are then read in turn (at most
-        :data:`SINCE_READS` reads: past them, the writes outrun the reader and ``None`` says
-        send a snapshot). A read that does not return exactly those events (the store lost
-        some it should keep) makes it ``None`` too: the caller sends a snapshot.
+        with ``read_stored(after, upto)`` (every stored event ``after < seq <= upto``). While
+        it reads, memory keeps what it held from ``upto + 1`` on, past ``memory_bytes`` if
+        events come meanwhile (by what they cost, until the read ends): otherwise writes could
+        push them out faster than the reader reads them back, and a resume under load would
+        get a snapshot. The kept window's own bounds still apply; what they push out is read in
+        turn (at most :data:`SINCE_READS` reads, then ``None``: send a snapshot). A read that
+        does not return exactly those events (the store lost some it should keep) makes it
+        ``None`` too.
 
         Raises:
             Whatever ``read_stored`` raises (``Overloaded`` for a store unavailable now).
@@ -153,19 +163,28 @@ class History(collections.deque[DurableEvent]):
             return None
         events: list[DurableEvent] = []
         after = seq
-        for _read in range(SINCE_READS + 1):
-            if self.first_held <= after + 1:
-                break
-            if _read == SINCE_READS:
-                return None
-            upto = self.first_held - 1
-            stored = await read_stored(after, upto)
-            if len(stored) != upto - after or (stored and stored[0].seq != after + 1):
-                return None
-            events += stored
-            after = upto
-        events += itertools.islice(self, after + 1 - self.first_held, None)
-        return events
+        pinned: list[int] = []  # this call's pins, kept until what memory holds is taken
+        try:
+            for _read in range(SINCE_READS + 1):
+                if self.first_held <= after + 1:
+                    break
+                if _read == SINCE_READS:
+                    return None
+                upto = self.first_held - 1
+                pinned.append(upto + 1)
+                self._pins.append(upto + 1)
+                stored = await read_stored(after, upto)
+                if len(stored) != upto - after or (stored and stored[0].seq != after + 1):
+                    return None
+                events += stored
+                after = upto
+            events += itertools.islice(self, after + 1 - self.first_held, None)
+            return events
+        finally:
+            if pinned:
+                for pin in pinned:
+                    self._pins.remove(pin)
+                self._fit_memory()
 
     def _drop_held(self) -> None:
         self.popleft()

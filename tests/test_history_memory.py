@@ -216,3 +216,29 @@ def test_history_memory_bytes_has_a_default_a_range_and_env(tmp_path: Path) -> N
     for bad in (65535, (16 << 30) + 1, "4MiB"):
         with pytest.raises(ConfigurationError, match="history_memory_bytes"):
             make_config(tmp_path, history_memory_bytes=bad)
+
+
+async def test_history_since_keeps_what_it_holds_while_writes_come_during_its_read() -> None:
+    """Events appended while a resume reads older ones back from the store would push what
+    memory holds out faster than it is read (a resume under load got a snapshot): memory keeps
+    it until the resume has it, then falls back within its bound."""
+    history = History(limit=10_000, max_bytes=64 << 20, memory_bytes=64 * KIB)
+    stored = {seq: _edit(seq) for seq in range(1, 4001)}
+    for seq in range(1, 2001):
+        history.append(stored[seq])
+    reads: list[tuple[int, int]] = []
+    written = iter(range(2001, 4001))
+
+    async def read_while_writing(after: int, upto: int) -> list[DurableEvent]:
+        reads.append((after, upto))
+        for _ in range(300):  # writes come in while the store is read
+            history.append(stored[next(written)])
+        await trio.lowlevel.checkpoint()
+        return [stored[s] for s in range(after + 1, upto + 1)]
+
+    first_held = history.first_held
+    got = await history.since(10, read_while_writing)
+    assert got is not None and [e.seq for e in got] == list(range(11, 2301))
+    assert reads == [(10, first_held - 1)]  # one read: nothing it held was pushed out
+    assert history.held_bytes <= 64 * KIB  # and back within the bound once it is done
+    assert history._pins == []

@@ -163,7 +163,7 @@ class History(collections.deque[DurableEvent]):
             return None
         events: list[DurableEvent] = []
         after = seq
-        pinned: list[int] = []  # this call's pins, kept until what memory holds is taken
+        pin: int | None = None  # this call's, kept until what memory holds is taken
         try:
             for _read in range(SINCE_READS + 1):
                 if self.first_held <= after + 1:
@@ -171,8 +171,10 @@ class History(collections.deque[DurableEvent]):
                 if _read == SINCE_READS:
                     return None
                 upto = self.first_held - 1
-                pinned.append(upto + 1)
-                self._pins.append(upto + 1)
+                if pin is not None:
+                    self._pins.remove(pin)
+                pin = upto + 1
+                self._pins.append(pin)
                 stored = await read_stored(after, upto)
                 if len(stored) != upto - after or (stored and stored[0].seq != after + 1):
                     return None
@@ -181,9 +183,8 @@ class History(collections.deque[DurableEvent]):
             events += itertools.islice(self, after + 1 - self.first_held, None)
             return events
         finally:
-            if pinned:
-                for pin in pinned:
-                    self._pins.remove(pin)
+            if pin is not None:
+                self._pins.remove(pin)
                 self._fit_memory()
 
     def _drop_held(self) -> None:

@@ -191,7 +191,7 @@ class Room:
                         await self._run_open(pending)
                     finally:
                         # Closed to new tasks from here (leaving the subscription awaits):
-                        # whoever leaves meanwhile is told without one (``_announce``).
+                        # members leaving now are told without one (``_announce``).
                         self._nursery = None
         except CrealiaError as exc:
             self.failure = exc
@@ -203,7 +203,6 @@ class Room:
         finally:
             self.closed = True
             self.jobs.forget(self.project_id)  # a closed room's jobs are failing no more
-            self._nursery = None  # closed: members leaving now have no one to tell
             self.ready.set()
             self.manager._forget(self)
             for session in [*self.sessions.values(), *(j.session for j in self._joining.values())]:

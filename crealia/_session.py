@@ -579,8 +579,7 @@ class Hub:
                             # or its writer found the peer gone. Out of the room now, not once
                             # its last frame is taken (a stalled client takes close_timeout):
                             # the others see it leave at once.
-                            room.remove(session)
-                            self.metric_subscribers.pop(session.id, None)
+                            self._let_go(session, room)
                             session.outbox.close()  # let the writer finish
                             await session.wait_writer()
                 except* ConnectionClosed:
@@ -600,8 +599,7 @@ class Hub:
             if entered is not None:
                 self.gate.leave_user(entered)
             if room is not None and session is not None:
-                room.remove(session)
-                self.metric_subscribers.pop(session.id, None)
+                self._let_go(session, room)  # a second time is a no-op
             self.live.pop(key, None)
             if session is not None and session.close_code is not None:
                 code, reason = session.close_code, session.close_reason
@@ -620,6 +618,11 @@ class Hub:
                 self._drained.set()
             if session is not None:
                 session.ended.set()
+
+    def _let_go(self, session: Session, room: Room) -> None:
+        """Take ``session`` out of its room and of the metrics subscribers (idempotent)."""
+        room.remove(session)
+        self.metric_subscribers.pop(session.id, None)
 
     async def _handshake(self, conn: Connection) -> tuple[User, _wire.Hello, int | None]:
         with trio.move_on_after(self.config.hello_timeout):

@@ -111,18 +111,19 @@ def seen_from_outside(proc: ServerProcess, path: Path) -> Path:
     return Path(f"/proc/{proc.process.pid}/root") / path.resolve().relative_to("/")
 
 
-def tmpfs_refused(scratch: Path) -> str | None:
+async def tmpfs_refused(scratch: Path) -> str | None:
     """Why :func:`on_tmpfs` cannot work here (None: it can), tried on ``scratch``."""
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run([*on_tmpfs(scratch, 1 << 20), "true"], check=True, capture_output=True,
-                       timeout=10)  # fmt: skip
+        with trio.fail_after(10):
+            await trio.run_process([*on_tmpfs(scratch, 1 << 20), "true"], capture_stdout=True,
+                                   capture_stderr=True)  # fmt: skip
     except FileNotFoundError:
         return "unshare is not installed (util-linux): a disk that fills needs a private tmpfs"
     except subprocess.CalledProcessError as exc:
         error = exc.stderr.decode(errors="replace").strip()
         return f"cannot mount a tmpfs in a mount namespace of its own (run as root): {error}"
-    except subprocess.TimeoutExpired:
+    except trio.TooSlowError:
         return "unshare --mount did not answer within 10 s"
     return None
 

@@ -473,21 +473,19 @@ async def fill(path: Path) -> int:
 
 
 async def disk_fills_and_frees(tmp_path: Path, rounds: int, full_s: float, name: str) -> None:
-    reason = tmpfs_refused(tmp_path / "probe")
+    reason = await tmpfs_refused(tmp_path / "probe")
     if reason is not None:
         pytest.skip(reason)
     data = tmp_path / "disk"
     data.mkdir()
-    current: list[ServerProcess] = []
-    # Padded changes, so that the database grows into the full disk within seconds.
-    writers = [Writer(f"w{i}", lambda: current[0].ws_url, pad=1024) for i in range(3)]
     counts = Counts(name, extra={"rounds": rounds, "full_s": full_s, "disk_bytes": DISK_BYTES,
                                  "recovery_from": "the disk freed", "filler_bytes": [],
                                  "refused_after_s": [], "refused_while_full": [],
                                  "acked_while_full": []})  # fmt: skip
     with trio.fail_after(60 + rounds * (BITE_S + full_s + 30)):
         async with run_server(data, SECRET, drain=True, wrap=on_tmpfs(data, DISK_BYTES)) as proc:
-            current[:] = [proc]
+            # Padded changes, so that the database grows into the full disk within seconds.
+            writers = [Writer(f"w{i}", lambda: proc.ws_url, pad=1024) for i in range(3)]
             disk = seen_from_outside(proc, data)
             setup_seq = await setup_project(proc.ws_url)
             async with trio.open_nursery() as nursery:
